@@ -1,0 +1,55 @@
+# weft — the two commands of the quick start are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+DEMO_DIR := $(CURDIR)/.weft-demo
+DEMO_SOCKET := $(DEMO_DIR)/run/weftd.sock
+WEFT := $(CURDIR)/target/debug/weft --socket $(DEMO_SOCKET)
+PREFIX ?= /usr/local
+
+.PHONY: all build deps tools assets check fmt clippy unit test demo demo-stop install clean
+
+all: build
+
+## deps: Debian packages weft needs (run as root on Debian 12)
+deps:
+	bash scripts/install-deps.sh
+
+## tools: cargo tools the test suite uses
+tools:
+	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+
+build:
+	$(CARGO) build --workspace --bins
+
+## assets: the test guest (Debian cloud kernel + busybox initramfs), cached under target/
+assets: build
+	$(CARGO) run -q -p weft-integration --bin weft-guest-assets
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## test: everything CI checks
+test: deps tools fmt clippy assets
+	$(CARGO) nextest run --workspace --profile ci
+
+## demo: start weftd on ./.weft-demo, boot the demo guest, show it
+demo: deps build assets
+	bash scripts/demo.sh start
+
+## demo-stop: stop the demo guest and weftd, remove ./.weft-demo
+demo-stop:
+	bash scripts/demo.sh stop
+
+install: build
+	install -D -m 0755 target/debug/weftd $(DESTDIR)$(PREFIX)/bin/weftd
+	install -D -m 0755 target/debug/weft $(DESTDIR)$(PREFIX)/bin/weft
+	install -D -m 0644 systemd/weftd.service $(DESTDIR)/etc/systemd/system/weftd.service
+	install -D -m 0644 systemd/weft.conf $(DESTDIR)/usr/lib/tmpfiles.d/weft.conf
+	test -e $(DESTDIR)/etc/weft/weftd.toml || install -D -m 0644 systemd/weftd.toml.example $(DESTDIR)/etc/weft/weftd.toml
+
+clean:
+	$(CARGO) clean
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,412 @@
+//! The HTTP/JSON API that weftd serves on its unix socket.
+//!
+//! Every route is listed once in [`routes`]; the router is built from that
+//! list and a test checks it against the checked-in `docs/openapi.json`, so a
+//! route cannot be added without being documented.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::{Path, Query, State};
+use axum::handler::Handler;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixListener;
+
+use crate::envs::{EnvError, Manager};
+use crate::model::{ApiError, AuditEntry, CreateEnvironment, Environment, Status};
+
+/// The OpenAPI document, served at `/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// Header a client may set to name the person or process behind a request
+/// (recorded next to the socket peer's user in the audit log).
+pub const ACTOR_HEADER: &str = "x-weft-actor";
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// Environments.
+    pub manager: Arc<Manager>,
+    /// When weftd started.
+    pub started: Instant,
+}
+
+/// One route: method, path (axum syntax) and handler.
+pub struct Route {
+    /// HTTP method.
+    pub method: Method,
+    /// Path with `{param}` captures, as in OpenAPI.
+    pub path: &'static str,
+    /// The handler.
+    pub handler: MethodRouter<AppState>,
+}
+
+/// Binds `handler` to exactly `method`, so the table cannot disagree with the router.
+fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone())
+        .unwrap_or_else(|_| panic!("route table uses an unsupported method {method}"));
+    Route {
+        method,
+        path,
+        handler: on(filter, handler),
+    }
+}
+
+/// Every route weftd serves.
+pub fn routes() -> Vec<Route> {
+    vec![
+        route(Method::GET, "/v1/status", status),
+        route(Method::GET, "/v1/openapi.json", openapi),
+        route(Method::GET, "/v1/environments", list_envs),
+        route(Method::POST, "/v1/environments", create_env),
+        route(Method::GET, "/v1/environments/{name}", show_env),
+        route(Method::DELETE, "/v1/environments/{name}", delete_env),
+        route(Method::POST, "/v1/environments/{name}/start", start_env),
+        route(Method::POST, "/v1/environments/{name}/stop", stop_env),
+        route(Method::GET, "/v1/audit", audit_log),
+    ]
+}
+
+/// The router over [`routes`].
+pub fn router(state: AppState) -> Router {
+    let mut router = Router::new();
+    for r in routes() {
+        router = router.route(r.path, r.handler);
+    }
+    router
+        .fallback(|| async {
+            error_response(
+                StatusCode::NOT_FOUND,
+                "no such API route; see /v1/openapi.json".into(),
+            )
+        })
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service_with_connect_info::<Peer>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The user on the other end of the API socket (SO_PEERCRED).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    uid: Option<u32>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
+        Peer {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+impl Peer {
+    fn user(&self) -> String {
+        match self.uid {
+            Some(uid) => match nix::unistd::User::from_uid(uid.into()) {
+                Ok(Some(user)) => user.name,
+                _ => format!("uid {uid}"),
+            },
+            None => "unknown".into(),
+        }
+    }
+}
+
+/// The actor recorded in the audit log: the socket peer, and who it says it acts for.
+fn actor(peer: &Peer, headers: &HeaderMap) -> String {
+    let user = peer.user();
+    let claimed = headers
+        .get(ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| {
+            s.chars()
+                .filter(|c| !c.is_control())
+                .take(64)
+                .collect::<String>()
+        })
+        .filter(|s| !s.is_empty());
+    match claimed {
+        Some(c) if c != user => format!("{c} (via {user})"),
+        _ => user,
+    }
+}
+
+fn error_response(status: StatusCode, error: String) -> Response {
+    (status, Json(ApiError { error })).into_response()
+}
+
+impl IntoResponse for EnvError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            EnvError::NotFound(_) => StatusCode::NOT_FOUND,
+            EnvError::Duplicate(_) | EnvError::Conflict(_) => StatusCode::CONFLICT,
+            EnvError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            EnvError::Qemu(_) => StatusCode::BAD_GATEWAY,
+            EnvError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        error_response(status, self.to_string())
+    }
+}
+
+/// Records a change in the audit log, whatever its outcome, then returns it.
+async fn audited<T>(
+    state: &AppState,
+    actor: &str,
+    action: &str,
+    target: &str,
+    detail: Option<String>,
+    result: Result<T, EnvError>,
+) -> Result<T, EnvError> {
+    let outcome = match &result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("error: {e}"),
+    };
+    if let Err(e) = state
+        .manager
+        .catalog()
+        .audit(actor, action, Some(target), detail.as_deref(), &outcome)
+        .await
+    {
+        tracing::error!(error = %e, action, target, "cannot write the audit log");
+        if result.is_ok() {
+            return Err(EnvError::Internal(format!(
+                "the change was made but the audit log could not be written: {e}"
+            )));
+        }
+    }
+    match &result {
+        Ok(_) => tracing::info!(actor, action, target, "done"),
+        Err(e) => tracing::warn!(actor, action, target, error = %e, "refused or failed"),
+    }
+    result
+}
+
+/// An environment with its live run state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EnvironmentView {
+    /// The catalog record.
+    #[serde(flatten)]
+    pub env: Environment,
+    /// QEMU's run state from QMP `query-status` (`running`, `paused`, …) when connected.
+    pub runstate: Option<String>,
+}
+
+async fn status(State(state): State<AppState>) -> Result<Json<Status>, EnvError> {
+    let (environments, running) = state.manager.counts().await?;
+    let config = state.manager.config();
+    Ok(Json(Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        uptime_secs: state.started.elapsed().as_secs(),
+        data_dir: config.data_dir.clone(),
+        socket: config.socket_path(),
+        environments,
+        running,
+    }))
+}
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+async fn list_envs(State(state): State<AppState>) -> Result<Json<Vec<EnvironmentView>>, EnvError> {
+    let list = state.manager.list().await?;
+    Ok(Json(
+        list.into_iter()
+            .map(|(env, runstate)| EnvironmentView { env, runstate })
+            .collect(),
+    ))
+}
+
+async fn show_env(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<EnvironmentView>, EnvError> {
+    let (env, runstate) = state.manager.show(&name).await?;
+    Ok(Json(EnvironmentView { env, runstate }))
+}
+
+async fn create_env(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    body: Result<Json<CreateEnvironment>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<EnvironmentView>), EnvError> {
+    let actor = actor(&peer, &headers);
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(e) => {
+            return Err(EnvError::BadRequest(format!(
+                "bad request body: {}",
+                e.body_text()
+            )))
+        }
+    };
+    let (name, detail) = match &req {
+        CreateEnvironment::Managed { name, .. } | CreateEnvironment::Attached { name, .. } => {
+            (name.clone(), serde_json::to_string(&req).ok())
+        }
+    };
+    let result = state.manager.create(req).await;
+    let env = audited(&state, &actor, "env.create", &name, detail, result).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(EnvironmentView {
+            runstate: state
+                .manager
+                .show(&env.name)
+                .await
+                .ok()
+                .and_then(|(_, r)| r),
+            env,
+        }),
+    ))
+}
+
+async fn start_env(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<EnvironmentView>, EnvError> {
+    let result = state.manager.start(&name).await;
+    let env = audited(
+        &state,
+        &actor(&peer, &headers),
+        "env.start",
+        &name,
+        None,
+        result,
+    )
+    .await?;
+    let runstate = state.manager.show(&name).await.ok().and_then(|(_, r)| r);
+    Ok(Json(EnvironmentView { env, runstate }))
+}
+
+async fn stop_env(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<EnvironmentView>, EnvError> {
+    let result = state.manager.stop(&name).await;
+    let env = audited(
+        &state,
+        &actor(&peer, &headers),
+        "env.stop",
+        &name,
+        None,
+        result,
+    )
+    .await?;
+    Ok(Json(EnvironmentView {
+        env,
+        runstate: None,
+    }))
+}
+
+async fn delete_env(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, EnvError> {
+    let result = state.manager.delete(&name).await;
+    audited(
+        &state,
+        &actor(&peer, &headers),
+        "env.delete",
+        &name,
+        None,
+        result,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Deserialize)]
+pub struct AuditQuery {
+    /// How many of the newest records to return (default 50, at most 10000).
+    pub limit: Option<u32>,
+}
+
+async fn audit_log(
+    State(state): State<AppState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<AuditEntry>>, EnvError> {
+    let limit = q.limit.unwrap_or(50).min(10_000);
+    Ok(Json(state.manager.catalog().audit_log(limit).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc: serde_json::Value =
+            serde_json::from_str(OPENAPI).expect("docs/openapi.json is JSON");
+        let mut out = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().expect("paths") {
+            for method in item.as_object().expect("path item").keys() {
+                if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                    out.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn openapi_documents_exactly_the_served_routes() {
+        let served: BTreeSet<(String, String)> = routes()
+            .iter()
+            .map(|r| (r.method.to_string(), r.path.to_string()))
+            .collect();
+        let documented = documented();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let unserved: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes served but not in docs/openapi.json: {undocumented:?}"
+        );
+        assert!(
+            unserved.is_empty(),
+            "routes in docs/openapi.json that weftd does not serve: {unserved:?}"
+        );
+    }
+
+    #[test]
+    fn actor_combines_peer_and_claim() {
+        let peer = Peer { uid: Some(0) };
+        let mut h = HeaderMap::new();
+        assert_eq!(actor(&peer, &h), "root");
+        h.insert(ACTOR_HEADER, "ci-bot".parse().unwrap());
+        assert_eq!(actor(&peer, &h), "ci-bot (via root)");
+        h.insert(ACTOR_HEADER, "root".parse().unwrap());
+        assert_eq!(actor(&peer, &h), "root");
+    }
+}

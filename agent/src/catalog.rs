@@ -1,0 +1,344 @@
+//! The catalog: SQLite through sqlx, with embedded migrations.
+//!
+//! It holds environments (with their VM configuration as JSON) and the
+//! append-only audit log. Triggers in the schema refuse updates and deletes
+//! of audit rows.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use weft_qmp::launch::VmConfig;
+
+use crate::model::{AuditEntry, EnvKind, EnvState, Environment};
+
+/// Errors of the catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The database failed.
+    #[error("catalog: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("catalog migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row holds something this version cannot read.
+    #[error("catalog row for {name:?} is corrupt: {reason}")]
+    Corrupt {
+        /// The row's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A name is taken.
+    #[error("an environment named {0:?} already exists")]
+    Duplicate(String),
+}
+
+/// RFC 3339 timestamp of now, in UTC with microseconds.
+pub fn now() -> String {
+    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
+}
+
+/// Handle on the catalog database.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pool: SqlitePool,
+}
+
+/// A new environment row.
+#[derive(Debug, Clone)]
+pub struct NewEnvironment<'a> {
+    /// Unique name.
+    pub name: &'a str,
+    /// Managed or attached.
+    pub kind: EnvKind,
+    /// VM configuration (managed).
+    pub config: Option<&'a VmConfig>,
+    /// QMP socket.
+    pub qmp_socket: &'a Path,
+    /// Initial state.
+    pub state: EnvState,
+    /// QEMU's PID if known.
+    pub pid: Option<u32>,
+}
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog at `path` and applies migrations.
+    pub async fn open(path: &Path) -> Result<Catalog, CatalogError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Catalog { pool })
+    }
+
+    /// Opens a private in-memory catalog (tests).
+    pub async fn open_in_memory() -> Result<Catalog, CatalogError> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Catalog { pool })
+    }
+
+    /// Inserts a new environment; fails with [`CatalogError::Duplicate`] if the name is taken.
+    pub async fn insert_environment(&self, new: &NewEnvironment<'_>) -> Result<(), CatalogError> {
+        let config = new
+            .config
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| CatalogError::Corrupt {
+                name: new.name.to_string(),
+                reason: e.to_string(),
+            })?;
+        let now = now();
+        let result = sqlx::query(
+            "INSERT INTO environments (name, kind, config, qmp_socket, state, pid, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(new.name)
+        .bind(new.kind.as_str())
+        .bind(config)
+        .bind(new.qmp_socket.to_string_lossy().into_owned())
+        .bind(new.state.as_str())
+        .bind(new.pid.map(i64::from))
+        .bind(&now)
+        .bind(&now)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(CatalogError::Duplicate(new.name.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records a state change; `last_exit` is kept unless a new one is given.
+    pub async fn set_state(
+        &self,
+        name: &str,
+        state: EnvState,
+        pid: Option<u32>,
+        last_exit: Option<&str>,
+    ) -> Result<bool, CatalogError> {
+        let done = sqlx::query(
+            "UPDATE environments SET state = ?, pid = ?, last_exit = COALESCE(?, last_exit), updated_at = ?
+             WHERE name = ?",
+        )
+        .bind(state.as_str())
+        .bind(pid.map(i64::from))
+        .bind(last_exit)
+        .bind(now())
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Removes an environment row.
+    pub async fn delete_environment(&self, name: &str) -> Result<bool, CatalogError> {
+        let done = sqlx::query("DELETE FROM environments WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// One environment by name.
+    pub async fn environment(&self, name: &str) -> Result<Option<Environment>, CatalogError> {
+        let row = sqlx::query(
+            "SELECT name, kind, config, qmp_socket, state, pid, last_exit, created_at, updated_at
+             FROM environments WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| env_from_row(&r)).transpose()
+    }
+
+    /// All environments, by name.
+    pub async fn environments(&self) -> Result<Vec<Environment>, CatalogError> {
+        let rows = sqlx::query(
+            "SELECT name, kind, config, qmp_socket, state, pid, last_exit, created_at, updated_at
+             FROM environments ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(env_from_row).collect()
+    }
+
+    /// Appends an audit record.
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        target: Option<&str>,
+        detail: Option<&str>,
+        result: &str,
+    ) -> Result<(), CatalogError> {
+        sqlx::query(
+            "INSERT INTO audit (at, actor, action, target, detail, result) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(now())
+        .bind(actor)
+        .bind(action)
+        .bind(target)
+        .bind(detail)
+        .bind(result)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit records, oldest first.
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, CatalogError> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, target, detail, result FROM
+               (SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditEntry {
+                id: r.get("id"),
+                at: r.get("at"),
+                actor: r.get("actor"),
+                action: r.get("action"),
+                target: r.get("target"),
+                detail: r.get("detail"),
+                result: r.get("result"),
+            })
+            .collect())
+    }
+
+    /// Closes the pool, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn env_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Environment, CatalogError> {
+    let name: String = r.get("name");
+    let corrupt = |reason: String| CatalogError::Corrupt {
+        name: name.clone(),
+        reason,
+    };
+    let kind = match r.get::<String, _>("kind").as_str() {
+        "managed" => EnvKind::Managed,
+        "attached" => EnvKind::Attached,
+        other => return Err(corrupt(format!("unknown kind {other:?}"))),
+    };
+    let state_text: String = r.get("state");
+    let state = EnvState::parse(&state_text)
+        .ok_or_else(|| corrupt(format!("unknown state {state_text:?}")))?;
+    let config = r
+        .get::<Option<String>, _>("config")
+        .map(|c| serde_json::from_str::<VmConfig>(&c))
+        .transpose()
+        .map_err(|e| corrupt(format!("config: {e}")))?;
+    let pid = r
+        .get::<Option<i64>, _>("pid")
+        .map(u32::try_from)
+        .transpose()
+        .map_err(|e| corrupt(format!("pid: {e}")))?;
+    Ok(Environment {
+        kind,
+        state,
+        config,
+        pid,
+        qmp_socket: PathBuf::from(r.get::<String, _>("qmp_socket")),
+        last_exit: r.get("last_exit"),
+        created_at: r.get("created_at"),
+        updated_at: r.get("updated_at"),
+        files: None,
+        name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attached<'a>(name: &'a str, sock: &'a Path) -> NewEnvironment<'a> {
+        NewEnvironment {
+            name,
+            kind: EnvKind::Attached,
+            config: None,
+            qmp_socket: sock,
+            state: EnvState::Running,
+            pid: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn environments_round_trip_and_names_are_unique() {
+        let c = Catalog::open_in_memory().await.unwrap();
+        let sock = Path::new("/run/x.sock");
+        c.insert_environment(&attached("web", sock)).await.unwrap();
+        let e = c
+            .insert_environment(&attached("web", sock))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CatalogError::Duplicate(ref n) if n == "web"));
+        let env = c.environment("web").await.unwrap().unwrap();
+        assert_eq!(env.kind, EnvKind::Attached);
+        assert_eq!(env.state, EnvState::Running);
+        assert!(c
+            .set_state("web", EnvState::Stopped, None, Some("quit"))
+            .await
+            .unwrap());
+        let env = c.environment("web").await.unwrap().unwrap();
+        assert_eq!(env.state, EnvState::Stopped);
+        assert_eq!(env.last_exit.as_deref(), Some("quit"));
+        assert!(c.delete_environment("web").await.unwrap());
+        assert!(c.environment("web").await.unwrap().is_none());
+        assert!(!c.delete_environment("web").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn managed_rows_need_a_config() {
+        let c = Catalog::open_in_memory().await.unwrap();
+        let mut new = attached("m", Path::new("/s"));
+        new.kind = EnvKind::Managed;
+        assert!(c.insert_environment(&new).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_is_append_only() {
+        let c = Catalog::open_in_memory().await.unwrap();
+        for i in 0..3 {
+            c.audit("root", "env.create", Some(&format!("e{i}")), None, "ok")
+                .await
+                .unwrap();
+        }
+        let log = c.audit_log(2).await.unwrap();
+        assert_eq!(log.len(), 2);
+        assert_eq!(log[0].target.as_deref(), Some("e1"));
+        assert_eq!(log[1].target.as_deref(), Some("e2"));
+        assert!(sqlx::query("UPDATE audit SET result = 'x'")
+            .execute(&c.pool)
+            .await
+            .is_err());
+        assert!(sqlx::query("DELETE FROM audit")
+            .execute(&c.pool)
+            .await
+            .is_err());
+        assert_eq!(c.audit_log(10).await.unwrap().len(), 3);
+    }
+}

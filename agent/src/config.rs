@@ -1,0 +1,181 @@
+//! weftd configuration: a TOML file, overridden by command-line flags.
+//!
+//! Every knob has a default that works on a stock host: data under
+//! `/var/lib/weft`, sockets under `/run/weft`, QEMU from `PATH`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where weftd looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/weft/weftd.toml";
+/// Default directory for the catalog and per-environment files.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft";
+/// Default directory for sockets.
+pub const DEFAULT_RUN_DIR: &str = "/run/weft";
+/// Name of the API socket inside the run directory.
+pub const API_SOCKET_NAME: &str = "weftd.sock";
+
+/// The daemon's configuration after file and flags are merged.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Catalog (`catalog.db`) and per-environment logs live here.
+    pub data_dir: PathBuf,
+    /// QMP sockets of managed environments live here.
+    pub run_dir: PathBuf,
+    /// The HTTP API socket; defaults to `<run_dir>/weftd.sock`.
+    pub socket: Option<PathBuf>,
+    /// The QEMU system emulator to launch.
+    pub qemu_binary: PathBuf,
+    /// Seconds to wait for a newly launched QEMU to answer on QMP.
+    pub qemu_start_timeout_secs: u64,
+    /// Seconds to wait for QEMU to exit after `quit` before it is killed.
+    pub stop_timeout_secs: u64,
+    /// Log filter in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` wins).
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: DEFAULT_DATA_DIR.into(),
+            run_dir: DEFAULT_RUN_DIR.into(),
+            socket: None,
+            qemu_binary: "qemu-system-x86_64".into(),
+            qemu_start_timeout_secs: 30,
+            stop_timeout_secs: 15,
+            log: "info".into(),
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("malformed config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the configuration file.
+    ///
+    /// With `explicit == false` a missing file at the default location means
+    /// "all defaults"; a file that is named explicitly must exist.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        Self::parse(&text, path)
+    }
+
+    /// Parses configuration text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks values that TOML types alone cannot.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() || self.run_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "data_dir and run_dir must not be empty".into(),
+            ));
+        }
+        if self.qemu_start_timeout_secs == 0 || self.stop_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "timeouts must be at least one second".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The API socket path.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join(API_SOCKET_NAME))
+    }
+
+    /// The SQLite catalog file.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.data_dir.join("catalog.db")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", Path::new("x.toml")).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.socket_path(), Path::new("/run/weft/weftd.sock"));
+        assert_eq!(c.catalog_path(), Path::new("/var/lib/weft/catalog.db"));
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = Config::parse(
+            "data_dir = \"/srv/weft\"\nrun_dir = \"/tmp/w\"\nqemu_binary = \"/opt/qemu\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, Path::new("/srv/weft"));
+        assert_eq!(c.socket_path(), Path::new("/tmp/w/weftd.sock"));
+        assert_eq!(c.qemu_binary, Path::new("/opt/qemu"));
+    }
+
+    #[test]
+    fn malformed_and_unknown_keys_are_rejected_with_the_path() {
+        let e = Config::parse("data_dir = ", Path::new("/etc/weft/weftd.toml")).unwrap_err();
+        assert!(e.to_string().contains("/etc/weft/weftd.toml"), "{e}");
+        let e = Config::parse("dta_dir = \"/x\"", Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("dta_dir"), "{e}");
+        let e = Config::parse("stop_timeout_secs = 0", Path::new("a.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Invalid(_)));
+    }
+
+    #[test]
+    fn missing_default_file_is_fine_but_missing_explicit_file_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("none.toml");
+        assert_eq!(Config::load(&p, false).unwrap(), Config::default());
+        assert!(matches!(
+            Config::load(&p, true),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

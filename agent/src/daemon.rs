@@ -1,0 +1,197 @@
+//! weftd: startup, signal handling, readiness and graceful shutdown.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+use crate::api::{self, AppState};
+use crate::catalog::Catalog;
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::envs::Manager;
+
+/// weftd: the weft host agent (serves the API that the `weft` CLI uses).
+#[derive(Debug, Parser)]
+#[command(name = "weftd", version, about)]
+pub struct Flags {
+    /// Configuration file (TOML). Without this flag /etc/weft/weftd.toml is read if it exists.
+    #[arg(long, env = "WEFTD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (catalog, logs); overrides the file.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Runtime directory (sockets); overrides the file.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// API socket; overrides the file (default <run-dir>/weftd.sock).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// QEMU system emulator to launch; overrides the file.
+    #[arg(long)]
+    pub qemu_binary: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `weft=debug`; overrides the file (RUST_LOG wins over both).
+    #[arg(long)]
+    pub log: Option<String>,
+}
+
+impl Flags {
+    /// Loads the file and applies the flags over it.
+    pub fn resolve(&self) -> Result<Config> {
+        let (path, explicit) = match &self.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let mut config = Config::load(&path, explicit)?;
+        if let Some(v) = &self.data_dir {
+            config.data_dir = v.clone();
+        }
+        if let Some(v) = &self.run_dir {
+            config.run_dir = v.clone();
+        }
+        if let Some(v) = &self.socket {
+            config.socket = Some(v.clone());
+        }
+        if let Some(v) = &self.qemu_binary {
+            config.qemu_binary = v.clone();
+        }
+        if let Some(v) = &self.log {
+            config.log = v.clone();
+        }
+        config.check()?;
+        Ok(config)
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Under systemd, journald adds its own timestamps and does not render colour.
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!under_journald);
+    if under_journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set permissions of {}", path.display()))
+}
+
+/// Holds an exclusive lock on the data directory so two daemons never share a catalog.
+fn lock_data_dir(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = data_dir.join("weftd.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => bail!(
+            "another weftd is already using {}; stop it first",
+            data_dir.display()
+        ),
+        Err((_, e)) => bail!("cannot lock {}: {e}", path.display()),
+    }
+}
+
+/// Binds the API socket, replacing a stale one left by a daemon that died.
+async fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("another weftd is listening on {}", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set permissions of {}", path.display()))?;
+    Ok(listener)
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!(error = %e, "sd_notify failed");
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; weftd stops only when killed");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down, guests keep running"),
+        _ = int.recv() => info!("SIGINT: shutting down, guests keep running"),
+    }
+}
+
+/// Runs weftd until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<()> {
+    init_logging(&config.log);
+    let started = Instant::now();
+    make_dir(&config.data_dir, 0o700)?;
+    make_dir(&config.run_dir, 0o755)?;
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let catalog_path = config.catalog_path();
+    let catalog = Catalog::open(&catalog_path)
+        .await
+        .with_context(|| format!("cannot open the catalog {}", catalog_path.display()))?;
+    let socket = config.socket_path();
+    let manager = Manager::new(config, catalog.clone());
+    manager
+        .recover()
+        .await
+        .context("cannot recover environments")?;
+    let listener = bind_socket(&socket).await?;
+    info!(socket = %socket.display(), "weftd ready");
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("serving the API"),
+    ]);
+    let state = AppState {
+        manager: manager.clone(),
+        started,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(listener, state, async {
+        let _ = stop_rx.await;
+    }));
+    shutdown_signal().await;
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(std::time::Duration::from_secs(20), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "API server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "API server task failed"),
+        Err(_) => warn!("requests still running after 20s; leaving them"),
+    }
+    manager.detach_all();
+    let _ = std::fs::remove_file(&socket);
+    catalog.close().await;
+    info!("weftd stopped");
+    Ok(())
+}

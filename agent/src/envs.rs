@@ -1,0 +1,791 @@
+//! Environments: launching, attaching, stopping, supervising and recovering
+//! the QEMU processes weftd is responsible for.
+//!
+//! The catalog is the record; this module keeps the live side (QMP
+//! connections, child processes, monitor tasks) in step with it. Every
+//! operation either completes or leaves the catalog and the host as they were.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+use weft_qmp::launch::{
+    self, DiskConfig, DiskFormat, LaunchPaths, QemuProcess, SpawnOptions, VmConfig,
+};
+use weft_qmp::Qmp;
+
+use crate::catalog::{Catalog, CatalogError, NewEnvironment};
+use crate::config::Config;
+use crate::model::{CreateEnvironment, DiskRequest, EnvFiles, EnvKind, EnvState, Environment};
+
+/// Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Default guest memory.
+pub const DEFAULT_MEMORY_MIB: u64 = 512;
+
+/// Why an environment operation failed. Each variant maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvError {
+    /// No environment has that name.
+    #[error("no environment named {0:?} (see `weft env list`)")]
+    NotFound(String),
+    /// The name is taken.
+    #[error("an environment named {0:?} already exists")]
+    Duplicate(String),
+    /// The request itself is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The environment is in a state that does not allow the operation.
+    #[error("{0}")]
+    Conflict(String),
+    /// QEMU or its QMP socket failed.
+    #[error("{0}")]
+    Qemu(String),
+    /// Anything else (catalog, file system).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<CatalogError> for EnvError {
+    fn from(e: CatalogError) -> Self {
+        match e {
+            CatalogError::Duplicate(n) => EnvError::Duplicate(n),
+            other => EnvError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// The live side of a running environment.
+struct Runtime {
+    /// Distinguishes this run from earlier and later runs of the same environment.
+    generation: u64,
+    qmp: Qmp,
+    /// Set when weftd launched QEMU in this run (and can reap it).
+    process: Option<Arc<QemuProcess>>,
+    pid: Option<u32>,
+}
+
+/// Owner of all environments.
+pub struct Manager {
+    config: Config,
+    catalog: Catalog,
+    runtimes: std::sync::Mutex<HashMap<String, Runtime>>,
+    /// Serialises operations that change environments.
+    ops: Mutex<()>,
+    generation: AtomicU64,
+}
+
+/// Checks an environment name: 1–32 characters from `[a-z0-9_-]`, starting with a letter or digit.
+pub fn check_name(name: &str) -> Result<(), EnvError> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(EnvError::BadRequest(format!(
+            "invalid environment name {name:?}: use 1-32 characters from a-z, 0-9, '-' and '_', starting with a letter or digit"
+        )))
+    }
+}
+
+impl Manager {
+    /// A manager over `catalog`; call [`Manager::recover`] before serving.
+    pub fn new(config: Config, catalog: Catalog) -> Arc<Manager> {
+        Arc::new(Manager {
+            config,
+            catalog,
+            runtimes: std::sync::Mutex::new(HashMap::new()),
+            ops: Mutex::new(()),
+            generation: AtomicU64::new(1),
+        })
+    }
+
+    /// The catalog.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    fn env_dir(&self, name: &str) -> PathBuf {
+        self.config.data_dir.join("environments").join(name)
+    }
+
+    fn files(&self, name: &str) -> EnvFiles {
+        let dir = self.env_dir(name);
+        EnvFiles {
+            serial_log: dir.join("serial.log"),
+            qemu_log: dir.join("qemu.log"),
+        }
+    }
+
+    fn qmp_socket_path(&self, name: &str) -> PathBuf {
+        self.config.run_dir.join("qmp").join(format!("{name}.sock"))
+    }
+
+    fn runtime_qmp(&self, name: &str) -> Option<Qmp> {
+        self.lock_runtimes().get(name).map(|r| r.qmp.clone())
+    }
+
+    fn lock_runtimes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Runtime>> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (every update is a single insert or remove), so poisoning is ignored.
+        self.runtimes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// One environment, with its live QMP run state when it runs.
+    pub async fn show(&self, name: &str) -> Result<(Environment, Option<String>), EnvError> {
+        let mut env = self
+            .catalog
+            .environment(name)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        if env.kind == EnvKind::Managed {
+            env.files = Some(self.files(name));
+        }
+        let runstate = match self.runtime_qmp(name) {
+            Some(qmp) => query_runstate(&qmp).await,
+            None => None,
+        };
+        Ok((env, runstate))
+    }
+
+    /// All environments.
+    pub async fn list(&self) -> Result<Vec<(Environment, Option<String>)>, EnvError> {
+        let mut out = Vec::new();
+        for env in self.catalog.environments().await? {
+            let runstate = match self.runtime_qmp(&env.name) {
+                Some(qmp) => query_runstate(&qmp).await,
+                None => None,
+            };
+            out.push((env, runstate));
+        }
+        Ok(out)
+    }
+
+    /// Creates an environment (and launches it unless asked not to).
+    pub async fn create(self: &Arc<Self>, req: CreateEnvironment) -> Result<Environment, EnvError> {
+        let _op = self.ops.lock().await;
+        match req {
+            CreateEnvironment::Managed {
+                name,
+                disks,
+                memory_mib,
+                cpus,
+                kernel,
+                initrd,
+                append,
+                no_start,
+            } => {
+                check_name(&name)?;
+                if self.catalog.environment(&name).await?.is_some() {
+                    return Err(EnvError::Duplicate(name));
+                }
+                let config = vm_config(disks, memory_mib, cpus, kernel, initrd, append)?;
+                let socket = self.qmp_socket_path(&name);
+                check_socket_path(&socket)?;
+                self.catalog
+                    .insert_environment(&NewEnvironment {
+                        name: &name,
+                        kind: EnvKind::Managed,
+                        config: Some(&config),
+                        qmp_socket: &socket,
+                        state: if no_start {
+                            EnvState::Stopped
+                        } else {
+                            EnvState::Starting
+                        },
+                        pid: None,
+                    })
+                    .await?;
+                if !no_start {
+                    if let Err(e) = self.launch(&name, &config, &socket).await {
+                        // Nothing half-created: the row and the files go.
+                        if let Err(de) = self.catalog.delete_environment(&name).await {
+                            warn!(env = %name, error = %de, "could not remove the row of a failed create");
+                        }
+                        remove_dir_quietly(&self.env_dir(&name));
+                        return Err(e);
+                    }
+                }
+                Ok(self.show(&name).await?.0)
+            }
+            CreateEnvironment::Attached { name, qmp_socket } => {
+                check_name(&name)?;
+                if self.catalog.environment(&name).await?.is_some() {
+                    return Err(EnvError::Duplicate(name));
+                }
+                let qmp = connect_attached(&qmp_socket).await?;
+                self.catalog
+                    .insert_environment(&NewEnvironment {
+                        name: &name,
+                        kind: EnvKind::Attached,
+                        config: None,
+                        qmp_socket: &qmp_socket,
+                        state: EnvState::Running,
+                        pid: None,
+                    })
+                    .await?;
+                self.install_runtime(&name, qmp, None, None);
+                Ok(self.show(&name).await?.0)
+            }
+        }
+    }
+
+    /// Launches QEMU for a managed environment and records it as running.
+    async fn launch(
+        self: &Arc<Self>,
+        name: &str,
+        config: &VmConfig,
+        socket: &Path,
+    ) -> Result<(), EnvError> {
+        let files = self.files(name);
+        let dir = self.env_dir(name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        if let Some(parent) = socket.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                EnvError::Internal(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+        // A socket file left by a QEMU that died without cleaning up would
+        // make the new QEMU fail to bind.
+        let _ = std::fs::remove_file(socket);
+        let paths = LaunchPaths {
+            qmp_socket: socket.to_owned(),
+            serial_log: files.serial_log,
+            output_log: files.qemu_log,
+            pid_file: None,
+        };
+        let opts = SpawnOptions {
+            binary: self.config.qemu_binary.clone(),
+            ready_timeout: Duration::from_secs(self.config.qemu_start_timeout_secs),
+            detached: false,
+        };
+        let process = launch::spawn(config, &paths, &opts)
+            .await
+            .map_err(|e| EnvError::Qemu(format!("cannot start QEMU for {name:?}: {e}")))?;
+        let pid = process.pid();
+        if let Err(e) = self
+            .catalog
+            .set_state(name, EnvState::Running, Some(pid), None)
+            .await
+        {
+            // Dropping the process kills it: no stray QEMU for a row we could not update.
+            drop(process);
+            return Err(e.into());
+        }
+        info!(env = %name, pid, "QEMU started");
+        let qmp = process.qmp().clone();
+        self.install_runtime(name, qmp, Some(Arc::new(process)), Some(pid));
+        Ok(())
+    }
+
+    /// Records a live environment and starts the task that notices its end.
+    fn install_runtime(
+        self: &Arc<Self>,
+        name: &str,
+        qmp: Qmp,
+        process: Option<Arc<QemuProcess>>,
+        pid: Option<u32>,
+    ) {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let runtime = Runtime {
+            generation,
+            qmp: qmp.clone(),
+            process: process.clone(),
+            pid,
+        };
+        self.lock_runtimes().insert(name.to_string(), runtime);
+        let me = Arc::clone(self);
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let how = match &process {
+                Some(p) => p.wait().await.to_string(),
+                None => {
+                    qmp.closed().await;
+                    match pid {
+                        Some(pid) => wait_pid_gone(pid, Duration::from_secs(10)).await,
+                        None => "QMP connection closed".to_string(),
+                    }
+                }
+            };
+            me.on_exit(&name, generation, &how).await;
+        });
+    }
+
+    /// Called by the monitor task when QEMU (or its QMP connection) went away.
+    async fn on_exit(&self, name: &str, generation: u64, how: &str) {
+        {
+            let mut runtimes = self.lock_runtimes();
+            match runtimes.get(name) {
+                Some(r) if r.generation == generation => {
+                    runtimes.remove(name);
+                }
+                // Stopped on request or replaced: whoever did that records it.
+                _ => return,
+            }
+        }
+        info!(env = %name, how, "environment stopped on its own");
+        if let Err(e) = self
+            .catalog
+            .set_state(name, EnvState::Stopped, None, Some(how))
+            .await
+        {
+            warn!(env = %name, error = %e, "cannot record that the environment stopped");
+        }
+        let _ = self
+            .catalog
+            .audit("weftd", "env.exited", Some(name), Some(how), "ok")
+            .await;
+    }
+
+    /// Starts a stopped managed environment.
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<Environment, EnvError> {
+        let _op = self.ops.lock().await;
+        let env = self
+            .catalog
+            .environment(name)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        if env.kind == EnvKind::Attached {
+            return Err(EnvError::Conflict(format!(
+                "{name:?} is attached: it is started by whoever runs it (e.g. `virsh start`), then weft re-attaches on `weft env attach`"
+            )));
+        }
+        if env.state != EnvState::Stopped || self.lock_runtimes().contains_key(name) {
+            return Err(EnvError::Conflict(format!("{name:?} is already running")));
+        }
+        let config = env.config.ok_or_else(|| {
+            EnvError::Internal(format!("{name:?} has no stored VM configuration"))
+        })?;
+        config
+            .validate()
+            .map_err(|e| EnvError::BadRequest(format!("cannot start {name:?}: {e}")))?;
+        self.catalog
+            .set_state(name, EnvState::Starting, None, None)
+            .await?;
+        if let Err(e) = self.launch(name, &config, &env.qmp_socket).await {
+            let _ = self
+                .catalog
+                .set_state(name, EnvState::Stopped, None, Some(&e.to_string()))
+                .await;
+            return Err(e);
+        }
+        Ok(self.show(name).await?.0)
+    }
+
+    /// Stops an environment: QMP `quit`, then SIGKILL after the stop timeout.
+    pub async fn stop(&self, name: &str) -> Result<Environment, EnvError> {
+        let _op = self.ops.lock().await;
+        self.stop_locked(name).await?;
+        Ok(self.show(name).await?.0)
+    }
+
+    async fn stop_locked(&self, name: &str) -> Result<(), EnvError> {
+        let env = self
+            .catalog
+            .environment(name)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        let runtime = self.lock_runtimes().remove(name);
+        let Some(runtime) = runtime else {
+            if env.state == EnvState::Stopped {
+                return Err(EnvError::Conflict(format!("{name:?} is not running")));
+            }
+            // Recorded as running but nothing live: make the record true.
+            self.catalog
+                .set_state(name, EnvState::Stopped, None, Some("not running"))
+                .await?;
+            return Ok(());
+        };
+        let timeout = Duration::from_secs(self.config.stop_timeout_secs);
+        match runtime.qmp.execute_raw("quit", None).await {
+            Ok(_) | Err(weft_qmp::Error::Closed) => {}
+            Err(e) => warn!(env = %name, error = %e, "quit failed; QEMU will be killed"),
+        }
+        let how = match (&runtime.process, runtime.pid) {
+            (Some(process), _) => match tokio::time::timeout(timeout, process.wait()).await {
+                Ok(exit) => format!("stopped on request ({exit})"),
+                Err(_) => {
+                    process.kill().await;
+                    format!("killed after not quitting within {}s", timeout.as_secs())
+                }
+            },
+            (None, Some(pid)) => {
+                if tokio::time::timeout(timeout, runtime.qmp.closed())
+                    .await
+                    .is_err()
+                    || launch::process_alive(pid)
+                {
+                    let gone = wait_pid_gone(pid, Duration::from_secs(3)).await;
+                    if launch::process_alive(pid) && launch::is_qemu_process(pid) {
+                        kill_pid(pid);
+                        format!("killed after not quitting within {}s", timeout.as_secs())
+                    } else {
+                        format!("stopped on request ({gone})")
+                    }
+                } else {
+                    "stopped on request".to_string()
+                }
+            }
+            (None, None) => {
+                let _ = tokio::time::timeout(timeout, runtime.qmp.closed()).await;
+                "stopped on request".to_string()
+            }
+        };
+        if env.kind == EnvKind::Managed {
+            let _ = std::fs::remove_file(&env.qmp_socket);
+        }
+        self.catalog
+            .set_state(name, EnvState::Stopped, None, Some(&how))
+            .await?;
+        info!(env = %name, how, "environment stopped");
+        Ok(())
+    }
+
+    /// Deletes an environment: stops it if weftd launched it, forgets it if attached.
+    /// Disk images are the operator's and are never removed.
+    pub async fn delete(&self, name: &str) -> Result<(), EnvError> {
+        let _op = self.ops.lock().await;
+        let env = self
+            .catalog
+            .environment(name)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        match env.kind {
+            EnvKind::Managed => {
+                if self.lock_runtimes().contains_key(name) {
+                    self.stop_locked(name).await?;
+                }
+                remove_dir_quietly(&self.env_dir(name));
+                let _ = std::fs::remove_file(&env.qmp_socket);
+            }
+            EnvKind::Attached => {
+                // Closing our QMP connection leaves the VM to its owner.
+                self.lock_runtimes().remove(name);
+            }
+        }
+        self.catalog.delete_environment(name).await?;
+        Ok(())
+    }
+
+    /// Brings the live side in step with the catalog after weftd starts:
+    /// environments whose QEMU still runs are re-attached through their QMP
+    /// sockets, dead ones are marked stopped.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), EnvError> {
+        let _op = self.ops.lock().await;
+        for env in self.catalog.environments().await? {
+            if env.state == EnvState::Stopped {
+                continue;
+            }
+            let outcome = self.reattach(&env).await;
+            let (detail, result) = match &outcome {
+                Ok(()) => ("re-attached".to_string(), "ok".to_string()),
+                Err(reason) => {
+                    self.catalog
+                        .set_state(&env.name, EnvState::Stopped, None, Some(reason))
+                        .await?;
+                    (reason.clone(), "marked stopped".to_string())
+                }
+            };
+            info!(env = %env.name, %detail, "recovered");
+            self.catalog
+                .audit(
+                    "weftd",
+                    "env.recover",
+                    Some(&env.name),
+                    Some(&detail),
+                    &result,
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn reattach(self: &Arc<Self>, env: &Environment) -> Result<(), String> {
+        if env.kind == EnvKind::Managed {
+            let Some(pid) = env.pid else {
+                return Err("weftd stopped while QEMU was starting".into());
+            };
+            if !launch::process_alive(pid) || !launch::is_qemu_process(pid) {
+                return Err("QEMU exited while weftd was not running".into());
+            }
+        }
+        let qmp = Qmp::connect_timeout(&env.qmp_socket, Duration::from_secs(5))
+            .await
+            .map_err(|e| {
+                format!(
+                    "QMP socket {} did not answer after restart: {e}",
+                    env.qmp_socket.display()
+                )
+            })?;
+        self.catalog
+            .set_state(&env.name, EnvState::Running, env.pid, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.install_runtime(&env.name, qmp, None, env.pid);
+        Ok(())
+    }
+
+    /// Lets every QEMU launched by this weftd outlive it (graceful shutdown).
+    pub fn detach_all(&self) {
+        let mut runtimes = self.lock_runtimes();
+        for (name, runtime) in runtimes.drain() {
+            if let Some(process) = runtime.process {
+                match Arc::try_unwrap(process) {
+                    Ok(process) => {
+                        process.detach();
+                    }
+                    Err(shared) => {
+                        // The monitor task holds the other reference; leaking
+                        // ours keeps Drop (which would kill QEMU) from running.
+                        warn!(env = %name, "QEMU handle still shared at shutdown; leaving it running");
+                        std::mem::forget(shared);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Number of environments and of running ones.
+    pub async fn counts(&self) -> Result<(u64, u64), EnvError> {
+        let all = self.catalog.environments().await?;
+        let running = all.iter().filter(|e| e.state == EnvState::Running).count();
+        Ok((all.len() as u64, running as u64))
+    }
+}
+
+async fn query_runstate(qmp: &Qmp) -> Option<String> {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(2),
+        qmp.execute_raw("query-status", None),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    reply.get("status")?.as_str().map(str::to_string)
+}
+
+async fn connect_attached(socket: &Path) -> Result<Qmp, EnvError> {
+    match std::fs::metadata(socket) {
+        Err(e) => {
+            return Err(EnvError::BadRequest(format!(
+                "cannot use QMP socket {}: {e}",
+                socket.display()
+            )))
+        }
+        Ok(m) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                return Err(EnvError::BadRequest(format!(
+                    "{} is not a unix socket; pass the path of the VM's QMP socket (-qmp unix:PATH,server=on,wait=off)",
+                    socket.display()
+                )));
+            }
+        }
+    }
+    Qmp::connect_timeout(socket, Duration::from_secs(5))
+        .await
+        .map_err(|e| {
+            EnvError::BadRequest(format!(
+                "{} does not answer as a QMP socket: {e}",
+                socket.display()
+            ))
+        })
+}
+
+fn check_socket_path(path: &Path) -> Result<(), EnvError> {
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(EnvError::BadRequest(format!(
+            "the QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter run_dir or environment name",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Builds and validates the VM configuration of a new managed environment.
+fn vm_config(
+    disks: Vec<DiskRequest>,
+    memory_mib: Option<u64>,
+    cpus: Option<u32>,
+    kernel: Option<PathBuf>,
+    initrd: Option<PathBuf>,
+    append: Option<String>,
+) -> Result<VmConfig, EnvError> {
+    if disks.is_empty() && kernel.is_none() {
+        return Err(EnvError::BadRequest(
+            "an environment needs at least one --disk (or a --kernel to boot)".into(),
+        ));
+    }
+    if initrd.is_some() && kernel.is_none() || append.is_some() && kernel.is_none() {
+        return Err(EnvError::BadRequest(
+            "--initrd and --append need --kernel".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(disks.len());
+    for (i, d) in disks.into_iter().enumerate() {
+        let name = match d.name {
+            Some(n) => n,
+            None => default_disk_name(i)?,
+        };
+        let path = absolute(&d.path)?;
+        let format = match d.format.as_deref() {
+            Some("raw") => DiskFormat::Raw,
+            Some("qcow2") => DiskFormat::Qcow2,
+            Some(other) => {
+                return Err(EnvError::BadRequest(format!(
+                    "disk {}: unknown format {other:?}; use raw or qcow2",
+                    path.display()
+                )))
+            }
+            None => DiskFormat::detect(&path)
+                .map_err(|e| EnvError::BadRequest(format!("disk {}: {e}", path.display())))?,
+        };
+        out.push(DiskConfig {
+            name,
+            path,
+            format,
+            read_only: d.read_only,
+        });
+    }
+    let config = VmConfig {
+        memory_mib: memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+        cpus: cpus.unwrap_or(1),
+        kernel: kernel.as_deref().map(absolute).transpose()?,
+        initrd: initrd.as_deref().map(absolute).transpose()?,
+        append,
+        disks: out,
+        ..VmConfig::default()
+    };
+    config
+        .validate()
+        .map_err(|e| EnvError::BadRequest(e.to_string()))?;
+    Ok(config)
+}
+
+fn default_disk_name(index: usize) -> Result<String, EnvError> {
+    let letter = u8::try_from(index)
+        .ok()
+        .filter(|i| *i < 26)
+        .ok_or_else(|| EnvError::BadRequest("at most 26 disks".into()))?;
+    Ok(format!("vd{}", char::from(b'a' + letter)))
+}
+
+fn absolute(path: &Path) -> Result<PathBuf, EnvError> {
+    if path.is_absolute() {
+        return Ok(path.to_owned());
+    }
+    Err(EnvError::BadRequest(format!(
+        "{} is a relative path; weftd needs absolute paths (the CLI makes them absolute for you)",
+        path.display()
+    )))
+}
+
+fn remove_dir_quietly(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(dir = %dir.display(), error = %e, "cannot remove directory");
+        }
+    }
+}
+
+fn kill_pid(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Waits (polling /proc, as the process is not our child) until `pid` is gone.
+async fn wait_pid_gone(pid: u32, timeout: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while launch::process_alive(pid) {
+        if tokio::time::Instant::now() >= deadline {
+            return format!("QMP closed but pid {pid} still runs");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    "exited".to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("web-1").is_ok());
+        assert!(check_name("a").is_ok());
+        for bad in ["", "-x", "Web", "a/b", "a b", &"x".repeat(33)] {
+            assert!(
+                matches!(check_name(bad), Err(EnvError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn disk_names_default_in_order() {
+        assert_eq!(default_disk_name(0).unwrap(), "vda");
+        assert_eq!(default_disk_name(2).unwrap(), "vdc");
+        assert!(default_disk_name(26).is_err());
+    }
+
+    #[test]
+    fn vm_config_rejects_missing_disks_and_relative_paths() {
+        let e = vm_config(vec![], None, None, None, None, None).unwrap_err();
+        assert!(e.to_string().contains("--disk"), "{e}");
+        let rel = DiskRequest {
+            path: "disk.img".into(),
+            name: None,
+            format: None,
+            read_only: false,
+        };
+        let e = vm_config(vec![rel], None, None, None, None, None).unwrap_err();
+        assert!(e.to_string().contains("relative"), "{e}");
+        let missing = DiskRequest {
+            path: "/nonexistent/disk.img".into(),
+            name: None,
+            format: None,
+            read_only: false,
+        };
+        let e = vm_config(vec![missing], None, None, None, None, None).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
+    }
+
+    #[test]
+    fn vm_config_fills_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("d.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let req = DiskRequest {
+            path: disk.clone(),
+            name: None,
+            format: None,
+            read_only: false,
+        };
+        let c = vm_config(vec![req], None, Some(2), None, None, None).unwrap();
+        assert_eq!(c.memory_mib, DEFAULT_MEMORY_MIB);
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.disks[0].name, "vda");
+        assert_eq!(c.disks[0].format, DiskFormat::Raw);
+        assert_eq!(c.disks[0].path, disk);
+    }
+}

@@ -1,0 +1,14 @@
+//! weft: the host agent (`weftd`) and its command-line client (`weft`).
+//!
+//! weftd keeps a catalog of environments (VMs) in SQLite, launches and
+//! supervises QEMU or attaches to a QEMU started by someone else, and serves an
+//! HTTP/JSON API on a unix socket. The `weft` CLI is a thin client of that API.
+
+pub mod api;
+pub mod catalog;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod envs;
+pub mod model;

@@ -1,0 +1,193 @@
+//! Types exchanged over the HTTP API. The CLI and weftd share them, and
+//! `docs/openapi.json` documents them.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use weft_qmp::launch::VmConfig;
+
+/// How weftd drives an environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvKind {
+    /// weftd launched QEMU and supervises it.
+    Managed,
+    /// Someone else (e.g. libvirt) runs QEMU; weftd only talks QMP to it.
+    Attached,
+}
+
+impl EnvKind {
+    /// The catalog spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvKind::Managed => "managed",
+            EnvKind::Attached => "attached",
+        }
+    }
+}
+
+/// Lifecycle state of an environment as recorded in the catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvState {
+    /// QEMU is being launched.
+    Starting,
+    /// QEMU runs and answers on QMP.
+    Running,
+    /// No QEMU process runs for this environment.
+    Stopped,
+}
+
+impl EnvState {
+    /// The catalog spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EnvState::Starting => "starting",
+            EnvState::Running => "running",
+            EnvState::Stopped => "stopped",
+        }
+    }
+
+    /// Parses the catalog spelling.
+    pub fn parse(s: &str) -> Option<EnvState> {
+        match s {
+            "starting" => Some(EnvState::Starting),
+            "running" => Some(EnvState::Running),
+            "stopped" => Some(EnvState::Stopped),
+            _ => None,
+        }
+    }
+}
+
+/// One environment as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Environment {
+    /// Unique name.
+    pub name: String,
+    /// Managed or attached.
+    pub kind: EnvKind,
+    /// Current state.
+    pub state: EnvState,
+    /// PID of QEMU when running and known.
+    pub pid: Option<u32>,
+    /// The QMP socket weftd talks to.
+    pub qmp_socket: PathBuf,
+    /// VM configuration (managed environments).
+    pub config: Option<VmConfig>,
+    /// How QEMU last ended, if it did.
+    pub last_exit: Option<String>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// RFC 3339 time of the last change.
+    pub updated_at: String,
+    /// Files weftd keeps for this environment (logs).
+    pub files: Option<EnvFiles>,
+}
+
+/// Per-environment files kept by weftd.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvFiles {
+    /// The guest's serial console.
+    pub serial_log: PathBuf,
+    /// QEMU's stdout and stderr.
+    pub qemu_log: PathBuf,
+}
+
+/// Disk of a new managed environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRequest {
+    /// Image file (raw or qcow2; detected when `format` is absent).
+    pub path: PathBuf,
+    /// Device name inside weft (`vda`, `vdb`, …); assigned in order when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `raw` or `qcow2`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Body of `POST /v1/environments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CreateEnvironment {
+    /// weftd launches and supervises QEMU.
+    Managed {
+        /// Unique name.
+        name: String,
+        /// Disks, in order.
+        disks: Vec<DiskRequest>,
+        /// Guest memory in MiB (default 512).
+        #[serde(default)]
+        memory_mib: Option<u64>,
+        /// Virtual CPUs (default 1).
+        #[serde(default)]
+        cpus: Option<u32>,
+        /// Kernel for direct boot.
+        #[serde(default)]
+        kernel: Option<PathBuf>,
+        /// Initrd for direct boot.
+        #[serde(default)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[serde(default)]
+        append: Option<String>,
+        /// Record only; do not launch QEMU now.
+        #[serde(default)]
+        no_start: bool,
+    },
+    /// QEMU runs elsewhere; weftd talks to its QMP socket.
+    Attached {
+        /// Unique name.
+        name: String,
+        /// The VM's QMP socket.
+        qmp_socket: PathBuf,
+    },
+}
+
+/// Body of `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// weftd's version.
+    pub version: String,
+    /// weftd's PID.
+    pub pid: u32,
+    /// Seconds since weftd started.
+    pub uptime_secs: u64,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// API socket.
+    pub socket: PathBuf,
+    /// Number of environments.
+    pub environments: u64,
+    /// Number of running environments.
+    pub running: u64,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Sequence number.
+    pub id: i64,
+    /// RFC 3339 time.
+    pub at: String,
+    /// Who asked (peer user of the API socket, or weftd itself).
+    pub actor: String,
+    /// What was asked (`env.create`, `env.stop`, …).
+    pub action: String,
+    /// The object acted on.
+    pub target: Option<String>,
+    /// Details (JSON).
+    pub detail: Option<String>,
+    /// `ok` or `error: <reason>`.
+    pub result: String,
+}
+
+/// Error body of every failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// One line saying what was wrong and what to do.
+    pub error: String,
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The quick-start demo: weftd on its embedded defaults (SQLite catalog, local
+# storage) under ./.weft-demo, one environment booted from the test guest.
+#   scripts/demo.sh start   (what `make demo` runs after building)
+#   scripts/demo.sh stop    (what `make demo-stop` runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+top=$(pwd)
+demo="$top/.weft-demo"
+sock="$demo/run/weftd.sock"
+weft() { "$top/target/debug/weft" --socket "$sock" "$@"; }
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+    local deadline=$(( $(date +%s) + $1 )); local what=$2; shift 2
+    until "$@" >/dev/null 2>&1; do
+        if [ "$(date +%s)" -ge "$deadline" ]; then echo "demo: timed out waiting for $what" >&2; return 1; fi
+        sleep 0.2
+    done
+}
+
+start() {
+    mkdir -p "$demo"
+    if [ -f "$demo/weftd.pid" ] && kill -0 "$(cat "$demo/weftd.pid")" 2>/dev/null; then
+        echo "demo: weftd already runs (pid $(cat "$demo/weftd.pid")); run 'make demo-stop' first" >&2
+        exit 1
+    fi
+    assets=$("$top/target/debug/weft-guest-assets")
+    echo "==> guest assets: $assets"
+
+    echo "==> starting weftd (data: $demo/data, socket: $sock, log: $demo/weftd.log)"
+    "$top/target/debug/weftd" --data-dir "$demo/data" --run-dir "$demo/run" >"$demo/weftd.log" 2>&1 &
+    echo $! > "$demo/weftd.pid"
+    if ! wait_for 20 "weftd to answer" weft status; then cat "$demo/weftd.log" >&2; exit 1; fi
+    weft status
+
+    if [ ! -f "$demo/demo-data.img" ]; then
+        echo "==> making a 64 MiB ext4 data disk: $demo/demo-data.img"
+        truncate -s 64M "$demo/demo-data.img"
+        mkfs.ext4 -q -F "$demo/demo-data.img"
+    fi
+
+    echo "==> weft env create demo --disk $demo/demo-data.img,name=vda --memory 256M --kernel … --initrd …"
+    weft env create demo --disk "$demo/demo-data.img,name=vda" --memory 256M --cpus 1 \
+        --kernel "$assets/vmlinuz" --initrd "$assets/initramfs.img" \
+        --append "console=ttyS0 panic=-1 weft.workload=counter"
+    serial="$demo/data/environments/demo/serial.log"
+    echo "==> waiting for the guest to report WEFT-READY on its serial console ($serial)"
+    if ! wait_for 120 "the guest to boot" grep -q WEFT-READY "$serial"; then
+        tail -n 30 "$serial" >&2 || true; exit 1
+    fi
+    echo
+    echo "==> weft env list"
+    weft env list
+    echo
+    echo "==> weft env show demo"
+    weft env show demo
+    echo
+    echo "==> weft audit"
+    weft audit
+    cat <<EOT
+
+The demo environment runs under weftd. Try:
+  target/debug/weft --socket $sock env stop demo
+  target/debug/weft --socket $sock env start demo
+  tail -f $serial
+Stop everything and remove ./.weft-demo with: make demo-stop
+EOT
+}
+
+stop() {
+    if [ -S "$sock" ]; then
+        weft env delete demo 2>/dev/null || true
+    fi
+    if [ -f "$demo/weftd.pid" ]; then
+        pid=$(cat "$demo/weftd.pid")
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid"
+            wait_for 20 "weftd to exit" bash -c "! kill -0 $pid" || kill -KILL "$pid"
+        fi
+    fi
+    rm -rf "$demo"
+    echo "demo stopped; ./.weft-demo removed"
+}
+
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
