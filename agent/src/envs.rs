@@ -67,6 +67,9 @@ struct Runtime {
     /// Set when weftd launched QEMU in this run (and can reap it).
     process: Option<Arc<QemuProcess>>,
     pid: Option<u32>,
+    /// The task that notices QEMU's end; aborted when weftd lets go of the
+    /// environment, which also drops its QMP connection.
+    monitor: tokio::task::AbortHandle,
 }
 
 /// Owner of all environments.
@@ -303,28 +306,32 @@ impl Manager {
         pid: Option<u32>,
     ) {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
-        let runtime = Runtime {
-            generation,
-            qmp: qmp.clone(),
-            process: process.clone(),
-            pid,
-        };
-        self.lock_runtimes().insert(name.to_string(), runtime);
         let me = Arc::clone(self);
-        let name = name.to_string();
-        tokio::spawn(async move {
-            let how = match &process {
+        let owned_name = name.to_string();
+        let watched = qmp.clone();
+        let watched_process = process.clone();
+        let monitor = tokio::spawn(async move {
+            let how = match &watched_process {
                 Some(p) => p.wait().await.to_string(),
                 None => {
-                    qmp.closed().await;
+                    watched.closed().await;
                     match pid {
                         Some(pid) => wait_pid_gone(pid, Duration::from_secs(10)).await,
                         None => "QMP connection closed".to_string(),
                     }
                 }
             };
-            me.on_exit(&name, generation, &how).await;
-        });
+            me.on_exit(&owned_name, generation, &how).await;
+        })
+        .abort_handle();
+        let runtime = Runtime {
+            generation,
+            qmp,
+            process,
+            pid,
+            monitor,
+        };
+        self.lock_runtimes().insert(name.to_string(), runtime);
     }
 
     /// Called by the monitor task when QEMU (or its QMP connection) went away.
@@ -412,6 +419,8 @@ impl Manager {
                 .await?;
             return Ok(());
         };
+        // This stop records the outcome itself; the monitor has nothing to add.
+        runtime.monitor.abort();
         let timeout = Duration::from_secs(self.config.stop_timeout_secs);
         match runtime.qmp.execute_raw("quit", None).await {
             Ok(_) | Err(weft_qmp::Error::Closed) => {}
@@ -476,7 +485,9 @@ impl Manager {
             }
             EnvKind::Attached => {
                 // Closing our QMP connection leaves the VM to its owner.
-                self.lock_runtimes().remove(name);
+                if let Some(runtime) = self.lock_runtimes().remove(name) {
+                    runtime.monitor.abort();
+                }
             }
         }
         self.catalog.delete_environment(name).await?;
@@ -543,20 +554,11 @@ impl Manager {
 
     /// Lets every QEMU launched by this weftd outlive it (graceful shutdown).
     pub fn detach_all(&self) {
-        let mut runtimes = self.lock_runtimes();
-        for (name, runtime) in runtimes.drain() {
+        for (name, runtime) in self.lock_runtimes().drain() {
+            runtime.monitor.abort();
             if let Some(process) = runtime.process {
-                match Arc::try_unwrap(process) {
-                    Ok(process) => {
-                        process.detach();
-                    }
-                    Err(shared) => {
-                        // The monitor task holds the other reference; leaking
-                        // ours keeps Drop (which would kill QEMU) from running.
-                        warn!(env = %name, "QEMU handle still shared at shutdown; leaving it running");
-                        std::mem::forget(shared);
-                    }
-                }
+                let pid = process.detach();
+                info!(env = %name, pid, "leaving QEMU running");
             }
         }
     }

@@ -1,1 +1,23 @@
-//! placeholder: being written
+//! weft-qmp: an async QMP client and a QEMU launcher.
+//!
+//! - [`Qmp`]: one QMP connection, shared by any number of tasks; typed commands from
+//!   [`qapi::qmp`], raw commands, a broadcast event stream, and waits for events and jobs.
+//! - [`launch`]: the VM configuration, the QEMU command line built from it, and
+//!   [`launch::spawn`], which starts QEMU and supervises it.
+//! - [`parse_message`]: the parser for what a QMP peer sends (fuzzed in `fuzz/`).
+//!
+//! This crate knows nothing of weft's daemon, catalog or environments.
+
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+pub mod launch;
+mod message;
+
+pub use client::{BlockJobOutcome, Qmp, DEFAULT_CONNECT_TIMEOUT};
+pub use error::Error;
+pub use message::{parse_message, Event, Greeting, Message, QmpError, Reply, MAX_MESSAGE_LEN};
+
+/// The `qapi` crate, re-exported so callers use the same typed commands and events.
+pub use qapi;

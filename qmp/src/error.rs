@@ -1,0 +1,101 @@
+//! The crate's error type.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::launch::ExitInfo;
+
+/// Everything that can go wrong while talking to QEMU or starting it.
+///
+/// Messages are lowercase without a trailing period; causes are chained with `#[source]`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An I/O error on the QMP socket or on a file the launcher needs.
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+
+    /// The peer sent something that is not valid QMP: malformed JSON, an unexpected
+    /// message, a line longer than the limit, or a reply of the wrong shape.
+    #[error("qmp protocol error: {0}")]
+    Protocol(String),
+
+    /// QEMU answered a command with an error reply. `class` and `desc` are QEMU's own
+    /// (e.g. `GenericError`, `DeviceNotFound`).
+    #[error("qemu error ({class}): {desc}")]
+    Qmp {
+        /// QEMU's error class, e.g. `GenericError`.
+        class: String,
+        /// QEMU's human-readable description.
+        desc: String,
+    },
+
+    /// The QMP connection is closed; pending and new commands fail with this.
+    #[error("qmp connection closed")]
+    Closed,
+
+    /// Something did not happen within its deadline.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What was being waited for.
+        what: String,
+        /// How long the wait lasted.
+        after: Duration,
+    },
+
+    /// The peer on the socket is not a QMP server (it sent no valid greeting).
+    #[error("peer is not a qmp server: {detail}")]
+    NotQmp {
+        /// What the peer sent instead, or why it was rejected.
+        detail: String,
+    },
+
+    /// A job that was waited for does not exist (never created, or already dismissed).
+    #[error("no such job: {0}")]
+    NoSuchJob(String),
+
+    /// A QEMU job concluded with an error.
+    #[error("job {id} failed: {desc}")]
+    Job {
+        /// The job id.
+        id: String,
+        /// QEMU's error text for the job.
+        desc: String,
+    },
+
+    /// A [`VmConfig`](crate::launch::VmConfig) was rejected before QEMU was started.
+    #[error("invalid vm configuration: {0}")]
+    InvalidConfig(String),
+
+    /// The QEMU binary could not be started at all (missing, not executable).
+    #[error("cannot start {}: {source}", binary.display())]
+    Spawn {
+        /// The binary that was to be executed.
+        binary: PathBuf,
+        /// Why executing it failed.
+        #[source]
+        source: io::Error,
+    },
+
+    /// QEMU exited while starting; `output` is the tail of its stdout and stderr.
+    #[error("qemu exited during start ({status}): {output}")]
+    Launch {
+        /// How QEMU exited.
+        status: ExitInfo,
+        /// The tail of QEMU's combined stdout and stderr.
+        output: String,
+    },
+}
+
+impl Error {
+    pub(crate) fn protocol(msg: impl Into<String>) -> Self {
+        Error::Protocol(msg.into())
+    }
+
+    pub(crate) fn timeout(what: impl Into<String>, after: Duration) -> Self {
+        Error::Timeout {
+            what: what.into(),
+            after,
+        }
+    }
+}

@@ -1,0 +1,1220 @@
+//! Building QEMU command lines and supervising QEMU processes.
+//!
+//! [`VmConfig`] is plain data (serde) so that callers can store it and build the same VM
+//! again later. [`command_line`] turns it into arguments; [`spawn`] starts QEMU with them,
+//! waits for its QMP socket and supervises the process.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+use tracing::{debug, warn};
+
+use crate::{Error, Qmp};
+
+/// The accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Software emulation; works everywhere.
+    #[default]
+    Tcg,
+    /// KVM hardware virtualization.
+    Kvm,
+    /// KVM if [`kvm_usable`] says it works on this host, else TCG.
+    Auto,
+}
+
+impl Accel {
+    /// Turns `Auto` into `Kvm` or `Tcg` by probing `/dev/kvm` (once per process).
+    pub fn resolve(self) -> Accel {
+        match self {
+            Accel::Auto if kvm_usable() => Accel::Kvm,
+            Accel::Auto => Accel::Tcg,
+            other => other,
+        }
+    }
+}
+
+/// The format of a disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// A raw image (or a block device).
+    #[default]
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// Detects the format from the file's first bytes: the qcow2 magic `QFI\xfb`, else raw.
+    pub fn detect(path: &Path) -> io::Result<DiskFormat> {
+        let mut magic = [0u8; 4];
+        let mut f = File::open(path)?;
+        let mut got = 0;
+        while got < magic.len() {
+            match f.read(&mut magic[got..])? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        Ok(if got == 4 && &magic == b"QFI\xfb" {
+            DiskFormat::Qcow2
+        } else {
+            DiskFormat::Raw
+        })
+    }
+
+    /// The QEMU block driver name.
+    pub fn driver(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    /// The device id, e.g. `vda`. The block nodes are `<name>-file` (protocol) and
+    /// `<name>-fmt` (format, attached to the device).
+    pub name: String,
+    /// The image file or block device.
+    pub path: PathBuf,
+    /// The image format.
+    #[serde(default)]
+    pub format: DiskFormat,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// The node name of the protocol (file) node.
+    pub fn file_node(&self) -> String {
+        format!("{}-file", self.name)
+    }
+
+    /// The node name of the format node the device is attached to.
+    pub fn format_node(&self) -> String {
+        format!("{}-fmt", self.name)
+    }
+}
+
+/// A VM's configuration: plain data, stored by callers as JSON. Fields added later get
+/// defaults so that stored configurations keep reading.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VmConfig {
+    /// The machine type, e.g. `q35`.
+    pub machine: String,
+    /// The accelerator.
+    pub accel: Accel,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Back guest memory with a shared memfd (`share=on`) and one NUMA node on it, as
+    /// vhost-user devices need.
+    pub shared_memory: bool,
+    /// A kernel to boot directly.
+    pub kernel: Option<PathBuf>,
+    /// An initrd for `kernel`.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub append: Option<String>,
+    /// The disks, in order.
+    pub disks: Vec<DiskConfig>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            machine: "q35".into(),
+            accel: Accel::Tcg,
+            memory_mib: 256,
+            cpus: 1,
+            shared_memory: false,
+            kernel: None,
+            initrd: None,
+            append: None,
+            disks: Vec::new(),
+        }
+    }
+}
+
+/// The smallest guest memory accepted.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// The largest vCPU count accepted.
+pub const MAX_CPUS: u32 = 64;
+
+fn valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn valid_machine(machine: &str) -> bool {
+    !machine.is_empty()
+        && machine
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+impl VmConfig {
+    /// Checks the configuration before QEMU sees it: disk names match `[a-z0-9_-]{1,32}`
+    /// and are unique, memory is at least 16 MiB, 1 to 64 vCPUs, disk images exist and
+    /// are regular files or block devices, kernel and initrd exist if given.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::InvalidConfig(msg));
+        if !valid_machine(&self.machine) {
+            return bad(format!(
+                "machine type {:?} must be non-empty and contain only letters, digits, '-', '_' and '.'",
+                self.machine
+            ));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return bad(format!(
+                "memory of {} MiB is below the minimum of {MIN_MEMORY_MIB} MiB",
+                self.memory_mib
+            ));
+        }
+        // QEMU's -m takes the size in MiB with a suffix; keep it far from overflow.
+        if self.memory_mib > (1 << 30) {
+            return bad(format!("memory of {} MiB is too large", self.memory_mib));
+        }
+        if !(1..=MAX_CPUS).contains(&self.cpus) {
+            return bad(format!(
+                "{} vcpus is outside the range 1 to {MAX_CPUS}",
+                self.cpus
+            ));
+        }
+        if self.initrd.is_some() && self.kernel.is_none() {
+            return bad("an initrd was given without a kernel".into());
+        }
+        if self.append.is_some() && self.kernel.is_none() {
+            return bad("a kernel command line was given without a kernel".into());
+        }
+        for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            if let Some(path) = path {
+                match std::fs::metadata(path) {
+                    Ok(m) if m.is_file() => {}
+                    Ok(_) => {
+                        return bad(format!("{what} {} is not a regular file", path.display()))
+                    }
+                    Err(e) => return bad(format!("{what} {}: {e}", path.display())),
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for disk in &self.disks {
+            if !valid_name(&disk.name) {
+                return bad(format!(
+                    "disk name {:?} must be 1 to 32 characters of a-z, 0-9, '_' and '-'",
+                    disk.name
+                ));
+            }
+            if !seen.insert(disk.name.as_str()) {
+                return bad(format!("disk name {:?} is used twice", disk.name));
+            }
+            match std::fs::metadata(&disk.path) {
+                Ok(m) if m.is_file() || m.file_type().is_block_device() => {}
+                Ok(_) => {
+                    return bad(format!(
+                        "disk {} image {} is neither a regular file nor a block device",
+                        disk.name,
+                        disk.path.display()
+                    ))
+                }
+                Err(e) => {
+                    return bad(format!(
+                        "disk {} image {}: {e}",
+                        disk.name,
+                        disk.path.display()
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a QEMU process puts its sockets and logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchPaths {
+    /// The QMP unix socket QEMU listens on.
+    pub qmp_socket: PathBuf,
+    /// The file the guest's serial console is written to.
+    pub serial_log: PathBuf,
+    /// The file QEMU's own stdout and stderr go to.
+    pub output_log: PathBuf,
+    /// A pid file QEMU writes, if wanted.
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+}
+
+/// Escapes a value for QEMU's `key=value,...` option syntax (a comma is doubled).
+fn opt_escape(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+fn accel_name(accel: Accel) -> &'static str {
+    match accel {
+        Accel::Tcg => "tcg",
+        Accel::Kvm => "kvm",
+        // spawn() resolves Auto first; a bare command line lets QEMU fall back itself.
+        Accel::Auto => "kvm:tcg",
+    }
+}
+
+/// The QEMU arguments (without the binary) for `config` and `paths`.
+///
+/// Pure apart from one `stat` per disk (a block device needs QEMU's `host_device`
+/// driver rather than `file`). `Accel::Auto` becomes `accel=kvm:tcg` here; [`spawn`]
+/// resolves it by probing first.
+pub fn command_line(config: &VmConfig, paths: &LaunchPaths) -> Vec<String> {
+    let mut args: Vec<String> = vec!["-nodefaults".into(), "-no-user-config".into()];
+    let mut push = |a: &str, b: String| {
+        args.push(a.to_owned());
+        args.push(b);
+    };
+    push(
+        "-machine",
+        format!("{},accel={}", config.machine, accel_name(config.accel)),
+    );
+    if config.accel == Accel::Kvm {
+        push("-cpu", "host".into());
+    }
+    push("-m", format!("{}M", config.memory_mib));
+    push("-smp", config.cpus.to_string());
+    if config.shared_memory {
+        push(
+            "-object",
+            format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                config.memory_mib
+            ),
+        );
+        push("-numa", "node,memdev=mem".into());
+    }
+    for disk in &config.disks {
+        let is_blk = std::fs::metadata(&disk.path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        // JSON syntax: no escaping trouble with commas or '=' in paths.
+        let file = serde_json::json!({
+            "driver": if is_blk { "host_device" } else { "file" },
+            "node-name": disk.file_node(),
+            "filename": disk.path.to_string_lossy(),
+            "read-only": disk.read_only,
+        });
+        let fmt = serde_json::json!({
+            "driver": disk.format.driver(),
+            "node-name": disk.format_node(),
+            "file": disk.file_node(),
+            "read-only": disk.read_only,
+        });
+        push("-blockdev", file.to_string());
+        push("-blockdev", fmt.to_string());
+        push(
+            "-device",
+            format!(
+                "virtio-blk-pci,drive={},id={}",
+                disk.format_node(),
+                disk.name
+            ),
+        );
+    }
+    push(
+        "-chardev",
+        format!("file,id=serial0,path={}", opt_escape(&paths.serial_log)),
+    );
+    push("-serial", "chardev:serial0".into());
+    push(
+        "-chardev",
+        format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            opt_escape(&paths.qmp_socket)
+        ),
+    );
+    push("-mon", "chardev=qmp,mode=control".into());
+    if let Some(kernel) = &config.kernel {
+        push("-kernel", kernel.to_string_lossy().into_owned());
+    }
+    if let Some(initrd) = &config.initrd {
+        push("-initrd", initrd.to_string_lossy().into_owned());
+    }
+    if let Some(append) = &config.append {
+        push("-append", append.clone());
+    }
+    if let Some(pid_file) = &paths.pid_file {
+        push("-pidfile", pid_file.to_string_lossy().into_owned());
+    }
+    push("-display", "none".into());
+    push("-vga", "none".into());
+    args
+}
+
+/// How to start QEMU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnOptions {
+    /// The QEMU binary; a bare name is looked up in `PATH`.
+    pub binary: PathBuf,
+    /// How long QEMU may take until its QMP socket answers.
+    pub ready_timeout: Duration,
+    /// Start detached: dropping the [`QemuProcess`] leaves QEMU running.
+    pub detached: bool,
+}
+
+impl Default for SpawnOptions {
+    fn default() -> Self {
+        SpawnOptions {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            ready_timeout: Duration::from_secs(30),
+            detached: false,
+        }
+    }
+}
+
+/// How a QEMU process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// The exit code, if it exited.
+    pub code: Option<i32>,
+    /// The signal, if a signal killed it.
+    pub signal: Option<i32>,
+    /// When the supervisor saw it end.
+    pub at: SystemTime,
+}
+
+impl ExitInfo {
+    /// Whether it exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    fn from_status(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        ExitInfo {
+            code: status.code(),
+            signal: status.signal(),
+            at: SystemTime::now(),
+        }
+    }
+
+    fn unknown() -> Self {
+        ExitInfo {
+            code: None,
+            signal: None,
+            at: SystemTime::now(),
+        }
+    }
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(sig)) => write!(f, "killed by signal {sig}"),
+            (None, None) => write!(f, "unknown exit status"),
+        }
+    }
+}
+
+struct Supervision {
+    exit: watch::Receiver<Option<ExitInfo>>,
+    kill: Arc<Notify>,
+    detached: Arc<AtomicBool>,
+}
+
+impl Supervision {
+    fn exit_info(&self) -> Option<ExitInfo> {
+        self.exit.borrow().clone()
+    }
+
+    async fn wait(&self) -> ExitInfo {
+        let mut rx = self.exit.clone();
+        let r = rx.wait_for(|e| e.is_some()).await.map(|e| e.clone());
+        match r {
+            Ok(Some(info)) => info,
+            // The supervisor is gone (runtime shutting down): nothing more to learn.
+            _ => self.exit_info().unwrap_or_else(ExitInfo::unknown),
+        }
+    }
+
+    async fn kill(&self) -> ExitInfo {
+        self.kill.notify_one();
+        self.wait().await
+    }
+}
+
+/// Kills the child when the supervisor task is dropped without having reaped it (for
+/// example when the runtime shuts down), unless detached.
+struct ChildGuard {
+    child: tokio::process::Child,
+    detached: Arc<AtomicBool>,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if !self.detached.load(Ordering::SeqCst) {
+            // Fails harmlessly if the child was reaped already.
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
+fn supervise(
+    child: tokio::process::Child,
+    detached: bool,
+    qmp_socket: PathBuf,
+) -> (Supervision, u32) {
+    let pid = child.id().unwrap_or(0);
+    let (exit_tx, exit_rx) = watch::channel(None);
+    let kill = Arc::new(Notify::new());
+    let detached = Arc::new(AtomicBool::new(detached));
+    let mut guard = ChildGuard {
+        child,
+        detached: detached.clone(),
+    };
+    let kill_rx = kill.clone();
+    let detached_flag = detached.clone();
+    tokio::spawn(async move {
+        let status = loop {
+            tokio::select! {
+                status = guard.child.wait() => break status,
+                _ = kill_rx.notified() => {
+                    debug!(pid, "killing qemu");
+                    if let Err(e) = guard.child.start_kill() {
+                        debug!(pid, error = %e, "kill failed");
+                    }
+                }
+            }
+        };
+        let info = match status {
+            Ok(s) => ExitInfo::from_status(s),
+            Err(e) => {
+                warn!(pid, error = %e, "cannot wait for qemu");
+                ExitInfo::unknown()
+            }
+        };
+        debug!(pid, status = %info, "qemu exited");
+        if !detached_flag.load(Ordering::SeqCst) {
+            // QEMU removes its socket when it exits cleanly, not when killed.
+            let _ = std::fs::remove_file(&qmp_socket);
+        }
+        exit_tx.send_replace(Some(info));
+    });
+    (
+        Supervision {
+            exit: exit_rx,
+            kill,
+            detached,
+        },
+        pid,
+    )
+}
+
+/// A running QEMU process with its QMP connection.
+///
+/// A tokio task reaps the process and records how it ended. Dropping a `QemuProcess`
+/// kills QEMU with SIGKILL, unless it was spawned detached or [`QemuProcess::detach`] was
+/// called. QEMU runs in its own process group with its output going to a file, so it
+/// survives the caller being interrupted or killed.
+pub struct QemuProcess {
+    pid: u32,
+    qmp: Qmp,
+    output_log: PathBuf,
+    sup: Supervision,
+}
+
+impl fmt::Debug for QemuProcess {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QemuProcess")
+            .field("pid", &self.pid)
+            .field("exit", &self.exit_status())
+            .finish()
+    }
+}
+
+impl QemuProcess {
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The QMP connection made at start.
+    pub fn qmp(&self) -> &Qmp {
+        &self.qmp
+    }
+
+    /// How QEMU ended, or `None` while it runs.
+    pub fn exit_status(&self) -> Option<ExitInfo> {
+        self.sup.exit_info()
+    }
+
+    /// Waits until QEMU has ended and been reaped.
+    pub async fn wait(&self) -> ExitInfo {
+        self.sup.wait().await
+    }
+
+    /// The last `max_bytes` of QEMU's stdout and stderr (lossy UTF-8).
+    pub fn output_tail(&self, max_bytes: usize) -> String {
+        read_tail(&self.output_log, max_bytes)
+    }
+
+    /// Stops supervision from killing QEMU: neither dropping this handle nor shutting
+    /// down the runtime kills it any more (while this process lives, QEMU is still
+    /// reaped when it exits). Takes `&self` so a handle shared with a monitor task can
+    /// be detached. Returns the pid.
+    pub fn detach(&self) -> u32 {
+        self.sup.detached.store(true, Ordering::SeqCst);
+        self.pid
+    }
+
+    /// Kills QEMU with SIGKILL and waits until it is reaped.
+    pub async fn kill(&self) -> ExitInfo {
+        self.sup.kill().await
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        if !self.sup.detached.load(Ordering::SeqCst) {
+            self.sup.kill.notify_one();
+        }
+    }
+}
+
+fn read_tail(path: &Path, max_bytes: usize) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = len.saturating_sub(max_bytes as u64);
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(max_bytes as u64).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// How much of QEMU's output an [`Error::Launch`] carries.
+const LAUNCH_OUTPUT_TAIL: usize = 4096;
+
+/// Starts QEMU for `config` and waits until its QMP socket has negotiated.
+///
+/// Validates `config` first. If QEMU exits while starting, the error is
+/// [`Error::Launch`] with the tail of its output; a missing binary is [`Error::Spawn`].
+/// On any failure QEMU is killed and reaped and the socket file removed.
+pub async fn spawn(
+    config: &VmConfig,
+    paths: &LaunchPaths,
+    opts: &SpawnOptions,
+) -> Result<QemuProcess, Error> {
+    config.validate()?;
+    let mut config = config.clone();
+    config.accel = config.accel.resolve();
+    let args = command_line(&config, paths);
+
+    match std::fs::remove_file(&paths.qmp_socket) {
+        Ok(()) => debug!(path = %paths.qmp_socket.display(), "removed stale qmp socket"),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::Io(e)),
+    }
+    let out = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&paths.output_log)?;
+    let err = out.try_clone()?;
+
+    let mut cmd = tokio::process::Command::new(&opts.binary);
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        // Own process group: a Ctrl-C or group kill aimed at the caller misses QEMU.
+        .process_group(0)
+        .kill_on_drop(false);
+    debug!(binary = %opts.binary.display(), ?args, "starting qemu");
+    let child = cmd.spawn().map_err(|source| Error::Spawn {
+        binary: opts.binary.clone(),
+        source,
+    })?;
+    let (sup, pid) = supervise(child, opts.detached, paths.qmp_socket.clone());
+
+    let fail = |sup: Supervision, e: Error| async move {
+        // Killing is idempotent; wait until QEMU is reaped so nothing is left behind.
+        sup.detached.store(false, Ordering::SeqCst);
+        sup.kill().await;
+        let _ = std::fs::remove_file(&paths.qmp_socket);
+        e
+    };
+    match wait_ready(&sup, paths, opts.ready_timeout).await {
+        Ok(qmp) => Ok(QemuProcess {
+            pid,
+            qmp,
+            output_log: paths.output_log.clone(),
+            sup,
+        }),
+        Err(e) => Err(fail(sup, e).await),
+    }
+}
+
+/// Polls for the QMP socket until `timeout`, giving up early if QEMU exits.
+async fn wait_ready(
+    sup: &Supervision,
+    paths: &LaunchPaths,
+    timeout: Duration,
+) -> Result<Qmp, Error> {
+    let start = Instant::now();
+    let mut exit = sup.exit.clone();
+    let launch_error = |info: ExitInfo| Error::Launch {
+        status: info,
+        output: read_tail(&paths.output_log, LAUNCH_OUTPUT_TAIL)
+            .trim_end()
+            .to_owned(),
+    };
+    loop {
+        if let Some(info) = sup.exit_info() {
+            return Err(launch_error(info));
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            return Err(Error::timeout(
+                format!("qmp socket {}", paths.qmp_socket.display()),
+                timeout,
+            ));
+        }
+        if paths.qmp_socket.exists() {
+            match Qmp::connect_timeout(&paths.qmp_socket, timeout - elapsed).await {
+                Ok(qmp) => return Ok(qmp),
+                // Socket file present but not listening yet, or QEMU died meanwhile.
+                Err(Error::Io(e)) => debug!(error = %e, "qmp socket not ready"),
+                Err(e) => {
+                    if let Some(info) = sup.exit_info() {
+                        return Err(launch_error(info));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        // Poll with a short period, but wake at once if QEMU exits.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = exit.changed() => {}
+        }
+    }
+}
+
+/// Whether a process with this pid exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(pid_t) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid_t <= 0 {
+        // 0 and negative values address process groups, not a process.
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the pid exists and
+    // that we may signal it. pid_t is positive, so it names a single process.
+    let r = unsafe { libc::kill(pid_t, 0) };
+    let exists = r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    if !exists {
+        return false;
+    }
+    // A zombie still has a pid but is dead; state is the field after "(comm)".
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => match stat.rfind(')') {
+            Some(i) => !matches!(stat[i + 1..].trim_start().chars().next(), Some('Z' | 'X')),
+            None => true,
+        },
+        Err(_) => true,
+    }
+}
+
+/// Whether `pid` is a running QEMU process: its executable (or, if that cannot be read,
+/// its `argv[0]`) has a file name starting with `qemu`.
+pub fn is_qemu_process(pid: u32) -> bool {
+    if pid == 0 || !process_alive(pid) {
+        return false;
+    }
+    let is_qemu = |p: &Path| {
+        p.file_name()
+            .map(|n| n.to_string_lossy().starts_with("qemu"))
+            .unwrap_or(false)
+    };
+    if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+        // A replaced binary reads as "/usr/bin/qemu-system-x86_64 (deleted)".
+        return is_qemu(&exe);
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => {
+            let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+            is_qemu(Path::new(&*String::from_utf8_lossy(argv0)))
+        }
+        Err(_) => false,
+    }
+}
+
+const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
+const KVM_API_VERSION: libc::c_int = 12;
+
+/// Whether KVM works on this host: `/dev/kvm` opens, reports API version 12 and lets us
+/// create a VM. Probed once per process.
+pub fn kvm_usable() -> bool {
+    static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PROBE.get_or_init(probe_kvm)
+}
+
+fn probe_kvm() -> bool {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let kvm = match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/kvm")
+    {
+        Ok(f) => f,
+        Err(e) => {
+            debug!(error = %e, "kvm unavailable");
+            return false;
+        }
+    };
+    // SAFETY: `kvm` is an open fd for /dev/kvm; KVM_GET_API_VERSION takes no argument and
+    // touches no memory of ours.
+    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
+    if version != KVM_API_VERSION {
+        debug!(version, "kvm api version mismatch");
+        return false;
+    }
+    // SAFETY: KVM_CREATE_VM takes the machine type (0 = default) by value and returns a
+    // new fd or -1; it touches no memory of ours.
+    let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
+    if vm < 0 {
+        debug!(error = %io::Error::last_os_error(), "kvm cannot create a vm");
+        return false;
+    }
+    // SAFETY: `vm` is a fresh fd returned by KVM_CREATE_VM that nothing else owns; the
+    // OwnedFd closes it.
+    drop(unsafe { OwnedFd::from_raw_fd(vm) });
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paths() -> LaunchPaths {
+        LaunchPaths {
+            qmp_socket: "/run/weft/vm1/qmp.sock".into(),
+            serial_log: "/var/log/weft/vm,1/serial.log".into(),
+            output_log: "/var/log/weft/vm1/qemu.log".into(),
+            pid_file: Some("/run/weft/vm1/qemu.pid".into()),
+        }
+    }
+
+    fn has_pair(args: &[String], a: &str, b: &str) -> bool {
+        args.windows(2).any(|w| w[0] == a && w[1] == b)
+    }
+
+    #[test]
+    fn command_line_basics() {
+        let cfg = VmConfig {
+            memory_mib: 512,
+            cpus: 2,
+            ..VmConfig::default()
+        };
+        let args = command_line(&cfg, &paths());
+        assert!(has_pair(&args, "-machine", "q35,accel=tcg"), "{args:?}");
+        assert!(has_pair(&args, "-m", "512M"));
+        assert!(has_pair(&args, "-smp", "2"));
+        assert!(has_pair(&args, "-display", "none"));
+        assert!(has_pair(&args, "-vga", "none"));
+        assert!(args.iter().any(|a| a == "-nodefaults"));
+        assert!(args.iter().any(|a| a == "-no-user-config"));
+        assert!(has_pair(
+            &args,
+            "-chardev",
+            "socket,id=qmp,path=/run/weft/vm1/qmp.sock,server=on,wait=off"
+        ));
+        assert!(has_pair(&args, "-mon", "chardev=qmp,mode=control"));
+        // Commas in option values are doubled.
+        assert!(has_pair(
+            &args,
+            "-chardev",
+            "file,id=serial0,path=/var/log/weft/vm,,1/serial.log"
+        ));
+        assert!(has_pair(&args, "-serial", "chardev:serial0"));
+        assert!(has_pair(&args, "-pidfile", "/run/weft/vm1/qemu.pid"));
+        for absent in [
+            "-kernel",
+            "-initrd",
+            "-append",
+            "-object",
+            "-numa",
+            "-blockdev",
+            "-netdev",
+            "-cpu",
+        ] {
+            assert!(!args.iter().any(|a| a == absent), "{absent} in {args:?}");
+        }
+    }
+
+    #[test]
+    fn command_line_accel() {
+        let mut cfg = VmConfig {
+            accel: Accel::Kvm,
+            ..VmConfig::default()
+        };
+        let args = command_line(&cfg, &paths());
+        assert!(has_pair(&args, "-machine", "q35,accel=kvm"));
+        assert!(has_pair(&args, "-cpu", "host"));
+        cfg.accel = Accel::Auto;
+        assert!(has_pair(
+            &command_line(&cfg, &paths()),
+            "-machine",
+            "q35,accel=kvm:tcg"
+        ));
+        assert_ne!(Accel::Auto.resolve(), Accel::Auto);
+    }
+
+    #[test]
+    fn command_line_shared_memory_kernel_and_disks() {
+        let cfg = VmConfig {
+            memory_mib: 1024,
+            shared_memory: true,
+            kernel: Some("/boot/vmlinuz".into()),
+            initrd: Some("/boot/initrd.img".into()),
+            append: Some("console=ttyS0 quiet".into()),
+            disks: vec![
+                DiskConfig {
+                    name: "vda".into(),
+                    path: "/images/a,b.qcow2".into(),
+                    format: DiskFormat::Qcow2,
+                    read_only: false,
+                },
+                DiskConfig {
+                    name: "vdb".into(),
+                    path: "/images/data.raw".into(),
+                    format: DiskFormat::Raw,
+                    read_only: true,
+                },
+            ],
+            ..VmConfig::default()
+        };
+        let args = command_line(&cfg, &paths());
+        assert!(has_pair(
+            &args,
+            "-object",
+            "memory-backend-memfd,id=mem,size=1024M,share=on"
+        ));
+        assert!(has_pair(&args, "-numa", "node,memdev=mem"));
+        assert!(has_pair(&args, "-kernel", "/boot/vmlinuz"));
+        assert!(has_pair(&args, "-initrd", "/boot/initrd.img"));
+        assert!(has_pair(&args, "-append", "console=ttyS0 quiet"));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-blk-pci,drive=vda-fmt,id=vda"
+        ));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "virtio-blk-pci,drive=vdb-fmt,id=vdb"
+        ));
+        let blockdevs: Vec<serde_json::Value> = args
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).expect("blockdev is json"))
+            .collect();
+        assert_eq!(
+            blockdevs,
+            vec![
+                serde_json::json!({"driver": "file", "node-name": "vda-file", "filename": "/images/a,b.qcow2", "read-only": false}),
+                serde_json::json!({"driver": "qcow2", "node-name": "vda-fmt", "file": "vda-file", "read-only": false}),
+                serde_json::json!({"driver": "file", "node-name": "vdb-file", "filename": "/images/data.raw", "read-only": true}),
+                serde_json::json!({"driver": "raw", "node-name": "vdb-fmt", "file": "vdb-file", "read-only": true}),
+            ]
+        );
+        // Disk nodes come before the devices that use them.
+        let pos = |s: &str| args.iter().position(|a| a == s).expect("present");
+        assert!(pos("-blockdev") < pos("-device"));
+    }
+
+    fn disk_file(dir: &Path, name: &str) -> PathBuf {
+        let p = dir.join(name);
+        File::create(&p)
+            .expect("create")
+            .set_len(1 << 20)
+            .expect("set_len");
+        p
+    }
+
+    #[test]
+    fn validate_accepts_good_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = VmConfig {
+            disks: vec![
+                DiskConfig {
+                    name: "vda".into(),
+                    path: disk_file(dir.path(), "a.raw"),
+                    format: DiskFormat::Raw,
+                    read_only: false,
+                },
+                DiskConfig {
+                    name: "data_1-x".into(),
+                    path: disk_file(dir.path(), "b.raw"),
+                    format: DiskFormat::Raw,
+                    read_only: true,
+                },
+            ],
+            ..VmConfig::default()
+        };
+        cfg.validate().expect("valid");
+        VmConfig::default().validate().expect("default is valid");
+    }
+
+    #[test]
+    fn validate_rejects_bad_configs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let good = disk_file(dir.path(), "a.raw");
+        let disk = |name: &str, path: &Path| DiskConfig {
+            name: name.into(),
+            path: path.to_owned(),
+            format: DiskFormat::Raw,
+            read_only: false,
+        };
+        let cases: Vec<(&str, VmConfig)> = vec![
+            (
+                "memory",
+                VmConfig {
+                    memory_mib: 15,
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "vcpus",
+                VmConfig {
+                    cpus: 0,
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "vcpus",
+                VmConfig {
+                    cpus: 65,
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "machine",
+                VmConfig {
+                    machine: "q35,accel=kvm".into(),
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "machine",
+                VmConfig {
+                    machine: String::new(),
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "disk name",
+                VmConfig {
+                    disks: vec![disk("VDA", &good)],
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "disk name",
+                VmConfig {
+                    disks: vec![disk("", &good)],
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "disk name",
+                VmConfig {
+                    disks: vec![disk(&"a".repeat(33), &good)],
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "disk name",
+                VmConfig {
+                    disks: vec![disk("a,b", &good)],
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "used twice",
+                VmConfig {
+                    disks: vec![disk("vda", &good), disk("vda", &good)],
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "missing.raw",
+                VmConfig {
+                    disks: vec![disk("vda", &dir.path().join("missing.raw"))],
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "neither",
+                VmConfig {
+                    disks: vec![disk("vda", dir.path())],
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "kernel",
+                VmConfig {
+                    kernel: Some(dir.path().join("nokernel")),
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "initrd",
+                VmConfig {
+                    kernel: Some(good.clone()),
+                    initrd: Some(dir.path().join("noinitrd")),
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "without a kernel",
+                VmConfig {
+                    initrd: Some(good.clone()),
+                    ..VmConfig::default()
+                },
+            ),
+            (
+                "without a kernel",
+                VmConfig {
+                    append: Some("quiet".into()),
+                    ..VmConfig::default()
+                },
+            ),
+        ];
+        for (needle, cfg) in cases {
+            match cfg.validate() {
+                Err(Error::InvalidConfig(msg)) => {
+                    assert!(msg.contains(needle), "{msg:?} lacks {needle:?}")
+                }
+                other => panic!("{cfg:?} gave {other:?}, want InvalidConfig({needle})"),
+            }
+        }
+        // The longest allowed name is fine.
+        VmConfig {
+            disks: vec![disk(&"a".repeat(32), &good)],
+            ..VmConfig::default()
+        }
+        .validate()
+        .expect("32-character name");
+    }
+
+    #[test]
+    fn serde_round_trip_and_defaults() {
+        let cfg = VmConfig {
+            accel: Accel::Auto,
+            shared_memory: true,
+            kernel: Some("/k".into()),
+            append: Some("console=ttyS0".into()),
+            disks: vec![DiskConfig {
+                name: "vda".into(),
+                path: "/d.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                read_only: true,
+            }],
+            ..VmConfig::default()
+        };
+        let json = serde_json::to_string(&cfg).expect("serializes");
+        assert!(json.contains(r#""accel":"auto""#), "{json}");
+        assert!(json.contains(r#""format":"qcow2""#), "{json}");
+        let back: VmConfig = serde_json::from_str(&json).expect("deserializes");
+        assert_eq!(back, cfg);
+
+        // Older or partial configs read with defaults; unknown fields are ignored.
+        let old: VmConfig = serde_json::from_str(
+            r#"{"memory_mib": 64, "disks": [{"name": "vda", "path": "/x"}], "from_the_future": 1}"#,
+        )
+        .expect("deserializes");
+        assert_eq!(old.memory_mib, 64);
+        assert_eq!(old.machine, "q35");
+        assert_eq!(old.accel, Accel::Tcg);
+        assert_eq!(old.cpus, 1);
+        assert_eq!(old.disks[0].format, DiskFormat::Raw);
+        assert!(!old.disks[0].read_only);
+
+        let p = paths();
+        let back: LaunchPaths =
+            serde_json::from_str(&serde_json::to_string(&p).expect("ser")).expect("de");
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn detect_format() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q = dir.path().join("q");
+        std::fs::write(&q, b"QFI\xfb\0\0\0\x03rest").expect("write");
+        assert_eq!(DiskFormat::detect(&q).expect("detect"), DiskFormat::Qcow2);
+        let r = dir.path().join("r");
+        std::fs::write(&r, b"QFI").expect("write");
+        assert_eq!(DiskFormat::detect(&r).expect("detect"), DiskFormat::Raw);
+        std::fs::write(&r, [0u8; 512]).expect("write");
+        assert_eq!(DiskFormat::detect(&r).expect("detect"), DiskFormat::Raw);
+        assert!(DiskFormat::detect(&dir.path().join("none")).is_err());
+    }
+
+    #[test]
+    fn exit_info_display() {
+        let mut e = ExitInfo::unknown();
+        assert_eq!(e.to_string(), "unknown exit status");
+        e.signal = Some(9);
+        assert_eq!(e.to_string(), "killed by signal 9");
+        e.code = Some(1);
+        assert_eq!(e.to_string(), "exit code 1");
+        assert!(!e.success());
+    }
+
+    #[test]
+    fn process_helpers() {
+        let me = std::process::id();
+        assert!(process_alive(me));
+        assert!(!process_alive(0));
+        assert!(!process_alive(u32::MAX));
+        // The test binary is not QEMU.
+        assert!(!is_qemu_process(me));
+        assert!(!is_qemu_process(0));
+    }
+
+    #[test]
+    fn read_tail_takes_the_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("out");
+        std::fs::write(&p, b"0123456789").expect("write");
+        assert_eq!(read_tail(&p, 4), "6789");
+        assert_eq!(read_tail(&p, 100), "0123456789");
+        assert_eq!(read_tail(&dir.path().join("none"), 4), "");
+    }
+}
