@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Builds the weft test guest: a Debian 12 cloud kernel and a busybox initramfs.
+#
+#   build-guest.sh OUT_DIR      build OUT_DIR/{vmlinuz,initramfs.img,manifest.txt}
+#   build-guest.sh --resolve    print the exact packages (name=version) a build would use
+#
+# Packages come from the machine's apt sources (`apt-get download`, no install):
+#   - the kernel: the package that `linux-image-cloud-amd64` depends on right now
+#     (override with WEFT_GUEST_KERNEL_PKG=linux-image-6.1.0-NN-cloud-amd64);
+#   - busybox-static.
+# Debian's mirror only serves the current kernel ABI, so "pinned" means: the exact
+# name=version is resolved once, recorded in OUT_DIR/manifest.txt, and is part of the
+# cache key the Rust harness computes (it runs `--resolve`). A new kernel upload gives a new key.
+#
+# Env: WEFT_GUEST_KERNEL_PKG (kernel package), WEFT_GUEST_MODULES (space-separated module
+# load list, default below). Needs: apt-get, apt-cache, dpkg, cpio, gzip (xz/zstd only if the
+# kernel ships compressed modules). The init script is the file `init` next to this script.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+MODULES="${WEFT_GUEST_MODULES:-virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport}"
+
+log() { echo "build-guest: $*" >&2; }
+die() { echo "build-guest: error: $*" >&2; exit 1; }
+
+# Candidate version of a package, empty if apt does not know it.
+candidate() {
+    apt-cache show --no-all-versions "$1" 2>/dev/null | sed -n 's/^Version: //p' | head -n1
+}
+
+# field INFO PACKAGE FIELD: a field of one package's stanza in `apt-cache show` output.
+field() {
+    awk -v p="$2" -v f="$3:" '
+        $1 == "Package:" { cur = $2 }
+        cur == p && $1 == f { sub("^" f " *", ""); print; exit }' <<<"$1"
+}
+
+# Prints "kernel=<pkg>=<ver>" and "busybox=busybox-static=<ver>".
+# One apt-cache call in the common case: every test process runs this to compute the cache key.
+resolve_once() {
+    local info kpkg kver bver dep
+    if [ -n "${WEFT_GUEST_KERNEL_PKG:-}" ]; then
+        kpkg="$WEFT_GUEST_KERNEL_PKG"
+        info="$(apt-cache show --no-all-versions "$kpkg" busybox-static 2>/dev/null)" || return 1
+        kver="$(field "$info" "$kpkg" Version)"
+    else
+        info="$(apt-cache show --no-all-versions linux-image-cloud-amd64 busybox-static 2>/dev/null)" || return 1
+        # e.g. "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)"
+        dep="$(field "$info" linux-image-cloud-amd64 Depends)"
+        kpkg="$(sed -n 's/^\(linux-image-6\.1\.0-[^ ,]*-cloud-amd64\).*/\1/p' <<<"$dep")"
+        kver="$(sed -n 's/^[^ ,]* (= \([^)]*\)).*/\1/p' <<<"$dep")"
+        [ -n "$kpkg" ] || return 1
+        [ -n "$kver" ] || kver="$(candidate "$kpkg")"
+    fi
+    bver="$(field "$info" busybox-static Version)"
+    [ -n "$kver" ] && [ -n "$bver" ] || return 1
+    echo "kernel=$kpkg=$kver"
+    echo "busybox=busybox-static=$bver"
+}
+
+resolve() {
+    if resolve_once; then return; fi
+    if [ "$(id -u)" = 0 ]; then
+        log "apt lists do not know the guest packages; running apt-get update"
+        apt-get update -qq >&2 || die "apt-get update failed"
+        resolve_once && return
+    fi
+    die "cannot resolve the guest kernel (linux-image-cloud-amd64 -> linux-image-6.1.0-*-cloud-amd64) or busybox-static from apt; run 'apt-get update' or set WEFT_GUEST_KERNEL_PKG"
+}
+
+if [ "${1:-}" = "--resolve" ]; then
+    resolve
+    exit 0
+fi
+[ $# -eq 1 ] || die "usage: $0 OUT_DIR | --resolve"
+OUT="$1"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+
+RESOLVED="$(resolve)"
+KPKG_SPEC="$(sed -n 's/^kernel=//p' <<<"$RESOLVED")"   # name=version
+BPKG_SPEC="$(sed -n 's/^busybox=//p' <<<"$RESOLVED")"
+
+WORK="$(mktemp -d -t weft-guest.XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+# apt-get download drops privileges to _apt when it can write the directory.
+chmod 755 "$WORK"
+cd "$WORK"
+
+log "downloading $KPKG_SPEC $BPKG_SPEC"
+apt-get download -q -o APT::Sandbox::User=root "$KPKG_SPEC" "$BPKG_SPEC" >&2 || die "apt-get download failed"
+mkdir -p kpkg bpkg
+for deb in ./*.deb; do
+    case "$(dpkg-deb -f "$deb" Package)" in
+        busybox-static) dpkg -x "$deb" bpkg ;;
+        *) dpkg -x "$deb" kpkg ;;
+    esac
+done
+
+VMLINUZ="$(find kpkg/boot -maxdepth 1 -name 'vmlinuz-*' | head -n1)"
+[ -n "$VMLINUZ" ] || die "no /boot/vmlinuz-* in ${KPKG_SPEC%%=*}"
+KREL="${VMLINUZ##*/vmlinuz-}"
+MODDIR="kpkg/lib/modules/$KREL"
+[ -d "$MODDIR" ] || die "no $MODDIR in the kernel package"
+[ -x bpkg/bin/busybox ] || die "no /bin/busybox in busybox-static"
+
+# --- initramfs tree ---------------------------------------------------------
+ROOT="$WORK/root"
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,data,tmp,run,etc,lib/modules}
+cp bpkg/bin/busybox "$ROOT/bin/busybox"
+ln -s busybox "$ROOT/bin/sh"
+install -m 0755 "$HERE/init" "$ROOT/init"
+
+# Index every module file of the kernel by module name (dashes are underscores to the kernel).
+declare -A MODFILE=()
+while IFS= read -r f; do
+    name="${f##*/}"
+    name="${name%%.ko*}"
+    MODFILE["${name//-/_}"]="$f"
+done < <(find "$MODDIR" -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.zst' -o -name '*.ko.gz')
+
+# Copy a module into the initramfs as a plain .ko (busybox insmod cannot be relied on
+# to decompress), returning its path.
+stage_module() {
+    local name="$1" src="${MODFILE[$1]}" dst="$ROOT/lib/modules/$1.ko"
+    case "$src" in
+        *.ko) cp "$src" "$dst" ;;
+        *.ko.xz) xz -dc "$src" >"$dst" ;;
+        *.ko.zst) zstd -qdc "$src" >"$dst" ;;
+        *.ko.gz) gzip -dc "$src" >"$dst" ;;
+    esac
+}
+
+# Load order: each listed module after its dependencies (read from the module's
+# .modinfo "depends=" string, so no depmod/kmod is needed on the host).
+declare -A SEEN=()
+ORDER=()
+MANIFEST_MODULES=()
+add_module() {
+    local name="${1//-/_}" dep deps
+    [ -z "${SEEN[$name]:-}" ] || return 0
+    SEEN[$name]=1
+    if [ -z "${MODFILE[$name]:-}" ]; then
+        if grep -qE "/${name//_/[-_]}\.ko" "$MODDIR/modules.builtin" 2>/dev/null; then
+            MANIFEST_MODULES+=("$name builtin")
+        else
+            log "warning: module $name is neither a module nor built into $KREL; skipped"
+            MANIFEST_MODULES+=("$name missing")
+        fi
+        return 0
+    fi
+    stage_module "$name"
+    deps="$(tr '\0' '\n' <"$ROOT/lib/modules/$name.ko" | sed -n 's/^depends=//p' | head -n1)"
+    for dep in ${deps//,/ }; do
+        add_module "$dep"
+    done
+    ORDER+=("$name")
+    MANIFEST_MODULES+=("$name module")
+}
+for m in $MODULES; do
+    add_module "$m"
+done
+printf '%s\n' "${ORDER[@]}" >"$ROOT/etc/weft-modules"
+
+# --- outputs ----------------------------------------------------------------
+cp "$VMLINUZ" "$OUT/vmlinuz"
+(
+    cd "$ROOT"
+    find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --owner=0:0 --reproducible
+) | gzip -9n >"$OUT/initramfs.img"
+
+{
+    echo "# weft test guest, built by integration/assets/build-guest.sh"
+    echo "kernel-package: ${KPKG_SPEC/=/ }"
+    echo "busybox-package: ${BPKG_SPEC/=/ }"
+    echo "kernel-release: $KREL"
+    echo "module-load-order: ${ORDER[*]}"
+    for line in "${MANIFEST_MODULES[@]}"; do
+        echo "module: $line"
+    done
+} >"$OUT/manifest.txt"
+log "built $OUT (kernel $KREL, ${#ORDER[@]} modules)"

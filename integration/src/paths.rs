@@ -1,0 +1,68 @@
+//! Where cargo put things: the target directory and workspace binaries.
+
+use std::path::{Path, PathBuf};
+
+/// The cargo target directory of this build.
+///
+/// `CARGO_TARGET_DIR` when set (a relative value is taken from the workspace root),
+/// else the nearest ancestor of the running test binary holding cargo's `CACHEDIR.TAG`.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        return if dir.is_absolute() {
+            dir
+        } else {
+            workspace_root().join(dir)
+        };
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe
+            .ancestors()
+            .skip(1)
+            .find(|d| d.join("CACHEDIR.TAG").is_file())
+        {
+            return dir.to_path_buf();
+        }
+        // target/<profile>/deps/<test binary> without a CACHEDIR.TAG (very old cargo).
+        if let Some(dir) = profile_dir_of(&exe).and_then(|p| p.parent().map(Path::to_path_buf)) {
+            return dir;
+        }
+    }
+    workspace_root().join("target")
+}
+
+/// The workspace root (the parent of this crate's directory).
+pub(crate) fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// `target/<profile>` for an executable in `target/<profile>/deps/` or `target/<profile>/`.
+fn profile_dir_of(exe: &Path) -> Option<PathBuf> {
+    let parent = exe.parent()?;
+    if parent.file_name().is_some_and(|n| n == "deps") {
+        parent.parent().map(Path::to_path_buf)
+    } else {
+        Some(parent.to_path_buf())
+    }
+}
+
+/// Path of a workspace binary such as `weftd` or `weft`, from the same profile as the
+/// running test (normally `target/debug/<name>`).
+///
+/// # Panics
+/// If the binary has not been built: a test cannot do anything useful without it,
+/// and the message says how to fix it.
+pub fn bin_path(name: &str) -> PathBuf {
+    let profile_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| profile_dir_of(&exe))
+        .unwrap_or_else(|| target_dir().join("debug"));
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "workspace binary `{name}` not found at {}: build it with `cargo build --bins` first",
+        path.display()
+    );
+    path
+}

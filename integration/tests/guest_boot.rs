@@ -1,0 +1,69 @@
+//! The rig's own end-to-end tests: the test guest boots under QEMU, runs its workload,
+//! answers QMP, and reports setup errors instead of hanging.
+
+use std::time::{Duration, Instant};
+
+use weft_integration::{guest_assets, read_ext4_file, Guest, GuestOpts};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_guest_boots_and_runs_workload() -> anyhow::Result<()> {
+    let guest = Guest::boot(GuestOpts::default()).await?;
+    eprintln!(
+        "guest booted to WEFT-READY in {:.2}s",
+        guest.boot_time().as_secs_f64()
+    );
+
+    let manifest = std::fs::read_to_string(guest_assets()?.dir.join("manifest.txt"))?;
+    assert!(
+        manifest.contains("kernel-package: linux-image-6.1.0-"),
+        "{manifest}"
+    );
+    assert!(
+        manifest.contains("busybox-package: busybox-static "),
+        "{manifest}"
+    );
+
+    // The counter writes a line a second to /data/counter.log and echoes every 5th.
+    guest
+        .serial()
+        .wait_for("weft-counter: tick 5", Duration::from_secs(30))
+        .await?;
+
+    let status = guest.qmp().execute_raw("query-status", None).await?;
+    assert_eq!(status["status"], "running", "{status}");
+    assert_eq!(status["running"], true, "{status}");
+
+    let disk = guest.data_disk().to_path_buf();
+    let (exit, _dir) = guest.shutdown_keep_dir().await?;
+    assert!(exit.success(), "QEMU exit after quit: {exit}");
+
+    let log = String::from_utf8(read_ext4_file(&disk, "/counter.log")?)?;
+    let ticks: Vec<&str> = log.lines().collect();
+    assert!(ticks.len() >= 5, "counter.log: {log:?}");
+    for (i, line) in ticks.iter().enumerate() {
+        assert_eq!(*line, format!("tick {}", i + 1), "counter.log: {log:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_guest_reports_missing_data_disk() -> anyhow::Result<()> {
+    // Build (or find) the assets first so the timing below is the guest's alone.
+    tokio::task::spawn_blocking(guest_assets).await??;
+    let started = Instant::now();
+    let err = Guest::boot(GuestOpts {
+        extra_append: "weft.data=/dev/vdz".into(),
+        ..GuestOpts::default()
+    })
+    .await
+    .err()
+    .ok_or_else(|| anyhow::anyhow!("a guest without its data disk must not become ready"))?;
+    let elapsed = started.elapsed();
+    eprintln!("boot failed after {:.2}s: {err:#}", elapsed.as_secs_f64());
+    assert!(
+        format!("{err:#}").contains("WEFT-ERROR: data disk /dev/vdz not found"),
+        "{err:#}"
+    );
+    assert!(elapsed < Duration::from_secs(30), "error took {elapsed:?}");
+    Ok(())
+}

@@ -1,0 +1,619 @@
+//! End-to-end tests of weftd and the weft CLI against real QEMU guests.
+//!
+//! Each test runs its own weftd on a private data and run directory, drives it
+//! through the API (the `weft` library's client) and the `weft` binary, and
+//! checks the host from outside: processes in /proc, sockets and files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use weft::api::EnvironmentView;
+use weft::client::{Client, ClientError};
+use weft::model::{AuditEntry, CreateEnvironment, DiskRequest, EnvState};
+use weft_integration::{bin_path, guest_assets, make_data_disk, wait_until, SerialLog};
+
+const BOOT: Duration = Duration::from_secs(90);
+const SHORT: Duration = Duration::from_secs(20);
+
+/// A weftd of one test, with everything under one temporary directory.
+struct Weftd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl Weftd {
+    async fn start(extra: &[&str]) -> anyhow::Result<Weftd> {
+        let dir = tempfile::Builder::new().prefix("weft-e2e").tempdir()?;
+        let mut w = Weftd {
+            dir,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        w.restart().await?;
+        Ok(w)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn run(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.run().join("weftd.sock")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("weftd.log")
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.socket()).with_actor(Some("e2e".into()))
+    }
+
+    /// Starts weftd (again) and waits until its API answers.
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())?;
+        let child = Command::new(bin_path("weftd"))
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--run-dir")
+            .arg(self.run())
+            .args(&self.extra)
+            .env("RUST_LOG", "weft=debug,info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start weftd")?;
+        self.child = Some(child);
+        let client = self.client();
+        wait_until(SHORT, "weftd to answer on its socket", || {
+            let client = client.clone();
+            async move {
+                match client.get::<serde_json::Value>("/v1/status").await {
+                    Ok(_) => Ok(Some(())),
+                    Err(ClientError::Unreachable { .. }) => Ok(None),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        })
+        .await
+    }
+
+    fn sigkill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn sigterm(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("weftd is not running")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(c.wait()?)
+    }
+
+    /// Runs the `weft` CLI against this weftd.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin_path("weft"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("weft runs")
+    }
+
+    async fn env(&self, name: &str) -> Result<EnvironmentView, ClientError> {
+        self.client().get(&format!("/v1/environments/{name}")).await
+    }
+
+    async fn env_names(&self) -> Vec<String> {
+        let list: Vec<EnvironmentView> = self.client().get("/v1/environments").await.unwrap();
+        list.into_iter().map(|v| v.env.name).collect()
+    }
+
+    /// Creates a managed environment booting the test guest, and waits for WEFT-READY.
+    async fn create_guest(&self, name: &str) -> anyhow::Result<EnvironmentView> {
+        let assets = tokio::task::spawn_blocking(guest_assets).await??;
+        let disk = self.dir.path().join(format!("{name}.img"));
+        make_data_disk(&disk, 64)?;
+        let req = CreateEnvironment::Managed {
+            name: name.into(),
+            disks: vec![DiskRequest {
+                path: disk,
+                name: Some("vda".into()),
+                format: None,
+                read_only: false,
+            }],
+            memory_mib: Some(256),
+            cpus: Some(1),
+            kernel: Some(assets.kernel),
+            initrd: Some(assets.initrd),
+            append: Some("console=ttyS0 panic=-1 weft.workload=counter".into()),
+            no_start: false,
+        };
+        let env: EnvironmentView = self.client().post("/v1/environments", &req).await?;
+        let serial = env
+            .env
+            .files
+            .as_ref()
+            .context("managed environments report their files")?
+            .serial_log
+            .clone();
+        SerialLog::new(serial).wait_for("WEFT-READY", BOOT).await?;
+        Ok(env)
+    }
+
+    /// PIDs of processes whose command line mentions this test's directory.
+    fn stray_processes(&self) -> Vec<u32> {
+        processes_mentioning(self.dir.path())
+            .into_iter()
+            .filter(|pid| Some(*pid) != self.child.as_ref().map(Child::id))
+            .collect()
+    }
+}
+
+impl Drop for Weftd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- weftd log ({}) ----\n{}",
+                self.log().display(),
+                std::fs::read_to_string(self.log()).unwrap_or_default()
+            );
+            let envs = self.data().join("environments");
+            for entry in std::fs::read_dir(&envs).into_iter().flatten().flatten() {
+                for f in ["qemu.log", "serial.log"] {
+                    let p = entry.path().join(f);
+                    let text = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: String = text
+                        .chars()
+                        .rev()
+                        .take(4000)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    eprintln!("---- {} ----\n{tail}", p.display());
+                }
+            }
+        }
+        self.sigkill();
+        for pid in processes_mentioning(self.dir.path()) {
+            kill(pid);
+        }
+    }
+}
+
+fn processes_mentioning(path: &Path) -> Vec<u32> {
+    let needle = path.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false);
+        if !zombie && String::from_utf8_lossy(&cmdline).contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // A zombie has exited; only its parent has not reaped it yet.
+    !stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .trim_start()
+        .starts_with('Z')
+}
+
+fn kill(pid: u32) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+fn stderr_line(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).trim().to_string()
+}
+
+/// The CLI failed with exactly one line on stderr that contains `needle`.
+fn assert_one_line_failure(out: &Output, code: i32, needle: &str) {
+    let err = stderr_line(out);
+    assert_eq!(out.status.code(), Some(code), "exit code; stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line on stderr, got: {err}");
+    assert!(err.starts_with("weft: "), "{err}");
+    assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+}
+
+async fn wait_runstate(w: &Weftd, name: &str, want: &str) -> anyhow::Result<EnvironmentView> {
+    wait_until(
+        SHORT,
+        &format!("{name} to report QEMU runstate {want}"),
+        || async {
+            let v = w.env(name).await?;
+            Ok((v.runstate.as_deref() == Some(want)).then_some(v))
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn qemu_env_lifecycle_through_the_api_leaves_nothing_behind() -> anyhow::Result<()> {
+    let w = Weftd::start(&[]).await?;
+    let created = w.create_guest("life").await?;
+    assert_eq!(created.env.state, EnvState::Running);
+    let pid = created
+        .env
+        .pid
+        .context("a running managed environment has a pid")?;
+    assert!(alive(pid));
+    // runstate comes from QMP query-status, asked by weftd.
+    let shown = wait_runstate(&w, "life", "running").await?;
+    let socket = shown.env.qmp_socket.clone();
+    assert!(
+        socket.exists(),
+        "QMP socket {} exists while running",
+        socket.display()
+    );
+
+    let list = w.cli(&["env", "list"]);
+    assert!(list.status.success());
+    let table = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("life ") && l.contains("running")),
+        "{table}"
+    );
+
+    let stopped: EnvironmentView = w
+        .client()
+        .post("/v1/environments/life/stop", &serde_json::json!({}))
+        .await?;
+    assert_eq!(stopped.env.state, EnvState::Stopped);
+    assert!(!alive(pid), "QEMU {pid} is gone after stop");
+
+    w.client().delete("/v1/environments/life").await?;
+    match w.env("life").await {
+        Err(ClientError::Api { status, .. }) => assert_eq!(status.as_u16(), 404),
+        other => bail!("deleted environment still answers: {other:?}"),
+    }
+    assert!(!socket.exists(), "no QMP socket left");
+    assert!(
+        !w.data().join("environments/life").exists(),
+        "no files left"
+    );
+    assert!(
+        w.stray_processes().is_empty(),
+        "no QEMU left: {:?}",
+        w.stray_processes()
+    );
+
+    let audit: Vec<AuditEntry> = w.client().get("/v1/audit?limit=10").await?;
+    let actions: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|a| (a.action.as_str(), a.result.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("env.create", "ok"),
+            ("env.stop", "ok"),
+            ("env.delete", "ok")
+        ]
+    );
+    assert!(
+        audit.iter().all(|a| a.actor.starts_with("e2e")),
+        "{audit:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn qemu_env_survives_weftd_sigkill_and_is_reattached() -> anyhow::Result<()> {
+    let mut w = Weftd::start(&[]).await?;
+    let env = w.create_guest("keep").await?;
+    let pid = env.env.pid.context("pid")?;
+
+    w.sigkill();
+    assert!(alive(pid), "QEMU outlives a SIGKILLed weftd");
+    w.restart().await?;
+    let shown = wait_runstate(&w, "keep", "running").await?;
+    assert_eq!(shown.env.state, EnvState::Running);
+    assert_eq!(shown.env.pid, Some(pid), "the same QEMU, re-attached");
+
+    let out = w.cli(&["env", "stop", "keep"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    wait_until(SHORT, "QEMU to exit", || async {
+        Ok((!alive(pid)).then_some(()))
+    })
+    .await?;
+    assert_eq!(w.env("keep").await?.env.state, EnvState::Stopped);
+    Ok(())
+}
+
+#[tokio::test]
+async fn qemu_sigterm_keeps_guests_and_dead_ones_are_marked_stopped() -> anyhow::Result<()> {
+    let mut w = Weftd::start(&[]).await?;
+    let env = w.create_guest("term").await?;
+    let pid = env.env.pid.context("pid")?;
+
+    let status = w.sigterm()?;
+    assert!(status.success(), "weftd exits 0 on SIGTERM: {status}");
+    assert!(
+        !w.socket().exists(),
+        "the API socket is removed on shutdown"
+    );
+    assert!(alive(pid), "guests keep running when weftd stops");
+
+    // QEMU dies while weftd is down: on start it is marked stopped, not re-attached.
+    kill(pid);
+    wait_until(SHORT, "QEMU to die", || async {
+        Ok((!alive(pid)).then_some(()))
+    })
+    .await?;
+    w.restart().await?;
+    let shown = w.env("term").await?;
+    assert_eq!(shown.env.state, EnvState::Stopped);
+    assert!(
+        shown
+            .env
+            .last_exit
+            .as_deref()
+            .unwrap_or("")
+            .contains("not running"),
+        "{:?}",
+        shown.env.last_exit
+    );
+    // And it can be started again from its stored configuration.
+    let out = w.cli(&["env", "start", "term"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    wait_runstate(&w, "term", "running").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn qemu_attach_drives_a_qemu_started_outside_weft() -> anyhow::Result<()> {
+    let w = Weftd::start(&[]).await?;
+    let qmp = w.dir.path().join("outside.qmp");
+    let mut outside = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-m",
+            "64",
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    wait_until(SHORT, "the outside QEMU's QMP socket", || async {
+        Ok(qmp.exists().then_some(()))
+    })
+    .await?;
+
+    let out = w.cli(&[
+        "env",
+        "attach",
+        "outside",
+        "--qmp",
+        qmp.to_str().context("utf-8")?,
+    ]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let shown = wait_runstate(&w, "outside", "running").await?;
+    assert_eq!(shown.env.kind, weft::model::EnvKind::Attached);
+
+    let json = w.cli(&["--json", "env", "show", "outside"]).stdout;
+    let v: serde_json::Value = serde_json::from_slice(&json)?;
+    assert_eq!(v["kind"], "attached");
+    assert_eq!(v["runstate"], "running");
+
+    // Deleting an attached environment forgets it; the VM belongs to its owner.
+    let out = w.cli(&["env", "delete", "outside"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    assert!(outside.try_wait()?.is_none(), "the outside QEMU still runs");
+    // weftd let go of the socket: the owner can connect again.
+    let again = weft_qmp::Qmp::connect_timeout(&qmp, SHORT).await?;
+    again.execute_raw("quit", None).await.ok();
+    outside.wait()?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn qemu_bad_input_is_refused_in_one_line_and_leaves_nothing() -> anyhow::Result<()> {
+    let w = Weftd::start(&[]).await?;
+    let disk = w.dir.path().join("d.img");
+    make_data_disk(&disk, 16)?;
+    let disk_arg = disk.to_str().context("utf-8")?.to_string();
+    let before = w.env_names().await;
+    let rows_before: Vec<AuditEntry> = w.client().get("/v1/audit?limit=1000").await?;
+
+    // Unknown environment.
+    assert_one_line_failure(
+        &w.cli(&["env", "show", "ghost"]),
+        1,
+        "no environment named \"ghost\"",
+    );
+    assert_one_line_failure(&w.cli(&["env", "stop", "ghost"]), 1, "no environment named");
+    // Missing disk file.
+    let missing = w.dir.path().join("missing.img");
+    assert_one_line_failure(
+        &w.cli(&[
+            "env",
+            "create",
+            "m",
+            "--disk",
+            missing.to_str().context("utf-8")?,
+        ]),
+        1,
+        "missing.img",
+    );
+    // QEMU dying at start: a raw file declared qcow2.
+    let spec = format!("{disk_arg},format=qcow2");
+    let out = w.cli(&["env", "create", "dies", "--disk", &spec, "--memory", "64M"]);
+    assert_one_line_failure(&out, 1, "cannot start QEMU");
+    // A socket that is not QMP.
+    let not_qmp = w.dir.path().join("not-qmp.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&not_qmp)?;
+    let talker = std::thread::spawn(move || {
+        use std::io::Write;
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.write_all(b"220 hello, I am an SMTP server\r\n");
+        }
+    });
+    assert_one_line_failure(
+        &w.cli(&[
+            "env",
+            "attach",
+            "nq",
+            "--qmp",
+            not_qmp.to_str().context("utf-8")?,
+        ]),
+        1,
+        "does not answer as a QMP socket",
+    );
+    let _ = talker.join();
+    // A bad flag and a bad name never reach weftd.
+    assert_eq!(
+        w.cli(&["env", "create", "x", "--memory", "lots"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_one_line_failure(
+        &w.cli(&["env", "show", "Bad/Name"]),
+        2,
+        "invalid environment name",
+    );
+    // Duplicate name.
+    let out = w.cli(&[
+        "env", "create", "dup", "--disk", &disk_arg, "--memory", "64M",
+    ]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    assert_one_line_failure(
+        &w.cli(&["env", "create", "dup", "--disk", &disk_arg]),
+        1,
+        "already exists",
+    );
+    let out = w.cli(&["env", "delete", "dup"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+
+    // The catalog is unchanged, nothing half-created: no row, process, socket or file.
+    assert_eq!(w.env_names().await, before);
+    assert!(
+        w.stray_processes().is_empty(),
+        "stray: {:?}",
+        w.stray_processes()
+    );
+    let qmp_dir = w.run().join("qmp");
+    let sockets: Vec<_> = std::fs::read_dir(&qmp_dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(sockets.is_empty(), "sockets left: {sockets:?}");
+    let env_dirs: Vec<_> = std::fs::read_dir(w.data().join("environments"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(env_dirs.is_empty(), "files left: {env_dirs:?}");
+    // Every refused change is in the audit log with its reason.
+    let rows: Vec<AuditEntry> = w.client().get("/v1/audit?limit=1000").await?;
+    let new: Vec<_> = rows[rows_before.len()..]
+        .iter()
+        .map(|a| {
+            (
+                a.action.as_str(),
+                a.target.as_deref().unwrap_or(""),
+                a.result.starts_with("error"),
+            )
+        })
+        .collect();
+    assert!(new.contains(&("env.create", "dies", true)), "{new:?}");
+    assert!(new.contains(&("env.create", "nq", true)), "{new:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn qemu_missing_binary_is_a_clear_error() -> anyhow::Result<()> {
+    let w = Weftd::start(&["--qemu-binary", "/nonexistent/qemu-system-x86_64"]).await?;
+    let disk = w.dir.path().join("d.img");
+    make_data_disk(&disk, 16)?;
+    let out = w.cli(&[
+        "env",
+        "create",
+        "noq",
+        "--disk",
+        disk.to_str().context("utf-8")?,
+    ]);
+    assert_one_line_failure(&out, 1, "/nonexistent/qemu-system-x86_64");
+    assert!(w.env_names().await.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn daemon_not_running_and_malformed_config_are_one_line_errors() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(bin_path("weft"))
+        .arg("--socket")
+        .arg(dir.path().join("nobody.sock"))
+        .args(["env", "list"])
+        .output()?;
+    assert_one_line_failure(&out, 3, "cannot reach weftd");
+
+    let config = dir.path().join("weftd.toml");
+    std::fs::write(&config, "data_dir = [\n")?;
+    let out = Command::new(bin_path("weftd"))
+        .arg("--config")
+        .arg(&config)
+        .output()?;
+    let err = stderr_line(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("malformed config file") && err.contains("weftd.toml"),
+        "{err}"
+    );
+    Ok(())
+}
