@@ -291,6 +291,9 @@ async fn qemu_detach_leaves_it_running() {
     let vm = Vm::new();
     let p = vm.spawn().await;
     let pid = p.detach();
+    // Dropping the handle closes its QMP connection (QEMU serves one client) but
+    // must not kill a detached QEMU.
+    drop(p);
     // Give a wrongful kill every chance to happen.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(process_alive(pid), "detached qemu {pid} was killed");
