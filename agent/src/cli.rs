@@ -124,6 +124,35 @@ pub struct CreateArgs {
     pub no_start: bool,
 }
 
+/// Parses the command line like `Parser::parse`, but reports a bad command line
+/// as one line (`<bin>: <reason>`, exit code 2) instead of clap's multi-line
+/// usage text; `--help` and `--version` print as usual.
+pub fn parse_args_or_exit<P: Parser>(bin: &str) -> P {
+    match P::try_parse() {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            eprintln!("{bin}: {} (see {bin} --help)", one_line_clap_error(&e));
+            std::process::exit(i32::from(EXIT_USAGE));
+        }
+    }
+}
+
+/// The first line of a clap error without its `error: ` prefix.
+fn one_line_clap_error(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or("bad command line");
+    first.trim_start_matches("error: ").trim().to_string()
+}
+
 /// Parses `512M`, `1G`, `2048` (MiB) into MiB.
 pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -478,5 +507,15 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["weft", "env", "create", "x", "--memory", "lots"]).is_err());
         assert!(Cli::try_parse_from(["weft", "env", "frobnicate"]).is_err());
+    }
+
+    #[test]
+    fn clap_errors_become_one_line() {
+        let e =
+            Cli::try_parse_from(["weft", "env", "create", "x", "--memory", "lots"]).unwrap_err();
+        let line = one_line_clap_error(&e);
+        assert!(!line.contains('\n'));
+        assert!(line.contains("--memory"), "{line}");
+        assert!(!line.starts_with("error"), "{line}");
     }
 }

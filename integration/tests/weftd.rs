@@ -518,12 +518,12 @@ async fn qemu_bad_input_is_refused_in_one_line_and_leaves_nothing() -> anyhow::R
     );
     let _ = talker.join();
     // A bad flag and a bad name never reach weftd.
-    assert_eq!(
-        w.cli(&["env", "create", "x", "--memory", "lots"])
-            .status
-            .code(),
-        Some(2)
+    assert_one_line_failure(
+        &w.cli(&["env", "create", "x", "--memory", "lots"]),
+        2,
+        "--memory",
     );
+    assert_one_line_failure(&w.cli(&["env", "frobnicate"]), 2, "frobnicate");
     assert_one_line_failure(
         &w.cli(&["env", "show", "Bad/Name"]),
         2,
@@ -615,5 +615,38 @@ async fn daemon_not_running_and_malformed_config_are_one_line_errors() -> anyhow
         err.contains("malformed config file") && err.contains("weftd.toml"),
         "{err}"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn weftd_notifies_systemd_ready_and_stopping() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let notify_path = dir.path().join("notify.sock");
+    let notify = tokio::net::UnixDatagram::bind(&notify_path)?;
+    let mut child = Command::new(bin_path("weftd"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(SHORT, notify.recv(&mut buf)).await??;
+    let ready = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // READY means the API answers.
+    let status: serde_json::Value = Client::new(dir.path().join("run/weftd.sock"))
+        .get("/v1/status")
+        .await?;
+    assert_eq!(status["environments"], 0);
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    let n = tokio::time::timeout(SHORT, notify.recv(&mut buf)).await??;
+    let stopping = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    assert!(child.wait()?.success());
     Ok(())
 }

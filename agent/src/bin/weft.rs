@@ -2,11 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use weft::cli::{self, Cli};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = cli::parse_args_or_exit("weft");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -2,14 +2,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use weft::daemon::{self, Flags};
 
 /// Exit code for a configuration the daemon cannot use.
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let flags = Flags::parse();
+    let flags: Flags = weft::cli::parse_args_or_exit("weftd");
     let config = match flags.resolve() {
         Ok(c) => c,
         Err(e) => {
