@@ -212,6 +212,7 @@ pub struct EnvironmentView {
 async fn status(State(state): State<AppState>) -> Result<Json<Status>, EnvError> {
     let (environments, running) = state.manager.counts().await?;
     let config = state.manager.config();
+    let kvm = weft_qmp::launch::kvm_probe();
     Ok(Json(Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
@@ -220,6 +221,9 @@ async fn status(State(state): State<AppState>) -> Result<Json<Status>, EnvError>
         socket: config.socket_path(),
         environments,
         running,
+        default_accel: config.accel,
+        kvm_usable: kvm.is_ok(),
+        kvm_detail: kvm.err(),
     }))
 }
 

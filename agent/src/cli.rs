@@ -9,6 +9,7 @@ use crate::api::EnvironmentView;
 use crate::client::{Client, ClientError};
 use crate::config::{API_SOCKET_NAME, DEFAULT_RUN_DIR};
 use crate::model::{AuditEntry, CreateEnvironment, DiskRequest, Status};
+use weft_qmp::launch::Accel;
 
 /// Exit code: weftd refused or failed the request.
 pub const EXIT_FAILED: u8 = 1;
@@ -110,6 +111,9 @@ pub struct CreateArgs {
     /// Virtual CPUs.
     #[arg(long)]
     pub cpus: Option<u32>,
+    /// Accelerator: tcg, kvm (refused where KVM does not work) or auto; weftd's default when absent.
+    #[arg(long, value_parser = parse_accel)]
+    pub accel: Option<Accel>,
     /// Kernel image for direct boot.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -151,6 +155,16 @@ fn one_line_clap_error(e: &clap::Error) -> String {
     let text = e.render().to_string();
     let first = text.lines().next().unwrap_or("bad command line");
     first.trim_start_matches("error: ").trim().to_string()
+}
+
+/// Parses `tcg`, `kvm` or `auto`.
+pub fn parse_accel(s: &str) -> Result<Accel, String> {
+    match s {
+        "tcg" => Ok(Accel::Tcg),
+        "kvm" => Ok(Accel::Kvm),
+        "auto" => Ok(Accel::Auto),
+        other => Err(format!("{other:?}: use tcg, kvm or auto")),
+    }
 }
 
 /// Parses `512M`, `1G`, `2048` (MiB) into MiB.
@@ -258,6 +272,11 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                 println!("socket:       {}", s.socket.display());
                 println!("data:         {}", s.data_dir.display());
                 println!("environments: {} ({} running)", s.environments, s.running);
+                println!("accel:        {} by default", s.default_accel);
+                match &s.kvm_detail {
+                    None => println!("kvm:          usable"),
+                    Some(why) => println!("kvm:          not usable: {why}"),
+                }
             }
         }
         Command::Audit { limit } => {
@@ -300,6 +319,7 @@ async fn env_command(client: &Client, cmd: EnvCommand, json: bool) -> Result<(),
                 disks,
                 memory_mib: args.memory,
                 cpus: args.cpus,
+                accel: args.accel,
                 kernel: absolute_opt(args.kernel).map_err(CliError::Usage)?,
                 initrd: absolute_opt(args.initrd).map_err(CliError::Usage)?,
                 append: args.append,
@@ -409,6 +429,7 @@ fn print_env(v: &EnvironmentView, json: bool) {
     if let Some(c) = &e.config {
         println!("memory:     {} MiB", c.memory_mib);
         println!("cpus:       {}", c.cpus);
+        println!("accel:      {}", c.accel);
         if let Some(k) = &c.kernel {
             println!("kernel:     {}", k.display());
         }

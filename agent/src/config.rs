@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use weft_qmp::launch::Accel;
 
 /// Where weftd looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/weft/weftd.toml";
@@ -28,6 +29,9 @@ pub struct Config {
     pub socket: Option<PathBuf>,
     /// The QEMU system emulator to launch.
     pub qemu_binary: PathBuf,
+    /// Accelerator for environments that do not choose one: `tcg` (default, works
+    /// everywhere), `kvm` (refused where KVM does not work) or `auto` (KVM when it works).
+    pub accel: Accel,
     /// Seconds to wait for a newly launched QEMU to answer on QMP.
     pub qemu_start_timeout_secs: u64,
     /// Seconds to wait for QEMU to exit after `quit` before it is killed.
@@ -43,6 +47,7 @@ impl Default for Config {
             run_dir: DEFAULT_RUN_DIR.into(),
             socket: None,
             qemu_binary: "qemu-system-x86_64".into(),
+            accel: Accel::Tcg,
             qemu_start_timeout_secs: 30,
             stop_timeout_secs: 15,
             log: "info".into(),
@@ -149,13 +154,15 @@ mod tests {
     #[test]
     fn values_are_read() {
         let c = Config::parse(
-            "data_dir = \"/srv/weft\"\nrun_dir = \"/tmp/w\"\nqemu_binary = \"/opt/qemu\"\n",
+            "data_dir = \"/srv/weft\"\nrun_dir = \"/tmp/w\"\nqemu_binary = \"/opt/qemu\"\naccel = \"auto\"\n",
             Path::new("x.toml"),
         )
         .unwrap();
         assert_eq!(c.data_dir, Path::new("/srv/weft"));
         assert_eq!(c.socket_path(), Path::new("/tmp/w/weftd.sock"));
         assert_eq!(c.qemu_binary, Path::new("/opt/qemu"));
+        assert_eq!(c.accel, Accel::Auto);
+        assert!(Config::parse("accel = \"hvf\"", Path::new("a.toml")).is_err());
     }
 
     #[test]

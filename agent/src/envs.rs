@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 use weft_qmp::launch::{
-    self, DiskConfig, DiskFormat, LaunchPaths, QemuProcess, SpawnOptions, VmConfig,
+    self, Accel, DiskConfig, DiskFormat, LaunchPaths, QemuProcess, SpawnOptions, VmConfig,
 };
 use weft_qmp::Qmp;
 
@@ -188,6 +188,7 @@ impl Manager {
                 disks,
                 memory_mib,
                 cpus,
+                accel,
                 kernel,
                 initrd,
                 append,
@@ -197,7 +198,15 @@ impl Manager {
                 if self.catalog.environment(&name).await?.is_some() {
                     return Err(EnvError::Duplicate(name));
                 }
-                let config = vm_config(disks, memory_mib, cpus, kernel, initrd, append)?;
+                let mut config = vm_config(disks, memory_mib, cpus, kernel, initrd, append)?;
+                config.accel = accel.unwrap_or(self.config.accel);
+                if config.accel == Accel::Kvm {
+                    launch::kvm_probe().map_err(|reason| {
+                        EnvError::BadRequest(format!(
+                            "--accel kvm: KVM is not usable on this host: {reason}; use --accel tcg or auto"
+                        ))
+                    })?;
+                }
                 let socket = self.qmp_socket_path(&name);
                 check_socket_path(&socket)?;
                 self.catalog
@@ -750,24 +759,23 @@ mod tests {
         assert!(default_disk_name(26).is_err());
     }
 
+    fn disk(path: &Path) -> DiskRequest {
+        DiskRequest {
+            path: path.to_owned(),
+            name: None,
+            format: None,
+            read_only: false,
+        }
+    }
+
     #[test]
     fn vm_config_rejects_missing_disks_and_relative_paths() {
         let e = vm_config(vec![], None, None, None, None, None).unwrap_err();
         assert!(e.to_string().contains("--disk"), "{e}");
-        let rel = DiskRequest {
-            path: "disk.img".into(),
-            name: None,
-            format: None,
-            read_only: false,
-        };
+        let rel = disk(Path::new("disk.img"));
         let e = vm_config(vec![rel], None, None, None, None, None).unwrap_err();
         assert!(e.to_string().contains("relative"), "{e}");
-        let missing = DiskRequest {
-            path: "/nonexistent/disk.img".into(),
-            name: None,
-            format: None,
-            read_only: false,
-        };
+        let missing = disk(Path::new("/nonexistent/disk.img"));
         let e = vm_config(vec![missing], None, None, None, None, None).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
     }
@@ -775,19 +783,13 @@ mod tests {
     #[test]
     fn vm_config_fills_defaults() {
         let dir = tempfile::tempdir().unwrap();
-        let disk = dir.path().join("d.img");
-        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
-        let req = DiskRequest {
-            path: disk.clone(),
-            name: None,
-            format: None,
-            read_only: false,
-        };
-        let c = vm_config(vec![req], None, Some(2), None, None, None).unwrap();
+        let disk_path = dir.path().join("d.img");
+        std::fs::write(&disk_path, vec![0u8; 4096]).unwrap();
+        let c = vm_config(vec![disk(&disk_path)], None, Some(2), None, None, None).unwrap();
         assert_eq!(c.memory_mib, DEFAULT_MEMORY_MIB);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.disks[0].name, "vda");
         assert_eq!(c.disks[0].format, DiskFormat::Raw);
-        assert_eq!(c.disks[0].path, disk);
+        assert_eq!(c.disks[0].path, disk_path);
     }
 }

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use weft_qmp::launch::VmConfig;
+use weft_qmp::launch::{Accel, VmConfig};
 
 /// How weftd drives an environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,6 +125,9 @@ pub enum CreateEnvironment {
         /// Virtual CPUs (default 1).
         #[serde(default)]
         cpus: Option<u32>,
+        /// Accelerator (`tcg`, `kvm`, `auto`); weftd's `accel` setting when absent.
+        #[serde(default)]
+        accel: Option<Accel>,
         /// Kernel for direct boot.
         #[serde(default)]
         kernel: Option<PathBuf>,
@@ -164,6 +167,12 @@ pub struct Status {
     pub environments: u64,
     /// Number of running environments.
     pub running: u64,
+    /// Accelerator for environments that do not choose one.
+    pub default_accel: Accel,
+    /// Whether KVM works on this host (QEMU's default CPU models need it to offer SSE–SSE3).
+    pub kvm_usable: bool,
+    /// Why KVM is not usable, when it is not.
+    pub kvm_detail: Option<String>,
 }
 
 /// One audit record.

@@ -140,6 +140,7 @@ impl Weftd {
             kernel: Some(assets.kernel),
             initrd: Some(assets.initrd),
             append: Some("console=ttyS0 panic=-1 weft.workload=counter".into()),
+            accel: None,
             no_start: false,
         };
         let env: EnvironmentView = self.client().post("/v1/environments", &req).await?;
@@ -529,6 +530,12 @@ async fn qemu_bad_input_is_refused_in_one_line_and_leaves_nothing() -> anyhow::R
         2,
         "invalid environment name",
     );
+    // KVM asked for where it does not work (these machines: see `weft status`).
+    if let Err(reason) = weft_qmp::launch::kvm_probe() {
+        let out = w.cli(&["env", "create", "k", "--disk", &disk_arg, "--accel", "kvm"]);
+        assert_one_line_failure(&out, 1, "KVM is not usable");
+        assert!(stderr_line(&out).contains(&reason), "{}", stderr_line(&out));
+    }
     // Duplicate name.
     let out = w.cli(&[
         "env", "create", "dup", "--disk", &disk_arg, "--memory", "64M",

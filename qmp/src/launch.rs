@@ -44,6 +44,16 @@ impl Accel {
     }
 }
 
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+            Accel::Auto => "auto",
+        })
+    }
+}
+
 /// The format of a disk image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -626,6 +636,13 @@ pub async fn spawn(
 ) -> Result<QemuProcess, Error> {
     config.validate()?;
     let mut config = config.clone();
+    if config.accel == Accel::Kvm {
+        kvm_probe().map_err(|reason| {
+            Error::InvalidConfig(format!(
+                "accel kvm was asked for but KVM is not usable here: {reason}; use tcg or auto"
+            ))
+        })?;
+    }
     config.accel = config.accel.resolve();
     let args = command_line(&config, paths);
 
@@ -770,51 +787,57 @@ pub fn is_qemu_process(pid: u32) -> bool {
     }
 }
 
-const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
-const KVM_CREATE_VM: libc::c_ulong = 0xAE01;
-const KVM_API_VERSION: libc::c_int = 12;
-
-/// Whether KVM works on this host: `/dev/kvm` opens, reports API version 12 and lets us
-/// create a VM. Probed once per process.
+/// Whether KVM works on this host (see [`kvm_probe`]). Probed once per process.
 pub fn kvm_usable() -> bool {
-    static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *PROBE.get_or_init(probe_kvm)
+    kvm_probe().is_ok()
 }
 
-fn probe_kvm() -> bool {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::fs::OpenOptionsExt;
+/// Probes KVM through rust-vmm's `kvm-ioctls`, once per process: `/dev/kvm` must open,
+/// report the stable API, create a VM, and offer in its supported CPUID the baseline
+/// features QEMU's default CPU models ask of the host (SSE, SSE2, SSE3). Nested or
+/// restricted hosts can pass the first three and fail the last; stock guest kernels then
+/// hang at boot, which is why TCG is the default and `Auto` only picks KVM on a pass.
+/// The error says what failed.
+pub fn kvm_probe() -> Result<(), String> {
+    static PROBE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    PROBE.get_or_init(probe_kvm).clone()
+}
 
-    let kvm = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/kvm")
-    {
-        Ok(f) => f,
-        Err(e) => {
-            debug!(error = %e, "kvm unavailable");
-            return false;
-        }
-    };
-    // SAFETY: `kvm` is an open fd for /dev/kvm; KVM_GET_API_VERSION takes no argument and
-    // touches no memory of ours.
-    let version = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_GET_API_VERSION, 0) };
-    if version != KVM_API_VERSION {
-        debug!(version, "kvm api version mismatch");
-        return false;
+fn probe_kvm() -> Result<(), String> {
+    use kvm_ioctls::Kvm;
+
+    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(format!("/dev/kvm reports API version {version}, not 12"));
     }
-    // SAFETY: KVM_CREATE_VM takes the machine type (0 = default) by value and returns a
-    // new fd or -1; it touches no memory of ours.
-    let vm = unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CREATE_VM, 0) };
-    if vm < 0 {
-        debug!(error = %io::Error::last_os_error(), "kvm cannot create a vm");
-        return false;
+    kvm.create_vm()
+        .map_err(|e| format!("KVM cannot create a VM: {e}"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("KVM cannot report its CPUID: {e}"))?;
+    let leaf1 = cpuid
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 1 && e.index == 0)
+        .ok_or("KVM offers no CPUID leaf 1")?;
+    let missing: Vec<&str> = [
+        (leaf1.edx & (1 << 25) != 0, "sse"),
+        (leaf1.edx & (1 << 26) != 0, "sse2"),
+        (leaf1.ecx & 1 != 0, "sse3"),
+    ]
+    .iter()
+    .filter(|(present, _)| !present)
+    .map(|(_, name)| *name)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "KVM does not offer the CPU features guests need ({}); nested virtualization without them hangs guests",
+            missing.join(", ")
+        ))
     }
-    // SAFETY: `vm` is a fresh fd returned by KVM_CREATE_VM that nothing else owns; the
-    // OwnedFd closes it.
-    drop(unsafe { OwnedFd::from_raw_fd(vm) });
-    true
 }
 
 #[cfg(test)]
