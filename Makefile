@@ -6,7 +6,7 @@ DEMO_SOCKET := $(DEMO_DIR)/run/weftd.sock
 WEFT := $(CURDIR)/target/debug/weft --socket $(DEMO_SOCKET)
 PREFIX ?= /usr/local
 
-.PHONY: all build deps tools assets check fmt clippy unit test demo demo-stop install clean
+.PHONY: all build toolchain deps tools assets fmt clippy test demo demo-stop install clean bench
 
 all: build
 
@@ -18,8 +18,12 @@ deps:
 tools:
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
 
-build:
+build: toolchain
 	$(CARGO) build --workspace --bins
+
+## toolchain: weft needs Rust >= 1.80 with rustfmt and clippy (rustup's stable)
+toolchain:
+	@command -v $(CARGO) >/dev/null || { echo "make: cargo not found; install Rust >= 1.80 with rustup (https://rustup.rs), then run make again" >&2; exit 1; }
 
 ## assets: the test guest (Debian cloud kernel + busybox initramfs), cached under target/
 assets: build
@@ -32,7 +36,13 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## test: everything CI checks
-test: deps tools fmt clippy assets
+# Steps run in order even under make -j: each needs the one before.
+test:
+	$(MAKE) deps
+	$(MAKE) tools
+	$(MAKE) fmt
+	$(MAKE) clippy
+	$(MAKE) assets
 	$(CARGO) nextest run --workspace --profile ci
 
 ## demo: start weftd on ./.weft-demo, boot the demo guest, show it
@@ -43,9 +53,16 @@ demo: deps build assets
 demo-stop:
 	bash scripts/demo.sh stop
 
-install: build
-	install -D -m 0755 target/debug/weftd $(DESTDIR)$(PREFIX)/bin/weftd
-	install -D -m 0755 target/debug/weft $(DESTDIR)$(PREFIX)/bin/weft
+## bench: weft against its peers, same run, medians and ratios (see docs/benchmarks.md)
+bench:
+	python3 -m pip install --quiet qemu.qmp
+	$(CARGO) run --release -p weft-integration --bin weft-bench -- qmp
+	$(CARGO) run --release -p weft-integration --bin weft-bench -- launch
+
+install: toolchain
+	$(CARGO) build --release -p weft --bins
+	install -D -m 0755 target/release/weftd $(DESTDIR)$(PREFIX)/bin/weftd
+	install -D -m 0755 target/release/weft $(DESTDIR)$(PREFIX)/bin/weft
 	install -D -m 0644 systemd/weftd.service $(DESTDIR)/etc/systemd/system/weftd.service
 	install -D -m 0644 systemd/weft.conf $(DESTDIR)/usr/lib/tmpfiles.d/weft.conf
 	test -e $(DESTDIR)/etc/weft/weftd.toml || install -D -m 0644 systemd/weftd.toml.example $(DESTDIR)/etc/weft/weftd.toml

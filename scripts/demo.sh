@@ -28,7 +28,9 @@ start() {
     echo "==> guest assets: $assets"
 
     echo "==> starting weftd (data: $demo/data, socket: $sock, log: $demo/weftd.log)"
-    "$top/target/debug/weftd" --data-dir "$demo/data" --run-dir "$demo/run" >"$demo/weftd.log" 2>&1 &
+    # Own session: closing the terminal or Ctrl-C after the demo leaves weftd running.
+    setsid "$top/target/debug/weftd" --data-dir "$demo/data" --run-dir "$demo/run" \
+        </dev/null >"$demo/weftd.log" 2>&1 &
     echo $! > "$demo/weftd.pid"
     if ! wait_for 20 "weftd to answer" weft status; then cat "$demo/weftd.log" >&2; exit 1; fi
     weft status

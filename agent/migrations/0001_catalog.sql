@@ -4,7 +4,7 @@
 -- (weft_qmp::launch::VmConfig) for managed environments; attached
 -- environments are driven only through their QMP socket.
 CREATE TABLE environments (
-    id          INTEGER PRIMARY KEY,
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
     name        TEXT    NOT NULL UNIQUE,
     kind        TEXT    NOT NULL CHECK (kind IN ('managed', 'attached')),
     config      TEXT,

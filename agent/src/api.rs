@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
-use crate::envs::{EnvError, Manager};
+use crate::envs::{one_line, EnvError, Manager};
 use crate::model::{ApiError, AuditEntry, CreateEnvironment, Environment, Status};
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
@@ -133,12 +133,13 @@ impl Peer {
 /// The actor recorded in the audit log: the socket peer, and who it says it acts for.
 fn actor(peer: &Peer, headers: &HeaderMap) -> String {
     let user = peer.user();
+    // Only plain characters: a claim cannot forge the "(via user)" part.
     let claimed = headers
         .get(ACTOR_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(|s| {
             s.chars()
-                .filter(|c| !c.is_control())
+                .filter(|c| c.is_ascii_alphanumeric() || "._@:-".contains(*c))
                 .take(64)
                 .collect::<String>()
         })
@@ -162,7 +163,7 @@ impl IntoResponse for EnvError {
             EnvError::Qemu(_) => StatusCode::BAD_GATEWAY,
             EnvError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        error_response(status, self.to_string())
+        error_response(status, one_line(&self.to_string()))
     }
 }
 
@@ -177,7 +178,7 @@ async fn audited<T>(
 ) -> Result<T, EnvError> {
     let outcome = match &result {
         Ok(_) => "ok".to_string(),
-        Err(e) => format!("error: {e}"),
+        Err(e) => format!("error: {}", one_line(&e.to_string())),
     };
     if let Err(e) = state
         .manager
@@ -252,13 +253,45 @@ async fn show_env(
     Ok(Json(EnvironmentView { env, runstate }))
 }
 
+/// Runs a change and writes its audit record in a task of its own, so a client
+/// that hangs up cannot cut the change (or its record) in half.
+async fn change<T, F>(
+    state: &AppState,
+    actor: String,
+    action: &'static str,
+    target: String,
+    detail: Option<String>,
+    op: F,
+) -> Result<T, EnvError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, EnvError>> + Send + 'static,
+{
+    let state = state.clone();
+    let task = tokio::spawn(async move {
+        let result = op.await;
+        audited(&state, &actor, action, &target, detail, result).await
+    });
+    task.await
+        .map_err(|e| EnvError::Internal(format!("{action} failed: {e}")))?
+}
+
+async fn view(state: &AppState, env: Environment) -> EnvironmentView {
+    let runstate = state
+        .manager
+        .show(&env.name)
+        .await
+        .ok()
+        .and_then(|(_, r)| r);
+    EnvironmentView { env, runstate }
+}
+
 async fn create_env(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     body: Result<Json<CreateEnvironment>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), EnvError> {
-    let actor = actor(&peer, &headers);
     let req = match body {
         Ok(Json(req)) => req,
         Err(e) => {
@@ -268,25 +301,20 @@ async fn create_env(
             )))
         }
     };
-    let (name, detail) = match &req {
-        CreateEnvironment::Managed { name, .. } | CreateEnvironment::Attached { name, .. } => {
-            (name.clone(), serde_json::to_string(&req).ok())
-        }
-    };
-    let result = state.manager.create(req).await;
-    let env = audited(&state, &actor, "env.create", &name, detail, result).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(EnvironmentView {
-            runstate: state
-                .manager
-                .show(&env.name)
-                .await
-                .ok()
-                .and_then(|(_, r)| r),
-            env,
-        }),
-    ))
+    let (CreateEnvironment::Managed { name, .. } | CreateEnvironment::Attached { name, .. }) = &req;
+    let name = name.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let manager = state.manager.clone();
+    let env = change(
+        &state,
+        actor(&peer, &headers),
+        "env.create",
+        name,
+        detail,
+        async move { manager.create(req).await },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(view(&state, env).await)))
 }
 
 async fn start_env(
@@ -295,18 +323,17 @@ async fn start_env(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    let result = state.manager.start(&name).await;
-    let env = audited(
+    let (manager, target) = (state.manager.clone(), name.clone());
+    let env = change(
         &state,
-        &actor(&peer, &headers),
+        actor(&peer, &headers),
         "env.start",
-        &name,
+        name,
         None,
-        result,
+        async move { manager.start(&target).await },
     )
     .await?;
-    let runstate = state.manager.show(&name).await.ok().and_then(|(_, r)| r);
-    Ok(Json(EnvironmentView { env, runstate }))
+    Ok(Json(view(&state, env).await))
 }
 
 async fn stop_env(
@@ -315,20 +342,17 @@ async fn stop_env(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    let result = state.manager.stop(&name).await;
-    let env = audited(
+    let (manager, target) = (state.manager.clone(), name.clone());
+    let env = change(
         &state,
-        &actor(&peer, &headers),
+        actor(&peer, &headers),
         "env.stop",
-        &name,
+        name,
         None,
-        result,
+        async move { manager.stop(&target).await },
     )
     .await?;
-    Ok(Json(EnvironmentView {
-        env,
-        runstate: None,
-    }))
+    Ok(Json(view(&state, env).await))
 }
 
 async fn delete_env(
@@ -337,14 +361,14 @@ async fn delete_env(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<StatusCode, EnvError> {
-    let result = state.manager.delete(&name).await;
-    audited(
+    let (manager, target) = (state.manager.clone(), name.clone());
+    change(
         &state,
-        &actor(&peer, &headers),
+        actor(&peer, &headers),
         "env.delete",
-        &name,
+        name,
         None,
-        result,
+        async move { manager.delete(&target).await },
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -412,5 +436,7 @@ mod tests {
         assert_eq!(actor(&peer, &h), "ci-bot (via root)");
         h.insert(ACTOR_HEADER, "root".parse().unwrap());
         assert_eq!(actor(&peer, &h), "root");
+        h.insert(ACTOR_HEADER, "eve (via root)".parse().unwrap());
+        assert_eq!(actor(&peer, &h), "eveviaroot (via root)");
     }
 }

@@ -213,18 +213,19 @@ impl Catalog {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(|r| AuditEntry {
-                id: r.get("id"),
-                at: r.get("at"),
-                actor: r.get("actor"),
-                action: r.get("action"),
-                target: r.get("target"),
-                detail: r.get("detail"),
-                result: r.get("result"),
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    target: r.try_get("target")?,
+                    detail: r.try_get("detail")?,
+                    result: r.try_get("result")?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Closes the pool, checkpointing the WAL.
@@ -234,26 +235,26 @@ impl Catalog {
 }
 
 fn env_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Environment, CatalogError> {
-    let name: String = r.get("name");
+    let name: String = r.try_get("name")?;
     let corrupt = |reason: String| CatalogError::Corrupt {
         name: name.clone(),
         reason,
     };
-    let kind = match r.get::<String, _>("kind").as_str() {
+    let kind = match r.try_get::<String, _>("kind")?.as_str() {
         "managed" => EnvKind::Managed,
         "attached" => EnvKind::Attached,
         other => return Err(corrupt(format!("unknown kind {other:?}"))),
     };
-    let state_text: String = r.get("state");
+    let state_text: String = r.try_get("state")?;
     let state = EnvState::parse(&state_text)
         .ok_or_else(|| corrupt(format!("unknown state {state_text:?}")))?;
     let config = r
-        .get::<Option<String>, _>("config")
+        .try_get::<Option<String>, _>("config")?
         .map(|c| serde_json::from_str::<VmConfig>(&c))
         .transpose()
         .map_err(|e| corrupt(format!("config: {e}")))?;
     let pid = r
-        .get::<Option<i64>, _>("pid")
+        .try_get::<Option<i64>, _>("pid")?
         .map(u32::try_from)
         .transpose()
         .map_err(|e| corrupt(format!("pid: {e}")))?;
@@ -262,10 +263,10 @@ fn env_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Environment, CatalogError
         state,
         config,
         pid,
-        qmp_socket: PathBuf::from(r.get::<String, _>("qmp_socket")),
-        last_exit: r.get("last_exit"),
-        created_at: r.get("created_at"),
-        updated_at: r.get("updated_at"),
+        qmp_socket: PathBuf::from(r.try_get::<String, _>("qmp_socket")?),
+        last_exit: r.try_get("last_exit")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
         files: None,
         name,
     })

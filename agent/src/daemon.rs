@@ -1,6 +1,6 @@
 //! weftd: startup, signal handling, readiness and graceful shutdown.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -83,10 +83,17 @@ fn init_logging(filter: &str) {
     }
 }
 
+/// Creates `path` with `mode` if it does not exist. An existing directory keeps its
+/// mode: weftd may be pointed at a directory the operator set up (even `/tmp`).
 fn make_dir(path: &Path, mode: u32) -> Result<()> {
-    std::fs::create_dir_all(path).with_context(|| format!("cannot create {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set permissions of {}", path.display()))
+    if path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .with_context(|| format!("cannot create {}", path.display()))
 }
 
 /// Holds an exclusive lock on the data directory so two daemons never share a catalog.
@@ -121,8 +128,14 @@ async fn bind_socket(path: &Path) -> Result<UnixListener> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    // The socket is created 0660 (umask 0117 while binding): no window in which
+    // others could connect before its mode is set.
+    // SAFETY: umask only swaps the process's file creation mask; it cannot fail.
+    let old = unsafe { libc::umask(0o117) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set permissions of {}", path.display()))?;
     Ok(listener)
@@ -134,39 +147,51 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers; weftd stops only when killed");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down, guests keep running"),
-        _ = int.recv() => info!("SIGINT: shutting down, guests keep running"),
+/// SIGTERM and SIGINT handlers, installed before weftd reports ready: a signal
+/// that arrives any time after READY=1 must mean a graceful shutdown.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<ShutdownSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(ShutdownSignals {
+            term: signal(SignalKind::terminate()).context("cannot handle SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot handle SIGINT")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM: shutting down, guests keep running"),
+            _ = self.int.recv() => info!("SIGINT: shutting down, guests keep running"),
+        }
     }
 }
 
 /// Runs weftd until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
     init_logging(&config.log);
+    let mut signals = ShutdownSignals::install()?;
     let started = Instant::now();
     make_dir(&config.data_dir, 0o700)?;
-    make_dir(&config.run_dir, 0o755)?;
     let _lock = lock_data_dir(&config.data_dir)?;
+    make_dir(&config.run_dir, 0o755)?;
     let catalog_path = config.catalog_path();
     let catalog = Catalog::open(&catalog_path)
         .await
         .with_context(|| format!("cannot open the catalog {}", catalog_path.display()))?;
     let socket = config.socket_path();
-    let manager = Manager::new(config, catalog.clone());
-    manager
-        .recover()
-        .await
-        .context("cannot recover environments")?;
+    // Bind before recovery: a weftd that cannot serve must not touch environments.
+    // Requests that arrive meanwhile wait in the listen backlog.
     let listener = bind_socket(&socket).await?;
+    let manager = Manager::new(config, catalog.clone());
+    if let Err(e) = manager.recover().await {
+        let _ = std::fs::remove_file(&socket);
+        return Err(anyhow::Error::new(e).context("cannot recover environments"));
+    }
     info!(socket = %socket.display(), "weftd ready");
     notify(&[
         sd_notify::NotifyState::Ready,
@@ -180,7 +205,7 @@ pub async fn run(config: Config) -> Result<()> {
     let server = tokio::spawn(api::serve(listener, state, async {
         let _ = stop_rx.await;
     }));
-    shutdown_signal().await;
+    signals.recv().await;
     notify(&[sd_notify::NotifyState::Stopping]);
     let _ = stop_tx.send(());
     match tokio::time::timeout(std::time::Duration::from_secs(20), server).await {

@@ -77,9 +77,21 @@ pub struct Manager {
     config: Config,
     catalog: Catalog,
     runtimes: std::sync::Mutex<HashMap<String, Runtime>>,
-    /// Serialises operations that change environments.
-    ops: Mutex<()>,
+    /// One lock per environment name: changes to one environment are serialised,
+    /// different environments proceed in parallel.
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     generation: AtomicU64,
+}
+
+/// What recovery found for one environment.
+enum Recovered {
+    /// QEMU runs and answers; it is monitored again.
+    Reattached,
+    /// Nothing runs any more (the reason is recorded).
+    Stopped(String),
+    /// QEMU runs but its QMP socket does not answer: left alone and recorded as
+    /// running, so `weft env stop` can end it.
+    Unreachable(String),
 }
 
 /// Checks an environment name: 1–32 characters from `[a-z0-9_-]`, starting with a letter or digit.
@@ -106,7 +118,7 @@ impl Manager {
             config,
             catalog,
             runtimes: std::sync::Mutex::new(HashMap::new()),
-            ops: Mutex::new(()),
+            locks: std::sync::Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
         })
     }
@@ -131,6 +143,37 @@ impl Manager {
             serial_log: dir.join("serial.log"),
             qemu_log: dir.join("qemu.log"),
         }
+    }
+
+    /// QEMU writes its pid here as it starts, before QMP answers, so a QEMU whose
+    /// launch weftd did not see through can still be found.
+    fn pid_file(&self, name: &str) -> PathBuf {
+        self.env_dir(name).join("qemu.pid")
+    }
+
+    /// Serialises changes to one environment.
+    async fn lock_env(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self
+                .locks
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            Arc::clone(locks.entry(name.to_string()).or_default())
+        };
+        lock.lock_owned().await
+    }
+
+    /// A live QEMU of this environment that weftd holds no handle on: the pid in the
+    /// catalog or in the pid file, if that process is QEMU serving this environment's
+    /// QMP socket.
+    fn orphan_pid(&self, env: &Environment) -> Option<u32> {
+        let from_file = std::fs::read_to_string(self.pid_file(&env.name))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        [env.pid, from_file]
+            .into_iter()
+            .flatten()
+            .find(|pid| serves_socket(*pid, &env.qmp_socket))
     }
 
     fn qmp_socket_path(&self, name: &str) -> PathBuf {
@@ -168,20 +211,26 @@ impl Manager {
 
     /// All environments.
     pub async fn list(&self) -> Result<Vec<(Environment, Option<String>)>, EnvError> {
-        let mut out = Vec::new();
-        for env in self.catalog.environments().await? {
-            let runstate = match self.runtime_qmp(&env.name) {
-                Some(qmp) => query_runstate(&qmp).await,
-                None => None,
-            };
-            out.push((env, runstate));
-        }
-        Ok(out)
+        let envs = self.catalog.environments().await?;
+        // Asked concurrently: one hung QEMU must not make the whole list wait per guest.
+        let runstates = futures::future::join_all(envs.iter().map(|env| {
+            let qmp = self.runtime_qmp(&env.name);
+            async move {
+                match qmp {
+                    Some(qmp) => query_runstate(&qmp).await,
+                    None => None,
+                }
+            }
+        }))
+        .await;
+        Ok(envs.into_iter().zip(runstates).collect())
     }
 
     /// Creates an environment (and launches it unless asked not to).
     pub async fn create(self: &Arc<Self>, req: CreateEnvironment) -> Result<Environment, EnvError> {
-        let _op = self.ops.lock().await;
+        let (CreateEnvironment::Managed { name, .. } | CreateEnvironment::Attached { name, .. }) =
+            &req;
+        let _op = self.lock_env(name).await;
         match req {
             CreateEnvironment::Managed {
                 name,
@@ -240,6 +289,7 @@ impl Manager {
                 if self.catalog.environment(&name).await?.is_some() {
                     return Err(EnvError::Duplicate(name));
                 }
+                self.check_attachable(&qmp_socket).await?;
                 let qmp = connect_attached(&qmp_socket).await?;
                 self.catalog
                     .insert_environment(&NewEnvironment {
@@ -273,23 +323,31 @@ impl Manager {
                 EnvError::Internal(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
-        // A socket file left by a QEMU that died without cleaning up would
-        // make the new QEMU fail to bind.
-        let _ = std::fs::remove_file(socket);
+        // Never start a second QEMU beside one that survived an earlier weftd
+        // (the launcher replaces the socket file, which would orphan it for good).
+        if let Some(pid) = std::fs::read_to_string(self.pid_file(name))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|pid| serves_socket(*pid, socket))
+        {
+            return Err(EnvError::Conflict(format!(
+                "QEMU pid {pid} from an earlier run of {name:?} still runs; end it with `weft env stop {name}`"
+            )));
+        }
         let paths = LaunchPaths {
             qmp_socket: socket.to_owned(),
             serial_log: files.serial_log,
             output_log: files.qemu_log,
-            pid_file: None,
+            pid_file: Some(self.pid_file(name)),
         };
         let opts = SpawnOptions {
             binary: self.config.qemu_binary.clone(),
             ready_timeout: Duration::from_secs(self.config.qemu_start_timeout_secs),
             detached: false,
         };
-        let process = launch::spawn(config, &paths, &opts)
-            .await
-            .map_err(|e| EnvError::Qemu(format!("cannot start QEMU for {name:?}: {e}")))?;
+        let process = launch::spawn(config, &paths, &opts).await.map_err(|e| {
+            EnvError::Qemu(one_line(&format!("cannot start QEMU for {name:?}: {e}")))
+        })?;
         let pid = process.pid();
         if let Err(e) = self
             .catalog
@@ -345,6 +403,10 @@ impl Manager {
 
     /// Called by the monitor task when QEMU (or its QMP connection) went away.
     async fn on_exit(&self, name: &str, generation: u64, how: &str) {
+        // Under the environment's lock, so a stop, start or delete of the same
+        // environment either finished before (and the generation no longer
+        // matches) or starts after this record.
+        let _op = self.lock_env(name).await;
         {
             let mut runtimes = self.lock_runtimes();
             match runtimes.get(name) {
@@ -370,20 +432,29 @@ impl Manager {
     }
 
     /// Starts a stopped managed environment.
+    /// For an attached environment, connects to its QMP socket again (its owner
+    /// starts the VM itself).
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<Environment, EnvError> {
-        let _op = self.ops.lock().await;
+        let _op = self.lock_env(name).await;
         let env = self
             .catalog
             .environment(name)
             .await?
             .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
-        if env.kind == EnvKind::Attached {
-            return Err(EnvError::Conflict(format!(
-                "{name:?} is attached: it is started by whoever runs it (e.g. `virsh start`), then weft re-attaches on `weft env attach`"
-            )));
-        }
         if env.state != EnvState::Stopped || self.lock_runtimes().contains_key(name) {
             return Err(EnvError::Conflict(format!("{name:?} is already running")));
+        }
+        if env.kind == EnvKind::Attached {
+            let qmp = connect_attached(&env.qmp_socket).await.map_err(|e| {
+                EnvError::Conflict(format!(
+                    "{name:?} is attached and its owner runs it: start the VM there (e.g. `virsh start`) first; {e}"
+                ))
+            })?;
+            self.catalog
+                .set_state(name, EnvState::Running, None, None)
+                .await?;
+            self.install_runtime(name, qmp, None, None);
+            return Ok(self.show(name).await?.0);
         }
         let config = env.config.ok_or_else(|| {
             EnvError::Internal(format!("{name:?} has no stored VM configuration"))
@@ -406,7 +477,7 @@ impl Manager {
 
     /// Stops an environment: QMP `quit`, then SIGKILL after the stop timeout.
     pub async fn stop(&self, name: &str) -> Result<Environment, EnvError> {
-        let _op = self.ops.lock().await;
+        let _op = self.lock_env(name).await;
         self.stop_locked(name).await?;
         Ok(self.show(name).await?.0)
     }
@@ -419,6 +490,21 @@ impl Manager {
             .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
         let runtime = self.lock_runtimes().remove(name);
         let Some(runtime) = runtime else {
+            // A QEMU weftd cannot reach over QMP (left by a crash, or its monitor hangs).
+            if env.kind == EnvKind::Managed {
+                if let Some(pid) = self.orphan_pid(&env) {
+                    kill_pid(pid);
+                    let gone = wait_pid_gone(pid, Duration::from_secs(5)).await;
+                    let how =
+                        format!("killed QEMU pid {pid}, which did not answer on QMP ({gone})");
+                    let _ = std::fs::remove_file(&env.qmp_socket);
+                    let _ = std::fs::remove_file(self.pid_file(name));
+                    self.catalog
+                        .set_state(name, EnvState::Stopped, None, Some(&how))
+                        .await?;
+                    return Ok(());
+                }
+            }
             if env.state == EnvState::Stopped {
                 return Err(EnvError::Conflict(format!("{name:?} is not running")));
             }
@@ -431,9 +517,12 @@ impl Manager {
         // This stop records the outcome itself; the monitor has nothing to add.
         runtime.monitor.abort();
         let timeout = Duration::from_secs(self.config.stop_timeout_secs);
-        match runtime.qmp.execute_raw("quit", None).await {
-            Ok(_) | Err(weft_qmp::Error::Closed) => {}
-            Err(e) => warn!(env = %name, error = %e, "quit failed; QEMU will be killed"),
+        // A QEMU whose monitor hangs (stopped process, stuck main loop) never
+        // answers: give it the stop timeout, then kill it below.
+        match tokio::time::timeout(timeout, runtime.qmp.execute_raw("quit", None)).await {
+            Ok(Ok(_)) | Ok(Err(weft_qmp::Error::Closed)) => {}
+            Ok(Err(e)) => warn!(env = %name, error = %e, "quit failed; QEMU will be killed"),
+            Err(_) => warn!(env = %name, "quit not answered; QEMU will be killed"),
         }
         let how = match (&runtime.process, runtime.pid) {
             (Some(process), _) => match tokio::time::timeout(timeout, process.wait()).await {
@@ -452,6 +541,8 @@ impl Manager {
                     let gone = wait_pid_gone(pid, Duration::from_secs(3)).await;
                     if launch::process_alive(pid) && launch::is_qemu_process(pid) {
                         kill_pid(pid);
+                        // Wait, so an immediate start does not race the dying QEMU for its images.
+                        wait_pid_gone(pid, Duration::from_secs(5)).await;
                         format!("killed after not quitting within {}s", timeout.as_secs())
                     } else {
                         format!("stopped on request ({gone})")
@@ -467,6 +558,7 @@ impl Manager {
         };
         if env.kind == EnvKind::Managed {
             let _ = std::fs::remove_file(&env.qmp_socket);
+            let _ = std::fs::remove_file(self.pid_file(name));
         }
         self.catalog
             .set_state(name, EnvState::Stopped, None, Some(&how))
@@ -478,7 +570,7 @@ impl Manager {
     /// Deletes an environment: stops it if weftd launched it, forgets it if attached.
     /// Disk images are the operator's and are never removed.
     pub async fn delete(&self, name: &str) -> Result<(), EnvError> {
-        let _op = self.ops.lock().await;
+        let _op = self.lock_env(name).await;
         let env = self
             .catalog
             .environment(name)
@@ -486,7 +578,7 @@ impl Manager {
             .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
         match env.kind {
             EnvKind::Managed => {
-                if self.lock_runtimes().contains_key(name) {
+                if self.lock_runtimes().contains_key(name) || self.orphan_pid(&env).is_some() {
                     self.stop_locked(name).await?;
                 }
                 remove_dir_quietly(&self.env_dir(name));
@@ -505,59 +597,118 @@ impl Manager {
 
     /// Brings the live side in step with the catalog after weftd starts:
     /// environments whose QEMU still runs are re-attached through their QMP
-    /// sockets, dead ones are marked stopped.
+    /// sockets, dead ones are marked stopped. Runs before the API is served.
     pub async fn recover(self: &Arc<Self>) -> Result<(), EnvError> {
-        let _op = self.ops.lock().await;
         for env in self.catalog.environments().await? {
             if env.state == EnvState::Stopped {
                 continue;
             }
-            let outcome = self.reattach(&env).await;
-            let (detail, result) = match &outcome {
-                Ok(()) => ("re-attached".to_string(), "ok".to_string()),
-                Err(reason) => {
+            let (detail, result) = match self.reattach(&env).await {
+                Recovered::Reattached => ("re-attached".to_string(), "ok"),
+                Recovered::Stopped(reason) => {
                     self.catalog
-                        .set_state(&env.name, EnvState::Stopped, None, Some(reason))
+                        .set_state(&env.name, EnvState::Stopped, None, Some(&reason))
                         .await?;
-                    (reason.clone(), "marked stopped".to_string())
+                    (reason, "marked stopped")
+                }
+                Recovered::Unreachable(reason) => {
+                    warn!(env = %env.name, %reason, "QEMU runs but does not answer on QMP");
+                    (reason, "unreachable")
                 }
             };
-            info!(env = %env.name, %detail, "recovered");
+            info!(env = %env.name, %detail, result, "recovered");
             self.catalog
                 .audit(
                     "weftd",
                     "env.recover",
                     Some(&env.name),
                     Some(&detail),
-                    &result,
+                    result,
                 )
                 .await?;
         }
         Ok(())
     }
 
-    async fn reattach(self: &Arc<Self>, env: &Environment) -> Result<(), String> {
-        if env.kind == EnvKind::Managed {
-            let Some(pid) = env.pid else {
-                return Err("weftd stopped while QEMU was starting".into());
-            };
-            if !launch::process_alive(pid) || !launch::is_qemu_process(pid) {
-                return Err("QEMU exited while weftd was not running".into());
-            }
-        }
-        let qmp = Qmp::connect_timeout(&env.qmp_socket, Duration::from_secs(5))
-            .await
-            .map_err(|e| {
-                format!(
+    async fn reattach(self: &Arc<Self>, env: &Environment) -> Recovered {
+        let live = match env.kind {
+            EnvKind::Managed => match self.orphan_pid(env) {
+                None if env.state == EnvState::Starting => {
+                    return Recovered::Stopped("weftd stopped while QEMU was starting".into())
+                }
+                None => {
+                    return Recovered::Stopped("QEMU exited while weftd was not running".into())
+                }
+                Some(pid) if env.state == EnvState::Starting => {
+                    // Nobody was told this launch succeeded: undo it.
+                    kill_pid(pid);
+                    let gone = wait_pid_gone(pid, Duration::from_secs(5)).await;
+                    let _ = std::fs::remove_file(&env.qmp_socket);
+                    let _ = std::fs::remove_file(self.pid_file(&env.name));
+                    return Recovered::Stopped(format!(
+                        "weftd stopped while QEMU was starting; QEMU pid {pid} was killed ({gone})"
+                    ));
+                }
+                Some(pid) => Some(pid),
+            },
+            EnvKind::Attached => None,
+        };
+        let qmp = match Qmp::connect_timeout(&env.qmp_socket, Duration::from_secs(5)).await {
+            Ok(qmp) => qmp,
+            Err(e) => {
+                let reason = format!(
                     "QMP socket {} did not answer after restart: {e}",
                     env.qmp_socket.display()
-                )
-            })?;
-        self.catalog
-            .set_state(&env.name, EnvState::Running, env.pid, None)
+                );
+                return match live {
+                    Some(pid) => Recovered::Unreachable(format!(
+                        "{reason}; QEMU pid {pid} still runs (`weft env stop {}` ends it)",
+                        env.name
+                    )),
+                    None => Recovered::Stopped(reason),
+                };
+            }
+        };
+        if let Err(e) = self
+            .catalog
+            .set_state(&env.name, EnvState::Running, live, None)
             .await
-            .map_err(|e| e.to_string())?;
-        self.install_runtime(&env.name, qmp, None, env.pid);
+        {
+            return Recovered::Unreachable(format!("cannot record the re-attach: {e}"));
+        }
+        self.install_runtime(&env.name, qmp, None, live);
+        Recovered::Reattached
+    }
+
+    /// Refuses QMP sockets weftd must not attach to: relative paths, sockets of the
+    /// environments weftd launches, and sockets another environment already uses.
+    async fn check_attachable(&self, socket: &Path) -> Result<(), EnvError> {
+        if !socket.is_absolute() {
+            return Err(EnvError::BadRequest(format!(
+                "QMP socket {} is a relative path; give an absolute one",
+                socket.display()
+            )));
+        }
+        check_socket_path(socket)?;
+        if socket.starts_with(&self.config.run_dir) {
+            return Err(EnvError::BadRequest(format!(
+                "{} is in weftd's run directory: it belongs to an environment weftd launches",
+                socket.display()
+            )));
+        }
+        if let Some(other) = self
+            .catalog
+            .environments()
+            .await?
+            .into_iter()
+            .find(|e| e.qmp_socket == socket)
+        {
+            return Err(EnvError::Conflict(format!(
+                "environment {:?} already uses the QMP socket {}",
+                other.name,
+                socket.display()
+            )));
+        }
         Ok(())
     }
 
@@ -617,6 +768,28 @@ async fn connect_attached(socket: &Path) -> Result<Qmp, EnvError> {
                 socket.display()
             ))
         })
+}
+
+/// Joins the lines of a message (QEMU's output can span several) into one.
+pub fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Whether `pid` is a QEMU process serving `socket` (its command line names it),
+/// so a recycled pid is never taken for our QEMU.
+fn serves_socket(pid: u32, socket: &Path) -> bool {
+    if !launch::process_alive(pid) || !launch::is_qemu_process(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let needle = socket.as_os_str().as_encoded_bytes();
+    cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
 fn check_socket_path(path: &Path) -> Result<(), EnvError> {

@@ -22,6 +22,9 @@ struct Weftd {
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra: Vec<String>,
+    /// Cleared by [`Weftd::passed`]; a test that ends early (a panic or an error
+    /// returned with `?`) prints weftd's and QEMU's logs when it drops.
+    dump_logs: bool,
 }
 
 impl Weftd {
@@ -31,6 +34,7 @@ impl Weftd {
             dir,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            dump_logs: true,
         };
         w.restart().await?;
         Ok(w)
@@ -86,6 +90,11 @@ impl Weftd {
             }
         })
         .await
+    }
+
+    /// The test reached its end: no logs on drop.
+    fn passed(&mut self) {
+        self.dump_logs = false;
     }
 
     fn sigkill(&mut self) {
@@ -166,7 +175,7 @@ impl Weftd {
 
 impl Drop for Weftd {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if self.dump_logs || std::thread::panicking() {
             eprintln!(
                 "---- weftd log ({}) ----\n{}",
                 self.log().display(),
@@ -278,7 +287,7 @@ async fn wait_runstate(w: &Weftd, name: &str, want: &str) -> anyhow::Result<Envi
 
 #[tokio::test]
 async fn qemu_env_lifecycle_through_the_api_leaves_nothing_behind() -> anyhow::Result<()> {
-    let w = Weftd::start(&[]).await?;
+    let mut w = Weftd::start(&[]).await?;
     let created = w.create_guest("life").await?;
     assert_eq!(created.env.state, EnvState::Running);
     let pid = created
@@ -345,6 +354,7 @@ async fn qemu_env_lifecycle_through_the_api_leaves_nothing_behind() -> anyhow::R
         audit.iter().all(|a| a.actor.starts_with("e2e")),
         "{audit:?}"
     );
+    w.passed();
     Ok(())
 }
 
@@ -368,6 +378,7 @@ async fn qemu_env_survives_weftd_sigkill_and_is_reattached() -> anyhow::Result<(
     })
     .await?;
     assert_eq!(w.env("keep").await?.env.state, EnvState::Stopped);
+    w.passed();
     Ok(())
 }
 
@@ -408,12 +419,13 @@ async fn qemu_sigterm_keeps_guests_and_dead_ones_are_marked_stopped() -> anyhow:
     let out = w.cli(&["env", "start", "term"]);
     assert!(out.status.success(), "{}", stderr_line(&out));
     wait_runstate(&w, "term", "running").await?;
+    w.passed();
     Ok(())
 }
 
 #[tokio::test]
 async fn qemu_attach_drives_a_qemu_started_outside_weft() -> anyhow::Result<()> {
-    let w = Weftd::start(&[]).await?;
+    let mut w = Weftd::start(&[]).await?;
     let qmp = w.dir.path().join("outside.qmp");
     let mut outside = Command::new("qemu-system-x86_64")
         .args([
@@ -461,12 +473,13 @@ async fn qemu_attach_drives_a_qemu_started_outside_weft() -> anyhow::Result<()> 
     let again = weft_qmp::Qmp::connect_timeout(&qmp, SHORT).await?;
     again.execute_raw("quit", None).await.ok();
     outside.wait()?;
+    w.passed();
     Ok(())
 }
 
 #[tokio::test]
 async fn qemu_bad_input_is_refused_in_one_line_and_leaves_nothing() -> anyhow::Result<()> {
-    let w = Weftd::start(&[]).await?;
+    let mut w = Weftd::start(&[]).await?;
     let disk = w.dir.path().join("d.img");
     make_data_disk(&disk, 16)?;
     let disk_arg = disk.to_str().context("utf-8")?.to_string();
@@ -579,12 +592,13 @@ async fn qemu_bad_input_is_refused_in_one_line_and_leaves_nothing() -> anyhow::R
         .collect();
     assert!(new.contains(&("env.create", "dies", true)), "{new:?}");
     assert!(new.contains(&("env.create", "nq", true)), "{new:?}");
+    w.passed();
     Ok(())
 }
 
 #[tokio::test]
 async fn qemu_missing_binary_is_a_clear_error() -> anyhow::Result<()> {
-    let w = Weftd::start(&["--qemu-binary", "/nonexistent/qemu-system-x86_64"]).await?;
+    let mut w = Weftd::start(&["--qemu-binary", "/nonexistent/qemu-system-x86_64"]).await?;
     let disk = w.dir.path().join("d.img");
     make_data_disk(&disk, 16)?;
     let out = w.cli(&[
@@ -596,6 +610,7 @@ async fn qemu_missing_binary_is_a_clear_error() -> anyhow::Result<()> {
     ]);
     assert_one_line_failure(&out, 1, "/nonexistent/qemu-system-x86_64");
     assert!(w.env_names().await.is_empty());
+    w.passed();
     Ok(())
 }
 
@@ -655,5 +670,116 @@ async fn weftd_notifies_systemd_ready_and_stopping() -> anyhow::Result<()> {
     let stopping = String::from_utf8_lossy(&buf[..n]).into_owned();
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     assert!(child.wait()?.success());
+    Ok(())
+}
+
+/// A wrapper around QEMU that runs `prelude` first and adds `extra` arguments.
+fn slow_qemu(dir: &Path, prelude: &str, extra: &str) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("slow-qemu");
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\n{prelude}\nexec qemu-system-x86_64 \"$@\" {extra}\n"),
+    )?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    Ok(path)
+}
+
+#[tokio::test]
+async fn qemu_a_client_hanging_up_does_not_cut_a_create_in_half() -> anyhow::Result<()> {
+    let wrappers = tempfile::tempdir()?;
+    // Two seconds before QEMU even starts.
+    let slow = slow_qemu(wrappers.path(), "sleep 2", "")?;
+    let mut w = Weftd::start(&["--qemu-binary", slow.to_str().context("utf-8")?]).await?;
+    let disk = w.dir.path().join("d.img");
+    make_data_disk(&disk, 16)?;
+    let mut cli = Command::new(bin_path("weft"))
+        .arg("--socket")
+        .arg(w.socket())
+        .args(["env", "create", "slow", "--memory", "64M", "--disk"])
+        .arg(&disk)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    // Hang up while QEMU is still starting.
+    wait_until(SHORT, "the create to be recorded", || async {
+        Ok(w.env("slow").await.is_ok().then_some(()))
+    })
+    .await?;
+    cli.kill()?;
+    cli.wait()?;
+    // The create finishes anyway, and is recorded.
+    let env = wait_until(SHORT, "the create to finish", || async {
+        let v = w.env("slow").await?;
+        Ok((v.env.state == EnvState::Running).then_some(v))
+    })
+    .await?;
+    assert!(alive(env.env.pid.context("pid")?));
+    let audit: Vec<AuditEntry> = w.client().get("/v1/audit").await?;
+    assert!(
+        audit.iter().any(|a| a.action == "env.create"
+            && a.target.as_deref() == Some("slow")
+            && a.result == "ok"),
+        "{audit:?}"
+    );
+    let out = w.cli(&["env", "delete", "slow"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    assert!(w.stray_processes().is_empty(), "{:?}", w.stray_processes());
+    w.passed();
+    Ok(())
+}
+
+#[tokio::test]
+async fn qemu_weftd_killed_during_a_launch_leaves_no_orphan() -> anyhow::Result<()> {
+    let wrappers = tempfile::tempdir()?;
+    // QEMU writes its pid file first, then preallocates 2 GiB of guest memory
+    // (about half a second here) before its QMP monitor answers: weftd is killed
+    // in that window, after QEMU started but before weftd saw it ready.
+    let slow = slow_qemu(wrappers.path(), "", "-m 2G -mem-prealloc")?;
+    let mut w = Weftd::start(&["--qemu-binary", slow.to_str().context("utf-8")?]).await?;
+    let disk = w.dir.path().join("d.img");
+    make_data_disk(&disk, 16)?;
+    let _cli = Command::new(bin_path("weft"))
+        .arg("--socket")
+        .arg(w.socket())
+        .args(["env", "create", "half", "--memory", "64M", "--disk"])
+        .arg(&disk)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid_file = w.data().join("environments/half/qemu.pid");
+    let pid: u32 = wait_until(SHORT, "QEMU to write its pid file", || async {
+        Ok(std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok()))
+    })
+    .await?;
+    w.sigkill();
+    // The starting QEMU outlived weftd (it is in its own process group) ...
+    assert!(alive(pid), "QEMU {pid} survives weftd's SIGKILL");
+    w.restart().await?;
+    // ... and recovery ends it: nobody was told the create succeeded.
+    wait_until(SHORT, "the orphan QEMU to be killed", || async {
+        Ok((!alive(pid)).then_some(()))
+    })
+    .await?;
+    let env = w.env("half").await?;
+    assert_eq!(env.env.state, EnvState::Stopped);
+    assert!(
+        env.env
+            .last_exit
+            .as_deref()
+            .unwrap_or("")
+            .contains("was killed"),
+        "{:?}",
+        env.env.last_exit
+    );
+    // And it can start cleanly from its stored configuration.
+    let out = w.cli(&["env", "start", "half"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    let out = w.cli(&["env", "delete", "half"]);
+    assert!(out.status.success(), "{}", stderr_line(&out));
+    assert!(w.stray_processes().is_empty(), "{:?}", w.stray_processes());
+    w.passed();
     Ok(())
 }

@@ -536,6 +536,17 @@ fn supervise(
     )
 }
 
+/// Kills QEMU when dropped while armed: [`spawn`] disarms it once it returns.
+struct KillOnCancel(Option<Arc<Notify>>);
+
+impl Drop for KillOnCancel {
+    fn drop(&mut self) {
+        if let Some(kill) = self.0.take() {
+            kill.notify_one();
+        }
+    }
+}
+
 /// A running QEMU process with its QMP connection.
 ///
 /// A tokio task reaps the process and records how it ended. Dropping a `QemuProcess`
@@ -672,6 +683,9 @@ pub async fn spawn(
         source,
     })?;
     let (sup, pid) = supervise(child, opts.detached, paths.qmp_socket.clone());
+    // If the caller drops this future before QEMU is ready (a cancelled request),
+    // QEMU must not live on unsupervised and unrecorded.
+    let mut cancel_guard = KillOnCancel(Some(sup.kill.clone()));
 
     let fail = |sup: Supervision, e: Error| async move {
         // Killing is idempotent; wait until QEMU is reaped so nothing is left behind.
@@ -680,7 +694,9 @@ pub async fn spawn(
         let _ = std::fs::remove_file(&paths.qmp_socket);
         e
     };
-    match wait_ready(&sup, paths, opts.ready_timeout).await {
+    let ready = wait_ready(&sup, paths, opts.ready_timeout).await;
+    cancel_guard.0 = None;
+    match ready {
         Ok(qmp) => Ok(QemuProcess {
             pid,
             qmp,

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
     match runtime.block_on(daemon::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // One line on stderr, which journald also records.
             eprintln!("weftd: {e:#}");
             ExitCode::FAILURE
         }
