@@ -207,11 +207,20 @@ async fn typed_command_round_trip() {
     let server = serve_qmp(|mut c| async move {
         let cmd = c.recv().await;
         assert_eq!(cmd["execute"], "query-status");
+        // No empty `arguments` on the wire for a command without any.
+        assert!(cmd.get("arguments").is_none(), "{cmd}");
         c.reply(
             &cmd["id"],
             json!({"status": "paused", "singlestep": false, "running": false}),
         )
         .await;
+        let cmd = c.recv().await;
+        assert_eq!(cmd["execute"], "stop");
+        c.reply(&cmd["id"], json!({})).await;
+        let cmd = c.recv().await;
+        assert_eq!(cmd["execute"], "human-monitor-command");
+        assert_eq!(cmd["arguments"]["command-line"], "info version");
+        c.reply(&cmd["id"], json!("7.2.22\r\n")).await;
         let cmd = c.recv().await;
         assert_eq!(cmd["execute"], "query-status");
         // Wrong shape for StatusInfo.
@@ -225,6 +234,17 @@ async fn typed_command_round_trip() {
         .expect("query-status");
     assert!(!status.running);
     assert_eq!(status.status, weft_qmp::qapi::qmp::RunState::paused);
+    qmp.execute(weft_qmp::qapi::qmp::stop {})
+        .await
+        .expect("stop");
+    let version = qmp
+        .execute(weft_qmp::qapi::qmp::human_monitor_command {
+            command_line: "info version".into(),
+            cpu_index: None,
+        })
+        .await
+        .expect("hmp");
+    assert_eq!(version, "7.2.22\r\n");
     match qmp.execute(weft_qmp::qapi::qmp::query_status {}).await {
         Err(Error::Protocol(msg)) => assert!(msg.contains("query-status"), "{msg}"),
         other => panic!("want a protocol error, got {other:?}"),
