@@ -1,22 +1,21 @@
-//! Block-device plumbing for weft: the NBD client that pulls backups out of QEMU,
-//! the deduplicating chunk store, snapshot block maps and the `weft-blk`
-//! vhost-user-blk backend.
+//! Block-device plumbing for weft: the NBD client that pulls backups out of QEMU
+//! ([`nbd`]), the deduplicating, compressed, optionally encrypted chunk store
+//! ([`store`]), snapshot block maps, and later the layered image reader and the
+//! `weft-blk` vhost-user-blk backend.
 //!
-//! Only the shared error type exists so far; the NBD client and chunk store
-//! arrive with the incremental-snapshot work.
+//! Each module has its own error type (carrying path, offset and operation);
+//! [`Error`] wraps them for callers that handle both.
 
-/// Errors raised by block-device operations.
+pub mod nbd;
+pub mod store;
+
+/// Any error of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O operation on a path failed.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// What was being done (e.g. "open", "read").
-        op: &'static str,
-        /// The file concerned.
-        path: std::path::PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// From the NBD client.
+    #[error(transparent)]
+    Nbd(#[from] nbd::Error),
+    /// From the chunk store.
+    #[error(transparent)]
+    Store(#[from] store::Error),
 }
