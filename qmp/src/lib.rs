@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backup;
 mod client;
 mod error;
 pub mod launch;
