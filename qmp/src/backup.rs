@@ -399,3 +399,80 @@ fn path_str(path: &Path) -> Result<&str, Error> {
     path.to_str()
         .ok_or_else(|| Error::InvalidConfig(format!("{} is not valid UTF-8", path.display())))
 }
+
+/// Removes what an interrupted backup (weftd killed mid-way) left in a running QEMU:
+/// weft's NBD exports, the NBD server, backup jobs, fleece nodes, temporary bitmaps,
+/// and checkpoint bitmaps named with `checkpoint_prefix` other than `keep` (the
+/// checkpoint of the last complete snapshot). Returns what it removed.
+pub async fn clean_leftovers(
+    qmp: &Qmp,
+    node: &str,
+    checkpoint_prefix: &str,
+    keep: Option<&str>,
+) -> Result<Vec<String>, Error> {
+    let mut removed = Vec::new();
+    let exports = qmp.execute_raw("query-block-exports", None).await?;
+    for id in names_with(&exports, "id", "weft-export-") {
+        let gone = qmp.wait_event(JOB_DEADLINE, {
+            let id = id.clone();
+            move |e| e.name == "BLOCK_EXPORT_DELETED" && e.data["id"] == id.as_str()
+        });
+        qmp.execute_raw("block-export-del", Some(json!({"id": id, "mode": "hard"})))
+            .await?;
+        gone.await?;
+        removed.push(format!("export {id}"));
+    }
+    if !removed.is_empty() {
+        // Only weft's own backups start the server in a VM weft backs up.
+        if qmp.execute_raw("nbd-server-stop", None).await.is_ok() {
+            removed.push("nbd server".into());
+        }
+    }
+    let jobs = qmp.execute_raw("query-block-jobs", None).await?;
+    for id in names_with(&jobs, "device", "weft-backup-") {
+        let ended = qmp.wait_block_job(&id, JOB_DEADLINE);
+        qmp.execute_raw(
+            "block-job-cancel",
+            Some(json!({"device": id, "force": true})),
+        )
+        .await?;
+        ended.await?;
+        removed.push(format!("job {id}"));
+    }
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", Some(json!({"flat": true})))
+        .await?;
+    // Fleece format nodes first, then the file nodes under them.
+    let mut fleece: Vec<String> = names_with(&nodes, "node-name", "weft-fleece-");
+    fleece.sort_by_key(|n| n.starts_with("weft-fleece-file-"));
+    for name in fleece {
+        qmp.execute_raw("blockdev-del", Some(json!({"node-name": name})))
+            .await?;
+        removed.push(format!("node {name}"));
+    }
+    for b in bitmaps(qmp, node).await? {
+        let stale_checkpoint =
+            b.name.starts_with(checkpoint_prefix) && Some(b.name.as_str()) != keep;
+        if stale_checkpoint || b.name.starts_with("weft-tmp-") {
+            qmp.execute_raw(
+                "block-dirty-bitmap-remove",
+                Some(json!({"node": node, "name": b.name})),
+            )
+            .await?;
+            removed.push(format!("bitmap {}", b.name));
+        }
+    }
+    Ok(removed)
+}
+
+fn names_with(list: &Value, key: &str, prefix: &str) -> Vec<String> {
+    list.as_array()
+        .map(|all| {
+            all.iter()
+                .filter_map(|v| v[key].as_str())
+                .filter(|n| n.starts_with(prefix))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}

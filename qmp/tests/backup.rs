@@ -297,3 +297,51 @@ async fn qemu_checkpoints_survive_a_clean_restart_but_not_a_crash() {
     assert!(problem.contains("inconsistent"), "{problem}");
     p.kill().await;
 }
+
+#[tokio::test]
+async fn qemu_leftovers_of_an_interrupted_backup_are_cleaned() {
+    let vm = Vm::new();
+    let p = vm.start().await;
+    let qmp = p.qmp().clone();
+    backup::start(&qmp, vm.spec("t1", "weft-c1", None))
+        .await
+        .unwrap()
+        .finish()
+        .await
+        .unwrap();
+    write(&qmp, 0x33, 0, 64 * 1024).await;
+    // weftd dies in the middle of the next backup: nothing is torn down.
+    let interrupted = backup::start(&qmp, vm.spec("t2", "weft-c2", Some("weft-c1")))
+        .await
+        .unwrap();
+    std::mem::forget(interrupted);
+
+    let removed = backup::clean_leftovers(&qmp, "vda-fmt", "weft-c", Some("weft-c1"))
+        .await
+        .unwrap();
+    for what in [
+        "export weft-export-t2",
+        "nbd server",
+        "job weft-backup-t2",
+        "node weft-fleece-t2",
+        "node weft-fleece-file-t2",
+        "bitmap weft-tmp-t2",
+        "bitmap weft-c2",
+    ] {
+        assert!(removed.iter().any(|r| r == what), "{what} in {removed:?}");
+    }
+    assert_eq!(names(&qmp).await, ["weft-c1"]);
+    // The next backup works, from the last complete checkpoint.
+    let _ = std::fs::remove_file(vm.path("fleece-t2.qcow2"));
+    let _ = std::fs::remove_file(vm.path("nbd.sock"));
+    let next = backup::start(&qmp, vm.spec("t3", "weft-c3", Some("weft-c1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        dirty_ranges(&vm, next.dirty_context.as_deref().unwrap()),
+        [(0, 64 * 1024)]
+    );
+    next.finish().await.unwrap();
+    nothing_left(&qmp, &vm).await;
+    p.kill().await;
+}
