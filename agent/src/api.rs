@@ -17,8 +17,13 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
+use crate::catalog_snapshots::SnapshotFilter;
 use crate::envs::{one_line, EnvError, Manager};
-use crate::model::{ApiError, AuditEntry, CreateEnvironment, Environment, Status};
+use crate::model::{
+    ApiError, AuditEntry, CreateEnvironment, CreateSnapshot, Environment, Job, RestoreRequest,
+    Snapshot, Status,
+};
+use crate::snapshots::Snapshots;
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -32,6 +37,8 @@ pub const ACTOR_HEADER: &str = "x-weft-actor";
 pub struct AppState {
     /// Environments.
     pub manager: Arc<Manager>,
+    /// Snapshots, restores, jobs and the chunk store.
+    pub snapshots: Arc<Snapshots>,
     /// When weftd started.
     pub started: Instant,
 }
@@ -72,7 +79,28 @@ pub fn routes() -> Vec<Route> {
         route(Method::DELETE, "/v1/environments/{name}", delete_env),
         route(Method::POST, "/v1/environments/{name}/start", start_env),
         route(Method::POST, "/v1/environments/{name}/stop", stop_env),
+        route(Method::POST, "/v1/environments/{name}/pause", pause_env),
+        route(Method::POST, "/v1/environments/{name}/resume", resume_env),
         route(Method::GET, "/v1/audit", audit_log),
+        route(
+            Method::POST,
+            "/v1/environments/{name}/snapshots",
+            create_snapshot,
+        ),
+        route(
+            Method::GET,
+            "/v1/environments/{name}/snapshots",
+            list_snapshots,
+        ),
+        route(Method::GET, "/v1/snapshots/{id}", show_snapshot),
+        route(Method::DELETE, "/v1/snapshots/{id}", delete_snapshot),
+        route(Method::POST, "/v1/snapshots/{id}/verify", verify_snapshot),
+        route(Method::POST, "/v1/snapshots/{id}/restore", restore_snapshot),
+        route(Method::GET, "/v1/jobs", list_jobs),
+        route(Method::GET, "/v1/jobs/{id}", show_job),
+        route(Method::GET, "/v1/store", store_stats),
+        route(Method::POST, "/v1/store/verify", store_verify),
+        route(Method::POST, "/v1/store/gc", store_gc),
     ]
 }
 
@@ -355,6 +383,44 @@ async fn stop_env(
     Ok(Json(view(&state, env).await))
 }
 
+async fn pause_env(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<EnvironmentView>, EnvError> {
+    let (manager, target) = (state.manager.clone(), name.clone());
+    let env = change(
+        &state,
+        actor(&peer, &headers),
+        "env.pause",
+        name,
+        None,
+        async move { manager.pause(&target, true).await },
+    )
+    .await?;
+    Ok(Json(view(&state, env).await))
+}
+
+async fn resume_env(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<EnvironmentView>, EnvError> {
+    let (manager, target) = (state.manager.clone(), name.clone());
+    let env = change(
+        &state,
+        actor(&peer, &headers),
+        "env.resume",
+        name,
+        None,
+        async move { manager.pause(&target, false).await },
+    )
+    .await?;
+    Ok(Json(view(&state, env).await))
+}
+
 async fn delete_env(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -387,6 +453,217 @@ async fn audit_log(
 ) -> Result<Json<Vec<AuditEntry>>, EnvError> {
     let limit = q.limit.unwrap_or(50).min(10_000);
     Ok(Json(state.manager.catalog().audit_log(limit).await?))
+}
+
+/// Parses a JSON body, turning a bad one into a one-line 400.
+fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, EnvError> {
+    b.map(|Json(v)| v)
+        .map_err(|e| EnvError::BadRequest(format!("bad request body: {}", e.body_text())))
+}
+
+async fn create_snapshot(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<CreateSnapshot>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Job>), EnvError> {
+    let req = body(req)?;
+    let actor = actor(&peer, &headers);
+    let snapshots = state.snapshots.clone();
+    let (target, who) = (name.clone(), actor.clone());
+    let detail = serde_json::to_string(&req).ok();
+    let job = change(&state, actor, "snapshot.create", name, detail, async move {
+        snapshots
+            .create(
+                &target,
+                req.resource.as_deref(),
+                req.category,
+                req.note,
+                &who,
+            )
+            .await
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+/// Query of `GET /v1/environments/{name}/snapshots`.
+#[derive(Debug, Deserialize)]
+pub struct SnapshotQuery {
+    /// Only this resource (`config`, `disk:vda`).
+    pub resource: Option<String>,
+    /// Taken at or after this RFC 3339 time.
+    pub since: Option<String>,
+    /// Taken at or before this RFC 3339 time.
+    pub until: Option<String>,
+    /// Only this category.
+    pub category: Option<String>,
+    /// Include pending and failed snapshots.
+    #[serde(default)]
+    pub all: bool,
+}
+
+fn rfc3339(field: &str, v: Option<String>) -> Result<Option<String>, EnvError> {
+    v.map(|t| {
+        humantime::parse_rfc3339_weak(&t)
+            .map(|st| humantime::format_rfc3339_micros(st).to_string())
+            .map_err(|e| {
+                EnvError::BadRequest(format!(
+                    "--{field} {t:?}: {e}; use e.g. 2026-11-22T10:00:00Z"
+                ))
+            })
+    })
+    .transpose()
+}
+
+async fn list_snapshots(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<SnapshotQuery>,
+) -> Result<Json<Vec<Snapshot>>, EnvError> {
+    let filter = SnapshotFilter {
+        resource: q.resource,
+        since: rfc3339("since", q.since)?,
+        until: rfc3339("until", q.until)?,
+        category: q.category,
+        all_states: q.all,
+    };
+    Ok(Json(state.snapshots.list(&name, &filter).await?))
+}
+
+fn snapshot_id(id: &str) -> Result<i64, EnvError> {
+    id.parse().map_err(|_| {
+        EnvError::BadRequest(format!(
+            "{id:?} is not a snapshot id (see `weft snapshot list ENV`)"
+        ))
+    })
+}
+
+async fn show_snapshot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Snapshot>, EnvError> {
+    Ok(Json(state.snapshots.get(snapshot_id(&id)?).await?))
+}
+
+async fn delete_snapshot(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<StatusCode, EnvError> {
+    let n = snapshot_id(&id)?;
+    let snapshots = state.snapshots.clone();
+    change(
+        &state,
+        actor(&peer, &headers),
+        "snapshot.delete",
+        id,
+        None,
+        async move { snapshots.delete(n).await },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn verify_snapshot(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, EnvError> {
+    Ok(Json(state.snapshots.verify(snapshot_id(&id)?).await?))
+}
+
+async fn restore_snapshot(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    req: Result<Json<RestoreRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Job>), EnvError> {
+    let req = body(req)?;
+    let n = snapshot_id(&id)?;
+    let actor = actor(&peer, &headers);
+    let snapshots = state.snapshots.clone();
+    let who = actor.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let job = change(&state, actor, "snapshot.restore", id, detail, async move {
+        snapshots
+            .restore(n, &req.output, req.format.as_deref(), &who)
+            .await
+    })
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+async fn list_jobs(
+    State(state): State<AppState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Json<Vec<Job>>, EnvError> {
+    let limit = q.limit.unwrap_or(50).min(10_000);
+    Ok(Json(state.manager.catalog().jobs(limit).await?))
+}
+
+async fn show_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Job>, EnvError> {
+    let n: i64 = id
+        .parse()
+        .map_err(|_| EnvError::BadRequest(format!("{id:?} is not a job id")))?;
+    Ok(Json(state.snapshots.job(n).await?))
+}
+
+/// Runs a blocking store operation and returns its report as JSON.
+async fn store_op<T: Serialize + Send + 'static>(
+    state: &AppState,
+    op: impl FnOnce(&weft_blockdev::store::ChunkStore) -> Result<T, weft_blockdev::store::Error>
+        + Send
+        + 'static,
+) -> Result<Json<serde_json::Value>, EnvError> {
+    let store = state.snapshots.store().clone();
+    let report = tokio::task::spawn_blocking(move || op(&store))
+        .await
+        .map_err(|e| EnvError::Internal(format!("store task failed: {e}")))?
+        .map_err(|e| EnvError::Internal(e.to_string()))?;
+    serde_json::to_value(report)
+        .map(Json)
+        .map_err(|e| EnvError::Internal(e.to_string()))
+}
+
+async fn store_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>, EnvError> {
+    store_op(&state, |s| s.stats()).await
+}
+
+async fn store_verify(State(state): State<AppState>) -> Result<Json<serde_json::Value>, EnvError> {
+    store_op(&state, |s| s.verify()).await
+}
+
+/// Body of `POST /v1/store/gc`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct GcRequest {
+    /// Keep unreferenced chunks younger than this many seconds (default 24 h 5 min):
+    /// it must exceed the longest backup, which may be writing chunks not yet in an index.
+    pub grace_secs: Option<u64>,
+}
+
+async fn store_gc(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    req: Result<Json<GcRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, EnvError> {
+    let grace = std::time::Duration::from_secs(body(req)?.grace_secs.unwrap_or(24 * 3600 + 300));
+    let st = state.clone();
+    change(
+        &state,
+        actor(&peer, &headers),
+        "store.gc",
+        "store".into(),
+        Some(format!("grace {}s", grace.as_secs())),
+        async move { store_op(&st, move |s| s.gc(grace)).await },
+    )
+    .await
 }
 
 #[cfg(test)]

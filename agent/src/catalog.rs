@@ -44,7 +44,7 @@ pub fn now() -> String {
 /// Handle on the catalog database.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 /// A new environment row.

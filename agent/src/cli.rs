@@ -8,7 +8,10 @@ use clap::{Args, Parser, Subcommand};
 use crate::api::EnvironmentView;
 use crate::client::{Client, ClientError};
 use crate::config::{API_SOCKET_NAME, DEFAULT_RUN_DIR};
-use crate::model::{AuditEntry, CreateEnvironment, DiskRequest, Status};
+use crate::model::{
+    AuditEntry, CreateEnvironment, CreateSnapshot, DiskRequest, Job, JobState, RestoreRequest,
+    Snapshot, Status,
+};
 use weft_qmp::launch::Accel;
 
 /// Exit code: weftd refused or failed the request.
@@ -48,6 +51,31 @@ pub enum Command {
     /// Manage environments (VMs weft records).
     #[command(subcommand)]
     Env(EnvCommand),
+    /// Snapshots of environment resources (disks, configuration).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Restore a disk snapshot into a new image, exactly as the disk was.
+    ///
+    /// Example: weft restore 42 --output /srv/restore/web-vda.img
+    Restore {
+        /// Snapshot id (see `weft snapshot list ENV`).
+        snapshot: i64,
+        /// The image to write; must not exist.
+        #[arg(long)]
+        output: PathBuf,
+        /// Image format: raw (sparse).
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// Return at once with the job id instead of following its progress.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Long operations (snapshots, restores) and their progress.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// The chunk store holding disk snapshots.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Show the audit log (who changed what, when, with what result).
     Audit {
         /// How many of the newest records to show.
@@ -90,10 +118,113 @@ pub enum EnvCommand {
         /// Environment name.
         name: String,
     },
+    /// Pause an environment's vCPUs (its disks are drained and flushed).
+    Pause {
+        /// Environment name.
+        name: String,
+    },
+    /// Resume a paused environment.
+    Resume {
+        /// Environment name.
+        name: String,
+    },
     /// Delete an environment: stop it if weftd runs it, forget it if attached. Disk images are kept.
     Delete {
         /// Environment name.
         name: String,
+    },
+}
+
+/// `weft snapshot …`
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot resources of a running environment.
+    ///
+    /// Example: weft snapshot create web --resource all --category "security update"
+    Create {
+        /// Environment name.
+        env: String,
+        /// all, config or disk:<name>.
+        #[arg(long, default_value = "all")]
+        resource: String,
+        /// Semantic category, e.g. "security update".
+        #[arg(long)]
+        category: Option<String>,
+        /// Free text.
+        #[arg(long)]
+        note: Option<String>,
+        /// Return at once with the job id instead of following its progress.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// List complete snapshots of an environment.
+    List {
+        /// Environment name.
+        env: String,
+        /// Only this resource (config, disk:vda).
+        #[arg(long)]
+        resource: Option<String>,
+        /// Taken at or after (RFC 3339, e.g. 2026-11-22T10:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+        /// Taken at or before (RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this category.
+        #[arg(long)]
+        category: Option<String>,
+        /// Include pending and failed snapshots.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show one snapshot.
+    Show {
+        /// Snapshot id.
+        id: i64,
+    },
+    /// Read a snapshot's chunks back and check its digest.
+    Verify {
+        /// Snapshot id.
+        id: i64,
+    },
+    /// Delete a snapshot (its chunks are freed by `weft store gc`).
+    Delete {
+        /// Snapshot id.
+        id: i64,
+    },
+}
+
+/// `weft job …`
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// List the newest jobs.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show one job, or follow it with --wait.
+    Show {
+        /// Job id.
+        id: i64,
+        /// Follow the job's progress until it ends.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+/// `weft store …`
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Chunks and bytes per tier, logical bytes, indexes.
+    Stats,
+    /// Re-hash every chunk; name bad chunks and the snapshots they affect.
+    Verify,
+    /// Remove chunks no snapshot references (older than the grace period).
+    Gc {
+        /// Keep unreferenced chunks younger than this (e.g. 24h5m); must exceed the longest backup.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
     },
 }
 
@@ -301,6 +432,82 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
             }
         }
         Command::Env(cmd) => env_command(client, cmd, json).await?,
+        Command::Snapshot(cmd) => snapshot_command(client, cmd, json).await?,
+        Command::Restore {
+            snapshot,
+            output,
+            format,
+            detach,
+        } => {
+            let output = std::path::absolute(&output)
+                .map_err(|e| CliError::Usage(format!("--output {}: {e}", output.display())))?;
+            let job: Job = client
+                .post(
+                    &format!("/v1/snapshots/{snapshot}/restore"),
+                    &RestoreRequest {
+                        output,
+                        format: Some(format),
+                    },
+                )
+                .await?;
+            follow(client, job, detach, json).await?;
+        }
+        Command::Job(JobCommand::List { limit }) => {
+            let jobs: Vec<Job> = client.get(&format!("/v1/jobs?limit={limit}")).await?;
+            if json {
+                print_json(&jobs);
+            } else {
+                let rows = jobs.iter().map(job_row).collect();
+                print_table(
+                    &[
+                        "ID", "KIND", "TARGET", "STATE", "PROGRESS", "STARTED", "ERROR",
+                    ],
+                    rows,
+                );
+            }
+        }
+        Command::Job(JobCommand::Show { id, wait }) => {
+            let job: Job = client.get(&format!("/v1/jobs/{id}")).await?;
+            follow(client, job, !wait, json).await?;
+        }
+        Command::Store(cmd) => {
+            let report: serde_json::Value = match cmd {
+                StoreCommand::Stats => client.get("/v1/store").await?,
+                StoreCommand::Verify => {
+                    client
+                        .post("/v1/store/verify", &serde_json::json!({}))
+                        .await?
+                }
+                StoreCommand::Gc { grace } => {
+                    client
+                        .post(
+                            "/v1/store/gc",
+                            &serde_json::json!({ "grace_secs": grace.map(|g| g.as_secs()) }),
+                        )
+                        .await?
+                }
+            };
+            if json {
+                print_json(&report);
+            } else {
+                print_report(&report);
+            }
+            let bad = report["bad_chunks"]
+                .as_array()
+                .is_some_and(|b| !b.is_empty())
+                || report["missing_chunks"]
+                    .as_array()
+                    .is_some_and(|b| !b.is_empty())
+                || report["bad_indexes"]
+                    .as_array()
+                    .is_some_and(|b| !b.is_empty());
+            if bad {
+                return Err(CliError::Client(ClientError::Api {
+                    status: hyper::StatusCode::CONFLICT,
+                    message: "the store has bad or missing chunks (listed above)".into(),
+                }));
+            }
+        }
     }
     Ok(())
 }
@@ -391,6 +598,24 @@ async fn env_command(client: &Client, cmd: EnvCommand, json: bool) -> Result<(),
                 .await?;
             print_env(&env, json);
         }
+        EnvCommand::Pause { name } => {
+            let env: EnvironmentView = client
+                .post(
+                    &format!("{}/pause", env_path(&name)?),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print_env(&env, json);
+        }
+        EnvCommand::Resume { name } => {
+            let env: EnvironmentView = client
+                .post(
+                    &format!("{}/resume", env_path(&name)?),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print_env(&env, json);
+        }
         EnvCommand::Delete { name } => {
             client.delete(&env_path(&name)?).await?;
             if json {
@@ -401,6 +626,244 @@ async fn env_command(client: &Client, cmd: EnvCommand, json: bool) -> Result<(),
         }
     }
     Ok(())
+}
+
+async fn snapshot_command(
+    client: &Client,
+    cmd: SnapshotCommand,
+    json: bool,
+) -> Result<(), CliError> {
+    match cmd {
+        SnapshotCommand::Create {
+            env,
+            resource,
+            category,
+            note,
+            detach,
+        } => {
+            let path = format!("{}/snapshots", env_path(&env)?);
+            let job: Job = client
+                .post(
+                    &path,
+                    &CreateSnapshot {
+                        resource: Some(resource),
+                        category,
+                        note,
+                    },
+                )
+                .await?;
+            follow(client, job, detach, json).await?;
+        }
+        SnapshotCommand::List {
+            env,
+            resource,
+            since,
+            until,
+            category,
+            all,
+        } => {
+            let mut query = Vec::new();
+            for (k, v) in [
+                ("resource", resource),
+                ("since", since),
+                ("until", until),
+                ("category", category),
+            ] {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", encode_query(&v)));
+                }
+            }
+            if all {
+                query.push("all=true".into());
+            }
+            let path = format!("{}/snapshots?{}", env_path(&env)?, query.join("&"));
+            let list: Vec<Snapshot> = client.get(&path).await?;
+            if json {
+                print_json(&list);
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.id.to_string(),
+                            s.taken_at.clone(),
+                            s.resource.clone(),
+                            s.kind.as_str().into(),
+                            s.state.as_str().into(),
+                            s.size.map(human_bytes).unwrap_or_else(|| "-".into()),
+                            s.bytes_new.map(human_bytes).unwrap_or_else(|| "-".into()),
+                            s.category.clone().unwrap_or_default(),
+                            s.actor.clone(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "ID", "TAKEN", "RESOURCE", "KIND", "STATE", "SIZE", "NEW", "CATEGORY",
+                        "ACTOR",
+                    ],
+                    rows,
+                );
+            }
+        }
+        SnapshotCommand::Show { id } => {
+            let s: Snapshot = client.get(&format!("/v1/snapshots/{id}")).await?;
+            if json {
+                print_json(&s);
+            } else {
+                print_report(&serde_json::to_value(&s).unwrap_or_default());
+            }
+        }
+        SnapshotCommand::Verify { id } => {
+            let r: serde_json::Value = client
+                .post(
+                    &format!("/v1/snapshots/{id}/verify"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if json {
+                print_json(&r);
+            } else {
+                print_report(&r);
+            }
+            if r["ok"] != true {
+                return Err(CliError::Client(ClientError::Api {
+                    status: hyper::StatusCode::CONFLICT,
+                    message: format!("snapshot {id} is damaged (see above)"),
+                }));
+            }
+        }
+        SnapshotCommand::Delete { id } => {
+            client.delete(&format!("/v1/snapshots/{id}")).await?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": id }));
+            } else {
+                println!("deleted snapshot {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Follows a job with a progress bar until it ends (or prints it at once when detached);
+/// a failed job is an error.
+async fn follow(client: &Client, mut job: Job, detach: bool, json: bool) -> Result<(), CliError> {
+    if !detach && job.state == JobState::Running {
+        let bar = (!json).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("job {} {} {}", job.id, job.kind, job.target));
+            bar
+        });
+        while job.state == JobState::Running {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            job = client.get(&format!("/v1/jobs/{}", job.id)).await?;
+            if let Some(bar) = &bar {
+                bar.set_length(job.total_bytes);
+                bar.set_position(job.done_bytes);
+            }
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+    }
+    if json {
+        print_json(&job);
+    } else {
+        print_table(
+            &[
+                "ID", "KIND", "TARGET", "STATE", "PROGRESS", "STARTED", "ERROR",
+            ],
+            vec![job_row(&job)],
+        );
+        if let Some(result) = &job.result {
+            println!("result: {result}");
+        }
+    }
+    if job.state == JobState::Failed {
+        return Err(CliError::Client(ClientError::Api {
+            status: hyper::StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!(
+                "job {} failed: {}",
+                job.id,
+                job.error.as_deref().unwrap_or("no reason recorded")
+            ),
+        }));
+    }
+    Ok(())
+}
+
+fn job_row(j: &Job) -> Vec<String> {
+    let progress = if j.total_bytes > 0 {
+        format!(
+            "{}/{}",
+            human_bytes(j.done_bytes),
+            human_bytes(j.total_bytes)
+        )
+    } else {
+        "-".into()
+    };
+    vec![
+        j.id.to_string(),
+        j.kind.clone(),
+        j.target.clone(),
+        j.state.as_str().into(),
+        progress,
+        j.started_at.clone(),
+        j.error.clone().unwrap_or_default(),
+    ]
+}
+
+/// Bytes in binary units: `512 B`, `1.5 MiB`.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode_query(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Prints a JSON object as `key: value` lines (nested values inline).
+fn print_report(v: &serde_json::Value) {
+    match v.as_object() {
+        Some(map) => {
+            let width = map.keys().map(String::len).max().unwrap_or(0) + 1;
+            for (k, value) in map {
+                let text = match value {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Null => "-".into(),
+                    other => other.to_string(),
+                };
+                println!("{:<width$} {text}", format!("{k}:"));
+            }
+        }
+        None => println!("{v}"),
+    }
 }
 
 fn print_json<T: serde::Serialize>(value: &T) {

@@ -38,6 +38,36 @@ pub struct Config {
     pub stop_timeout_secs: u64,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` wins).
     pub log: String,
+    /// The chunk store that holds disk snapshots.
+    pub store: StoreSettings,
+}
+
+/// Where and how snapshots are stored (`[store]` in weftd.toml).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// Hot tier (default `<data_dir>/store`).
+    pub dir: Option<PathBuf>,
+    /// Cold tier, possibly on another file system; none by default.
+    pub cold_dir: Option<PathBuf>,
+    /// Encrypt chunks with AES-256-GCM (only when the store is created).
+    pub encrypt: bool,
+    /// The store's key (default `<data_dir>/store.key`, created 0600 with the store).
+    pub key_file: Option<PathBuf>,
+    /// Chunk size in KiB, a power of two from 64 to 65536 (only when the store is created).
+    pub chunk_kib: u32,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        StoreSettings {
+            dir: None,
+            cold_dir: None,
+            encrypt: false,
+            key_file: None,
+            chunk_kib: 1024,
+        }
+    }
 }
 
 impl Default for Config {
@@ -51,6 +81,7 @@ impl Default for Config {
             qemu_start_timeout_secs: 30,
             stop_timeout_secs: 15,
             log: "info".into(),
+            store: StoreSettings::default(),
         }
     }
 }
@@ -131,6 +162,22 @@ impl Config {
         self.socket
             .clone()
             .unwrap_or_else(|| self.run_dir.join(API_SOCKET_NAME))
+    }
+
+    /// The chunk store's hot tier.
+    pub fn store_dir(&self) -> PathBuf {
+        self.store
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("store"))
+    }
+
+    /// The chunk store's key file (used when the store is encrypted).
+    pub fn key_file(&self) -> PathBuf {
+        self.store
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("store.key"))
     }
 
     /// The SQLite catalog file.

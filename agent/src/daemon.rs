@@ -187,8 +187,20 @@ pub async fn run(config: Config) -> Result<()> {
     // Bind before recovery: a weftd that cannot serve must not touch environments.
     // Requests that arrive meanwhile wait in the listen backlog.
     let listener = bind_socket(&socket).await?;
+    let store = match crate::snapshots::open_store(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(anyhow::Error::new(e).context("cannot open the chunk store"));
+        }
+    };
     let manager = Manager::new(config, catalog.clone());
-    if let Err(e) = manager.recover().await {
+    let snapshots = crate::snapshots::Snapshots::new(manager.clone(), store);
+    let recovered = async {
+        manager.recover().await?;
+        snapshots.recover().await
+    };
+    if let Err(e) = recovered.await {
         let _ = std::fs::remove_file(&socket);
         return Err(anyhow::Error::new(e).context("cannot recover environments"));
     }
@@ -199,6 +211,7 @@ pub async fn run(config: Config) -> Result<()> {
     ]);
     let state = AppState {
         manager: manager.clone(),
+        snapshots,
         started,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -152,7 +152,7 @@ impl Manager {
     }
 
     /// Serialises changes to one environment.
-    async fn lock_env(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn lock_env(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self
                 .locks
@@ -178,6 +178,11 @@ impl Manager {
 
     fn qmp_socket_path(&self, name: &str) -> PathBuf {
         self.config.run_dir.join("qmp").join(format!("{name}.sock"))
+    }
+
+    /// The QMP connection of a running environment.
+    pub(crate) fn live_qmp(&self, name: &str) -> Option<Qmp> {
+        self.runtime_qmp(name)
     }
 
     fn runtime_qmp(&self, name: &str) -> Option<Qmp> {
@@ -472,6 +477,24 @@ impl Manager {
                 .await;
             return Err(e);
         }
+        Ok(self.show(name).await?.0)
+    }
+
+    /// Pauses (`stop`) or resumes (`cont`) a running environment's vCPUs. QEMU drains
+    /// and flushes every disk when it pauses, so a paused VM's images are consistent on
+    /// disk (e.g. for `qemu-img -U` readers).
+    pub async fn pause(&self, name: &str, pause: bool) -> Result<Environment, EnvError> {
+        let _op = self.lock_env(name).await;
+        if self.catalog.environment(name).await?.is_none() {
+            return Err(EnvError::NotFound(name.to_string()));
+        }
+        let qmp = self
+            .runtime_qmp(name)
+            .ok_or_else(|| EnvError::Conflict(format!("{name:?} is not running")))?;
+        let command = if pause { "stop" } else { "cont" };
+        qmp.execute_raw(command, None)
+            .await
+            .map_err(|e| EnvError::Qemu(format!("{command} {name:?}: {e}")))?;
         Ok(self.show(name).await?.0)
     }
 

@@ -6,9 +6,11 @@
 
 pub mod api;
 pub mod catalog;
+pub mod catalog_snapshots;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod envs;
 pub mod model;
+pub mod snapshots;

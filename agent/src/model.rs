@@ -200,3 +200,157 @@ pub struct ApiError {
     /// One line saying what was wrong and what to do.
     pub error: String,
 }
+
+/// Declares a string-valued catalog enum with `as_str`/`parse`.
+macro_rules! catalog_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vm])* $variant),+ }
+
+        impl $name {
+            /// The catalog spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// Parses the catalog spelling.
+            pub fn parse(s: &str) -> Option<$name> {
+                match s { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+catalog_enum!(
+    /// Whether a snapshot can be used.
+    SnapshotState {
+        /// Being taken.
+        Pending => "pending",
+        /// Usable.
+        Complete => "complete",
+        /// Failed or interrupted; never usable.
+        Failed => "failed",
+    }
+);
+
+catalog_enum!(
+    /// How a snapshot was taken.
+    SnapshotKind {
+        /// Every allocated extent of a disk was read.
+        Full => "full",
+        /// Only the extents dirtied since the parent were read.
+        Incremental => "incremental",
+        /// The VM configuration.
+        Config => "config",
+    }
+);
+
+catalog_enum!(
+    /// State of a long operation.
+    JobState {
+        /// Under way.
+        Running => "running",
+        /// Done.
+        Succeeded => "succeeded",
+        /// Failed or interrupted.
+        Failed => "failed",
+    }
+);
+
+/// One snapshot of one resource.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Id (what `weft restore` and `weft snapshot show` take).
+    pub id: i64,
+    /// Environment.
+    pub env: String,
+    /// `disk:<name>` or `config`.
+    pub resource: String,
+    /// Pending, complete or failed.
+    pub state: SnapshotState,
+    /// Full, incremental or config.
+    pub kind: SnapshotKind,
+    /// The instant the snapshot shows (RFC 3339).
+    pub taken_at: String,
+    /// When it was complete or failed.
+    pub finished_at: Option<String>,
+    /// Who asked.
+    pub actor: String,
+    /// Semantic category, e.g. "security update".
+    pub category: Option<String>,
+    /// Free text.
+    pub note: Option<String>,
+    /// The snapshot an incremental builds on.
+    pub parent: Option<i64>,
+    /// Disk size in bytes.
+    pub size: Option<u64>,
+    /// Content digest of the whole image (see docs/snapshots.md).
+    pub checksum: Option<String>,
+    /// The block map in the chunk store.
+    pub index_name: Option<String>,
+    /// QEMU checkpoint bitmap this snapshot added.
+    pub checkpoint: Option<String>,
+    /// Bytes read from QEMU over NBD.
+    pub bytes_read: Option<u64>,
+    /// Bytes this snapshot added to the store.
+    pub bytes_new: Option<u64>,
+    /// Why a disk snapshot is full rather than incremental.
+    pub reason: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The VM configuration (config snapshots).
+    pub config: Option<VmConfig>,
+}
+
+/// Body of `POST /v1/environments/{name}/snapshots`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateSnapshot {
+    /// `all` (default), `config` or `disk:<name>`.
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// Semantic category.
+    #[serde(default)]
+    pub category: Option<String>,
+    /// Free text.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// Body of `POST /v1/snapshots/{id}/restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// Where to write the image (must not exist).
+    pub output: PathBuf,
+    /// `raw` (default).
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// A long operation with progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Id.
+    pub id: i64,
+    /// `snapshot`, `restore`, …
+    pub kind: String,
+    /// What it works on.
+    pub target: String,
+    /// Who asked.
+    pub actor: String,
+    /// Running, succeeded or failed.
+    pub state: JobState,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339.
+    pub finished_at: Option<String>,
+    /// Bytes handled so far.
+    pub done_bytes: u64,
+    /// Bytes to handle (0 while unknown).
+    pub total_bytes: u64,
+    /// What it produced (e.g. snapshot ids).
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<String>,
+}

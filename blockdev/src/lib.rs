@@ -7,6 +7,7 @@
 //! [`Error`] wraps them for callers that handle both.
 
 pub mod nbd;
+pub mod pull;
 pub mod store;
 
 /// Any error of this crate.
@@ -18,4 +19,7 @@ pub enum Error {
     /// From the chunk store.
     #[error(transparent)]
     Store(#[from] store::Error),
+    /// From a pull of an export into the store.
+    #[error(transparent)]
+    Pull(#[from] pull::Error),
 }

@@ -34,8 +34,12 @@ const JOB_DEADLINE: Duration = Duration::from_secs(60);
 pub struct PullBackupSpec {
     /// Node name of the disk's format layer (e.g. `vda-fmt`), where bitmaps live.
     pub node: String,
-    /// Name of the persistent checkpoint bitmap this backup adds.
+    /// Name of the checkpoint bitmap this backup adds.
     pub new_checkpoint: String,
+    /// Store the checkpoint in the image (qcow2). A raw image cannot hold bitmaps: its
+    /// checkpoint lives in QEMU's memory only and is gone when QEMU stops, so the next
+    /// backup after a restart is a full one.
+    pub persistent: bool,
     /// The checkpoint of the previous backup, for an incremental; `None` for a full.
     pub since: Option<String>,
     /// The fleece file (created and removed by the recipe).
@@ -241,7 +245,7 @@ impl PullBackup {
         // The instant of the backup: checkpoint, dirty set and copy-before-write at once.
         let mut actions = vec![json!({
             "type": "block-dirty-bitmap-add",
-            "data": {"node": spec.node, "name": spec.new_checkpoint, "persistent": true},
+            "data": {"node": spec.node, "name": spec.new_checkpoint, "persistent": spec.persistent},
         })];
         if let Some(since) = &spec.since {
             actions.push(json!({

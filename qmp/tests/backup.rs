@@ -63,6 +63,7 @@ impl Vm {
         PullBackupSpec {
             node: "vda-fmt".into(),
             new_checkpoint: new.into(),
+            persistent: true,
             since: since.map(str::to_string),
             scratch: self.path(&format!("fleece-{token}.qcow2")),
             nbd_socket: self.path("nbd.sock"),

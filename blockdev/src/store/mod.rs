@@ -1,4 +1,974 @@
-//! The chunk store (being written).
-/// Errors of the chunk store.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {}
+//! The content-addressed chunk store: deduplication, zstd compression,
+//! optional AES-256-GCM encryption, hot/cold tiers, verify and GC.
+//!
+//! A disk backup is cut into fixed-size chunks aligned to the disk; each chunk
+//! is stored once under its [`ChunkId`]; a snapshot is a [`BlockMap`] written
+//! as an *index*. The on-disk format is documented in `docs/store-format.md`.
+//!
+//! The API is synchronous (`std::fs`); async callers wrap calls in
+//! `spawn_blocking`. [`ChunkStore`] is cheap to clone and `Send + Sync`: many
+//! threads may `put`/`get` at once, and two puts of the same chunk race safely.
+//!
+//! # Caller contract
+//! Write an index only after every chunk it references was returned by a
+//! successful [`ChunkStore::put`] (puts are durable when they return), and keep
+//! every backup shorter than the gc grace period (default 24 h): gc assumes a
+//! chunk that a running backup relies on was put or touched less than `grace` ago.
+
+mod access;
+mod blockmap;
+mod chunk;
+mod crypto;
+mod error;
+mod fsutil;
+mod id;
+mod maintenance;
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
+use ring::{digest, hmac};
+use serde::{Deserialize, Serialize};
+
+pub use blockmap::{BlockMap, Slot};
+pub use error::Error;
+pub use id::{ChunkId, ParseChunkIdError};
+pub use maintenance::{
+    BadChunk, BadIndex, GcReport, MissingChunk, StoreStats, TierPolicy, TierReport, VerifyReport,
+};
+
+use access::{AccessLog, Kind};
+use crypto::Keys;
+use error::IoContext;
+use fsutil::{ensure_dir, write_durable, Publish, PARKED_SUFFIX, TMP_SUFFIX};
+
+/// Store format version written to `store.json`.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+/// Default chunk size: 4 MiB.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+/// Smallest chunk size: 64 KiB.
+pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
+/// Largest chunk size: 64 MiB.
+pub const MAX_CHUNK_SIZE: u32 = 64 << 20;
+/// Default gc grace period: 24 h (a backup must finish within it).
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+const STORE_JSON: &str = "store.json";
+const COLD_MARKER: &str = "weft-cold-tier.json";
+const LOCK_FILE: &str = "store.lock";
+const MAINTENANCE_LOCK: &str = "maintenance.lock";
+const ACCESS_LOG: &str = "access.log";
+const INDEX_SUFFIX: &str = ".idx";
+/// Attempts of `put` when concurrent gc/tier runs keep moving the chunk.
+const PUT_ATTEMPTS: usize = 8;
+/// How long `get`/`write_index` wait for a parked chunk to come back.
+const PARKED_WAITS: usize = 100;
+const PARKED_WAIT: Duration = Duration::from_millis(5);
+
+/// How a store is created. Fixed for the life of the store (kept in `store.json`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Chunk size in bytes: a power of two, 64 KiB ..= 64 MiB.
+    pub chunk_size: u32,
+    /// Encrypt chunks with AES-256-GCM and key chunk ids with HMAC.
+    pub encrypted: bool,
+    /// zstd level for new chunks.
+    pub zstd_level: i32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            encrypted: false,
+            zstd_level: 3,
+        }
+    }
+}
+
+impl StoreConfig {
+    fn check(&self) -> Result<(), Error> {
+        let bad = |reason: String| Err(Error::InvalidConfig { reason });
+        if !self.chunk_size.is_power_of_two()
+            || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size)
+        {
+            return bad(format!(
+                "chunk size {} must be a power of two between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE}",
+                self.chunk_size
+            ));
+        }
+        let range = zstd::compression_level_range();
+        if !range.contains(&self.zstd_level) {
+            return bad(format!(
+                "zstd level {} outside {}..={}",
+                self.zstd_level,
+                range.start(),
+                range.end()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `store.json`.
+#[derive(Serialize, Deserialize, Debug)]
+struct StoreMeta {
+    format: String,
+    version: u32,
+    store_id: String,
+    chunk_size: u32,
+    zstd_level: i32,
+    encrypted: bool,
+    key_fingerprint: Option<String>,
+    cold: Option<PathBuf>,
+}
+
+/// `<cold>/weft-cold-tier.json`: proves the cold directory is the right one (mounted).
+#[derive(Serialize, Deserialize, Debug)]
+struct ColdMarker {
+    format: String,
+    version: u32,
+    store_id: String,
+}
+
+const STORE_FORMAT_NAME: &str = "weft-chunk-store";
+const COLD_FORMAT_NAME: &str = "weft-cold-tier";
+
+/// What [`ChunkStore::put`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// The chunk's id.
+    pub id: ChunkId,
+    /// True when this call stored the chunk; false when it existed (in either tier).
+    pub new: bool,
+    /// Bytes this call added to the store (the chunk file size; 0 when `new` is false).
+    pub stored_bytes: u64,
+}
+
+/// One tier: `<base>/chunks/ab/cd/<hex>` and `<base>/tmp/`.
+#[derive(Clone, Debug)]
+pub(crate) struct Tier {
+    pub name: &'static str,
+    pub chunks: PathBuf,
+    pub tmp: PathBuf,
+}
+
+impl Tier {
+    fn new(name: &'static str, base: &Path) -> Tier {
+        Tier {
+            name,
+            chunks: base.join("chunks"),
+            tmp: base.join("tmp"),
+        }
+    }
+
+    pub fn chunk_dir(&self, id: &ChunkId) -> PathBuf {
+        let b = id.as_bytes();
+        self.chunks.join(id::hex(&b[..1])).join(id::hex(&b[1..2]))
+    }
+
+    pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
+        self.chunk_dir(id).join(id.to_hex())
+    }
+
+    pub fn parked_path(&self, id: &ChunkId) -> PathBuf {
+        self.tmp.join(format!("{}{PARKED_SUFFIX}", id.to_hex()))
+    }
+}
+
+/// The chunk store. Clone it freely (it is an `Arc`).
+#[derive(Clone)]
+pub struct ChunkStore {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    root: PathBuf,
+    hot: Tier,
+    cold: Option<Tier>,
+    /// Why the configured cold tier is unusable (not mounted, wrong marker).
+    cold_problem: Option<String>,
+    chunk_size: u32,
+    zstd_level: i32,
+    keys: Option<Keys>,
+    indexes: PathBuf,
+    access: AccessLog,
+    /// Shared lock held while the store is open (see `open`).
+    _lock: Flock<File>,
+}
+
+impl std::fmt::Debug for ChunkStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("root", &self.inner.root)
+            .field("cold", &self.inner.cold.as_ref().map(|t| &t.chunks))
+            .field("chunk_size", &self.inner.chunk_size)
+            .field("encrypted", &self.inner.keys.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn write_json<T: Serialize>(tmp_dir: &Path, path: &Path, value: &T) -> Result<(), Error> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::BadMetadata {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    bytes.push(b'\n');
+    write_durable(tmp_dir, "meta", path, &[&bytes], Publish::Replace)?;
+    Ok(())
+}
+
+fn dir_is_empty(dir: &Path) -> Result<bool, Error> {
+    match fs::read_dir(dir) {
+        Ok(mut rd) => Ok(rd.next().is_none()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).ctx("read directory", dir),
+    }
+}
+
+impl ChunkStore {
+    /// Create a new store at `root` (which must be absent or empty), with an
+    /// optional cold tier directory (absent or empty; may be on another file
+    /// system). An encrypted store needs `key_file`: a new key (32 random
+    /// bytes, mode 0600) is written there; an existing file is never overwritten.
+    pub fn create(
+        root: &Path,
+        cold: Option<&Path>,
+        config: &StoreConfig,
+        key_file: Option<&Path>,
+    ) -> Result<ChunkStore, Error> {
+        config.check()?;
+        if !dir_is_empty(root)? {
+            return Err(Error::AlreadyExists {
+                path: root.to_path_buf(),
+            });
+        }
+        let key_file = match (config.encrypted, key_file) {
+            (true, Some(k)) => Some(k),
+            (true, None) => {
+                return Err(Error::InvalidConfig {
+                    reason: "an encrypted store needs a key file path".into(),
+                })
+            }
+            (false, Some(_)) => {
+                return Err(Error::InvalidConfig {
+                    reason: "a key file was given for a store that is not encrypted".into(),
+                })
+            }
+            (false, None) => None,
+        };
+        if let Some(c) = cold {
+            if !dir_is_empty(c)? {
+                return Err(Error::AlreadyExists {
+                    path: c.to_path_buf(),
+                });
+            }
+        }
+        let mut store_id = [0u8; 16];
+        crypto::random_bytes(&mut store_id)?;
+        let fingerprint = match key_file {
+            Some(k) => {
+                let master = crypto::create_key_file(k)?;
+                Some(id::hex(&Keys::derive(&master, &store_id)?.fingerprint))
+            }
+            None => None,
+        };
+        fs::create_dir_all(root).ctx("create store directory", root)?;
+        let root = fs::canonicalize(root).ctx("resolve store directory", root)?;
+        let hot = Tier::new("hot", &root);
+        for d in [&hot.chunks, &hot.tmp, &root.join("indexes")] {
+            fs::create_dir_all(d).ctx("create directory", d)?;
+        }
+        fsutil::fsync_dir(&root)?;
+        let cold = match cold {
+            Some(c) => {
+                fs::create_dir_all(c).ctx("create cold tier directory", c)?;
+                let c = fs::canonicalize(c).ctx("resolve cold tier directory", c)?;
+                let t = Tier::new("cold", &c);
+                for d in [&t.chunks, &t.tmp] {
+                    fs::create_dir_all(d).ctx("create directory", d)?;
+                }
+                write_json(
+                    &t.tmp,
+                    &c.join(COLD_MARKER),
+                    &ColdMarker {
+                        format: COLD_FORMAT_NAME.into(),
+                        version: STORE_FORMAT_VERSION,
+                        store_id: id::hex(&store_id),
+                    },
+                )?;
+                Some(c)
+            }
+            None => None,
+        };
+        let meta = StoreMeta {
+            format: STORE_FORMAT_NAME.into(),
+            version: STORE_FORMAT_VERSION,
+            store_id: id::hex(&store_id),
+            chunk_size: config.chunk_size,
+            zstd_level: config.zstd_level,
+            encrypted: config.encrypted,
+            key_fingerprint: fingerprint,
+            cold,
+        };
+        // store.json last: its presence means the store is complete.
+        write_json(&hot.tmp, &root.join(STORE_JSON), &meta)?;
+        ChunkStore::open(&root, key_file)
+    }
+
+    /// Open an existing store. An encrypted store needs its key file
+    /// ([`Error::KeyRequired`] without one, [`Error::WrongKey`] with another).
+    ///
+    /// When no other process has the store open, leftovers of a crash (temp
+    /// files, chunks parked by an interrupted gc/tier run) are cleaned up.
+    pub fn open(root: &Path, key_file: Option<&Path>) -> Result<ChunkStore, Error> {
+        let meta_path = root.join(STORE_JSON);
+        let text = match fs::read(&meta_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::NotAStore {
+                    path: root.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(e).ctx("read store metadata", &meta_path),
+        };
+        let bad = |reason: String| Error::BadMetadata {
+            path: meta_path.clone(),
+            reason,
+        };
+        let meta: StoreMeta = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+        if meta.format != STORE_FORMAT_NAME {
+            return Err(bad(format!(
+                "format is {:?}, not {STORE_FORMAT_NAME:?}",
+                meta.format
+            )));
+        }
+        if meta.version != STORE_FORMAT_VERSION {
+            return Err(Error::UnsupportedVersion {
+                path: meta_path,
+                what: "store",
+                version: meta.version,
+                supported: STORE_FORMAT_VERSION,
+            });
+        }
+        StoreConfig {
+            chunk_size: meta.chunk_size,
+            encrypted: meta.encrypted,
+            zstd_level: meta.zstd_level,
+        }
+        .check()
+        .map_err(|e| bad(e.to_string()))?;
+        let store_id: [u8; 16] =
+            id::unhex(&meta.store_id).ok_or_else(|| bad("store_id is not 32 hex digits".into()))?;
+        let root = fs::canonicalize(root).ctx("resolve store directory", root)?;
+        let keys = match (meta.encrypted, key_file) {
+            (true, None) => return Err(Error::KeyRequired { root }),
+            (false, Some(_)) => return Err(Error::KeyNotExpected { root }),
+            (false, None) => None,
+            (true, Some(k)) => {
+                let master = crypto::read_key_file(k)?;
+                let keys = Keys::derive(&master, &store_id)?;
+                let want = meta
+                    .key_fingerprint
+                    .as_deref()
+                    .and_then(id::unhex::<16>)
+                    .ok_or_else(|| bad("key_fingerprint missing or malformed".into()))?;
+                if want != keys.fingerprint {
+                    return Err(Error::WrongKey {
+                        root,
+                        key_file: k.to_path_buf(),
+                    });
+                }
+                Some(keys)
+            }
+        };
+        let hot = Tier::new("hot", &root);
+        let (cold, cold_problem) = match &meta.cold {
+            None => (None, None),
+            Some(c) => match check_cold_marker(c, &meta.store_id) {
+                Ok(()) => (Some(Tier::new("cold", c)), None),
+                Err(why) => (None, Some(format!("{}: {why}", c.display()))),
+            },
+        };
+        let lock = take_store_lock(&root)?;
+        let inner = Inner {
+            indexes: root.join("indexes"),
+            access: AccessLog::new(root.join(ACCESS_LOG)),
+            root,
+            hot,
+            cold,
+            cold_problem,
+            chunk_size: meta.chunk_size,
+            zstd_level: meta.zstd_level,
+            keys,
+            _lock: lock.0,
+        };
+        let store = ChunkStore {
+            inner: Arc::new(inner),
+        };
+        if lock.1 {
+            store.recover_leftovers(None)?;
+        }
+        Ok(store)
+    }
+
+    /// The store root.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The chunk size (bytes per slot).
+    pub fn chunk_size(&self) -> u32 {
+        self.inner.chunk_size
+    }
+
+    /// Whether chunks are encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.inner.keys.is_some()
+    }
+
+    /// Whether a usable cold tier is configured.
+    pub fn has_cold_tier(&self) -> bool {
+        self.inner.cold.is_some()
+    }
+
+    /// The id `data` is stored under: SHA-256 of the plaintext in a plain
+    /// store, HMAC-SHA256 with the store's id key in an encrypted one.
+    pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
+        let mut out = [0u8; 32];
+        match &self.inner.keys {
+            Some(k) => out.copy_from_slice(hmac::sign(&k.id, data).as_ref()),
+            None => out.copy_from_slice(digest::digest(&digest::SHA256, data).as_ref()),
+        }
+        ChunkId(out)
+    }
+
+    /// Store one chunk (at most `chunk_size` bytes; the last chunk of a disk
+    /// may be shorter). Durable when it returns. A chunk already present in
+    /// either tier is only touched (its mtime set to now, which protects it
+    /// from a concurrent gc) and `new` is false.
+    pub fn put(&self, data: &[u8]) -> Result<PutOutcome, Error> {
+        if data.len() > self.inner.chunk_size as usize {
+            return Err(Error::ChunkTooLarge {
+                len: data.len(),
+                max: self.inner.chunk_size,
+            });
+        }
+        let id = self.chunk_id(data);
+        self.put_with_id(id, data)
+    }
+
+    fn put_with_id(&self, id: ChunkId, data: &[u8]) -> Result<PutOutcome, Error> {
+        let inner = &self.inner;
+        let hot_path = inner.hot.chunk_path(&id);
+        for _ in 0..PUT_ATTEMPTS {
+            let existing = touch_verified(&hot_path)?
+                || match &inner.cold {
+                    Some(c) => touch_verified(&c.chunk_path(&id))?,
+                    None => false,
+                };
+            if existing {
+                inner.access.note(&id, Kind::Put);
+                return Ok(PutOutcome {
+                    id,
+                    new: false,
+                    stored_bytes: 0,
+                });
+            }
+            let dir = inner.hot.chunk_dir(&id);
+            ensure_dir(&inner.hot.chunks, &dir)?;
+            let (created, len) =
+                chunk::encode(&id, data, inner.zstd_level, inner.keys.as_ref(), |parts| {
+                    write_durable(
+                        &inner.hot.tmp,
+                        "chunk",
+                        &hot_path,
+                        parts,
+                        Publish::NoReplace,
+                    )
+                })?;
+            if created {
+                inner.access.note(&id, Kind::Put);
+                return Ok(PutOutcome {
+                    id,
+                    new: true,
+                    stored_bytes: len,
+                });
+            }
+            // Another writer published it first: loop to touch its copy.
+        }
+        Err(Error::Contended { id })
+    }
+
+    /// Read a chunk from either tier, decrypt, decompress and re-verify its id.
+    pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
+        let inner = &self.inner;
+        // Hot, cold, then hot again: a promotion (cold → hot) creates the hot
+        // copy before removing the cold one.
+        let tiers = [Some(&inner.hot), inner.cold.as_ref(), Some(&inner.hot)];
+        for attempt in 0..=PARKED_WAITS {
+            for tier in tiers.into_iter().flatten() {
+                if let Some(data) = self.read_chunk(tier, id)? {
+                    let kind = if tier.name == "cold" {
+                        Kind::ColdRead
+                    } else {
+                        Kind::HotRead
+                    };
+                    inner.access.note(id, kind);
+                    return Ok(data);
+                }
+            }
+            if attempt == PARKED_WAITS || !self.is_parked(id) {
+                break;
+            }
+            // A gc or tier run parked it for a moment; it may come back.
+            std::thread::sleep(PARKED_WAIT);
+        }
+        match &inner.cold_problem {
+            Some(why) => Err(Error::ColdTier {
+                root: inner.root.clone(),
+                reason: format!(
+                    "chunk {id} is not in the hot tier and the cold tier is unusable: {why}"
+                ),
+            }),
+            None => Err(Error::Missing {
+                id: *id,
+                root: inner.root.clone(),
+            }),
+        }
+    }
+
+    /// Whether a chunk exists in either tier (no content check).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.locate(id).is_some()
+    }
+
+    /// Whether a gc or tier run has the chunk parked right now.
+    fn is_parked(&self, id: &ChunkId) -> bool {
+        self.inner.tiers().any(|t| t.parked_path(id).exists())
+    }
+
+    /// Like `contains`, but waits briefly while the chunk is parked (a sweep
+    /// that finds it freshly touched links it back).
+    fn contains_settled(&self, id: &ChunkId) -> bool {
+        for _ in 0..PARKED_WAITS {
+            if self.contains(id) {
+                return true;
+            }
+            if !self.is_parked(id) {
+                return false;
+            }
+            std::thread::sleep(PARKED_WAIT);
+        }
+        self.contains(id)
+    }
+
+    fn locate(&self, id: &ChunkId) -> Option<(&Tier, PathBuf)> {
+        let inner = &self.inner;
+        [Some(&inner.hot), inner.cold.as_ref(), Some(&inner.hot)]
+            .into_iter()
+            .flatten()
+            .map(|t| (t, t.chunk_path(id)))
+            .find(|(_, p)| p.exists())
+    }
+
+    /// Read and check one chunk file; `Ok(None)` when absent from `tier`.
+    pub(crate) fn read_chunk(&self, tier: &Tier, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
+        let path = tier.chunk_path(id);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).ctx("open chunk", &path),
+        };
+        let corrupt = |reason: String| Error::Corrupt {
+            id: *id,
+            path: path.clone(),
+            reason,
+        };
+        let file_len = f.metadata().ctx("stat chunk", &path)?.len();
+        let mut hb = [0u8; chunk::HEADER_LEN];
+        read_exact_or(&mut f, &mut hb, &path, || {
+            corrupt(format!(
+                "truncated: {file_len} bytes is shorter than a chunk header"
+            ))
+        })?;
+        let encrypted = self.inner.keys.is_some();
+        let header =
+            chunk::Header::parse(&hb, self.inner.chunk_size, encrypted).map_err(corrupt)?;
+        let want = header.prefix_len() as u64 + u64::from(header.stored_len);
+        if file_len != want {
+            return Err(corrupt(format!(
+                "file is {file_len} bytes, header says {want} (truncated or trailing garbage)"
+            )));
+        }
+        let nonce = if encrypted {
+            let mut n = [0u8; crypto::NONCE_LEN];
+            read_exact_or(&mut f, &mut n, &path, || corrupt("truncated nonce".into()))?;
+            Some(n)
+        } else {
+            None
+        };
+        let mut payload = vec![0u8; header.stored_len as usize];
+        read_exact_or(&mut f, &mut payload, &path, || {
+            corrupt("truncated payload".into())
+        })?;
+        let data = chunk::decode(id, &hb, &header, nonce, payload, self.inner.keys.as_ref())
+            .map_err(corrupt)?;
+        if self.chunk_id(&data) != *id {
+            return Err(corrupt("content does not match its id".into()));
+        }
+        Ok(Some(data))
+    }
+
+    /// Write a block map as index `name` (e.g. `env-web/disk-vda/0001`),
+    /// atomically replacing an index of the same name. Every referenced chunk
+    /// must already be in the store ([`Error::Missing`] otherwise): indexes
+    /// are written only after all their chunks are durable.
+    pub fn write_index(&self, name: &str, map: &BlockMap) -> Result<(), Error> {
+        let path = self.index_path(name)?;
+        map.check()
+            .map_err(|reason| Error::BadBlockMap { reason })?;
+        if map.chunk_size != self.inner.chunk_size {
+            return Err(Error::BadBlockMap {
+                reason: format!(
+                    "chunk size {} differs from the store's {}",
+                    map.chunk_size, self.inner.chunk_size
+                ),
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        for id in map.data_ids() {
+            if seen.insert(*id) && !self.contains_settled(id) {
+                return Err(Error::Missing {
+                    id: *id,
+                    root: self.inner.root.clone(),
+                });
+            }
+        }
+        let bytes = map.encode(self.inner.keys.as_ref().map(|k| &k.index));
+        let dir = path.parent().unwrap_or(&self.inner.indexes).to_path_buf();
+        // A concurrent remove_index may prune the (empty) directory between
+        // ensure_dir and the write: retry a few times.
+        let mut last = None;
+        for _ in 0..4 {
+            ensure_dir(&self.inner.indexes, &dir)?;
+            match write_durable(
+                &self.inner.hot.tmp,
+                "index",
+                &path,
+                &[&bytes],
+                Publish::Replace,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    last = Some(source)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Io {
+            op: "write index",
+            path,
+            source: last.unwrap_or_else(|| io::Error::other("directory kept vanishing")),
+        })
+    }
+
+    /// Read and verify index `name`.
+    pub fn read_index(&self, name: &str) -> Result<BlockMap, Error> {
+        let path = self.index_path(name)?;
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::IndexNotFound {
+                    name: name.to_string(),
+                    root: self.inner.root.clone(),
+                })
+            }
+            Err(e) => return Err(e).ctx("read index", &path),
+        };
+        BlockMap::decode(&bytes, self.inner.keys.as_ref().map(|k| &k.index)).map_err(|reason| {
+            Error::CorruptIndex {
+                name: name.to_string(),
+                path,
+                reason,
+            }
+        })
+    }
+
+    /// All index names, sorted.
+    pub fn list_indexes(&self) -> Result<Vec<String>, Error> {
+        let mut out = Vec::new();
+        let mut stack = vec![(self.inner.indexes.clone(), String::new())];
+        while let Some((dir, prefix)) = stack.pop() {
+            for e in fsutil::read_dir_or_empty(&dir)? {
+                let name = e.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if name.starts_with('.') {
+                    continue;
+                }
+                let ft = e.file_type().ctx("stat", &e.path())?;
+                if ft.is_dir() {
+                    stack.push((e.path(), format!("{prefix}{name}/")));
+                } else if let Some(stem) = name.strip_suffix(INDEX_SUFFIX) {
+                    out.push(format!("{prefix}{stem}"));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Remove index `name` (its chunks go at the next gc). Empty parent
+    /// directories are pruned.
+    pub fn remove_index(&self, name: &str) -> Result<(), Error> {
+        let path = self.index_path(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::IndexNotFound {
+                    name: name.to_string(),
+                    root: self.inner.root.clone(),
+                })
+            }
+            Err(e) => return Err(e).ctx("remove index", &path),
+        }
+        let mut dir = path.parent().map(Path::to_path_buf);
+        if let Some(d) = &dir {
+            fsutil::fsync_dir(d)?;
+        }
+        while let Some(d) = dir {
+            if d == self.inner.indexes || fs::remove_dir(&d).is_err() {
+                break;
+            }
+            dir = d.parent().map(Path::to_path_buf);
+        }
+        Ok(())
+    }
+
+    fn index_path(&self, name: &str) -> Result<PathBuf, Error> {
+        validate_index_name(name)?;
+        Ok(self.inner.indexes.join(format!("{name}{INDEX_SUFFIX}")))
+    }
+}
+
+/// Check an index name: `/`-separated segments of `[A-Za-z0-9._+@-]`, none
+/// empty, none starting with `.`, at most 16 segments and 255 bytes.
+pub fn validate_index_name(name: &str) -> Result<(), Error> {
+    let bad = |reason| {
+        Err(Error::InvalidIndexName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > 255 {
+        return bad("longer than 255 bytes");
+    }
+    if name.starts_with('/') {
+        return bad("absolute (starts with '/')");
+    }
+    let segments: Vec<&str> = name.split('/').collect();
+    if segments.len() > 16 {
+        return bad("more than 16 segments");
+    }
+    for s in segments {
+        if s.is_empty() {
+            return bad("empty segment ('//' or trailing '/')");
+        }
+        if s == "." || s == ".." {
+            return bad("'.' and '..' segments are not allowed");
+        }
+        if s.starts_with('.') {
+            return bad("a segment starts with '.'");
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+' | b'@'))
+        {
+            return bad("only ASCII letters, digits and . _ - + @ are allowed");
+        }
+    }
+    Ok(())
+}
+
+fn read_exact_or(
+    f: &mut File,
+    buf: &mut [u8],
+    path: &Path,
+    short: impl FnOnce() -> Error,
+) -> Result<(), Error> {
+    match f.read_exact(buf) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(short()),
+        Err(e) => Err(e).ctx("read chunk", path),
+    }
+}
+
+/// Set a chunk file's mtime to now and confirm that the file touched is still
+/// the one at `path` (a gc or tier run may park it concurrently; see
+/// `maintenance::park`). `Ok(false)` when the chunk is not (or no longer) there.
+pub(crate) fn touch_verified(path: &Path) -> Result<bool, Error> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).ctx("open chunk", path),
+    };
+    f.set_modified(SystemTime::now()).ctx("touch chunk", path)?;
+    let fm = f.metadata().ctx("stat chunk", path)?;
+    match fs::metadata(path) {
+        Ok(pm) => Ok(pm.dev() == fm.dev() && pm.ino() == fm.ino()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).ctx("stat chunk", path),
+    }
+}
+
+fn check_cold_marker(cold: &Path, store_id: &str) -> Result<(), String> {
+    let path = cold.join(COLD_MARKER);
+    let text = fs::read(&path).map_err(|e| {
+        format!(
+            "cannot read {} ({e}): is the cold file system mounted?",
+            path.display()
+        )
+    })?;
+    let m: ColdMarker =
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if m.format != COLD_FORMAT_NAME || m.version != STORE_FORMAT_VERSION {
+        return Err(format!(
+            "{}: unknown format {:?} v{}",
+            path.display(),
+            m.format,
+            m.version
+        ));
+    }
+    if m.store_id != store_id {
+        return Err(format!(
+            "{} belongs to another store ({})",
+            path.display(),
+            m.store_id
+        ));
+    }
+    Ok(())
+}
+
+/// Take the store lock: exclusive if nobody else has the store open (then
+/// `.1` is true and leftovers may be cleaned), downgraded to shared.
+fn take_store_lock(root: &Path) -> Result<(Flock<File>, bool), Error> {
+    let path = root.join(LOCK_FILE);
+    let open = || {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .ctx("open store lock", &path)
+    };
+    let lock_err = |e: nix::errno::Errno| Error::Io {
+        op: "lock store",
+        path: path.clone(),
+        source: io::Error::from(e),
+    };
+    match Flock::lock(open()?, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => {
+            l.relock(FlockArg::LockShared).map_err(lock_err)?;
+            Ok((l, true))
+        }
+        Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+            let l = Flock::lock(f, FlockArg::LockShared).map_err(|(_, e)| lock_err(e))?;
+            Ok((l, false))
+        }
+        Err((_, e)) => Err(lock_err(e)),
+    }
+}
+
+impl ChunkStore {
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// Remove temp files and restore parked chunks. With `older_than`, only
+    /// temp files last modified before it are removed (other writers may be
+    /// active); without it, all are (nobody else has the store open).
+    /// Returns the number of temp files removed.
+    pub(crate) fn recover_leftovers(&self, older_than: Option<SystemTime>) -> Result<u64, Error> {
+        let inner = &self.inner;
+        let mut removed = 0;
+        for tier in [Some(&inner.hot), inner.cold.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            for e in fsutil::read_dir_or_empty(&tier.tmp)? {
+                let path = e.path();
+                let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if let Some(hex) = name.strip_suffix(PARKED_SUFFIX) {
+                    if let Ok(id) = hex.parse::<ChunkId>() {
+                        maintenance::unpark(self, tier, &id)?;
+                    }
+                } else if name.ends_with(TMP_SUFFIX) {
+                    let old = match older_than {
+                        None => true,
+                        Some(t) => e
+                            .metadata()
+                            .and_then(|m| m.modified())
+                            .map(|m| m < t)
+                            .unwrap_or(false),
+                    };
+                    if old {
+                        match fs::remove_file(&path) {
+                            Ok(()) => removed += 1,
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(e).ctx("remove temp file", &path),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+impl Inner {
+    pub(crate) fn tiers(&self) -> impl Iterator<Item = &Tier> {
+        [Some(&self.hot), self.cold.as_ref()].into_iter().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_names() {
+        for ok in ["a", "env-web/disk-vda/0001", "x.y_z+1@2"] {
+            assert!(validate_index_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "", "/abs", "a/../b", "..", "a//b", "a/", ".hidden", "a/.b", "a b", "a\\b", "é",
+        ] {
+            assert!(validate_index_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn config_checks() {
+        let mut c = StoreConfig::default();
+        assert!(c.check().is_ok());
+        c.chunk_size = 3 << 20;
+        assert!(c.check().is_err());
+        c.chunk_size = 32 << 10;
+        assert!(c.check().is_err());
+        c.chunk_size = 64 << 10;
+        assert!(c.check().is_ok());
+        c.zstd_level = 99;
+        assert!(c.check().is_err());
+    }
+}

@@ -1,0 +1,703 @@
+//! Snapshots of environment resources, restores, and the jobs that run them.
+//!
+//! A disk snapshot of a running environment follows the pull-mode recipe of
+//! [`weft_qmp::backup`]: QEMU exports a point-in-time view of the disk over NBD, the
+//! [`weft_blockdev::pull`] engine reads what changed (or everything allocated) into the
+//! chunk store, the block map is written once its chunks are durable, and only then
+//! does the catalog row become `complete`. Whatever fails on the way, the row ends
+//! `failed`, QEMU is cleaned up and the previous checkpoint stays the base.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use serde_json::json;
+use tracing::{info, warn};
+use weft_blockdev::nbd::NbdClient;
+use weft_blockdev::pull::{self, PullKind};
+use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
+use weft_qmp::backup::{self, PullBackupSpec};
+use weft_qmp::launch::{DiskConfig, DiskFormat};
+
+use crate::catalog_snapshots::{Completed, NewSnapshot, SnapshotFilter};
+use crate::config::Config;
+use crate::envs::{one_line, EnvError, Manager};
+use crate::model::{EnvKind, Job, JobState, Snapshot, SnapshotKind, SnapshotState};
+
+/// Prefix of the checkpoint bitmaps weft adds to disks.
+pub const CHECKPOINT_PREFIX: &str = "weft-c";
+/// Chunks restored at once.
+const RESTORE_PARALLEL: usize = 8;
+
+/// Progress of running jobs, by id (finished jobs are read from the catalog).
+#[derive(Default)]
+struct Progress {
+    running: Mutex<HashMap<i64, Arc<(AtomicU64, AtomicU64)>>>,
+}
+
+/// Snapshots, restores and jobs.
+pub struct Snapshots {
+    manager: Arc<Manager>,
+    store: ChunkStore,
+    progress: Progress,
+}
+
+/// Opens the chunk store named by the configuration, creating it on first use.
+pub fn open_store(config: &Config) -> Result<ChunkStore, EnvError> {
+    let dir = config.store_dir();
+    let key = config.store.encrypt.then(|| config.key_file());
+    let internal = |e: weft_blockdev::store::Error| EnvError::Internal(e.to_string());
+    if dir.join("store.json").exists() {
+        // An existing store decides for itself whether it is encrypted.
+        let key_file = config.key_file();
+        let key = key.or_else(|| key_file.exists().then_some(key_file));
+        return ChunkStore::open(&dir, key.as_deref()).map_err(internal);
+    }
+    let chunk_size = config
+        .store
+        .chunk_kib
+        .checked_mul(1024)
+        .ok_or_else(|| EnvError::BadRequest("store.chunk_kib is too large".into()))?;
+    let store_config = StoreConfig {
+        chunk_size,
+        encrypted: config.store.encrypt,
+        ..StoreConfig::default()
+    };
+    ChunkStore::create(
+        &dir,
+        config.store.cold_dir.as_deref(),
+        &store_config,
+        key.as_deref(),
+    )
+    .map_err(internal)
+}
+
+/// The block map name of a disk snapshot.
+fn index_name(env: &str, resource: &str, id: i64) -> String {
+    format!("{env}/{}/{id:010}", resource.replace(':', "-"))
+}
+
+impl Snapshots {
+    /// Snapshots over `manager`'s environments, stored in `store`.
+    pub fn new(manager: Arc<Manager>, store: ChunkStore) -> Arc<Snapshots> {
+        Arc::new(Snapshots {
+            manager,
+            store,
+            progress: Progress::default(),
+        })
+    }
+
+    /// The chunk store.
+    pub fn store(&self) -> &ChunkStore {
+        &self.store
+    }
+
+    /// After a restart: jobs and snapshots that were under way are marked failed and
+    /// the block maps of failed snapshots removed, so nothing partial is visible.
+    pub async fn recover(&self) -> Result<(), EnvError> {
+        let catalog = self.manager.catalog();
+        let reason = "weftd stopped while it ran";
+        let jobs = catalog.fail_running_jobs(reason).await?;
+        for s in catalog.fail_pending_snapshots(reason).await? {
+            if let Some(name) = &s.index_name {
+                let _ = self.store.remove_index(name);
+            }
+            catalog
+                .audit(
+                    "weftd",
+                    "snapshot.recover",
+                    Some(&s.env),
+                    Some(&format!("snapshot {} of {}", s.id, s.resource)),
+                    "marked failed",
+                )
+                .await?;
+        }
+        if jobs > 0 {
+            info!(jobs, "jobs interrupted by a restart marked failed");
+        }
+        Ok(())
+    }
+
+    /// One job, with live progress while it runs.
+    pub async fn job(&self, id: i64) -> Result<Job, EnvError> {
+        let mut job = self
+            .manager
+            .catalog()
+            .job(id)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(format!("job {id}")))?;
+        if job.state == JobState::Running {
+            if let Some(p) = self.lock_progress().get(&id) {
+                job.done_bytes = p.0.load(Ordering::Relaxed);
+                job.total_bytes = p.1.load(Ordering::Relaxed);
+            }
+        }
+        Ok(job)
+    }
+
+    fn lock_progress(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<i64, Arc<(AtomicU64, AtomicU64)>>> {
+        self.progress
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts `work` as a job and returns at once; the job records its outcome.
+    async fn spawn_job<F, Fut>(
+        self: &Arc<Self>,
+        kind: &str,
+        target: &str,
+        actor: &str,
+        work: F,
+    ) -> Result<Job, EnvError>
+    where
+        F: FnOnce(Arc<Snapshots>, Arc<(AtomicU64, AtomicU64)>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<serde_json::Value, EnvError>> + Send + 'static,
+    {
+        let catalog = self.manager.catalog().clone();
+        let id = catalog.insert_job(kind, target, actor).await?;
+        let progress = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        self.lock_progress().insert(id, Arc::clone(&progress));
+        let me = Arc::clone(self);
+        let (kind, target) = (kind.to_string(), target.to_string());
+        tokio::spawn(async move {
+            let outcome = work(Arc::clone(&me), Arc::clone(&progress)).await;
+            let (done, total) = (
+                progress.0.load(Ordering::Relaxed),
+                progress.1.load(Ordering::Relaxed),
+            );
+            let message = outcome.as_ref().err().map(|e| one_line(&e.to_string()));
+            let recorded = match &outcome {
+                Ok(v) => catalog.finish_job(id, Ok(v), done, total).await,
+                Err(_) => {
+                    catalog
+                        .finish_job(id, Err(message.as_deref().unwrap_or("failed")), done, total)
+                        .await
+                }
+            };
+            if let Err(e) = recorded {
+                warn!(job = id, error = %e, "cannot record the end of a job");
+            }
+            match &message {
+                None => info!(job = id, %kind, %target, "job succeeded"),
+                Some(m) => warn!(job = id, %kind, %target, error = %m, "job failed"),
+            }
+            me.lock_progress().remove(&id);
+        });
+        self.job(id).await
+    }
+
+    /// Takes snapshots of `resource` (`all`, `config` or `disk:<name>`) as a job.
+    pub async fn create(
+        self: &Arc<Self>,
+        env_name: &str,
+        resource: Option<&str>,
+        category: Option<String>,
+        note: Option<String>,
+        actor: &str,
+    ) -> Result<Job, EnvError> {
+        let (env, _) = self.manager.show(env_name).await?;
+        if env.kind == EnvKind::Attached {
+            return Err(EnvError::Conflict(format!(
+                "{env_name:?} is attached: weft does not know its disks' node names yet; snapshot a managed environment"
+            )));
+        }
+        let config = env.config.clone().ok_or_else(|| {
+            EnvError::Internal(format!("{env_name:?} has no stored configuration"))
+        })?;
+        let resource = resource.unwrap_or("all").to_string();
+        let disks: Vec<DiskConfig> = match resource.as_str() {
+            "all" => config.disks.clone(),
+            "config" => Vec::new(),
+            r => match r.strip_prefix("disk:") {
+                Some(d) => vec![config
+                    .disks
+                    .iter()
+                    .find(|c| c.name == d)
+                    .cloned()
+                    .ok_or_else(|| {
+                        EnvError::BadRequest(format!(
+                            "{env_name:?} has no disk {d:?}; its disks: {}",
+                            disk_names(&config.disks)
+                        ))
+                    })?],
+                None => {
+                    return Err(EnvError::BadRequest(format!(
+                        "unknown resource {r:?}: use all, config or disk:<name>"
+                    )))
+                }
+            },
+        };
+        let with_config = matches!(resource.as_str(), "all" | "config");
+        if !disks.is_empty() && self.manager.live_qmp(env_name).is_none() {
+            return Err(EnvError::Conflict(format!(
+                "{env_name:?} is not running: disk snapshots of a stopped environment are not supported yet; start it with `weft env start {env_name}`"
+            )));
+        }
+        let (name, actor_owned) = (env_name.to_string(), actor.to_string());
+        self.spawn_job(
+            "snapshot",
+            &format!("{env_name} {resource}"),
+            actor,
+            move |me, progress| async move {
+                let mut ids = Vec::new();
+                if with_config {
+                    ids.push(
+                        me.manager
+                            .catalog()
+                            .insert_snapshot(&NewSnapshot {
+                                env: &name,
+                                resource: "config",
+                                kind: SnapshotKind::Config,
+                                actor: &actor_owned,
+                                category: category.as_deref(),
+                                note: note.as_deref(),
+                                parent: None,
+                                reason: None,
+                                config: Some(&config),
+                            })
+                            .await?,
+                    );
+                }
+                for disk in &disks {
+                    ids.push(
+                        me.snapshot_disk(
+                            &name,
+                            disk,
+                            &actor_owned,
+                            category.as_deref(),
+                            note.as_deref(),
+                            &progress,
+                        )
+                        .await?,
+                    );
+                }
+                Ok(json!({ "snapshots": ids }))
+            },
+        )
+        .await
+    }
+
+    async fn snapshot_disk(
+        &self,
+        env: &str,
+        disk: &DiskConfig,
+        actor: &str,
+        category: Option<&str>,
+        note: Option<&str>,
+        progress: &(AtomicU64, AtomicU64),
+    ) -> Result<i64, EnvError> {
+        let _lock = self.manager.lock_env(env).await;
+        let qmp = self.manager.live_qmp(env).ok_or_else(|| {
+            EnvError::Conflict(format!("{env:?} stopped before its disk snapshot"))
+        })?;
+        let catalog = self.manager.catalog();
+        let resource = format!("disk:{}", disk.name);
+        let node = disk.format_node();
+        let qemu = |e: weft_qmp::Error| EnvError::Qemu(format!("disk {}: {e}", disk.name));
+
+        // Incremental from the last complete snapshot's checkpoint if QEMU still has it
+        // intact; otherwise a full, saying why.
+        let previous = catalog.latest_snapshot(env, &resource).await?;
+        let mut reason = None;
+        let mut base = None;
+        match &previous {
+            None => reason = Some("first snapshot of this disk".to_string()),
+            Some(p) => match &p.checkpoint {
+                None => reason = Some(format!("snapshot {} has no checkpoint", p.id)),
+                Some(cp) => match backup::checkpoint_problem(&qmp, &node, cp)
+                    .await
+                    .map_err(qemu)?
+                {
+                    Some(problem) => reason = Some(problem),
+                    None => base = Some((p.clone(), cp.clone())),
+                },
+            },
+        }
+        if let Some(r) = &reason {
+            info!(env, disk = %disk.name, reason = %r, "full snapshot");
+        }
+        let removed = backup::clean_leftovers(
+            &qmp,
+            &node,
+            CHECKPOINT_PREFIX,
+            base.as_ref().map(|(_, cp)| cp.as_str()),
+        )
+        .await
+        .map_err(qemu)?;
+        if !removed.is_empty() {
+            warn!(env, disk = %disk.name, ?removed, "removed what an interrupted backup left in QEMU");
+        }
+        let parent_map = match &base {
+            Some((p, _)) => {
+                let name = p.index_name.clone().ok_or_else(|| {
+                    EnvError::Internal(format!("snapshot {} has no block map", p.id))
+                })?;
+                let store = self.store.clone();
+                Some(
+                    blocking(move || store.read_index(&name))
+                        .await?
+                        .map_err(store_err)?,
+                )
+            }
+            None => None,
+        };
+        let id = catalog
+            .insert_snapshot(&NewSnapshot {
+                env,
+                resource: &resource,
+                kind: if base.is_some() {
+                    SnapshotKind::Incremental
+                } else {
+                    SnapshotKind::Full
+                },
+                actor,
+                category,
+                note,
+                parent: base.as_ref().map(|(p, _)| p.id),
+                reason: reason.as_deref(),
+                config: None,
+            })
+            .await?;
+        let result = self
+            .pull_disk(
+                env,
+                disk,
+                id,
+                base.map(|(_, cp)| cp),
+                parent_map,
+                &qmp,
+                progress,
+            )
+            .await;
+        match result {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                let message = one_line(&e.to_string());
+                catalog.fail_snapshot(id, &message).await?;
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pull_disk(
+        &self,
+        env: &str,
+        disk: &DiskConfig,
+        id: i64,
+        since: Option<String>,
+        parent: Option<BlockMap>,
+        qmp: &weft_qmp::Qmp,
+        progress: &(AtomicU64, AtomicU64),
+    ) -> Result<(), EnvError> {
+        let catalog = self.manager.catalog();
+        let resource = format!("disk:{}", disk.name);
+        let checkpoint = format!("{CHECKPOINT_PREFIX}{id}");
+        // A raw image cannot store bitmaps: its checkpoint lives only as long as QEMU.
+        let persistent = disk.format == DiskFormat::Qcow2;
+        catalog.set_snapshot_checkpoint(id, &checkpoint).await?;
+        let work_dir = self.manager.config().run_dir.join("backup");
+        std::fs::create_dir_all(&work_dir).map_err(|e| {
+            EnvError::Internal(format!("cannot create {}: {e}", work_dir.display()))
+        })?;
+        let spec = PullBackupSpec {
+            node: disk.format_node(),
+            new_checkpoint: checkpoint,
+            persistent,
+            since,
+            scratch: work_dir.join(format!("{env}-{id}.fleece.qcow2")),
+            nbd_socket: work_dir.join(format!("{env}-{id}.nbd")),
+            export: disk.name.clone(),
+            token: id.to_string(),
+        };
+        let qemu = |e: weft_qmp::Error| EnvError::Qemu(format!("disk {}: {e}", disk.name));
+        let running = backup::start(qmp, spec.clone()).await.map_err(qemu)?;
+        let pulled = async {
+            let mut contexts = vec!["base:allocation"];
+            if let Some(c) = &running.dirty_context {
+                contexts.push(c);
+            }
+            let nbd = NbdClient::connect_unix(&spec.nbd_socket, &spec.export, &contexts)
+                .await
+                .map_err(|e| EnvError::Qemu(format!("disk {}: {e}", disk.name)))?;
+            let kind = match (&running.dirty_context, parent) {
+                (Some(context), Some(parent)) => PullKind::Incremental {
+                    context: context.clone(),
+                    parent,
+                },
+                _ => PullKind::Full,
+            };
+            let report = |done: u64, total: u64| {
+                progress.0.store(done, Ordering::Relaxed);
+                progress.1.store(total, Ordering::Relaxed);
+            };
+            let (map, stats) = pull::pull(&nbd, Arc::new(self.store.clone()), &kind, &report)
+                .await
+                .map_err(|e| EnvError::Internal(format!("disk {}: {e}", disk.name)))?;
+            let _ = nbd.disconnect().await;
+            Ok::<_, EnvError>((map, stats))
+        }
+        .await;
+        let (map, stats) = match pulled {
+            Ok(v) => v,
+            Err(e) => {
+                running.abort().await;
+                return Err(e);
+            }
+        };
+        let name = index_name(env, &resource, id);
+        let digest = pull::digest_of(&map);
+        let size = map.disk_size;
+        let store = self.store.clone();
+        let index = name.clone();
+        if let Err(e) = blocking(move || store.write_index(&index, &map))
+            .await?
+            .map_err(store_err)
+        {
+            running.abort().await;
+            return Err(e);
+        }
+        // The block map is durable: the new checkpoint becomes the base.
+        running.finish().await.map_err(qemu)?;
+        catalog
+            .complete_snapshot(
+                id,
+                &Completed {
+                    size,
+                    checksum: &digest,
+                    index_name: &name,
+                    bytes_read: stats.bytes_read,
+                    bytes_new: stats.bytes_stored,
+                },
+            )
+            .await?;
+        info!(env, disk = %disk.name, id, bytes_read = stats.bytes_read, bytes_new = stats.bytes_stored, "disk snapshot complete");
+        Ok(())
+    }
+
+    /// Snapshots of an environment.
+    pub async fn list(
+        &self,
+        env: &str,
+        filter: &SnapshotFilter,
+    ) -> Result<Vec<Snapshot>, EnvError> {
+        Ok(self.manager.catalog().snapshots(env, filter).await?)
+    }
+
+    /// One snapshot.
+    pub async fn get(&self, id: i64) -> Result<Snapshot, EnvError> {
+        self.manager
+            .catalog()
+            .snapshot(id)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(format!("snapshot {id}")))
+    }
+
+    /// Deletes a snapshot that no other snapshot builds on; its chunks go at the next gc.
+    pub async fn delete(&self, id: i64) -> Result<(), EnvError> {
+        let s = self.get(id).await?;
+        if s.state == SnapshotState::Pending {
+            return Err(EnvError::Conflict(format!(
+                "snapshot {id} is still being taken"
+            )));
+        }
+        if let Some(name) = &s.index_name {
+            let store = self.store.clone();
+            let name = name.clone();
+            match blocking(move || store.remove_index(&name)).await? {
+                Ok(()) | Err(weft_blockdev::store::Error::IndexNotFound { .. }) => {}
+                Err(e) => return Err(store_err(e)),
+            }
+        }
+        self.manager.catalog().delete_snapshot(id).await?;
+        Ok(())
+    }
+
+    /// Reads every chunk of a snapshot back and checks its digest.
+    pub async fn verify(&self, id: i64) -> Result<serde_json::Value, EnvError> {
+        let s = self.get(id).await?;
+        let Some(name) = s.index_name.clone() else {
+            return Ok(
+                json!({"snapshot": id, "ok": true, "detail": "nothing stored (config snapshot)"}),
+            );
+        };
+        let store = self.store.clone();
+        let map = blocking(move || store.read_index(&name))
+            .await?
+            .map_err(store_err)?;
+        let ids: Vec<_> = map.data_ids().copied().collect();
+        let store = self.store.clone();
+        let bad: Vec<String> = blocking(move || {
+            ids.iter()
+                .filter_map(|id| store.get(id).err().map(|e| e.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        let digest_ok = Some(pull::digest_of(&map)) == s.checksum;
+        Ok(
+            json!({"snapshot": id, "ok": bad.is_empty() && digest_ok, "chunks": map.data_ids().count(), "bad_chunks": bad, "digest_ok": digest_ok}),
+        )
+    }
+
+    /// Restores a disk snapshot into a new raw image at `output` as a job.
+    pub async fn restore(
+        self: &Arc<Self>,
+        id: i64,
+        output: &Path,
+        format: Option<&str>,
+        actor: &str,
+    ) -> Result<Job, EnvError> {
+        let s = self.get(id).await?;
+        if s.state != SnapshotState::Complete {
+            return Err(EnvError::Conflict(format!(
+                "snapshot {id} is {}, not complete",
+                s.state.as_str()
+            )));
+        }
+        let Some(name) = s.index_name.clone() else {
+            return Err(EnvError::BadRequest(format!(
+                "snapshot {id} is a {} snapshot: it has no disk to restore",
+                s.resource
+            )));
+        };
+        match format.unwrap_or("raw") {
+            "raw" => {}
+            "qcow2" => return Err(EnvError::BadRequest(
+                "--format qcow2 is not supported yet; restore raw (it is sparse) and convert it"
+                    .into(),
+            )),
+            other => {
+                return Err(EnvError::BadRequest(format!(
+                    "unknown format {other:?}: use raw"
+                )))
+            }
+        }
+        if !output.is_absolute() {
+            return Err(EnvError::BadRequest(format!(
+                "{} is a relative path",
+                output.display()
+            )));
+        }
+        if output.exists() {
+            return Err(EnvError::Conflict(format!(
+                "{} exists; restore never overwrites a file",
+                output.display()
+            )));
+        }
+        let parent_ok = output.parent().is_some_and(Path::is_dir);
+        if !parent_ok {
+            return Err(EnvError::BadRequest(format!(
+                "the directory of {} does not exist",
+                output.display()
+            )));
+        }
+        let output = output.to_owned();
+        let checksum = s.checksum.clone();
+        self.spawn_job(
+            "restore",
+            &format!("snapshot {id}"),
+            actor,
+            move |me, progress| async move {
+                let store = me.store.clone();
+                let map = blocking(move || store.read_index(&name))
+                    .await?
+                    .map_err(store_err)?;
+                if Some(pull::digest_of(&map)) != checksum {
+                    return Err(EnvError::Internal(format!(
+                        "the block map of snapshot {id} does not match its recorded checksum"
+                    )));
+                }
+                let written = restore_raw(&me.store, &map, &output, &progress).await?;
+                Ok(json!({"output": output, "bytes": map.disk_size, "bytes_written": written}))
+            },
+        )
+        .await
+    }
+}
+
+/// Writes `map` as a sparse raw image: into `<output>.partial`, then renamed.
+async fn restore_raw(
+    store: &ChunkStore,
+    map: &BlockMap,
+    output: &Path,
+    progress: &(AtomicU64, AtomicU64),
+) -> Result<u64, EnvError> {
+    let partial = PathBuf::from(format!("{}.partial", output.display()));
+    let io = |what: &str, e: std::io::Error| {
+        EnvError::Internal(format!("{what} {}: {e}", partial.display()))
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .map_err(|e| io("cannot create", e))?;
+    file.set_len(map.disk_size)
+        .map_err(|e| io("cannot size", e))?;
+    let file = Arc::new(file);
+    let data: Vec<(usize, weft_blockdev::store::ChunkId)> = map
+        .slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Slot::Data(id) => Some((i, *id)),
+            Slot::Zero => None,
+        })
+        .collect();
+    let total: u64 = data.iter().map(|(i, _)| u64::from(map.chunk_len(*i))).sum();
+    progress.1.store(total, Ordering::Relaxed);
+    let result = stream::iter(data)
+        .map(|(i, id)| {
+            let (store, file) = (store.clone(), Arc::clone(&file));
+            let offset = map.chunk_offset(i);
+            async move {
+                let n = blocking(move || -> Result<u64, EnvError> {
+                    let chunk = store.get(&id).map_err(store_err)?;
+                    file.write_all_at(&chunk, offset)
+                        .map_err(|e| EnvError::Internal(format!("write at {offset}: {e}")))?;
+                    Ok(chunk.len() as u64)
+                })
+                .await??;
+                progress.0.fetch_add(n, Ordering::Relaxed);
+                Ok::<u64, EnvError>(n)
+            }
+        })
+        .buffer_unordered(RESTORE_PARALLEL)
+        .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+        .await;
+    let written = match result {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    file.sync_all().map_err(|e| io("cannot sync", e))?;
+    std::fs::rename(&partial, output).map_err(|e| io("cannot rename", e))?;
+    Ok(written)
+}
+
+fn disk_names(disks: &[DiskConfig]) -> String {
+    disks
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn store_err(e: weft_blockdev::store::Error) -> EnvError {
+    EnvError::Internal(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, EnvError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EnvError::Internal(format!("store task failed: {e}")))
+}

@@ -1,0 +1,271 @@
+//! Pulling a disk image from an NBD export into the chunk store.
+//!
+//! A **full** pull asks the export's `base:allocation` context which extents hold data
+//! and reads only those; a chunk slot with no data, or whose data is all zeros, is a
+//! [`Slot::Zero`]. An **incremental** pull starts from the parent's block map and asks
+//! the export's dirty-bitmap context which extents changed: only those bytes are read
+//! over NBD, patched into the parent's chunk (fetched from the store) and stored again;
+//! untouched slots keep the parent's chunk. So the bytes read over NBD are the bytes
+//! dirtied, rounded to the bitmap's granularity.
+//!
+//! The block map is returned, not written: the caller writes it (making the snapshot
+//! visible) only after this returns, when every chunk it references is durable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use ring::digest;
+
+use crate::nbd::{self, Extent, NbdClient, NBD_STATE_DIRTY, NBD_STATE_ZERO};
+use crate::store::{BlockMap, ChunkId, ChunkStore, Slot};
+
+/// Chunks processed at once (each holds one chunk in memory, plus NBD reads in flight).
+const PARALLEL_CHUNKS: usize = 8;
+
+/// What to pull.
+#[derive(Debug, Clone)]
+pub enum PullKind {
+    /// Every allocated extent.
+    Full,
+    /// Only the extents the dirty-bitmap `context` marks, on top of `parent`.
+    Incremental {
+        /// `qemu:dirty-bitmap:<name>`.
+        context: String,
+        /// The block map of the previous snapshot of this disk.
+        parent: BlockMap,
+    },
+}
+
+/// What one pull did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PullStats {
+    /// Bytes the export reported as dirty (incremental) or allocated (full).
+    pub bytes_marked: u64,
+    /// Bytes read over NBD.
+    pub bytes_read: u64,
+    /// Chunks that were not in the store before.
+    pub chunks_new: u64,
+    /// Bytes those new chunks take in the store (after compression).
+    pub bytes_stored: u64,
+    /// Chunk slots written (new or deduplicated).
+    pub chunks_written: u64,
+}
+
+/// Progress of a pull: bytes of marked extents handled so far, of the total.
+pub trait Progress: Send + Sync {
+    /// Called as chunks complete.
+    fn update(&self, done: u64, total: u64);
+}
+
+impl<F: Fn(u64, u64) + Send + Sync> Progress for F {
+    fn update(&self, done: u64, total: u64) {
+        self(done, total)
+    }
+}
+
+/// Why a pull failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading the export failed.
+    #[error("pull: {0}")]
+    Nbd(#[from] nbd::Error),
+    /// The chunk store failed.
+    #[error("pull: {0}")]
+    Store(#[from] crate::store::Error),
+    /// The export and the parent do not fit together.
+    #[error("pull: {0}")]
+    Mismatch(String),
+    /// A blocking store task died.
+    #[error("pull: store task failed: {0}")]
+    Task(String),
+}
+
+/// Pulls the export behind `nbd` into `store` and returns the new block map.
+pub async fn pull(
+    nbd: &NbdClient,
+    store: Arc<ChunkStore>,
+    kind: &PullKind,
+    progress: &dyn Progress,
+) -> Result<(BlockMap, PullStats), Error> {
+    let size = nbd.size();
+    let chunk_size = store.chunk_size();
+    let (marked, parent) = match kind {
+        PullKind::Full => {
+            let extents = nbd.block_status_all("base:allocation").await?;
+            (select(&extents, |f| f & NBD_STATE_ZERO == 0), None)
+        }
+        PullKind::Incremental { context, parent } => {
+            if parent.disk_size != size || parent.chunk_size != chunk_size {
+                return Err(Error::Mismatch(format!(
+                    "the parent block map ({} bytes in {}-byte chunks) does not fit the export ({size} bytes, {chunk_size}-byte chunks)",
+                    parent.disk_size, parent.chunk_size
+                )));
+            }
+            let extents = nbd.block_status_all(context).await?;
+            (select(&extents, |f| f & NBD_STATE_DIRTY != 0), Some(parent))
+        }
+    };
+    let total: u64 = marked.iter().map(|(_, len)| len).sum();
+    let mut map = BlockMap::new(size, chunk_size);
+    if let Some(parent) = parent {
+        map.slots.clone_from(&parent.slots);
+    }
+    // The marked ranges of each slot that has any.
+    let mut work: Vec<(usize, Vec<(u64, u64)>)> = Vec::new();
+    for (start, len) in &marked {
+        let (mut at, end) = (*start, start + len);
+        while at < end {
+            let slot = map.slot_of(at);
+            let slot_end = map.chunk_offset(slot) + u64::from(map.chunk_len(slot));
+            let piece_end = end.min(slot_end);
+            match work.last_mut() {
+                Some((s, ranges)) if *s == slot => ranges.push((at, piece_end - at)),
+                _ => work.push((slot, vec![(at, piece_end - at)])),
+            }
+            at = piece_end;
+        }
+    }
+
+    let done = AtomicU64::new(0);
+    let stats = std::sync::Mutex::new(PullStats {
+        bytes_marked: total,
+        ..PullStats::default()
+    });
+    let map_ref = &map;
+    let results: Vec<(usize, Slot)> = stream::iter(work)
+        .map(|(slot, ranges)| {
+            let store = Arc::clone(&store);
+            let (done, stats) = (&done, &stats);
+            async move {
+                let offset = map_ref.chunk_offset(slot);
+                let len = map_ref.chunk_len(slot) as usize;
+                let mut chunk = match &map_ref.slots[slot] {
+                    Slot::Data(id) => {
+                        let (store, id) = (Arc::clone(&store), *id);
+                        blocking(move || store.get(&id)).await??
+                    }
+                    Slot::Zero => vec![0u8; len],
+                };
+                if chunk.len() != len {
+                    return Err(Error::Mismatch(format!(
+                        "parent chunk of slot {slot} holds {} bytes, not {len}",
+                        chunk.len()
+                    )));
+                }
+                let mut read = 0u64;
+                for (start, rlen) in &ranges {
+                    let mut at = *start;
+                    while at < start + rlen {
+                        let n = (start + rlen - at).min(u64::from(nbd.max_request()));
+                        let from = (at - offset) as usize;
+                        // n <= max_request (a u32) by construction.
+                        nbd.read_into(at, &mut chunk[from..from + n as usize])
+                            .await?;
+                        at += n;
+                        read += n;
+                    }
+                }
+                let new_slot = if chunk.iter().all(|b| *b == 0) {
+                    Slot::Zero
+                } else {
+                    let store = Arc::clone(&store);
+                    let outcome = blocking(move || store.put(&chunk)).await??;
+                    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                    s.chunks_written += 1;
+                    if outcome.new {
+                        s.chunks_new += 1;
+                        s.bytes_stored += outcome.stored_bytes;
+                    }
+                    Slot::Data(outcome.id)
+                };
+                {
+                    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
+                    s.bytes_read += read;
+                }
+                let marked_here: u64 = ranges.iter().map(|(_, l)| l).sum();
+                let now = done.fetch_add(marked_here, Ordering::Relaxed) + marked_here;
+                progress.update(now, total);
+                Ok::<_, Error>((slot, new_slot))
+            }
+        })
+        .buffer_unordered(PARALLEL_CHUNKS)
+        .try_collect()
+        .await?;
+    for (slot, value) in results {
+        map.slots[slot] = value;
+    }
+    let stats = stats.into_inner().unwrap_or_else(|p| p.into_inner());
+    Ok((map, stats))
+}
+
+/// The content digest of an image from its block map: SHA-256 over, per chunk slot,
+/// `0x00 ‖ length (u32 LE)` for a zero slot or `0x01 ‖ chunk id` for a data slot.
+/// Chunk ids are content hashes (keyed in an encrypted store), so equal digests mean
+/// equal images within one store; restore re-derives every id from the data it writes.
+pub fn digest_of(map: &BlockMap) -> String {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for (i, slot) in map.slots.iter().enumerate() {
+        match slot {
+            Slot::Zero => {
+                ctx.update(&[0]);
+                ctx.update(&map.chunk_len(i).to_le_bytes());
+            }
+            Slot::Data(id) => {
+                ctx.update(&[1]);
+                ctx.update(id.as_bytes());
+            }
+        }
+    }
+    let d = ctx.finish();
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The digest of raw image bytes, chunked as `map` chunks them, with `id_of` giving a
+/// chunk's id: what [`digest_of`] must equal for a faithful restore.
+pub fn digest_of_data(data: &[u8], chunk_size: u32, id_of: impl Fn(&[u8]) -> ChunkId) -> String {
+    let mut map = BlockMap::new(data.len() as u64, chunk_size);
+    for (i, piece) in data.chunks(chunk_size as usize).enumerate() {
+        map.slots[i] = if piece.iter().all(|b| *b == 0) {
+            Slot::Zero
+        } else {
+            Slot::Data(id_of(piece))
+        };
+    }
+    digest_of(&map)
+}
+
+/// The ranges `(offset, length)` of the extents whose flags satisfy `keep`, merged.
+fn select(extents: &[Extent], keep: impl Fn(u32) -> bool) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for e in extents.iter().filter(|e| keep(e.flags) && e.length > 0) {
+        match out.last_mut() {
+            Some((start, len)) if *start + *len == e.offset => *len += e.length,
+            _ => out.push((e.offset, e.length)),
+        }
+    }
+    out
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Task(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn select_merges_adjacent_kept_extents() {
+        let e = |offset, length, flags| Extent {
+            offset,
+            length,
+            flags,
+        };
+        let extents = [e(0, 10, 1), e(10, 5, 1), e(15, 5, 0), e(20, 5, 1)];
+        assert_eq!(select(&extents, |f| f & 1 != 0), [(0, 15), (20, 5)]);
+        assert_eq!(select(&extents, |f| f & 1 == 0), [(15, 5)]);
+    }
+}

@@ -1,0 +1,147 @@
+//! Crash-safe file plumbing: temp file, fsync, link/rename, fsync directory.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::error::{Error, IoContext};
+
+/// Suffix of temp files (in `<tier>/tmp/`).
+pub(crate) const TMP_SUFFIX: &str = ".tmp";
+/// Suffix of chunk files parked by gc/tier before their removal (in `<tier>/tmp/`).
+pub(crate) const PARKED_SUFFIX: &str = ".parked";
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// fsync a directory so that entries created or renamed in it are durable.
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), Error> {
+    let f = File::open(dir).ctx("open directory", dir)?;
+    f.sync_all().ctx("fsync directory", dir)
+}
+
+/// Create `dir` and any missing ancestors below `base`, fsyncing each parent
+/// whose entries changed. `base` must exist.
+pub(crate) fn ensure_dir(base: &Path, dir: &Path) -> Result<(), Error> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let rel = dir.strip_prefix(base).unwrap_or(dir);
+    let mut cur = base.to_path_buf();
+    for comp in rel.components() {
+        let parent = cur.clone();
+        cur.push(comp);
+        match fs::create_dir(&cur) {
+            Ok(()) => fsync_dir(&parent)?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).ctx("create directory", &cur),
+        }
+    }
+    Ok(())
+}
+
+/// A fresh temp file name inside `tmp_dir`.
+pub(crate) fn temp_path(tmp_dir: &Path, tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    tmp_dir.join(format!(
+        "{}-{}-{n}-{nanos:08x}{TMP_SUFFIX}",
+        std::process::id(),
+        tag
+    ))
+}
+
+/// How the temp file becomes the final file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Publish {
+    /// `link()`: never replaces; the first writer wins (chunks: equal ids mean equal content).
+    NoReplace,
+    /// `rename()`: replaces an existing file atomically (indexes).
+    Replace,
+}
+
+/// Write `parts` to a temp file in `tmp_dir`, fsync it, publish it at `dest`
+/// (whose directory must exist) and fsync `dest`'s directory.
+/// Returns false when `Publish::NoReplace` found `dest` already there.
+pub(crate) fn write_durable(
+    tmp_dir: &Path,
+    tag: &str,
+    dest: &Path,
+    parts: &[&[u8]],
+    how: Publish,
+) -> Result<bool, Error> {
+    let tmp = temp_path(tmp_dir, tag);
+    let res = write_durable_inner(&tmp, dest, parts, how);
+    // The temp name is always removed: after a link it is a second name of
+    // the published file, after a failure it is garbage.
+    if how == Publish::NoReplace || res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+fn write_durable_inner(
+    tmp: &Path,
+    dest: &Path,
+    parts: &[&[u8]],
+    how: Publish,
+) -> Result<bool, Error> {
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp)
+            .ctx("create temp file", tmp)?;
+        for p in parts {
+            f.write_all(p).ctx("write temp file", tmp)?;
+        }
+        f.sync_all().ctx("fsync temp file", tmp)?;
+    }
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    match how {
+        Publish::Replace => {
+            fs::rename(tmp, dest).ctx("rename into place", dest)?;
+        }
+        Publish::NoReplace => match fs::hard_link(tmp, dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Unsupported | io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                // File systems without hard links: rename replaces an equal chunk, harmless.
+                if dest.exists() {
+                    return Ok(false);
+                }
+                fs::rename(tmp, dest).ctx("rename into place", dest)?;
+            }
+            Err(e) => return Err(e).ctx("link into place", dest),
+        },
+    }
+    fsync_dir(dir)?;
+    Ok(true)
+}
+
+/// Seconds since the Unix epoch (0 before it).
+pub(crate) fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Read a directory, treating "does not exist" as empty.
+pub(crate) fn read_dir_or_empty(dir: &Path) -> Result<Vec<fs::DirEntry>, Error> {
+    match fs::read_dir(dir) {
+        Ok(rd) => rd.collect::<Result<Vec<_>, _>>().ctx("read directory", dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).ctx("read directory", dir),
+    }
+}

@@ -1,0 +1,525 @@
+//! End-to-end tests of disk snapshots and restores through weftd, with a real guest
+//! writing to its disk. The disk content at a snapshot's instant is captured from
+//! outside: the environment is paused (QEMU drains and flushes its disks), the image is
+//! copied with `qemu-img convert -U`, the snapshot is taken, the guest resumes. Every
+//! restored image is compared with its copy by `qemu-img compare`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _};
+use weft::client::Client;
+use weft::model::{Job, JobState, Snapshot, SnapshotKind};
+use weft_integration::{bin_path, guest_assets, make_data_disk, wait_until, SerialLog};
+
+const MIB: u64 = 1024 * 1024;
+const BOOT: Duration = Duration::from_secs(90);
+const JOB: Duration = Duration::from_secs(120);
+
+struct Rig {
+    dir: tempfile::TempDir,
+    weftd: Option<Child>,
+    config: Option<PathBuf>,
+    dump_logs: bool,
+}
+
+impl Rig {
+    fn new() -> anyhow::Result<Rig> {
+        Ok(Rig {
+            dir: tempfile::Builder::new().prefix("weft-snap").tempdir()?,
+            weftd: None,
+            config: None,
+            dump_logs: true,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.path("run/weftd.sock")
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.socket())
+    }
+
+    fn weft(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin_path("weft"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("weft runs")
+    }
+
+    fn weft_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.weft(args);
+        ensure!(
+            out.status.success(),
+            "weft {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    async fn start_weftd(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("weftd.log"))?;
+        let mut cmd = Command::new(bin_path("weftd"));
+        cmd.arg("--data-dir")
+            .arg(self.path("data"))
+            .arg("--run-dir")
+            .arg(self.path("run"));
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        self.weftd = Some(cmd.stdout(log.try_clone()?).stderr(log).spawn()?);
+        let client = self.client();
+        wait_until(Duration::from_secs(20), "weftd to answer", || {
+            let client = client.clone();
+            async move {
+                Ok(client
+                    .get::<serde_json::Value>("/v1/status")
+                    .await
+                    .ok()
+                    .map(drop))
+            }
+        })
+        .await
+    }
+
+    fn kill_weftd(&mut self) {
+        if let Some(mut c) = self.weftd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Creates and boots an environment on `disks` (the first is the guest's data disk).
+    async fn boot(&self, name: &str, disks: &[&Path]) -> anyhow::Result<()> {
+        let assets = tokio::task::spawn_blocking(guest_assets).await??;
+        let mut args = vec![
+            "env".to_string(),
+            "create".into(),
+            name.into(),
+            "--memory".into(),
+            "256M".into(),
+        ];
+        for d in disks {
+            args.push("--disk".into());
+            args.push(d.to_str().context("utf-8")?.into());
+        }
+        for (flag, value) in [
+            ("--kernel", assets.kernel.to_str().context("utf-8")?),
+            ("--initrd", assets.initrd.to_str().context("utf-8")?),
+            ("--append", "console=ttyS0 panic=-1 weft.workload=counter"),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.weft_ok(&args)?;
+        self.serial(name).wait_for("WEFT-READY", BOOT).await
+    }
+
+    fn serial(&self, env: &str) -> SerialLog {
+        SerialLog::new(self.path(&format!("data/environments/{env}/serial.log")))
+    }
+
+    /// Waits until the guest's counter has advanced by `n` ticks past what the serial log shows now.
+    async fn ticks(&self, env: &str, n: u32) -> anyhow::Result<()> {
+        let serial = self.serial(env);
+        let last = |text: &str| {
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("weft-counter: tick "))
+                .filter_map(|t| t.trim().parse::<u32>().ok())
+                .max()
+                .unwrap_or(0)
+        };
+        let from = last(&serial.contents());
+        // The counter echoes every fifth tick on the console.
+        let target = from + n.max(5);
+        wait_until(
+            Duration::from_secs(60),
+            "the guest's counter to advance",
+            || {
+                let text = serial.contents();
+                async move { Ok((last(&text) >= target).then_some(())) }
+            },
+        )
+        .await
+    }
+
+    /// Pauses the VM, copies `image` as it is now, takes a snapshot of `resource`,
+    /// resumes; returns the snapshot and the reference copy.
+    async fn snapshot_at_instant(
+        &self,
+        env: &str,
+        image: &Path,
+        resource: &str,
+        label: &str,
+    ) -> anyhow::Result<(Snapshot, PathBuf)> {
+        self.weft_ok(&["env", "pause", env])?;
+        let reference = self.path(&format!("ref-{label}.raw"));
+        let out = Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "raw"])
+            .arg(image)
+            .arg(&reference)
+            .output()?;
+        ensure!(out.status.success(), "qemu-img convert: {out:?}");
+        let snapshot = self.snapshot(env, resource).await;
+        self.weft_ok(&["env", "resume", env])?;
+        Ok((snapshot?, reference))
+    }
+
+    async fn snapshot(&self, env: &str, resource: &str) -> anyhow::Result<Snapshot> {
+        let job: Job = self
+            .client()
+            .post(
+                &format!("/v1/environments/{env}/snapshots"),
+                &serde_json::json!({"resource": resource, "category": "test"}),
+            )
+            .await?;
+        let job = self.wait_job(job.id).await?;
+        let id = job
+            .result
+            .as_ref()
+            .and_then(|r| r["snapshots"][0].as_i64())
+            .context("snapshot id")?;
+        Ok(self.client().get(&format!("/v1/snapshots/{id}")).await?)
+    }
+
+    async fn wait_job(&self, id: i64) -> anyhow::Result<Job> {
+        let client = self.client();
+        let job: Job = wait_until(JOB, &format!("job {id}"), || {
+            let client = client.clone();
+            async move {
+                let job: Job = client.get(&format!("/v1/jobs/{id}")).await?;
+                Ok((job.state != JobState::Running).then_some(job))
+            }
+        })
+        .await?;
+        if job.state != JobState::Succeeded {
+            bail!("job {id} failed: {:?}", job.error);
+        }
+        Ok(job)
+    }
+
+    /// Restores `snapshot` and compares it with `reference`.
+    async fn restore_matches(&self, snapshot: i64, reference: &Path) -> anyhow::Result<()> {
+        let out = self.path(&format!("restored-{snapshot}.raw"));
+        self.weft_ok(&[
+            "restore",
+            &snapshot.to_string(),
+            "--output",
+            out.to_str().context("utf-8")?,
+        ])?;
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(reference)
+            .arg(&out)
+            .output()?;
+        ensure!(
+            cmp.status.success(),
+            "restore of snapshot {snapshot} differs from the disk at its instant: {}",
+            String::from_utf8_lossy(&cmp.stdout)
+        );
+        Ok(())
+    }
+
+    fn passed(&mut self) {
+        self.dump_logs = false;
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if self.dump_logs || std::thread::panicking() {
+            eprintln!(
+                "---- weftd log ----\n{}",
+                std::fs::read_to_string(self.path("weftd.log")).unwrap_or_default()
+            );
+        }
+        self.kill_weftd();
+        // Whatever QEMU this test started mentions its directory.
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                if let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|p| p.parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A 64 MiB ext4 data disk as qcow2 (bitmaps persist in qcow2).
+fn qcow2_data_disk(rig: &Rig, name: &str) -> anyhow::Result<PathBuf> {
+    let raw = rig.path(&format!("{name}.raw"));
+    make_data_disk(&raw, 64)?;
+    let qcow2 = rig.path(&format!("{name}.qcow2"));
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow2)
+        .output()?;
+    ensure!(out.status.success(), "{out:?}");
+    std::fs::remove_file(raw)?;
+    Ok(qcow2)
+}
+
+#[tokio::test]
+async fn qemu_full_and_incremental_snapshots_restore_exactly() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    rig.boot("g", &[&disk]).await?;
+
+    let mut taken = Vec::new();
+    for round in 0..4 {
+        rig.ticks("g", 5).await?;
+        taken.push(
+            rig.snapshot_at_instant("g", &disk, "disk:vda", &round.to_string())
+                .await?,
+        );
+    }
+    let kinds: Vec<SnapshotKind> = taken.iter().map(|(s, _)| s.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            SnapshotKind::Full,
+            SnapshotKind::Incremental,
+            SnapshotKind::Incremental,
+            SnapshotKind::Incremental
+        ],
+        "{taken:#?}"
+    );
+    let full_read = taken[0].0.bytes_read.context("bytes_read")?;
+    for (s, _) in &taken[1..] {
+        let read = s.bytes_read.context("bytes_read")?;
+        // The counter appends a few lines between snapshots: a handful of 64 KiB
+        // clusters (data, inode, journal), never the disk.
+        assert!(
+            read > 0 && read <= 4 * MIB,
+            "incremental {} read {read} bytes",
+            s.id
+        );
+        assert!(
+            read < full_read,
+            "incremental {} read {read} >= full {full_read}",
+            s.id
+        );
+        assert_eq!(
+            s.parent,
+            Some(s.id - 1),
+            "each incremental builds on the one before"
+        );
+    }
+    for (s, reference) in &taken {
+        rig.restore_matches(s.id, reference).await?;
+    }
+    let verify = rig.weft_ok(&["store", "verify"])?;
+    assert!(verify.contains("bad_chunks:"), "{verify}");
+    let listed = rig.weft_ok(&[
+        "snapshot",
+        "list",
+        "g",
+        "--resource",
+        "disk:vda",
+        "--category",
+        "test",
+    ])?;
+    assert_eq!(listed.lines().count(), 1 + 4, "{listed}");
+    rig.passed();
+    Ok(())
+}
+
+#[tokio::test]
+async fn qemu_snapshot_after_poweroff_and_start_is_still_correct() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    rig.boot("g", &[&disk]).await?;
+    rig.ticks("g", 5).await?;
+    let (first, r1) = rig.snapshot_at_instant("g", &disk, "disk:vda", "1").await?;
+    rig.weft_ok(&["env", "stop", "g"])?;
+    rig.weft_ok(&["env", "start", "g"])?;
+    rig.serial("g").wait_for("WEFT-READY", BOOT).await?;
+    rig.ticks("g", 5).await?;
+    let (second, r2) = rig.snapshot_at_instant("g", &disk, "disk:vda", "2").await?;
+    // The qcow2 kept the checkpoint bitmap across the clean power-off.
+    assert_eq!(second.kind, SnapshotKind::Incremental, "{second:#?}");
+    assert_eq!(second.parent, Some(first.id));
+    rig.restore_matches(first.id, &r1).await?;
+    rig.restore_matches(second.id, &r2).await?;
+    rig.passed();
+    Ok(())
+}
+
+/// A raw second disk full of random data: large enough that a backup takes a while.
+fn random_disk(rig: &Rig, name: &str, mib: u64) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    let path = rig.path(name);
+    let mut f = std::fs::File::create(&path)?;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; MIB as usize];
+    for _ in 0..mib {
+        for b in buf.chunks_mut(8) {
+            // xorshift: incompressible, deterministic.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            b.copy_from_slice(&state.to_le_bytes()[..b.len()]);
+        }
+        f.write_all(&buf)?;
+    }
+    Ok(path)
+}
+
+#[tokio::test]
+async fn qemu_weftd_killed_mid_backup_leaves_a_sound_store() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    let big = random_disk(&rig, "vdb.raw", 384)?;
+    rig.boot("g", &[&disk, &big]).await?;
+    let (first, _) = rig.snapshot_at_instant("g", &disk, "disk:vda", "1").await?;
+
+    // Kill weftd while it pulls the big disk.
+    let job: Job = rig
+        .client()
+        .post(
+            "/v1/environments/g/snapshots",
+            &serde_json::json!({"resource": "disk:vdb"}),
+        )
+        .await?;
+    let client = rig.client();
+    wait_until(JOB, "the backup to be under way", || {
+        let client = client.clone();
+        async move {
+            let j: Job = client.get(&format!("/v1/jobs/{}", job.id)).await?;
+            ensure!(
+                j.state == JobState::Running,
+                "the backup ended before weftd was killed: {j:?}"
+            );
+            Ok((j.done_bytes > 0).then_some(()))
+        }
+    })
+    .await?;
+    rig.kill_weftd();
+    rig.start_weftd().await?;
+
+    let after: Job = rig.client().get(&format!("/v1/jobs/{}", job.id)).await?;
+    assert_eq!(after.state, JobState::Failed, "{after:?}");
+    let all: Vec<Snapshot> = rig
+        .client()
+        .get("/v1/environments/g/snapshots?all=true")
+        .await?;
+    let vdb: Vec<&Snapshot> = all.iter().filter(|s| s.resource == "disk:vdb").collect();
+    assert_eq!(vdb.len(), 1);
+    assert_eq!(
+        vdb[0].state,
+        weft::model::SnapshotState::Failed,
+        "no partial snapshot is complete"
+    );
+    let visible: Vec<Snapshot> = rig
+        .client()
+        .get("/v1/environments/g/snapshots?resource=disk:vdb")
+        .await?;
+    assert!(visible.is_empty(), "{visible:?}");
+    rig.weft_ok(&["store", "verify"])?;
+
+    // The next snapshots are correct: vda incremental from its surviving checkpoint,
+    // vdb in full (its interrupted checkpoint is cleaned out of QEMU).
+    rig.ticks("g", 5).await?;
+    let (next, reference) = rig.snapshot_at_instant("g", &disk, "disk:vda", "2").await?;
+    assert_eq!(next.kind, SnapshotKind::Incremental);
+    assert_eq!(next.parent, Some(first.id));
+    rig.restore_matches(next.id, &reference).await?;
+    let (vdb_snap, vdb_ref) = rig.snapshot_at_instant("g", &big, "disk:vdb", "3").await?;
+    assert_eq!(vdb_snap.kind, SnapshotKind::Full);
+    rig.restore_matches(vdb_snap.id, &vdb_ref).await?;
+    rig.passed();
+    Ok(())
+}
+
+#[tokio::test]
+async fn qemu_encrypted_store_holds_no_plaintext_and_needs_its_key() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let config = rig.path("weftd.toml");
+    std::fs::write(&config, "[store]\nencrypt = true\n")?;
+    rig.config = Some(config);
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    // A known plaintext in a region ext4 does not use, written before the guest boots.
+    let canary = "WEFT-PLAINTEXT-CANARY the guest wrote this sentence. ";
+    let text: Vec<u8> = canary.bytes().cycle().take(MIB as usize).collect();
+    let blob = rig.path("canary.bin");
+    std::fs::write(&blob, &text)?;
+    let out = Command::new("qemu-io")
+        .arg("-c")
+        .arg(format!("write -s {} 40M 1M", blob.display()))
+        .arg(&disk)
+        .output()?;
+    ensure!(out.status.success(), "{out:?}");
+    rig.boot("g", &[&disk]).await?;
+    let (snap, reference) = rig.snapshot_at_instant("g", &disk, "disk:vda", "1").await?;
+    assert!(snap.bytes_new.unwrap_or(0) > 0);
+
+    let store = rig.path("data/store");
+    let mut scanned = 0;
+    for file in walk(&store)? {
+        let data = std::fs::read(&file)?;
+        scanned += 1;
+        assert!(
+            !data.windows(canary.len()).any(|w| w == canary.as_bytes()),
+            "{} holds the guest's plaintext",
+            file.display()
+        );
+    }
+    assert!(scanned > 3, "the store holds chunk files");
+    rig.restore_matches(snap.id, &reference).await?;
+
+    // Without its key the store does not open: weftd says so in one line.
+    rig.kill_weftd();
+    std::fs::rename(rig.path("data/store.key"), rig.path("elsewhere.key"))?;
+    let out = Command::new(bin_path("weftd"))
+        .arg("--data-dir")
+        .arg(rig.path("data"))
+        .arg("--run-dir")
+        .arg(rig.path("run"))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("encrypted") && err.contains("key"), "{err}");
+    rig.passed();
+    Ok(())
+}
+
+fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            out.extend(walk(&path)?);
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
