@@ -20,7 +20,7 @@ use weft_blockdev::nbd::NbdClient;
 use weft_blockdev::pull::{self, PullKind};
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
 use weft_qmp::backup::{self, PullBackupSpec};
-use weft_qmp::launch::{DiskConfig, DiskFormat};
+use weft_qmp::launch::DiskConfig;
 
 use crate::catalog_snapshots::{Completed, NewSnapshot, SnapshotFilter};
 use crate::config::Config;
@@ -399,8 +399,16 @@ impl Snapshots {
         let catalog = self.manager.catalog();
         let resource = format!("disk:{}", disk.name);
         let checkpoint = format!("{CHECKPOINT_PREFIX}{id}");
-        // A raw image cannot store bitmaps: its checkpoint lives only as long as QEMU.
-        let persistent = disk.format == DiskFormat::Qcow2;
+        // A raw or qcow2 v2 image cannot store bitmaps: its checkpoint lives only as
+        // long as QEMU does (a restart means a full snapshot, with that reason).
+        let qemu_err = |e: weft_qmp::Error| EnvError::Qemu(format!("disk {}: {e}", disk.name));
+        let unsupported = backup::persistent_bitmaps_unsupported(qmp, &disk.format_node())
+            .await
+            .map_err(qemu_err)?;
+        if let Some(why) = &unsupported {
+            info!(env, disk = %disk.name, why = %why, "checkpoint kept in QEMU's memory only");
+        }
+        let persistent = unsupported.is_none();
         catalog.set_snapshot_checkpoint(id, &checkpoint).await?;
         let work_dir = self.manager.config().run_dir.join("backup");
         std::fs::create_dir_all(&work_dir).map_err(|e| {

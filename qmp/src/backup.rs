@@ -106,6 +106,36 @@ pub async fn node_size(qmp: &Qmp, node: &str) -> Result<u64, Error> {
         .ok_or_else(|| Error::protocol(format!("no size for block node {node:?}")))
 }
 
+/// Whether `node` can store persistent bitmaps: only qcow2 images of version 3
+/// (`compat=1.1`) can; raw images and qcow2 version 2 (`compat=0.10`) cannot. Returns
+/// the reason when it cannot.
+pub async fn persistent_bitmaps_unsupported(
+    qmp: &Qmp,
+    node: &str,
+) -> Result<Option<String>, Error> {
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", Some(json!({"flat": true})))
+        .await?;
+    let image = nodes
+        .as_array()
+        .and_then(|all| all.iter().find(|n| n["node-name"] == node))
+        .map(|n| n["image"].clone())
+        .ok_or_else(|| Error::protocol(format!("no block node named {node:?}")))?;
+    let format = image["format"].as_str().unwrap_or("");
+    Ok(match format {
+        "qcow2" => match image["format-specific"]["data"]["compat"].as_str() {
+            Some("0.10") => Some(
+                "a qcow2 version 2 image (compat=0.10) cannot store checkpoint bitmaps; `qemu-img amend -o compat=1.1` upgrades it"
+                    .into(),
+            ),
+            _ => None,
+        },
+        other => Some(format!(
+            "a {other} image cannot store checkpoint bitmaps; they last only while QEMU runs"
+        )),
+    })
+}
+
 /// Why an incremental cannot use the previous checkpoint (`None`: it can).
 pub async fn checkpoint_problem(
     qmp: &Qmp,

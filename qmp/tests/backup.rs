@@ -346,3 +346,51 @@ async fn qemu_leftovers_of_an_interrupted_backup_are_cleaned() {
     nothing_left(&qmp, &vm).await;
     p.kill().await;
 }
+
+#[tokio::test]
+async fn qemu_disks_without_persistent_bitmaps_back_up_with_memory_checkpoints() {
+    for (format, create_args) in [
+        (DiskFormat::Qcow2, vec!["-f", "qcow2", "-o", "compat=0.10"]),
+        (DiskFormat::Raw, vec!["-f", "raw"]),
+    ] {
+        let mut vm = Vm::new();
+        let disk = vm.path("old.img");
+        let out = Command::new("qemu-img")
+            .arg("create")
+            .arg("-q")
+            .args(&create_args)
+            .arg(&disk)
+            .arg("64M")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        vm.config.disks[0].path = disk;
+        vm.config.disks[0].format = format;
+        let p = vm.start().await;
+        let qmp = p.qmp().clone();
+        let why = backup::persistent_bitmaps_unsupported(&qmp, "vda-fmt")
+            .await
+            .unwrap()
+            .expect("no persistent bitmaps on this image");
+        assert!(why.contains("cannot store checkpoint bitmaps"), "{why}");
+        let mut spec = vm.spec("t1", "c1", None);
+        spec.persistent = false;
+        backup::start(&qmp, spec)
+            .await
+            .unwrap()
+            .finish()
+            .await
+            .unwrap();
+        write(&qmp, 0x44, 3 * MIB, 64 * 1024).await;
+        let mut spec = vm.spec("t2", "c2", Some("c1"));
+        spec.persistent = false;
+        let inc = backup::start(&qmp, spec).await.unwrap();
+        assert_eq!(
+            dirty_ranges(&vm, inc.dirty_context.as_deref().unwrap()),
+            [(3 * MIB, 64 * 1024)],
+            "{format:?}"
+        );
+        inc.finish().await.unwrap();
+        p.kill().await;
+    }
+}
