@@ -20,9 +20,10 @@ use tokio::net::UnixListener;
 use crate::catalog_snapshots::SnapshotFilter;
 use crate::envs::{one_line, EnvError, Manager};
 use crate::model::{
-    ApiError, AuditEntry, CreateEnvironment, CreateSnapshot, Environment, Job, RestoreRequest,
-    Snapshot, Status,
+    ApiError, AuditEntry, CreateEnvironment, CreateSnapshot, Environment, Job, PruneRequest,
+    RestoreRequest, Snapshot, Status,
 };
+use crate::policies::{Policy, SetPolicy};
 use crate::snapshots::Snapshots;
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
@@ -92,10 +93,22 @@ pub fn routes() -> Vec<Route> {
             "/v1/environments/{name}/snapshots",
             list_snapshots,
         ),
+        route(
+            Method::POST,
+            "/v1/environments/{name}/snapshots/prune",
+            prune_snapshots,
+        ),
         route(Method::GET, "/v1/snapshots/{id}", show_snapshot),
         route(Method::DELETE, "/v1/snapshots/{id}", delete_snapshot),
         route(Method::POST, "/v1/snapshots/{id}/verify", verify_snapshot),
         route(Method::POST, "/v1/snapshots/{id}/restore", restore_snapshot),
+        route(Method::PUT, "/v1/environments/{name}/policies", set_policy),
+        route(Method::GET, "/v1/policies", list_policies),
+        route(
+            Method::DELETE,
+            "/v1/environments/{name}/policies/{resource}",
+            delete_policy,
+        ),
         route(Method::GET, "/v1/jobs", list_jobs),
         route(Method::GET, "/v1/jobs/{id}", show_job),
         route(Method::GET, "/v1/store", store_stats),
@@ -532,6 +545,33 @@ async fn list_snapshots(
     Ok(Json(state.snapshots.list(&name, &filter).await?))
 }
 
+async fn prune_snapshots(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<PruneRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, EnvError> {
+    let req = body(req)?;
+    let snapshots = state.snapshots.clone();
+    let target = name.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let report = change(
+        &state,
+        actor(&peer, &headers),
+        "snapshot.prune",
+        name,
+        detail,
+        async move {
+            snapshots
+                .prune(&target, req.resource.as_deref(), &req.keep, req.dry_run)
+                .await
+        },
+    )
+    .await?;
+    Ok(Json(report))
+}
+
 fn snapshot_id(id: &str) -> Result<i64, EnvError> {
     id.parse().map_err(|_| {
         EnvError::BadRequest(format!(
@@ -594,6 +634,81 @@ async fn restore_snapshot(
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+async fn set_policy(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<SetPolicy>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Policy>, EnvError> {
+    let req = body(req)?;
+    if req.every_secs == 0 {
+        return Err(EnvError::BadRequest("--every must be at least 1s".into()));
+    }
+    if !(req.resource == "all" || req.resource == "config" || req.resource.starts_with("disk:")) {
+        return Err(EnvError::BadRequest(format!(
+            "unknown resource {:?}: use all, config or disk:<name>",
+            req.resource
+        )));
+    }
+    state.manager.show(&name).await?;
+    let catalog = state.manager.catalog().clone();
+    let target = name.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let policy = change(
+        &state,
+        actor(&peer, &headers),
+        "policy.set",
+        name,
+        detail,
+        async move { Ok(catalog.set_policy(&target, &req).await?) },
+    )
+    .await?;
+    Ok(Json(policy))
+}
+
+/// Query of `GET /v1/policies`.
+#[derive(Debug, Deserialize)]
+pub struct PolicyQuery {
+    /// Only this environment's policies.
+    pub env: Option<String>,
+}
+
+async fn list_policies(
+    State(state): State<AppState>,
+    Query(q): Query<PolicyQuery>,
+) -> Result<Json<Vec<Policy>>, EnvError> {
+    Ok(Json(
+        state.manager.catalog().policies(q.env.as_deref()).await?,
+    ))
+}
+
+async fn delete_policy(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path((name, resource)): Path<(String, String)>,
+) -> Result<StatusCode, EnvError> {
+    let catalog = state.manager.catalog().clone();
+    let (env, res) = (name.clone(), resource.clone());
+    change(
+        &state,
+        actor(&peer, &headers),
+        "policy.delete",
+        name,
+        Some(resource),
+        async move {
+            if catalog.delete_policy(&env, &res).await? {
+                Ok(())
+            } else {
+                Err(EnvError::NotFound(format!("policy for {res} of {env}")))
+            }
+        },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn list_jobs(

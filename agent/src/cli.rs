@@ -9,9 +9,11 @@ use crate::api::EnvironmentView;
 use crate::client::{Client, ClientError};
 use crate::config::{API_SOCKET_NAME, DEFAULT_RUN_DIR};
 use crate::model::{
-    AuditEntry, CreateEnvironment, CreateSnapshot, DiskRequest, Job, JobState, RestoreRequest,
-    Snapshot, Status,
+    AuditEntry, CreateEnvironment, CreateSnapshot, DiskRequest, Job, JobState, PruneRequest,
+    RestoreRequest, Snapshot, Status,
 };
+use crate::policies::{Policy, SetPolicy};
+use crate::retention::Keep;
 use weft_qmp::launch::Accel;
 
 /// Exit code: weftd refused or failed the request.
@@ -70,6 +72,9 @@ pub enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// Snapshot schedules with retention, run by weftd.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Long operations (snapshots, restores) and their progress.
     #[command(subcommand)]
     Job(JobCommand),
@@ -191,6 +196,89 @@ pub enum SnapshotCommand {
     Delete {
         /// Snapshot id.
         id: i64,
+    },
+    /// Remove snapshots a retention rule does not keep (the newest is always kept).
+    ///
+    /// Example: weft snapshot prune web --keep-last 3 --keep-daily 7 --keep-weekly 4
+    Prune {
+        /// Environment name.
+        env: String,
+        /// Only this resource (config, disk:vda); every resource when absent.
+        #[arg(long)]
+        resource: Option<String>,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Show what would be removed without removing it.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Retention rules (a snapshot kept by any rule stays).
+#[derive(Debug, Clone, Copy, Args)]
+pub struct KeepArgs {
+    /// Keep the newest N.
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: u32,
+    /// Keep the newest of each of the newest N hours.
+    #[arg(long, default_value_t = 0)]
+    pub keep_hourly: u32,
+    /// Keep the newest of each of the newest N days.
+    #[arg(long, default_value_t = 0)]
+    pub keep_daily: u32,
+    /// Keep the newest of each of the newest N ISO weeks.
+    #[arg(long, default_value_t = 0)]
+    pub keep_weekly: u32,
+    /// Keep the newest of each of the newest N months.
+    #[arg(long, default_value_t = 0)]
+    pub keep_monthly: u32,
+}
+
+impl From<KeepArgs> for Keep {
+    fn from(k: KeepArgs) -> Keep {
+        Keep {
+            last: k.keep_last,
+            hourly: k.keep_hourly,
+            daily: k.keep_daily,
+            weekly: k.keep_weekly,
+            monthly: k.keep_monthly,
+        }
+    }
+}
+
+/// `weft policy …`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Snapshot a resource on a schedule and apply retention after each run.
+    ///
+    /// Example: weft policy set web --resource all --every 15m --keep-last 8 --keep-daily 7
+    Set {
+        /// Environment name.
+        env: String,
+        /// all, config or disk:<name>.
+        #[arg(long, default_value = "all")]
+        resource: String,
+        /// Interval, e.g. 15m, 1h, 1d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        every: std::time::Duration,
+        /// Category given to the snapshots.
+        #[arg(long)]
+        category: Option<String>,
+        #[command(flatten)]
+        keep: KeepArgs,
+    },
+    /// List policies with their last result and next run.
+    List {
+        /// Only this environment's.
+        env: Option<String>,
+    },
+    /// Remove a policy (its snapshots stay).
+    Delete {
+        /// Environment name.
+        env: String,
+        /// all, config or disk:<name>.
+        #[arg(long, default_value = "all")]
+        resource: String,
     },
 }
 
@@ -452,6 +540,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                 .await?;
             follow(client, job, detach, json).await?;
         }
+        Command::Policy(cmd) => policy_command(client, cmd, json).await?,
         Command::Job(JobCommand::List { limit }) => {
             let jobs: Vec<Job> = client.get(&format!("/v1/jobs?limit={limit}")).await?;
             if json {
@@ -733,12 +822,131 @@ async fn snapshot_command(
                 }));
             }
         }
+        SnapshotCommand::Prune {
+            env,
+            resource,
+            keep,
+            dry_run,
+        } => {
+            let report: serde_json::Value = client
+                .post(
+                    &format!("{}/snapshots/prune", env_path(&env)?),
+                    &PruneRequest {
+                        resource,
+                        keep: keep.into(),
+                        dry_run,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&report);
+            } else {
+                let rows = report["resources"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(r, v)| {
+                                vec![r.clone(), v["kept"].to_string(), v["removed"].to_string()]
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                print_table(
+                    &[
+                        "RESOURCE",
+                        "KEPT",
+                        if dry_run { "WOULD REMOVE" } else { "REMOVED" },
+                    ],
+                    rows,
+                );
+            }
+        }
         SnapshotCommand::Delete { id } => {
             client.delete(&format!("/v1/snapshots/{id}")).await?;
             if json {
                 print_json(&serde_json::json!({ "deleted": id }));
             } else {
                 println!("deleted snapshot {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn policy_command(client: &Client, cmd: PolicyCommand, json: bool) -> Result<(), CliError> {
+    let print = |list: &[Policy]| {
+        if json {
+            print_json(&list);
+            return;
+        }
+        let rows = list
+            .iter()
+            .map(|p| {
+                vec![
+                    p.env.clone(),
+                    p.resource.clone(),
+                    humantime::format_duration(std::time::Duration::from_secs(p.every_secs))
+                        .to_string(),
+                    serde_json::to_string(&p.keep).unwrap_or_default(),
+                    p.next_run.clone(),
+                    p.last_result.clone().unwrap_or_else(|| "-".into()),
+                    p.failures.to_string(),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "ENV",
+                "RESOURCE",
+                "EVERY",
+                "KEEP",
+                "NEXT RUN",
+                "LAST RESULT",
+                "FAILURES",
+            ],
+            rows,
+        );
+    };
+    match cmd {
+        PolicyCommand::Set {
+            env,
+            resource,
+            every,
+            category,
+            keep,
+        } => {
+            let policy: Policy = client
+                .request_json(
+                    hyper::Method::PUT,
+                    &format!("{}/policies", env_path(&env)?),
+                    &SetPolicy {
+                        resource,
+                        every_secs: every.as_secs().max(1),
+                        category,
+                        keep: keep.into(),
+                    },
+                )
+                .await?;
+            print(&[policy]);
+        }
+        PolicyCommand::List { env } => {
+            let path = match env {
+                Some(e) => format!("/v1/policies?env={}", encode_query(&e)),
+                None => "/v1/policies".into(),
+            };
+            let list: Vec<Policy> = client.get(&path).await?;
+            print(&list);
+        }
+        PolicyCommand::Delete { env, resource } => {
+            client
+                .delete(&format!(
+                    "{}/policies/{}",
+                    env_path(&env)?,
+                    encode_query(&resource)
+                ))
+                .await?;
+            if !json {
+                println!("deleted the {resource} policy of {env}");
             }
         }
     }

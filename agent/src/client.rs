@@ -84,6 +84,17 @@ impl Client {
         decode(&bytes)
     }
 
+    /// A request with a JSON body and method, decoded as `T`.
+    pub async fn request_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let bytes = self.request(method, path, Some(body)).await?;
+        decode(&bytes)
+    }
+
     /// `DELETE path`.
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
         self.request(Method::DELETE, path, None::<&()>).await?;

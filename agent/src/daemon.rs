@@ -209,6 +209,7 @@ pub async fn run(config: Config) -> Result<()> {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("serving the API"),
     ]);
+    let scheduler = tokio::spawn(crate::policies::scheduler(snapshots.clone()));
     let state = AppState {
         manager: manager.clone(),
         snapshots,
@@ -227,6 +228,7 @@ pub async fn run(config: Config) -> Result<()> {
         Ok(Err(e)) => warn!(error = %e, "API server task failed"),
         Err(_) => warn!("requests still running after 20s; leaving them"),
     }
+    scheduler.abort();
     manager.detach_all();
     let _ = std::fs::remove_file(&socket);
     catalog.close().await;

@@ -13,4 +13,6 @@ pub mod config;
 pub mod daemon;
 pub mod envs;
 pub mod model;
+pub mod policies;
+pub mod retention;
 pub mod snapshots;

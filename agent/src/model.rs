@@ -318,6 +318,20 @@ pub struct CreateSnapshot {
     pub note: Option<String>,
 }
 
+/// Body of `POST /v1/environments/{name}/snapshots/prune`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneRequest {
+    /// Only this resource; every resource when absent.
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// What to keep.
+    #[serde(default)]
+    pub keep: crate::retention::Keep,
+    /// Report what would be removed without removing it.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
 /// Body of `POST /v1/snapshots/{id}/restore`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreRequest {

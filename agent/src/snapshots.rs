@@ -26,6 +26,7 @@ use crate::catalog_snapshots::{Completed, NewSnapshot, SnapshotFilter};
 use crate::config::Config;
 use crate::envs::{one_line, EnvError, Manager};
 use crate::model::{EnvKind, Job, JobState, Snapshot, SnapshotKind, SnapshotState};
+use crate::retention::{self, Keep};
 
 /// Prefix of the checkpoint bitmaps weft adds to disks.
 pub const CHECKPOINT_PREFIX: &str = "weft-c";
@@ -88,6 +89,11 @@ impl Snapshots {
             store,
             progress: Progress::default(),
         })
+    }
+
+    /// The catalog.
+    pub fn catalog(&self) -> &crate::catalog::Catalog {
+        self.manager.catalog()
     }
 
     /// The chunk store.
@@ -525,6 +531,47 @@ impl Snapshots {
         }
         self.manager.catalog().delete_snapshot(id).await?;
         Ok(())
+    }
+
+    /// Applies a retention rule to the complete snapshots of `env` (one resource, or each
+    /// resource); returns the ids kept and removed per resource. With `dry_run` nothing
+    /// is removed.
+    pub async fn prune(
+        &self,
+        env: &str,
+        resource: Option<&str>,
+        rule: &Keep,
+        dry_run: bool,
+    ) -> Result<serde_json::Value, EnvError> {
+        let all = self.list(env, &SnapshotFilter::default()).await?;
+        let mut resources: Vec<&str> = all.iter().map(|s| s.resource.as_str()).collect();
+        resources.sort_unstable();
+        resources.dedup();
+        if let Some(r) = resource {
+            resources.retain(|x| *x == r);
+        }
+        let mut report = serde_json::Map::new();
+        for r in resources {
+            let of_r: Vec<(i64, String)> = all
+                .iter()
+                .filter(|s| s.resource == r)
+                .map(|s| (s.id, s.taken_at.clone()))
+                .collect();
+            let kept = retention::keep(&of_r, rule);
+            let mut removed = Vec::new();
+            for (id, _) in &of_r {
+                if !kept.contains(id) {
+                    if !dry_run {
+                        self.delete(*id).await?;
+                    }
+                    removed.push(*id);
+                }
+            }
+            let mut kept: Vec<i64> = kept.into_iter().collect();
+            kept.sort_unstable();
+            report.insert(r.to_string(), json!({"kept": kept, "removed": removed}));
+        }
+        Ok(json!({"env": env, "dry_run": dry_run, "resources": report}))
     }
 
     /// Reads every chunk of a snapshot back and checks its digest.

@@ -523,3 +523,153 @@ fn walk(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     Ok(out)
 }
+
+#[tokio::test]
+async fn qemu_policies_snapshot_on_schedule_prune_and_record_failures() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    rig.boot("g", &[&disk]).await?;
+    rig.weft_ok(&[
+        "policy",
+        "set",
+        "g",
+        "--resource",
+        "disk:vda",
+        "--every",
+        "2s",
+        "--keep-last",
+        "2",
+    ])?;
+    // A policy of an environment that is not running fails, is recorded, and is retried later.
+    let spare = qcow2_data_disk(&rig, "spare")?;
+    rig.weft_ok(&[
+        "env",
+        "create",
+        "off",
+        "--disk",
+        spare.to_str().context("utf-8")?,
+        "--no-start",
+    ])?;
+    rig.weft_ok(&[
+        "policy",
+        "set",
+        "off",
+        "--resource",
+        "disk:vda",
+        "--every",
+        "1s",
+    ])?;
+
+    let client = rig.client();
+    wait_until(
+        Duration::from_secs(90),
+        "three successful policy runs",
+        || {
+            let client = client.clone();
+            async move {
+                let audit: Vec<weft::model::AuditEntry> =
+                    client.get("/v1/audit?limit=1000").await?;
+                let ok = audit
+                    .iter()
+                    .filter(|a| {
+                        a.action == "policy.run"
+                            && a.target.as_deref() == Some("g")
+                            && a.result == "ok"
+                    })
+                    .count();
+                Ok((ok >= 3).then_some(()))
+            }
+        },
+    )
+    .await?;
+    rig.weft_ok(&["policy", "delete", "g", "--resource", "disk:vda"])?;
+    // Let a run that was under way finish, then look at what retention left.
+    wait_until(JOB, "policy jobs to finish", || {
+        let client = client.clone();
+        async move {
+            let jobs: Vec<Job> = client.get("/v1/jobs").await?;
+            Ok(jobs
+                .iter()
+                .all(|j| j.state != JobState::Running)
+                .then_some(()))
+        }
+    })
+    .await?;
+    let left: Vec<Snapshot> = rig
+        .client()
+        .get("/v1/environments/g/snapshots?resource=disk:vda")
+        .await?;
+    // keep-last 2 after each run; a run that finished after the last prune adds one.
+    assert!((2..=3).contains(&left.len()), "{left:#?}");
+    assert!(
+        left.iter().all(|s| s.actor.starts_with("policy:")),
+        "{left:#?}"
+    );
+
+    let policies: Vec<weft::policies::Policy> = rig.client().get("/v1/policies?env=off").await?;
+    let off = policies.first().context("the failing policy")?;
+    assert!(off.failures >= 1, "{off:?}");
+    assert!(
+        off.last_result
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("error:"),
+        "{off:?}"
+    );
+    assert!(
+        off.last_result
+            .as_deref()
+            .unwrap_or("")
+            .contains("not running"),
+        "{off:?}"
+    );
+    let last = humantime::parse_rfc3339_weak(off.last_run.as_deref().context("ran")?)?;
+    let next = humantime::parse_rfc3339_weak(&off.next_run)?;
+    assert!(
+        next.duration_since(last)? >= Duration::from_secs(25),
+        "backoff after a failure: {off:?}"
+    );
+
+    // Manual retention: a dry run changes nothing, then keep only the newest.
+    let dry = rig.weft_ok(&[
+        "snapshot",
+        "prune",
+        "g",
+        "--resource",
+        "disk:vda",
+        "--keep-last",
+        "1",
+        "--dry-run",
+    ])?;
+    assert!(dry.contains("WOULD REMOVE"), "{dry}");
+    let still: Vec<Snapshot> = rig
+        .client()
+        .get("/v1/environments/g/snapshots?resource=disk:vda")
+        .await?;
+    assert_eq!(still.len(), left.len());
+    rig.weft_ok(&[
+        "snapshot",
+        "prune",
+        "g",
+        "--resource",
+        "disk:vda",
+        "--keep-last",
+        "1",
+    ])?;
+    let after: Vec<Snapshot> = rig
+        .client()
+        .get("/v1/environments/g/snapshots?resource=disk:vda")
+        .await?;
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        after[0].id,
+        left.iter().map(|s| s.id).max().context("ids")?,
+        "the newest stays"
+    );
+    // The chunks of removed snapshots go at gc; the kept snapshot still verifies.
+    rig.weft_ok(&["store", "gc", "--grace", "0s"])?;
+    rig.weft_ok(&["snapshot", "verify", &after[0].id.to_string()])?;
+    rig.passed();
+    Ok(())
+}
