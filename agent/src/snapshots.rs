@@ -240,11 +240,6 @@ impl Snapshots {
             },
         };
         let with_config = matches!(resource.as_str(), "all" | "config");
-        if !disks.is_empty() && self.manager.live_qmp(env_name).is_none() {
-            return Err(EnvError::Conflict(format!(
-                "{env_name:?} is not running: disk snapshots of a stopped environment are not supported yet; start it with `weft env start {env_name}`"
-            )));
-        }
         let (name, actor_owned) = (env_name.to_string(), actor.to_string());
         self.spawn_job(
             "snapshot",
@@ -299,9 +294,76 @@ impl Snapshots {
         progress: &(AtomicU64, AtomicU64),
     ) -> Result<i64, EnvError> {
         let _lock = self.manager.lock_env(env).await;
-        let qmp = self.manager.live_qmp(env).ok_or_else(|| {
-            EnvError::Conflict(format!("{env:?} stopped before its disk snapshot"))
-        })?;
+        // A running environment is backed up through its QEMU; a stopped one through a
+        // qemu-storage-daemon that opens the disk (and its bitmaps) for this snapshot.
+        let (qmp, daemon) = match self.manager.live_qmp(env) {
+            Some(qmp) => (qmp, None),
+            None => {
+                let daemon = self.open_offline(env, disk).await?;
+                (daemon.qmp().clone(), Some(daemon))
+            }
+        };
+        let result = self
+            .snapshot_disk_through(env, disk, actor, category, note, progress, &qmp)
+            .await;
+        if let Some(daemon) = daemon {
+            // quit stores the bitmaps in the image; a daemon that does not go is killed
+            // (and the next snapshot is a full one).
+            let _ = qmp.execute_raw("quit", None).await;
+            if tokio::time::timeout(std::time::Duration::from_secs(20), daemon.wait())
+                .await
+                .is_err()
+            {
+                warn!(env, disk = %disk.name, "qemu-storage-daemon did not quit; killing it");
+                daemon.kill().await;
+            }
+        }
+        result
+    }
+
+    /// Opens a stopped environment's disk in qemu-storage-daemon.
+    async fn open_offline(
+        &self,
+        env: &str,
+        disk: &DiskConfig,
+    ) -> Result<weft_qmp::launch::QemuProcess, EnvError> {
+        let dir = self.manager.config().run_dir.join("backup");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        let base = format!("{env}-{}-offline", disk.name);
+        let paths = weft_qmp::launch::LaunchPaths {
+            qmp_socket: dir.join(format!("{base}.qmp")),
+            serial_log: dir.join(format!("{base}.serial")),
+            output_log: dir.join(format!("{base}.log")),
+            pid_file: None,
+        };
+        info!(env, disk = %disk.name, "environment not running: opening its disk in qemu-storage-daemon");
+        weft_qmp::launch::spawn_storage_daemon(
+            std::slice::from_ref(disk),
+            &paths,
+            &weft_qmp::launch::SpawnOptions::default(),
+        )
+        .await
+        .map_err(|e| {
+            EnvError::Qemu(one_line(&format!(
+                "disk {} of stopped {env:?}: cannot open it in qemu-storage-daemon: {e}",
+                disk.name
+            )))
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn snapshot_disk_through(
+        &self,
+        env: &str,
+        disk: &DiskConfig,
+        actor: &str,
+        category: Option<&str>,
+        note: Option<&str>,
+        progress: &(AtomicU64, AtomicU64),
+        qmp: &weft_qmp::Qmp,
+    ) -> Result<i64, EnvError> {
+        let qmp = qmp.clone();
         let catalog = self.manager.catalog();
         let resource = format!("disk:{}", disk.name);
         let node = disk.format_node();

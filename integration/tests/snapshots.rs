@@ -673,3 +673,73 @@ async fn qemu_policies_snapshot_on_schedule_prune_and_record_failures() -> anyho
     rig.passed();
     Ok(())
 }
+
+#[tokio::test]
+async fn qemu_stopped_environments_are_snapshotted_through_the_storage_daemon() -> anyhow::Result<()>
+{
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    let disk_arg = disk.to_str().context("utf-8")?;
+    rig.weft_ok(&[
+        "env",
+        "create",
+        "off",
+        "--disk",
+        disk_arg,
+        "--memory",
+        "64M",
+        "--no-start",
+    ])?;
+    let reference = |label: &str| -> anyhow::Result<PathBuf> {
+        let out = rig.path(&format!("ref-{label}.raw"));
+        let res = Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&disk)
+            .arg(&out)
+            .output()?;
+        ensure!(res.status.success(), "{res:?}");
+        Ok(out)
+    };
+
+    let full = rig.snapshot("off", "disk:vda").await?;
+    assert_eq!(full.kind, SnapshotKind::Full);
+    let r1 = reference("1")?;
+    // Written while the VM is off: the persistent bitmap records it.
+    let out = Command::new("qemu-io")
+        .args(["-c", "write -P 0x61 2M 128k"])
+        .arg(&disk)
+        .output()?;
+    ensure!(out.status.success(), "{out:?}");
+    let inc = rig.snapshot("off", "disk:vda").await?;
+    assert_eq!(inc.kind, SnapshotKind::Incremental, "{inc:#?}");
+    assert_eq!(
+        inc.bytes_read,
+        Some(128 * 1024),
+        "exactly the bytes written"
+    );
+    let r2 = reference("2")?;
+    rig.restore_matches(full.id, &r1).await?;
+    rig.restore_matches(inc.id, &r2).await?;
+    // Nothing of the storage daemon is left, and the VM can start on its disk.
+    let backup_dir = rig.path("run/backup");
+    let left: Vec<_> = std::fs::read_dir(&backup_dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name())
+                .filter(|n| n.to_string_lossy().ends_with(".qmp"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    rig.weft_ok(&["env", "start", "off"])?;
+    let online = rig.snapshot("off", "disk:vda").await?;
+    assert_eq!(
+        online.kind,
+        SnapshotKind::Incremental,
+        "the offline checkpoint carries over: {online:#?}"
+    );
+    assert_eq!(online.parent, Some(inc.id));
+    rig.passed();
+    Ok(())
+}

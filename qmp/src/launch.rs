@@ -288,6 +288,76 @@ fn accel_name(accel: Accel) -> &'static str {
     }
 }
 
+/// The two `-blockdev` values (file node, format node) of a disk, in JSON syntax (no
+/// escaping trouble with commas or '=' in paths). A block device needs QEMU's
+/// `host_device` driver rather than `file`.
+fn blockdev_json(disk: &DiskConfig) -> [String; 2] {
+    let is_blk = std::fs::metadata(&disk.path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    let file = serde_json::json!({
+        "driver": if is_blk { "host_device" } else { "file" },
+        "node-name": disk.file_node(),
+        "filename": disk.path.to_string_lossy(),
+        "read-only": disk.read_only,
+    });
+    let fmt = serde_json::json!({
+        "driver": disk.format.driver(),
+        "node-name": disk.format_node(),
+        "file": disk.file_node(),
+        "read-only": disk.read_only,
+    });
+    [file.to_string(), fmt.to_string()]
+}
+
+/// The `qemu-storage-daemon` arguments that open `disks` under the same node names
+/// QEMU uses (so the backup recipe is the same) with a QMP monitor on
+/// `paths.qmp_socket`. Used to back up disks of a VM that is not running.
+pub fn storage_daemon_command_line(disks: &[DiskConfig], paths: &LaunchPaths) -> Vec<String> {
+    let mut args = Vec::new();
+    for disk in disks {
+        for node in blockdev_json(disk) {
+            args.push("--blockdev".to_string());
+            args.push(node);
+        }
+    }
+    args.push("--chardev".into());
+    args.push(format!(
+        "socket,id=qmp,path={},server=on,wait=off",
+        opt_escape(&paths.qmp_socket)
+    ));
+    args.push("--monitor".into());
+    args.push("chardev=qmp".into());
+    if let Some(pid_file) = &paths.pid_file {
+        args.push("--pidfile".into());
+        args.push(pid_file.to_string_lossy().into_owned());
+    }
+    args
+}
+
+/// Starts `qemu-storage-daemon` (`opts.binary`, or `qemu-storage-daemon` when that is the
+/// default `qemu-system-x86_64`) with `disks` and waits until its QMP monitor answers;
+/// supervised like [`spawn`]. QEMU's output goes to `paths.output_log`.
+pub async fn spawn_storage_daemon(
+    disks: &[DiskConfig],
+    paths: &LaunchPaths,
+    opts: &SpawnOptions,
+) -> Result<QemuProcess, Error> {
+    for disk in disks {
+        if !disk.path.exists() {
+            return Err(Error::InvalidConfig(format!(
+                "disk {} does not exist",
+                disk.path.display()
+            )));
+        }
+    }
+    let mut opts = opts.clone();
+    if opts.binary == SpawnOptions::default().binary {
+        opts.binary = PathBuf::from("qemu-storage-daemon");
+    }
+    spawn_args(storage_daemon_command_line(disks, paths), paths, &opts).await
+}
+
 /// The QEMU arguments (without the binary) for `config` and `paths`.
 ///
 /// Pure apart from one `stat` per disk (a block device needs QEMU's `host_device`
@@ -319,24 +389,9 @@ pub fn command_line(config: &VmConfig, paths: &LaunchPaths) -> Vec<String> {
         push("-numa", "node,memdev=mem".into());
     }
     for disk in &config.disks {
-        let is_blk = std::fs::metadata(&disk.path)
-            .map(|m| m.file_type().is_block_device())
-            .unwrap_or(false);
-        // JSON syntax: no escaping trouble with commas or '=' in paths.
-        let file = serde_json::json!({
-            "driver": if is_blk { "host_device" } else { "file" },
-            "node-name": disk.file_node(),
-            "filename": disk.path.to_string_lossy(),
-            "read-only": disk.read_only,
-        });
-        let fmt = serde_json::json!({
-            "driver": disk.format.driver(),
-            "node-name": disk.format_node(),
-            "file": disk.file_node(),
-            "read-only": disk.read_only,
-        });
-        push("-blockdev", file.to_string());
-        push("-blockdev", fmt.to_string());
+        let [file, fmt] = blockdev_json(disk);
+        push("-blockdev", file);
+        push("-blockdev", fmt);
         push(
             "-device",
             format!(
@@ -655,8 +710,15 @@ pub async fn spawn(
         })?;
     }
     config.accel = config.accel.resolve();
-    let args = command_line(&config, paths);
+    spawn_args(command_line(&config, paths), paths, opts).await
+}
 
+/// Starts a QEMU binary with `args` under supervision and waits for its QMP monitor.
+async fn spawn_args(
+    args: Vec<String>,
+    paths: &LaunchPaths,
+    opts: &SpawnOptions,
+) -> Result<QemuProcess, Error> {
     match std::fs::remove_file(&paths.qmp_socket) {
         Ok(()) => debug!(path = %paths.qmp_socket.display(), "removed stale qmp socket"),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
