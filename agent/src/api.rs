@@ -114,6 +114,7 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/v1/store", store_stats),
         route(Method::POST, "/v1/store/verify", store_verify),
         route(Method::POST, "/v1/store/gc", store_gc),
+        route(Method::POST, "/v1/store/tier", store_tier),
     ]
 }
 
@@ -777,6 +778,53 @@ async fn store_gc(
         "store".into(),
         Some(format!("grace {}s", grace.as_secs())),
         async move { store_op(&st, move |s| s.gc(grace)).await },
+    )
+    .await
+}
+
+/// Body of `POST /v1/store/tier` (every field optional; defaults in the store's docs).
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct TierRequest {
+    /// Move a chunk to the cold tier after this many seconds without a read.
+    pub cold_after_secs: Option<u64>,
+    /// A chunk read at least this often counts as frequently read …
+    pub frequent_reads: Option<u32>,
+    /// … and goes cold only after this many seconds without a read.
+    pub frequent_cold_after_secs: Option<u64>,
+    /// Move a cold chunk back after this many reads from the cold tier.
+    pub promote_after_cold_reads: Option<u32>,
+}
+
+async fn store_tier(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    req: Result<Json<TierRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, EnvError> {
+    let req = body(req)?;
+    let mut policy = weft_blockdev::store::TierPolicy::default();
+    let secs = std::time::Duration::from_secs;
+    if let Some(v) = req.cold_after_secs {
+        policy.cold_after = secs(v);
+    }
+    if let Some(v) = req.frequent_reads {
+        policy.frequent_reads = v;
+    }
+    if let Some(v) = req.frequent_cold_after_secs {
+        policy.frequent_cold_after = secs(v);
+    }
+    if let Some(v) = req.promote_after_cold_reads {
+        policy.promote_after_cold_reads = v;
+    }
+    let st = state.clone();
+    let detail = serde_json::to_string(&req).ok();
+    change(
+        &state,
+        actor(&peer, &headers),
+        "store.tier",
+        "store".into(),
+        detail,
+        async move { store_op(&st, move |s| s.tier(&policy)).await },
     )
     .await
 }

@@ -65,7 +65,7 @@ pub enum Command {
         /// The image to write; must not exist.
         #[arg(long)]
         output: PathBuf,
-        /// Image format: raw (sparse).
+        /// Image format: raw (sparse) or qcow2 (zero chunks stay unallocated).
         #[arg(long, default_value = "raw")]
         format: String,
         /// Return at once with the job id instead of following its progress.
@@ -308,6 +308,23 @@ pub enum StoreCommand {
     Stats,
     /// Re-hash every chunk; name bad chunks and the snapshots they affect.
     Verify,
+    /// Move chunks between the hot and cold tiers by age and access count.
+    ///
+    /// Example: weft store tier --cold-after 7d --promote-after 3
+    Tier {
+        /// Move a chunk cold after this long without a read (default 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        cold_after: Option<std::time::Duration>,
+        /// A chunk read at least this often is "frequent" (default 8) …
+        #[arg(long)]
+        frequent_reads: Option<u32>,
+        /// … and goes cold only after this long without a read (default 30d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        frequent_cold_after: Option<std::time::Duration>,
+        /// Move a cold chunk back after this many cold reads (default 3).
+        #[arg(long)]
+        promote_after: Option<u32>,
+    },
     /// Remove chunks no snapshot references (older than the grace period).
     Gc {
         /// Keep unreferenced chunks younger than this (e.g. 24h5m); must exceed the longest backup.
@@ -567,6 +584,22 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                         .post("/v1/store/verify", &serde_json::json!({}))
                         .await?
                 }
+                StoreCommand::Tier {
+                    cold_after,
+                    frequent_reads,
+                    frequent_cold_after,
+                    promote_after,
+                } => client
+                    .post(
+                        "/v1/store/tier",
+                        &serde_json::json!({
+                            "cold_after_secs": cold_after.map(|d| d.as_secs()),
+                            "frequent_reads": frequent_reads,
+                            "frequent_cold_after_secs": frequent_cold_after.map(|d| d.as_secs()),
+                            "promote_after_cold_reads": promote_after,
+                        }),
+                    )
+                    .await?,
                 StoreCommand::Gc { grace } => {
                     client
                         .post(

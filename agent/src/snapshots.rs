@@ -683,18 +683,15 @@ impl Snapshots {
                 s.resource
             )));
         };
-        match format.unwrap_or("raw") {
-            "raw" => {}
-            "qcow2" => return Err(EnvError::BadRequest(
-                "--format qcow2 is not supported yet; restore raw (it is sparse) and convert it"
-                    .into(),
-            )),
+        let qcow2 = match format.unwrap_or("raw") {
+            "raw" => false,
+            "qcow2" => true,
             other => {
                 return Err(EnvError::BadRequest(format!(
-                    "unknown format {other:?}: use raw"
+                    "unknown format {other:?}: use raw or qcow2"
                 )))
             }
-        }
+        };
         if !output.is_absolute() {
             return Err(EnvError::BadRequest(format!(
                 "{} is a relative path",
@@ -730,11 +727,132 @@ impl Snapshots {
                         "the block map of snapshot {id} does not match its recorded checksum"
                     )));
                 }
-                let written = restore_raw(&me.store, &map, &output, &progress).await?;
+                let written = if qcow2 {
+                    let work = me.manager.config().run_dir.join("backup");
+                    restore_qcow2(&me.store, &map, &output, &work, id, &progress).await?
+                } else {
+                    restore_raw(&me.store, &map, &output, &progress).await?
+                };
                 Ok(json!({"output": output, "bytes": map.disk_size, "bytes_written": written}))
             },
         )
         .await
+    }
+}
+
+/// The data slots of a block map with their chunk ids, and the bytes they hold.
+fn data_slots(map: &BlockMap) -> (Vec<(usize, weft_blockdev::store::ChunkId)>, u64) {
+    let data: Vec<_> = map
+        .slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Slot::Data(id) => Some((i, *id)),
+            Slot::Zero => None,
+        })
+        .collect();
+    let total = data.iter().map(|(i, _)| u64::from(map.chunk_len(*i))).sum();
+    (data, total)
+}
+
+/// Writes `map` as a qcow2 image. QEMU writes the format: a qemu-storage-daemon creates
+/// the image, exports it writable over NBD, and only the data chunks are written
+/// (zero chunks stay unallocated). Into `<output>.partial`, then renamed.
+async fn restore_qcow2(
+    store: &ChunkStore,
+    map: &BlockMap,
+    output: &Path,
+    work: &Path,
+    id: i64,
+    progress: &(AtomicU64, AtomicU64),
+) -> Result<u64, EnvError> {
+    std::fs::create_dir_all(work)
+        .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", work.display())))?;
+    let partial = PathBuf::from(format!("{}.partial", output.display()));
+    let paths = weft_qmp::launch::LaunchPaths {
+        qmp_socket: work.join(format!("restore-{id}.qmp")),
+        serial_log: work.join(format!("restore-{id}.serial")),
+        output_log: work.join(format!("restore-{id}.log")),
+        pid_file: None,
+    };
+    let nbd_socket = work.join(format!("restore-{id}.nbd"));
+    let daemon = weft_qmp::launch::spawn_storage_daemon(
+        &[],
+        &paths,
+        &weft_qmp::launch::SpawnOptions::default(),
+    )
+    .await
+    .map_err(|e| EnvError::Qemu(one_line(&format!("cannot start qemu-storage-daemon: {e}"))))?;
+    let qmp = daemon.qmp().clone();
+    let written = async {
+        let qemu = |e: weft_qmp::Error| EnvError::Qemu(one_line(&format!("qcow2 restore: {e}")));
+        backup::create_file_node(&qmp, &partial, "out-file").await.map_err(qemu)?;
+        backup::create_qcow2_node(&qmp, "out-file", "out", map.disk_size, None)
+            .await
+            .map_err(qemu)?;
+        let socket = nbd_socket.to_str().ok_or_else(|| EnvError::Internal("socket path is not UTF-8".into()))?;
+        qmp.execute_raw("nbd-server-start", Some(json!({"addr": {"type": "unix", "data": {"path": socket}}})))
+            .await
+            .map_err(qemu)?;
+        qmp.execute_raw(
+            "block-export-add",
+            Some(json!({"type": "nbd", "id": "out", "node-name": "out", "name": "out", "writable": true})),
+        )
+        .await
+        .map_err(qemu)?;
+        let nbd = NbdClient::connect_unix(&nbd_socket, "out", &[])
+            .await
+            .map_err(|e| EnvError::Qemu(format!("qcow2 restore: {e}")))?;
+        let (data, total) = data_slots(map);
+        progress.1.store(total, Ordering::Relaxed);
+        let nbd_ref = &nbd;
+        let written = stream::iter(data)
+            .map(|(i, id)| {
+                let store = store.clone();
+                let offset = map.chunk_offset(i);
+                async move {
+                    let chunk = blocking(move || store.get(&id)).await?.map_err(store_err)?;
+                    let step = nbd_ref.max_request() as usize;
+                    for (k, piece) in chunk.chunks(step).enumerate() {
+                        nbd_ref
+                            .write(offset + (k * step) as u64, piece)
+                            .await
+                            .map_err(|e| EnvError::Qemu(format!("qcow2 restore: write at {offset}: {e}")))?;
+                    }
+                    progress.0.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    Ok::<u64, EnvError>(chunk.len() as u64)
+                }
+            })
+            .buffer_unordered(RESTORE_PARALLEL)
+            .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
+            .await?;
+        nbd.flush()
+            .await
+            .map_err(|e| EnvError::Qemu(format!("qcow2 restore: flush: {e}")))?;
+        let _ = nbd.disconnect().await;
+        Ok::<u64, EnvError>(written)
+    }
+    .await;
+    // quit closes the image cleanly (QEMU writes its metadata); then the file is final.
+    let _ = qmp.execute_raw("quit", None).await;
+    if tokio::time::timeout(std::time::Duration::from_secs(30), daemon.wait())
+        .await
+        .is_err()
+    {
+        daemon.kill().await;
+    }
+    let _ = std::fs::remove_file(&nbd_socket);
+    match written {
+        Ok(n) => {
+            std::fs::rename(&partial, output).map_err(|e| {
+                EnvError::Internal(format!("cannot rename {}: {e}", partial.display()))
+            })?;
+            Ok(n)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
     }
 }
 
@@ -757,16 +875,7 @@ async fn restore_raw(
     file.set_len(map.disk_size)
         .map_err(|e| io("cannot size", e))?;
     let file = Arc::new(file);
-    let data: Vec<(usize, weft_blockdev::store::ChunkId)> = map
-        .slots
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| match s {
-            Slot::Data(id) => Some((i, *id)),
-            Slot::Zero => None,
-        })
-        .collect();
-    let total: u64 = data.iter().map(|(i, _)| u64::from(map.chunk_len(*i))).sum();
+    let (data, total) = data_slots(map);
     progress.1.store(total, Ordering::Relaxed);
     let result = stream::iter(data)
         .map(|(i, id)| {

@@ -721,6 +721,36 @@ async fn qemu_stopped_environments_are_snapshotted_through_the_storage_daemon() 
     let r2 = reference("2")?;
     rig.restore_matches(full.id, &r1).await?;
     rig.restore_matches(inc.id, &r2).await?;
+    // The same snapshot as qcow2: written by QEMU, identical content, only data allocated.
+    let q = rig.path("restored.qcow2");
+    rig.weft_ok(&[
+        "restore",
+        &inc.id.to_string(),
+        "--output",
+        q.to_str().context("utf-8")?,
+        "--format",
+        "qcow2",
+    ])?;
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .arg(&r2)
+        .arg(&q)
+        .output()?;
+    ensure!(
+        cmp.status.success(),
+        "qcow2 restore differs: {}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&q)
+        .output()?;
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout)?;
+    assert_eq!(info["format"], "qcow2");
+    assert!(
+        info["actual-size"].as_u64().context("actual-size")? < 32 * MIB,
+        "sparse: {info}"
+    );
     // Nothing of the storage daemon is left, and the VM can start on its disk.
     let backup_dir = rig.path("run/backup");
     let left: Vec<_> = std::fs::read_dir(&backup_dir)

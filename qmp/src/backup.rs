@@ -225,51 +225,72 @@ pub async fn start(qmp: &Qmp, spec: PullBackupSpec) -> Result<PullBackup, Error>
     }
 }
 
-impl PullBackup {
-    async fn job(&self, id: &str, options: Value) -> Result<(), Error> {
-        let done = self.qmp.wait_job(id, JOB_DEADLINE);
-        self.qmp
-            .execute_raw(
-                "blockdev-create",
-                Some(json!({"job-id": id, "options": options})),
-            )
-            .await?;
-        done.await
-    }
+/// Runs one `blockdev-create` job to its end.
+async fn create_job(qmp: &Qmp, id: &str, options: Value) -> Result<(), Error> {
+    let done = qmp.wait_job(id, JOB_DEADLINE);
+    qmp.execute_raw(
+        "blockdev-create",
+        Some(json!({"job-id": id, "options": options})),
+    )
+    .await?;
+    done.await
+}
 
+/// Creates the file `path` and opens it as node `file_node` (if opening fails the file
+/// stays: the caller removes it).
+pub async fn create_file_node(qmp: &Qmp, path: &Path, file_node: &str) -> Result<(), Error> {
+    let filename = path_str(path)?;
+    create_job(
+        qmp,
+        &format!("{file_node}-create"),
+        json!({"driver": "file", "filename": filename, "size": 0}),
+    )
+    .await?;
+    qmp.execute_raw(
+        "blockdev-add",
+        Some(json!({"driver": "file", "node-name": file_node, "filename": filename})),
+    )
+    .await
+    .map(drop)
+}
+
+/// Formats the open file node `file_node` as an empty qcow2 of `size` bytes and opens
+/// it as node `node`, with `backing` (a node name) as its backing node if given.
+pub async fn create_qcow2_node(
+    qmp: &Qmp,
+    file_node: &str,
+    node: &str,
+    size: u64,
+    backing: Option<&str>,
+) -> Result<(), Error> {
+    create_job(
+        qmp,
+        &format!("{node}-create"),
+        json!({"driver": "qcow2", "file": file_node, "size": size}),
+    )
+    .await?;
+    let mut add = json!({"driver": "qcow2", "node-name": node, "file": file_node});
+    if let Some(b) = backing {
+        add["backing"] = json!(b);
+    }
+    qmp.execute_raw("blockdev-add", Some(add)).await.map(drop)
+}
+
+impl PullBackup {
     async fn set_up(&mut self) -> Result<(), Error> {
         let spec = self.spec.clone();
-        let scratch = path_str(&spec.scratch)?;
         // The fleece: an empty qcow2 the size of the disk, backed by the live disk.
         self.done.push(Step::ScratchFile);
-        self.job(
-            &format!("weft-mkfile-{}", spec.token),
-            json!({"driver": "file", "filename": scratch, "size": 0}),
-        )
-        .await?;
-        self.qmp
-            .execute_raw(
-                "blockdev-add",
-                Some(json!({"driver": "file", "node-name": spec.file_node(), "filename": scratch})),
-            )
-            .await?;
+        create_file_node(&self.qmp, &spec.scratch, &spec.file_node()).await?;
         self.done.push(Step::FileNode);
-        self.job(
-            &format!("weft-mkqcow2-{}", spec.token),
-            json!({"driver": "qcow2", "file": spec.file_node(), "size": self.size}),
+        create_qcow2_node(
+            &self.qmp,
+            &spec.file_node(),
+            &spec.fleece_node(),
+            self.size,
+            Some(&spec.node),
         )
         .await?;
-        self.qmp
-            .execute_raw(
-                "blockdev-add",
-                Some(json!({
-                    "driver": "qcow2",
-                    "node-name": spec.fleece_node(),
-                    "file": spec.file_node(),
-                    "backing": spec.node,
-                })),
-            )
-            .await?;
         self.done.push(Step::FleeceNode);
 
         // The instant of the backup: checkpoint, dirty set and copy-before-write at once.
