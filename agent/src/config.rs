@@ -223,6 +223,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses_to_the_defaults() {
+        let example = include_str!("../../systemd/weftd.toml.example");
+        let c = Config::parse(example, Path::new("weftd.toml.example")).unwrap();
+        assert_eq!(c, Config::default(), "the example documents the defaults");
+    }
+
+    #[test]
     fn missing_default_file_is_fine_but_missing_explicit_file_is_not() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("none.toml");
