@@ -53,13 +53,15 @@ pub struct Completed<'a> {
     pub checksum: &'a str,
     /// Block map name in the store.
     pub index_name: &'a str,
+    /// Bytes QEMU marked dirty (incremental) or allocated (full).
+    pub bytes_marked: u64,
     /// Bytes read over NBD.
     pub bytes_read: u64,
     /// Bytes newly stored.
     pub bytes_new: u64,
 }
 
-const SNAPSHOT_COLUMNS: &str = "id, env, resource, state, kind, taken_at, finished_at, actor, category, note, parent, size, checksum, index_name, checkpoint, bytes_read, bytes_new, reason, error, config";
+const SNAPSHOT_COLUMNS: &str = "id, env, resource, state, kind, taken_at, finished_at, actor, category, note, parent, size, checksum, index_name, checkpoint, bytes_read, bytes_new, bytes_marked, reason, error, config";
 
 impl Catalog {
     /// Inserts a snapshot row; returns its id.
@@ -119,7 +121,7 @@ impl Catalog {
         c: &Completed<'_>,
     ) -> Result<bool, CatalogError> {
         let done = sqlx::query(
-            "UPDATE snapshots SET state = 'complete', finished_at = ?, size = ?, checksum = ?, index_name = ?, bytes_read = ?, bytes_new = ?
+            "UPDATE snapshots SET state = 'complete', finished_at = ?, size = ?, checksum = ?, index_name = ?, bytes_read = ?, bytes_new = ?, bytes_marked = ?
              WHERE id = ? AND state = 'pending'",
         )
         .bind(now())
@@ -128,6 +130,7 @@ impl Catalog {
         .bind(c.index_name)
         .bind(to_i64(c.bytes_read))
         .bind(to_i64(c.bytes_new))
+        .bind(to_i64(c.bytes_marked))
         .bind(id)
         .execute(&self.pool)
         .await?;
@@ -368,6 +371,7 @@ fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Snapshot, CatalogErr
         checkpoint: r.try_get("checkpoint")?,
         bytes_read: to_u64(r.try_get("bytes_read")?),
         bytes_new: to_u64(r.try_get("bytes_new")?),
+        bytes_marked: to_u64(r.try_get("bytes_marked")?),
         reason: r.try_get("reason")?,
         error: r.try_get("error")?,
         config: r

@@ -296,6 +296,8 @@ pub struct Snapshot {
     pub bytes_read: Option<u64>,
     /// Bytes this snapshot added to the store.
     pub bytes_new: Option<u64>,
+    /// Bytes QEMU reported dirty (incremental) or allocated (full): what had to be read.
+    pub bytes_marked: Option<u64>,
     /// Why a disk snapshot is full rather than incremental.
     pub reason: Option<String>,
     /// Why it failed.

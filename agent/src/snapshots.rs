@@ -548,6 +548,7 @@ impl Snapshots {
                     size,
                     checksum: &digest,
                     index_name: &name,
+                    bytes_marked: stats.bytes_marked,
                     bytes_read: stats.bytes_read,
                     bytes_new: stats.bytes_stored,
                 },

@@ -106,11 +106,32 @@ pub async fn pull(
             (select(&extents, |f| f & NBD_STATE_DIRTY != 0), Some(parent))
         }
     };
-    let total: u64 = marked.iter().map(|(_, len)| len).sum();
     let mut map = BlockMap::new(size, chunk_size);
+    let mut marked = marked;
     if let Some(parent) = parent {
         map.slots.clone_from(&parent.slots);
+        // A parent chunk the store no longer has (quarantined by verify, lost) is read
+        // whole from the export, which shows the entire disk: the snapshot stays
+        // complete and the chunk is stored again, healing older snapshots too.
+        let store_ref = Arc::clone(&store);
+        let slots = map.slots.clone();
+        let lost: Vec<usize> = blocking(move || {
+            slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| matches!(s, Slot::Data(id) if !store_ref.contains(id)))
+                .map(|(i, _)| i)
+                .collect()
+        })
+        .await?;
+        for i in lost {
+            map.slots[i] = Slot::Zero;
+            marked.push((map.chunk_offset(i), u64::from(map.chunk_len(i))));
+        }
+        marked.sort_unstable();
+        marked = merge(&marked);
     }
+    let total: u64 = marked.iter().map(|(_, len)| len).sum();
     // The marked ranges of each slot that has any.
     let mut work: Vec<(usize, Vec<(u64, u64)>)> = Vec::new();
     for (start, len) in &marked {
@@ -235,6 +256,18 @@ pub fn digest_of_data(data: &[u8], chunk_size: u32, id_of: impl Fn(&[u8]) -> Chu
     digest_of(&map)
 }
 
+/// Sorted ranges with overlapping or touching ones merged.
+fn merge(sorted: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(start, len) in sorted {
+        match out.last_mut() {
+            Some((s, l)) if start <= *s + *l => *l = (*l).max(start + len - *s),
+            _ => out.push((start, len)),
+        }
+    }
+    out
+}
+
 /// The ranges `(offset, length)` of the extents whose flags satisfy `keep`, merged.
 fn select(extents: &[Extent], keep: impl Fn(u32) -> bool) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -256,6 +289,13 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn merge_joins_overlapping_and_touching_ranges() {
+        assert_eq!(merge(&[(0, 10), (5, 10), (15, 5), (30, 1)]), [(0, 20), (30, 1)]);
+        assert_eq!(merge(&[(0, 10), (2, 3)]), [(0, 10)]);
+        assert!(merge(&[]).is_empty());
+    }
 
     #[test]
     fn select_merges_adjacent_kept_extents() {

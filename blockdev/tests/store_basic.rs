@@ -392,3 +392,25 @@ fn create_and_open_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn index_of_another_chunk_size_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = ChunkStore::create(&tmp.path().join("a"), None, &cfg(), None).unwrap();
+    let big = StoreConfig {
+        chunk_size: 2 * CS,
+        ..cfg()
+    };
+    let b = ChunkStore::create(&tmp.path().join("b"), None, &big, None).unwrap();
+    b.write_index("planted", &BlockMap::new(10 * u64::from(CS), 2 * CS))
+        .unwrap();
+    fs::copy(
+        tmp.path().join("b/indexes/planted.idx"),
+        tmp.path().join("a/indexes/planted.idx"),
+    )
+    .unwrap();
+    let err = a.read_index("planted").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::CorruptIndex { .. }), "{msg}");
+    assert!(msg.contains("chunk size"), "{msg}");
+}

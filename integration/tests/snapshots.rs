@@ -324,6 +324,13 @@ async fn qemu_full_and_incremental_snapshots_restore_exactly() -> anyhow::Result
             "incremental {} read {read} >= full {full_read}",
             s.id
         );
+        // Only what QEMU marked dirty is read: exactly those bytes.
+        assert_eq!(
+            s.bytes_marked,
+            Some(read),
+            "incremental {} read what was dirtied",
+            s.id
+        );
         assert_eq!(
             s.parent,
             Some(s.id - 1),
@@ -770,6 +777,86 @@ async fn qemu_stopped_environments_are_snapshotted_through_the_storage_daemon() 
         "the offline checkpoint carries over: {online:#?}"
     );
     assert_eq!(online.parent, Some(inc.id));
+    rig.passed();
+    Ok(())
+}
+
+#[tokio::test]
+async fn qemu_a_corrupted_chunk_is_found_named_and_healed_by_the_next_snapshot(
+) -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    let out = Command::new("qemu-io")
+        .args(["-c", "write -P 0x5c 8M 3M"])
+        .arg(&disk)
+        .output()?;
+    ensure!(out.status.success(), "{out:?}");
+    rig.weft_ok(&[
+        "env",
+        "create",
+        "off",
+        "--disk",
+        disk.to_str().context("utf-8")?,
+        "--no-start",
+    ])?;
+    let first = rig.snapshot("off", "disk:vda").await?;
+    let reference = rig.path("ref.raw");
+    let res = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&disk)
+        .arg(&reference)
+        .output()?;
+    ensure!(res.status.success(), "{res:?}");
+
+    // Flip one byte in the middle of the biggest chunk file.
+    let chunks = walk(&rig.path("data/store/chunks"))?;
+    let victim = chunks
+        .iter()
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .context("chunk files")?
+        .clone();
+    let hex = victim
+        .file_name()
+        .context("name")?
+        .to_string_lossy()
+        .into_owned();
+    let mut bytes = std::fs::read(&victim)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&victim, bytes)?;
+
+    let out = rig.weft(&["store", "verify"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "verify fails: {text}");
+    assert!(text.contains(&hex), "verify names the chunk: {text}");
+    assert!(
+        text.contains("off/disk-vda"),
+        "verify names the snapshot's block map: {text}"
+    );
+
+    let target = rig.path("broken.raw");
+    let out = rig.weft(&[
+        "restore",
+        &first.id.to_string(),
+        "--output",
+        target.to_str().context("utf-8")?,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "restore fails loudly: {err}");
+    assert!(err.contains(&hex), "restore names the chunk: {err}");
+    assert!(
+        !target.exists(),
+        "no partial image under the requested name"
+    );
+
+    // The next snapshot reads the lost chunk again from the disk and heals the old one.
+    let next = rig.snapshot("off", "disk:vda").await?;
+    assert_eq!(next.kind, SnapshotKind::Incremental, "{next:#?}");
+    rig.restore_matches(next.id, &reference).await?;
+    rig.restore_matches(first.id, &reference).await?;
+    rig.weft_ok(&["store", "verify"])?;
     rig.passed();
     Ok(())
 }

@@ -186,6 +186,11 @@ impl BlockMap {
             b.copy_from_slice(&body[o..o + 8]);
             u64::from_le_bytes(b)
         };
+        // Reserved bytes are zero in version 1: a writer that sets them wrote a
+        // layout this reader does not know (and the encoding stays canonical).
+        if body[7] != 0 || body[20..24] != [0; 4] {
+            return Err("reserved header bytes are not zero".into());
+        }
         let disk_size = u64_at(8);
         let chunk_size = u32::from_le_bytes([body[16], body[17], body[18], body[19]]);
         let count = u64_at(24);
@@ -277,6 +282,20 @@ mod tests {
         assert_eq!(BlockMap::decode(&bytes, Some(&key)), Ok(m));
         assert!(BlockMap::decode(&bytes, Some(&other)).is_err());
         assert!(BlockMap::decode(&bytes, None).is_err());
+    }
+
+    #[test]
+    fn reserved_bytes_are_refused_even_with_a_valid_checksum() {
+        // Found by the `store_index` fuzz target: the reader ignored them.
+        for at in [7, 20, 23] {
+            let mut bytes = sample().encode(None);
+            let n = bytes.len();
+            bytes[at] = 1;
+            let sum = checksum(&bytes[..n - SUM_LEN], None);
+            bytes[n - SUM_LEN..].copy_from_slice(&sum);
+            let err = BlockMap::decode(&bytes, None).unwrap_err();
+            assert!(err.contains("reserved"), "{at}: {err}");
+        }
     }
 
     #[test]

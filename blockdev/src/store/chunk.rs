@@ -209,6 +209,75 @@ pub(crate) fn encode<R>(
     })
 }
 
+/// The largest chunk file a store with `chunk_size` can hold: header, nonce,
+/// an uncompressed payload and the GCM tag. `read_chunk` refuses bigger files
+/// before reading them (a planted multi-GiB file must not be loaded).
+pub(crate) fn max_file_len(chunk_size: u32) -> u64 {
+    (HEADER_LEN + NONCE_LEN + TAG_LEN) as u64 + u64::from(chunk_size)
+}
+
+/// The id of `data`: SHA-256, or HMAC-SHA256 with the store's id key.
+pub(crate) fn chunk_id(keys: Option<&Keys>, data: &[u8]) -> ChunkId {
+    let mut out = [0u8; 32];
+    match keys {
+        Some(k) => out.copy_from_slice(ring::hmac::sign(&k.id, data).as_ref()),
+        None => out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, data).as_ref()),
+    }
+    ChunkId(out)
+}
+
+/// Check the header and length of a chunk file (the cheap check `put` does
+/// before deduplicating against an existing file). Errors are reasons for
+/// `Error::Corrupt`.
+pub(crate) fn check_header(
+    header_bytes: &[u8],
+    file_len: u64,
+    chunk_size: u32,
+    encrypted: bool,
+) -> Result<Header, String> {
+    let hb: &[u8; HEADER_LEN] = header_bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| format!("truncated: {file_len} bytes is shorter than a chunk header"))?;
+    let header = Header::parse(hb, chunk_size, encrypted)?;
+    let want = header.prefix_len() as u64 + u64::from(header.stored_len);
+    if file_len != want {
+        return Err(format!(
+            "file is {file_len} bytes, header says {want} (truncated or trailing garbage)"
+        ));
+    }
+    Ok(header)
+}
+
+/// Decode a whole chunk file (the bytes `read_chunk` read) stored under `id`:
+/// header, length, authentication, decompression and finally the id of the
+/// plaintext. The file buffer is reused for the result. Errors are reasons
+/// for `Error::Corrupt`.
+pub(crate) fn decode_file(
+    mut file: Vec<u8>,
+    id: &ChunkId,
+    chunk_size: u32,
+    keys: Option<&Keys>,
+) -> Result<Vec<u8>, String> {
+    let header = check_header(&file, file.len() as u64, chunk_size, keys.is_some())?;
+    let mut hb = [0u8; HEADER_LEN];
+    hb.copy_from_slice(&file[..HEADER_LEN]);
+    let nonce = if keys.is_some() {
+        let mut n = [0u8; NONCE_LEN];
+        n.copy_from_slice(&file[HEADER_LEN..HEADER_LEN + NONCE_LEN]);
+        Some(n)
+    } else {
+        None
+    };
+    // check_header made the length exactly prefix + stored_len.
+    file.drain(..header.prefix_len());
+    let data = decode(id, &hb, &header, nonce, file, keys)?;
+    if chunk_id(keys, &data) != *id {
+        return Err("content does not match its id".into());
+    }
+    Ok(data)
+}
+
 /// Decode a chunk from its header, nonce and payload (the payload buffer is
 /// decrypted in place). Errors are reasons for `Error::Corrupt`.
 pub(crate) fn decode(

@@ -96,6 +96,12 @@ pub(crate) fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+impl serde::Serialize for ChunkId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,11 +121,5 @@ mod tests {
         assert!("zz".repeat(32).parse::<ChunkId>().is_err());
         assert_eq!(unhex::<2>("0aFf"), Some([0x0a, 0xff]));
         assert_eq!(hex(&[1, 0xab]), "01ab");
-    }
-}
-
-impl serde::Serialize for ChunkId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_hex())
     }
 }

@@ -128,12 +128,16 @@ pub struct StoreStats {
 pub struct BadChunk {
     /// The chunk.
     pub id: ChunkId,
-    /// Its file.
+    /// Its file (where it was found).
     pub path: PathBuf,
     /// What failed.
     pub reason: String,
-    /// Indexes that reference it (sorted).
+    /// Indexes that reference it (sorted): restores of these fail until a
+    /// backup holding the same data stores the chunk again.
     pub referenced_by: Vec<String>,
+    /// Where the file was moved (`<tier>/quarantine/<hex>`); `None` when it
+    /// vanished before it could be moved (a concurrent gc or tier run).
+    pub quarantined: Option<PathBuf>,
 }
 
 /// A referenced chunk in neither tier.
@@ -143,6 +147,8 @@ pub struct MissingChunk {
     pub id: ChunkId,
     /// Indexes that reference it (sorted).
     pub referenced_by: Vec<String>,
+    /// Its quarantined file when an earlier `verify` (or `put`) moved it aside.
+    pub quarantined: Option<PathBuf>,
 }
 
 /// An index that cannot be read.
@@ -264,6 +270,78 @@ pub(crate) fn unpark(store: &ChunkStore, tier: &Tier, id: &ChunkId) -> Result<()
         }
     }
     remove_parked(tier, id)
+}
+
+/// Rename without replacing an existing destination (`renameat2(RENAME_NOREPLACE)`;
+/// plain `rename` after checking, on file systems without it). `Ok(false)` when
+/// the destination exists.
+fn rename_no_replace(from: &Path, to: &Path) -> Result<bool, Error> {
+    use nix::errno::Errno;
+    use nix::fcntl::{renameat2, RenameFlags};
+    match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(Errno::EEXIST) => Ok(false),
+        Err(Errno::EINVAL | Errno::ENOSYS) => {
+            if to.exists() {
+                return Ok(false);
+            }
+            fs::rename(from, to).ctx("rename", from)?;
+            Ok(true)
+        }
+        Err(e) => Err(Error::Io {
+            op: "rename",
+            path: from.to_path_buf(),
+            source: io::Error::from(e),
+        }),
+    }
+}
+
+/// Move a bad chunk file of `tier` aside to `<tier>/quarantine/<hex>` (or
+/// `<hex>.1`, `<hex>.2` … when earlier evidence holds that name; evidence is
+/// never overwritten or deleted), durably: rename, fsync both directories.
+///
+/// The moved file is then checked again: if it reads fine, it was a good copy
+/// that a concurrent `put` stored after the bad one was found, and it is put
+/// back. Returns the quarantine path, or `None` when nothing was quarantined
+/// (the file was gone, or good).
+pub(crate) fn quarantine(
+    store: &ChunkStore,
+    tier: &Tier,
+    id: &ChunkId,
+) -> Result<Option<PathBuf>, Error> {
+    let src = tier.chunk_path(id);
+    ensure_dir(&tier.base, &tier.quarantine)?;
+    let mut n = 0u32;
+    let dest = loop {
+        let dest = match n {
+            0 => tier.quarantine_path(id),
+            n => tier.quarantine.join(format!("{}.{n}", id.to_hex())),
+        };
+        if !src.exists() {
+            return Ok(None);
+        }
+        match rename_no_replace(&src, &dest) {
+            Ok(true) => break dest,
+            Ok(false) => n += 1,
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    fsutil::fsync_dir(&tier.quarantine)?;
+    fsutil::fsync_dir(&tier.chunk_dir(id))?;
+    if let Ok(Some(_)) = store.read_chunk_file(&dest, id) {
+        // A good copy (re-created meanwhile): back into place, unless another
+        // good copy is there already.
+        if !rename_no_replace(&dest, &src)? {
+            fs::remove_file(&dest).ctx("remove good copy", &dest)?;
+        }
+        fsutil::fsync_dir(&tier.chunk_dir(id))?;
+        fsutil::fsync_dir(&tier.quarantine)?;
+        return Ok(None);
+    }
+    Ok(Some(dest))
 }
 
 /// Copy a chunk to another tier (durably), then remove it from `from`.
@@ -545,6 +623,7 @@ impl ChunkStore {
                                 path: path.clone(),
                                 reason,
                                 referenced_by: Vec::new(),
+                                quarantined: None,
                             });
                         }
                     }
@@ -554,15 +633,30 @@ impl ChunkStore {
         let (checked, bytes, mut bad) = results.into_inner().unwrap_or_else(|p| p.into_inner());
         report.chunks_checked = checked;
         report.plain_bytes_checked = bytes;
+        // Move every bad file aside: a later put of the same data then stores
+        // it again instead of deduplicating against it.
         for b in &mut bad {
             b.referenced_by = refs.get(&b.id).cloned().unwrap_or_default();
+            let tier = work
+                .iter()
+                .find(|(_, id, path)| *id == b.id && *path == b.path)
+                .map(|(t, _, _)| *t);
+            if let Some(tier) = tier {
+                b.quarantined = quarantine(self, tier, &b.id)?;
+            }
         }
         bad.sort_by(|a, b| a.path.cmp(&b.path));
+        let reported: HashSet<ChunkId> = bad.iter().map(|b| b.id).collect();
         report.bad_chunks = bad;
+        // Chunks quarantined just now are reported above, not again as missing.
         let mut missing: Vec<MissingChunk> = refs
             .into_iter()
-            .filter(|(id, _)| !self.contains(id))
-            .map(|(id, referenced_by)| MissingChunk { id, referenced_by })
+            .filter(|(id, _)| !reported.contains(id) && !self.contains(id))
+            .map(|(id, referenced_by)| MissingChunk {
+                id,
+                referenced_by,
+                quarantined: self.quarantined(&id),
+            })
             .collect();
         missing.sort_by_key(|m| m.id);
         report.missing_chunks = missing;

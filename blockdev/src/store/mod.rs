@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use nix::fcntl::{Flock, FlockArg};
-use ring::{digest, hmac};
 use serde::{Deserialize, Serialize};
 
 pub use blockmap::{BlockMap, Slot};
@@ -150,21 +149,31 @@ pub struct PutOutcome {
     pub stored_bytes: u64,
 }
 
-/// One tier: `<base>/chunks/ab/cd/<hex>` and `<base>/tmp/`.
+/// One tier: `<base>/chunks/ab/cd/<hex>`, `<base>/tmp/` and `<base>/quarantine/`.
 #[derive(Clone, Debug)]
 pub(crate) struct Tier {
     pub name: &'static str,
+    pub base: PathBuf,
     pub chunks: PathBuf,
     pub tmp: PathBuf,
+    /// Bad chunk files moved aside by `verify` (or by `put`'s cheap check).
+    pub quarantine: PathBuf,
 }
 
 impl Tier {
     fn new(name: &'static str, base: &Path) -> Tier {
         Tier {
             name,
+            base: base.to_path_buf(),
             chunks: base.join("chunks"),
             tmp: base.join("tmp"),
+            quarantine: base.join("quarantine"),
         }
+    }
+
+    /// The first quarantine name of a chunk (later ones are `<hex>.1`, `<hex>.2` …).
+    pub fn quarantine_path(&self, id: &ChunkId) -> PathBuf {
+        self.quarantine.join(id.to_hex())
     }
 
     pub fn chunk_dir(&self, id: &ChunkId) -> PathBuf {
@@ -440,18 +449,19 @@ impl ChunkStore {
     /// The id `data` is stored under: SHA-256 of the plaintext in a plain
     /// store, HMAC-SHA256 with the store's id key in an encrypted one.
     pub fn chunk_id(&self, data: &[u8]) -> ChunkId {
-        let mut out = [0u8; 32];
-        match &self.inner.keys {
-            Some(k) => out.copy_from_slice(hmac::sign(&k.id, data).as_ref()),
-            None => out.copy_from_slice(digest::digest(&digest::SHA256, data).as_ref()),
-        }
-        ChunkId(out)
+        chunk::chunk_id(self.inner.keys.as_ref(), data)
     }
 
     /// Store one chunk (at most `chunk_size` bytes; the last chunk of a disk
     /// may be shorter). Durable when it returns. A chunk already present in
     /// either tier is only touched (its mtime set to now, which protects it
     /// from a concurrent gc) and `new` is false.
+    ///
+    /// Before deduplicating against an existing file, `put` checks its header
+    /// and length (one 16-byte read); a file that fails is quarantined like
+    /// `verify` does and the chunk is stored again. A chunk that `verify`
+    /// quarantined is no longer at its path, so `put` stores it again too
+    /// (`new` is true), which heals every index that references it.
     pub fn put(&self, data: &[u8]) -> Result<PutOutcome, Error> {
         if data.len() > self.inner.chunk_size as usize {
             return Err(Error::ChunkTooLarge {
@@ -467,11 +477,19 @@ impl ChunkStore {
         let inner = &self.inner;
         let hot_path = inner.hot.chunk_path(&id);
         for _ in 0..PUT_ATTEMPTS {
-            let existing = touch_verified(&hot_path)?
-                || match &inner.cold {
-                    Some(c) => touch_verified(&c.chunk_path(&id))?,
-                    None => false,
-                };
+            let mut existing = false;
+            for tier in inner.tiers() {
+                match self.touch_checked(tier, &id)? {
+                    Existing::Absent => {}
+                    Existing::Good => {
+                        existing = true;
+                        break;
+                    }
+                    Existing::Implausible => {
+                        maintenance::quarantine(self, tier, &id)?;
+                    }
+                }
+            }
             if existing {
                 inner.access.note(&id, Kind::Put);
                 return Ok(PutOutcome {
@@ -529,18 +547,65 @@ impl ChunkStore {
             // A gc or tier run parked it for a moment; it may come back.
             std::thread::sleep(PARKED_WAIT);
         }
+        Err(self.not_found(id))
+    }
+
+    /// The error for a chunk in neither tier: `Corrupt` naming its quarantine
+    /// file when it was quarantined, `ColdTier` when the cold tier is
+    /// unusable, else `Missing`.
+    fn not_found(&self, id: &ChunkId) -> Error {
+        let inner = &self.inner;
+        if let Some(path) = self.quarantined(id) {
+            return Error::Corrupt {
+                id: *id,
+                path,
+                reason: "quarantined: the chunk file failed its checks and was moved aside; \
+                         a backup of a disk holding this data stores it again"
+                    .into(),
+            };
+        }
         match &inner.cold_problem {
-            Some(why) => Err(Error::ColdTier {
+            Some(why) => Error::ColdTier {
                 root: inner.root.clone(),
                 reason: format!(
                     "chunk {id} is not in the hot tier and the cold tier is unusable: {why}"
                 ),
-            }),
-            None => Err(Error::Missing {
+            },
+            None => Error::Missing {
                 id: *id,
                 root: inner.root.clone(),
-            }),
+            },
         }
+    }
+
+    /// The first quarantine file of a chunk, if one was quarantined in any tier.
+    pub fn quarantined(&self, id: &ChunkId) -> Option<PathBuf> {
+        self.inner
+            .tiers()
+            .map(|t| t.quarantine_path(id))
+            .find(|p| p.exists())
+    }
+
+    /// Open an existing chunk file, check its header and length against the
+    /// file size, and touch it (see [`touch_verified`]).
+    fn touch_checked(&self, tier: &Tier, id: &ChunkId) -> Result<Existing, Error> {
+        let path = tier.chunk_path(id);
+        let mut f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Absent),
+            Err(e) => return Err(e).ctx("open chunk", &path),
+        };
+        let len = f.metadata().ctx("stat chunk", &path)?.len();
+        let mut hb = [0u8; chunk::HEADER_LEN];
+        let n = read_up_to(&mut f, &mut hb).ctx("read chunk", &path)?;
+        if chunk::check_header(&hb[..n], len, self.inner.chunk_size, self.is_encrypted()).is_err() {
+            return Ok(Existing::Implausible);
+        }
+        Ok(if touch_file_verified(&f, &path)? {
+            Existing::Good
+        } else {
+            Existing::Absent
+        })
     }
 
     /// Whether a chunk exists in either tier (no content check).
@@ -568,7 +633,7 @@ impl ChunkStore {
         self.contains(id)
     }
 
-    fn locate(&self, id: &ChunkId) -> Option<(&Tier, PathBuf)> {
+    pub(crate) fn locate(&self, id: &ChunkId) -> Option<(&Tier, PathBuf)> {
         let inner = &self.inner;
         [Some(&inner.hot), inner.cold.as_ref(), Some(&inner.hot)]
             .into_iter()
@@ -579,50 +644,41 @@ impl ChunkStore {
 
     /// Read and check one chunk file; `Ok(None)` when absent from `tier`.
     pub(crate) fn read_chunk(&self, tier: &Tier, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
-        let path = tier.chunk_path(id);
-        let mut f = match File::open(&path) {
+        self.read_chunk_file(&tier.chunk_path(id), id)
+    }
+
+    /// Read the chunk file at `path` (a chunk path, or a quarantined file) as
+    /// chunk `id` with every check of `get`; `Ok(None)` when absent.
+    pub(crate) fn read_chunk_file(
+        &self,
+        path: &Path,
+        id: &ChunkId,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        let f = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).ctx("open chunk", &path),
+            Err(e) => return Err(e).ctx("open chunk", path),
         };
         let corrupt = |reason: String| Error::Corrupt {
             id: *id,
-            path: path.clone(),
+            path: path.to_path_buf(),
             reason,
         };
-        let file_len = f.metadata().ctx("stat chunk", &path)?.len();
-        let mut hb = [0u8; chunk::HEADER_LEN];
-        read_exact_or(&mut f, &mut hb, &path, || {
-            corrupt(format!(
-                "truncated: {file_len} bytes is shorter than a chunk header"
-            ))
-        })?;
-        let encrypted = self.inner.keys.is_some();
-        let header =
-            chunk::Header::parse(&hb, self.inner.chunk_size, encrypted).map_err(corrupt)?;
-        let want = header.prefix_len() as u64 + u64::from(header.stored_len);
-        if file_len != want {
+        let file_len = f.metadata().ctx("stat chunk", path)?.len();
+        let max = chunk::max_file_len(self.inner.chunk_size);
+        if file_len > max {
             return Err(corrupt(format!(
-                "file is {file_len} bytes, header says {want} (truncated or trailing garbage)"
+                "file is {file_len} bytes, more than a chunk file of this store can be ({max})"
             )));
         }
-        let nonce = if encrypted {
-            let mut n = [0u8; crypto::NONCE_LEN];
-            read_exact_or(&mut f, &mut n, &path, || corrupt("truncated nonce".into()))?;
-            Some(n)
-        } else {
-            None
-        };
-        let mut payload = vec![0u8; header.stored_len as usize];
-        read_exact_or(&mut f, &mut payload, &path, || {
-            corrupt("truncated payload".into())
-        })?;
-        let data = chunk::decode(id, &hb, &header, nonce, payload, self.inner.keys.as_ref())
-            .map_err(corrupt)?;
-        if self.chunk_id(&data) != *id {
-            return Err(corrupt("content does not match its id".into()));
-        }
-        Ok(Some(data))
+        // Bounded even if the file grows meanwhile; decode_file checks the length.
+        let mut buf = Vec::with_capacity(file_len as usize);
+        f.take(max + 1)
+            .read_to_end(&mut buf)
+            .ctx("read chunk", path)?;
+        chunk::decode_file(buf, id, self.inner.chunk_size, self.inner.keys.as_ref())
+            .map(Some)
+            .map_err(corrupt)
     }
 
     /// Write a block map as index `name` (e.g. `env-web/disk-vda/0001`),
@@ -644,10 +700,7 @@ impl ChunkStore {
         let mut seen = std::collections::HashSet::new();
         for id in map.data_ids() {
             if seen.insert(*id) && !self.contains_settled(id) {
-                return Err(Error::Missing {
-                    id: *id,
-                    root: self.inner.root.clone(),
-                });
+                return Err(self.not_found(id));
             }
         }
         let bytes = map.encode(self.inner.keys.as_ref().map(|k| &k.index));
@@ -691,13 +744,20 @@ impl ChunkStore {
             }
             Err(e) => return Err(e).ctx("read index", &path),
         };
-        BlockMap::decode(&bytes, self.inner.keys.as_ref().map(|k| &k.index)).map_err(|reason| {
-            Error::CorruptIndex {
-                name: name.to_string(),
-                path,
-                reason,
-            }
-        })
+        let corrupt = |reason: String| Error::CorruptIndex {
+            name: name.to_string(),
+            path: path.clone(),
+            reason,
+        };
+        let map = BlockMap::decode(&bytes, self.inner.keys.as_ref().map(|k| &k.index))
+            .map_err(corrupt)?;
+        if map.chunk_size != self.inner.chunk_size {
+            return Err(corrupt(format!(
+                "chunk size {} differs from the store's {}",
+                map.chunk_size, self.inner.chunk_size
+            )));
+        }
+        Ok(map)
     }
 
     /// All index names, sorted.
@@ -756,6 +816,79 @@ impl ChunkStore {
     }
 }
 
+/// The keys of an encrypted store, derived from its master key (the key file's
+/// 32 bytes) and its 16-byte store id, for the file parsers below.
+pub struct StoreKeys(Keys);
+
+impl std::fmt::Debug for StoreKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreKeys").finish_non_exhaustive()
+    }
+}
+
+impl StoreKeys {
+    /// Derive the keys as `open` does (HKDF-SHA256, see `docs/store-format.md`).
+    pub fn derive(master: &[u8; 32], store_id: &[u8; 16]) -> Result<StoreKeys, Error> {
+        Keys::derive(master, store_id).map(StoreKeys)
+    }
+}
+
+/// Decode and check an index file's bytes with exactly the checks of
+/// [`ChunkStore::read_index`] (`keys` for an encrypted store's HMAC). The error
+/// is the reason `Error::CorruptIndex` would carry. For tools and fuzzing:
+/// index files may be damaged or planted on disk.
+pub fn parse_index_file(bytes: &[u8], keys: Option<&StoreKeys>) -> Result<BlockMap, String> {
+    BlockMap::decode(bytes, keys.map(|k| &k.0.index))
+}
+
+/// Encode a block map as an index file, as [`ChunkStore::write_index`] does.
+pub fn encode_index_file(map: &BlockMap, keys: Option<&StoreKeys>) -> Vec<u8> {
+    map.encode(keys.map(|k| &k.0.index))
+}
+
+/// Decode and check the bytes of a chunk file stored under `id` in a store of
+/// `chunk_size`, with exactly the checks of [`ChunkStore::get`] (header,
+/// length, authentication, decompression, id). The error is the reason
+/// `Error::Corrupt` would carry. For tools and fuzzing.
+pub fn parse_chunk_file(
+    bytes: &[u8],
+    id: &ChunkId,
+    chunk_size: u32,
+    keys: Option<&StoreKeys>,
+) -> Result<Vec<u8>, String> {
+    if bytes.len() as u64 > chunk::max_file_len(chunk_size) {
+        return Err(format!(
+            "file is {} bytes, more than a chunk file of this store can be",
+            bytes.len()
+        ));
+    }
+    chunk::decode_file(bytes.to_vec(), id, chunk_size, keys.map(|k| &k.0))
+}
+
+/// Check only the 16-byte header of a chunk file and the file length it
+/// implies: the cheap check [`ChunkStore::put`] makes before deduplicating.
+pub fn check_chunk_header(
+    header: &[u8],
+    file_len: u64,
+    chunk_size: u32,
+    encrypted: bool,
+) -> Result<(), String> {
+    chunk::check_header(header, file_len, chunk_size, encrypted).map(|_| ())
+}
+
+/// Encode `data` as a chunk file as [`ChunkStore::put`] would; returns its id
+/// and the file bytes.
+pub fn encode_chunk_file(
+    data: &[u8],
+    zstd_level: i32,
+    keys: Option<&StoreKeys>,
+) -> Result<(ChunkId, Vec<u8>), Error> {
+    let keys = keys.map(|k| &k.0);
+    let id = chunk::chunk_id(keys, data);
+    let (bytes, _) = chunk::encode(&id, data, zstd_level, keys, |parts| Ok(parts.concat()))?;
+    Ok((id, bytes))
+}
+
 /// Check an index name: `/`-separated segments of `[A-Za-z0-9._+@-]`, none
 /// empty, none starting with `.`, at most 16 segments and 255 bytes.
 pub fn validate_index_name(name: &str) -> Result<(), Error> {
@@ -798,28 +931,44 @@ pub fn validate_index_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn read_exact_or(
-    f: &mut File,
-    buf: &mut [u8],
-    path: &Path,
-    short: impl FnOnce() -> Error,
-) -> Result<(), Error> {
-    match f.read_exact(buf) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(short()),
-        Err(e) => Err(e).ctx("read chunk", path),
+/// What `put` found at a chunk's path.
+enum Existing {
+    Absent,
+    /// Header and length are plausible; touched.
+    Good,
+    /// The file fails the cheap check: quarantine it, store again.
+    Implausible,
+}
+
+/// Read until `buf` is full or the file ends; the number of bytes read.
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
+    Ok(n)
 }
 
 /// Set a chunk file's mtime to now and confirm that the file touched is still
 /// the one at `path` (a gc or tier run may park it concurrently; see
 /// `maintenance::park`). `Ok(false)` when the chunk is not (or no longer) there.
+#[cfg(test)]
 pub(crate) fn touch_verified(path: &Path) -> Result<bool, Error> {
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e).ctx("open chunk", path),
     };
+    touch_file_verified(&f, path)
+}
+
+/// [`touch_verified`] through an open file.
+fn touch_file_verified(f: &File, path: &Path) -> Result<bool, Error> {
     f.set_modified(SystemTime::now()).ctx("touch chunk", path)?;
     let fm = f.metadata().ctx("stat chunk", path)?;
     match fs::metadata(path) {
