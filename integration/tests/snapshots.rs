@@ -548,7 +548,8 @@ async fn qemu_policies_snapshot_on_schedule_prune_and_record_failures() -> anyho
         "--keep-last",
         "2",
     ])?;
-    // A policy of an environment that is not running fails, is recorded, and is retried later.
+    // A policy whose run cannot work (the disk's file is gone) fails, is recorded, and
+    // is retried later.
     let spare = qcow2_data_disk(&rig, "spare")?;
     rig.weft_ok(&[
         "env",
@@ -558,6 +559,7 @@ async fn qemu_policies_snapshot_on_schedule_prune_and_record_failures() -> anyho
         spare.to_str().context("utf-8")?,
         "--no-start",
     ])?;
+    std::fs::remove_file(&spare)?;
     rig.weft_ok(&[
         "policy",
         "set",
@@ -628,7 +630,7 @@ async fn qemu_policies_snapshot_on_schedule_prune_and_record_failures() -> anyho
         off.last_result
             .as_deref()
             .unwrap_or("")
-            .contains("not running"),
+            .contains("does not exist"),
         "{off:?}"
     );
     let last = humantime::parse_rfc3339_weak(off.last_run.as_deref().context("ran")?)?;
