@@ -349,6 +349,7 @@ impl Manager {
             binary: self.config.qemu_binary.clone(),
             ready_timeout: Duration::from_secs(self.config.qemu_start_timeout_secs),
             detached: false,
+            ..SpawnOptions::default()
         };
         let process = launch::spawn(config, &paths, &opts).await.map_err(|e| {
             EnvError::Qemu(one_line(&format!("cannot start QEMU for {name:?}: {e}")))

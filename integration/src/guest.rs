@@ -128,6 +128,7 @@ impl Guest {
             initrd: Some(assets.initrd.clone()),
             append: Some(append),
             disks,
+            nics: Vec::new(),
         };
         let paths = LaunchPaths {
             qmp_socket: dir.path().join("qmp.sock"),
@@ -138,7 +139,7 @@ impl Guest {
         let spawn_opts = SpawnOptions {
             binary: qemu_binary(),
             ready_timeout: Duration::from_secs(30),
-            detached: false,
+            ..SpawnOptions::default()
         };
         let serial = SerialLog::new(paths.serial_log.clone());
 

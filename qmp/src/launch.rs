@@ -145,6 +145,21 @@ pub struct VmConfig {
     pub append: Option<String>,
     /// The disks, in order.
     pub disks: Vec<DiskConfig>,
+    /// Network cards, each on a tap device that exists (or that QEMU creates) in the
+    /// network namespace QEMU runs in.
+    #[serde(default)]
+    pub nics: Vec<NicConfig>,
+}
+
+/// A virtio-net card on a tap device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicConfig {
+    /// Device id (`net0`, …); also the `-netdev` id.
+    pub id: String,
+    /// The tap device's name.
+    pub tap: String,
+    /// The guest's MAC address (`52:54:00:…`); every weave of an environment keeps it.
+    pub mac: String,
 }
 
 impl Default for VmConfig {
@@ -159,6 +174,7 @@ impl Default for VmConfig {
             initrd: None,
             append: None,
             disks: Vec::new(),
+            nics: Vec::new(),
         }
     }
 }
@@ -401,6 +417,22 @@ pub fn command_line(config: &VmConfig, paths: &LaunchPaths) -> Vec<String> {
             ),
         );
     }
+    for nic in &config.nics {
+        push(
+            "-netdev",
+            format!(
+                "tap,id={},ifname={},script=no,downscript=no",
+                nic.id, nic.tap
+            ),
+        );
+        push(
+            "-device",
+            format!(
+                "virtio-net-pci,netdev={},id={},mac={}",
+                nic.id, nic.id, nic.mac
+            ),
+        );
+    }
     push(
         "-chardev",
         format!("file,id=serial0,path={}", opt_escape(&paths.serial_log)),
@@ -440,6 +472,11 @@ pub struct SpawnOptions {
     pub ready_timeout: Duration,
     /// Start detached: dropping the [`QemuProcess`] leaves QEMU running.
     pub detached: bool,
+    /// Run QEMU in this network namespace (a file such as `/run/netns/<name>`).
+    pub netns: Option<PathBuf>,
+    /// Run QEMU in these cgroup directories (one per hierarchy: a v2 group, or v1
+    /// groups of the cpu and memory controllers on hybrid hosts); they must exist.
+    pub cgroups: Vec<PathBuf>,
 }
 
 impl Default for SpawnOptions {
@@ -448,6 +485,8 @@ impl Default for SpawnOptions {
             binary: PathBuf::from("qemu-system-x86_64"),
             ready_timeout: Duration::from_secs(30),
             detached: false,
+            netns: None,
+            cgroups: Vec::new(),
         }
     }
 }
@@ -589,6 +628,66 @@ fn supervise(
         },
         pid,
     )
+}
+
+/// Where QEMU runs: a network namespace and a cgroup, as descriptors opened by the
+/// parent so the child only needs `setns` and `write` before exec.
+struct Placement {
+    netns: Option<File>,
+    cgroup_procs: Vec<File>,
+}
+
+impl Placement {
+    fn open(opts: &SpawnOptions) -> Result<Placement, Error> {
+        let netns = opts
+            .netns
+            .as_ref()
+            .map(|p| {
+                File::open(p).map_err(|e| {
+                    Error::InvalidConfig(format!(
+                        "cannot open network namespace {}: {e}",
+                        p.display()
+                    ))
+                })
+            })
+            .transpose()?;
+        let cgroup_procs = opts
+            .cgroups
+            .iter()
+            .map(|dir| {
+                let procs = dir.join("cgroup.procs");
+                OpenOptions::new().write(true).open(&procs).map_err(|e| {
+                    Error::InvalidConfig(format!("cannot use cgroup {}: {e}", dir.display()))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Placement {
+            netns,
+            cgroup_procs,
+        })
+    }
+
+    fn any(&self) -> bool {
+        self.netns.is_some() || !self.cgroup_procs.is_empty()
+    }
+
+    /// Runs in the child between fork and exec.
+    fn enter(&self) -> io::Result<()> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        if let Some(ns) = &self.netns {
+            // SAFETY: setns on a descriptor of /run/netns/<name>, which this struct owns;
+            // CLONE_NEWNET makes the kernel check it is a network namespace.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        for procs in &self.cgroup_procs {
+            // "0" moves the writing process itself (cgroup v1 and v2).
+            (&*procs).write_all(b"0")?;
+        }
+        Ok(())
+    }
 }
 
 /// Kills QEMU when dropped while armed: [`spawn`] disarms it once it returns.
@@ -739,6 +838,16 @@ async fn spawn_args(
         // Own process group: a Ctrl-C or group kill aimed at the caller misses QEMU.
         .process_group(0)
         .kill_on_drop(false);
+    let placement = Placement::open(opts)?;
+    if placement.any() {
+        // SAFETY: the closure runs in the forked child before exec and only makes
+        // async-signal-safe system calls (setns, write) on descriptors opened by the
+        // parent, which stay valid for the child's copy of the descriptor table; it
+        // allocates nothing and takes no locks.
+        unsafe {
+            cmd.pre_exec(move || placement.enter());
+        }
+    }
     debug!(binary = %opts.binary.display(), ?args, "starting qemu");
     let child = cmd.spawn().map_err(|source| Error::Spawn {
         binary: opts.binary.clone(),
@@ -976,6 +1085,37 @@ mod tests {
         ] {
             assert!(!args.iter().any(|a| a == absent), "{absent} in {args:?}");
         }
+    }
+
+    #[test]
+    fn command_line_nics() {
+        let config = VmConfig {
+            nics: vec![NicConfig {
+                id: "net0".into(),
+                tap: "weft-tap0".into(),
+                mac: "52:54:00:12:34:56".into(),
+            }],
+            ..VmConfig::default()
+        };
+        let paths = LaunchPaths {
+            qmp_socket: "/run/q.sock".into(),
+            serial_log: "/tmp/s.log".into(),
+            output_log: "/tmp/o.log".into(),
+            pid_file: None,
+        };
+        let args = command_line(&config, &paths);
+        let joined = args.join(" ");
+        assert!(
+            joined.contains("-netdev tap,id=net0,ifname=weft-tap0,script=no,downscript=no"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-device virtio-net-pci,netdev=net0,id=net0,mac=52:54:00:12:34:56"),
+            "{joined}"
+        );
+        // Configs stored before NICs existed still read.
+        let old: VmConfig = serde_json::from_str(r#"{"memory_mib": 64, "disks": []}"#).unwrap();
+        assert!(old.nics.is_empty());
     }
 
     #[test]

@@ -517,3 +517,79 @@ async fn qemu_storage_daemon_blockdev_create_job() {
         .expect("wait");
     assert!(status.success(), "{status}");
 }
+
+/// A network namespace and a cgroup made from outside (tests may use `ip`), removed on drop.
+struct Place {
+    netns: String,
+    cgroup: PathBuf,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+#[tokio::test]
+async fn qemu_runs_in_the_given_network_namespace_and_cgroup() {
+    let name = format!("weft-t{}", std::process::id());
+    let ok = std::process::Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .expect("ip runs");
+    assert!(ok.success());
+    // The pids controller exists as a v1 hierarchy or in the v2 tree on every host here.
+    let base = ["/sys/fs/cgroup/pids", "/sys/fs/cgroup"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("cgroup.procs").exists())
+        .expect("a cgroup hierarchy");
+    let place = Place {
+        netns: name.clone(),
+        cgroup: base.join(&name),
+    };
+    std::fs::create_dir_all(&place.cgroup).unwrap();
+
+    let vm = Vm::new();
+    let p = vm
+        .spawn_with(&SpawnOptions {
+            netns: Some(PathBuf::from(format!("/run/netns/{name}"))),
+            cgroups: vec![place.cgroup.clone()],
+            ..SpawnOptions::default()
+        })
+        .await;
+    use std::os::unix::fs::MetadataExt;
+    let ns_of = |path: &str| std::fs::metadata(path).unwrap().ino();
+    assert_eq!(
+        ns_of(&format!("/proc/{}/ns/net", p.pid())),
+        ns_of(&format!("/run/netns/{name}")),
+        "QEMU is in the namespace"
+    );
+    assert_ne!(
+        ns_of(&format!("/proc/{}/ns/net", p.pid())),
+        ns_of("/proc/self/ns/net")
+    );
+    let procs = std::fs::read_to_string(place.cgroup.join("cgroup.procs")).unwrap();
+    assert!(
+        procs.lines().any(|l| l.trim() == p.pid().to_string()),
+        "QEMU is in the cgroup: {procs}"
+    );
+    p.kill().await;
+
+    // A namespace that does not exist is a clear error before anything starts.
+    let err = launch::spawn(
+        &vm.config,
+        &vm.paths,
+        &SpawnOptions {
+            netns: Some(PathBuf::from("/run/netns/weft-nope")),
+            ..SpawnOptions::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("weft-nope"), "{err}");
+    drop(place);
+}
