@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _};
 use tempfile::TempDir;
 use weft_qmp::launch::{
-    self, Accel, DiskConfig, DiskFormat, ExitInfo, LaunchPaths, QemuProcess, SpawnOptions, VmConfig,
+    self, Accel, DiskConfig, DiskFormat, ExitInfo, LaunchPaths, NicConfig, QemuProcess,
+    SpawnOptions, VmConfig,
 };
 use weft_qmp::Qmp;
 
@@ -49,6 +50,11 @@ pub struct GuestOpts {
     pub extra_append: String,
     /// How long to wait for `WEFT-READY` (default 60 s).
     pub ready_timeout: Duration,
+    /// Network cards (on tap devices in `netns`); use `weft.net=` in `extra_append` to
+    /// give the guest its address.
+    pub nics: Vec<NicConfig>,
+    /// Run QEMU in this network namespace (`/run/netns/<name>`).
+    pub netns: Option<PathBuf>,
 }
 
 impl Default for GuestOpts {
@@ -63,6 +69,8 @@ impl Default for GuestOpts {
             shared_memory: false,
             extra_append: String::new(),
             ready_timeout: Duration::from_secs(60),
+            nics: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -128,7 +136,7 @@ impl Guest {
             initrd: Some(assets.initrd.clone()),
             append: Some(append),
             disks,
-            nics: Vec::new(),
+            nics: opts.nics.clone(),
         };
         let paths = LaunchPaths {
             qmp_socket: dir.path().join("qmp.sock"),
@@ -139,6 +147,7 @@ impl Guest {
         let spawn_opts = SpawnOptions {
             binary: qemu_binary(),
             ready_timeout: Duration::from_secs(30),
+            netns: opts.netns.clone(),
             ..SpawnOptions::default()
         };
         let serial = SerialLog::new(paths.serial_log.clone());

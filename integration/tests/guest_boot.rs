@@ -67,3 +67,95 @@ async fn qemu_guest_reports_missing_data_disk() -> anyhow::Result<()> {
     assert!(elapsed < Duration::from_secs(30), "error took {elapsed:?}");
     Ok(())
 }
+
+/// A namespace with a tap for the guest, made from outside with `ip` (a test may);
+/// removed on drop.
+struct TapNamespace {
+    name: String,
+}
+
+impl TapNamespace {
+    fn new() -> TapNamespace {
+        let name = format!("weft-g{}", std::process::id());
+        for args in [
+            vec!["netns", "add", &name],
+            vec![
+                "-n",
+                &name,
+                "tuntap",
+                "add",
+                "dev",
+                "weft-tap0",
+                "mode",
+                "tap",
+            ],
+            vec![
+                "-n",
+                &name,
+                "addr",
+                "add",
+                "192.168.100.1/24",
+                "dev",
+                "weft-tap0",
+            ],
+            vec!["-n", &name, "link", "set", "weft-tap0", "up"],
+        ] {
+            let ok = std::process::Command::new("ip")
+                .args(&args)
+                .status()
+                .expect("ip runs");
+            assert!(ok.success(), "ip {args:?}");
+        }
+        TapNamespace { name }
+    }
+}
+
+impl Drop for TapNamespace {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn qemu_guest_serves_http_from_its_disk_on_its_network() {
+    let ns = TapNamespace::new();
+    let guest = Guest::boot(GuestOpts {
+        workload: "web".into(),
+        extra_append: "weft.net=192.168.100.2/24,192.168.100.1".into(),
+        nics: vec![weft_qmp::launch::NicConfig {
+            id: "net0".into(),
+            tap: "weft-tap0".into(),
+            mac: "52:54:00:00:00:02".into(),
+        }],
+        netns: Some(format!("/run/netns/{}", ns.name).into()),
+        ..GuestOpts::default()
+    })
+    .await
+    .expect("guest boots");
+    guest
+        .serial()
+        .wait_for("weft-web: tick 1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    let fetch = |path: &str| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "curl", "-sf", "--max-time", "5"])
+            .arg(format!("http://192.168.100.2/{path}"))
+            .output()
+            .expect("curl runs")
+    };
+    let page = fetch("now.txt");
+    assert!(page.status.success(), "{page:?}");
+    assert!(
+        String::from_utf8_lossy(&page.stdout).starts_with("tick "),
+        "{page:?}"
+    );
+    let index = fetch("index.html");
+    assert_eq!(
+        String::from_utf8_lossy(&index.stdout).trim(),
+        "weft test guest"
+    );
+    guest.shutdown().await.unwrap();
+}
