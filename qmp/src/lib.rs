@@ -13,6 +13,7 @@
 pub mod backup;
 mod client;
 mod error;
+pub mod image;
 pub mod launch;
 mod message;
 

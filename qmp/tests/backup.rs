@@ -394,3 +394,48 @@ async fn qemu_disks_without_persistent_bitmaps_back_up_with_memory_checkpoints()
         p.kill().await;
     }
 }
+
+#[tokio::test]
+async fn qemu_overlays_are_made_by_the_storage_daemon() {
+    let vm = Vm::new();
+    let base = vm.config.disks[0].path.clone();
+    let out = Command::new("qemu-io")
+        .args(["-c", "write -P 0x77 1M 64k"])
+        .arg(&base)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let overlay = vm.path("overlay.qcow2");
+    weft_qmp::image::create_overlay(&overlay, &base, DiskFormat::Qcow2, 64 * MIB, vm.dir.path())
+        .await
+        .unwrap();
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], 64 * MIB);
+    assert_eq!(info["backing-filename"], base.to_str().unwrap());
+    // Reads fall through to the base.
+    let read = Command::new("qemu-io")
+        .args(["-r", "-c", "read -P 0x77 1M 64k"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&read.stdout).contains("fail"),
+        "{read:?}"
+    );
+    // An existing file is never overwritten.
+    assert!(weft_qmp::image::create_overlay(
+        &overlay,
+        &base,
+        DiskFormat::Qcow2,
+        MIB,
+        vm.dir.path()
+    )
+    .await
+    .is_err());
+}
