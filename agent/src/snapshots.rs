@@ -303,9 +303,21 @@ impl Snapshots {
                 (daemon.qmp().clone(), Some(daemon))
             }
         };
-        let result = self
-            .snapshot_disk_through(env, disk, actor, category, note, progress, &qmp)
-            .await;
+        // The disk's top node now: after a live external snapshot (a weave from now) the
+        // device sits on an overlay, and only that node sees (and tracks) new writes.
+        let node = match &daemon {
+            Some(_) => Ok(disk.format_node()),
+            None => backup::device_root_node(&qmp, &disk.name)
+                .await
+                .map_err(|e| EnvError::Qemu(format!("disk {}: {e}", disk.name))),
+        };
+        let result = match node {
+            Ok(node) => {
+                self.snapshot_disk_through(env, disk, &node, actor, category, note, progress, &qmp)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         if let Some(daemon) = daemon {
             // quit stores the bitmaps in the image; a daemon that does not go is killed
             // (and the next snapshot is a full one).
@@ -357,6 +369,7 @@ impl Snapshots {
         &self,
         env: &str,
         disk: &DiskConfig,
+        node: &str,
         actor: &str,
         category: Option<&str>,
         note: Option<&str>,
@@ -366,7 +379,6 @@ impl Snapshots {
         let qmp = qmp.clone();
         let catalog = self.manager.catalog();
         let resource = format!("disk:{}", disk.name);
-        let node = disk.format_node();
         let qemu = |e: weft_qmp::Error| EnvError::Qemu(format!("disk {}: {e}", disk.name));
 
         // Incremental from the last complete snapshot's checkpoint if QEMU still has it
@@ -378,7 +390,7 @@ impl Snapshots {
             None => reason = Some("first snapshot of this disk".to_string()),
             Some(p) => match &p.checkpoint {
                 None => reason = Some(format!("snapshot {} has no checkpoint", p.id)),
-                Some(cp) => match backup::checkpoint_problem(&qmp, &node, cp)
+                Some(cp) => match backup::checkpoint_problem(&qmp, node, cp)
                     .await
                     .map_err(qemu)?
                 {
@@ -392,7 +404,7 @@ impl Snapshots {
         }
         let removed = backup::clean_leftovers(
             &qmp,
-            &node,
+            node,
             CHECKPOINT_PREFIX,
             base.as_ref().map(|(_, cp)| cp.as_str()),
         )
@@ -436,6 +448,7 @@ impl Snapshots {
             .pull_disk(
                 env,
                 disk,
+                node,
                 id,
                 base.map(|(_, cp)| cp),
                 parent_map,
@@ -458,6 +471,7 @@ impl Snapshots {
         &self,
         env: &str,
         disk: &DiskConfig,
+        node: &str,
         id: i64,
         since: Option<String>,
         parent: Option<BlockMap>,
@@ -470,7 +484,7 @@ impl Snapshots {
         // A raw or qcow2 v2 image cannot store bitmaps: its checkpoint lives only as
         // long as QEMU does (a restart means a full snapshot, with that reason).
         let qemu_err = |e: weft_qmp::Error| EnvError::Qemu(format!("disk {}: {e}", disk.name));
-        let unsupported = backup::persistent_bitmaps_unsupported(qmp, &disk.format_node())
+        let unsupported = backup::persistent_bitmaps_unsupported(qmp, node)
             .await
             .map_err(qemu_err)?;
         if let Some(why) = &unsupported {
@@ -483,7 +497,7 @@ impl Snapshots {
             EnvError::Internal(format!("cannot create {}: {e}", work_dir.display()))
         })?;
         let spec = PullBackupSpec {
-            node: disk.format_node(),
+            node: node.to_string(),
             new_checkpoint: checkpoint,
             persistent,
             since,

@@ -94,6 +94,29 @@ pub async fn bitmaps(qmp: &Qmp, node: &str) -> Result<Vec<BitmapInfo>, Error> {
         .collect())
 }
 
+/// The node at the top of the disk that the device `qdev_id` (e.g. `vda`) uses now.
+/// A live external snapshot (`blockdev-snapshot`) puts a new overlay on top, so the
+/// node a backup must read (and whose bitmaps track writes) is not always the one the
+/// VM started with.
+pub async fn device_root_node(qmp: &Qmp, qdev_id: &str) -> Result<String, Error> {
+    let blocks = qmp.execute_raw("query-block", None).await?;
+    blocks
+        .as_array()
+        .and_then(|all| {
+            all.iter().find(|b| {
+                let qdev = b["qdev"].as_str().unwrap_or("");
+                qdev == qdev_id
+                    || qdev
+                        .strip_prefix("/machine/peripheral/")
+                        .and_then(|r| r.split('/').next())
+                        == Some(qdev_id)
+            })
+        })
+        .and_then(|b| b["inserted"]["node-name"].as_str())
+        .map(str::to_string)
+        .ok_or_else(|| Error::protocol(format!("no block device {qdev_id:?} with a medium")))
+}
+
 /// Virtual size in bytes of `node`.
 pub async fn node_size(qmp: &Qmp, node: &str) -> Result<u64, Error> {
     let nodes = qmp

@@ -439,3 +439,42 @@ async fn qemu_overlays_are_made_by_the_storage_daemon() {
     .await
     .is_err());
 }
+
+#[tokio::test]
+async fn qemu_the_device_root_node_follows_a_live_external_snapshot() {
+    let vm = Vm::new();
+    let p = vm.start().await;
+    let qmp = p.qmp().clone();
+    assert_eq!(
+        backup::device_root_node(&qmp, "vda").await.unwrap(),
+        "vda-fmt"
+    );
+    let top = vm.path("top.qcow2");
+    weft_qmp::image::create_overlay(
+        &top,
+        &vm.config.disks[0].path,
+        DiskFormat::Qcow2,
+        64 * MIB,
+        vm.dir.path(),
+    )
+    .await
+    .unwrap();
+    qmp.execute_raw(
+        "blockdev-add",
+        Some(json!({"driver": "qcow2", "node-name": "vda-top", "file": {"driver": "file", "filename": top.to_str().unwrap()}, "backing": null})),
+    )
+    .await
+    .unwrap();
+    qmp.execute_raw(
+        "blockdev-snapshot",
+        Some(json!({"node": "vda-fmt", "overlay": "vda-top"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        backup::device_root_node(&qmp, "vda").await.unwrap(),
+        "vda-top"
+    );
+    assert!(backup::device_root_node(&qmp, "vdz").await.is_err());
+    p.kill().await;
+}
