@@ -58,6 +58,8 @@ bench:
 	python3 -m pip install --quiet qemu.qmp
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- qmp
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- launch
+	command -v restic >/dev/null && command -v borg >/dev/null || { apt-get update && apt-get install -y restic borgbackup; }
+	$(CARGO) run --release -p weft-integration --bin weft-bench -- backup --rounds 5 --breakdown
 
 install: toolchain
 	$(CARGO) build --release -p weft --bins

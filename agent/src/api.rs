@@ -25,6 +25,7 @@ use crate::model::{
 };
 use crate::policies::{Policy, SetPolicy};
 use crate::snapshots::Snapshots;
+use crate::weaves::{CreateWeave, Weave, Weaves};
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -40,6 +41,8 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     /// Snapshots, restores, jobs and the chunk store.
     pub snapshots: Arc<Snapshots>,
+    /// Weaves.
+    pub weaves: Arc<Weaves>,
     /// When weftd started.
     pub started: Instant,
 }
@@ -109,6 +112,13 @@ pub fn routes() -> Vec<Route> {
             "/v1/environments/{name}/policies/{resource}",
             delete_policy,
         ),
+        route(Method::POST, "/v1/environments/{name}/weaves", create_weave),
+        route(Method::GET, "/v1/environments/{name}/weaves", list_weaves),
+        route(Method::GET, "/v1/weaves/{name}", show_weave),
+        route(Method::DELETE, "/v1/weaves/{name}", delete_weave),
+        route(Method::POST, "/v1/weaves/{name}/limits", weave_limits),
+        route(Method::POST, "/v1/weaves/{name}/route", weave_route),
+        route(Method::POST, "/v1/weaves/{name}/activate", weave_activate),
         route(Method::GET, "/v1/jobs", list_jobs),
         route(Method::GET, "/v1/jobs/{id}", show_job),
         route(Method::GET, "/v1/store", store_stats),
@@ -710,6 +720,147 @@ async fn delete_policy(
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn create_weave(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<CreateWeave>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Weave>), EnvError> {
+    let req = body(req)?;
+    let weaves = state.weaves.clone();
+    let parent = name.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let weave = change(
+        &state,
+        actor(&peer, &headers),
+        "weave.create",
+        name,
+        detail,
+        async move { weaves.create(&parent, req).await },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(weave)))
+}
+
+async fn list_weaves(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Weave>>, EnvError> {
+    state.manager.show(&name).await?;
+    Ok(Json(state.weaves.list(&name).await?))
+}
+
+async fn show_weave(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Weave>, EnvError> {
+    Ok(Json(state.weaves.show(&name).await?))
+}
+
+async fn delete_weave(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, EnvError> {
+    let weaves = state.weaves.clone();
+    let target = name.clone();
+    change(
+        &state,
+        actor(&peer, &headers),
+        "weave.delete",
+        name,
+        None,
+        async move { weaves.delete(&target).await },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Body of `POST /v1/weaves/{name}/route`.
+#[derive(Debug, Deserialize, Serialize)]
+pub struct RouteRequest {
+    /// Port of the guest.
+    pub guest_port: u16,
+    /// Port on the host (default: the guest port).
+    pub host_port: Option<u16>,
+}
+
+async fn weave_route(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<RouteRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Weave>, EnvError> {
+    let req = body(req)?;
+    let weaves = state.weaves.clone();
+    let target = name.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let weave = change(
+        &state,
+        actor(&peer, &headers),
+        "weave.route",
+        name,
+        detail,
+        async move {
+            weaves
+                .route(
+                    &target,
+                    req.host_port.unwrap_or(req.guest_port),
+                    req.guest_port,
+                )
+                .await
+        },
+    )
+    .await?;
+    Ok(Json(weave))
+}
+
+async fn weave_activate(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, EnvError> {
+    let weaves = state.weaves.clone();
+    let target = name.clone();
+    let report = change(
+        &state,
+        actor(&peer, &headers),
+        "weave.activate",
+        name,
+        None,
+        async move { weaves.activate(&target).await },
+    )
+    .await?;
+    Ok(Json(report))
+}
+
+async fn weave_limits(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<crate::cgroups::Limits>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Weave>, EnvError> {
+    let limits = body(req)?;
+    let weaves = state.weaves.clone();
+    let target = name.clone();
+    let detail = serde_json::to_string(&limits).ok();
+    let weave = change(
+        &state,
+        actor(&peer, &headers),
+        "weave.limits",
+        name,
+        detail,
+        async move { weaves.set_limits(&target, &limits).await },
+    )
+    .await?;
+    Ok(Json(weave))
 }
 
 async fn list_jobs(

@@ -14,6 +14,7 @@ use crate::model::{
 };
 use crate::policies::{Policy, SetPolicy};
 use crate::retention::Keep;
+use crate::weaves::{CreateWeave, Source, Weave};
 use weft_qmp::launch::Accel;
 
 /// Exit code: weftd refused or failed the request.
@@ -72,6 +73,9 @@ pub enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// Weaves: isolated, running branches of an environment.
+    #[command(subcommand)]
+    Weave(WeaveCommand),
     /// Snapshot schedules with retention, run by weftd.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -246,6 +250,97 @@ impl From<KeepArgs> for Keep {
     }
 }
 
+/// `weft weave …`
+#[derive(Debug, Subcommand)]
+pub enum WeaveCommand {
+    /// Branch an environment into a running weave: from now (default), a snapshot or a
+    /// past instant. Its disks are overlays; it runs in its own network namespace.
+    ///
+    /// Example: weft weave create web --at 2026-11-21T18:00:00Z --name before
+    Create {
+        /// Environment name.
+        env: String,
+        /// Branch from the newest snapshots at or before this instant (RFC 3339).
+        #[arg(long, conflicts_with = "snapshot")]
+        at: Option<String>,
+        /// Branch from the instant of this snapshot.
+        #[arg(long)]
+        snapshot: Option<i64>,
+        /// Weave name (1-10 characters); w<index> by default.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the weaves of an environment.
+    List {
+        /// Environment name.
+        env: String,
+    },
+    /// Show one weave.
+    Show {
+        /// Weave name.
+        weave: String,
+    },
+    /// Stop a weave's QEMU (its disks and network stay).
+    Stop {
+        /// Weave name.
+        weave: String,
+    },
+    /// Start a stopped weave.
+    Start {
+        /// Weave name.
+        weave: String,
+    },
+    /// Change a weave's CPU and memory limits while it runs.
+    ///
+    /// Example: weft weave limits w1 --cpu 50% --memory 256M
+    Limits {
+        /// Weave name.
+        weave: String,
+        /// CPU time in percent of one CPU (e.g. 50% or 150%).
+        #[arg(long, value_parser = parse_percent)]
+        cpu: Option<u32>,
+        /// Memory limit: 256M, 1G.
+        #[arg(long, value_parser = parse_memory_mib)]
+        memory: Option<u64>,
+    },
+    /// Route new connections to a host port to the weave's guest port.
+    ///
+    /// Example: weft weave route w1 --guest-port 80 --host-port 8080
+    Route {
+        /// Weave name.
+        weave: String,
+        /// Port of the guest.
+        #[arg(long)]
+        guest_port: u16,
+        /// Port on the host (default: the guest port).
+        #[arg(long)]
+        host_port: Option<u16>,
+    },
+    /// Move every host port routed to the environment's weaves to this weave, at once.
+    Activate {
+        /// Weave name.
+        weave: String,
+    },
+    /// Delete a weave: its QEMU, namespace, routes, cgroups and overlays.
+    Delete {
+        /// Weave name.
+        weave: String,
+    },
+}
+
+/// Parses `50%` or `50` into 50.
+pub fn parse_percent(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a percentage; use e.g. 50%"))?;
+    if n == 0 || n > 100 * 64 {
+        return Err(format!("{s:?} is out of range (1% to 6400%)"));
+    }
+    Ok(n)
+}
+
 /// `weft policy …`
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
@@ -359,6 +454,9 @@ pub struct CreateArgs {
     /// Kernel command line (needs --kernel).
     #[arg(long)]
     pub append: Option<String>,
+    /// A network card on a tap device: TAP[,mac=52:54:00:..]. Repeat for more.
+    #[arg(long = "nic", value_name = "SPEC")]
+    pub nics: Vec<String>,
     /// Record the environment without launching QEMU.
     #[arg(long)]
     pub no_start: bool,
@@ -420,6 +518,53 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
         Some(m) if m > 0 => Ok(m),
         _ => Err(format!("{s:?} is out of range")),
     }
+}
+
+/// Parses `TAP[,mac=MAC]`; the MAC defaults to a stable one derived from the
+/// environment name and the card's position (52:54:00 is QEMU's prefix).
+pub fn parse_nic(
+    index: usize,
+    env: &str,
+    spec: &str,
+) -> Result<weft_qmp::launch::NicConfig, String> {
+    let mut parts = spec.split(',');
+    let tap = parts
+        .next()
+        .filter(|t| !t.is_empty() && t.len() <= 15)
+        .ok_or_else(|| format!("--nic {spec:?}: expected TAP[,mac=52:54:00:xx:xx:xx] (tap names have at most 15 characters)"))?;
+    let hash = env
+        .bytes()
+        .chain([index as u8])
+        .fold(0x811c_9dc5u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+    let mut mac = format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        (hash >> 16) & 0xff,
+        (hash >> 8) & 0xff,
+        hash & 0xff
+    );
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("mac", m))
+                if m.len() == 17
+                    && m.split(':')
+                        .all(|x| x.len() == 2 && u8::from_str_radix(x, 16).is_ok()) =>
+            {
+                mac = m.to_ascii_lowercase()
+            }
+            _ => {
+                return Err(format!(
+                    "--nic {spec:?}: unknown or bad option {opt:?}; known: mac=52:54:00:xx:xx:xx"
+                ))
+            }
+        }
+    }
+    Ok(weft_qmp::launch::NicConfig {
+        id: format!("net{index}"),
+        tap: tap.to_string(),
+        mac,
+    })
 }
 
 /// Parses `PATH[,name=vda][,format=raw|qcow2][,readonly]`; relative paths are made absolute.
@@ -558,6 +703,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
             follow(client, job, detach, json).await?;
         }
         Command::Policy(cmd) => policy_command(client, cmd, json).await?,
+        Command::Weave(cmd) => weave_command(client, cmd, json).await?,
         Command::Job(JobCommand::List { limit }) => {
             let jobs: Vec<Job> = client.get(&format!("/v1/jobs?limit={limit}")).await?;
             if json {
@@ -643,6 +789,13 @@ async fn env_command(client: &Client, cmd: EnvCommand, json: bool) -> Result<(),
                 .map(|d| parse_disk(d))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(CliError::Usage)?;
+            let nics = args
+                .nics
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| parse_nic(i, &args.name, spec))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(CliError::Usage)?;
             let req = CreateEnvironment::Managed {
                 name: args.name,
                 disks,
@@ -652,6 +805,7 @@ async fn env_command(client: &Client, cmd: EnvCommand, json: bool) -> Result<(),
                 kernel: absolute_opt(args.kernel).map_err(CliError::Usage)?,
                 initrd: absolute_opt(args.initrd).map_err(CliError::Usage)?,
                 append: args.append,
+                nics,
                 no_start: args.no_start,
             };
             let env: EnvironmentView = client.post("/v1/environments", &req).await?;
@@ -900,6 +1054,158 @@ async fn snapshot_command(
                 print_json(&serde_json::json!({ "deleted": id }));
             } else {
                 println!("deleted snapshot {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn weave_path(name: &str) -> Result<String, CliError> {
+    crate::weaves::check_weave_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(format!("/v1/weaves/{name}"))
+}
+
+fn print_weaves(list: &[Weave], json: bool) {
+    if json {
+        print_json(&list);
+        return;
+    }
+    let rows = list
+        .iter()
+        .map(|w| {
+            let env = w.env.as_ref();
+            vec![
+                w.name.clone(),
+                w.parent.clone(),
+                w.source.clone(),
+                w.taken_at.clone(),
+                env.map(|e| e.state.as_str().to_string())
+                    .unwrap_or_else(|| "-".into()),
+                env.and_then(|e| e.pid)
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                format!("weft-{}", w.name),
+            ]
+        })
+        .collect();
+    print_table(
+        &["WEAVE", "ENV", "SOURCE", "INSTANT", "STATE", "PID", "NETNS"],
+        rows,
+    );
+}
+
+async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result<(), CliError> {
+    match cmd {
+        WeaveCommand::Create {
+            env,
+            at,
+            snapshot,
+            name,
+        } => {
+            let source = match (at, snapshot) {
+                (Some(t), _) => Source::At(t),
+                (None, Some(id)) => Source::Snapshot(id),
+                (None, None) => Source::Now,
+            };
+            let w: Weave = client
+                .post(
+                    &format!("{}/weaves", env_path(&env)?),
+                    &CreateWeave {
+                        name,
+                        source: Some(source),
+                    },
+                )
+                .await?;
+            print_weaves(&[w], json);
+        }
+        WeaveCommand::List { env } => {
+            let list: Vec<Weave> = client.get(&format!("{}/weaves", env_path(&env)?)).await?;
+            print_weaves(&list, json);
+        }
+        WeaveCommand::Show { weave } => {
+            let w: Weave = client.get(&weave_path(&weave)?).await?;
+            if json {
+                print_json(&w);
+            } else {
+                print_report(&serde_json::to_value(&w).unwrap_or_default());
+            }
+        }
+        WeaveCommand::Stop { weave } => {
+            weave_path(&weave)?;
+            let env: EnvironmentView = client
+                .post(
+                    &format!("{}/stop", env_path(&weave)?),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print_env(&env, json);
+        }
+        WeaveCommand::Start { weave } => {
+            weave_path(&weave)?;
+            let env: EnvironmentView = client
+                .post(
+                    &format!("{}/start", env_path(&weave)?),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print_env(&env, json);
+        }
+        WeaveCommand::Limits { weave, cpu, memory } => {
+            let w: Weave = client
+                .post(
+                    &format!("{}/limits", weave_path(&weave)?),
+                    &crate::cgroups::Limits {
+                        cpu_percent: cpu,
+                        memory_mib: memory,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&w);
+            } else {
+                println!("limits of {} set", w.name);
+            }
+        }
+        WeaveCommand::Route {
+            weave,
+            guest_port,
+            host_port,
+        } => {
+            let w: Weave = client
+                .post(
+                    &format!("{}/route", weave_path(&weave)?),
+                    &serde_json::json!({"guest_port": guest_port, "host_port": host_port}),
+                )
+                .await?;
+            if json {
+                print_json(&w);
+            } else {
+                println!(
+                    "host port {} -> weave {} guest port {guest_port}",
+                    host_port.unwrap_or(guest_port),
+                    w.name
+                );
+            }
+        }
+        WeaveCommand::Activate { weave } => {
+            let r: serde_json::Value = client
+                .post(
+                    &format!("{}/activate", weave_path(&weave)?),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("ports {} now go to weave {weave}", r["ports"]);
+            }
+        }
+        WeaveCommand::Delete { weave } => {
+            client.delete(&weave_path(&weave)?).await?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": weave }));
+            } else {
+                println!("deleted weave {weave}");
             }
         }
     }

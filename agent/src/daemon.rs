@@ -210,9 +210,11 @@ pub async fn run(config: Config) -> Result<()> {
         sd_notify::NotifyState::Status("serving the API"),
     ]);
     let scheduler = tokio::spawn(crate::policies::scheduler(snapshots.clone()));
+    let weaves = crate::weaves::Weaves::new(manager.clone(), snapshots.clone());
     let state = AppState {
         manager: manager.clone(),
         snapshots,
+        weaves,
         started,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

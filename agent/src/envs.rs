@@ -246,6 +246,7 @@ impl Manager {
                 kernel,
                 initrd,
                 append,
+                nics,
                 no_start,
             } => {
                 check_name(&name)?;
@@ -253,6 +254,10 @@ impl Manager {
                     return Err(EnvError::Duplicate(name));
                 }
                 let mut config = vm_config(disks, memory_mib, cpus, kernel, initrd, append)?;
+                config.nics = nics;
+                config
+                    .validate()
+                    .map_err(|e| EnvError::BadRequest(e.to_string()))?;
                 config.accel = accel.unwrap_or(self.config.accel);
                 if config.accel == Accel::Kvm {
                     launch::kvm_probe().map_err(|reason| {
@@ -312,6 +317,31 @@ impl Manager {
         }
     }
 
+    /// Records a managed environment with a complete VM configuration, stopped (weaves).
+    pub(crate) async fn insert_stopped(
+        &self,
+        name: &str,
+        config: &VmConfig,
+    ) -> Result<(), EnvError> {
+        let _op = self.lock_env(name).await;
+        config
+            .validate()
+            .map_err(|e| EnvError::BadRequest(e.to_string()))?;
+        let socket = self.qmp_socket_path(name);
+        check_socket_path(&socket)?;
+        self.catalog
+            .insert_environment(&NewEnvironment {
+                name,
+                kind: EnvKind::Managed,
+                config: Some(config),
+                qmp_socket: &socket,
+                state: EnvState::Stopped,
+                pid: None,
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Launches QEMU for a managed environment and records it as running.
     async fn launch(
         self: &Arc<Self>,
@@ -345,11 +375,19 @@ impl Manager {
             output_log: files.qemu_log,
             pid_file: Some(self.pid_file(name)),
         };
+        // A weave's QEMU runs in its network namespace and cgroups.
+        let (netns, cgroups) = if crate::weaves::is_weave(&self.catalog, name).await {
+            let (ns, groups) = crate::weaves::placement(name);
+            (Some(ns), groups)
+        } else {
+            (None, Vec::new())
+        };
         let opts = SpawnOptions {
             binary: self.config.qemu_binary.clone(),
             ready_timeout: Duration::from_secs(self.config.qemu_start_timeout_secs),
             detached: false,
-            ..SpawnOptions::default()
+            netns,
+            cgroups,
         };
         let process = launch::spawn(config, &paths, &opts).await.map_err(|e| {
             EnvError::Qemu(one_line(&format!("cannot start QEMU for {name:?}: {e}")))
@@ -600,6 +638,14 @@ impl Manager {
             .environment(name)
             .await?
             .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        let weaves = self.catalog.weaves(Some(name)).await?;
+        if !weaves.is_empty() {
+            let names: Vec<&str> = weaves.iter().map(|w| w.name.as_str()).collect();
+            return Err(EnvError::Conflict(format!(
+                "{name:?} has weaves ({}); delete them first with `weft weave delete`",
+                names.join(", ")
+            )));
+        }
         match env.kind {
             EnvKind::Managed => {
                 if self.lock_runtimes().contains_key(name) || self.orphan_pid(&env).is_some() {

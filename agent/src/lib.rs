@@ -7,6 +7,7 @@
 pub mod api;
 pub mod catalog;
 pub mod catalog_snapshots;
+pub mod cgroups;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -16,3 +17,5 @@ pub mod model;
 pub mod policies;
 pub mod retention;
 pub mod snapshots;
+pub mod weavenet;
+pub mod weaves;

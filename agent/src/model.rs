@@ -137,6 +137,9 @@ pub enum CreateEnvironment {
         /// Kernel command line.
         #[serde(default)]
         append: Option<String>,
+        /// Network cards on tap devices (weaves keep the MAC, on a tap in their namespace).
+        #[serde(default)]
+        nics: Vec<weft_qmp::launch::NicConfig>,
         /// Record only; do not launch QEMU now.
         #[serde(default)]
         no_start: bool,

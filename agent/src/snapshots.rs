@@ -677,6 +677,29 @@ impl Snapshots {
         )
     }
 
+    /// Restores a disk snapshot into a new raw image at `output` and waits for it (used
+    /// for the shared bases of weaves).
+    pub async fn restore_into(&self, id: i64, output: &Path) -> Result<(), EnvError> {
+        let s = self.get(id).await?;
+        let name = s
+            .index_name
+            .clone()
+            .ok_or_else(|| EnvError::BadRequest(format!("snapshot {id} has no disk")))?;
+        let store = self.store.clone();
+        let map = blocking(move || store.read_index(&name))
+            .await?
+            .map_err(store_err)?;
+        if Some(pull::digest_of(&map)) != s.checksum {
+            return Err(EnvError::Internal(format!(
+                "the block map of snapshot {id} does not match its recorded checksum"
+            )));
+        }
+        let progress = (AtomicU64::new(0), AtomicU64::new(0));
+        restore_raw(&self.store, &map, output, &progress)
+            .await
+            .map(drop)
+    }
+
     /// Restores a disk snapshot into a new raw image at `output` as a job.
     pub async fn restore(
         self: &Arc<Self>,

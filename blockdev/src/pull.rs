@@ -292,7 +292,10 @@ mod tests {
 
     #[test]
     fn merge_joins_overlapping_and_touching_ranges() {
-        assert_eq!(merge(&[(0, 10), (5, 10), (15, 5), (30, 1)]), [(0, 20), (30, 1)]);
+        assert_eq!(
+            merge(&[(0, 10), (5, 10), (15, 5), (30, 1)]),
+            [(0, 20), (30, 1)]
+        );
         assert_eq!(merge(&[(0, 10), (2, 3)]), [(0, 10)]);
         assert!(merge(&[]).is_empty());
     }

@@ -150,6 +150,7 @@ impl Weftd {
             initrd: Some(assets.initrd),
             append: Some("console=ttyS0 panic=-1 weft.workload=counter".into()),
             accel: None,
+            nics: Vec::new(),
             no_start: false,
         };
         let env: EnvironmentView = self.client().post("/v1/environments", &req).await?;

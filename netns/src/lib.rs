@@ -2,15 +2,89 @@
 //! addresses through rtnetlink, nftables tables, chains and rules through nftnl,
 //! port routes and the atomic switch-over used by `weave activate`.
 //!
-//! Only the naming rules exist so far; links and rules arrive with weaves (F7).
+//! Every kernel side effect goes through the narrow [`NetOps`] trait. [`Kernel`]
+//! is the real implementation; [`Recorder`] is a test double that records the
+//! calls and keeps a small model of the kernel state so the logic on top
+//! ([`WeaveNet`], [`route`], [`switch`], [`reconcile`]) is unit-tested without root.
+//!
+//! All operations are blocking (each kernel call runs on a short-lived OS thread,
+//! the only safe way to enter another network namespace); async callers wrap them
+//! in `tokio::task::spawn_blocking`.
+
+use std::io;
+
+mod kernel;
+mod nft;
+mod ops;
+mod plan;
+mod reconcile;
+mod recorder;
+mod routes;
+mod weave;
+
+pub use kernel::Kernel;
+pub use ops::{BaseChain, ChainKind, Hook, LinkEnd, NetOps, NftOp, NftRule, Prefix};
+pub use plan::{
+    guest_network, host_addr, host_link, netns_path, ns_addr, ns_link, LINK_NET, LINK_PREFIX,
+    NETNS_DIR, NETNS_PREFIX, TABLE,
+};
+pub use reconcile::{reconcile, ReconcileReport};
+pub use recorder::{Call, Recorder};
+pub use routes::{enable_host_forwarding, list_routes, route, switch, unroute, Route};
+pub use weave::{GuestLink, WeaveNet, WeavePlan};
 
 /// Errors raised by namespace and firewall operations.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A name cannot be used for a namespace.
-    #[error("invalid namespace name {0:?}: use 1-15 characters from [a-z0-9-]")]
+    #[error("invalid namespace name {0:?}: use 1-10 characters from [a-z0-9-]")]
     InvalidName(String),
+    /// A weave network plan or route is inconsistent.
+    #[error("invalid network plan: {0}")]
+    InvalidPlan(String),
+    /// A kernel operation failed.
+    #[error("cannot {op}")]
+    Os {
+        /// What was being done, e.g. `create namespace weft-a`.
+        op: String,
+        /// The kernel's (or libc's) answer.
+        #[source]
+        source: io::Error,
+    },
+    /// A host port is already routed to another weave.
+    #[error(
+        "host port {port} is already routed to weave {weave_index}: switch it or unroute it first"
+    )]
+    PortInUse {
+        /// The host port.
+        port: u16,
+        /// The weave it goes to now.
+        weave_index: u8,
+    },
+    /// `switch` was asked to move a port that has no route.
+    #[error("host port {0} is not routed: route or publish it before switching it")]
+    NotRouted(u16),
 }
+
+impl Error {
+    pub(crate) fn os(op: impl Into<String>, source: io::Error) -> Self {
+        Error::Os {
+            op: op.into(),
+            source,
+        }
+    }
+
+    /// The errno behind a kernel failure, if there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Error::Os { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Result of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Name of the network namespace that holds a weave (`weft-<weave>`).
 ///
@@ -23,7 +97,7 @@ pub fn namespace_name(weave: &str) -> Result<String, Error> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if ok {
-        Ok(format!("weft-{weave}"))
+        Ok(format!("{NETNS_PREFIX}{weave}"))
     } else {
         Err(Error::InvalidName(weave.to_string()))
     }

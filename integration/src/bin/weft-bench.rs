@@ -3,6 +3,8 @@
 //! ```text
 //! weft-bench qmp    [--calls N] [--rounds R]   # QMP round trips: weft-qmp vs qemu.qmp (Python)
 //! weft-bench launch [--rounds R]               # spawn to negotiated QMP: weft vs hand-rolled
+//! weft-bench backup [--size-gib G] [--chunk-kib K] [--rounds R] [--breakdown]
+//!                                              # disk backup: weft vs restic and borg
 //! ```
 //!
 //! Every benchmark runs weft and its peer alternately in the same process run (the machines
@@ -10,7 +12,8 @@
 //! kills and reaps every QEMU it started. Results are recorded in `docs/benchmarks.md`.
 //!
 //! Environment: `WEFT_BENCH_QEMU` (default `qemu-system-x86_64`), `WEFT_BENCH_PYTHON`
-//! (default `python3`, which must have `qemu.qmp` installed).
+//! (default `python3`, which must have `qemu.qmp` installed), `WEFT_BENCH_DIR` (default
+//! `target/bench`, where `backup` caches its image and keeps its scratch files).
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
@@ -27,6 +30,9 @@ use weft_qmp::launch::{self, Accel, LaunchPaths, SpawnOptions, VmConfig};
 use weft_qmp::qapi::qmp;
 use weft_qmp::Qmp;
 
+#[path = "weft-bench/backup.rs"]
+mod backup;
+
 /// Concurrent tasks (weft) or asyncio workers (peer) sharing one connection.
 const WORKERS: usize = 8;
 /// How long any QEMU may take to answer on its socket.
@@ -34,8 +40,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The peer's poll period in the `launch` benchmark.
 const PEER_POLL: Duration = Duration::from_millis(1);
 
-const USAGE: &str =
-    "usage: weft-bench qmp [--calls N] [--rounds R]\n       weft-bench launch [--rounds R]";
+const USAGE: &str = "usage: weft-bench qmp [--calls N] [--rounds R]
+       weft-bench launch [--rounds R]
+       weft-bench backup [--size-gib G] [--chunk-kib K] [--rounds R] [--breakdown]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -69,10 +76,36 @@ async fn run(args: &[String], pids: &mut Pids) -> Result<()> {
     };
     let opts = Opts::parse(rest)?;
     match cmd.as_str() {
-        "qmp" => bench_qmp(opts.calls.unwrap_or(2000), opts.rounds.unwrap_or(5), pids).await,
+        "qmp" => {
+            ensure!(
+                opts.size_gib.is_none() && opts.chunk_kib.is_none() && !opts.breakdown,
+                "qmp takes only --calls and --rounds\n{USAGE}"
+            );
+            bench_qmp(opts.calls.unwrap_or(2000), opts.rounds.unwrap_or(5), pids).await
+        }
         "launch" => {
-            ensure!(opts.calls.is_none(), "launch takes no --calls\n{USAGE}");
+            ensure!(
+                opts.calls.is_none()
+                    && opts.size_gib.is_none()
+                    && opts.chunk_kib.is_none()
+                    && !opts.breakdown,
+                "launch takes only --rounds\n{USAGE}"
+            );
             bench_launch(opts.rounds.unwrap_or(20), pids).await
+        }
+        "backup" => {
+            ensure!(opts.calls.is_none(), "backup takes no --calls\n{USAGE}");
+            backup::bench_backup(
+                opts.size_gib.unwrap_or(2) as u64,
+                match opts.chunk_kib {
+                    Some(k) => u32::try_from(k).context("--chunk-kib is too large")?,
+                    None => backup::DEFAULT_CHUNK_KIB,
+                },
+                opts.rounds.unwrap_or(3),
+                opts.breakdown,
+                pids,
+            )
+            .await
         }
         "-h" | "--help" => {
             println!("{USAGE}");
@@ -86,6 +119,9 @@ async fn run(args: &[String], pids: &mut Pids) -> Result<()> {
 struct Opts {
     calls: Option<usize>,
     rounds: Option<usize>,
+    size_gib: Option<usize>,
+    chunk_kib: Option<usize>,
+    breakdown: bool,
 }
 
 impl Opts {
@@ -93,6 +129,10 @@ impl Opts {
         let mut opts = Opts::default();
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            if flag == "--breakdown" {
+                opts.breakdown = true;
+                continue;
+            }
             let mut value = || -> Result<usize> {
                 let v = it.next().with_context(|| format!("{flag} needs a value"))?;
                 let n: usize = v.parse().with_context(|| format!("{flag} {v:?}"))?;
@@ -102,6 +142,8 @@ impl Opts {
             match flag.as_str() {
                 "--calls" => opts.calls = Some(value()?),
                 "--rounds" => opts.rounds = Some(value()?),
+                "--size-gib" => opts.size_gib = Some(value()?),
+                "--chunk-kib" => opts.chunk_kib = Some(value()?),
                 _ => bail!("unknown option {flag:?}\n{USAGE}"),
             }
         }
@@ -464,6 +506,7 @@ async fn bench_launch(rounds: usize, pids: &mut Pids) -> Result<()> {
         binary: qemu_binary().into(),
         ready_timeout: READY_TIMEOUT,
         detached: false,
+        ..SpawnOptions::default()
     };
     // The peers run exactly weft's command line.
     let args = launch::command_line(&config, &paths);

@@ -1,0 +1,126 @@
+//! Control groups for weaves: one group per weave, CPU weight and limit, memory limit.
+//!
+//! Hosts mount cgroup v2 alone (`/sys/fs/cgroup/cgroup.controllers` lists `cpu` and
+//! `memory`) or in a hybrid layout with v1 hierarchies for the controllers
+//! (`/sys/fs/cgroup/cpu`, `/sys/fs/cgroup/memory`). Both are supported: a weave's group
+//! is `weft/<name>` in each hierarchy that has the controller.
+
+use std::path::{Path, PathBuf};
+
+/// A weave's groups, one per hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Groups {
+    /// v2: the one group; hybrid: the cpu hierarchy's group.
+    pub cpu: Option<PathBuf>,
+    /// Hybrid: the memory hierarchy's group (v2: same as `cpu`).
+    pub memory: Option<PathBuf>,
+    /// Cgroup v2 layout.
+    pub unified: bool,
+}
+
+/// Resource limits of a weave.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// CPU time as a percentage of one CPU (150 = one and a half CPUs); none = unlimited.
+    pub cpu_percent: Option<u32>,
+    /// Memory limit in MiB; none = unlimited.
+    pub memory_mib: Option<u64>,
+}
+
+const ROOT: &str = "/sys/fs/cgroup";
+
+fn has_controller(root: &Path, name: &str) -> bool {
+    std::fs::read_to_string(root.join("cgroup.controllers"))
+        .map(|c| c.split_whitespace().any(|x| x == name))
+        .unwrap_or(false)
+}
+
+/// The groups of weave `name` (they may not exist yet).
+pub fn groups(name: &str) -> Groups {
+    let root = Path::new(ROOT);
+    if has_controller(root, "cpu") && has_controller(root, "memory") {
+        let g = root.join("weft").join(name);
+        return Groups {
+            cpu: Some(g.clone()),
+            memory: Some(g),
+            unified: true,
+        };
+    }
+    let v1 = |c: &str| {
+        let h = root.join(c);
+        h.join("cgroup.procs")
+            .exists()
+            .then(|| h.join("weft").join(name))
+    };
+    Groups {
+        cpu: v1("cpu"),
+        memory: v1("memory"),
+        unified: false,
+    }
+}
+
+impl Groups {
+    /// The distinct group directories.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = self.cpu.iter().chain(self.memory.iter()).cloned().collect();
+        out.dedup();
+        out
+    }
+
+    /// Creates the groups (and, on v2, enables cpu and memory for the children of `weft`).
+    pub fn create(&self) -> std::io::Result<()> {
+        for d in self.dirs() {
+            std::fs::create_dir_all(&d)?;
+        }
+        if self.unified {
+            let parent = Path::new(ROOT).join("weft");
+            // Best effort: the controllers may already be enabled.
+            let _ = std::fs::write(
+                Path::new(ROOT).join("cgroup.subtree_control"),
+                "+cpu +memory",
+            );
+            let _ = std::fs::write(parent.join("cgroup.subtree_control"), "+cpu +memory");
+        }
+        Ok(())
+    }
+
+    /// Applies limits (an absent limit removes a previous one).
+    pub fn apply(&self, limits: &Limits) -> std::io::Result<()> {
+        const PERIOD: u64 = 100_000;
+        if let Some(cpu) = &self.cpu {
+            let quota = limits
+                .cpu_percent
+                .map(|p| u64::from(p.max(1)) * PERIOD / 100);
+            if self.unified {
+                let v = quota.map_or("max".to_string(), |q| q.to_string());
+                std::fs::write(cpu.join("cpu.max"), format!("{v} {PERIOD}"))?;
+            } else {
+                std::fs::write(cpu.join("cpu.cfs_period_us"), PERIOD.to_string())?;
+                let v = quota.map_or("-1".to_string(), |q| q.to_string());
+                std::fs::write(cpu.join("cpu.cfs_quota_us"), v)?;
+            }
+        }
+        if let Some(mem) = &self.memory {
+            let bytes = limits.memory_mib.map(|m| m.saturating_mul(1024 * 1024));
+            if self.unified {
+                let v = bytes.map_or("max".to_string(), |b| b.to_string());
+                std::fs::write(mem.join("memory.max"), v)?;
+            } else {
+                let v = bytes.map_or("-1".to_string(), |b| b.to_string());
+                std::fs::write(mem.join("memory.limit_in_bytes"), v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the groups (they must be empty: QEMU has exited).
+    pub fn remove(&self) -> std::io::Result<()> {
+        for d in self.dirs() {
+            match std::fs::remove_dir(&d) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}

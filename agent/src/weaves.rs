@@ -1,0 +1,600 @@
+//! Weaves: isolated, running branches of an environment (F5–F10).
+//!
+//! A weave is an environment of its own (a catalog row, a supervised QEMU) whose disks
+//! are qcow2 overlays on a frozen base, and whose QEMU runs in its own network
+//! namespace and cgroups. The base is
+//! - **now**: one QMP `transaction` of live external snapshots (`blockdev-snapshot`) puts
+//!   a new overlay under every disk of the running environment; the images below become
+//!   frozen bases that the environment and the weave share. No data is copied.
+//! - **a past instant or snapshot**: each disk snapshot chosen for that instant is
+//!   restored once into a read-only raw base under `<data_dir>/bases/`, shared by every
+//!   weave from it.
+//!
+//! The VM configuration is the environment's as of that instant (its newest config
+//! snapshot at or before it), with the disks replaced by the weave's overlays.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::Row;
+use tracing::{info, warn};
+use weft_qmp::backup;
+use weft_qmp::image;
+use weft_qmp::launch::{DiskFormat, VmConfig};
+
+use crate::catalog::{now, Catalog, CatalogError};
+use crate::cgroups;
+use crate::envs::{check_name, one_line, EnvError, Manager};
+use crate::model::{EnvKind, Environment, Snapshot, SnapshotKind};
+use crate::snapshots::Snapshots;
+
+/// Where a weave branches from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The running environment, now.
+    Now,
+    /// The instant of a snapshot.
+    Snapshot(i64),
+    /// A past instant (RFC 3339): the newest snapshot of each resource at or before it.
+    At(String),
+}
+
+/// Body of `POST /v1/environments/{name}/weaves`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateWeave {
+    /// Name (1-10 characters from a-z, 0-9, '-'); `w<index>` when absent.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where to branch from (default: now).
+    #[serde(default)]
+    pub source: Option<Source>,
+}
+
+/// A weave as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Weave {
+    /// Name (also the name of its environment row).
+    pub name: String,
+    /// The environment it branches from.
+    pub parent: String,
+    /// `now`, `snapshot N` or `at T`.
+    pub source: String,
+    /// The instant its disks show.
+    pub taken_at: String,
+    /// Its network slot (host link 10.231.<index>.0/30).
+    pub net_index: u8,
+    /// When it was made.
+    pub created_at: String,
+    /// Its environment record (state, pid, configuration).
+    pub env: Option<Environment>,
+}
+
+/// The network namespace file a weave's QEMU runs in.
+pub fn netns_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/run/netns/weft-{name}"))
+}
+
+/// Checks a weave name: it becomes part of a namespace name (`weft-<name>`).
+pub fn check_weave_name(name: &str) -> Result<(), EnvError> {
+    check_name(name)?;
+    if name.len() > 10 || name.contains('_') {
+        return Err(EnvError::BadRequest(format!(
+            "invalid weave name {name:?}: use 1-10 characters from a-z, 0-9 and '-'"
+        )));
+    }
+    Ok(())
+}
+
+fn weave_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Weave, CatalogError> {
+    let idx: i64 = r.try_get("net_index")?;
+    Ok(Weave {
+        name: r.try_get("name")?,
+        parent: r.try_get("parent")?,
+        source: r.try_get("source")?,
+        taken_at: r.try_get("taken_at")?,
+        net_index: u8::try_from(idx).unwrap_or(u8::MAX),
+        created_at: r.try_get("created_at")?,
+        env: None,
+    })
+}
+
+impl Catalog {
+    /// Records a weave (its environment row must exist).
+    pub async fn insert_weave(&self, w: &Weave) -> Result<(), CatalogError> {
+        sqlx::query(
+            "INSERT INTO weaves (name, parent, source, taken_at, net_index, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&w.name)
+        .bind(&w.parent)
+        .bind(&w.source)
+        .bind(&w.taken_at)
+        .bind(i64::from(w.net_index))
+        .bind(&w.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One weave.
+    pub async fn weave(&self, name: &str) -> Result<Option<Weave>, CatalogError> {
+        let row = sqlx::query("SELECT * FROM weaves WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| weave_from_row(&r)).transpose()
+    }
+
+    /// Weaves of one environment, or all.
+    pub async fn weaves(&self, parent: Option<&str>) -> Result<Vec<Weave>, CatalogError> {
+        let rows = match parent {
+            Some(p) => {
+                sqlx::query("SELECT * FROM weaves WHERE parent = ? ORDER BY net_index")
+                    .bind(p)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                sqlx::query("SELECT * FROM weaves ORDER BY net_index")
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        rows.iter().map(weave_from_row).collect()
+    }
+
+    /// The lowest free network slot.
+    pub async fn free_net_index(&self) -> Result<Option<u8>, CatalogError> {
+        let used: Vec<i64> = sqlx::query("SELECT net_index FROM weaves")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.try_get("net_index"))
+            .collect::<Result<_, _>>()?;
+        Ok((0u8..=255).find(|i| !used.contains(&i64::from(*i))))
+    }
+
+    /// Replaces an environment's stored VM configuration.
+    pub async fn set_config(&self, name: &str, config: &VmConfig) -> Result<(), CatalogError> {
+        let text = serde_json::to_string(config).map_err(|e| CatalogError::Corrupt {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        sqlx::query("UPDATE environments SET config = ?, updated_at = ? WHERE name = ?")
+            .bind(text)
+            .bind(now())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Weaves of environments.
+pub struct Weaves {
+    manager: Arc<Manager>,
+    snapshots: Arc<Snapshots>,
+}
+
+impl Weaves {
+    /// Weaves over `manager`'s environments and `snapshots`' store.
+    pub fn new(manager: Arc<Manager>, snapshots: Arc<Snapshots>) -> Arc<Weaves> {
+        Arc::new(Weaves { manager, snapshots })
+    }
+
+    fn dir(&self, name: &str) -> PathBuf {
+        self.manager.config().data_dir.join("weaves").join(name)
+    }
+
+    fn bases(&self) -> PathBuf {
+        self.manager.config().data_dir.join("bases")
+    }
+
+    fn work(&self) -> PathBuf {
+        self.manager.config().run_dir.join("backup")
+    }
+
+    /// A weave with its environment record.
+    pub async fn show(&self, name: &str) -> Result<Weave, EnvError> {
+        let mut w = self
+            .manager
+            .catalog()
+            .weave(name)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(format!("weave {name}")))?;
+        w.env = self.manager.catalog().environment(name).await?;
+        Ok(w)
+    }
+
+    /// Weaves of an environment.
+    pub async fn list(&self, parent: &str) -> Result<Vec<Weave>, EnvError> {
+        let mut out = Vec::new();
+        for mut w in self.manager.catalog().weaves(Some(parent)).await? {
+            w.env = self.manager.catalog().environment(&w.name).await?;
+            out.push(w);
+        }
+        Ok(out)
+    }
+
+    /// Creates and starts a weave of `parent`.
+    pub async fn create(
+        self: &Arc<Self>,
+        parent: &str,
+        req: CreateWeave,
+    ) -> Result<Weave, EnvError> {
+        let catalog = self.manager.catalog();
+        let env = catalog
+            .environment(parent)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(parent.to_string()))?;
+        if env.kind != EnvKind::Managed || catalog.weave(parent).await?.is_some() {
+            return Err(EnvError::Conflict(format!(
+                "weaves branch from managed environments; {parent:?} is not one"
+            )));
+        }
+        let index = catalog
+            .free_net_index()
+            .await?
+            .ok_or_else(|| EnvError::Conflict("all 256 weave network slots are in use".into()))?;
+        let name = req.name.clone().unwrap_or_else(|| format!("w{index}"));
+        check_weave_name(&name)?;
+        if catalog.environment(&name).await?.is_some() {
+            return Err(EnvError::Duplicate(name));
+        }
+        let dir = self.dir(&name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        let made = self
+            .assemble(&env, &name, index, req.source.unwrap_or(Source::Now))
+            .await;
+        let (config, source, taken_at) = match made {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let weave = Weave {
+            name: name.clone(),
+            parent: parent.to_string(),
+            source,
+            taken_at,
+            net_index: index,
+            created_at: now(),
+            env: None,
+        };
+        // Nothing half-created: any failure from here removes what was made.
+        let result = async {
+            self.manager.insert_stopped(&name, &config).await?;
+            catalog.insert_weave(&weave).await?;
+            let groups = cgroups::groups(&name);
+            groups.create().map_err(|e| {
+                EnvError::Internal(format!("cannot create the cgroups of {name}: {e}"))
+            })?;
+            crate::weavenet::create(&name, index, &config)
+                .await
+                .map_err(|e| {
+                    EnvError::Internal(one_line(&format!("network of weave {name}: {e}")))
+                })?;
+            self.manager.start(&name).await
+        }
+        .await;
+        if let Err(e) = result {
+            warn!(weave = %name, error = %e, "weave creation failed; removing what was made");
+            let _ = self.delete(&name).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        info!(weave = %name, parent, source = %weave.source, "weave created");
+        self.show(&name).await
+    }
+
+    /// Builds the weave's disks and configuration; returns (config, source text, instant).
+    async fn assemble(
+        &self,
+        env: &Environment,
+        name: &str,
+        index: u8,
+        source: Source,
+    ) -> Result<(VmConfig, String, String), EnvError> {
+        let current = env
+            .config
+            .clone()
+            .ok_or_else(|| EnvError::Internal(format!("{:?} has no configuration", env.name)))?;
+        let (mut config, overlays_from, source_text, instant) = match source {
+            Source::Now => {
+                let bases = self.branch_now(env, &current).await?;
+                (current, bases, "now".to_string(), now())
+            }
+            Source::Snapshot(id) => {
+                let s = self.snapshots.get(id).await?;
+                if s.env != env.name {
+                    return Err(EnvError::BadRequest(format!(
+                        "snapshot {id} belongs to {:?}, not {:?}",
+                        s.env, env.name
+                    )));
+                }
+                let (config, bases) = self.bases_at(env, &current, &s.taken_at, Some(&s)).await?;
+                (config, bases, format!("snapshot {id}"), s.taken_at.clone())
+            }
+            Source::At(t) => {
+                let t = humantime::parse_rfc3339_weak(&t)
+                    .map(|st| humantime::format_rfc3339_micros(st).to_string())
+                    .map_err(|e| EnvError::BadRequest(format!("--at {t:?}: {e}")))?;
+                let (config, bases) = self.bases_at(env, &current, &t, None).await?;
+                (config, bases, format!("at {t}"), t)
+            }
+        };
+        // The weave's own overlays on the bases.
+        let dir = self.dir(name);
+        for (disk, (base, format, size)) in config.disks.iter_mut().zip(overlays_from) {
+            let overlay = dir.join(format!("{}.qcow2", disk.name));
+            image::create_overlay(&overlay, &base, format, size, &self.work())
+                .await
+                .map_err(|e| EnvError::Qemu(one_line(&format!("overlay of {}: {e}", disk.name))))?;
+            disk.path = overlay;
+            disk.format = DiskFormat::Qcow2;
+        }
+        // The guest keeps its MAC and address plan; its taps are inside the namespace.
+        for (i, nic) in config.nics.iter_mut().enumerate() {
+            nic.tap = format!("weft-tap{i}");
+        }
+        let _ = index;
+        Ok((config, source_text, instant))
+    }
+
+    /// Live external snapshots of every disk of a running environment, in one
+    /// transaction; returns each disk's now-frozen base (path, format, size).
+    async fn branch_now(
+        &self,
+        env: &Environment,
+        config: &VmConfig,
+    ) -> Result<Vec<(PathBuf, DiskFormat, u64)>, EnvError> {
+        let _lock = self.manager.lock_env(&env.name).await;
+        let qmp = self.manager.live_qmp(&env.name).ok_or_else(|| {
+            EnvError::Conflict(format!(
+                "{:?} is not running: branch from a snapshot (--snapshot ID or --at TIME) instead",
+                env.name
+            ))
+        })?;
+        let qemu = |e: weft_qmp::Error| EnvError::Qemu(one_line(&e.to_string()));
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let env_dir = self
+            .manager
+            .config()
+            .data_dir
+            .join("environments")
+            .join(&env.name);
+        let mut actions = Vec::new();
+        let mut bases = Vec::new();
+        let mut new_config = config.clone();
+        for disk in new_config.disks.iter_mut() {
+            let root = backup::device_root_node(&qmp, &disk.name)
+                .await
+                .map_err(qemu)?;
+            let size = backup::node_size(&qmp, &root).await.map_err(qemu)?;
+            let top = env_dir.join(format!("{}-{stamp}.qcow2", disk.name));
+            image::create_overlay(&top, &disk.path, disk.format, size, &self.work())
+                .await
+                .map_err(qemu)?;
+            let node = format!("{}-t{stamp}", disk.name);
+            let path = top
+                .to_str()
+                .ok_or_else(|| EnvError::Internal("path is not UTF-8".into()))?;
+            qmp.execute_raw(
+                "blockdev-add",
+                Some(json!({"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": path}, "backing": null})),
+            )
+            .await
+            .map_err(qemu)?;
+            actions.push(
+                json!({"type": "blockdev-snapshot", "data": {"node": root, "overlay": node}}),
+            );
+            bases.push((disk.path.clone(), disk.format, size));
+            disk.path = top;
+            disk.format = DiskFormat::Qcow2;
+        }
+        qmp.execute_raw("transaction", Some(json!({ "actions": actions })))
+            .await
+            .map_err(qemu)?;
+        // The environment now writes to the new overlays: record them as its disks.
+        self.manager
+            .catalog()
+            .set_config(&env.name, &new_config)
+            .await?;
+        Ok(bases)
+    }
+
+    /// The configuration and restored bases as of instant `t`.
+    async fn bases_at(
+        &self,
+        env: &Environment,
+        current: &VmConfig,
+        t: &str,
+        pinned: Option<&Snapshot>,
+    ) -> Result<(VmConfig, Vec<(PathBuf, DiskFormat, u64)>), EnvError> {
+        let all = self
+            .snapshots
+            .list(
+                &env.name,
+                &crate::catalog_snapshots::SnapshotFilter::default(),
+            )
+            .await?;
+        let at_or_before = |resource: &str| -> Option<&Snapshot> {
+            all.iter()
+                .filter(|s| s.resource == resource && s.taken_at.as_str() <= t)
+                .max_by(|a, b| a.taken_at.cmp(&b.taken_at).then(a.id.cmp(&b.id)))
+        };
+        let config = at_or_before("config")
+            .and_then(|s| s.config.clone())
+            .unwrap_or_else(|| current.clone());
+        let mut bases = Vec::new();
+        for disk in &config.disks {
+            let resource = format!("disk:{}", disk.name);
+            let snap = match pinned {
+                Some(p) if p.resource == resource => p,
+                _ => at_or_before(&resource).ok_or_else(|| {
+                    EnvError::BadRequest(format!(
+                        "disk {} of {:?} has no snapshot at or before {t}",
+                        disk.name, env.name
+                    ))
+                })?,
+            };
+            if snap.kind == SnapshotKind::Config {
+                return Err(EnvError::Internal(format!(
+                    "snapshot {} is not a disk snapshot",
+                    snap.id
+                )));
+            }
+            let base = self.base_of(snap).await?;
+            bases.push((base, DiskFormat::Raw, snap.size.unwrap_or(0)));
+        }
+        Ok((config, bases))
+    }
+
+    /// The read-only raw base of a disk snapshot, restored once and shared.
+    async fn base_of(&self, snap: &Snapshot) -> Result<PathBuf, EnvError> {
+        let dir = self.bases();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(format!("snapshot-{}.raw", snap.id));
+        if path.exists() {
+            return Ok(path);
+        }
+        self.snapshots.restore_into(snap.id, &path).await?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).map_err(|e| {
+            EnvError::Internal(format!("cannot make {} read-only: {e}", path.display()))
+        })?;
+        Ok(path)
+    }
+
+    /// Routes new connections to `host_port` on the host to the weave's guest port.
+    pub async fn route(
+        &self,
+        name: &str,
+        host_port: u16,
+        guest_port: u16,
+    ) -> Result<Weave, EnvError> {
+        let weave = self.show(name).await?;
+        if host_port == 0 || guest_port == 0 {
+            return Err(EnvError::BadRequest("ports must be 1-65535".into()));
+        }
+        crate::weavenet::route(host_port, weave.net_index, guest_port)
+            .await
+            .map_err(|e| {
+                EnvError::Internal(one_line(&format!("route {host_port} to {name}: {e}")))
+            })?;
+        Ok(weave)
+    }
+
+    /// Makes `name` the active weave of its environment: every host port routed to a
+    /// weave of the same environment moves to it, each in one nftables transaction
+    /// (new connections go to `name`; established ones finish where they started).
+    pub async fn activate(&self, name: &str) -> Result<serde_json::Value, EnvError> {
+        let weave = self.show(name).await?;
+        let siblings: Vec<u8> = self
+            .manager
+            .catalog()
+            .weaves(Some(&weave.parent))
+            .await?
+            .iter()
+            .map(|w| w.net_index)
+            .collect();
+        let routes = crate::weavenet::routes()
+            .await
+            .map_err(|e| EnvError::Internal(one_line(&e)))?;
+        let mut moved = Vec::new();
+        for r in routes.iter().filter(|r| siblings.contains(&r.weave_index)) {
+            if r.weave_index != weave.net_index {
+                crate::weavenet::switch(r.host_port, weave.net_index)
+                    .await
+                    .map_err(|e| {
+                        EnvError::Internal(one_line(&format!("switch port {}: {e}", r.host_port)))
+                    })?;
+            }
+            moved.push(r.host_port);
+        }
+        if moved.is_empty() {
+            return Err(EnvError::Conflict(format!(
+                "no host port is routed to a weave of {:?}; route one first with `weft weave route`",
+                weave.parent
+            )));
+        }
+        Ok(json!({"weave": name, "ports": moved}))
+    }
+
+    /// Changes a weave's CPU and memory limits at runtime (its cgroups).
+    pub async fn set_limits(
+        &self,
+        name: &str,
+        limits: &cgroups::Limits,
+    ) -> Result<Weave, EnvError> {
+        let weave = self.show(name).await?;
+        if limits.memory_mib.is_some_and(|m| m < 16) {
+            return Err(EnvError::BadRequest("--memory must be at least 16M".into()));
+        }
+        cgroups::groups(name).apply(limits).map_err(|e| {
+            EnvError::Internal(format!("cannot set the limits of weave {name}: {e}"))
+        })?;
+        Ok(weave)
+    }
+
+    /// Stops and removes a weave: QEMU, namespace and rules, cgroups, overlays, rows.
+    pub async fn delete(&self, name: &str) -> Result<(), EnvError> {
+        let catalog = self.manager.catalog();
+        let weave = catalog.weave(name).await?;
+        if weave.is_none() && catalog.environment(name).await?.is_none() {
+            return Err(EnvError::NotFound(format!("weave {name}")));
+        }
+        let mut problems = Vec::new();
+        if catalog.environment(name).await?.is_some() {
+            if let Err(e) = self.manager.delete(name).await {
+                problems.push(e.to_string());
+            }
+        }
+        if let Some(w) = &weave {
+            if let Err(e) = crate::weavenet::delete(name, w.net_index).await {
+                problems.push(format!("network: {e}"));
+            }
+        }
+        if let Err(e) = cgroups::groups(name).remove() {
+            problems.push(format!("cgroups: {e}"));
+        }
+        let dir = self.dir(name);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                problems.push(format!("{}: {e}", dir.display()));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(EnvError::Internal(format!(
+                "weave {name} removed with problems: {}",
+                problems.join("; ")
+            )))
+        }
+    }
+}
+
+/// Whether `name` is a weave (its QEMU then runs in its namespace and cgroups).
+pub async fn is_weave(catalog: &Catalog, name: &str) -> bool {
+    matches!(catalog.weave(name).await, Ok(Some(_)))
+}
+
+/// Where a weave's QEMU runs: its namespace and its existing cgroups.
+pub fn placement(name: &str) -> (PathBuf, Vec<PathBuf>) {
+    let dirs = cgroups::groups(name)
+        .dirs()
+        .into_iter()
+        .filter(|d| Path::new(d).is_dir())
+        .collect();
+    (netns_path(name), dirs)
+}

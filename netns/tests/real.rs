@@ -1,0 +1,445 @@
+//! Real kernel tests: they need root (CAP_NET_ADMIN + CAP_SYS_ADMIN), nftables
+//! with the nat, fib and masquerade expressions, veth and tun. Names start with
+//! `netns_` so they can be selected as a group. They use weave indices 207..=209
+//! and host ports 47207/47208, and only addresses in namespaces they create.
+//!
+//! The product code never runs `ip` or `nft`; these tests do, to look from outside.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use weft_netns::{
+    list_routes, route, switch, unroute, GuestLink, Kernel, LinkEnd, NetOps, Prefix, Route,
+    WeaveNet, WeavePlan,
+};
+
+/// The tests share the root namespace's table and must not interleave.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Removes everything a test may have made, even when it panics half-way.
+struct Cleanup {
+    weaves: Vec<(String, u8)>,
+    netns: Vec<String>,
+    ports: Vec<u16>,
+    servers: Vec<Server>,
+}
+
+impl Cleanup {
+    fn new() -> Self {
+        Cleanup {
+            weaves: Vec::new(),
+            netns: Vec::new(),
+            ports: Vec::new(),
+            servers: Vec::new(),
+        }
+    }
+
+    fn run(&mut self) {
+        let k = Kernel::new();
+        for s in self.servers.drain(..) {
+            s.stop();
+        }
+        for p in self.ports.drain(..) {
+            let _ = unroute(&k, p);
+        }
+        for (name, index) in self.weaves.drain(..) {
+            let _ = WeaveNet::delete(&k, &name, index);
+        }
+        for ns in self.netns.drain(..) {
+            let _ = k.delete_netns(&ns);
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+/// A TCP server inside a namespace: answers every line with `<tag> <line>`.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Server {
+    fn start(netns: &str, port: u16, tag: &str) -> Server {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let tag = tag.to_string();
+        let ns = std::fs::File::open(format!("/run/netns/{netns}")).expect("open netns");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind in guest");
+            listener.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).expect("ready");
+            let mut conns = Vec::new();
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let tag = tag.clone();
+                        let flag = flag.clone();
+                        conns.push(std::thread::spawn(move || serve(stream, &tag, &flag)));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("server ready");
+        Server { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+    }
+}
+
+fn serve(stream: TcpStream, tag: &str, stop: &AtomicBool) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::SeqCst) {
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writer
+                    .write_all(format!("{tag} {}", line).as_bytes())
+                    .is_err()
+                {
+                    return;
+                }
+                line.clear();
+            }
+            Err(_) => continue,
+        }
+    }
+}
+
+/// A client connection that asks a line and reads the answer.
+struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Client {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(stream) => {
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .expect("timeout");
+                    let writer = stream.try_clone().expect("clone");
+                    return Client {
+                        reader: BufReader::new(stream),
+                        writer,
+                    };
+                }
+                Err(e) if Instant::now() > deadline => panic!("connect {addr}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write");
+        let mut answer = String::new();
+        self.reader.read_line(&mut answer).expect("read answer");
+        answer.trim_end().to_string()
+    }
+}
+
+const GUEST_PORT: u16 = 8000;
+
+/// A weave whose "guest" is a namespace `weft-g<index>` behind a veth, serving `tag`.
+fn weave_with_guest(k: &Kernel, cleanup: &mut Cleanup, index: u8, tag: &str) -> WeaveNet {
+    let name = format!("t{index}");
+    let guest_ns = format!("weft-g{index}");
+    cleanup.weaves.push((name.clone(), index));
+    cleanup.netns.push(guest_ns.clone());
+    assert!(k.create_netns(&guest_ns).expect("guest namespace"));
+    let mut plan = WeavePlan::new(&name, index);
+    plan.guest_link = GuestLink::Veth {
+        name: "wg0".into(),
+        peer: LinkEnd::in_netns(&guest_ns, "eth0"),
+    };
+    let net = WeaveNet::create(k, &plan).expect("create weave network");
+    let g = Some(guest_ns.as_str());
+    k.add_address(g, "eth0", Prefix::new(plan.guest_ip, plan.guest_prefix))
+        .expect("guest address");
+    k.set_link_up(g, "eth0").expect("guest link up");
+    k.set_default_route(g, plan.gateway_ip)
+        .expect("guest default route");
+    cleanup
+        .servers
+        .push(Server::start(&guest_ns, GUEST_PORT, tag));
+    net
+}
+
+fn assert_nothing_left(indices: &[u8], ports: &[u16]) {
+    let netns = sh("ip", &["netns", "list"]);
+    let links = sh("ip", &["-o", "link", "show"]);
+    let ruleset = sh("nft", &["list", "ruleset"]);
+    for i in indices {
+        for ns in [format!("weft-t{i}"), format!("weft-g{i}")] {
+            assert!(
+                !netns
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(ns.as_str())),
+                "namespace {ns} left: {netns}"
+            );
+        }
+        assert!(
+            !links.contains(&format!(": wh{i}")),
+            "link wh{i} left: {links}"
+        );
+        assert!(
+            !ruleset.contains(&format!("-w{i}-")),
+            "chain of weave {i} left: {ruleset}"
+        );
+    }
+    for p in ports {
+        assert!(
+            !ruleset.contains(&format!("p{p}-")),
+            "chain of port {p} left: {ruleset}"
+        );
+    }
+}
+
+#[test]
+fn netns_route_and_switch_keep_established_connections() {
+    let _serial = serial();
+    let k = Kernel::new();
+    let mut cleanup = Cleanup::new();
+    let port = 47207;
+    cleanup.ports.push(port);
+
+    let w7 = weave_with_guest(&k, &mut cleanup, 207, "weave-207");
+    assert_eq!(w7.netns, "weft-t207");
+    assert_eq!(
+        w7.netns_path(),
+        std::path::PathBuf::from("/run/netns/weft-t207")
+    );
+
+    // From outside: the pieces are where the plan says.
+    let ns_list = sh("ip", &["netns", "list"]);
+    assert!(ns_list.contains("weft-t207"), "{ns_list}");
+    let addr = sh("ip", &["-o", "-4", "addr", "show", "wh207"]);
+    assert!(addr.contains("10.231.207.1/30"), "{addr}");
+    let inner = sh("ip", &["-n", "weft-t207", "-o", "-4", "addr"]);
+    assert!(inner.contains("10.231.207.2/30"), "{inner}");
+    assert!(inner.contains("192.168.100.1/24"), "{inner}");
+    let table = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            "weft-t207",
+            "nft",
+            "list",
+            "table",
+            "ip",
+            "weft",
+        ],
+    );
+    assert!(table.contains("dnat to 192.168.100.2"), "{table}");
+    assert!(table.contains("masquerade"), "{table}");
+
+    let r = Route {
+        host_port: port,
+        weave_index: 207,
+        guest_port: GUEST_PORT,
+    };
+    route(&k, &r).expect("route");
+    route(&k, &r).expect("route again is a no-op");
+    assert!(list_routes(&k).expect("list").contains(&r));
+    let ruleset = sh("nft", &["list", "table", "ip", "weft"]);
+    println!("{table}\n{ruleset}");
+    assert!(ruleset.contains("p47207-w207-g8000-in"), "{ruleset}");
+    assert!(ruleset.contains("dnat to 10.231.207.2:8000"), "{ruleset}");
+
+    // The host itself, through loopback and through a non-loopback local address.
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut old = Client::connect(loopback);
+    assert_eq!(old.ask("hello"), "weave-207 hello");
+    let mut via_link = Client::connect(SocketAddr::from((Ipv4Addr::new(10, 231, 207, 1), port)));
+    assert_eq!(via_link.ask("hi"), "weave-207 hi");
+
+    let _w8 = weave_with_guest(&k, &mut cleanup, 208, "weave-208");
+    let other = Route {
+        host_port: port,
+        weave_index: 208,
+        guest_port: GUEST_PORT,
+    };
+    assert!(matches!(
+        route(&k, &other),
+        Err(weft_netns::Error::PortInUse {
+            port: 47207,
+            weave_index: 207
+        })
+    ));
+
+    let moved = switch(&k, port, 208).expect("switch");
+    assert_eq!(moved, other);
+    let mut new = Client::connect(loopback);
+    assert_eq!(new.ask("hello"), "weave-208 hello");
+    // The connection opened before the switch finishes where it started.
+    assert_eq!(old.ask("still there?"), "weave-207 still there?");
+    let routes = list_routes(&k).expect("list");
+    assert!(
+        routes.contains(&other) && !routes.contains(&r),
+        "{routes:?}"
+    );
+
+    drop((old, new, via_link));
+    cleanup.run();
+    assert_nothing_left(&[207, 208], &[port]);
+}
+
+#[test]
+fn netns_delete_removes_routes_pointing_at_the_weave() {
+    let _serial = serial();
+    let k = Kernel::new();
+    let mut cleanup = Cleanup::new();
+    let port = 47208;
+    cleanup.ports.push(port);
+    weave_with_guest(&k, &mut cleanup, 207, "weave-207");
+    route(
+        &k,
+        &Route {
+            host_port: port,
+            weave_index: 207,
+            guest_port: GUEST_PORT,
+        },
+    )
+    .expect("route");
+    let mut c = Client::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    assert_eq!(c.ask("x"), "weave-207 x");
+    drop(c);
+    for s in cleanup.servers.drain(..) {
+        s.stop();
+    }
+    WeaveNet::delete(&k, "t207", 207).expect("delete");
+    WeaveNet::delete(&k, "t207", 207).expect("delete twice is fine");
+    assert!(!list_routes(&k)
+        .expect("list")
+        .iter()
+        .any(|r| r.weave_index == 207));
+    k.delete_netns("weft-g207").expect("delete guest");
+    assert_nothing_left(&[207], &[port]);
+}
+
+#[test]
+fn netns_tap_is_persistent_and_configured() {
+    let _serial = serial();
+    let k = Kernel::new();
+    let mut cleanup = Cleanup::new();
+    cleanup.weaves.push(("t209".into(), 209));
+    let plan = WeavePlan::new("t209", 209);
+    let started = Instant::now();
+    let net = WeaveNet::create(&k, &plan).expect("create");
+    println!("weave network created in {:?}", started.elapsed());
+    assert_eq!(net.guest_link, "tap0");
+    // Creating again repairs nothing and changes nothing.
+    assert_eq!(WeaveNet::create(&k, &plan).expect("create again"), net);
+    // The listings reconcile relies on.
+    assert!(k
+        .list_netns()
+        .expect("netns")
+        .contains(&"weft-t209".to_string()));
+    let links = k.list_links(Some("weft-t209")).expect("links");
+    assert_eq!(links, vec!["lo", "tap0", "wn209"]);
+    assert!(k
+        .list_links(None)
+        .expect("root links")
+        .contains(&"wh209".to_string()));
+    assert_eq!(
+        k.list_nft_tables(Some("weft-t209")).expect("tables"),
+        vec!["weft"]
+    );
+    assert_eq!(
+        k.list_nft_chains(Some("weft-t209"), "weft")
+            .expect("chains"),
+        vec!["postrouting", "prerouting"]
+    );
+    assert!(k
+        .list_nft_chains(Some("weft-t209"), "nope")
+        .expect("chains")
+        .is_empty());
+    let lo = sh("ip", &["-n", "weft-t209", "link", "show", "lo"]);
+    assert!(lo.contains("UP"), "{lo}");
+    let link = sh("ip", &["-n", "weft-t209", "-d", "link", "show", "tap0"]);
+    assert!(link.contains("tun type tap"), "{link}");
+    assert!(link.contains("vnet_hdr on"), "{link}");
+    assert!(link.contains("persist on"), "{link}");
+    let addr = sh(
+        "ip",
+        &["-n", "weft-t209", "-o", "-4", "addr", "show", "tap0"],
+    );
+    assert!(addr.contains("192.168.100.1/24"), "{addr}");
+    let fwd = sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            "weft-t209",
+            "cat",
+            "/proc/sys/net/ipv4/ip_forward",
+        ],
+    );
+    assert_eq!(fwd.trim(), "1");
+    let route = sh("ip", &["-n", "weft-t209", "route", "show", "default"]);
+    assert!(route.contains("via 10.231.209.1"), "{route}");
+    cleanup.run();
+    assert_nothing_left(&[209], &[]);
+}
+
+#[test]
+fn netns_failed_create_leaves_nothing() {
+    let _serial = serial();
+    let k = Kernel::new();
+    let mut cleanup = Cleanup::new();
+    cleanup.weaves.push(("t209".into(), 209));
+    let mut plan = WeavePlan::new("t209", 209);
+    // The guest end's namespace does not exist: the create fails late.
+    plan.guest_link = GuestLink::Veth {
+        name: "wg0".into(),
+        peer: LinkEnd::in_netns("weft-missing209", "eth0"),
+    };
+    let err = WeaveNet::create(&k, &plan).expect_err("must fail");
+    assert!(err.to_string().contains("create veth"), "{err}");
+    assert_nothing_left(&[209], &[]);
+}
