@@ -27,6 +27,8 @@ pub struct NewSnapshot<'a> {
     pub reason: Option<&'a str>,
     /// The VM configuration (config snapshots).
     pub config: Option<&'a VmConfig>,
+    /// The instant the snapshot shows; every resource of one request shares it.
+    pub taken_at: &'a str,
 }
 
 /// Filters of a snapshot listing.
@@ -86,7 +88,7 @@ impl Catalog {
         .bind(s.resource)
         .bind(state.as_str())
         .bind(s.kind.as_str())
-        .bind(now())
+        .bind(s.taken_at)
         .bind(finished)
         .bind(s.actor)
         .bind(s.category)

@@ -241,6 +241,8 @@ impl Snapshots {
         };
         let with_config = matches!(resource.as_str(), "all" | "config");
         let (name, actor_owned) = (env_name.to_string(), actor.to_string());
+        // One request, one instant: every resource's snapshot carries it.
+        let instant = crate::catalog::now();
         self.spawn_job(
             "snapshot",
             &format!("{env_name} {resource}"),
@@ -261,6 +263,7 @@ impl Snapshots {
                                 parent: None,
                                 reason: None,
                                 config: Some(&config),
+                                taken_at: &instant,
                             })
                             .await?,
                     );
@@ -269,6 +272,7 @@ impl Snapshots {
                     ids.push(
                         me.snapshot_disk(
                             &name,
+                            &instant,
                             disk,
                             &actor_owned,
                             category.as_deref(),
@@ -287,6 +291,7 @@ impl Snapshots {
     async fn snapshot_disk(
         &self,
         env: &str,
+        instant: &str,
         disk: &DiskConfig,
         actor: &str,
         category: Option<&str>,
@@ -313,8 +318,10 @@ impl Snapshots {
         };
         let result = match node {
             Ok(node) => {
-                self.snapshot_disk_through(env, disk, &node, actor, category, note, progress, &qmp)
-                    .await
+                self.snapshot_disk_through(
+                    env, instant, disk, &node, actor, category, note, progress, &qmp,
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -368,6 +375,7 @@ impl Snapshots {
     async fn snapshot_disk_through(
         &self,
         env: &str,
+        instant: &str,
         disk: &DiskConfig,
         node: &str,
         actor: &str,
@@ -442,6 +450,7 @@ impl Snapshots {
                 parent: base.as_ref().map(|(p, _)| p.id),
                 reason: reason.as_deref(),
                 config: None,
+                taken_at: instant,
             })
             .await?;
         let result = self

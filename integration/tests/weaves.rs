@@ -1,0 +1,190 @@
+//! End-to-end tests of weaves: an environment's guest serves a page from its disk that
+//! changes over time; weaves branch from past snapshots and from now, run side by side
+//! in their own network namespaces, are reached through host ports, and leave nothing
+//! behind when deleted.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use weft_integration::wait_until;
+
+mod common;
+use common::*;
+
+/// The guest's network settings every weave keeps.
+const NET: &str = "weft.workload=web weft.net=192.168.100.2/24,192.168.100.1";
+
+/// GET http://127.0.0.1:<port>/<path> from the host.
+fn http(port: u16, path: &str) -> anyhow::Result<String> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{port}/{path}"))
+        .output()?;
+    ensure!(out.status.success(), "GET :{port}/{path} failed: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The tick after which the guest behind `port` last booted (boots.txt's last line).
+fn booted_after(port: u16) -> anyhow::Result<u64> {
+    let text = http(port, "boots.txt")?;
+    let last = text.lines().last().context("boots.txt is empty")?;
+    last.trim()
+        .strip_prefix("boot after tick ")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("unexpected boots.txt line {last:?}"))
+}
+
+async fn wait_http(port: u16) -> anyhow::Result<()> {
+    wait_until(
+        Duration::from_secs(60),
+        &format!("HTTP on port {port}"),
+        || async move { Ok(http(port, "now.txt").ok().map(drop)) },
+    )
+    .await
+}
+
+fn leftovers(rig: &Rig, weaves: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
+    let ns = Command::new("ip").args(["netns", "list"]).output()?;
+    for w in weaves {
+        if String::from_utf8_lossy(&ns.stdout).contains(&format!("weft-{w}")) {
+            found.push(format!("namespace weft-{w}"));
+        }
+        if rig.path(&format!("data/weaves/{w}")).exists() {
+            found.push(format!("files of {w}"));
+        }
+    }
+    let rules = Command::new("nft").args(["list", "ruleset"]).output()?;
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    if rules.contains("table ip weft") {
+        found.push(format!("nftables: {rules}"));
+    }
+    Ok(found)
+}
+
+#[tokio::test]
+async fn qemu_weaves_branch_serve_route_activate_and_leave_nothing() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    let tap = format!("wt{}", std::process::id() % 100_000);
+    rig.boot_with("web", &[&disk], NET, &["--nic", &tap])
+        .await?;
+
+    // Two snapshots, the page changing between them.
+    rig.serial("web").wait_for("weft-web: tick 5", BOOT).await?;
+    let s1 = rig.snapshot("web", "all").await?;
+    rig.serial("web")
+        .wait_for("weft-web: tick 15", BOOT)
+        .await?;
+    let s2 = rig.snapshot("web", "all").await?;
+
+    rig.weft_ok(&[
+        "weave",
+        "create",
+        "web",
+        "--snapshot",
+        &s1.id.to_string(),
+        "--name",
+        "w1",
+    ])?;
+    rig.weft_ok(&[
+        "weave",
+        "create",
+        "web",
+        "--snapshot",
+        &s2.id.to_string(),
+        "--name",
+        "w2",
+    ])?;
+    // Deleting an environment with weaves is refused.
+    let out = rig.weft(&["env", "delete", "web"]);
+    ensure!(!out.status.success(), "env delete with weaves must fail");
+
+    let base = 48_000 + (std::process::id() % 1000) as u16 * 3;
+    let (p1, p2, published) = (base, base + 1, base + 2);
+    rig.weft_ok(&[
+        "weave",
+        "route",
+        "w1",
+        "--guest-port",
+        "80",
+        "--host-port",
+        &p1.to_string(),
+    ])?;
+    rig.weft_ok(&[
+        "weave",
+        "route",
+        "w2",
+        "--guest-port",
+        "80",
+        "--host-port",
+        &p2.to_string(),
+    ])?;
+    wait_http(p1).await?;
+    wait_http(p2).await?;
+    // Each serves its own disk: branched at different instants, both running at once.
+    let (a, b) = (booted_after(p1)?, booted_after(p2)?);
+    ensure!(a >= 5 && a < 15, "w1 branched after tick {a}");
+    ensure!(b >= 15 && b > a, "w2 branched after tick {b}");
+    // A write in w1 (its boot line) is not in w2.
+    let w2_boots = http(p2, "boots.txt")?;
+    ensure!(
+        !w2_boots.contains(&format!("boot after tick {a}\n")) || a == b,
+        "w2 sees w1's write: {w2_boots}"
+    );
+
+    // A published port moves from w1 to w2 at once.
+    rig.weft_ok(&[
+        "weave",
+        "route",
+        "w1",
+        "--guest-port",
+        "80",
+        "--host-port",
+        &published.to_string(),
+    ])?;
+    wait_http(published).await?;
+    ensure!(booted_after(published)? == a);
+    rig.weft_ok(&["weave", "activate", "w2"])?;
+    ensure!(
+        booted_after(published)? == b,
+        "activate moved the port to w2"
+    );
+
+    // A weave from now: the environment keeps running on a new overlay.
+    rig.weft_ok(&["weave", "create", "web", "--name", "w3"])?;
+    let p3 = base + 2000;
+    rig.weft_ok(&[
+        "weave",
+        "route",
+        "w3",
+        "--guest-port",
+        "80",
+        "--host-port",
+        &p3.to_string(),
+    ])?;
+    wait_http(p3).await?;
+    ensure!(
+        booted_after(p3)? >= b,
+        "w3 branched now, after w2's instant"
+    );
+    rig.ticks("web", 5).await?;
+
+    // Limits change at runtime.
+    rig.weft_ok(&["weave", "limits", "w3", "--cpu", "50%", "--memory", "512M"])?;
+
+    let list = rig.weft_ok(&["weave", "list", "web"])?;
+    ensure!(list.lines().count() == 4, "{list}");
+    for w in ["w1", "w2", "w3"] {
+        rig.weft_ok(&["weave", "delete", w])?;
+    }
+    let left = leftovers(&rig, &["w1", "w2", "w3"])?;
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    // The environment still runs and can be deleted now.
+    rig.ticks("web", 5).await?;
+    rig.weft_ok(&["env", "delete", "web"])?;
+    rig.passed();
+    Ok(())
+}
