@@ -33,6 +33,18 @@ pub const CHECKPOINT_PREFIX: &str = "weft-c";
 /// Chunks restored at once.
 const RESTORE_PARALLEL: usize = 8;
 
+/// What every snapshot of one request records.
+struct Meta<'a> {
+    /// The request's instant.
+    instant: &'a str,
+    /// Who asked.
+    actor: &'a str,
+    /// Semantic category.
+    category: Option<&'a str>,
+    /// Free text.
+    note: Option<&'a str>,
+}
+
 /// Progress of running jobs, by id (finished jobs are read from the catalog).
 #[derive(Default)]
 struct Progress {
@@ -272,11 +284,13 @@ impl Snapshots {
                     ids.push(
                         me.snapshot_disk(
                             &name,
-                            &instant,
                             disk,
-                            &actor_owned,
-                            category.as_deref(),
-                            note.as_deref(),
+                            &Meta {
+                                instant: &instant,
+                                actor: &actor_owned,
+                                category: category.as_deref(),
+                                note: note.as_deref(),
+                            },
                             &progress,
                         )
                         .await?,
@@ -291,11 +305,8 @@ impl Snapshots {
     async fn snapshot_disk(
         &self,
         env: &str,
-        instant: &str,
         disk: &DiskConfig,
-        actor: &str,
-        category: Option<&str>,
-        note: Option<&str>,
+        meta: &Meta<'_>,
         progress: &(AtomicU64, AtomicU64),
     ) -> Result<i64, EnvError> {
         let _lock = self.manager.lock_env(env).await;
@@ -318,10 +329,8 @@ impl Snapshots {
         };
         let result = match node {
             Ok(node) => {
-                self.snapshot_disk_through(
-                    env, instant, disk, &node, actor, category, note, progress, &qmp,
-                )
-                .await
+                self.snapshot_disk_through(env, disk, &node, meta, progress, &qmp)
+                    .await
             }
             Err(e) => Err(e),
         };
@@ -371,16 +380,12 @@ impl Snapshots {
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn snapshot_disk_through(
         &self,
         env: &str,
-        instant: &str,
         disk: &DiskConfig,
         node: &str,
-        actor: &str,
-        category: Option<&str>,
-        note: Option<&str>,
+        meta: &Meta<'_>,
         progress: &(AtomicU64, AtomicU64),
         qmp: &weft_qmp::Qmp,
     ) -> Result<i64, EnvError> {
@@ -444,13 +449,13 @@ impl Snapshots {
                 } else {
                     SnapshotKind::Full
                 },
-                actor,
-                category,
-                note,
+                actor: meta.actor,
+                category: meta.category,
+                note: meta.note,
                 parent: base.as_ref().map(|(p, _)| p.id),
                 reason: reason.as_deref(),
                 config: None,
-                taken_at: instant,
+                taken_at: meta.instant,
             })
             .await?;
         let result = self
