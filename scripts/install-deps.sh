@@ -10,7 +10,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 stamp=/var/lib/weft-build-deps.stamp
-wanted="v3"
+wanted="v4"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && command -v qemu-system-x86_64 >/dev/null; then
     exit 0
 fi
@@ -30,7 +30,7 @@ apt-get install -y -qq --allow-downgrades --no-install-recommends \
     "qemu-system-x86=$qv" "qemu-utils=$qv" "qemu-block-extra=$qv" \
     busybox-static cpio e2fsprogs kmod \
     nftables iproute2 libnftnl-dev libmnl-dev \
-    sqlite3 socat pkg-config gcc make ca-certificates \
+    sqlite3 socat pkg-config gcc make ca-certificates curl \
     systemd >/dev/null
 
 echo "$wanted" > "$stamp"
