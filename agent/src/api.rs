@@ -369,23 +369,42 @@ async fn create_env(
     Ok((StatusCode::CREATED, Json(view(&state, env).await)))
 }
 
+/// A change to one environment that answers with the environment.
+async fn env_change<F, Fut>(
+    state: AppState,
+    peer: Peer,
+    headers: HeaderMap,
+    name: String,
+    action: &'static str,
+    op: F,
+) -> Result<Json<EnvironmentView>, EnvError>
+where
+    F: FnOnce(Arc<Manager>, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Environment, EnvError>> + Send + 'static,
+{
+    let (manager, target) = (state.manager.clone(), name.clone());
+    let env = change(
+        &state,
+        actor(&peer, &headers),
+        action,
+        name,
+        None,
+        async move { op(manager, target).await },
+    )
+    .await?;
+    Ok(Json(view(&state, env).await))
+}
+
 async fn start_env(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    let (manager, target) = (state.manager.clone(), name.clone());
-    let env = change(
-        &state,
-        actor(&peer, &headers),
-        "env.start",
-        name,
-        None,
-        async move { manager.start(&target).await },
-    )
-    .await?;
-    Ok(Json(view(&state, env).await))
+    env_change(state, peer, headers, name, "env.start", |m, n| async move {
+        m.start(&n).await
+    })
+    .await
 }
 
 async fn stop_env(
@@ -394,17 +413,10 @@ async fn stop_env(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    let (manager, target) = (state.manager.clone(), name.clone());
-    let env = change(
-        &state,
-        actor(&peer, &headers),
-        "env.stop",
-        name,
-        None,
-        async move { manager.stop(&target).await },
-    )
-    .await?;
-    Ok(Json(view(&state, env).await))
+    env_change(state, peer, headers, name, "env.stop", |m, n| async move {
+        m.stop(&n).await
+    })
+    .await
 }
 
 async fn pause_env(
@@ -413,17 +425,10 @@ async fn pause_env(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    let (manager, target) = (state.manager.clone(), name.clone());
-    let env = change(
-        &state,
-        actor(&peer, &headers),
-        "env.pause",
-        name,
-        None,
-        async move { manager.pause(&target, true).await },
-    )
-    .await?;
-    Ok(Json(view(&state, env).await))
+    env_change(state, peer, headers, name, "env.pause", |m, n| async move {
+        m.pause(&n, true).await
+    })
+    .await
 }
 
 async fn resume_env(
@@ -432,17 +437,15 @@ async fn resume_env(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    let (manager, target) = (state.manager.clone(), name.clone());
-    let env = change(
-        &state,
-        actor(&peer, &headers),
-        "env.resume",
+    env_change(
+        state,
+        peer,
+        headers,
         name,
-        None,
-        async move { manager.pause(&target, false).await },
+        "env.resume",
+        |m, n| async move { m.pause(&n, false).await },
     )
-    .await?;
-    Ok(Json(view(&state, env).await))
+    .await
 }
 
 async fn delete_env(

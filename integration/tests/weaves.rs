@@ -188,3 +188,66 @@ async fn qemu_weaves_branch_serve_route_activate_and_leave_nothing() -> anyhow::
     rig.passed();
     Ok(())
 }
+
+#[tokio::test]
+async fn qemu_eight_weaves_run_at_once_each_behind_its_own_route() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    let tap = format!("wu{}", std::process::id() % 100_000);
+    // The environment only needs to exist with a snapshot: branch all eight from it.
+    rig.boot_with("web", &[&disk], NET, &["--nic", &tap])
+        .await?;
+    rig.serial("web").wait_for("weft-web: tick 5", BOOT).await?;
+    let s = rig.snapshot("web", "all").await?;
+    rig.weft_ok(&["env", "stop", "web"])?;
+
+    let base = 49_000 + (std::process::id() % 1000) as u16 * 8;
+    let names: Vec<String> = (1..=8).map(|i| format!("e{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        rig.weft_ok(&[
+            "weave",
+            "create",
+            "web",
+            "--snapshot",
+            &s.id.to_string(),
+            "--name",
+            name,
+        ])?;
+        let port = (base + i as u16).to_string();
+        rig.weft_ok(&[
+            "weave",
+            "route",
+            name,
+            "--guest-port",
+            "80",
+            "--host-port",
+            &port,
+        ])?;
+    }
+    // All eight answer, each through its own port, at the same time.
+    for i in 0..8u16 {
+        wait_http(base + i).await?;
+    }
+    let running: Vec<weft::weaves::Weave> = rig.client().get("/v1/environments/web/weaves").await?;
+    let up = running
+        .iter()
+        .filter(|w| {
+            w.env
+                .as_ref()
+                .is_some_and(|e| e.state == weft::model::EnvState::Running)
+        })
+        .count();
+    ensure!(up == 8, "{up} of 8 weaves run");
+    for i in 0..8u16 {
+        ensure!(http(base + i, "now.txt")?.starts_with("tick "));
+    }
+    for name in &names {
+        rig.weft_ok(&["weave", "delete", name])?;
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let left = leftovers(&rig, &refs)?;
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    rig.passed();
+    Ok(())
+}
