@@ -60,6 +60,7 @@ bench:
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- launch
 	command -v restic >/dev/null && command -v borg >/dev/null || { apt-get update && apt-get install -y restic borgbackup; }
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- backup --rounds 5 --breakdown
+	$(CARGO) build --release -p weft --bins && $(CARGO) run --release -p weft-integration --bin weft-bench -- weave
 
 install: toolchain
 	$(CARGO) build --release -p weft --bins

@@ -5,6 +5,8 @@
 //! weft-bench launch [--rounds R]               # spawn to negotiated QMP: weft vs hand-rolled
 //! weft-bench backup [--size-gib G] [--chunk-kib K] [--rounds R] [--breakdown]
 //!                                              # disk backup: weft vs restic and borg
+//! weft-bench weave  [--rounds R]               # weave from now: API call to QEMU running,
+//!                                              # 1 GiB vs 64 GiB disk, vs qemu-img convert
 //! ```
 //!
 //! Every benchmark runs weft and its peer alternately in the same process run (the machines
@@ -32,6 +34,8 @@ use weft_qmp::Qmp;
 
 #[path = "weft-bench/backup.rs"]
 mod backup;
+#[path = "weft-bench/weave.rs"]
+mod weave;
 
 /// Concurrent tasks (weft) or asyncio workers (peer) sharing one connection.
 const WORKERS: usize = 8;
@@ -42,7 +46,8 @@ const PEER_POLL: Duration = Duration::from_millis(1);
 
 const USAGE: &str = "usage: weft-bench qmp [--calls N] [--rounds R]
        weft-bench launch [--rounds R]
-       weft-bench backup [--size-gib G] [--chunk-kib K] [--rounds R] [--breakdown]";
+       weft-bench backup [--size-gib G] [--chunk-kib K] [--rounds R] [--breakdown]
+       weft-bench weave [--rounds R]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -106,6 +111,16 @@ async fn run(args: &[String], pids: &mut Pids) -> Result<()> {
                 pids,
             )
             .await
+        }
+        "weave" => {
+            ensure!(
+                opts.calls.is_none()
+                    && opts.size_gib.is_none()
+                    && opts.chunk_kib.is_none()
+                    && !opts.breakdown,
+                "weave takes only --rounds\n{USAGE}"
+            );
+            weave::bench_weave(opts.rounds.unwrap_or(10), pids).await
         }
         "-h" | "--help" => {
             println!("{USAGE}");

@@ -1,0 +1,601 @@
+//! weave: the time from `POST /v1/environments/<env>/weaves` (`"source": "now"`) to the
+//! weave's QEMU running, for a 1 GiB and a 64 GiB virtual disk, against the full-copy
+//! alternative (`qemu-img convert` of the 1 GiB image).
+//!
+//! A private weftd runs on a scratch directory under `WEFT_BENCH_DIR` (`--data-dir`,
+//! `--run-dir`, as the end-to-end tests start it). Two environments without a kernel
+//! (QEMU runs SeaBIOS, which finds nothing to boot; guest boot is not part of the
+//! measurement) get one disk each. Every round creates one weave of each (the order
+//! alternates) through `weft::client::Client`, timed until weftd answers (it answers after
+//! the weave's QEMU has answered on QMP), then deletes it (not timed). `weftd`, `weft` and
+//! QEMU are killed and the scratch directory removed at the end, also on failure.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::json;
+use weft::client::Client;
+use weft::model::EnvState;
+use weft::weaves::Weave;
+use weft_qmp::image;
+use weft_qmp::launch::{self, DiskFormat, LaunchPaths, SpawnOptions, VmConfig};
+
+use super::{median, min_max, qemu_binary, Pids, READY_TIMEOUT};
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+/// The acceptance goals: median ms, and the 64 GiB / 1 GiB ratio.
+const GOAL_MS: f64 = 150.0;
+const GOAL_RATIO: f64 = 1.2;
+/// Rounds of the `qemu-img convert` peer (each copies 1 GiB).
+const CONVERT_ROUNDS: usize = 3;
+/// The breakdown's network namespace (`weft-wbench`) and slot, clear of weftd's (from 0 up).
+const BD_NETNS: &str = "wbench";
+const BD_INDEX: u8 = 254;
+
+/// One environment under test.
+struct Disk {
+    env: &'static str,
+    tag: &'static str,
+    label: &'static str,
+    image: PathBuf,
+}
+
+pub async fn bench_weave(rounds: usize, pids: &mut Pids) -> Result<()> {
+    let base = bench_dir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("weave-")
+        .tempdir_in(&base)
+        .with_context(|| format!("scratch directory in {}", base.display()))?;
+    let mut rig = Rig {
+        dir: dir.path().to_path_buf(),
+        weftd: None,
+        envs: Vec::new(),
+        killed: Vec::new(),
+    };
+    let result = run(&mut rig, rounds, pids).await;
+    rig.shutdown().await;
+    pids.0.extend(rig.killed.iter().copied());
+    // Killed processes are reaped by init, not by us: give it a moment.
+    let t = Instant::now();
+    while !pids.still_running().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(dir);
+    result
+}
+
+async fn run(rig: &mut Rig, rounds: usize, pids: &mut Pids) -> Result<()> {
+    let t = Instant::now();
+    let disks = [
+        Disk {
+            env: "e1g",
+            tag: "1g",
+            label: "1 GiB, all 1 GiB written",
+            image: make_full_image(&rig.dir, GIB)?,
+        },
+        Disk {
+            env: "e64g",
+            tag: "64g",
+            label: "64 GiB sparse, 64 MiB written",
+            image: make_sparse_image(&rig.dir, 64 * GIB)?,
+        },
+    ];
+    eprintln!(
+        "weave: images built in {:.1} s under {}",
+        t.elapsed().as_secs_f64(),
+        rig.dir.display()
+    );
+
+    rig.start_weftd().await?;
+    let client = rig.client();
+    for d in &disks {
+        let spec = format!("{},name=vda,format=qcow2", d.image.display());
+        rig.weft(&[
+            "env", "create", d.env, "--disk", &spec, "--memory", "128M", "--accel", "tcg",
+        ])?;
+        rig.envs.push(d.env.to_string());
+    }
+
+    // One uncounted weave of each first (page cache, QEMU's and the daemon's loading).
+    for d in &disks {
+        let name = format!("w{}r0", d.tag);
+        create_weave(&client, d.env, &name).await?;
+        delete_weave(&client, &name).await?;
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); disks.len()];
+    let mut config: Option<VmConfig> = None;
+    for round in 1..=rounds {
+        for k in 0..disks.len() {
+            let i = (k + round) % disks.len();
+            let d = &disks[i];
+            let name = format!("w{}r{round}", d.tag);
+            let (ms, w) = create_weave(&client, d.env, &name).await?;
+            eprintln!("  round {round} {}: {ms:.1} ms", d.label);
+            times[i].push(ms);
+            if i == 0 {
+                config = w.env.and_then(|e| e.config);
+            }
+            delete_weave(&client, &name).await?;
+        }
+    }
+    let config = config.context("no weave configuration seen")?;
+
+    // The stages of a weave of the 1 GiB disk, each alone.
+    let stages = breakdown(rig, &disks[0].image, &config, rounds, pids).await?;
+
+    // The full-copy alternative.
+    let cold_ok = drop_caches();
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    for round in 0..CONVERT_ROUNDS {
+        if cold_ok {
+            ensure!(drop_caches(), "cannot drop the page cache");
+            let s = convert(
+                &disks[0].image,
+                &rig.dir.join(format!("copy-c{round}.qcow2")),
+            )?;
+            eprintln!("  convert round {round}, cold cache: {s:.2} s");
+            cold.push(s);
+        }
+        let s = convert(
+            &disks[0].image,
+            &rig.dir.join(format!("copy-w{round}.qcow2")),
+        )?;
+        eprintln!("  convert round {round}, warm cache: {s:.2} s");
+        warm.push(s);
+    }
+
+    let m1 = median(&times[0]);
+    let m64 = median(&times[1]);
+    println!();
+    println!(
+        "### weave: API call to the weave's QEMU running ({rounds} rounds, median; guest boot excluded)"
+    );
+    println!();
+    println!("| disk | ms (median) | min | max |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (d, xs) in disks.iter().zip(&times) {
+        let (lo, hi) = min_max(xs);
+        println!("| {} | {:.1} | {lo:.1} | {hi:.1} |", d.label, median(xs));
+    }
+    println!();
+    println!("| peer: `qemu-img convert -O qcow2` of the 1 GiB image | s (median) | min | max |");
+    println!("| --- | ---: | ---: | ---: |");
+    for (what, xs) in [("cold page cache", &cold), ("warm page cache", &warm)] {
+        if xs.is_empty() {
+            println!("| {what} | (not root: cannot drop the cache) | | |");
+            continue;
+        }
+        let (lo, hi) = min_max(xs);
+        println!("| {what} | {:.2} | {lo:.2} | {hi:.2} |", median(xs));
+    }
+    println!();
+    println!("| stage, alone (1 GiB disk, {rounds} rounds) | ms (median) | min | max |");
+    println!("| --- | ---: | ---: | ---: |");
+    let mut sum = 0.0;
+    for (what, xs) in &stages {
+        let (lo, hi) = min_max(xs);
+        sum += median(xs);
+        println!("| {what} | {:.1} | {lo:.1} | {hi:.1} |", median(xs));
+    }
+    println!("| sum of the stages | {sum:.1} | | |");
+    println!(
+        "| rest of the weave's time (weftd: HTTP, catalog, cgroups, QMP to the environment) | {:.1} | | |",
+        m1 - sum
+    );
+    println!();
+    println!("| figure | value | goal | |");
+    println!("| --- | ---: | --- | --- |");
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    println!(
+        "| weave, 1 GiB disk, median ms | **{m1:.1}** | ≤ {GOAL_MS:.0} | {} |",
+        verdict(m1 <= GOAL_MS)
+    );
+    println!(
+        "| weave, 64 GiB disk, median ms | **{m64:.1}** | ≤ {GOAL_MS:.0} | {} |",
+        verdict(m64 <= GOAL_MS)
+    );
+    println!(
+        "| ratio 64 GiB / 1 GiB | **{:.2}** | ≤ {GOAL_RATIO} | {} |",
+        m64 / m1,
+        verdict(m64 / m1 <= GOAL_RATIO)
+    );
+    if !cold.is_empty() {
+        println!(
+            "| ratio weave (1 GiB) / convert, cold cache | {:.3} | | |",
+            m1 / 1e3 / median(&cold)
+        );
+    }
+    println!(
+        "| ratio weave (1 GiB) / convert, warm cache | {:.3} | | |",
+        m1 / 1e3 / median(&warm)
+    );
+    Ok(())
+}
+
+/// `POST /v1/environments/<env>/weaves` from now; returns the ms it took and the weave.
+async fn create_weave(client: &Client, env: &str, name: &str) -> Result<(f64, Weave)> {
+    let path = format!("/v1/environments/{env}/weaves");
+    let body = json!({"name": name, "source": "now"});
+    let t = Instant::now();
+    let w: Weave = client
+        .post(&path, &body)
+        .await
+        .with_context(|| format!("create weave {name} of {env}"))?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let state = w.env.as_ref().map(|e| e.state);
+    ensure!(
+        state == Some(EnvState::Running),
+        "weave {name} is {state:?} after its creation returned"
+    );
+    Ok((ms, w))
+}
+
+async fn delete_weave(client: &Client, name: &str) -> Result<()> {
+    client
+        .delete(&format!("/v1/weaves/{name}"))
+        .await
+        .with_context(|| format!("delete weave {name}"))
+}
+
+/// Times, alone and in weftd's order, what a weave from now does besides weftd's own work:
+/// the environment's new top overlay and the weave's overlay (each through a
+/// `qemu-storage-daemon`), the network namespace, and QEMU's start in it up to QMP.
+async fn breakdown(
+    rig: &Rig,
+    image_path: &Path,
+    config: &VmConfig,
+    rounds: usize,
+    pids: &mut Pids,
+) -> Result<Vec<(&'static str, Vec<f64>)>> {
+    let dir = rig.dir.join("breakdown");
+    let work = dir.join("work");
+    fs::create_dir_all(&work)?;
+    let size = virtual_size(image_path)?;
+    let netns = weft::weaves::netns_path(BD_NETNS);
+    let mut top_ms = Vec::new();
+    let mut overlay_ms = Vec::new();
+    let mut netns_ms = Vec::new();
+    let mut qemu_ms = Vec::new();
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    // Round 0 warms up and is not counted.
+    for round in 0..=rounds {
+        let top = dir.join(format!("top-{round}.qcow2"));
+        let overlay = dir.join(format!("weave-{round}.qcow2"));
+        let t = Instant::now();
+        image::create_overlay(&top, image_path, DiskFormat::Qcow2, size, &work).await?;
+        let a = ms(t);
+        let t = Instant::now();
+        image::create_overlay(&overlay, &top, DiskFormat::Qcow2, size, &work).await?;
+        let b = ms(t);
+        let t = Instant::now();
+        weft::weavenet::create(BD_NETNS, BD_INDEX, config)
+            .await
+            .map_err(|e| anyhow::anyhow!("network namespace: {e}"))?;
+        let c = ms(t);
+        let mut vm = config.clone();
+        for disk in &mut vm.disks {
+            disk.path.clone_from(&overlay);
+            disk.format = DiskFormat::Qcow2;
+        }
+        let paths = LaunchPaths {
+            qmp_socket: dir.join("qmp.sock"),
+            serial_log: dir.join("serial.log"),
+            output_log: dir.join("qemu.log"),
+            pid_file: None,
+        };
+        let opts = SpawnOptions {
+            binary: qemu_binary().into(),
+            ready_timeout: READY_TIMEOUT,
+            detached: false,
+            netns: Some(netns.clone()),
+            cgroups: Vec::new(),
+        };
+        let t = Instant::now();
+        let spawned = launch::spawn(&vm, &paths, &opts).await;
+        let d = ms(t);
+        if let Ok(p) = &spawned {
+            pids.0.push(p.pid());
+            p.kill().await;
+        }
+        let gone = weft::weavenet::delete(BD_NETNS, BD_INDEX).await;
+        spawned.context("QEMU in the breakdown's namespace")?;
+        gone.map_err(|e| anyhow::anyhow!("network namespace: {e}"))?;
+        fs::remove_file(&overlay)?;
+        fs::remove_file(&top)?;
+        if round > 0 {
+            eprintln!(
+                "  breakdown round {round}: top {a:.1} ms, overlay {b:.1} ms, netns {c:.1} ms, qemu {d:.1} ms"
+            );
+            top_ms.push(a);
+            overlay_ms.push(b);
+            netns_ms.push(c);
+            qemu_ms.push(d);
+        }
+    }
+    Ok(vec![
+        (
+            "the environment's new top overlay (`image::create_overlay`: qemu-storage-daemon, `blockdev-create`)",
+            top_ms,
+        ),
+        ("the weave's overlay (the same)", overlay_ms),
+        (
+            "network namespace, tap, veth, nftables (`weavenet::create`)",
+            netns_ms,
+        ),
+        (
+            "QEMU start to negotiated QMP in that namespace (`launch::spawn`, the weave's configuration)",
+            qemu_ms,
+        ),
+    ])
+}
+
+/// The virtual size of a qcow2 image, from `qemu-img info`.
+fn virtual_size(path: &Path) -> Result<u64> {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(path)
+        .output()
+        .context("qemu-img info")?;
+    ensure!(out.status.success(), "qemu-img info: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["virtual-size"]
+        .as_u64()
+        .context("qemu-img info has no virtual-size")
+}
+
+/// `qemu-img convert -O qcow2 src dst` (qemu-img flushes the copy before it exits); returns
+/// seconds and removes the copy.
+fn convert(src: &Path, dst: &Path) -> Result<f64> {
+    let t = Instant::now();
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(src)
+            .arg(dst),
+    )?;
+    let s = t.elapsed().as_secs_f64();
+    fs::remove_file(dst)?;
+    Ok(s)
+}
+
+fn run_tool(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    );
+    Ok(())
+}
+
+/// A qcow2 image of `size` bytes of deterministic pseudo-random data (xorshift64), except
+/// its first MiB, which is zero (SeaBIOS then finds no boot sector and just waits).
+fn make_full_image(dir: &Path, size: u64) -> Result<PathBuf> {
+    let raw = dir.join("full.raw");
+    let qcow2 = dir.join("full-1g.qcow2");
+    let mut out = BufWriter::with_capacity(4 * MIB as usize, File::create(&raw)?);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut buf = vec![0u8; MIB as usize];
+    out.write_all(&buf)?;
+    for _ in 1..size / MIB {
+        for word in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        out.write_all(&buf)?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    run_tool(
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&qcow2),
+    )?;
+    fs::remove_file(&raw)?;
+    Ok(qcow2)
+}
+
+/// A sparse qcow2 image of `size` bytes with 1 MiB of data written at every GiB past the
+/// first (`qemu-io`), so that it has allocated clusters all over but is mostly empty.
+fn make_sparse_image(dir: &Path, size: u64) -> Result<PathBuf> {
+    let qcow2 = dir.join("sparse-64g.qcow2");
+    run_tool(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&qcow2)
+            .arg(size.to_string()),
+    )?;
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "qcow2"]);
+    for (i, off) in (GIB..size).step_by(GIB as usize).enumerate() {
+        cmd.arg("-c")
+            .arg(format!("write -q -P {} {off} {MIB}", 1 + i % 250));
+    }
+    // The last MiB too, so that the image reaches the end of the disk.
+    cmd.arg("-c")
+        .arg(format!("write -q -P 7 {} {MIB}", size - MIB));
+    run_tool(cmd.arg(&qcow2))?;
+    Ok(qcow2)
+}
+
+/// The private weftd and what it holds; everything is torn down by [`Rig::shutdown`].
+struct Rig {
+    dir: PathBuf,
+    weftd: Option<Child>,
+    envs: Vec<String>,
+    /// Pids of processes killed at the end, for the caller's check.
+    killed: Vec<u32>,
+}
+
+impl Rig {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("run/weftd.sock")
+    }
+
+    fn client(&self) -> Client {
+        Client::new(self.socket())
+    }
+
+    async fn start_weftd(&mut self) -> Result<()> {
+        let log = File::create(self.dir.join("weftd.log"))?;
+        let child = Command::new(bin("weftd")?)
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .arg("--run-dir")
+            .arg(self.dir.join("run"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start weftd")?;
+        self.weftd = Some(child);
+        let client = self.client();
+        let t = Instant::now();
+        loop {
+            if client.get::<serde_json::Value>("/v1/status").await.is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .weftd
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("weftd exited ({status}):\n{}", self.log());
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "weftd did not answer within 20 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("weftd.log")).unwrap_or_default()
+    }
+
+    /// Runs the `weft` CLI against the private weftd (set-up and tear-down only).
+    fn weft(&self, args: &[&str]) -> Result<()> {
+        run_tool(
+            Command::new(bin("weft")?)
+                .arg("--socket")
+                .arg(self.socket())
+                .args(args),
+        )
+    }
+
+    /// Deletes weaves and environments, stops weftd (SIGTERM) and kills any process
+    /// left that mentions the scratch directory.
+    async fn shutdown(&mut self) {
+        if self.weftd.is_some() {
+            let client = self.client();
+            for env in std::mem::take(&mut self.envs) {
+                let path = format!("/v1/environments/{env}/weaves");
+                if let Ok(ws) = client.get::<Vec<Weave>>(&path).await {
+                    for w in ws {
+                        if let Err(e) = delete_weave(&client, &w.name).await {
+                            eprintln!("weave: cleanup: {e:#}");
+                        }
+                    }
+                }
+                if let Err(e) = self.weft(&["env", "delete", &env]) {
+                    eprintln!("weave: cleanup: {e:#}");
+                }
+            }
+        }
+        if let Some(mut child) = self.weftd.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let t = Instant::now();
+            while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if weft::weaves::netns_path(BD_NETNS).exists() {
+            let _ = weft::weavenet::delete(BD_NETNS, BD_INDEX).await;
+        }
+        let needle = self.dir.to_string_lossy().into_owned();
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if pid as u32 != std::process::id()
+                && String::from_utf8_lossy(&cmdline).contains(&needle)
+            {
+                eprintln!("weave: killing leftover process {pid}");
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                self.killed.push(pid as u32);
+            }
+        }
+    }
+}
+
+/// A workspace binary (`weftd`, `weft`) from weft-bench's own profile, else release, else
+/// debug.
+fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile = exe.parent().context("weft-bench has no directory")?;
+    let target = profile
+        .parent()
+        .context("weft-bench has no target directory")?;
+    for dir in [
+        profile.to_path_buf(),
+        target.join("release"),
+        target.join("debug"),
+    ] {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!(
+        "`{name}` not found next to {}: build it with `cargo build --release -p weft --bins`",
+        exe.display()
+    )
+}
+
+fn bench_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os("WEFT_BENCH_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            // target/<profile>/weft-bench → target/bench
+            let exe = std::env::current_exe()?;
+            exe.parent()
+                .and_then(Path::parent)
+                .context("cannot find the target directory")?
+                .join("bench")
+        }
+    };
+    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `sync; echo 3 > /proc/sys/vm/drop_caches`; false when not allowed (not root).
+fn drop_caches() -> bool {
+    let synced = Command::new("sync").status().is_ok_and(|s| s.success());
+    synced && fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
