@@ -57,13 +57,31 @@ start() {
     echo "==> weft env show demo"
     weft env show demo
     echo
+    echo "==> weft snapshot create demo --category demo   (config and disk, as a job with progress)"
+    weft snapshot create demo --category demo
+    echo
+    echo "==> weft snapshot list demo"
+    weft snapshot list demo
+    disk_snapshot=$(weft --json snapshot list demo --resource disk:vda | sed -n 's/^ *"id": \([0-9]*\),$/\1/p' | tail -n 1)
+    echo
+    echo "==> weft weave create demo --snapshot $disk_snapshot --name past   (a running branch from that instant)"
+    weft weave create demo --snapshot "$disk_snapshot" --name past
+    if ! wait_for 120 "the weave to boot" grep -q WEFT-READY "$demo/data/environments/past/serial.log"; then
+        tail -n 30 "$demo/data/environments/past/serial.log" >&2 || true; exit 1
+    fi
+    echo
+    echo "==> weft weave list demo"
+    weft weave list demo
+    echo
     echo "==> weft audit"
     weft audit
     cat <<EOT
 
-The demo environment runs under weftd. Try:
+The demo environment and its weave "past" run under weftd. Try:
   target/debug/weft --socket $sock env stop demo
   target/debug/weft --socket $sock env start demo
+  target/debug/weft --socket $sock snapshot create demo
+  target/debug/weft --socket $sock restore $disk_snapshot --output /tmp/demo-vda.img
   tail -f $serial
 Stop everything and remove ./.weft-demo with: make demo-stop
 EOT
@@ -71,6 +89,7 @@ EOT
 
 stop() {
     if [ -S "$sock" ]; then
+        weft weave delete past 2>/dev/null || true
         weft env delete demo 2>/dev/null || true
     fi
     if [ -f "$demo/weftd.pid" ]; then

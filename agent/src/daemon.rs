@@ -211,6 +211,9 @@ pub async fn run(config: Config) -> Result<()> {
     ]);
     let scheduler = tokio::spawn(crate::policies::scheduler(snapshots.clone()));
     let weaves = crate::weaves::Weaves::new(manager.clone(), snapshots.clone());
+    if let Err(e) = weaves.recover().await {
+        warn!(error = %e, "cannot recover weaves");
+    }
     let state = AppState {
         manager: manager.clone(),
         snapshots,

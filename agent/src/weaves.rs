@@ -530,6 +530,28 @@ impl Weaves {
         Ok(json!({"weave": name, "ports": moved}))
     }
 
+    /// After weftd starts: every weave's namespace, links and NAT rules are repaired or
+    /// re-created (after a host reboot they are gone), and its cgroups re-made, so its
+    /// QEMU can start again. Failures are logged and audited; they do not stop weftd.
+    pub async fn recover(&self) -> Result<(), EnvError> {
+        let catalog = self.manager.catalog();
+        for w in catalog.weaves(None).await? {
+            let Some(env) = catalog.environment(&w.name).await? else {
+                continue;
+            };
+            let Some(config) = env.config else { continue };
+            let net = crate::weavenet::create(&w.name, w.net_index, &config).await;
+            let groups = cgroups::groups(&w.name).create().map_err(|e| e.to_string());
+            if let Err(e) = net.and(groups) {
+                warn!(weave = %w.name, error = %e, "cannot restore the weave's network or cgroups");
+                catalog
+                    .audit("weftd", "weave.recover", Some(&w.name), Some(&e), "failed")
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Changes a weave's CPU and memory limits at runtime (its cgroups).
     pub async fn set_limits(
         &self,

@@ -251,3 +251,53 @@ async fn qemu_eight_weaves_run_at_once_each_behind_its_own_route() -> anyhow::Re
     rig.passed();
     Ok(())
 }
+
+#[tokio::test]
+async fn qemu_a_weaves_network_is_restored_when_weftd_starts() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    let tap = format!("wr{}", std::process::id() % 100_000);
+    rig.boot_with("web", &[&disk], NET, &["--nic", &tap])
+        .await?;
+    rig.serial("web").wait_for("weft-web: tick 5", BOOT).await?;
+    let s = rig.snapshot("web", "all").await?;
+    rig.weft_ok(&[
+        "weave",
+        "create",
+        "web",
+        "--snapshot",
+        &s.id.to_string(),
+        "--name",
+        "rb",
+    ])?;
+    rig.weft_ok(&["weave", "stop", "rb"])?;
+    // As after a host reboot: the namespace is gone, and weftd restarts.
+    let out = Command::new("ip")
+        .args(["netns", "del", "weft-rb"])
+        .output()?;
+    ensure!(out.status.success(), "{out:?}");
+    rig.kill_weftd();
+    rig.start_weftd().await?;
+    let ns = Command::new("ip").args(["netns", "list"]).output()?;
+    ensure!(
+        String::from_utf8_lossy(&ns.stdout).contains("weft-rb"),
+        "namespace restored"
+    );
+    rig.weft_ok(&["weave", "start", "rb"])?;
+    let port = 47_600 + (std::process::id() % 300) as u16;
+    rig.weft_ok(&[
+        "weave",
+        "route",
+        "rb",
+        "--guest-port",
+        "80",
+        "--host-port",
+        &port.to_string(),
+    ])?;
+    wait_http(port).await?;
+    rig.weft_ok(&["weave", "delete", "rb"])?;
+    ensure!(leftovers(&rig, &["rb"])?.is_empty());
+    rig.passed();
+    Ok(())
+}
