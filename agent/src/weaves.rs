@@ -373,36 +373,53 @@ impl Weaves {
             .join(&env.name);
         let mut actions = Vec::new();
         let mut bases = Vec::new();
+        let mut added: Vec<(String, PathBuf)> = Vec::new();
         let mut new_config = config.clone();
-        for disk in new_config.disks.iter_mut() {
-            let root = backup::device_root_node(&qmp, &disk.name)
+        let prepared = async {
+            for disk in new_config.disks.iter_mut() {
+                let root = backup::device_root_node(&qmp, &disk.name).await.map_err(qemu)?;
+                let size = backup::node_size(&qmp, &root).await.map_err(qemu)?;
+                let top = env_dir.join(format!("{}-{stamp}.qcow2", disk.name));
+                image::create_overlay(&top, &disk.path, disk.format, size, &self.work())
+                    .await
+                    .map_err(qemu)?;
+                let node = format!("{}-t{stamp}", disk.name);
+                let path = top
+                    .to_str()
+                    .ok_or_else(|| EnvError::Internal("path is not UTF-8".into()))?
+                    .to_string();
+                added.push((String::new(), top.clone()));
+                qmp.execute_raw(
+                    "blockdev-add",
+                    Some(json!({"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": path}, "backing": null})),
+                )
                 .await
                 .map_err(qemu)?;
-            let size = backup::node_size(&qmp, &root).await.map_err(qemu)?;
-            let top = env_dir.join(format!("{}-{stamp}.qcow2", disk.name));
-            image::create_overlay(&top, &disk.path, disk.format, size, &self.work())
+                if let Some(last) = added.last_mut() {
+                    last.0.clone_from(&node);
+                }
+                actions.push(json!({"type": "blockdev-snapshot", "data": {"node": root, "overlay": node}}));
+                bases.push((disk.path.clone(), disk.format, size));
+                disk.path = top;
+                disk.format = DiskFormat::Qcow2;
+            }
+            qmp.execute_raw("transaction", Some(json!({ "actions": actions })))
                 .await
-                .map_err(qemu)?;
-            let node = format!("{}-t{stamp}", disk.name);
-            let path = top
-                .to_str()
-                .ok_or_else(|| EnvError::Internal("path is not UTF-8".into()))?;
-            qmp.execute_raw(
-                "blockdev-add",
-                Some(json!({"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": path}, "backing": null})),
-            )
-            .await
-            .map_err(qemu)?;
-            actions.push(
-                json!({"type": "blockdev-snapshot", "data": {"node": root, "overlay": node}}),
-            );
-            bases.push((disk.path.clone(), disk.format, size));
-            disk.path = top;
-            disk.format = DiskFormat::Qcow2;
+                .map_err(qemu)
         }
-        qmp.execute_raw("transaction", Some(json!({ "actions": actions })))
-            .await
-            .map_err(qemu)?;
+        .await;
+        if let Err(e) = prepared {
+            // The environment still runs on its old disks: drop what was added.
+            for (node, file) in added.iter().rev() {
+                if !node.is_empty() {
+                    let _ = qmp
+                        .execute_raw("blockdev-del", Some(json!({"node-name": node})))
+                        .await;
+                }
+                let _ = std::fs::remove_file(file);
+            }
+            return Err(e);
+        }
         // The environment now writes to the new overlays: record them as its disks.
         self.manager
             .catalog()
