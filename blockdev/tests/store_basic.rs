@@ -6,29 +6,8 @@ use std::sync::Arc;
 
 use weft_blockdev::store::{BlockMap, ChunkId, ChunkStore, Error, Slot, StoreConfig};
 
-const CS: u32 = 64 << 10;
-
-fn cfg() -> StoreConfig {
-    StoreConfig {
-        chunk_size: CS,
-        encrypted: false,
-        zstd_level: 3,
-    }
-}
-
-/// Deterministic incompressible bytes (xorshift64*).
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+mod common;
+use common::*;
 
 fn text(len: usize) -> Vec<u8> {
     b"the quick brown fox jumps over the lazy dog. "

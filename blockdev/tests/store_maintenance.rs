@@ -1,38 +1,13 @@
 //! Chunk store: corruption, verify, gc and tiers.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use weft_blockdev::store::{BlockMap, ChunkId, ChunkStore, Error, Slot, StoreConfig, TierPolicy};
 
-const CS: u32 = 64 << 10;
-
-fn cfg() -> StoreConfig {
-    StoreConfig {
-        chunk_size: CS,
-        encrypted: false,
-        zstd_level: 3,
-    }
-}
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn chunk_path(base: &Path, id: &ChunkId) -> PathBuf {
-    let h = id.to_string();
-    base.join("chunks").join(&h[..2]).join(&h[2..4]).join(&h)
-}
+mod common;
+use common::*;
 
 fn set_mtime(path: &Path, t: SystemTime) {
     fs::File::options()
