@@ -153,6 +153,23 @@ async fn qemu_weaves_branch_serve_route_activate_and_leave_nothing() -> anyhow::
         "activate moved the port to w2"
     );
 
+    // Nothing a weave wrote reached the environment's disk: its boots.txt holds only
+    // its own boot.
+    let now = rig.snapshot("web", "disk:vda").await?;
+    let image = rig.path("web-now.raw");
+    rig.weft_ok(&[
+        "restore",
+        &now.id.to_string(),
+        "--output",
+        image.to_str().context("utf-8")?,
+    ])?;
+    let boots = weft_integration::read_ext4_file(&image, "/www/boots.txt")?;
+    let boots = String::from_utf8_lossy(&boots);
+    ensure!(
+        boots.lines().count() == 1,
+        "the environment saw a weave's write: {boots:?}"
+    );
+
     // A weave from now: the environment keeps running on a new overlay.
     rig.weft_ok(&["weave", "create", "web", "--name", "w3"])?;
     let p3 = base + 2000;
