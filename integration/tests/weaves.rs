@@ -63,6 +63,20 @@ fn leftovers(rig: &Rig, weaves: &[&str]) -> anyhow::Result<Vec<String>> {
     Ok(found)
 }
 
+/// A weftd with the environment `web` (the web workload, a NIC on a tap named
+/// `<prefix><pid>`) up to its fifth tick, and a snapshot of all its resources.
+async fn web_env(tap_prefix: &str) -> anyhow::Result<(Rig, weft::model::Snapshot)> {
+    let mut rig = Rig::new()?;
+    rig.start_weftd().await?;
+    let disk = qcow2_data_disk(&rig, "vda")?;
+    let tap = format!("{tap_prefix}{}", std::process::id() % 100_000);
+    rig.boot_with("web", &[&disk], NET, &["--nic", &tap])
+        .await?;
+    rig.serial("web").wait_for("weft-web: tick 5", BOOT).await?;
+    let s = rig.snapshot("web", "all").await?;
+    Ok((rig, s))
+}
+
 #[tokio::test]
 async fn qemu_weaves_branch_serve_route_activate_and_leave_nothing() -> anyhow::Result<()> {
     let mut rig = Rig::new()?;
@@ -208,15 +222,8 @@ async fn qemu_weaves_branch_serve_route_activate_and_leave_nothing() -> anyhow::
 
 #[tokio::test]
 async fn qemu_eight_weaves_run_at_once_each_behind_its_own_route() -> anyhow::Result<()> {
-    let mut rig = Rig::new()?;
-    rig.start_weftd().await?;
-    let disk = qcow2_data_disk(&rig, "vda")?;
-    let tap = format!("wu{}", std::process::id() % 100_000);
     // The environment only needs to exist with a snapshot: branch all eight from it.
-    rig.boot_with("web", &[&disk], NET, &["--nic", &tap])
-        .await?;
-    rig.serial("web").wait_for("weft-web: tick 5", BOOT).await?;
-    let s = rig.snapshot("web", "all").await?;
+    let (mut rig, s) = web_env("wu").await?;
     rig.weft_ok(&["env", "stop", "web"])?;
 
     let base = 49_000 + (std::process::id() % 1000) as u16 * 8;
@@ -271,14 +278,7 @@ async fn qemu_eight_weaves_run_at_once_each_behind_its_own_route() -> anyhow::Re
 
 #[tokio::test]
 async fn qemu_a_weaves_network_is_restored_when_weftd_starts() -> anyhow::Result<()> {
-    let mut rig = Rig::new()?;
-    rig.start_weftd().await?;
-    let disk = qcow2_data_disk(&rig, "vda")?;
-    let tap = format!("wr{}", std::process::id() % 100_000);
-    rig.boot_with("web", &[&disk], NET, &["--nic", &tap])
-        .await?;
-    rig.serial("web").wait_for("weft-web: tick 5", BOOT).await?;
-    let s = rig.snapshot("web", "all").await?;
+    let (mut rig, s) = web_env("wr").await?;
     rig.weft_ok(&[
         "weave",
         "create",
