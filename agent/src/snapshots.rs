@@ -8,7 +8,6 @@
 //! `failed`, QEMU is cleaned up and the previous checkpoint stays the base.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,7 @@ use serde_json::json;
 use tracing::{info, warn};
 use weft_blockdev::nbd::NbdClient;
 use weft_blockdev::pull::{self, PullKind};
-use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
+use weft_blockdev::store::{BlockMap, ChunkStore, StoreConfig};
 use weft_qmp::backup::{self, PullBackupSpec};
 use weft_qmp::launch::DiskConfig;
 
@@ -30,8 +29,6 @@ use crate::retention::{self, Keep};
 
 /// Prefix of the checkpoint bitmaps weft adds to disks.
 pub const CHECKPOINT_PREFIX: &str = "weft-c";
-/// Chunks restored at once.
-const RESTORE_PARALLEL: usize = 8;
 
 /// What every snapshot of one request records.
 struct Meta<'a> {
@@ -792,21 +789,6 @@ impl Snapshots {
     }
 }
 
-/// The data slots of a block map with their chunk ids, and the bytes they hold.
-fn data_slots(map: &BlockMap) -> (Vec<(usize, weft_blockdev::store::ChunkId)>, u64) {
-    let data: Vec<_> = map
-        .slots
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| match s {
-            Slot::Data(id) => Some((i, *id)),
-            Slot::Zero => None,
-        })
-        .collect();
-    let total = data.iter().map(|(i, _)| u64::from(map.chunk_len(*i))).sum();
-    (data, total)
-}
-
 /// Writes `map` as a qcow2 image. QEMU writes the format: a qemu-storage-daemon creates
 /// the image, exports it writable over NBD, and only the data chunks are written
 /// (zero chunks stay unallocated). Into `<output>.partial`, then renamed.
@@ -855,27 +837,28 @@ async fn restore_qcow2(
         let nbd = NbdClient::connect_unix(&nbd_socket, "out", &[])
             .await
             .map_err(|e| EnvError::Qemu(format!("qcow2 restore: {e}")))?;
-        let (data, total) = data_slots(map);
-        progress.1.store(total, Ordering::Relaxed);
+        progress.1.store(map.data_bytes(), Ordering::Relaxed);
         let nbd_ref = &nbd;
-        let written = stream::iter(data)
-            .map(|(i, id)| {
+        let written = stream::iter(weft_blockdev::restore::data_groups(map))
+            .map(|group| {
                 let store = store.clone();
-                let offset = map.chunk_offset(i);
                 async move {
-                    let chunk = blocking(move || store.get(&id)).await?.map_err(store_err)?;
+                    let offset = group.offset;
+                    let data = blocking(move || weft_blockdev::restore::read_group(&store, &group))
+                        .await?
+                        .map_err(store_err)?;
                     let step = nbd_ref.max_request() as usize;
-                    for (k, piece) in chunk.chunks(step).enumerate() {
+                    for (k, piece) in data.chunks(step).enumerate() {
                         nbd_ref
                             .write(offset + (k * step) as u64, piece)
                             .await
                             .map_err(|e| EnvError::Qemu(format!("qcow2 restore: write at {offset}: {e}")))?;
                     }
-                    progress.0.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    Ok::<u64, EnvError>(chunk.len() as u64)
+                    progress.0.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    Ok::<u64, EnvError>(data.len() as u64)
                 }
             })
-            .buffer_unordered(RESTORE_PARALLEL)
+            .buffer_unordered(weft_blockdev::restore::PARALLEL_GROUPS)
             .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
             .await?;
         nbd.flush()
@@ -927,27 +910,14 @@ async fn restore_raw(
     file.set_len(map.disk_size)
         .map_err(|e| io("cannot size", e))?;
     let file = Arc::new(file);
-    let (data, total) = data_slots(map);
-    progress.1.store(total, Ordering::Relaxed);
-    let result = stream::iter(data)
-        .map(|(i, id)| {
-            let (store, file) = (store.clone(), Arc::clone(&file));
-            let offset = map.chunk_offset(i);
-            async move {
-                let n = blocking(move || -> Result<u64, EnvError> {
-                    let chunk = store.get(&id).map_err(store_err)?;
-                    file.write_all_at(&chunk, offset)
-                        .map_err(|e| EnvError::Internal(format!("write at {offset}: {e}")))?;
-                    Ok(chunk.len() as u64)
-                })
-                .await??;
-                progress.0.fetch_add(n, Ordering::Relaxed);
-                Ok::<u64, EnvError>(n)
-            }
-        })
-        .buffer_unordered(RESTORE_PARALLEL)
-        .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
-        .await;
+    progress.1.store(map.data_bytes(), Ordering::Relaxed);
+    let report = |done: u64, _total: u64| progress.0.store(done, Ordering::Relaxed);
+    let result = weft_blockdev::restore::restore_into_file(store, map, Arc::clone(&file), &report)
+        .await
+        .map_err(|e| match e {
+            weft_blockdev::restore::Error::Store(e) => store_err(e),
+            e => EnvError::Internal(e.to_string()),
+        });
     let written = match result {
         Ok(w) => w,
         Err(e) => {

@@ -8,6 +8,7 @@
 
 pub mod nbd;
 pub mod pull;
+pub mod restore;
 pub mod store;
 
 /// Any error of this crate.
@@ -22,4 +23,7 @@ pub enum Error {
     /// From a pull of an export into the store.
     #[error(transparent)]
     Pull(#[from] pull::Error),
+    /// From a restore out of the store.
+    #[error(transparent)]
+    Restore(#[from] restore::Error),
 }

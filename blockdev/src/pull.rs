@@ -18,10 +18,16 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use ring::digest;
 
 use crate::nbd::{self, Extent, NbdClient, NBD_STATE_DIRTY, NBD_STATE_ZERO};
-use crate::store::{BlockMap, ChunkId, ChunkStore, Slot};
+use crate::store::{BlockMap, ChunkId, ChunkStore, PutBatch, Slot};
 
-/// Chunks processed at once (each holds one chunk in memory, plus NBD reads in flight).
-const PARALLEL_CHUNKS: usize = 8;
+/// Groups of adjacent chunk slots processed at once (each holds its group in
+/// memory, plus NBD reads in flight).
+const PARALLEL_GROUPS: usize = 8;
+/// Bytes of adjacent chunk slots read and stored as one group (at least one slot).
+const GROUP_BYTES: u64 = 1 << 20;
+
+/// A chunk slot and the byte ranges `(offset, length)` of it to read.
+type SlotWork = (usize, Vec<(u64, u64)>);
 
 /// What to pull.
 #[derive(Debug, Clone)]
@@ -82,9 +88,37 @@ pub enum Error {
 }
 
 /// Pulls the export behind `nbd` into `store` and returns the new block map.
+///
+/// Chunks are written through one [`PutBatch`](crate::store::PutBatch), committed
+/// (one `syncfs`) before this returns, on success and on failure alike: when it
+/// returns `Ok`, every chunk the map references is durable.
 pub async fn pull(
     nbd: &NbdClient,
     store: Arc<ChunkStore>,
+    kind: &PullKind,
+    progress: &dyn Progress,
+) -> Result<(BlockMap, PullStats), Error> {
+    let batch = {
+        let store = Arc::clone(&store);
+        Arc::new(blocking(move || store.batch()).await??)
+    };
+    let result = pull_into(nbd, store, Arc::clone(&batch), kind, progress).await;
+    let committed = blocking(move || match Arc::try_unwrap(batch) {
+        Ok(b) => b.commit(),
+        // Unreachable (every task holding a clone has finished); the marker
+        // stays and the next batch re-checks its chunks.
+        Err(_) => Ok(()),
+    })
+    .await?;
+    let out = result?;
+    committed?;
+    Ok(out)
+}
+
+async fn pull_into(
+    nbd: &NbdClient,
+    store: Arc<ChunkStore>,
+    batch: Arc<PutBatch>,
     kind: &PullKind,
     progress: &dyn Progress,
 ) -> Result<(BlockMap, PullStats), Error> {
@@ -116,10 +150,15 @@ pub async fn pull(
         let store_ref = Arc::clone(&store);
         let slots = map.slots.clone();
         let lost: Vec<usize> = blocking(move || {
+            // One existence check per distinct chunk, not per slot.
+            let mut known = std::collections::HashMap::new();
             slots
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| matches!(s, Slot::Data(id) if !store_ref.contains(id)))
+                .filter(|(_, s)| match s {
+                    Slot::Data(id) => !*known.entry(*id).or_insert_with(|| store_ref.contains(id)),
+                    Slot::Zero => false,
+                })
                 .map(|(i, _)| i)
                 .collect()
         })
@@ -133,7 +172,7 @@ pub async fn pull(
     }
     let total: u64 = marked.iter().map(|(_, len)| len).sum();
     // The marked ranges of each slot that has any.
-    let mut work: Vec<(usize, Vec<(u64, u64)>)> = Vec::new();
+    let mut work: Vec<SlotWork> = Vec::new();
     for (start, len) in &marked {
         let (mut at, end) = (*start, start + len);
         while at < end {
@@ -148,72 +187,128 @@ pub async fn pull(
         }
     }
 
+    // Adjacent slots are handled together, up to GROUP_BYTES: one NBD request
+    // then covers several small chunks (QEMU's cost is per request).
+    let mut groups: Vec<Vec<SlotWork>> = Vec::new();
+    for (slot, ranges) in work {
+        let joins = groups.last().is_some_and(|g| {
+            let (first, last) = (g[0].0, g[g.len() - 1].0);
+            slot == last + 1 && (slot - first + 1) as u64 * u64::from(chunk_size) <= GROUP_BYTES
+        });
+        match groups.last_mut() {
+            Some(g) if joins => g.push((slot, ranges)),
+            _ => groups.push(vec![(slot, ranges)]),
+        }
+    }
+
     let done = AtomicU64::new(0);
     let stats = std::sync::Mutex::new(PullStats {
         bytes_marked: total,
         ..PullStats::default()
     });
     let map_ref = &map;
-    let results: Vec<(usize, Slot)> = stream::iter(work)
-        .map(|(slot, ranges)| {
+    let results: Vec<Vec<(usize, Slot)>> = stream::iter(groups)
+        .map(|group| {
             let store = Arc::clone(&store);
+            let batch = Arc::clone(&batch);
             let (done, stats) = (&done, &stats);
             async move {
-                let offset = map_ref.chunk_offset(slot);
-                let len = map_ref.chunk_len(slot) as usize;
-                let mut chunk = match &map_ref.slots[slot] {
-                    Slot::Data(id) => {
-                        let (store, id) = (Arc::clone(&store), *id);
-                        blocking(move || store.get(&id)).await??
+                let base = map_ref.chunk_offset(group[0].0);
+                let last = group[group.len() - 1].0;
+                let end = map_ref.chunk_offset(last) + u64::from(map_ref.chunk_len(last));
+                let mut buf = vec![0u8; (end - base) as usize];
+                // Parents of the slots only partly rewritten (whole ones need none).
+                for (slot, ranges) in &group {
+                    let len = map_ref.chunk_len(*slot) as usize;
+                    let covered: u64 = ranges.iter().map(|(_, l)| l).sum();
+                    let Slot::Data(id) = map_ref.slots[*slot] else {
+                        continue;
+                    };
+                    if covered == len as u64 {
+                        continue;
                     }
-                    Slot::Zero => vec![0u8; len],
-                };
-                if chunk.len() != len {
-                    return Err(Error::Mismatch(format!(
-                        "parent chunk of slot {slot} holds {} bytes, not {len}",
-                        chunk.len()
-                    )));
+                    let store = Arc::clone(&store);
+                    let parent = blocking(move || store.get(&id)).await??;
+                    if parent.len() != len {
+                        return Err(Error::Mismatch(format!(
+                            "parent chunk of slot {slot} holds {} bytes, not {len}",
+                            parent.len()
+                        )));
+                    }
+                    let at = (map_ref.chunk_offset(*slot) - base) as usize;
+                    buf[at..at + len].copy_from_slice(&parent);
                 }
                 let mut read = 0u64;
-                for (start, rlen) in &ranges {
-                    let mut at = *start;
+                let mut ranges: Vec<(u64, u64)> =
+                    group.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+                ranges = merge(&ranges);
+                for (start, rlen) in ranges {
+                    let mut at = start;
                     while at < start + rlen {
                         let n = (start + rlen - at).min(u64::from(nbd.max_request()));
-                        let from = (at - offset) as usize;
+                        let from = (at - base) as usize;
                         // n <= max_request (a u32) by construction.
-                        nbd.read_into(at, &mut chunk[from..from + n as usize])
-                            .await?;
+                        nbd.read_into(at, &mut buf[from..from + n as usize]).await?;
                         at += n;
                         read += n;
                     }
                 }
-                let new_slot = if chunk.iter().all(|b| *b == 0) {
-                    Slot::Zero
-                } else {
-                    let store = Arc::clone(&store);
-                    let outcome = blocking(move || store.put(&chunk)).await??;
-                    let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
-                    s.chunks_written += 1;
-                    if outcome.new {
-                        s.chunks_new += 1;
-                        s.bytes_stored += outcome.stored_bytes;
-                    }
-                    Slot::Data(outcome.id)
-                };
+                let slots: Vec<usize> = group.iter().map(|(s, _)| *s).collect();
+                let offsets: Vec<(usize, usize)> = slots
+                    .iter()
+                    .map(|s| {
+                        let at = (map_ref.chunk_offset(*s) - base) as usize;
+                        (at, at + map_ref.chunk_len(*s) as usize)
+                    })
+                    .collect();
+                let outcomes = blocking(move || {
+                    offsets
+                        .into_iter()
+                        .map(|(from, to)| {
+                            let chunk = &buf[from..to];
+                            if chunk.iter().all(|b| *b == 0) {
+                                Ok(None)
+                            } else {
+                                batch.put(chunk).map(Some)
+                            }
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await??;
+                let mut new_slots = Vec::with_capacity(slots.len());
                 {
                     let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
                     s.bytes_read += read;
+                    for (slot, outcome) in slots.into_iter().zip(outcomes) {
+                        new_slots.push((
+                            slot,
+                            match outcome {
+                                None => Slot::Zero,
+                                Some(o) => {
+                                    s.chunks_written += 1;
+                                    if o.new {
+                                        s.chunks_new += 1;
+                                        s.bytes_stored += o.stored_bytes;
+                                    }
+                                    Slot::Data(o.id)
+                                }
+                            },
+                        ));
+                    }
                 }
-                let marked_here: u64 = ranges.iter().map(|(_, l)| l).sum();
+                let marked_here: u64 = group
+                    .iter()
+                    .flat_map(|(_, r)| r.iter().map(|(_, l)| l))
+                    .sum();
                 let now = done.fetch_add(marked_here, Ordering::Relaxed) + marked_here;
                 progress.update(now, total);
-                Ok::<_, Error>((slot, new_slot))
+                Ok::<_, Error>(new_slots)
             }
         })
-        .buffer_unordered(PARALLEL_CHUNKS)
+        .buffer_unordered(PARALLEL_GROUPS)
         .try_collect()
         .await?;
-    for (slot, value) in results {
+    for (slot, value) in results.into_iter().flatten() {
         map.slots[slot] = value;
     }
     let stats = stats.into_inner().unwrap_or_else(|p| p.into_inner());

@@ -364,7 +364,7 @@ fn create_and_open_errors() {
     // Unknown future store version.
     let meta = tmp.path().join("store.json");
     let text = fs::read_to_string(&meta).unwrap();
-    fs::write(&meta, text.replace("\"version\": 1", "\"version\": 7")).unwrap();
+    fs::write(&meta, text.replace("\"version\": 2", "\"version\": 7")).unwrap();
     let err = ChunkStore::open(tmp.path(), None).unwrap_err();
     assert!(
         matches!(err, Error::UnsupportedVersion { version: 7, .. }),

@@ -25,6 +25,20 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), Error> {
 /// Create `dir` and any missing ancestors below `base`, fsyncing each parent
 /// whose entries changed. `base` must exist.
 pub(crate) fn ensure_dir(base: &Path, dir: &Path) -> Result<(), Error> {
+    ensure_dir_with(base, dir, Durability::Now)
+}
+
+/// When a write is made durable.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Durability {
+    /// Before the call returns: fsync of the file and of its directory.
+    Now,
+    /// Later, by a `syncfs` of the whole file system (a put batch's commit).
+    Deferred,
+}
+
+/// [`ensure_dir`], fsyncing parents only with `Durability::Now`.
+pub(crate) fn ensure_dir_with(base: &Path, dir: &Path, sync: Durability) -> Result<(), Error> {
     if dir.is_dir() {
         return Ok(());
     }
@@ -34,7 +48,8 @@ pub(crate) fn ensure_dir(base: &Path, dir: &Path) -> Result<(), Error> {
         let parent = cur.clone();
         cur.push(comp);
         match fs::create_dir(&cur) {
-            Ok(()) => fsync_dir(&parent)?,
+            Ok(()) if sync == Durability::Now => fsync_dir(&parent)?,
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e).ctx("create directory", &cur),
         }
@@ -75,8 +90,22 @@ pub(crate) fn write_durable(
     parts: &[&[u8]],
     how: Publish,
 ) -> Result<bool, Error> {
+    write_published(tmp_dir, tag, dest, parts, how, Durability::Now)
+}
+
+/// [`write_durable`] with a choice of when the file becomes durable: with
+/// `Durability::Deferred` nothing is fsynced (the caller syncs the file system later
+/// and must not reference the file durably before).
+pub(crate) fn write_published(
+    tmp_dir: &Path,
+    tag: &str,
+    dest: &Path,
+    parts: &[&[u8]],
+    how: Publish,
+    sync: Durability,
+) -> Result<bool, Error> {
     let tmp = temp_path(tmp_dir, tag);
-    let res = write_durable_inner(&tmp, dest, parts, how);
+    let res = write_durable_inner(&tmp, dest, parts, how, sync);
     // The temp name is always removed: after a link it is a second name of
     // the published file, after a failure it is garbage.
     if how == Publish::NoReplace || res.is_err() {
@@ -90,6 +119,7 @@ fn write_durable_inner(
     dest: &Path,
     parts: &[&[u8]],
     how: Publish,
+    sync: Durability,
 ) -> Result<bool, Error> {
     {
         let mut f = OpenOptions::new()
@@ -101,7 +131,9 @@ fn write_durable_inner(
         for p in parts {
             f.write_all(p).ctx("write temp file", tmp)?;
         }
-        f.sync_all().ctx("fsync temp file", tmp)?;
+        if sync == Durability::Now {
+            f.sync_all().ctx("fsync temp file", tmp)?;
+        }
     }
     let dir = dest.parent().unwrap_or(Path::new("."));
     match how {
@@ -126,7 +158,9 @@ fn write_durable_inner(
             Err(e) => return Err(e).ctx("link into place", dest),
         },
     }
-    fsync_dir(dir)?;
+    if sync == Durability::Now {
+        fsync_dir(dir)?;
+    }
     Ok(true)
 }
 

@@ -192,20 +192,14 @@ pub(crate) fn walk_chunks(tier: &Tier) -> Result<Vec<(ChunkId, PathBuf)>, Error>
         if an.len() != 2 {
             continue;
         }
-        for b in fsutil::read_dir_or_empty(&a.path())? {
-            let bn = b.file_name();
-            if bn.len() != 2 {
+        for c in fsutil::read_dir_or_empty(&a.path())? {
+            let name = c.file_name();
+            let Some(id) = name.to_str().and_then(|s| s.parse::<ChunkId>().ok()) else {
                 continue;
-            }
-            for c in fsutil::read_dir_or_empty(&b.path())? {
-                let name = c.file_name();
-                let Some(id) = name.to_str().and_then(|s| s.parse::<ChunkId>().ok()) else {
-                    continue;
-                };
-                let path = c.path();
-                if tier.chunk_path(&id) == path {
-                    out.push((id, path));
-                }
+            };
+            let path = c.path();
+            if tier.chunk_path(&id) == path {
+                out.push((id, path));
             }
         }
     }

@@ -16,6 +16,7 @@
 //! chunk that a running backup relies on was put or touched less than `grace` ago.
 
 mod access;
+mod batch;
 mod blockmap;
 mod chunk;
 mod crypto;
@@ -34,6 +35,7 @@ use std::time::{Duration, SystemTime};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+pub use batch::PutBatch;
 pub use blockmap::{BlockMap, Slot};
 pub use error::Error;
 pub use id::{ChunkId, ParseChunkIdError};
@@ -44,12 +46,15 @@ pub use maintenance::{
 use access::{AccessLog, Kind};
 use crypto::Keys;
 use error::IoContext;
-use fsutil::{ensure_dir, write_durable, Publish, PARKED_SUFFIX, TMP_SUFFIX};
+use fsutil::{
+    ensure_dir, ensure_dir_with, write_durable, write_published, Durability, Publish,
+    PARKED_SUFFIX, TMP_SUFFIX,
+};
 
 /// Store format version written to `store.json`.
-pub const STORE_FORMAT_VERSION: u32 = 1;
-/// Default chunk size: 4 MiB.
-pub const DEFAULT_CHUNK_SIZE: u32 = 4 << 20;
+pub const STORE_FORMAT_VERSION: u32 = 2;
+/// Default chunk size: 128 KiB (weftd's default too; see docs/benchmarks.md).
+pub const DEFAULT_CHUNK_SIZE: u32 = 128 << 10;
 /// Smallest chunk size: 64 KiB.
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
 /// Largest chunk size: 64 MiB.
@@ -149,7 +154,7 @@ pub struct PutOutcome {
     pub stored_bytes: u64,
 }
 
-/// One tier: `<base>/chunks/ab/cd/<hex>`, `<base>/tmp/` and `<base>/quarantine/`.
+/// One tier: `<base>/chunks/ab/<hex>`, `<base>/tmp/` and `<base>/quarantine/`.
 #[derive(Clone, Debug)]
 pub(crate) struct Tier {
     pub name: &'static str,
@@ -178,7 +183,7 @@ impl Tier {
 
     pub fn chunk_dir(&self, id: &ChunkId) -> PathBuf {
         let b = id.as_bytes();
-        self.chunks.join(id::hex(&b[..1])).join(id::hex(&b[1..2]))
+        self.chunks.join(id::hex(&b[..1]))
     }
 
     pub fn chunk_path(&self, id: &ChunkId) -> PathBuf {
@@ -423,6 +428,7 @@ impl ChunkStore {
         if lock.1 {
             store.recover_leftovers(None)?;
         }
+        store.recover_batches()?;
         Ok(store)
     }
 
@@ -463,6 +469,11 @@ impl ChunkStore {
     /// quarantined is no longer at its path, so `put` stores it again too
     /// (`new` is true), which heals every index that references it.
     pub fn put(&self, data: &[u8]) -> Result<PutOutcome, Error> {
+        self.put_as(data, Durability::Now)
+    }
+
+    /// `put` with a choice of durability (see [`PutBatch`]).
+    pub(crate) fn put_as(&self, data: &[u8], sync: Durability) -> Result<PutOutcome, Error> {
         if data.len() > self.inner.chunk_size as usize {
             return Err(Error::ChunkTooLarge {
                 len: data.len(),
@@ -470,10 +481,10 @@ impl ChunkStore {
             });
         }
         let id = self.chunk_id(data);
-        self.put_with_id(id, data)
+        self.put_with_id(id, data, sync)
     }
 
-    fn put_with_id(&self, id: ChunkId, data: &[u8]) -> Result<PutOutcome, Error> {
+    fn put_with_id(&self, id: ChunkId, data: &[u8], sync: Durability) -> Result<PutOutcome, Error> {
         let inner = &self.inner;
         let hot_path = inner.hot.chunk_path(&id);
         for _ in 0..PUT_ATTEMPTS {
@@ -499,15 +510,16 @@ impl ChunkStore {
                 });
             }
             let dir = inner.hot.chunk_dir(&id);
-            ensure_dir(&inner.hot.chunks, &dir)?;
+            ensure_dir_with(&inner.hot.chunks, &dir, sync)?;
             let (created, len) =
                 chunk::encode(&id, data, inner.zstd_level, inner.keys.as_ref(), |parts| {
-                    write_durable(
+                    write_published(
                         &inner.hot.tmp,
                         "chunk",
                         &hot_path,
                         parts,
                         Publish::NoReplace,
+                        sync,
                     )
                 })?;
             if created {
@@ -654,7 +666,7 @@ impl ChunkStore {
         path: &Path,
         id: &ChunkId,
     ) -> Result<Option<Vec<u8>>, Error> {
-        let f = match File::open(path) {
+        let f = match open_noatime(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).ctx("open chunk", path),
@@ -1008,6 +1020,21 @@ fn check_cold_marker(cold: &Path, store_id: &str) -> Result<(), String> {
 
 /// Take the store lock: exclusive if nobody else has the store open (then
 /// `.1` is true and leftovers may be cleaned), downgraded to shared.
+/// Opens a file for reading without updating its access time where the kernel
+/// allows it (owner or CAP_FOWNER): a restore would otherwise dirty the inode of
+/// every chunk it reads (relatime updates the first read after a write).
+fn open_noatime(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => File::open(path),
+        r => r,
+    }
+}
+
 fn take_store_lock(root: &Path) -> Result<(Flock<File>, bool), Error> {
     let path = root.join(LOCK_FILE);
     let open = || {

@@ -34,5 +34,5 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 /// Where a hot chunk lives under a tier directory.
 pub fn chunk_path(base: &Path, id: &ChunkId) -> PathBuf {
     let h = id.to_string();
-    base.join("chunks").join(&h[..2]).join(&h[2..4]).join(&h)
+    base.join("chunks").join(&h[..2]).join(&h)
 }
