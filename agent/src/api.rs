@@ -117,6 +117,7 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/v1/weaves/{name}", show_weave),
         route(Method::DELETE, "/v1/weaves/{name}", delete_weave),
         route(Method::POST, "/v1/weaves/{name}/limits", weave_limits),
+        route(Method::POST, "/v1/weaves/{name}/sync", weave_sync),
         route(Method::POST, "/v1/weaves/{name}/route", weave_route),
         route(Method::POST, "/v1/weaves/{name}/activate", weave_activate),
         route(Method::GET, "/v1/jobs", list_jobs),
@@ -864,6 +865,29 @@ async fn weave_limits(
     )
     .await?;
     Ok(Json(weave))
+}
+
+async fn weave_sync(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<crate::sync::SyncRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<crate::sync::SyncReport>, EnvError> {
+    let req = body(req)?;
+    let (manager, snapshots) = (state.manager.clone(), state.snapshots.clone());
+    let src = name.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let report = change(
+        &state,
+        actor(&peer, &headers),
+        "weave.sync",
+        name,
+        detail,
+        async move { crate::sync::sync(&manager, &snapshots, &src, &req).await },
+    )
+    .await?;
+    Ok(Json(report))
 }
 
 async fn list_jobs(

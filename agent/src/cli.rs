@@ -303,6 +303,28 @@ pub enum WeaveCommand {
         #[arg(long, value_parser = parse_memory_mib)]
         memory: Option<u64>,
     },
+    /// Copy into DST the blocks of a volume that SRC changed since their common base.
+    ///
+    /// Both are paused during the copy; DST's guest is then reset so that it reads the
+    /// synced volume afresh (--no-reset only resumes it). Ranges changed on both sides
+    /// refuse the sync, listed, unless --prefer names the side that wins.
+    ///
+    /// Example: weft weave sync w1 w2 --volume vda --prefer src
+    Sync {
+        /// The weave (or its environment) whose changes are copied.
+        src: String,
+        /// The weave (or its environment) that receives them.
+        dst: String,
+        /// The volume (disk name), e.g. vda.
+        #[arg(long)]
+        volume: String,
+        /// Which side wins ranges both changed: src or dst.
+        #[arg(long, value_parser = ["src", "dst"])]
+        prefer: Option<String>,
+        /// Resume DST's guest without resetting it.
+        #[arg(long)]
+        no_reset: bool,
+    },
     /// Route new connections to a host port to the weave's guest port.
     ///
     /// Example: weft weave route w1 --guest-port 80 --host-port 8080
@@ -1149,6 +1171,55 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
                 )
                 .await?;
             print_env(&env, json);
+        }
+        WeaveCommand::Sync {
+            src,
+            dst,
+            volume,
+            prefer,
+            no_reset,
+        } => {
+            let prefer = match prefer.as_deref() {
+                Some("src") => Some(crate::sync::Prefer::Src),
+                Some("dst") => Some(crate::sync::Prefer::Dst),
+                _ => None,
+            };
+            crate::envs::check_name(&src).map_err(|e| CliError::Usage(e.to_string()))?;
+            let r: crate::sync::SyncReport = client
+                .post(
+                    &format!("/v1/weaves/{src}/sync"),
+                    &crate::sync::SyncRequest {
+                        dst,
+                        volume,
+                        prefer,
+                        reset: !no_reset,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&r);
+            } else {
+                println!(
+                    "synced {} from {} into {}: {} bytes copied ({} changed in {}, {} in {}, {} conflicting range(s) of {} bytes{}), base {}{}",
+                    r.volume,
+                    r.src,
+                    r.dst,
+                    r.copied_bytes,
+                    r.src_changed_bytes,
+                    r.src,
+                    r.dst_changed_bytes,
+                    r.dst,
+                    r.conflicts.len(),
+                    r.conflict_bytes,
+                    match r.prefer {
+                        Some(crate::sync::Prefer::Src) => ", src won",
+                        Some(crate::sync::Prefer::Dst) => ", dst kept its own",
+                        None => "",
+                    },
+                    r.base,
+                    if r.reset { "; destination reset" } else { "" }
+                );
+            }
         }
         WeaveCommand::Limits { weave, cpu, memory } => {
             let w: Weave = client

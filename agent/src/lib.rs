@@ -17,5 +17,6 @@ pub mod model;
 pub mod policies;
 pub mod retention;
 pub mod snapshots;
+pub mod sync;
 pub mod weavenet;
 pub mod weaves;

@@ -688,9 +688,8 @@ impl Snapshots {
         )
     }
 
-    /// Restores a disk snapshot into a new raw image at `output` and waits for it (used
-    /// for the shared bases of weaves).
-    pub async fn restore_into(&self, id: i64, output: &Path) -> Result<(), EnvError> {
+    /// The block map of a disk snapshot, checked against its recorded checksum.
+    pub async fn block_map(&self, id: i64) -> Result<BlockMap, EnvError> {
         let s = self.get(id).await?;
         let name = s
             .index_name
@@ -705,6 +704,13 @@ impl Snapshots {
                 "the block map of snapshot {id} does not match its recorded checksum"
             )));
         }
+        Ok(map)
+    }
+
+    /// Restores a disk snapshot into a new raw image at `output` and waits for it (used
+    /// for the shared bases of weaves).
+    pub async fn restore_into(&self, id: i64, output: &Path) -> Result<(), EnvError> {
+        let map = self.block_map(id).await?;
         let progress = (AtomicU64::new(0), AtomicU64::new(0));
         restore_raw(&self.store, &map, output, &progress)
             .await
