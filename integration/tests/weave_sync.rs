@@ -3,7 +3,6 @@
 //! ranges, touching nothing; with `--prefer src` the destination serves what the source
 //! wrote, and the sync leaves no layer, export or NBD server behind.
 
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
@@ -13,15 +12,6 @@ mod common;
 use common::*;
 
 const NET: &str = "weft.workload=web weft.net=192.168.100.2/24,192.168.100.1";
-
-fn http(port: u16, path: &str) -> anyhow::Result<String> {
-    let out = Command::new("curl")
-        .args(["-sf", "--max-time", "5"])
-        .arg(format!("http://127.0.0.1:{port}/{path}"))
-        .output()?;
-    ensure!(out.status.success(), "GET :{port}/{path} failed: {out:?}");
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 async fn wait_boots(port: u16, want: impl Fn(&str) -> bool + Copy) -> anyhow::Result<String> {
     wait_until(

@@ -15,16 +15,6 @@ use common::*;
 /// The guest's network settings every weave keeps.
 const NET: &str = "weft.workload=web weft.net=192.168.100.2/24,192.168.100.1";
 
-/// GET http://127.0.0.1:<port>/<path> from the host.
-fn http(port: u16, path: &str) -> anyhow::Result<String> {
-    let out = Command::new("curl")
-        .args(["-sf", "--max-time", "5"])
-        .arg(format!("http://127.0.0.1:{port}/{path}"))
-        .output()?;
-    ensure!(out.status.success(), "GET :{port}/{path} failed: {out:?}");
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The tick after which the guest behind `port` last booted (boots.txt's last line).
 fn booted_after(port: u16) -> anyhow::Result<u64> {
     let text = http(port, "boots.txt")?;

@@ -300,3 +300,13 @@ pub fn qcow2_data_disk(rig: &Rig, name: &str) -> anyhow::Result<PathBuf> {
     std::fs::remove_file(raw)?;
     Ok(qcow2)
 }
+
+/// GET http://127.0.0.1:<port>/<path> from the host.
+pub fn http(port: u16, path: &str) -> anyhow::Result<String> {
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{port}/{path}"))
+        .output()?;
+    ensure!(out.status.success(), "GET :{port}/{path} failed: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
