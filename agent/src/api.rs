@@ -20,8 +20,8 @@ use tokio::net::UnixListener;
 use crate::catalog_snapshots::SnapshotFilter;
 use crate::envs::{one_line, EnvError, Manager};
 use crate::model::{
-    ApiError, AuditEntry, CreateEnvironment, CreateSnapshot, Environment, Job, PruneRequest,
-    RestoreRequest, Snapshot, Status,
+    ApiError, AuditEntry, CreateEnvironment, CreateSnapshot, Environment, ExposeRequest, GuestPlan,
+    Job, NetSetup, PruneRequest, RestoreRequest, Snapshot, Status, UnexposeRequest,
 };
 use crate::policies::{Policy, SetPolicy};
 use crate::snapshots::Snapshots;
@@ -85,6 +85,19 @@ pub fn routes() -> Vec<Route> {
         route(Method::POST, "/v1/environments/{name}/stop", stop_env),
         route(Method::POST, "/v1/environments/{name}/pause", pause_env),
         route(Method::POST, "/v1/environments/{name}/resume", resume_env),
+        route(Method::GET, "/v1/environments/{name}/net", show_net),
+        route(Method::PUT, "/v1/environments/{name}/net", set_net_plan),
+        route(Method::POST, "/v1/environments/{name}/expose", expose_env),
+        route(
+            Method::POST,
+            "/v1/environments/{name}/unexpose",
+            unexpose_env,
+        ),
+        route(
+            Method::POST,
+            "/v1/environments/{name}/activate",
+            activate_env,
+        ),
         route(Method::GET, "/v1/audit", audit_log),
         route(
             Method::POST,
@@ -403,7 +416,10 @@ async fn start_env(
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
     env_change(state, peer, headers, name, "env.start", |m, n| async move {
-        m.start(&n).await
+        let env = m.start(&n).await?;
+        // QEMU made the tap anew: its published ports' host-local clients need it again.
+        crate::net::Net::new(m.catalog()).after_env_start(&n).await;
+        Ok(env)
     })
     .await
 }
@@ -462,7 +478,11 @@ async fn delete_env(
         "env.delete",
         name,
         None,
-        async move { manager.delete(&target).await },
+        async move {
+            manager.delete(&target).await?;
+            // Its host ports went with its rows: their routes go too.
+            crate::net::Net::new(manager.catalog()).sweep_ports().await
+        },
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -662,9 +682,11 @@ async fn set_policy(
     if req.every_secs == 0 {
         return Err(EnvError::BadRequest("--every must be at least 1s".into()));
     }
-    if !(req.resource == "all" || req.resource == "config" || req.resource.starts_with("disk:")) {
+    if !(["all", "config", "net"].contains(&req.resource.as_str())
+        || req.resource.starts_with("disk:"))
+    {
         return Err(EnvError::BadRequest(format!(
-            "unknown resource {:?}: use all, config or disk:<name>",
+            "unknown resource {:?}: use all, config, net or disk:<name>",
             req.resource
         )));
     }
@@ -784,6 +806,122 @@ async fn delete_weave(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn show_net(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<NetSetup>, EnvError> {
+    Ok(Json(
+        crate::net::Net::new(state.manager.catalog())
+            .setup(&name)
+            .await?,
+    ))
+}
+
+/// A change to an environment's `net` resource that answers with its setup.
+async fn net_change<F, Fut>(
+    state: AppState,
+    peer: Peer,
+    headers: HeaderMap,
+    name: String,
+    action: &'static str,
+    detail: Option<String>,
+    op: F,
+) -> Result<Json<NetSetup>, EnvError>
+where
+    F: FnOnce(crate::net::Net, String, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<NetSetup, EnvError>> + Send + 'static,
+{
+    let net = crate::net::Net::new(state.manager.catalog());
+    let actor = actor(&peer, &headers);
+    let (target, who) = (name.clone(), actor.clone());
+    let setup = change(&state, actor, action, name, detail, async move {
+        op(net, target, who).await
+    })
+    .await?;
+    Ok(Json(setup))
+}
+
+async fn set_net_plan(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<GuestPlan>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<NetSetup>, EnvError> {
+    let plan = body(req)?;
+    let detail = serde_json::to_string(&plan).ok();
+    net_change(
+        state,
+        peer,
+        headers,
+        name,
+        "env.net",
+        detail,
+        move |net, env, who| async move { net.set_plan(&env, plan, &who).await },
+    )
+    .await
+}
+
+async fn expose_env(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<ExposeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<NetSetup>, EnvError> {
+    let req = body(req)?;
+    let detail = serde_json::to_string(&req).ok();
+    net_change(
+        state,
+        peer,
+        headers,
+        name,
+        "env.expose",
+        detail,
+        move |net, env, who| async move { net.expose(&env, &req, &who).await },
+    )
+    .await
+}
+
+async fn unexpose_env(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<UnexposeRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<NetSetup>, EnvError> {
+    let req = body(req)?;
+    let detail = serde_json::to_string(&req).ok();
+    net_change(
+        state,
+        peer,
+        headers,
+        name,
+        "env.unexpose",
+        detail,
+        move |net, env, who| async move { net.unexpose(&env, req.host_port, &who).await },
+    )
+    .await
+}
+
+async fn activate_env(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<NetSetup>, EnvError> {
+    net_change(
+        state,
+        peer,
+        headers,
+        name,
+        "env.activate",
+        None,
+        |net, env, who| async move { net.activate_env(&env, &who).await },
+    )
+    .await
+}
+
 /// Body of `POST /v1/weaves/{name}/route`.
 #[derive(Debug, Deserialize, Serialize)]
 pub struct RouteRequest {
@@ -804,22 +942,18 @@ async fn weave_route(
     let weaves = state.weaves.clone();
     let target = name.clone();
     let detail = serde_json::to_string(&req).ok();
-    let weave = change(
-        &state,
-        actor(&peer, &headers),
-        "weave.route",
-        name,
-        detail,
-        async move {
-            weaves
-                .route(
-                    &target,
-                    req.host_port.unwrap_or(req.guest_port),
-                    req.guest_port,
-                )
-                .await
-        },
-    )
+    let actor = actor(&peer, &headers);
+    let who = actor.clone();
+    let weave = change(&state, actor, "weave.route", name, detail, async move {
+        weaves
+            .route(
+                &target,
+                req.host_port.unwrap_or(req.guest_port),
+                req.guest_port,
+                &who,
+            )
+            .await
+    })
     .await?;
     Ok(Json(weave))
 }
@@ -832,14 +966,11 @@ async fn weave_activate(
 ) -> Result<Json<serde_json::Value>, EnvError> {
     let weaves = state.weaves.clone();
     let target = name.clone();
-    let report = change(
-        &state,
-        actor(&peer, &headers),
-        "weave.activate",
-        name,
-        None,
-        async move { weaves.activate(&target).await },
-    )
+    let actor = actor(&peer, &headers);
+    let who = actor.clone();
+    let report = change(&state, actor, "weave.activate", name, None, async move {
+        weaves.activate(&target, &who).await
+    })
     .await?;
     Ok(Json(report))
 }

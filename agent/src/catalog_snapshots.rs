@@ -6,7 +6,8 @@ use weft_qmp::launch::VmConfig;
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::model::{Job, JobState, Snapshot, SnapshotKind, SnapshotState};
 
-/// A new snapshot row (state `pending`, or `complete` for a config snapshot).
+/// A new snapshot row (state `pending`, or `complete` for a config snapshot). Net
+/// snapshots are written by [`crate::net`].
 #[derive(Debug, Clone)]
 pub struct NewSnapshot<'a> {
     /// Environment name.
@@ -63,13 +64,13 @@ pub struct Completed<'a> {
     pub bytes_new: u64,
 }
 
-const SNAPSHOT_COLUMNS: &str = "id, env, resource, state, kind, taken_at, finished_at, actor, category, note, parent, size, checksum, index_name, checkpoint, bytes_read, bytes_new, bytes_marked, reason, error, config";
+const SNAPSHOT_COLUMNS: &str = "id, env, resource, state, kind, taken_at, finished_at, actor, category, note, parent, size, checksum, index_name, checkpoint, bytes_read, bytes_new, bytes_marked, reason, error, config, net";
 
 impl Catalog {
     /// Inserts a snapshot row; returns its id.
     pub async fn insert_snapshot(&self, s: &NewSnapshot<'_>) -> Result<i64, CatalogError> {
         let (state, finished) = match s.kind {
-            SnapshotKind::Config => (SnapshotState::Complete, Some(now())),
+            SnapshotKind::Config | SnapshotKind::Net => (SnapshotState::Complete, Some(now())),
             _ => (SnapshotState::Pending, None),
         };
         let config = s
@@ -381,6 +382,11 @@ fn snapshot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Snapshot, CatalogErr
             .map(|c| serde_json::from_str(&c))
             .transpose()
             .map_err(|e| corrupt(format!("config: {e}")))?,
+        net: r
+            .try_get::<Option<String>, _>("net")?
+            .map(|n| serde_json::from_str(&n))
+            .transpose()
+            .map_err(|e| corrupt(format!("net: {e}")))?,
     })
 }
 

@@ -29,6 +29,13 @@ pub struct Limits {
 
 const ROOT: &str = "/sys/fs/cgroup";
 
+/// A memory limit file's content in MiB: `max` (v2) and v1's "unlimited" (a page-rounded
+/// `i64::MAX`, or more) mean none.
+fn parse_limit(text: &str) -> Option<u64> {
+    let bytes: u64 = text.trim().parse().ok()?;
+    (bytes < 1 << 62).then_some(bytes / (1024 * 1024))
+}
+
 fn has_controller(root: &Path, name: &str) -> bool {
     std::fs::read_to_string(root.join("cgroup.controllers"))
         .map(|c| c.split_whitespace().any(|x| x == name))
@@ -113,6 +120,18 @@ impl Groups {
         Ok(())
     }
 
+    /// The memory limit in force, in MiB (rounded down); none when unlimited or when
+    /// there is no memory group.
+    pub fn memory_limit_mib(&self) -> Option<u64> {
+        let mem = self.memory.as_ref()?;
+        let file = if self.unified {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        parse_limit(&std::fs::read_to_string(mem.join(file)).ok()?)
+    }
+
     /// Removes the groups (they must be empty: QEMU has exited).
     pub fn remove(&self) -> std::io::Result<()> {
         for d in self.dirs() {
@@ -122,5 +141,34 @@ impl Groups {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_limits_read_back() {
+        assert_eq!(parse_limit("max\n"), None);
+        assert_eq!(parse_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_limit("268435456\n"), Some(256));
+        assert_eq!(parse_limit("268435457"), Some(256));
+        assert_eq!(parse_limit("garbage"), None);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let g = Groups {
+            cpu: Some(dir.path().to_path_buf()),
+            memory: Some(dir.path().to_path_buf()),
+            unified: true,
+        };
+        assert_eq!(g.memory_limit_mib(), None);
+        g.apply(&Limits {
+            cpu_percent: Some(50),
+            memory_mib: Some(128),
+        })
+        .expect("apply");
+        assert_eq!(g.memory_limit_mib(), Some(128));
+        g.apply(&Limits::default()).expect("apply");
+        assert_eq!(g.memory_limit_mib(), None);
     }
 }

@@ -1,5 +1,6 @@
 //! The `weft` command line: a thin client of weftd's API.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -9,8 +10,8 @@ use crate::api::EnvironmentView;
 use crate::client::{Client, ClientError};
 use crate::config::{API_SOCKET_NAME, DEFAULT_RUN_DIR};
 use crate::model::{
-    AuditEntry, CreateEnvironment, CreateSnapshot, DiskRequest, Job, JobState, PruneRequest,
-    RestoreRequest, Snapshot, Status,
+    AuditEntry, CreateEnvironment, CreateSnapshot, DiskRequest, ExposeRequest, GuestPlan, Job,
+    JobState, NetSetup, PruneRequest, RestoreRequest, Snapshot, Status, UnexposeRequest,
 };
 use crate::policies::{Policy, SetPolicy};
 use crate::retention::Keep;
@@ -142,6 +143,72 @@ pub enum EnvCommand {
         /// Environment name.
         name: String,
     },
+    /// Show an environment's network setup (guest address plan, host ports, active
+    /// weave), or change its guest address plan (recorded as a `net` snapshot; weaves
+    /// from a past instant get the plan of that instant).
+    ///
+    /// Example: weft env net web --guest 192.168.100.2/24 --gateway 192.168.100.1
+    Net {
+        /// Environment name.
+        name: String,
+        /// The guest's address and prefix length, e.g. 192.168.100.2/24.
+        #[arg(long, value_parser = parse_cidr, requires = "gateway")]
+        guest: Option<(Ipv4Addr, u8)>,
+        /// The guest's gateway, e.g. 192.168.100.1.
+        #[arg(long, requires = "guest")]
+        gateway: Option<Ipv4Addr>,
+    },
+    /// Publish a guest port of the environment on a host port (any local address,
+    /// loopback included). New connections go to the environment's guest, or to the
+    /// weave `weft weave activate` made active.
+    ///
+    /// The host must reach the guest's address (e.g. the operator's tap carries the
+    /// gateway address). Example: weft env expose web --guest-port 80 --host-port 8080
+    Expose {
+        /// Environment name.
+        name: String,
+        /// Port of the guest.
+        #[arg(long)]
+        guest_port: u16,
+        /// Port on the host.
+        #[arg(long)]
+        host_port: u16,
+        /// The guest's address (default: the environment's address plan, `weft env net`).
+        #[arg(long)]
+        guest_ip: Option<Ipv4Addr>,
+    },
+    /// Remove a host port of the environment: one it published, or one routed to one
+    /// of its weaves.
+    Unexpose {
+        /// Environment name.
+        name: String,
+        /// Port on the host.
+        #[arg(long)]
+        host_port: u16,
+    },
+    /// Send the ports the environment published back to its own guest (after `weft
+    /// weave activate`), in one nftables transaction; established connections finish
+    /// where they started.
+    Activate {
+        /// Environment name.
+        name: String,
+    },
+}
+
+/// Parses `192.168.100.2/24`.
+pub fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: expected ADDRESS/PREFIX, e.g. 192.168.100.2/24"))?;
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IPv4 address"))?;
+    let len: u8 = len
+        .parse()
+        .ok()
+        .filter(|l| (1..=30).contains(l))
+        .ok_or_else(|| format!("prefix /{len} is not in 1..=30"))?;
+    Ok((addr, len))
 }
 
 /// `weft snapshot …`
@@ -153,7 +220,7 @@ pub enum SnapshotCommand {
     Create {
         /// Environment name.
         env: String,
-        /// all, config or disk:<name>.
+        /// all, config, net or disk:<name>.
         #[arg(long, default_value = "all")]
         resource: String,
         /// Semantic category, e.g. "security update".
@@ -170,7 +237,7 @@ pub enum SnapshotCommand {
     List {
         /// Environment name.
         env: String,
-        /// Only this resource (config, disk:vda).
+        /// Only this resource (config, net, disk:vda).
         #[arg(long)]
         resource: Option<String>,
         /// Taken at or after (RFC 3339, e.g. 2026-11-22T10:00:00Z).
@@ -207,7 +274,7 @@ pub enum SnapshotCommand {
     Prune {
         /// Environment name.
         env: String,
-        /// Only this resource (config, disk:vda); every resource when absent.
+        /// Only this resource (config, net, disk:vda); every resource when absent.
         #[arg(long)]
         resource: Option<String>,
         #[command(flatten)]
@@ -292,6 +359,11 @@ pub enum WeaveCommand {
     },
     /// Change a weave's CPU and memory limits while it runs.
     ///
+    /// The limits are its cgroup's; a limit left out is removed. Where the weave's
+    /// QEMU has a balloon device (the default) the guest is also asked, through the
+    /// balloon, to keep only the memory limit (at most its configured memory); `weft
+    /// weave show` reports the target and the guest's memory as it follows.
+    ///
     /// Example: weft weave limits w1 --cpu 50% --memory 256M
     Limits {
         /// Weave name.
@@ -338,7 +410,10 @@ pub enum WeaveCommand {
         #[arg(long)]
         host_port: Option<u16>,
     },
-    /// Move every host port routed to the environment's weaves to this weave, at once.
+    /// Move every host port of the environment (published with `weft env expose`, or
+    /// routed to any of its weaves) to this weave, in one nftables transaction: new
+    /// connections go to it, established ones finish where they started. `weft env
+    /// activate ENV` sends the published ones back.
     Activate {
         /// Weave name.
         weave: String,
@@ -372,7 +447,7 @@ pub enum PolicyCommand {
     Set {
         /// Environment name.
         env: String,
-        /// all, config or disk:<name>.
+        /// all, config, net or disk:<name>.
         #[arg(long, default_value = "all")]
         resource: String,
         /// Interval, e.g. 15m, 1h, 1d.
@@ -393,7 +468,7 @@ pub enum PolicyCommand {
     Delete {
         /// Environment name.
         env: String,
-        /// all, config or disk:<name>.
+        /// all, config, net or disk:<name>.
         #[arg(long, default_value = "all")]
         resource: String,
     },
@@ -922,8 +997,110 @@ async fn env_command(client: &Client, cmd: EnvCommand, json: bool) -> Result<(),
                 println!("deleted {name}");
             }
         }
+        EnvCommand::Net {
+            name,
+            guest,
+            gateway,
+        } => {
+            let path = format!("{}/net", env_path(&name)?);
+            let setup: NetSetup = match (guest, gateway) {
+                (Some((guest_ip, guest_prefix)), Some(gateway)) => {
+                    client
+                        .request_json(
+                            hyper::Method::PUT,
+                            &path,
+                            &GuestPlan {
+                                guest_ip,
+                                guest_prefix,
+                                gateway,
+                            },
+                        )
+                        .await?
+                }
+                _ => client.get(&path).await?,
+            };
+            print_net(&setup, json);
+        }
+        EnvCommand::Expose {
+            name,
+            guest_port,
+            host_port,
+            guest_ip,
+        } => {
+            let setup: NetSetup = client
+                .post(
+                    &format!("{}/expose", env_path(&name)?),
+                    &ExposeRequest {
+                        guest_port,
+                        host_port: Some(host_port),
+                        guest_ip,
+                    },
+                )
+                .await?;
+            print_net(&setup, json);
+        }
+        EnvCommand::Unexpose { name, host_port } => {
+            let setup: NetSetup = client
+                .post(
+                    &format!("{}/unexpose", env_path(&name)?),
+                    &UnexposeRequest { host_port },
+                )
+                .await?;
+            print_net(&setup, json);
+        }
+        EnvCommand::Activate { name } => {
+            let setup: NetSetup = client
+                .post(
+                    &format!("{}/activate", env_path(&name)?),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            print_net(&setup, json);
+        }
     }
     Ok(())
+}
+
+/// Prints a network setup: plan, active branch, host ports.
+fn print_net(setup: &NetSetup, json: bool) {
+    if json {
+        print_json(setup);
+        return;
+    }
+    let p = &setup.plan;
+    println!("env:    {}", setup.env);
+    println!(
+        "plan:   guest {}/{} via {}",
+        p.guest_ip, p.guest_prefix, p.gateway
+    );
+    match &setup.active {
+        Some(w) => println!("active: weave {w}"),
+        None => println!("active: {} itself", setup.env),
+    }
+    let rows = setup
+        .ports
+        .iter()
+        .map(|port| {
+            vec![
+                port.host_port.to_string(),
+                port.guest_port.to_string(),
+                port.guest_ip
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                if port.published {
+                    "published"
+                } else {
+                    "weave route"
+                }
+                .into(),
+                port.target.clone(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["HOST PORT", "GUEST PORT", "GUEST IP", "KIND", "GOES TO"],
+        rows,
+    );
 }
 
 async fn snapshot_command(
@@ -1234,7 +1411,13 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
             if json {
                 print_json(&w);
             } else {
-                println!("limits of {} set", w.name);
+                match &w.balloon {
+                    Some(b) => println!(
+                        "limits of {} set; balloon target {} MiB (the guest has {} MiB now)",
+                        w.name, b.target_mib, b.actual_mib
+                    ),
+                    None => println!("limits of {} set", w.name),
+                }
             }
         }
         WeaveCommand::Route {

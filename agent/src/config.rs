@@ -40,6 +40,35 @@ pub struct Config {
     pub log: String,
     /// The chunk store that holds disk snapshots.
     pub store: StoreSettings,
+    /// Weave networking.
+    pub net: NetSettings,
+}
+
+/// Weave networking (`[net]` in weftd.toml).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetSettings {
+    /// First weave network slot this weftd hands out (host link `wh<slot>`,
+    /// 10.231.<slot>.0/30). Several weftds on one host need disjoint ranges.
+    pub first_slot: u8,
+    /// Last weave network slot this weftd hands out.
+    pub last_slot: u8,
+}
+
+impl Default for NetSettings {
+    fn default() -> Self {
+        NetSettings {
+            first_slot: 0,
+            last_slot: 255,
+        }
+    }
+}
+
+impl NetSettings {
+    /// The slots this weftd hands out.
+    pub fn slots(&self) -> std::ops::RangeInclusive<u8> {
+        self.first_slot..=self.last_slot
+    }
 }
 
 /// Where and how snapshots are stored (`[store]` in weftd.toml).
@@ -84,6 +113,7 @@ impl Default for Config {
             stop_timeout_secs: 15,
             log: "info".into(),
             store: StoreSettings::default(),
+            net: NetSettings::default(),
         }
     }
 }
@@ -156,6 +186,12 @@ impl Config {
                 "timeouts must be at least one second".into(),
             ));
         }
+        if self.net.first_slot > self.net.last_slot {
+            return Err(ConfigError::Invalid(format!(
+                "net.first_slot ({}) is after net.last_slot ({})",
+                self.net.first_slot, self.net.last_slot
+            )));
+        }
         Ok(())
     }
 
@@ -222,6 +258,15 @@ mod tests {
         assert!(e.to_string().contains("dta_dir"), "{e}");
         let e = Config::parse("stop_timeout_secs = 0", Path::new("a.toml")).unwrap_err();
         assert!(matches!(e, ConfigError::Invalid(_)));
+        let e =
+            Config::parse("[net]\nfirst_slot = 9\nlast_slot = 8", Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("first_slot"), "{e}");
+        let c = Config::parse(
+            "[net]\nfirst_slot = 220\nlast_slot = 229",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.net.slots(), 220..=229);
     }
 
     #[test]

@@ -376,7 +376,8 @@ impl Manager {
             pid_file: Some(self.pid_file(name)),
         };
         // A weave's QEMU runs in its network namespace and cgroups.
-        let (netns, cgroups) = if crate::weaves::is_weave(&self.catalog, name).await {
+        let weave = crate::weaves::is_weave(&self.catalog, name).await;
+        let (netns, cgroups) = if weave {
             let (ns, groups) = crate::weaves::placement(name);
             (Some(ns), groups)
         } else {
@@ -404,6 +405,10 @@ impl Manager {
         }
         info!(env = %name, pid, "QEMU started");
         let qmp = process.qmp().clone();
+        if weave {
+            // A new QEMU has all its memory: the balloon follows the weave's limit again.
+            crate::balloon::after_launch(name, config, &qmp).await;
+        }
         self.install_runtime(name, qmp, Some(Arc::new(process)), Some(pid));
         Ok(())
     }

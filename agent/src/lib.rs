@@ -5,6 +5,7 @@
 //! HTTP/JSON API on a unix socket. The `weft` CLI is a thin client of that API.
 
 pub mod api;
+pub mod balloon;
 pub mod catalog;
 pub mod catalog_snapshots;
 pub mod cgroups;
@@ -12,8 +13,10 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dhcp;
 pub mod envs;
 pub mod model;
+pub mod net;
 pub mod policies;
 pub mod retention;
 pub mod snapshots;

@@ -1,6 +1,7 @@
 //! Types exchanged over the HTTP API. The CLI and weftd share them, and
 //! `docs/openapi.json` documents them.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -247,6 +248,8 @@ catalog_enum!(
         Incremental => "incremental",
         /// The VM configuration.
         Config => "config",
+        /// The network setup (address plan, host ports, active weave).
+        Net => "net",
     }
 );
 
@@ -269,11 +272,11 @@ pub struct Snapshot {
     pub id: i64,
     /// Environment.
     pub env: String,
-    /// `disk:<name>` or `config`.
+    /// `disk:<name>`, `config` or `net`.
     pub resource: String,
     /// Pending, complete or failed.
     pub state: SnapshotState,
-    /// Full, incremental or config.
+    /// Full, incremental, config or net.
     pub kind: SnapshotKind,
     /// The instant the snapshot shows (RFC 3339).
     pub taken_at: String,
@@ -307,12 +310,88 @@ pub struct Snapshot {
     pub error: Option<String>,
     /// The VM configuration (config snapshots).
     pub config: Option<VmConfig>,
+    /// The network setup (net snapshots).
+    #[serde(default)]
+    pub net: Option<NetSetup>,
+}
+
+/// An environment's guest address plan: the address its guest uses and the gateway
+/// it expects. Every weave of the environment keeps the plan of its instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestPlan {
+    /// The guest's address.
+    pub guest_ip: Ipv4Addr,
+    /// The guest network's prefix length (1-30).
+    pub guest_prefix: u8,
+    /// The guest's gateway (inside a weave: the namespace side of its tap).
+    pub gateway: Ipv4Addr,
+}
+
+impl Default for GuestPlan {
+    /// 192.168.100.2/24 via 192.168.100.1.
+    fn default() -> Self {
+        GuestPlan {
+            guest_ip: Ipv4Addr::new(192, 168, 100, 2),
+            guest_prefix: 24,
+            gateway: Ipv4Addr::new(192, 168, 100, 1),
+        }
+    }
+}
+
+/// One host port of an environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPort {
+    /// Port on the host (any local address, loopback included).
+    pub host_port: u16,
+    /// Port of the guest.
+    pub guest_port: u16,
+    /// The environment's guest address for this port; its plan's address when absent.
+    pub guest_ip: Option<Ipv4Addr>,
+    /// Published by the environment (`weft env expose`); otherwise routed to a weave
+    /// only (`weft weave route`).
+    pub published: bool,
+    /// Where new connections go now: the environment or one of its weaves.
+    pub target: String,
+}
+
+/// The `net` resource of an environment: its address plan, its host ports and where
+/// they go. A weave's setup is its plan and the ports that go to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetSetup {
+    /// Environment (or weave).
+    pub env: String,
+    /// The guest address plan.
+    pub plan: GuestPlan,
+    /// The weave the environment's ports go to; the environment itself when absent.
+    pub active: Option<String>,
+    /// Host ports, by port.
+    pub ports: Vec<HostPort>,
+}
+
+/// Body of `POST /v1/environments/{name}/expose`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposeRequest {
+    /// Port of the guest.
+    pub guest_port: u16,
+    /// Port on the host (default: the guest port).
+    #[serde(default)]
+    pub host_port: Option<u16>,
+    /// The guest's address (default: the environment's plan).
+    #[serde(default)]
+    pub guest_ip: Option<Ipv4Addr>,
+}
+
+/// Body of `POST /v1/environments/{name}/unexpose`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnexposeRequest {
+    /// Port on the host.
+    pub host_port: u16,
 }
 
 /// Body of `POST /v1/environments/{name}/snapshots`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateSnapshot {
-    /// `all` (default), `config` or `disk:<name>`.
+    /// `all` (default), `config`, `net` or `disk:<name>`.
     #[serde(default)]
     pub resource: Option<String>,
     /// Semantic category.

@@ -228,7 +228,7 @@ impl Snapshots {
         let resource = resource.unwrap_or("all").to_string();
         let disks: Vec<DiskConfig> = match resource.as_str() {
             "all" => config.disks.clone(),
-            "config" => Vec::new(),
+            "config" | "net" => Vec::new(),
             r => match r.strip_prefix("disk:") {
                 Some(d) => vec![config
                     .disks
@@ -243,12 +243,17 @@ impl Snapshots {
                     })?],
                 None => {
                     return Err(EnvError::BadRequest(format!(
-                        "unknown resource {r:?}: use all, config or disk:<name>"
+                        "unknown resource {r:?}: use all, config, net or disk:<name>"
                     )))
                 }
             },
         };
         let with_config = matches!(resource.as_str(), "all" | "config");
+        // The network setup as it is now, the request's instant.
+        let net = match resource.as_str() {
+            "all" | "net" => Some(self.manager.catalog().net_setup(env_name).await?),
+            _ => None,
+        };
         let (name, actor_owned) = (env_name.to_string(), actor.to_string());
         // One request, one instant: every resource's snapshot carries it.
         let instant = crate::catalog::now();
@@ -291,6 +296,21 @@ impl Snapshots {
                             &progress,
                         )
                         .await?,
+                    );
+                }
+                if let Some(net) = &net {
+                    // Last: callers take the first id of `all` for its config snapshot.
+                    ids.push(
+                        me.manager
+                            .catalog()
+                            .insert_net_snapshot(
+                                net,
+                                &actor_owned,
+                                category.as_deref(),
+                                note.as_deref(),
+                                &instant,
+                            )
+                            .await?,
                     );
                 }
                 Ok(json!({ "snapshots": ids }))

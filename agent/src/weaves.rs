@@ -71,6 +71,10 @@ pub struct Weave {
     pub created_at: String,
     /// Its environment record (state, pid, configuration).
     pub env: Option<Environment>,
+    /// Its balloon while it runs with one: target (from its memory limit) and the
+    /// guest's memory now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<crate::balloon::Balloon>,
 }
 
 /// The network namespace file a weave's QEMU runs in.
@@ -99,6 +103,7 @@ fn weave_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Weave, CatalogError> {
         net_index: u8::try_from(idx).unwrap_or(u8::MAX),
         created_at: r.try_get("created_at")?,
         env: None,
+        balloon: None,
     })
 }
 
@@ -146,15 +151,18 @@ impl Catalog {
         rows.iter().map(weave_from_row).collect()
     }
 
-    /// The lowest free network slot.
-    pub async fn free_net_index(&self) -> Result<Option<u8>, CatalogError> {
+    /// The lowest free network slot of `slots` (weftd's `[net]` range).
+    pub async fn free_net_index(
+        &self,
+        slots: std::ops::RangeInclusive<u8>,
+    ) -> Result<Option<u8>, CatalogError> {
         let used: Vec<i64> = sqlx::query("SELECT net_index FROM weaves")
             .fetch_all(&self.pool)
             .await?
             .iter()
             .map(|r| r.try_get("net_index"))
             .collect::<Result<_, _>>()?;
-        Ok((0u8..=255).find(|i| !used.contains(&i64::from(*i))))
+        Ok(slots.into_iter().find(|i| !used.contains(&i64::from(*i))))
     }
 
     /// Replaces an environment's stored VM configuration.
@@ -177,12 +185,18 @@ impl Catalog {
 pub struct Weaves {
     manager: Arc<Manager>,
     snapshots: Arc<Snapshots>,
+    /// The weaves' DHCP servers, one per namespace (created with it, stopped before it goes).
+    dhcp: Arc<crate::dhcp::Servers>,
 }
 
 impl Weaves {
     /// Weaves over `manager`'s environments and `snapshots`' store.
     pub fn new(manager: Arc<Manager>, snapshots: Arc<Snapshots>) -> Arc<Weaves> {
-        Arc::new(Weaves { manager, snapshots })
+        Arc::new(Weaves {
+            manager,
+            snapshots,
+            dhcp: crate::dhcp::Servers::new(),
+        })
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -206,6 +220,7 @@ impl Weaves {
             .await?
             .ok_or_else(|| EnvError::NotFound(format!("weave {name}")))?;
         w.env = self.manager.catalog().environment(name).await?;
+        w.balloon = crate::balloon::of_weave(&self.manager, name).await;
         Ok(w)
     }
 
@@ -235,10 +250,17 @@ impl Weaves {
                 "weaves branch from managed environments; {parent:?} is not one"
             )));
         }
+        let slots = self.manager.config().net.slots();
         let index = catalog
-            .free_net_index()
+            .free_net_index(slots.clone())
             .await?
-            .ok_or_else(|| EnvError::Conflict("all 256 weave network slots are in use".into()))?;
+            .ok_or_else(|| {
+                EnvError::Conflict(format!(
+                    "all weave network slots ({}-{}, [net] in weftd.toml) are in use",
+                    slots.start(),
+                    slots.end()
+                ))
+            })?;
         let name = req.name.clone().unwrap_or_else(|| format!("w{index}"));
         check_weave_name(&name)?;
         if catalog.environment(&name).await?.is_some() {
@@ -265,6 +287,7 @@ impl Weaves {
             net_index: index,
             created_at: now(),
             env: None,
+            balloon: None,
         };
         // Nothing half-created: any failure from here removes what was made.
         let result = async {
@@ -274,11 +297,14 @@ impl Weaves {
             groups.create().map_err(|e| {
                 EnvError::Internal(format!("cannot create the cgroups of {name}: {e}"))
             })?;
-            crate::weavenet::create(&name, index, &config)
+            // Its namespace, with the guest plan of its instant (crate::net).
+            crate::net::Net::new(catalog)
+                .create_weave(&weave, &config)
+                .await?;
+            self.dhcp
+                .start_for(catalog, &name, &config)
                 .await
-                .map_err(|e| {
-                    EnvError::Internal(one_line(&format!("network of weave {name}: {e}")))
-                })?;
+                .map_err(|e| EnvError::Internal(one_line(&format!("DHCP of weave {name}: {e}"))))?;
             self.manager.start(&name).await
         }
         .await;
@@ -492,59 +518,29 @@ impl Weaves {
         Ok(path)
     }
 
-    /// Routes new connections to `host_port` on the host to the weave's guest port.
+    /// Routes new connections to `host_port` on the host to the weave's guest port (a
+    /// host port of its environment; see [`crate::net`]).
     pub async fn route(
         &self,
         name: &str,
         host_port: u16,
         guest_port: u16,
+        actor: &str,
     ) -> Result<Weave, EnvError> {
-        let weave = self.show(name).await?;
-        if host_port == 0 || guest_port == 0 {
-            return Err(EnvError::BadRequest("ports must be 1-65535".into()));
-        }
-        crate::weavenet::route(host_port, weave.net_index, guest_port)
-            .await
-            .map_err(|e| {
-                EnvError::Internal(one_line(&format!("route {host_port} to {name}: {e}")))
-            })?;
-        Ok(weave)
+        crate::net::Net::new(self.manager.catalog())
+            .route_weave(name, host_port, guest_port, actor)
+            .await?;
+        self.show(name).await
     }
 
-    /// Makes `name` the active weave of its environment: every host port routed to a
-    /// weave of the same environment moves to it, each in one nftables transaction
-    /// (new connections go to `name`; established ones finish where they started).
-    pub async fn activate(&self, name: &str) -> Result<serde_json::Value, EnvError> {
-        let weave = self.show(name).await?;
-        let siblings: Vec<u8> = self
-            .manager
-            .catalog()
-            .weaves(Some(&weave.parent))
-            .await?
-            .iter()
-            .map(|w| w.net_index)
-            .collect();
-        let routes = crate::weavenet::routes()
+    /// Makes `name` the active weave of its environment: every host port of the
+    /// environment (published by it, or routed to any of its weaves) moves to it in one
+    /// nftables transaction (new connections go to `name`; established ones finish
+    /// where they started). `weft env activate` moves the published ones back.
+    pub async fn activate(&self, name: &str, actor: &str) -> Result<serde_json::Value, EnvError> {
+        crate::net::Net::new(self.manager.catalog())
+            .activate_weave(name, actor)
             .await
-            .map_err(|e| EnvError::Internal(one_line(&e)))?;
-        let mut moved = Vec::new();
-        for r in routes.iter().filter(|r| siblings.contains(&r.weave_index)) {
-            if r.weave_index != weave.net_index {
-                crate::weavenet::switch(r.host_port, weave.net_index)
-                    .await
-                    .map_err(|e| {
-                        EnvError::Internal(one_line(&format!("switch port {}: {e}", r.host_port)))
-                    })?;
-            }
-            moved.push(r.host_port);
-        }
-        if moved.is_empty() {
-            return Err(EnvError::Conflict(format!(
-                "no host port is routed to a weave of {:?}; route one first with `weft weave route`",
-                weave.parent
-            )));
-        }
-        Ok(json!({"weave": name, "ports": moved}))
     }
 
     /// After weftd starts: every weave's namespace, links and NAT rules are repaired or
@@ -552,12 +548,17 @@ impl Weaves {
     /// QEMU can start again. Failures are logged and audited; they do not stop weftd.
     pub async fn recover(&self) -> Result<(), EnvError> {
         let catalog = self.manager.catalog();
+        // Namespaces, links, NAT and host ports, with strays this weftd owns removed.
+        let reconciled = crate::net::Net::new(catalog).reconcile().await;
         for w in catalog.weaves(None).await? {
             let Some(env) = catalog.environment(&w.name).await? else {
                 continue;
             };
             let Some(config) = env.config else { continue };
-            let net = crate::weavenet::create(&w.name, w.net_index, &config).await;
+            let mut net = reconciled.weave(&w.name);
+            if net.is_ok() {
+                net = self.dhcp.start_for(catalog, &w.name, &config).await;
+            }
             let groups = cgroups::groups(&w.name).create().map_err(|e| e.to_string());
             if let Err(e) = net.and(groups) {
                 warn!(weave = %w.name, error = %e, "cannot restore the weave's network or cgroups");
@@ -569,19 +570,18 @@ impl Weaves {
         Ok(())
     }
 
-    /// Changes a weave's CPU and memory limits at runtime (its cgroups).
+    /// Changes a weave's CPU and memory limits at runtime (its cgroups), and points
+    /// its balloon, if it has one, at the memory limit.
     pub async fn set_limits(
         &self,
         name: &str,
         limits: &cgroups::Limits,
     ) -> Result<Weave, EnvError> {
-        let weave = self.show(name).await?;
+        let mut weave = self.show(name).await?;
         if limits.memory_mib.is_some_and(|m| m < 16) {
             return Err(EnvError::BadRequest("--memory must be at least 16M".into()));
         }
-        cgroups::groups(name).apply(limits).map_err(|e| {
-            EnvError::Internal(format!("cannot set the limits of weave {name}: {e}"))
-        })?;
+        weave.balloon = crate::balloon::apply_limits(&self.manager, name, limits).await?;
         Ok(weave)
     }
 
@@ -598,8 +598,11 @@ impl Weaves {
                 problems.push(e.to_string());
             }
         }
+        // Its thread holds the namespace: stop it before the namespace goes.
+        self.dhcp.stop(name).await;
         if let Some(w) = &weave {
-            if let Err(e) = crate::weavenet::delete(name, w.net_index).await {
+            let net = crate::net::Net::new(catalog);
+            if let Err(e) = net.delete_weave(name, w.net_index, &w.parent).await {
                 problems.push(format!("network: {e}"));
             }
         }

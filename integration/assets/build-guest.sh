@@ -18,7 +18,7 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-MODULES="${WEFT_GUEST_MODULES:-virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport}"
+MODULES="${WEFT_GUEST_MODULES:-virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport virtio_balloon af_packet}"
 
 log() { echo "build-guest: $*" >&2; }
 die() { echo "build-guest: error: $*" >&2; exit 1; }

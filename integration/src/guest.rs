@@ -137,6 +137,8 @@ impl Guest {
             append: Some(append),
             disks,
             nics: opts.nics.clone(),
+            // As before balloons existed: these guests run outside weftd.
+            balloon: false,
         };
         let paths = LaunchPaths {
             qmp_socket: dir.path().join("qmp.sock"),

@@ -5,7 +5,8 @@
 //! Every kernel side effect goes through the narrow [`NetOps`] trait. [`Kernel`]
 //! is the real implementation; [`Recorder`] is a test double that records the
 //! calls and keeps a small model of the kernel state so the logic on top
-//! ([`WeaveNet`], [`route`], [`switch`], [`reconcile`]) is unit-tested without root.
+//! ([`WeaveNet`], [`route`], [`switch`], [`set_routes`], [`reconcile`]) is unit-tested
+//! without root.
 //!
 //! All operations are blocking (each kernel call runs on a short-lived OS thread,
 //! the only safe way to enter another network namespace); async callers wrap them
@@ -28,10 +29,13 @@ pub use plan::{
     guest_network, host_addr, host_link, netns_path, ns_addr, ns_link, LINK_NET, LINK_PREFIX,
     NETNS_DIR, NETNS_PREFIX, TABLE,
 };
-pub use reconcile::{reconcile, ReconcileReport};
+pub use reconcile::{reconcile, Owned, ReconcileReport};
 pub use recorder::{Call, Recorder};
-pub use routes::{enable_host_forwarding, list_routes, route, switch, unroute, Route};
-pub use weave::{GuestLink, WeaveNet, WeavePlan};
+pub use routes::{
+    allow_host_clients, enable_host_forwarding, list_routes, route, set_routes, switch, switch_all,
+    unroute, Route, Target,
+};
+pub use weave::{check_guest_plan, GuestLink, WeaveNet, WeavePlan};
 
 /// Errors raised by namespace and firewall operations.
 #[derive(Debug, thiserror::Error)]
@@ -51,15 +55,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A host port is already routed to another weave.
-    #[error(
-        "host port {port} is already routed to weave {weave_index}: switch it or unroute it first"
-    )]
+    /// A host port is already routed elsewhere.
+    #[error("host port {port} is already routed to {to}: switch it or unroute it first")]
     PortInUse {
         /// The host port.
         port: u16,
-        /// The weave it goes to now.
-        weave_index: u8,
+        /// Where it goes now.
+        to: Target,
     },
     /// `switch` was asked to move a port that has no route.
     #[error("host port {0} is not routed: route or publish it before switching it")]

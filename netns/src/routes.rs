@@ -1,6 +1,6 @@
 //! Host port routes in the root namespace.
 //!
-//! Table `ip weft` holds one static chain and two base chains per routed port:
+//! Table `ip weft` holds one static chain and two or three base chains per routed port:
 //!
 //! ```text
 //! table ip weft {
@@ -10,15 +10,21 @@
 //!     fib daddr type local meta l4proto tcp tcp dport 8080 dnat to 10.231.7.2:80 }
 //!   chain p8080-w7-g80-out { type nat hook output priority dstnat;
 //!     fib daddr type local meta l4proto tcp tcp dport 8080 dnat to 10.231.7.2:80 }
+//!   # a port published straight to an address (an environment's guest on a host tap):
+//!   chain p9090-a192.168.220.2-g80-in  { … dnat to 192.168.220.2:80 }
+//!   chain p9090-a192.168.220.2-g80-out { … dnat to 192.168.220.2:80 }
+//!   chain p9090-a192.168.220.2-g80-src { type nat hook postrouting priority srcnat;
+//!     ip saddr 127.0.0.0/8 ip daddr 192.168.220.2/32 masquerade }
 //! }
 //! ```
 //!
-//! The chain names carry the whole route (host port, weave index, guest port),
-//! so the kernel's ruleset is its own record: listing chains is enough to know
-//! every route, no rule handles are needed, and moving a port is one transaction
-//! that deletes the old pair of chains and adds the new pair.
+//! The chain names carry the whole route (host port, target, guest port), so the
+//! kernel's ruleset is its own record: listing chains is enough to know every
+//! route, no rule handles are needed, and moving ports is one transaction that
+//! deletes the old chains and adds the new ones.
 
 use std::fmt;
+use std::net::Ipv4Addr;
 
 use crate::ops::{BaseChain, NetOps, NftOp, NftRule, Prefix};
 use crate::plan::{ns_addr, LINK_NET, TABLE};
@@ -28,14 +34,89 @@ use crate::{Error, Result};
 /// 127.0.0.0/8) leaving towards a weave, so the weave can answer them.
 pub(crate) const ROOT_POSTROUTING: &str = "postrouting";
 
+/// Host-local sources (`curl 127.0.0.1:PORT`).
+const LOOPBACK: Prefix = Prefix::new(Ipv4Addr::new(127, 0, 0, 0), 8);
+
+/// Where a host port leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// The guest of weave `index`, through its veth (10.231.<index>.2, whose
+    /// namespace DNATs on to the guest).
+    Weave(u8),
+    /// An address the root namespace reaches directly, e.g. an environment's guest
+    /// on a tap or bridge of the host.
+    Addr(Ipv4Addr),
+}
+
+impl Target {
+    /// The address new connections are sent to.
+    pub fn addr(&self) -> Ipv4Addr {
+        match self {
+            Target::Weave(index) => ns_addr(*index),
+            Target::Addr(addr) => *addr,
+        }
+    }
+
+    /// The weave index, for a weave target.
+    pub fn weave_index(&self) -> Option<u8> {
+        match self {
+            Target::Weave(index) => Some(*index),
+            Target::Addr(_) => None,
+        }
+    }
+
+    fn tag(&self) -> String {
+        match self {
+            Target::Weave(index) => format!("w{index}"),
+            Target::Addr(addr) => format!("a{addr}"),
+        }
+    }
+
+    fn parse_tag(tag: &str) -> Option<Target> {
+        if let Some(index) = tag.strip_prefix('w') {
+            return parse_u(index).map(Target::Weave);
+        }
+        let text = tag.strip_prefix('a')?;
+        let addr: Ipv4Addr = text.parse().ok()?;
+        // Only the canonical spelling, so every route has exactly one chain name.
+        (addr.to_string() == text).then_some(Target::Addr(addr))
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        let Target::Addr(addr) = self else {
+            return Ok(());
+        };
+        if addr.is_unspecified()
+            || addr.is_broadcast()
+            || addr.is_multicast()
+            || LOOPBACK.contains(*addr)
+            || LINK_NET.contains(*addr)
+        {
+            return Err(format!(
+                "{addr} cannot be a route target (unspecified, broadcast, multicast, loopback or in {LINK_NET})"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Weave(index) => write!(f, "weave {index}"),
+            Target::Addr(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
 /// New TCP connections to `host_port` on any local address of the host go to
-/// port `guest_port` of the guest of weave `weave_index`.
+/// port `guest_port` of `to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Route {
     /// Host port (local addresses of the root namespace, loopback included).
     pub host_port: u16,
-    /// Index of the weave (its veth is `wh<index>`, 10.231.<index>.0/30).
-    pub weave_index: u8,
+    /// Where it leads.
+    pub to: Target,
     /// Guest port.
     pub guest_port: u16,
 }
@@ -44,30 +125,58 @@ impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "host port {} -> weave {} port {}",
-            self.host_port, self.weave_index, self.guest_port
+            "host port {} -> {} port {}",
+            self.host_port, self.to, self.guest_port
         )
     }
 }
 
-/// Which of the two chains of a route.
+/// Which chain of a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
     /// prerouting: connections from other hosts
     In,
     /// output: connections from the host itself
     Out,
+    /// postrouting, address targets only: host-local connections leave with the
+    /// host's address on the way to the target, so its answer comes back
+    Src,
+}
+
+impl Side {
+    fn suffix(self) -> &'static str {
+        match self {
+            Side::In => "in",
+            Side::Out => "out",
+            Side::Src => "src",
+        }
+    }
 }
 
 impl Route {
+    /// A route to weave `index`.
+    pub fn to_weave(host_port: u16, index: u8, guest_port: u16) -> Route {
+        Route {
+            host_port,
+            to: Target::Weave(index),
+            guest_port,
+        }
+    }
+
+    fn sides(&self) -> &'static [Side] {
+        match self.to {
+            Target::Weave(_) => &[Side::In, Side::Out],
+            Target::Addr(_) => &[Side::In, Side::Out, Side::Src],
+        }
+    }
+
     fn chain(&self, side: Side) -> String {
-        let suffix = match side {
-            Side::In => "in",
-            Side::Out => "out",
-        };
         format!(
-            "p{}-w{}-g{}-{suffix}",
-            self.host_port, self.weave_index, self.guest_port
+            "p{}-{}-g{}-{}",
+            self.host_port,
+            self.to.tag(),
+            self.guest_port,
+            side.suffix()
         )
     }
 
@@ -77,30 +186,41 @@ impl Route {
                 "{self}: port 0 cannot be routed"
             )));
         }
-        Ok(())
+        self.to
+            .check()
+            .map_err(|why| Error::InvalidPlan(format!("{self}: {why}")))
     }
 
     fn add_ops(&self) -> Vec<NftOp> {
-        let rule = NftRule::DnatLocalPort {
+        let comment = Some(format!("weft: {self}"));
+        let dnat = NftRule::DnatLocalPort {
             port: self.host_port,
-            to: ns_addr(self.weave_index),
+            to: self.to.addr(),
             to_port: self.guest_port,
         };
-        let comment = Some(format!("weft: {self}"));
         let mut ops = Vec::new();
-        for (side, base) in [
-            (Side::In, BaseChain::DSTNAT),
-            (Side::Out, BaseChain::OUTPUT_DSTNAT),
-        ] {
+        for side in self.sides() {
+            let (base, rule) = match side {
+                Side::In => (BaseChain::DSTNAT, dnat.clone()),
+                Side::Out => (BaseChain::OUTPUT_DSTNAT, dnat.clone()),
+                Side::Src => (
+                    BaseChain::SRCNAT,
+                    NftRule::Masquerade {
+                        saddr: LOOPBACK,
+                        daddr: Some(Prefix::new(self.to.addr(), 32)),
+                        oif: None,
+                    },
+                ),
+            };
             ops.push(NftOp::AddChain {
                 table: TABLE.into(),
-                chain: self.chain(side),
+                chain: self.chain(*side),
                 base: Some(base),
             });
             ops.push(NftOp::AddRule {
                 table: TABLE.into(),
-                chain: self.chain(side),
-                rule: rule.clone(),
+                chain: self.chain(*side),
+                rule,
                 comment: comment.clone(),
             });
         }
@@ -116,28 +236,28 @@ fn parse_u<T: std::str::FromStr>(s: &str) -> Option<T> {
     s.parse().ok()
 }
 
-/// `p<host>-w<index>-g<guest>-in|out` → the route and side.
+/// `p<host>-<w<index>|a<addr>>-g<guest>-in|out|src` → the route and side.
 fn parse_chain(name: &str) -> Option<(Route, Side)> {
-    let (rest, side) = if let Some(rest) = name.strip_suffix("-in") {
-        (rest, Side::In)
-    } else {
-        (name.strip_suffix("-out")?, Side::Out)
-    };
+    let (rest, side) = [Side::In, Side::Out, Side::Src]
+        .into_iter()
+        .find_map(|side| {
+            name.strip_suffix(side.suffix())
+                .and_then(|r| r.strip_suffix('-'))
+                .map(|r| (r, side))
+        })?;
     let mut parts = rest.split('-');
     let host_port = parse_u(parts.next()?.strip_prefix('p')?)?;
-    let weave_index = parse_u(parts.next()?.strip_prefix('w')?)?;
+    let to = Target::parse_tag(parts.next()?)?;
     let guest_port = parse_u(parts.next()?.strip_prefix('g')?)?;
     if parts.next().is_some() {
         return None;
     }
-    Some((
-        Route {
-            host_port,
-            weave_index,
-            guest_port,
-        },
-        side,
-    ))
+    let route = Route {
+        host_port,
+        to,
+        guest_port,
+    };
+    route.sides().contains(&side).then_some((route, side))
 }
 
 /// Ops that (re)write the static part of the root table; idempotent.
@@ -159,7 +279,7 @@ pub(crate) fn base_ops() -> Vec<NftOp> {
             table: TABLE.into(),
             chain: ROOT_POSTROUTING.into(),
             rule: NftRule::Masquerade {
-                saddr: Prefix::new(std::net::Ipv4Addr::new(127, 0, 0, 0), 8),
+                saddr: LOOPBACK,
                 daddr: Some(LINK_NET),
                 oif: None,
             },
@@ -204,63 +324,115 @@ pub fn list_routes(ops: &dyn NetOps) -> Result<Vec<Route>> {
     Ok(routes_of(&root_chains(ops)?))
 }
 
-/// Route `route.host_port` to a weave. Idempotent for the same route; a port
-/// already routed elsewhere is refused (use [`switch`] to move it).
+/// Whether every chain of `r` is present.
+pub(crate) fn complete(chains: &[String], r: &Route) -> bool {
+    r.sides()
+        .iter()
+        .all(|side| chains.contains(&r.chain(*side)))
+}
+
+/// Deletes of every chain of the root table that belongs to a route of `port`.
+fn port_chain_deletes(chains: &[String], port: u16) -> Vec<NftOp> {
+    chains
+        .iter()
+        .filter(|c| parse_chain(c).is_some_and(|(r, _)| r.host_port == port))
+        .flat_map(|c| delete_chain_ops(c))
+        .collect()
+}
+
+/// Route `route.host_port`. Idempotent for the same route; a port already
+/// routed elsewhere is refused (use [`switch`] or [`set_routes`] to move it).
 pub fn route(ops: &dyn NetOps, route: &Route) -> Result<()> {
     route.check()?;
-    let existing = list_routes(ops)?;
-    if existing.contains(route) {
+    let chains = root_chains(ops)?;
+    let existing = routes_of(&chains);
+    if existing.contains(route) && complete(&chains, route) {
         return Ok(());
     }
-    if let Some(other) = existing.iter().find(|r| r.host_port == route.host_port) {
+    if let Some(other) = existing
+        .iter()
+        .find(|r| r.host_port == route.host_port && *r != route)
+    {
         return Err(Error::PortInUse {
             port: route.host_port,
-            weave_index: other.weave_index,
+            to: other.to,
         });
     }
     let mut batch = base_ops();
+    // A route left incomplete (e.g. by hand) is rewritten whole.
+    batch.extend(port_chain_deletes(&chains, route.host_port));
     batch.extend(route.add_ops());
     ops.apply_nft(None, &batch)
 }
 
-/// Move a routed host port to weave `to_index` (same guest port) in one
-/// nftables transaction: new connections go to the new weave; established
-/// ones keep their conntrack mapping and finish where they started.
-/// Returns the new route.
-pub fn switch(ops: &dyn NetOps, host_port: u16, to_index: u8) -> Result<Route> {
-    let chains = root_chains(ops)?;
-    let current: Vec<Route> = routes_of(&chains)
-        .into_iter()
-        .filter(|r| r.host_port == host_port)
-        .collect();
-    let Some(first) = current.first() else {
-        return Err(Error::NotRouted(host_port));
-    };
-    let new = Route {
-        host_port,
-        weave_index: to_index,
-        guest_port: first.guest_port,
-    };
-    if current == [new] && both_sides(&chains, &new) {
-        return Ok(new);
-    }
-    let mut batch = base_ops();
-    for chain in &chains {
-        if parse_chain(chain).is_some_and(|(r, _)| r.host_port == host_port) {
-            batch.extend(delete_chain_ops(chain));
+/// Make each of `routes` the one route of its host port, whatever the port had
+/// before (nothing, or a route elsewhere), in one nftables transaction: new
+/// connections follow the new routes at once; established ones keep their
+/// conntrack mapping and finish where they started. Returns the routes that
+/// changed; nothing is sent when none did.
+pub fn set_routes(ops: &dyn NetOps, routes: &[Route]) -> Result<Vec<Route>> {
+    let mut ports = std::collections::BTreeSet::new();
+    for r in routes {
+        r.check()?;
+        if !ports.insert(r.host_port) {
+            return Err(Error::InvalidPlan(format!(
+                "host port {} is given twice",
+                r.host_port
+            )));
         }
     }
-    batch.extend(new.add_ops());
-    ops.apply_nft(None, &batch)?;
+    let chains = root_chains(ops)?;
+    let existing = routes_of(&chains);
+    let mut batch = base_ops();
+    let mut changed = Vec::new();
+    for r in routes {
+        let current: Vec<&Route> = existing
+            .iter()
+            .filter(|e| e.host_port == r.host_port)
+            .collect();
+        if current == [r] && complete(&chains, r) {
+            continue;
+        }
+        batch.extend(port_chain_deletes(&chains, r.host_port));
+        batch.extend(r.add_ops());
+        changed.push(*r);
+    }
+    if !changed.is_empty() {
+        ops.apply_nft(None, &batch)?;
+    }
+    Ok(changed)
+}
+
+/// Move routed host ports, each to its new target (same guest port), in one
+/// nftables transaction (see [`set_routes`]). Every port must be routed now.
+/// Returns the new routes.
+pub fn switch_all(ops: &dyn NetOps, moves: &[(u16, Target)]) -> Result<Vec<Route>> {
+    let existing = list_routes(ops)?;
+    let mut new = Vec::new();
+    for (port, to) in moves {
+        let Some(current) = existing.iter().find(|r| r.host_port == *port) else {
+            return Err(Error::NotRouted(*port));
+        };
+        new.push(Route {
+            host_port: *port,
+            to: *to,
+            guest_port: current.guest_port,
+        });
+    }
+    set_routes(ops, &new)?;
     Ok(new)
 }
 
-pub(crate) fn both_sides(chains: &[String], r: &Route) -> bool {
-    chains.contains(&r.chain(Side::In)) && chains.contains(&r.chain(Side::Out))
+/// Move a routed host port to `to` (same guest port) in one nftables
+/// transaction: new connections go to the new target; established ones keep
+/// their conntrack mapping and finish where they started. Returns the new route.
+pub fn switch(ops: &dyn NetOps, host_port: u16, to: Target) -> Result<Route> {
+    let mut moved = switch_all(ops, &[(host_port, to)])?;
+    moved.pop().ok_or(Error::NotRouted(host_port))
 }
 
-/// Remove the chains selected by `pick`; the table goes too when no route is
-/// left. Returns the routes removed.
+/// Remove the chains of the routes selected by `pick`; the table goes too when
+/// no route is left. Returns the routes removed.
 pub(crate) fn remove_routes(ops: &dyn NetOps, pick: impl Fn(&Route) -> bool) -> Result<Vec<Route>> {
     let chains = root_chains(ops)?;
     let routes = routes_of(&chains);
@@ -295,10 +467,18 @@ pub fn enable_host_forwarding(ops: &dyn NetOps) -> Result<()> {
     ops.set_sysctl(None, "net/ipv4/ip_forward", "1")
 }
 
-/// The chain names of a route (prerouting, output).
+/// Let host-local connections (`127.0.0.1:PORT`) that a route DNATs leave
+/// through `link` of the root namespace (`route_localnet` on that link only).
+/// [`crate::WeaveNet::create`] does it for `wh<index>`; for an address target
+/// the caller does it for the link that reaches the address (e.g. a VM's tap).
+pub fn allow_host_clients(ops: &dyn NetOps, link: &str) -> Result<()> {
+    ops.set_sysctl(None, &format!("net/ipv4/conf/{link}/route_localnet"), "1")
+}
+
+/// The chain names of a route (prerouting, output and, for an address, postrouting).
 #[cfg(test)]
-pub(crate) fn chains_of(route: &Route) -> [String; 2] {
-    [route.chain(Side::In), route.chain(Side::Out)]
+pub(crate) fn chains_of(route: &Route) -> Vec<String> {
+    route.sides().iter().map(|s| route.chain(*s)).collect()
 }
 
 /// The route a chain name stands for.
@@ -306,7 +486,7 @@ pub(crate) fn parse_chain_route(name: &str) -> Option<Route> {
     parse_chain(name).map(|(r, _)| r)
 }
 
-/// The ops that add both chains of a route (the table must exist).
+/// The ops that add every chain of a route (the table must exist).
 pub(crate) fn add_ops(route: &Route) -> Vec<NftOp> {
     route.add_ops()
 }
@@ -315,19 +495,35 @@ pub(crate) fn add_ops(route: &Route) -> Vec<NftOp> {
 mod tests {
     use super::*;
 
+    fn guest() -> Ipv4Addr {
+        Ipv4Addr::new(192, 168, 220, 2)
+    }
+
     #[test]
     fn chain_names_round_trip() {
-        let r = Route {
-            host_port: 8080,
-            weave_index: 7,
+        let r = Route::to_weave(8080, 7, 80);
+        let names = chains_of(&r);
+        assert_eq!(names, vec!["p8080-w7-g80-in", "p8080-w7-g80-out"]);
+        assert_eq!(parse_chain(&names[0]), Some((r, Side::In)));
+        assert_eq!(parse_chain(&names[1]), Some((r, Side::Out)));
+        assert_eq!(parse_chain_route(&names[0]), Some(r));
+        let a = Route {
+            host_port: 9090,
+            to: Target::Addr(guest()),
             guest_port: 80,
         };
-        let [i, o] = chains_of(&r);
-        assert_eq!(i, "p8080-w7-g80-in");
-        assert_eq!(o, "p8080-w7-g80-out");
-        assert_eq!(parse_chain(&i), Some((r, Side::In)));
-        assert_eq!(parse_chain(&o), Some((r, Side::Out)));
-        assert_eq!(parse_chain_route(&i), Some(r));
+        let names = chains_of(&a);
+        assert_eq!(
+            names,
+            vec![
+                "p9090-a192.168.220.2-g80-in",
+                "p9090-a192.168.220.2-g80-out",
+                "p9090-a192.168.220.2-g80-src"
+            ]
+        );
+        for (name, side) in names.iter().zip([Side::In, Side::Out, Side::Src]) {
+            assert_eq!(parse_chain(name), Some((a, side)), "{name}");
+        }
         for bad in [
             "postrouting",
             "p8080-w7-g80",
@@ -335,6 +531,11 @@ mod tests {
             "p08080-w7-g80-in",
             "p8080-w7-g80-x-in",
             "p-w7-g80-in",
+            "p8080-w7-g80-src",
+            "p8080-a192.168.1.02-g80-in",
+            "p8080-a192.168.1-g80-in",
+            "p8080-x7-g80-in",
+            "p8080-w7-g80in",
         ] {
             assert_eq!(parse_chain(bad), None, "{bad}");
         }
@@ -343,9 +544,13 @@ mod tests {
     use crate::recorder::{Call, Recorder};
 
     fn r(host_port: u16, weave_index: u8) -> Route {
+        Route::to_weave(host_port, weave_index, 80)
+    }
+
+    fn a(host_port: u16) -> Route {
         Route {
             host_port,
-            weave_index,
+            to: Target::Addr(guest()),
             guest_port: 80,
         }
     }
@@ -373,7 +578,7 @@ mod tests {
             rec.rules(None, TABLE, "p8080-w7-g80-out"),
             vec![NftRule::DnatLocalPort {
                 port: 8080,
-                to: std::net::Ipv4Addr::new(10, 231, 7, 2),
+                to: Ipv4Addr::new(10, 231, 7, 2),
                 to_port: 80
             }]
         );
@@ -388,6 +593,53 @@ mod tests {
     }
 
     #[test]
+    fn an_address_route_dnats_and_masquerades_host_clients_to_that_address_only() {
+        let rec = Recorder::new();
+        route(&rec, &a(9090)).unwrap();
+        let dnat = NftRule::DnatLocalPort {
+            port: 9090,
+            to: guest(),
+            to_port: 80,
+        };
+        assert_eq!(
+            rec.rules(None, TABLE, "p9090-a192.168.220.2-g80-in"),
+            vec![dnat.clone()]
+        );
+        assert_eq!(
+            rec.rules(None, TABLE, "p9090-a192.168.220.2-g80-out"),
+            vec![dnat]
+        );
+        assert_eq!(
+            rec.rules(None, TABLE, "p9090-a192.168.220.2-g80-src"),
+            vec![NftRule::Masquerade {
+                saddr: LOOPBACK,
+                daddr: Some(Prefix::new(guest(), 32)),
+                oif: None
+            }]
+        );
+        assert_eq!(list_routes(&rec).unwrap(), vec![a(9090)]);
+        // Targets the root namespace must never DNAT to.
+        for bad in [
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::new(10, 231, 3, 2),
+        ] {
+            let route_to = Route {
+                host_port: 9091,
+                to: Target::Addr(bad),
+                guest_port: 80,
+            };
+            assert!(
+                matches!(route(&rec, &route_to), Err(Error::InvalidPlan(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(list_routes(&rec).unwrap(), vec![a(9090)]);
+    }
+
+    #[test]
     fn a_port_routed_elsewhere_is_refused() {
         let rec = Recorder::new();
         route(&rec, &r(8080, 7)).unwrap();
@@ -395,19 +647,35 @@ mod tests {
             route(&rec, &r(8080, 8)),
             Err(Error::PortInUse {
                 port: 8080,
-                weave_index: 7
+                to: Target::Weave(7)
             })
         ));
-        assert!(route(
-            &rec,
-            &Route {
-                host_port: 0,
-                weave_index: 1,
-                guest_port: 80
-            }
-        )
-        .is_err());
+        assert!(matches!(
+            route(&rec, &a(8080)),
+            Err(Error::PortInUse { port: 8080, .. })
+        ));
+        assert!(route(&rec, &Route::to_weave(0, 1, 80)).is_err());
         assert_eq!(list_routes(&rec).unwrap(), vec![r(8080, 7)]);
+    }
+
+    #[test]
+    fn an_incomplete_route_is_rewritten_whole() {
+        let rec = Recorder::new();
+        route(&rec, &a(9090)).unwrap();
+        // Someone removed the postrouting half.
+        rec.apply_nft(None, &delete_chain_ops("p9090-a192.168.220.2-g80-src"))
+            .unwrap();
+        rec.clear_calls();
+        route(&rec, &a(9090)).unwrap();
+        assert_eq!(applies(&rec).len(), 1);
+        assert_eq!(
+            rec.rules(None, TABLE, "p9090-a192.168.220.2-g80-src").len(),
+            1
+        );
+        assert_eq!(
+            rec.rules(None, TABLE, "p9090-a192.168.220.2-g80-in").len(),
+            1
+        );
     }
 
     #[test]
@@ -416,7 +684,7 @@ mod tests {
         route(&rec, &r(8080, 7)).unwrap();
         route(&rec, &r(9090, 7)).unwrap();
         rec.clear_calls();
-        assert_eq!(switch(&rec, 8080, 8).unwrap(), r(8080, 8));
+        assert_eq!(switch(&rec, 8080, Target::Weave(8)).unwrap(), r(8080, 8));
         let batches = applies(&rec);
         assert_eq!(batches.len(), 1, "one transaction: {batches:?}");
         let batch = &batches[0];
@@ -439,9 +707,67 @@ mod tests {
         assert_eq!(list_routes(&rec).unwrap(), vec![r(8080, 8), r(9090, 7)]);
         // Switching to where it already goes changes nothing.
         rec.clear_calls();
-        switch(&rec, 8080, 8).unwrap();
+        switch(&rec, 8080, Target::Weave(8)).unwrap();
         assert!(rec.mutations().is_empty());
-        assert!(matches!(switch(&rec, 1234, 8), Err(Error::NotRouted(1234))));
+        assert!(matches!(
+            switch(&rec, 1234, Target::Weave(8)),
+            Err(Error::NotRouted(1234))
+        ));
+    }
+
+    #[test]
+    fn ports_move_between_an_address_and_weaves_together() {
+        let rec = Recorder::new();
+        route(&rec, &a(8080)).unwrap();
+        route(&rec, &a(8081)).unwrap();
+        route(&rec, &r(8082, 3)).unwrap();
+        rec.clear_calls();
+        // To weave 7: three ports, one transaction.
+        let moved = switch_all(
+            &rec,
+            &[
+                (8080, Target::Weave(7)),
+                (8081, Target::Weave(7)),
+                (8082, Target::Weave(7)),
+            ],
+        )
+        .unwrap();
+        assert_eq!(moved, vec![r(8080, 7), r(8081, 7), r(8082, 7)]);
+        assert_eq!(applies(&rec).len(), 1);
+        assert!(rec.tables(None).contains(&TABLE.to_string()));
+        // The address routes' postrouting chains went with them.
+        let chains = rec.list_nft_chains(None, TABLE).unwrap();
+        assert!(!chains.iter().any(|c| c.ends_with("-src")), "{chains:?}");
+        // And back: the two published ones to the address, the third stays.
+        rec.clear_calls();
+        let changed = set_routes(&rec, &[a(8080), a(8081), r(8082, 7)]).unwrap();
+        assert_eq!(changed, vec![a(8080), a(8081)]);
+        assert_eq!(applies(&rec).len(), 1);
+        assert_eq!(
+            list_routes(&rec).unwrap(),
+            vec![a(8080), a(8081), r(8082, 7)]
+        );
+        // Nothing to do: nothing sent.
+        rec.clear_calls();
+        assert!(set_routes(&rec, &[a(8080), r(8082, 7)]).unwrap().is_empty());
+        assert!(rec.mutations().is_empty());
+        // A port given twice, or a bad route, is refused before anything is sent.
+        assert!(set_routes(&rec, &[a(8080), r(8080, 1)]).is_err());
+        assert!(set_routes(&rec, &[r(8083, 1), Route::to_weave(8084, 1, 0)]).is_err());
+        assert!(rec.mutations().is_empty());
+        // set_routes also routes a port that had nothing.
+        set_routes(&rec, &[r(8085, 2)]).unwrap();
+        assert!(list_routes(&rec).unwrap().contains(&r(8085, 2)));
+    }
+
+    #[test]
+    fn a_failed_move_changes_nothing() {
+        let rec = Recorder::new();
+        route(&rec, &a(8080)).unwrap();
+        route(&rec, &r(8081, 3)).unwrap();
+        rec.fail_nth_mutation(1);
+        assert!(switch_all(&rec, &[(8080, Target::Weave(7)), (8081, Target::Weave(7))]).is_err());
+        assert_eq!(list_routes(&rec).unwrap(), vec![a(8080), r(8081, 3)]);
     }
 
     #[test]
@@ -450,17 +776,24 @@ mod tests {
         assert!(!unroute(&rec, 8080).unwrap());
         route(&rec, &r(8080, 7)).unwrap();
         route(&rec, &r(9090, 8)).unwrap();
+        route(&rec, &a(9091)).unwrap();
         assert!(unroute(&rec, 8080).unwrap());
+        assert!(unroute(&rec, 9091).unwrap());
         assert_eq!(list_routes(&rec).unwrap(), vec![r(9090, 8)]);
+        assert_eq!(
+            rec.list_nft_chains(None, TABLE).unwrap(),
+            vec!["p9090-w8-g80-in", "p9090-w8-g80-out", ROOT_POSTROUTING]
+        );
         assert_eq!(rec.tables(None), vec![TABLE]);
         assert!(unroute(&rec, 9090).unwrap());
         assert!(rec.tables(None).is_empty());
     }
 
     #[test]
-    fn host_forwarding_is_an_explicit_call() {
+    fn host_forwarding_and_host_clients_are_explicit_calls() {
         let rec = Recorder::new();
         route(&rec, &r(8080, 7)).unwrap();
+        route(&rec, &a(8081)).unwrap();
         assert!(!rec
             .calls()
             .iter()
@@ -471,6 +804,15 @@ mod tests {
             Some(&Call::SetSysctl {
                 netns: None,
                 key: "net/ipv4/ip_forward".into(),
+                value: "1".into()
+            })
+        );
+        allow_host_clients(&rec, "tap7").unwrap();
+        assert_eq!(
+            rec.mutations().last(),
+            Some(&Call::SetSysctl {
+                netns: None,
+                key: "net/ipv4/conf/tap7/route_localnet".into(),
                 value: "1".into()
             })
         );

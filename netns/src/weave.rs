@@ -84,23 +84,8 @@ impl WeavePlan {
     fn check(&self) -> Result<String> {
         let netns = self.netns()?;
         let bad = |why: String| Err(Error::InvalidPlan(format!("weave {}: {why}", self.name)));
-        if !(1..=30).contains(&self.guest_prefix) {
-            return bad(format!(
-                "guest prefix /{} is not in 1..=30",
-                self.guest_prefix
-            ));
-        }
-        let net = self.guest_net();
-        if !net.contains(self.gateway_ip) {
-            return bad(format!("gateway {} is outside {net}", self.gateway_ip));
-        }
-        if self.gateway_ip == self.guest_ip {
-            return bad("guest and gateway have the same address".into());
-        }
-        for reserved in [LINK_NET, Prefix::new(Ipv4Addr::new(127, 0, 0, 0), 8)] {
-            if net.contains(reserved.addr) || reserved.contains(net.addr) {
-                return bad(format!("guest network {net} overlaps {reserved}"));
-            }
+        if let Err(why) = guest_plan_problem(self.guest_ip, self.guest_prefix, self.gateway_ip) {
+            return bad(why);
         }
         let link = self.guest_link.name();
         if link.is_empty() || link.len() > 15 || link == ns_link(self.index) || link == "lo" {
@@ -113,6 +98,36 @@ impl WeavePlan {
         }
         Ok(netns)
     }
+}
+
+/// Checks a guest address plan (guest address, prefix length, gateway): the prefix is
+/// 1..=30, the gateway lies in the guest network and differs from the guest, and the
+/// network does not overlap loopback or the host links (10.231.0.0/16).
+pub fn check_guest_plan(guest_ip: Ipv4Addr, guest_prefix: u8, gateway_ip: Ipv4Addr) -> Result<()> {
+    guest_plan_problem(guest_ip, guest_prefix, gateway_ip).map_err(Error::InvalidPlan)
+}
+
+fn guest_plan_problem(
+    guest_ip: Ipv4Addr,
+    guest_prefix: u8,
+    gateway_ip: Ipv4Addr,
+) -> std::result::Result<(), String> {
+    if !(1..=30).contains(&guest_prefix) {
+        return Err(format!("guest prefix /{guest_prefix} is not in 1..=30"));
+    }
+    let net = guest_network(guest_ip, guest_prefix);
+    if !net.contains(gateway_ip) {
+        return Err(format!("gateway {gateway_ip} is outside {net}"));
+    }
+    if gateway_ip == guest_ip {
+        return Err("guest and gateway have the same address".into());
+    }
+    for reserved in [LINK_NET, Prefix::new(Ipv4Addr::new(127, 0, 0, 0), 8)] {
+        if net.contains(reserved.addr) || reserved.contains(net.addr) {
+            return Err(format!("guest network {net} overlaps {reserved}"));
+        }
+    }
+    Ok(())
 }
 
 /// A weave's network as created.
@@ -275,7 +290,7 @@ impl WeaveNet {
     pub fn delete(ops: &dyn NetOps, name: &str, index: u8) -> Result<()> {
         let netns = namespace_name(name)?;
         let results = [
-            routes::remove_routes(ops, |r| r.weave_index == index).map(|_| ()),
+            routes::remove_routes(ops, |r| r.to == routes::Target::Weave(index)).map(|_| ()),
             ops.delete_link(None, &host_link(index)),
             ops.delete_netns(&netns),
         ];
@@ -475,16 +490,8 @@ mod tests {
         let rec = Recorder::new();
         WeaveNet::create(&rec, &WeavePlan::new("a", 7)).unwrap();
         WeaveNet::create(&rec, &WeavePlan::new("b", 8)).unwrap();
-        let to7 = Route {
-            host_port: 80,
-            weave_index: 7,
-            guest_port: 80,
-        };
-        let to8 = Route {
-            host_port: 81,
-            weave_index: 8,
-            guest_port: 80,
-        };
+        let to7 = Route::to_weave(80, 7, 80);
+        let to8 = Route::to_weave(81, 8, 80);
         route(&rec, &to7).unwrap();
         route(&rec, &to8).unwrap();
         rec.clear_calls();

@@ -1,7 +1,8 @@
 //! Real kernel tests: they need root (CAP_NET_ADMIN + CAP_SYS_ADMIN), nftables
 //! with the nat, fib and masquerade expressions, veth and tun. Names start with
 //! `netns_` so they can be selected as a group. They use weave indices 207..=209
-//! and host ports 47207/47208, and only addresses in namespaces they create.
+//! and 220..=223, host ports 47207/47208 and 47220..=47222, and only addresses in
+//! namespaces and links they create.
 //!
 //! The product code never runs `ip` or `nft`; these tests do, to look from outside.
 
@@ -14,8 +15,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use weft_netns::{
-    list_routes, route, switch, unroute, GuestLink, Kernel, LinkEnd, NetOps, Prefix, Route,
-    WeaveNet, WeavePlan,
+    allow_host_clients, list_routes, reconcile, route, set_routes, switch, unroute, GuestLink,
+    Kernel, LinkEnd, NetOps, Owned, Prefix, Route, Target, WeaveNet, WeavePlan,
 };
 
 /// The tests share the root namespace's table and must not interleave.
@@ -37,6 +38,7 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 struct Cleanup {
     weaves: Vec<(String, u8)>,
     netns: Vec<String>,
+    links: Vec<String>,
     ports: Vec<u16>,
     servers: Vec<Server>,
 }
@@ -46,6 +48,7 @@ impl Cleanup {
         Cleanup {
             weaves: Vec::new(),
             netns: Vec::new(),
+            links: Vec::new(),
             ports: Vec::new(),
             servers: Vec::new(),
         }
@@ -64,6 +67,9 @@ impl Cleanup {
         }
         for ns in self.netns.drain(..) {
             let _ = k.delete_netns(&ns);
+        }
+        for link in self.links.drain(..) {
+            let _ = k.delete_link(None, &link);
         }
     }
 }
@@ -278,11 +284,7 @@ fn netns_route_and_switch_keep_established_connections() {
     assert!(table.contains("dnat to 192.168.100.2"), "{table}");
     assert!(table.contains("masquerade"), "{table}");
 
-    let r = Route {
-        host_port: port,
-        weave_index: 207,
-        guest_port: GUEST_PORT,
-    };
+    let r = Route::to_weave(port, 207, GUEST_PORT);
     route(&k, &r).expect("route");
     route(&k, &r).expect("route again is a no-op");
     assert!(list_routes(&k).expect("list").contains(&r));
@@ -299,20 +301,16 @@ fn netns_route_and_switch_keep_established_connections() {
     assert_eq!(via_link.ask("hi"), "weave-207 hi");
 
     let _w8 = weave_with_guest(&k, &mut cleanup, 208, "weave-208");
-    let other = Route {
-        host_port: port,
-        weave_index: 208,
-        guest_port: GUEST_PORT,
-    };
+    let other = Route::to_weave(port, 208, GUEST_PORT);
     assert!(matches!(
         route(&k, &other),
         Err(weft_netns::Error::PortInUse {
             port: 47207,
-            weave_index: 207
+            to: Target::Weave(207)
         })
     ));
 
-    let moved = switch(&k, port, 208).expect("switch");
+    let moved = switch(&k, port, Target::Weave(208)).expect("switch");
     assert_eq!(moved, other);
     let mut new = Client::connect(loopback);
     assert_eq!(new.ask("hello"), "weave-208 hello");
@@ -337,15 +335,7 @@ fn netns_delete_removes_routes_pointing_at_the_weave() {
     let port = 47208;
     cleanup.ports.push(port);
     weave_with_guest(&k, &mut cleanup, 207, "weave-207");
-    route(
-        &k,
-        &Route {
-            host_port: port,
-            weave_index: 207,
-            guest_port: GUEST_PORT,
-        },
-    )
-    .expect("route");
+    route(&k, &Route::to_weave(port, 207, GUEST_PORT)).expect("route");
     let mut c = Client::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
     assert_eq!(c.ask("x"), "weave-207 x");
     drop(c);
@@ -357,7 +347,7 @@ fn netns_delete_removes_routes_pointing_at_the_weave() {
     assert!(!list_routes(&k)
         .expect("list")
         .iter()
-        .any(|r| r.weave_index == 207));
+        .any(|r| r.to == Target::Weave(207)));
     k.delete_netns("weft-g207").expect("delete guest");
     assert_nothing_left(&[207], &[port]);
 }
@@ -442,4 +432,141 @@ fn netns_failed_create_leaves_nothing() {
     let err = WeaveNet::create(&k, &plan).expect_err("must fail");
     assert!(err.to_string().contains("create veth"), "{err}");
     assert_nothing_left(&[209], &[]);
+}
+
+/// A "VM" reached straight from the root namespace, as an environment's guest on a
+/// host tap: namespace `weft-h<index>` behind a veth `wa<index>` (192.168.<index>.1/24
+/// on the host side), serving `tag` at 192.168.<index>.2.
+fn host_guest(k: &Kernel, cleanup: &mut Cleanup, index: u8, tag: &str) -> Ipv4Addr {
+    let ns = format!("weft-h{index}");
+    let link = format!("wa{index}");
+    cleanup.netns.push(ns.clone());
+    cleanup.links.push(link.clone());
+    assert!(k.create_netns(&ns).expect("guest namespace"));
+    k.create_veth(&LinkEnd::root(&link), &LinkEnd::in_netns(&ns, "eth0"))
+        .expect("veth");
+    let gateway = Ipv4Addr::new(192, 168, index, 1);
+    let guest = Ipv4Addr::new(192, 168, index, 2);
+    k.add_address(None, &link, Prefix::new(gateway, 24))
+        .expect("host address");
+    k.set_link_up(None, &link).expect("host link up");
+    let g = Some(ns.as_str());
+    k.add_address(g, "eth0", Prefix::new(guest, 24))
+        .expect("guest address");
+    k.set_link_up(g, "eth0").expect("guest link up");
+    k.set_default_route(g, gateway)
+        .expect("guest default route");
+    cleanup.servers.push(Server::start(&ns, GUEST_PORT, tag));
+    guest
+}
+
+#[test]
+fn netns_a_published_port_moves_from_an_address_to_a_weave_and_back() {
+    let _serial = serial();
+    let k = Kernel::new();
+    let mut cleanup = Cleanup::new();
+    let port = 47220;
+    cleanup.ports.push(port);
+    let guest = host_guest(&k, &mut cleanup, 220, "env");
+    let published = Route {
+        host_port: port,
+        to: Target::Addr(guest),
+        guest_port: GUEST_PORT,
+    };
+    route(&k, &published).expect("publish");
+    allow_host_clients(&k, "wa220").expect("route_localnet");
+    let ruleset = sh("nft", &["list", "table", "ip", "weft"]);
+    assert!(
+        ruleset.contains("p47220-a192.168.220.2-g8000-src"),
+        "{ruleset}"
+    );
+    assert!(ruleset.contains("dnat to 192.168.220.2:8000"), "{ruleset}");
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut at_env = Client::connect(loopback);
+    assert_eq!(at_env.ask("hello"), "env hello");
+
+    weave_with_guest(&k, &mut cleanup, 221, "weave-221");
+    let to_weave = Route::to_weave(port, 221, GUEST_PORT);
+    assert_eq!(
+        set_routes(&k, &[to_weave]).expect("activate"),
+        vec![to_weave]
+    );
+    let ruleset = sh("nft", &["list", "table", "ip", "weft"]);
+    assert!(!ruleset.contains("p47220-a192"), "{ruleset}");
+    let mut at_weave = Client::connect(loopback);
+    assert_eq!(at_weave.ask("hello"), "weave-221 hello");
+    // Established connections finish where they started.
+    assert_eq!(at_env.ask("still?"), "env still?");
+
+    assert_eq!(set_routes(&k, &[published]).expect("back"), vec![published]);
+    let mut again = Client::connect(loopback);
+    assert_eq!(again.ask("back"), "env back");
+    assert_eq!(at_weave.ask("still?"), "weave-221 still?");
+    let routes = list_routes(&k).expect("list");
+    assert!(
+        routes.contains(&published) && !routes.contains(&to_weave),
+        "{routes:?}"
+    );
+
+    drop((at_env, at_weave, again));
+    cleanup.run();
+    assert_nothing_left(&[220, 221], &[port]);
+    let links = sh("ip", &["-o", "link", "show"]);
+    assert!(!links.contains(": wa220"), "{links}");
+    assert!(!sh("ip", &["netns", "list"]).contains("weft-h220"));
+}
+
+#[test]
+fn netns_reconcile_removes_only_what_it_owns() {
+    let _serial = serial();
+    let k = Kernel::new();
+    let mut cleanup = Cleanup::new();
+    let (mine, theirs) = (47221, 47222);
+    cleanup.ports.extend([mine, theirs]);
+    cleanup.weaves.push(("t222".into(), 222));
+    cleanup.weaves.push(("t223".into(), 223));
+    let plan = WeavePlan::new("t222", 222);
+    WeaveNet::create(&k, &plan).expect("ours");
+    WeaveNet::create(&k, &WeavePlan::new("t223", 223)).expect("another daemon's");
+    let ours = Route::to_weave(mine, 222, 80);
+    let other = Route::to_weave(theirs, 223, 80);
+    route(&k, &ours).expect("route ours");
+    route(&k, &other).expect("route theirs");
+    let owned = Owned {
+        netns: ["weft-t222".to_string()].into(),
+        indices: [222].into(),
+        ports: [mine].into(),
+    };
+
+    // Our catalog no longer wants weave t222: it goes, the other daemon's stays.
+    let report = reconcile(&k, &owned, &[], &[]).expect("reconcile");
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.removed_netns, vec!["weft-t222"]);
+    assert_eq!(report.removed_routes, vec![ours]);
+    let netns = sh("ip", &["netns", "list"]);
+    assert!(!netns.contains("weft-t222"), "{netns}");
+    assert!(netns.contains("weft-t223"), "{netns}");
+    let links = sh("ip", &["-o", "link", "show"]);
+    assert!(!links.contains(": wh222"), "{links}");
+    assert!(links.contains(": wh223"), "{links}");
+    let routes = list_routes(&k).expect("list");
+    assert!(
+        routes.contains(&other) && !routes.contains(&ours),
+        "{routes:?}"
+    );
+
+    // And back: wanted again, it is re-created with its route.
+    let report = reconcile(&k, &owned, std::slice::from_ref(&plan), &[ours]).expect("again");
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.created_weaves, vec!["t222"]);
+    assert_eq!(report.added_routes, vec![ours]);
+    assert!(sh("ip", &["netns", "list"]).contains("weft-t222"));
+    let routes = list_routes(&k).expect("list");
+    assert!(
+        routes.contains(&other) && routes.contains(&ours),
+        "{routes:?}"
+    );
+
+    cleanup.run();
+    assert_nothing_left(&[222, 223], &[mine, theirs]);
 }

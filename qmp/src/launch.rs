@@ -149,6 +149,10 @@ pub struct VmConfig {
     /// network namespace QEMU runs in.
     #[serde(default)]
     pub nics: Vec<NicConfig>,
+    /// A virtio-balloon device (`balloon0`), through which the guest's memory can be
+    /// lowered and raised at runtime (QMP `balloon`), given a guest driver. On by
+    /// default, also for configurations stored before this field existed.
+    pub balloon: bool,
 }
 
 /// A virtio-net card on a tap device.
@@ -175,9 +179,13 @@ impl Default for VmConfig {
             append: None,
             disks: Vec::new(),
             nics: Vec::new(),
+            balloon: true,
         }
     }
 }
+
+/// The device id of the balloon ([`VmConfig::balloon`]).
+pub const BALLOON_ID: &str = "balloon0";
 
 /// The smallest guest memory accepted.
 pub const MIN_MEMORY_MIB: u64 = 16;
@@ -432,6 +440,9 @@ pub fn command_line(config: &VmConfig, paths: &LaunchPaths) -> Vec<String> {
                 nic.id, nic.id, nic.mac
             ),
         );
+    }
+    if config.balloon {
+        push("-device", format!("virtio-balloon-pci,id={BALLOON_ID}"));
     }
     push(
         "-chardev",
@@ -1073,6 +1084,14 @@ mod tests {
         ));
         assert!(has_pair(&args, "-serial", "chardev:serial0"));
         assert!(has_pair(&args, "-pidfile", "/run/weft/vm1/qemu.pid"));
+        assert!(has_pair(&args, "-device", "virtio-balloon-pci,id=balloon0"));
+        let no_balloon = VmConfig {
+            balloon: false,
+            ..cfg.clone()
+        };
+        assert!(!command_line(&no_balloon, &paths())
+            .iter()
+            .any(|a| a.contains("virtio-balloon")));
         for absent in [
             "-kernel",
             "-initrd",
@@ -1116,6 +1135,8 @@ mod tests {
         // Configs stored before NICs existed still read.
         let old: VmConfig = serde_json::from_str(r#"{"memory_mib": 64, "disks": []}"#).unwrap();
         assert!(old.nics.is_empty());
+        // ... and get the balloon device.
+        assert!(old.balloon);
     }
 
     #[test]

@@ -1,0 +1,313 @@
+//! Guest memory through the QMP balloon (F10).
+//!
+//! A weave's memory limit (`weft weave limits W --memory M`) is its cgroup's limit.
+//! Where its QEMU has a balloon device ([`VmConfig::balloon`], on by default) the
+//! balloon's target follows that limit, at most the configured memory, so a guest with
+//! a balloon driver hands memory back to the host instead of running into the cgroup
+//! limit; without a limit the target is the configured memory. The target is set when
+//! the limit changes and again whenever weftd starts the weave's QEMU, so it can always
+//! be derived from the cgroup limit and the configuration ([`weave_target_mib`]).
+//!
+//! QEMU moves the balloon asynchronously: `query-balloon` reports where the guest is
+//! (`actual`), which reaches the target once the guest driver has inflated or deflated.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::{info, warn};
+use weft_qmp::launch::VmConfig;
+use weft_qmp::Qmp;
+
+use crate::cgroups::{self, Limits};
+use crate::envs::{one_line, EnvError, Manager};
+
+const MIB: u64 = 1024 * 1024;
+/// How long one balloon QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refused (busy) cgroup v1 memory limit waits for the guest to give
+/// memory back through the balloon before it is tried again.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// A running VM's balloon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balloon {
+    /// The memory weft asked the guest to keep (the balloon target), MiB.
+    pub target_mib: u64,
+    /// The guest's memory now, as the balloon device reports it (`query-balloon`), MiB.
+    pub actual_mib: u64,
+}
+
+/// The balloon target for a memory limit: the limit, at most the configured memory;
+/// the configured memory without a limit.
+pub fn target_mib(limit_mib: Option<u64>, configured_mib: u64) -> u64 {
+    limit_mib.map_or(configured_mib, |l| l.min(configured_mib))
+}
+
+/// The balloon target of weave `name` with `config`: from its cgroup memory limit.
+pub fn weave_target_mib(name: &str, config: &VmConfig) -> u64 {
+    target_mib(
+        crate::cgroups::groups(name).memory_limit_mib(),
+        config.memory_mib,
+    )
+}
+
+/// Runs one QMP command with [`QMP_TIMEOUT`]; `Ok(None)` when the VM has no balloon.
+async fn command(
+    qmp: &Qmp,
+    name: &str,
+    args: Option<serde_json::Value>,
+) -> Result<Option<serde_json::Value>, String> {
+    match tokio::time::timeout(QMP_TIMEOUT, qmp.execute_raw(name, args)).await {
+        Ok(Ok(v)) => Ok(Some(v)),
+        // QEMU's answer when the VM has no balloon device.
+        Ok(Err(weft_qmp::Error::Qmp { class, .. })) if class == "DeviceNotActive" => Ok(None),
+        Ok(Err(e)) => Err(format!("{name}: {e}")),
+        Err(_) => Err(format!(
+            "{name}: no answer within {}s",
+            QMP_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// The guest's memory as the balloon reports it (MiB); none without a balloon device.
+pub async fn actual_mib(qmp: &Qmp) -> Result<Option<u64>, String> {
+    let Some(reply) = command(qmp, "query-balloon", None).await? else {
+        return Ok(None);
+    };
+    let bytes = reply
+        .get("actual")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| format!("query-balloon: unexpected reply {reply}"))?;
+    Ok(Some(bytes / MIB))
+}
+
+/// Sets the balloon target of a running VM to `target_mib` (at least 1 MiB) and returns
+/// the balloon right after; none without a balloon device.
+pub async fn set(qmp: &Qmp, target_mib: u64) -> Result<Option<Balloon>, String> {
+    let target_mib = target_mib.max(1);
+    let bytes = target_mib.saturating_mul(MIB);
+    if command(qmp, "balloon", Some(json!({ "value": bytes })))
+        .await?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    Ok(actual_mib(qmp).await?.map(|actual_mib| Balloon {
+        target_mib,
+        actual_mib,
+    }))
+}
+
+/// Points the balloon of weave `name` at the memory limit `limit_mib` (none: the
+/// configured memory). Nothing to do (`None`) when it is not running or has no balloon.
+pub async fn follow_limit(
+    manager: &Manager,
+    name: &str,
+    limit_mib: Option<u64>,
+) -> Result<Option<Balloon>, EnvError> {
+    let Some(qmp) = manager.live_qmp(name) else {
+        return Ok(None);
+    };
+    let Some(config) = manager
+        .catalog()
+        .environment(name)
+        .await?
+        .and_then(|e| e.config)
+    else {
+        return Ok(None);
+    };
+    if !config.balloon {
+        return Ok(None);
+    }
+    let target = target_mib(limit_mib, config.memory_mib);
+    let balloon = set(&qmp, target)
+        .await
+        .map_err(|e| EnvError::Qemu(one_line(&format!("balloon of weave {name}: {e}"))))?;
+    if let Some(b) = balloon {
+        info!(
+            weave = name,
+            target_mib = b.target_mib,
+            "balloon target set"
+        );
+    }
+    Ok(balloon)
+}
+
+/// Applies `limits` to weave `name`: the balloon target first, then the cgroups (a
+/// guest that gives memory back eases a lower limit). A cgroup v1 hierarchy refuses a
+/// memory limit below what QEMU uses and cannot reclaim (EBUSY): then the guest gets
+/// up to 15 s to reach the balloon target and the limit is tried once more; if it is
+/// still refused, the balloon goes back to the previous limit's target and the error
+/// says so. Returns the balloon as it is after.
+pub async fn apply_limits(
+    manager: &Manager,
+    name: &str,
+    limits: &Limits,
+) -> Result<Option<Balloon>, EnvError> {
+    let groups = cgroups::groups(name);
+    let previous = groups.memory_limit_mib();
+    let mut balloon = follow_limit(manager, name, limits.memory_mib).await?;
+    let busy =
+        |r: &std::io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EBUSY));
+    let mut applied = groups.apply(limits);
+    if busy(&applied) {
+        if let (Some(b), Some(qmp)) = (balloon, manager.live_qmp(name)) {
+            let deadline = tokio::time::Instant::now() + SETTLE;
+            while tokio::time::Instant::now() < deadline {
+                match actual_mib(&qmp).await {
+                    Ok(Some(actual)) if actual > b.target_mib => {
+                        tokio::time::sleep(Duration::from_millis(250)).await
+                    }
+                    _ => break,
+                }
+            }
+            applied = groups.apply(limits);
+            if let Ok(Some(actual_mib)) = actual_mib(&qmp).await {
+                balloon = Some(Balloon { actual_mib, ..b });
+            }
+        }
+    }
+    match applied {
+        Ok(()) => Ok(balloon),
+        Err(e) => {
+            let restored = match balloon {
+                Some(_) => follow_limit(manager, name, previous).await.is_ok(),
+                None => true,
+            };
+            let note = if restored {
+                ""
+            } else {
+                "; its balloon target could not be restored"
+            };
+            match limits.memory_mib {
+                Some(m) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    Err(EnvError::Conflict(one_line(&format!(
+                        "cannot lower the memory limit of weave {name} to {m} MiB: its QEMU uses more that the kernel cannot reclaim ({e}); give a higher --memory{note}"
+                    ))))
+                }
+                _ => Err(EnvError::Internal(one_line(&format!(
+                    "cannot set the limits of weave {name}: {e}{note}"
+                )))),
+            }
+        }
+    }
+}
+
+/// After weftd launched weave `name`'s QEMU: sets the balloon target its cgroup memory
+/// limit asks for (a new QEMU starts with the whole configured memory). Failures are
+/// logged: they do not stop the start.
+pub async fn after_launch(name: &str, config: &VmConfig, qmp: &Qmp) {
+    if !config.balloon {
+        return;
+    }
+    let target = weave_target_mib(name, config);
+    if target >= config.memory_mib {
+        return;
+    }
+    if let Err(e) = set(qmp, target).await {
+        warn!(weave = name, error = %e, "cannot set the balloon target");
+    }
+}
+
+/// The balloon of weave `name` if it runs with one (errors are reported as none).
+pub async fn of_weave(manager: &Manager, name: &str) -> Option<Balloon> {
+    let qmp = manager.live_qmp(name)?;
+    let config = manager.catalog().environment(name).await.ok()??.config?;
+    if !config.balloon {
+        return None;
+    }
+    let actual_mib = actual_mib(&qmp).await.ok()??;
+    Some(Balloon {
+        target_mib: weave_target_mib(name, &config),
+        actual_mib,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_target_is_the_limit_at_most_the_configured_memory() {
+        assert_eq!(target_mib(None, 256), 256);
+        assert_eq!(target_mib(Some(128), 256), 128);
+        assert_eq!(target_mib(Some(512), 256), 256);
+        assert_eq!(target_mib(Some(256), 256), 256);
+    }
+
+    /// A QMP peer standing in for QEMU: answers `balloon` and `query-balloon` like a
+    /// VM with (`Some(actual bytes)`) or without (`None`) a balloon device, and records
+    /// the commands it got.
+    async fn fake_qemu(
+        dir: &std::path::Path,
+        balloon: Option<u64>,
+    ) -> (Qmp, tokio::task::JoinHandle<Vec<serde_json::Value>>) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let path = dir.join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let peer = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}"#;
+            write
+                .write_all(format!("{greeting}\n").as_bytes())
+                .await
+                .expect("greet");
+            let mut lines = BufReader::new(read).lines();
+            let mut got = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let cmd: serde_json::Value = serde_json::from_str(&line).expect("json");
+                let id = cmd["id"].clone();
+                let reply = match (cmd["execute"].as_str(), balloon) {
+                    (Some("qmp_capabilities"), _) => json!({"return": {}, "id": id}),
+                    (Some("balloon"), Some(_)) => json!({"return": {}, "id": id}),
+                    (Some("query-balloon"), Some(actual)) => {
+                        json!({"return": {"actual": actual}, "id": id})
+                    }
+                    _ => {
+                        json!({"error": {"class": "DeviceNotActive", "desc": "No balloon device has been activated"}, "id": id})
+                    }
+                };
+                got.push(cmd);
+                write
+                    .write_all(format!("{reply}\n").as_bytes())
+                    .await
+                    .expect("reply");
+            }
+            got
+        });
+        let qmp = Qmp::connect(&path).await.expect("connect");
+        (qmp, peer)
+    }
+
+    #[tokio::test]
+    async fn set_sends_the_target_in_bytes_and_reads_the_guest_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (qmp, peer) = fake_qemu(dir.path(), Some(256 * MIB)).await;
+        let b = set(&qmp, 128).await.expect("set");
+        assert_eq!(
+            b,
+            Some(Balloon {
+                target_mib: 128,
+                actual_mib: 256
+            })
+        );
+        assert_eq!(actual_mib(&qmp).await.expect("query"), Some(256));
+        drop(qmp);
+        let got = peer.await.expect("peer");
+        let balloon = got
+            .iter()
+            .find(|c| c["execute"] == "balloon")
+            .expect("balloon sent");
+        assert_eq!(balloon["arguments"]["value"], json!(128 * MIB));
+    }
+
+    #[tokio::test]
+    async fn a_vm_without_a_balloon_device_has_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (qmp, _peer) = fake_qemu(dir.path(), None).await;
+        assert_eq!(set(&qmp, 128).await.expect("set"), None);
+        assert_eq!(actual_mib(&qmp).await.expect("query"), None);
+    }
+}
