@@ -270,7 +270,7 @@ impl Weaves {
         std::fs::create_dir_all(&dir)
             .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         let made = self
-            .assemble(&env, &name, index, req.source.unwrap_or(Source::Now))
+            .assemble(&env, &name, req.source.unwrap_or(Source::Now))
             .await;
         let (config, source, taken_at) = match made {
             Ok(v) => v,
@@ -323,17 +323,23 @@ impl Weaves {
         &self,
         env: &Environment,
         name: &str,
-        index: u8,
         source: Source,
     ) -> Result<(VmConfig, String, String), EnvError> {
         let current = env
             .config
             .clone()
             .ok_or_else(|| EnvError::Internal(format!("{:?} has no configuration", env.name)))?;
+        let dir = self.dir(name);
         let (mut config, overlays_from, source_text, instant) = match source {
             Source::Now => {
-                let bases = self.branch_now(env, &current).await?;
-                (current, bases, "now".to_string(), now())
+                // The environment's QEMU made the weave's overlays with its own new tops.
+                let mut config = current.clone();
+                let overlays = self.branch_now(env, &current, &dir).await?;
+                for (disk, (overlay, _, _)) in config.disks.iter_mut().zip(overlays) {
+                    disk.path = overlay;
+                    disk.format = DiskFormat::Qcow2;
+                }
+                return Ok((weave_taps(config), "now".to_string(), now()));
             }
             Source::Snapshot(id) => {
                 let s = self.snapshots.get(id).await?;
@@ -355,7 +361,6 @@ impl Weaves {
             }
         };
         // The weave's own overlays on the bases.
-        let dir = self.dir(name);
         for (disk, (base, format, size)) in config.disks.iter_mut().zip(overlays_from) {
             let overlay = dir.join(format!("{}.qcow2", disk.name));
             image::create_overlay(&overlay, &base, format, size, &self.work())
@@ -364,20 +369,17 @@ impl Weaves {
             disk.path = overlay;
             disk.format = DiskFormat::Qcow2;
         }
-        // The guest keeps its MAC and address plan; its taps are inside the namespace.
-        for (i, nic) in config.nics.iter_mut().enumerate() {
-            nic.tap = format!("weft-tap{i}");
-        }
-        let _ = index;
-        Ok((config, source_text, instant))
+        Ok((weave_taps(config), source_text, instant))
     }
 
     /// Live external snapshots of every disk of a running environment, in one
-    /// transaction; returns each disk's now-frozen base (path, format, size).
+    /// transaction, and the weave's overlay of each disk (in `weave_dir`) on the
+    /// now-frozen base; returns the weave's overlays (path, format, size).
     async fn branch_now(
         &self,
         env: &Environment,
         config: &VmConfig,
+        weave_dir: &Path,
     ) -> Result<Vec<(PathBuf, DiskFormat, u64)>, EnvError> {
         let _lock = self.manager.lock_env(&env.name).await;
         let qmp = self.manager.live_qmp(&env.name).ok_or_else(|| {
@@ -406,7 +408,14 @@ impl Weaves {
                 let root = backup::device_root_node(&qmp, &disk.name).await.map_err(qemu)?;
                 let size = backup::node_size(&qmp, &root).await.map_err(qemu)?;
                 let top = env_dir.join(format!("{}-{stamp}.qcow2", disk.name));
-                image::create_overlay(&top, &disk.path, disk.format, size, &self.work())
+                // The environment's QEMU makes both overlays itself (no daemon to start):
+                // its new top, and the weave's own overlay on the same soon-frozen base.
+                image::create_overlay_in(&qmp, &top, &disk.path, disk.format, size)
+                    .await
+                    .map_err(qemu)?;
+                added.push((String::new(), top.clone()));
+                let mine = weave_dir.join(format!("{}.qcow2", disk.name));
+                image::create_overlay_in(&qmp, &mine, &disk.path, disk.format, size)
                     .await
                     .map_err(qemu)?;
                 let node = format!("{}-t{stamp}", disk.name);
@@ -414,7 +423,6 @@ impl Weaves {
                     .to_str()
                     .ok_or_else(|| EnvError::Internal("path is not UTF-8".into()))?
                     .to_string();
-                added.push((String::new(), top.clone()));
                 qmp.execute_raw(
                     "blockdev-add",
                     Some(json!({"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": path}, "backing": null})),
@@ -425,7 +433,7 @@ impl Weaves {
                     last.0.clone_from(&node);
                 }
                 actions.push(json!({"type": "blockdev-snapshot", "data": {"node": root, "overlay": node}}));
-                bases.push((disk.path.clone(), disk.format, size));
+                bases.push((mine, DiskFormat::Qcow2, size));
                 disk.path = top;
                 disk.format = DiskFormat::Qcow2;
             }
@@ -624,6 +632,14 @@ impl Weaves {
             )))
         }
     }
+}
+
+/// The guest keeps its MAC and address plan; its taps are inside the namespace.
+fn weave_taps(mut config: VmConfig) -> VmConfig {
+    for (i, nic) in config.nics.iter_mut().enumerate() {
+        nic.tap = format!("weft-tap{i}");
+    }
+    config
 }
 
 /// Whether `name` is a weave (its QEMU then runs in its namespace and cgroups).

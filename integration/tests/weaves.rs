@@ -41,8 +41,18 @@ fn leftovers(rig: &Rig, weaves: &[&str]) -> anyhow::Result<Vec<String>> {
         if String::from_utf8_lossy(&ns.stdout).contains(&format!("weft-{w}")) {
             found.push(format!("namespace weft-{w}"));
         }
-        if rig.path(&format!("data/weaves/{w}")).exists() {
+        let dir = rig.path(&format!("data/weaves/{w}"));
+        if dir.exists() {
             found.push(format!("files of {w}"));
+        }
+        // No process still names the weave's files (its QEMU, a storage daemon).
+        let needle = dir.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) {
+                found.push(format!("process {:?}: {cmdline}", entry.file_name()));
+            }
         }
     }
     let rules = Command::new("nft").args(["list", "ruleset"]).output()?;

@@ -242,6 +242,12 @@ impl WeaveNet {
         if ops.create_netns(netns)? {
             undo.push(Undo::Netns(netns.to_string()));
         }
+        // A host end whose peer is not in the namespace is stale: its namespace was
+        // deleted and the kernel has not destroyed the pair yet (that cleanup runs
+        // asynchronously), or it was left behind. Replace it.
+        if !ops.list_links(ns)?.contains(&wn) && ops.list_links(None)?.contains(&wh) {
+            ops.delete_link(None, &wh)?;
+        }
         if ops.create_veth(&LinkEnd::root(&wh), &LinkEnd::in_netns(netns, &wn))? {
             undo.push(Undo::Link(None, wh.clone()));
         }
@@ -319,6 +325,8 @@ mod tests {
     fn expected_create_calls(plan: &WeavePlan) -> Vec<Call> {
         vec![
             Call::CreateNetns("weft-a".into()),
+            Call::ListLinks(ns()),
+            Call::ListLinks(None),
             Call::CreateVeth(root("wh7"), inside("wn7")),
             Call::AddAddress(root("wh7"), Prefix::new(Ipv4Addr::new(10, 231, 7, 1), 30)),
             Call::SetLinkUp(root("wh7")),
@@ -378,6 +386,18 @@ mod tests {
     }
 
     #[test]
+    fn a_stale_host_end_without_its_peer_is_replaced() {
+        let rec = Recorder::new();
+        // What is left for a moment after the namespace was deleted: the host end.
+        rec.create_veth(&root("wh7"), &root("gone7")).unwrap();
+        let plan = WeavePlan::new("a", 7);
+        WeaveNet::create(&rec, &plan).unwrap();
+        assert!(rec.calls().contains(&Call::DeleteLink(root("wh7"))));
+        assert_eq!(rec.links(None), vec!["wh7"]);
+        assert_eq!(rec.links(Some("weft-a")), vec!["tap0", "wn7"]);
+    }
+
+    #[test]
     fn create_twice_is_a_repair_not_an_error() {
         let rec = Recorder::new();
         let plan = WeavePlan::new("a", 7);
@@ -392,7 +412,10 @@ mod tests {
     #[test]
     fn a_failure_at_any_step_undoes_what_was_created() {
         let plan = WeavePlan::new("a", 7);
-        let steps = expected_create_calls(&plan).len();
+        let steps = expected_create_calls(&plan)
+            .iter()
+            .filter(|c| c.is_mutation())
+            .count();
         for n in 1..=steps {
             let rec = Recorder::new();
             rec.fail_nth_mutation(n);
@@ -404,8 +427,15 @@ mod tests {
                 rec.links(None)
             );
             let calls = rec.calls();
-            // The failed call is followed only by undo, newest first.
-            let undo: Vec<Call> = calls[n..].to_vec();
+            // The failed call (the n-th mutation) is followed only by undo, newest first.
+            let failed = calls
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_mutation())
+                .nth(n - 1)
+                .map(|(i, _)| i)
+                .unwrap();
+            let undo: Vec<Call> = calls[failed + 1..].to_vec();
             let mut want = Vec::new();
             if n > 2 {
                 want.push(Call::DeleteLink(root("wh7")));

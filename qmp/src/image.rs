@@ -23,7 +23,7 @@ pub async fn create_overlay(
         return Err(Error::InvalidConfig(format!("{} exists", path.display())));
     }
     let path_s = utf8(path)?;
-    let backing_s = utf8(backing)?;
+    utf8(backing)?;
     let token = std::process::id().to_string() + &format!("-{:x}", fxhash(path_s));
     let paths = LaunchPaths {
         qmp_socket: work.join(format!("mkimg-{token}.qmp")),
@@ -34,35 +34,7 @@ pub async fn create_overlay(
     std::fs::create_dir_all(work)?;
     let daemon = launch::spawn_storage_daemon(&[], &paths, &SpawnOptions::default()).await?;
     let qmp = daemon.qmp().clone();
-    let result = async {
-        create(
-            &qmp,
-            "f",
-            json!({"driver": "file", "filename": path_s, "size": 0}),
-        )
-        .await?;
-        qmp.execute_raw(
-            "blockdev-add",
-            Some(json!({"driver": "file", "node-name": "f", "filename": path_s})),
-        )
-        .await?;
-        create(
-            &qmp,
-            "q",
-            json!({
-                "driver": "qcow2",
-                "file": "f",
-                "size": size,
-                "backing-file": backing_s,
-                "backing-fmt": backing_format.driver(),
-            }),
-        )
-        .await?;
-        qmp.execute_raw("blockdev-del", Some(json!({"node-name": "f"})))
-            .await
-            .map(drop)
-    }
-    .await;
+    let result = create_overlay_in(&qmp, path, backing, backing_format, size).await;
     let _ = qmp.execute_raw("quit", None).await;
     if tokio::time::timeout(Duration::from_secs(10), daemon.wait())
         .await
@@ -73,6 +45,63 @@ pub async fn create_overlay(
     for p in [&paths.serial_log, &paths.output_log] {
         let _ = std::fs::remove_file(p);
     }
+    if result.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// Creates `path` as [`create_overlay`] does, through `blockdev-create` jobs of an
+/// already running QEMU or storage daemon (`qmp`), which saves starting a daemon: a
+/// running environment's QEMU makes its own new top and a weave's overlay this way. The
+/// file is not left open in that process. Node and job names derive from `path`, so
+/// several overlays may be made on one connection, one after another.
+pub async fn create_overlay_in(
+    qmp: &Qmp,
+    path: &Path,
+    backing: &Path,
+    backing_format: DiskFormat,
+    size: u64,
+) -> Result<(), Error> {
+    if path.exists() {
+        return Err(Error::InvalidConfig(format!("{} exists", path.display())));
+    }
+    let path_s = utf8(path)?;
+    let backing_s = utf8(backing)?;
+    // QEMU ids: a letter first, at most 31 characters.
+    let tag = format!("mk{:016x}", fxhash(path_s));
+    let (file, fmt) = (format!("{tag}f"), format!("{tag}q"));
+    let result = async {
+        create(
+            qmp,
+            &file,
+            json!({"driver": "file", "filename": path_s, "size": 0}),
+        )
+        .await?;
+        qmp.execute_raw(
+            "blockdev-add",
+            Some(json!({"driver": "file", "node-name": file, "filename": path_s})),
+        )
+        .await?;
+        let made = create(
+            qmp,
+            &fmt,
+            json!({
+                "driver": "qcow2",
+                "file": file,
+                "size": size,
+                "backing-file": backing_s,
+                "backing-fmt": backing_format.driver(),
+            }),
+        )
+        .await;
+        let deleted = qmp
+            .execute_raw("blockdev-del", Some(json!({"node-name": file})))
+            .await
+            .map(drop);
+        made.and(deleted)
+    }
+    .await;
     if result.is_err() {
         let _ = std::fs::remove_file(path);
     }

@@ -244,8 +244,9 @@ async fn delete_weave(client: &Client, name: &str) -> Result<()> {
 }
 
 /// Times, alone and in weftd's order, what a weave from now does besides weftd's own work:
-/// the environment's new top overlay and the weave's overlay (each through a
-/// `qemu-storage-daemon`), the network namespace, and QEMU's start in it up to QMP.
+/// the environment's new top overlay and the weave's overlay (each made by the running
+/// environment's QEMU, `image::create_overlay_in`; a `qemu-storage-daemon` started once
+/// stands in for that QEMU here), the network namespace, and QEMU's start in it up to QMP.
 async fn breakdown(
     rig: &Rig,
     image_path: &Path,
@@ -258,81 +259,97 @@ async fn breakdown(
     fs::create_dir_all(&work)?;
     let size = virtual_size(image_path)?;
     let netns = weft::weaves::netns_path(BD_NETNS);
-    let mut top_ms = Vec::new();
-    let mut overlay_ms = Vec::new();
-    let mut netns_ms = Vec::new();
-    let mut qemu_ms = Vec::new();
-    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
-    // Round 0 warms up and is not counted.
-    for round in 0..=rounds {
-        let top = dir.join(format!("top-{round}.qcow2"));
-        let overlay = dir.join(format!("weave-{round}.qcow2"));
-        let t = Instant::now();
-        image::create_overlay(&top, image_path, DiskFormat::Qcow2, size, &work).await?;
-        let a = ms(t);
-        let t = Instant::now();
-        image::create_overlay(&overlay, &top, DiskFormat::Qcow2, size, &work).await?;
-        let b = ms(t);
-        let t = Instant::now();
-        weft::weavenet::create(BD_NETNS, BD_INDEX, config)
-            .await
-            .map_err(|e| anyhow::anyhow!("network namespace: {e}"))?;
-        let c = ms(t);
-        let mut vm = config.clone();
-        for disk in &mut vm.disks {
-            disk.path.clone_from(&overlay);
-            disk.format = DiskFormat::Qcow2;
+    let maker_paths = LaunchPaths {
+        qmp_socket: work.join("maker.qmp"),
+        serial_log: work.join("maker.serial"),
+        output_log: work.join("maker.log"),
+        pid_file: None,
+    };
+    let maker = launch::spawn_storage_daemon(&[], &maker_paths, &SpawnOptions::default())
+        .await
+        .context("the storage daemon standing in for the environment's QEMU")?;
+    pids.0.push(maker.pid());
+    let maker_qmp = maker.qmp().clone();
+    let result = async {
+        let mut top_ms = Vec::new();
+        let mut overlay_ms = Vec::new();
+        let mut netns_ms = Vec::new();
+        let mut qemu_ms = Vec::new();
+        let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+        // Round 0 warms up and is not counted.
+        for round in 0..=rounds {
+            let top = dir.join(format!("top-{round}.qcow2"));
+            let overlay = dir.join(format!("weave-{round}.qcow2"));
+            let t = Instant::now();
+            image::create_overlay_in(&maker_qmp, &top, image_path, DiskFormat::Qcow2, size).await?;
+            let a = ms(t);
+            let t = Instant::now();
+            image::create_overlay_in(&maker_qmp, &overlay, image_path, DiskFormat::Qcow2, size).await?;
+            let b = ms(t);
+            let t = Instant::now();
+            weft::weavenet::create(BD_NETNS, BD_INDEX, config)
+                .await
+                .map_err(|e| anyhow::anyhow!("network namespace: {e}"))?;
+            let c = ms(t);
+            let mut vm = config.clone();
+            for disk in &mut vm.disks {
+                disk.path.clone_from(&overlay);
+                disk.format = DiskFormat::Qcow2;
+            }
+            let paths = LaunchPaths {
+                qmp_socket: dir.join("qmp.sock"),
+                serial_log: dir.join("serial.log"),
+                output_log: dir.join("qemu.log"),
+                pid_file: None,
+            };
+            let opts = SpawnOptions {
+                binary: qemu_binary().into(),
+                ready_timeout: READY_TIMEOUT,
+                detached: false,
+                netns: Some(netns.clone()),
+                cgroups: Vec::new(),
+            };
+            let t = Instant::now();
+            let spawned = launch::spawn(&vm, &paths, &opts).await;
+            let d = ms(t);
+            if let Ok(p) = &spawned {
+                pids.0.push(p.pid());
+                p.kill().await;
+            }
+            let gone = weft::weavenet::delete(BD_NETNS, BD_INDEX).await;
+            spawned.context("QEMU in the breakdown's namespace")?;
+            gone.map_err(|e| anyhow::anyhow!("network namespace: {e}"))?;
+            fs::remove_file(&overlay)?;
+            fs::remove_file(&top)?;
+            if round > 0 {
+                eprintln!(
+                    "  breakdown round {round}: top {a:.1} ms, overlay {b:.1} ms, netns {c:.1} ms, qemu {d:.1} ms"
+                );
+                top_ms.push(a);
+                overlay_ms.push(b);
+                netns_ms.push(c);
+                qemu_ms.push(d);
+            }
         }
-        let paths = LaunchPaths {
-            qmp_socket: dir.join("qmp.sock"),
-            serial_log: dir.join("serial.log"),
-            output_log: dir.join("qemu.log"),
-            pid_file: None,
-        };
-        let opts = SpawnOptions {
-            binary: qemu_binary().into(),
-            ready_timeout: READY_TIMEOUT,
-            detached: false,
-            netns: Some(netns.clone()),
-            cgroups: Vec::new(),
-        };
-        let t = Instant::now();
-        let spawned = launch::spawn(&vm, &paths, &opts).await;
-        let d = ms(t);
-        if let Ok(p) = &spawned {
-            pids.0.push(p.pid());
-            p.kill().await;
-        }
-        let gone = weft::weavenet::delete(BD_NETNS, BD_INDEX).await;
-        spawned.context("QEMU in the breakdown's namespace")?;
-        gone.map_err(|e| anyhow::anyhow!("network namespace: {e}"))?;
-        fs::remove_file(&overlay)?;
-        fs::remove_file(&top)?;
-        if round > 0 {
-            eprintln!(
-                "  breakdown round {round}: top {a:.1} ms, overlay {b:.1} ms, netns {c:.1} ms, qemu {d:.1} ms"
-            );
-            top_ms.push(a);
-            overlay_ms.push(b);
-            netns_ms.push(c);
-            qemu_ms.push(d);
-        }
+        Ok(vec![
+            (
+                "the environment's new top overlay (`image::create_overlay_in`: `blockdev-create` in the running QEMU)",
+                top_ms,
+            ),
+            ("the weave's overlay (the same)", overlay_ms),
+            (
+                "network namespace, tap, veth, nftables (`weavenet::create`)",
+                netns_ms,
+            ),
+            (
+                "QEMU start to negotiated QMP in that namespace (`launch::spawn`, the weave's configuration)",
+                qemu_ms,
+            ),
+        ])
     }
-    Ok(vec![
-        (
-            "the environment's new top overlay (`image::create_overlay`: qemu-storage-daemon, `blockdev-create`)",
-            top_ms,
-        ),
-        ("the weave's overlay (the same)", overlay_ms),
-        (
-            "network namespace, tap, veth, nftables (`weavenet::create`)",
-            netns_ms,
-        ),
-        (
-            "QEMU start to negotiated QMP in that namespace (`launch::spawn`, the weave's configuration)",
-            qemu_ms,
-        ),
-    ])
+    .await;
+    maker.kill().await;
+    result
 }
 
 /// The virtual size of a qcow2 image, from `qemu-img info`.
