@@ -14,9 +14,11 @@ all: build
 deps:
 	bash scripts/install-deps.sh
 
-## tools: cargo tools the test suite uses
+## tools: cargo tools the test suite uses, and rust-vmm's vhost-device-vsock (guests'
+## vsock where the kernel has no vhost-vsock; weftd finds it in PATH)
 tools:
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+	@command -v vhost-device-vsock >/dev/null || $(CARGO) install vhost-device-vsock --version 0.3.0 --locked
 
 build: toolchain
 	$(CARGO) build --workspace --bins
@@ -61,6 +63,7 @@ bench:
 	command -v restic >/dev/null && command -v borg >/dev/null || { apt-get update && apt-get install -y restic borgbackup; }
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- backup --rounds 5 --breakdown
 	$(CARGO) build --release -p weft --bins && $(CARGO) run --release -p weft-integration --bin weft-bench -- weave
+	$(CARGO) run --release -p weft-integration --bin weft-bench -- provenance --rounds 5
 
 install: toolchain
 	$(CARGO) build --release -p weft --bins

@@ -133,6 +133,12 @@ pub fn routes() -> Vec<Route> {
         route(Method::POST, "/v1/weaves/{name}/sync", weave_sync),
         route(Method::POST, "/v1/weaves/{name}/route", weave_route),
         route(Method::POST, "/v1/weaves/{name}/activate", weave_activate),
+        route(
+            Method::GET,
+            "/v1/environments/{name}/provenance",
+            provenance_records,
+        ),
+        route(Method::POST, "/v1/environments/{name}/replay", replay),
         route(Method::GET, "/v1/jobs", list_jobs),
         route(Method::GET, "/v1/jobs/{id}", show_job),
         route(Method::GET, "/v1/store", store_stats),
@@ -1019,6 +1025,39 @@ async fn weave_sync(
     )
     .await?;
     Ok(Json(report))
+}
+
+async fn replay(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<crate::replay::ReplayRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<crate::replay::ReplayReport>, EnvError> {
+    let req = body(req)?;
+    let manager = state.manager.clone();
+    let env = name.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let report = change(
+        &state,
+        actor(&peer, &headers),
+        "provenance.replay",
+        name,
+        detail,
+        async move { crate::replay::run(&manager, &env, &req).await },
+    )
+    .await?;
+    Ok(Json(report))
+}
+
+async fn provenance_records(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<crate::provenance::service::PageQuery>,
+) -> Result<Json<crate::provenance::service::Page>, EnvError> {
+    Ok(Json(
+        crate::provenance::service::page(&state.manager, &name, q).await?,
+    ))
 }
 
 async fn list_jobs(

@@ -86,6 +86,33 @@ pub enum Command {
     /// The chunk store holding disk snapshots.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Data changes guests' DPAs recorded (the provenance log), for audits.
+    #[command(subcommand)]
+    Provenance(ProvenanceCommand),
+    /// Rebuild an environment's application state (SQLite databases, JSON and
+    /// key-value files its DPA captures) as of an instant, from its provenance log:
+    /// into files (--out), or pushed into a running weave's guest (--into).
+    ///
+    /// Example: weft replay web --to 2026-11-22T10:00:00Z --out /srv/replay/web
+    Replay {
+        /// Environment or weave name.
+        env: String,
+        /// The instant (guest time, RFC 3339), or `now`.
+        #[arg(long)]
+        to: String,
+        /// Keep only the items changed from this instant on (RFC 3339), each as it
+        /// stood at --to.
+        #[arg(long)]
+        from: Option<String>,
+        /// Write the state under this directory, mirroring the guest's paths (a
+        /// SQLite database per database, the JSON documents, the key-value files).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Push the state into this running weave's guest through its DPA, which
+        /// makes (and records) the changes needed to reach it.
+        #[arg(long)]
+        into: Option<String>,
+    },
     /// Show the audit log (who changed what, when, with what result).
     Audit {
         /// How many of the newest records to show.
@@ -698,6 +725,52 @@ fn absolute_opt(p: Option<PathBuf>) -> Result<Option<PathBuf>, String> {
         .transpose()
 }
 
+/// `weft provenance …`
+#[derive(Debug, Subcommand)]
+pub enum ProvenanceCommand {
+    /// Show an environment's newest data changes, and with --follow the new ones as
+    /// they arrive (--json prints one JSON object per line).
+    ///
+    /// Example: weft provenance tail web --follow
+    Tail {
+        /// Environment or weave name.
+        env: String,
+        /// How many of the newest changes to show first.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: u64,
+        /// Keep showing new changes until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Find data changes of an environment: by key, table, source and guest time. A
+    /// weave's answer starts with its parent's changes up to the branch instant.
+    ///
+    /// Example: weft provenance query web --table customers --key '[123]' --from 2026-11-22T10:00:00Z
+    Query {
+        /// Environment or weave name.
+        env: String,
+        /// Only this key: a SQLite primary key as a JSON array (e.g. '[123]'), a JSON
+        /// pointer (e.g. /features/beta) or a key-value key.
+        #[arg(long)]
+        key: Option<String>,
+        /// Only this SQLite table.
+        #[arg(long)]
+        table: Option<String>,
+        /// Only this source: the database, JSON file or key-value source's path in the guest.
+        #[arg(long)]
+        source: Option<String>,
+        /// Guest time at or after (RFC 3339, e.g. 2026-11-22T10:00:00Z).
+        #[arg(long)]
+        from: Option<String>,
+        /// Guest time at or before (RFC 3339).
+        #[arg(long)]
+        to: Option<String>,
+        /// Most changes to show, oldest first (0: all).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
     let json = cli.json;
@@ -801,6 +874,38 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
         }
         Command::Policy(cmd) => policy_command(client, cmd, json).await?,
         Command::Weave(cmd) => weave_command(client, cmd, json).await?,
+        Command::Provenance(cmd) => provenance_command(client, cmd, json).await?,
+        Command::Replay {
+            env,
+            to,
+            from,
+            out,
+            into,
+        } => {
+            let req = crate::replay::ReplayRequest {
+                to,
+                from,
+                out: absolute_opt(out).map_err(CliError::Usage)?,
+                into,
+            };
+            let report: crate::replay::ReplayReport = client
+                .post(&format!("{}/replay", env_path(&env)?), &req)
+                .await?;
+            if json {
+                print_json(&report);
+            } else {
+                println!(
+                    "replayed {} entries of {} (last seq {}, {} skipped)",
+                    report.applied, report.env, report.last_seq, report.skipped
+                );
+                for f in &report.files {
+                    println!("  wrote {f}");
+                }
+                if let Some(w) = &report.into {
+                    println!("  {w}: {} changes made", report.changes_made);
+                }
+            }
+        }
         Command::Job(JobCommand::List { limit }) => {
             let jobs: Vec<Job> = client.get(&format!("/v1/jobs?limit={limit}")).await?;
             if json {
@@ -875,6 +980,145 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
         }
     }
     Ok(())
+}
+
+async fn provenance_command(
+    client: &Client,
+    cmd: ProvenanceCommand,
+    json: bool,
+) -> Result<(), CliError> {
+    use crate::provenance::service::{parse_time, Page, RecordView, MAX_PAGE};
+    let print = |env: &str, records: &[RecordView], lines: bool| {
+        if json && lines {
+            // JSON lines: one object per change, as they come.
+            for r in records {
+                if let Ok(s) = serde_json::to_string(r) {
+                    println!("{s}");
+                }
+            }
+        } else if json {
+            print_json(&records);
+        } else {
+            for r in records {
+                println!("{}", provenance_line(env, r));
+            }
+        }
+    };
+    match cmd {
+        ProvenanceCommand::Tail { env, lines, follow } => {
+            let base = format!("{}/provenance", env_path(&env)?);
+            let page: Page = client.get(&format!("{base}?tail={lines}")).await?;
+            if !json {
+                println!("{}", provenance_header());
+            }
+            print(&env, &page.records, follow);
+            if !follow {
+                return Ok(());
+            }
+            let mut after = page.records.last().map_or(page.last_seq, |r| r.seq);
+            loop {
+                let page: Page = client.get(&format!("{base}?after_seq={after}")).await?;
+                print(&env, &page.records, true);
+                after = page.records.last().map_or(after, |r| r.seq);
+                if page.next_after_seq.is_none() {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+        ProvenanceCommand::Query {
+            env,
+            key,
+            table,
+            source,
+            from,
+            to,
+            limit,
+        } => {
+            for (what, t) in [("from", &from), ("to", &to)] {
+                if let Some(t) = t {
+                    parse_time(what, t).map_err(CliError::Usage)?;
+                }
+            }
+            let mut params = Vec::new();
+            for (k, v) in [
+                ("key", key),
+                ("table", table),
+                ("source", source),
+                ("from", from),
+                ("to", to),
+            ] {
+                if let Some(v) = v {
+                    params.push(format!("{k}={}", encode_query(&v)));
+                }
+            }
+            let base = format!("{}/provenance?{}", env_path(&env)?, params.join("&"));
+            let want = if limit == 0 { usize::MAX } else { limit };
+            let mut records: Vec<RecordView> = Vec::new();
+            let mut after: Option<u64> = None;
+            while records.len() < want {
+                let page_limit = (want - records.len()).min(MAX_PAGE);
+                let mut path = format!("{base}&limit={page_limit}");
+                if let Some(a) = after {
+                    path.push_str(&format!("&after_seq={a}"));
+                }
+                let page: Page = client.get(&path).await?;
+                records.extend(page.records);
+                match page.next_after_seq {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            records.truncate(want);
+            if !json {
+                println!("{}", provenance_header());
+            }
+            print(&env, &records, false);
+        }
+    }
+    Ok(())
+}
+
+fn provenance_header() -> String {
+    format!(
+        "{:>8}  {:<27}  {:<6} {:<6}  {}",
+        "SEQ", "GUEST TIME", "TYPE", "OP", "WHERE  KEY  CHANGE"
+    )
+}
+
+/// One change on one line: where, which key, and what it became.
+fn provenance_line(env: &str, r: &crate::provenance::service::RecordView) -> String {
+    fn short(v: &Option<serde_json::Value>) -> String {
+        let text = v.as_ref().map(|v| v.to_string()).unwrap_or_default();
+        if text.chars().count() > 60 {
+            format!("{}…", text.chars().take(59).collect::<String>())
+        } else {
+            text
+        }
+    }
+    let place = if r.collection.is_empty() {
+        r.source.clone()
+    } else {
+        format!("{}:{}", r.source, r.collection)
+    };
+    let change = match r.op {
+        weft_dpa::Operation::Insert => format!("+ {}", short(&r.new)),
+        weft_dpa::Operation::Delete => format!("- {}", short(&r.old)),
+        weft_dpa::Operation::Update => format!("{} → {}", short(&r.old), short(&r.new)),
+        weft_dpa::Operation::Schema => short(&r.new),
+    };
+    let from = if r.vm != env {
+        format!("  (from {})", r.vm)
+    } else {
+        String::new()
+    };
+    format!(
+        "{:>8}  {:<27}  {:<6} {:<6}  {place}  {}  {change}{from}",
+        r.seq,
+        r.guest_time,
+        r.data_type.as_str(),
+        r.op.as_str(),
+        r.key
+    )
 }
 
 async fn env_command(client: &Client, cmd: EnvCommand, json: bool) -> Result<(), CliError> {

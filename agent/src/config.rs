@@ -42,6 +42,75 @@ pub struct Config {
     pub store: StoreSettings,
     /// Weave networking.
     pub net: NetSettings,
+    /// The link to guests' data provenance agents (vsock devices, rate limits).
+    pub dpa: crate::dpa::DpaSettings,
+    /// The provenance log of guest data changes.
+    pub provenance: ProvenanceSettings,
+}
+
+/// The provenance log (`[provenance]` in weftd.toml; see docs/provenance.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvenanceSettings {
+    /// Where the per-VM logs live (default `<data_dir>/provenance`).
+    pub dir: Option<PathBuf>,
+    /// A segment is sealed (made immutable, indexed) at this size, in MiB.
+    pub segment_mib: u64,
+    /// Most MiB one VM's log may take; beyond it the VM's changes wait (0: no quota).
+    pub quota_mib: u64,
+    /// Sealed segments older than this many days are dropped (0: kept regardless of age).
+    pub retain_days: u64,
+    /// The oldest sealed segments are dropped while a VM's log is over this many MiB
+    /// (0: no size limit).
+    pub retain_mib: u64,
+    /// Decoded blocks kept in the read cache.
+    pub cache_blocks: usize,
+    /// zstd level of new blocks, 1 (fastest) to 19 (smallest).
+    pub compression_level: i32,
+}
+
+impl Default for ProvenanceSettings {
+    fn default() -> Self {
+        ProvenanceSettings {
+            dir: None,
+            segment_mib: 64,
+            quota_mib: 1024,
+            retain_days: 0,
+            retain_mib: 0,
+            cache_blocks: 256,
+            compression_level: 3,
+        }
+    }
+}
+
+impl ProvenanceSettings {
+    /// The log's options.
+    pub fn log_options(&self) -> crate::provenance::LogOptions {
+        const MIB: u64 = 1 << 20;
+        crate::provenance::LogOptions {
+            segment_bytes: self.segment_mib.saturating_mul(MIB),
+            quota_bytes: self.quota_mib.saturating_mul(MIB),
+            retain_us: (self.retain_days > 0).then(|| {
+                i64::try_from(self.retain_days.saturating_mul(86_400_000_000)).unwrap_or(i64::MAX)
+            }),
+            retain_bytes: self.retain_mib.saturating_mul(MIB),
+            cache_blocks: self.cache_blocks,
+            compression_level: self.compression_level,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.segment_mib == 0 || !(1..=19).contains(&self.compression_level) {
+            return Err("provenance.segment_mib must be at least 1 and provenance.compression_level in 1..=19".into());
+        }
+        if self.quota_mib > 0 && self.quota_mib < self.segment_mib {
+            return Err(format!(
+                "provenance.quota_mib ({}) is below provenance.segment_mib ({}): raise the quota or make segments smaller",
+                self.quota_mib, self.segment_mib
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Weave networking (`[net]` in weftd.toml).
@@ -114,6 +183,8 @@ impl Default for Config {
             log: "info".into(),
             store: StoreSettings::default(),
             net: NetSettings::default(),
+            dpa: crate::dpa::DpaSettings::default(),
+            provenance: ProvenanceSettings::default(),
         }
     }
 }
@@ -192,7 +263,17 @@ impl Config {
                 self.net.first_slot, self.net.last_slot
             )));
         }
+        self.dpa.check().map_err(ConfigError::Invalid)?;
+        self.provenance.check().map_err(ConfigError::Invalid)?;
         Ok(())
+    }
+
+    /// The provenance log's directory.
+    pub fn provenance_dir(&self) -> PathBuf {
+        self.provenance
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("provenance"))
     }
 
     /// The API socket path.

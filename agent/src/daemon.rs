@@ -195,6 +195,20 @@ pub async fn run(config: Config) -> Result<()> {
         }
     };
     let manager = Manager::new(config, catalog.clone());
+    // Guests' DPAs stream into the provenance log over vsock; without the log weftd
+    // still serves, and guests get no vsock device.
+    let provenance_dir = manager.config().provenance_dir();
+    let provenance_options = manager.config().provenance.log_options();
+    match crate::provenance::ProvenanceLog::open(provenance_dir, provenance_options) {
+        Ok(log) => {
+            manager.set_provenance(log.clone());
+            let c = manager.config();
+            let link = crate::dpa::DpaLink::new(std::sync::Arc::new(log), c.dpa.limits());
+            let host = crate::dpa::VsockHost::new(&c.dpa, &c.data_dir, &c.run_dir, link);
+            manager.set_vsock(host);
+        }
+        Err(e) => warn!(error = %e, "cannot open the provenance log; guests get no vsock device"),
+    }
     let snapshots = crate::snapshots::Snapshots::new(manager.clone(), store);
     let recovered = async {
         manager.recover().await?;
@@ -210,6 +224,10 @@ pub async fn run(config: Config) -> Result<()> {
         sd_notify::NotifyState::Status("serving the API"),
     ]);
     let scheduler = tokio::spawn(crate::policies::scheduler(snapshots.clone()));
+    let retention = manager
+        .provenance()
+        .cloned()
+        .map(|log| tokio::spawn(crate::provenance::service::retention_task(log)));
     let weaves = crate::weaves::Weaves::new(manager.clone(), snapshots.clone());
     if let Err(e) = weaves.recover().await {
         warn!(error = %e, "cannot recover weaves");
@@ -234,6 +252,9 @@ pub async fn run(config: Config) -> Result<()> {
         Err(_) => warn!("requests still running after 20s; leaving them"),
     }
     scheduler.abort();
+    if let Some(task) = retention {
+        task.abort();
+    }
     manager.detach_all();
     let _ = std::fs::remove_file(&socket);
     catalog.close().await;

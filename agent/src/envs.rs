@@ -81,6 +81,10 @@ pub struct Manager {
     /// different environments proceed in parallel.
     locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
     generation: AtomicU64,
+    /// Guests' vsock devices and their DPAs' listeners (set once at startup).
+    vsock: std::sync::OnceLock<Arc<crate::dpa::VsockHost>>,
+    /// The provenance log (set once at startup).
+    provenance: std::sync::OnceLock<crate::provenance::ProvenanceLog>,
 }
 
 /// What recovery found for one environment.
@@ -120,7 +124,57 @@ impl Manager {
             runtimes: std::sync::Mutex::new(HashMap::new()),
             locks: std::sync::Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
+            vsock: std::sync::OnceLock::new(),
+            provenance: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives every VM launched from now on a vsock device from `host`; set once,
+    /// before [`Manager::recover`].
+    pub fn set_vsock(&self, host: Arc<crate::dpa::VsockHost>) {
+        if self.vsock.set(host).is_err() {
+            warn!("the vsock host was set twice; the first one stays");
+        }
+    }
+
+    /// Makes the provenance log reachable (API, deletes, weaves); set once at startup.
+    pub fn set_provenance(&self, log: crate::provenance::ProvenanceLog) {
+        if self.provenance.set(log).is_err() {
+            warn!("the provenance log was set twice; the first one stays");
+        }
+    }
+
+    /// The provenance log, if weftd opened it.
+    pub fn provenance(&self) -> Option<&crate::provenance::ProvenanceLog> {
+        self.provenance.get()
+    }
+
+    /// Removes `name`'s provenance log (its environment or weave is gone).
+    pub async fn remove_provenance(&self, name: &str) -> Result<(), EnvError> {
+        let Some(log) = self.provenance.get().cloned() else {
+            return Ok(());
+        };
+        let target = name.to_string();
+        tokio::task::spawn_blocking(move || log.remove(&target))
+            .await
+            .map_err(|e| EnvError::Internal(format!("provenance task failed: {e}")))?
+            .map_err(|e| {
+                EnvError::Internal(one_line(&format!(
+                    "cannot remove the provenance log of {name}: {e}"
+                )))
+            })
+    }
+
+    /// The guests' vsock devices and the DPA link, if set.
+    pub fn vsock(&self) -> Option<&Arc<crate::dpa::VsockHost>> {
+        self.vsock.get()
+    }
+
+    /// Ends a VM's vsock device and DPA listener (its QEMU is gone).
+    async fn release_vsock(&self, name: &str) {
+        if let Some(host) = self.vsock.get() {
+            host.release(name).await;
+        }
     }
 
     /// The catalog.
@@ -390,9 +444,21 @@ impl Manager {
             netns,
             cgroups,
         };
-        let process = launch::spawn(config, &paths, &opts).await.map_err(|e| {
-            EnvError::Qemu(one_line(&format!("cannot start QEMU for {name:?}: {e}")))
-        })?;
+        // The vsock device is decided at each launch (never stored with the config).
+        let mut config = config.clone();
+        if let Some(host) = self.vsock.get() {
+            config.vsock = host.prepare(name, &dir.join("vsock.log")).await;
+        }
+        let config = &config;
+        let process = match launch::spawn(config, &paths, &opts).await {
+            Ok(process) => process,
+            Err(e) => {
+                self.release_vsock(name).await;
+                return Err(EnvError::Qemu(one_line(&format!(
+                    "cannot start QEMU for {name:?}: {e}"
+                ))));
+            }
+        };
         let pid = process.pid();
         if let Err(e) = self
             .catalog
@@ -401,6 +467,7 @@ impl Manager {
         {
             // Dropping the process kills it: no stray QEMU for a row we could not update.
             drop(process);
+            self.release_vsock(name).await;
             return Err(e.into());
         }
         info!(env = %name, pid, "QEMU started");
@@ -467,6 +534,7 @@ impl Manager {
             }
         }
         info!(env = %name, how, "environment stopped on its own");
+        self.release_vsock(name).await;
         if let Err(e) = self
             .catalog
             .set_state(name, EnvState::Stopped, None, Some(how))
@@ -546,6 +614,7 @@ impl Manager {
     pub async fn stop(&self, name: &str) -> Result<Environment, EnvError> {
         let _op = self.lock_env(name).await;
         self.stop_locked(name).await?;
+        self.release_vsock(name).await;
         Ok(self.show(name).await?.0)
     }
 
@@ -656,6 +725,9 @@ impl Manager {
                 if self.lock_runtimes().contains_key(name) || self.orphan_pid(&env).is_some() {
                     self.stop_locked(name).await?;
                 }
+                if let Some(host) = self.vsock.get() {
+                    host.forget(name).await;
+                }
                 remove_dir_quietly(&self.env_dir(name));
                 let _ = std::fs::remove_file(&env.qmp_socket);
             }
@@ -667,6 +739,8 @@ impl Manager {
             }
         }
         self.catalog.delete_environment(name).await?;
+        // Its data history goes with it.
+        self.remove_provenance(name).await?;
         Ok(())
     }
 
@@ -676,11 +750,23 @@ impl Manager {
     pub async fn recover(self: &Arc<Self>) -> Result<(), EnvError> {
         for env in self.catalog.environments().await? {
             if env.state == EnvState::Stopped {
+                // A vsock device left by a weftd that died before ending it.
+                if env.kind == EnvKind::Managed {
+                    self.release_vsock(&env.name).await;
+                }
                 continue;
             }
             let (detail, result) = match self.reattach(&env).await {
-                Recovered::Reattached => ("re-attached".to_string(), "ok"),
+                Recovered::Reattached => {
+                    if let (EnvKind::Managed, Some(host)) = (env.kind, self.vsock.get()) {
+                        host.reattach(&env.name).await;
+                    }
+                    ("re-attached".to_string(), "ok")
+                }
                 Recovered::Stopped(reason) => {
+                    if env.kind == EnvKind::Managed {
+                        self.release_vsock(&env.name).await;
+                    }
                     self.catalog
                         .set_state(&env.name, EnvState::Stopped, None, Some(&reason))
                         .await?;
@@ -688,6 +774,10 @@ impl Manager {
                 }
                 Recovered::Unreachable(reason) => {
                     warn!(env = %env.name, %reason, "QEMU runs but does not answer on QMP");
+                    // Its guest still runs: its DPA may still stream.
+                    if let (EnvKind::Managed, Some(host)) = (env.kind, self.vsock.get()) {
+                        host.reattach(&env.name).await;
+                    }
                     (reason, "unreachable")
                 }
             };

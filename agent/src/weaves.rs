@@ -305,6 +305,9 @@ impl Weaves {
                 .start_for(catalog, &name, &config)
                 .await
                 .map_err(|e| EnvError::Internal(one_line(&format!("DHCP of weave {name}: {e}"))))?;
+            // Its data history starts with its parent's up to its instant.
+            crate::provenance::service::branch_weave(&self.manager, &name, parent, &weave.taken_at)
+                .await?;
             self.manager.start(&name).await
         }
         .await;
@@ -616,6 +619,10 @@ impl Weaves {
         }
         if let Err(e) = cgroups::groups(name).remove() {
             problems.push(format!("cgroups: {e}"));
+        }
+        // Usually gone with its environment row; this covers a weave without one.
+        if let Err(e) = self.manager.remove_provenance(name).await {
+            problems.push(e.to_string());
         }
         let dir = self.dir(name);
         if let Err(e) = std::fs::remove_dir_all(&dir) {

@@ -5,4 +5,7 @@
 
 pub mod proto;
 
+#[cfg(feature = "agent")]
+pub mod agent;
+
 pub use proto::{DataType, Entry, Error, Message, Operation, PROTOCOL_VERSION};

@@ -392,7 +392,11 @@ pub fn decode_payload(kind: u8, payload: &[u8], limits: &Limits) -> Result<Messa
         KIND_BATCH => {
             let entries: Vec<Entry> = de(kind, payload)?;
             check_entries(&entries)?;
-            if entries.windows(2).any(|w| w[1].seq != w[0].seq + 1) {
+            // checked: a guest's seq u64::MAX must not overflow (a panic in debug builds).
+            if entries
+                .windows(2)
+                .any(|w| w[0].seq.checked_add(1) != Some(w[1].seq))
+            {
                 return Err(Error::Invalid(
                     "a batch's sequence numbers are not consecutive".into(),
                 ));

@@ -15,9 +15,18 @@
 # Env: WEFT_GUEST_KERNEL_PKG (kernel package), WEFT_GUEST_MODULES (space-separated module
 # load list, default below). Needs: apt-get, apt-cache, dpkg, cpio, gzip (xz/zstd only if the
 # kernel ships compressed modules). The init script is the file `init` next to this script.
+#
+# The guest also gets two static binaries built from this workspace with cargo
+# (`-C target-feature=+crt-static -C strip=symbols`, `--target x86_64-unknown-linux-gnu`, release, in their own
+# target directory `$CARGO_TARGET_DIR/guest-build`, default `target/guest-build`, so the
+# flags never mix with the host build and a running `cargo test` never holds its lock):
+# `/usr/bin/weft-dpa` (guest-dpa) and `/usr/bin/weft-dpa-workload` (integration/dpa-workload).
+# `--resolve` prints a hash of their sources and of Cargo.lock (`dpa-sources=...`), so a change
+# to them gives a new cache key.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+WORKSPACE="$(cd "$HERE/../.." && pwd)"
 MODULES="${WEFT_GUEST_MODULES:-virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport virtio_balloon af_packet}"
 
 log() { echo "build-guest: $*" >&2; }
@@ -56,6 +65,32 @@ resolve_once() {
     [ -n "$kver" ] && [ -n "$bver" ] || return 1
     echo "kernel=$kpkg=$kver"
     echo "busybox=busybox-static=$bver"
+    echo "dpa-sources=$(dpa_sources_hash)"
+}
+
+# Hash of everything the guest's Rust binaries are built from (their crates and Cargo.lock).
+dpa_sources_hash() {
+    (
+        cd "$WORKSPACE"
+        find guest-dpa integration/dpa-workload -type f \( -name '*.rs' -o -name Cargo.toml \) \
+            -not -path '*/target/*' -not -path '*/tests/*' | LC_ALL=C sort
+        echo Cargo.lock
+    ) | (cd "$WORKSPACE" && xargs sha256sum) | sha256sum | cut -c1-16
+}
+
+# Builds the guest's static binaries; prints the directory holding them.
+build_guest_binaries() {
+    command -v cargo >/dev/null || die "cargo not found: the guest's weft-dpa and weft-dpa-workload are built from this workspace"
+    local tdir="${CARGO_TARGET_DIR:-target}"
+    case "$tdir" in /*) ;; *) tdir="$WORKSPACE/$tdir" ;; esac
+    tdir="$tdir/guest-build"
+    log "building static weft-dpa and weft-dpa-workload (cargo, target dir $tdir)"
+    (
+        cd "$WORKSPACE"
+        RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" CARGO_TARGET_DIR="$tdir" \
+            cargo build -q --release --target x86_64-unknown-linux-gnu -p weft-dpa -p weft-dpa-workload
+    ) >&2 || die "cargo build of the guest binaries failed"
+    echo "$tdir/x86_64-unknown-linux-gnu/release"
 }
 
 resolve() {
@@ -110,6 +145,11 @@ mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,data,tmp,run,etc,lib/mo
 cp bpkg/bin/busybox "$ROOT/bin/busybox"
 ln -s busybox "$ROOT/bin/sh"
 install -m 0755 "$HERE/init" "$ROOT/init"
+GUEST_BIN="$(build_guest_binaries)"
+for b in weft-dpa weft-dpa-workload; do
+    install -m 0755 "$GUEST_BIN/$b" "$ROOT/usr/bin/$b"
+done
+mkdir -p "$ROOT/var/lib"
 
 # Index every module file of the kernel by module name (dashes are underscores to the kernel).
 declare -A MODFILE=()
@@ -173,6 +213,7 @@ cp "$VMLINUZ" "$OUT/vmlinuz"
     echo "# weft test guest, built by integration/assets/build-guest.sh"
     echo "kernel-package: ${KPKG_SPEC/=/ }"
     echo "busybox-package: ${BPKG_SPEC/=/ }"
+    echo "dpa-sources: $(sed -n 's/^dpa-sources=//p' <<<"$RESOLVED")"
     echo "kernel-release: $KREL"
     echo "module-load-order: ${ORDER[*]}"
     for line in "${MANIFEST_MODULES[@]}"; do

@@ -139,6 +139,7 @@ impl Guest {
             nics: opts.nics.clone(),
             // As before balloons existed: these guests run outside weftd.
             balloon: false,
+            vsock: None,
         };
         let paths = LaunchPaths {
             qmp_socket: dir.path().join("qmp.sock"),

@@ -733,10 +733,16 @@ async fn qemu_a_client_hanging_up_does_not_cut_a_create_in_half() -> anyhow::Res
 #[tokio::test]
 async fn qemu_weftd_killed_during_a_launch_leaves_no_orphan() -> anyhow::Result<()> {
     let wrappers = tempfile::tempdir()?;
-    // QEMU writes its pid file first, then preallocates 2 GiB of guest memory
+    // QEMU writes its pid file first, then preallocates a 2 GiB memory backend
     // (about half a second here) before its QMP monitor answers: weftd is killed
-    // in that window, after QEMU started but before weftd saw it ready.
-    let slow = slow_qemu(wrappers.path(), "", "-m 2G -mem-prealloc")?;
+    // in that window, after QEMU started but before weftd saw it ready. (An extra
+    // backend, not `-m 2G`: guest memory may be a memfd of the configured size, for
+    // the vhost-user vsock device.)
+    let slow = slow_qemu(
+        wrappers.path(),
+        "",
+        "-object memory-backend-ram,id=slow,size=2G,prealloc=on",
+    )?;
     let mut w = Weftd::start(&["--qemu-binary", slow.to_str().context("utf-8")?]).await?;
     let disk = w.dir.path().join("d.img");
     make_data_disk(&disk, 16)?;

@@ -153,7 +153,34 @@ pub struct VmConfig {
     /// lowered and raised at runtime (QMP `balloon`), given a guest driver. On by
     /// default, also for configurations stored before this field existed.
     pub balloon: bool,
+    /// A virtio-vsock device through which the guest reaches the host (CID 2). None by
+    /// default; a host agent usually decides it at each launch rather than storing it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockDevice>,
 }
+
+/// A virtio-vsock device ([`VmConfig::vsock`]); its QEMU device id is [`VSOCK_ID`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum VsockDevice {
+    /// The host kernel's vhost-vsock (`/dev/vhost-vsock`): `vhost-vsock-pci` with the
+    /// guest's context id, which must be unique on the host.
+    Kernel {
+        /// The guest's CID, from 3 (0 to 2 are reserved, `u32::MAX` means any).
+        guest_cid: u32,
+    },
+    /// A vhost-user backend (such as rust-vmm's `vhost-device-vsock`) listening on a
+    /// unix socket: `vhost-user-vsock-pci` on a socket chardev. The backend owns the
+    /// guest's CID. Guest memory is then shared (a memfd), as vhost-user needs.
+    VhostUser {
+        /// The backend's vhost-user socket, which must be listening when QEMU starts.
+        socket: PathBuf,
+    },
+}
+
+/// The QEMU device id of the vsock device ([`VmConfig::vsock`]); its chardev, for
+/// vhost-user, is `vsock0-chr`.
+pub const VSOCK_ID: &str = "vsock0";
 
 /// A virtio-net card on a tap device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +207,7 @@ impl Default for VmConfig {
             disks: Vec::new(),
             nics: Vec::new(),
             balloon: true,
+            vsock: None,
         }
     }
 }
@@ -207,9 +235,16 @@ fn valid_machine(machine: &str) -> bool {
 }
 
 impl VmConfig {
+    /// Whether a device needs guest memory shared with another process (vhost-user):
+    /// then the command line shares it even if [`VmConfig::shared_memory`] is off.
+    pub fn needs_shared_memory(&self) -> bool {
+        matches!(self.vsock, Some(VsockDevice::VhostUser { .. }))
+    }
+
     /// Checks the configuration before QEMU sees it: disk names match `[a-z0-9_-]{1,32}`
     /// and are unique, memory is at least 16 MiB, 1 to 64 vCPUs, disk images exist and
-    /// are regular files or block devices, kernel and initrd exist if given.
+    /// are regular files or block devices, kernel and initrd exist if given, a vsock
+    /// device has a usable CID or an absolute socket path.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |msg: String| Err(Error::InvalidConfig(msg));
         if !valid_machine(&self.machine) {
@@ -250,6 +285,21 @@ impl VmConfig {
                     Err(e) => return bad(format!("{what} {}: {e}", path.display())),
                 }
             }
+        }
+        match &self.vsock {
+            Some(VsockDevice::Kernel { guest_cid }) if !(3..u32::MAX).contains(guest_cid) => {
+                return bad(format!(
+                    "vsock guest CID {guest_cid} is reserved; use 3 to {}",
+                    u32::MAX - 1
+                ));
+            }
+            Some(VsockDevice::VhostUser { socket }) if !socket.is_absolute() => {
+                return bad(format!(
+                    "vsock vhost-user socket {} is not an absolute path",
+                    socket.display()
+                ));
+            }
+            _ => {}
         }
         let mut seen = std::collections::HashSet::new();
         for disk in &self.disks {
@@ -402,7 +452,7 @@ pub fn command_line(config: &VmConfig, paths: &LaunchPaths) -> Vec<String> {
     }
     push("-m", format!("{}M", config.memory_mib));
     push("-smp", config.cpus.to_string());
-    if config.shared_memory {
+    if config.shared_memory || config.needs_shared_memory() {
         push(
             "-object",
             format!(
@@ -443,6 +493,23 @@ pub fn command_line(config: &VmConfig, paths: &LaunchPaths) -> Vec<String> {
     }
     if config.balloon {
         push("-device", format!("virtio-balloon-pci,id={BALLOON_ID}"));
+    }
+    match &config.vsock {
+        None => {}
+        Some(VsockDevice::Kernel { guest_cid }) => push(
+            "-device",
+            format!("vhost-vsock-pci,id={VSOCK_ID},guest-cid={guest_cid}"),
+        ),
+        Some(VsockDevice::VhostUser { socket }) => {
+            push(
+                "-chardev",
+                format!("socket,id={VSOCK_ID}-chr,path={}", opt_escape(socket)),
+            );
+            push(
+                "-device",
+                format!("vhost-user-vsock-pci,id={VSOCK_ID},chardev={VSOCK_ID}-chr"),
+            );
+        }
     }
     push(
         "-chardev",
@@ -1137,6 +1204,73 @@ mod tests {
         assert!(old.nics.is_empty());
         // ... and get the balloon device.
         assert!(old.balloon);
+    }
+
+    #[test]
+    fn command_line_vsock() {
+        let none = command_line(&VmConfig::default(), &paths());
+        assert!(!none.iter().any(|a| a.contains("vsock")), "{none:?}");
+        let kernel = VmConfig {
+            vsock: Some(VsockDevice::Kernel { guest_cid: 42 }),
+            ..VmConfig::default()
+        };
+        let args = command_line(&kernel, &paths());
+        assert!(has_pair(
+            &args,
+            "-device",
+            "vhost-vsock-pci,id=vsock0,guest-cid=42"
+        ));
+        // The kernel device reads guest memory itself: no memfd needed.
+        assert!(!args.iter().any(|a| a == "-numa"), "{args:?}");
+        let user = VmConfig {
+            vsock: Some(VsockDevice::VhostUser {
+                socket: "/run/weft/vsock/a,b.vhost".into(),
+            }),
+            ..VmConfig::default()
+        };
+        let args = command_line(&user, &paths());
+        assert!(has_pair(
+            &args,
+            "-chardev",
+            "socket,id=vsock0-chr,path=/run/weft/vsock/a,,b.vhost"
+        ));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "vhost-user-vsock-pci,id=vsock0,chardev=vsock0-chr"
+        ));
+        // vhost-user needs shared guest memory even when the config did not ask for it.
+        assert!(has_pair(
+            &args,
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on"
+        ));
+        assert!(has_pair(&args, "-numa", "node,memdev=mem"));
+
+        user.validate().expect("valid");
+        kernel.validate().expect("valid");
+        for cid in [0, 2, u32::MAX] {
+            let bad = VmConfig {
+                vsock: Some(VsockDevice::Kernel { guest_cid: cid }),
+                ..VmConfig::default()
+            };
+            assert!(matches!(bad.validate(), Err(Error::InvalidConfig(m)) if m.contains("CID")));
+        }
+        let relative = VmConfig {
+            vsock: Some(VsockDevice::VhostUser {
+                socket: "vsock.sock".into(),
+            }),
+            ..VmConfig::default()
+        };
+        assert!(relative.validate().is_err());
+
+        // Stored without the field: no device; with it, it round-trips; absent is not written.
+        let old: VmConfig = serde_json::from_str(r#"{"memory_mib": 64}"#).expect("reads");
+        assert_eq!(old.vsock, None);
+        assert!(!serde_json::to_string(&old).expect("ser").contains("vsock"));
+        let json = serde_json::to_string(&user).expect("ser");
+        assert!(json.contains(r#""kind":"vhost-user""#), "{json}");
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).expect("de"), user);
     }
 
     #[test]

@@ -7,6 +7,9 @@
 //!                                              # disk backup: weft vs restic and borg
 //! weft-bench weave  [--rounds R]               # weave from now: API call to QEMU running,
 //!                                              # 1 GiB vs 64 GiB disk, vs qemu-img convert
+//! weft-bench provenance [--entries N] [--rounds R]
+//!                                              # provenance log appends and reads vs an
+//!                                              # indexed SQLite table
 //! ```
 //!
 //! Every benchmark runs weft and its peer alternately in the same process run (the machines
@@ -34,6 +37,8 @@ use weft_qmp::Qmp;
 
 #[path = "weft-bench/backup.rs"]
 mod backup;
+#[path = "weft-bench/provenance.rs"]
+mod provenance;
 #[path = "weft-bench/weave.rs"]
 mod weave;
 
@@ -47,7 +52,8 @@ const PEER_POLL: Duration = Duration::from_millis(1);
 const USAGE: &str = "usage: weft-bench qmp [--calls N] [--rounds R]
        weft-bench launch [--rounds R]
        weft-bench backup [--size-gib G] [--chunk-kib K] [--rounds R] [--breakdown]
-       weft-bench weave [--rounds R]";
+       weft-bench weave [--rounds R]
+       weft-bench provenance [--entries N] [--rounds R]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -122,6 +128,16 @@ async fn run(args: &[String], pids: &mut Pids) -> Result<()> {
             );
             weave::bench_weave(opts.rounds.unwrap_or(10), pids).await
         }
+        "provenance" => {
+            ensure!(
+                opts.calls.is_none()
+                    && opts.size_gib.is_none()
+                    && opts.chunk_kib.is_none()
+                    && !opts.breakdown,
+                "provenance takes only --entries and --rounds\n{USAGE}"
+            );
+            provenance::bench_provenance(opts.entries.unwrap_or(200_000), opts.rounds.unwrap_or(3))
+        }
         "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())
@@ -136,6 +152,7 @@ struct Opts {
     rounds: Option<usize>,
     size_gib: Option<usize>,
     chunk_kib: Option<usize>,
+    entries: Option<usize>,
     breakdown: bool,
 }
 
@@ -159,6 +176,7 @@ impl Opts {
                 "--rounds" => opts.rounds = Some(value()?),
                 "--size-gib" => opts.size_gib = Some(value()?),
                 "--chunk-kib" => opts.chunk_kib = Some(value()?),
+                "--entries" => opts.entries = Some(value()?),
                 _ => bail!("unknown option {flag:?}\n{USAGE}"),
             }
         }

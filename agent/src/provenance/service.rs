@@ -1,0 +1,353 @@
+//! weftd's side of the provenance log: the API's view of records, the async glue the
+//! handlers and weaves use, and periodic retention.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::{ProvenanceError, ProvenanceLog, Query, Record};
+use crate::envs::{one_line, EnvError, Manager};
+
+/// Records per page when the request does not say.
+pub const DEFAULT_PAGE: usize = 1000;
+/// Most records per page.
+pub const MAX_PAGE: usize = 10_000;
+/// A page stops growing once its keys and values reach this many bytes (the CLI takes
+/// answers up to 64 MiB; JSON escaping can double a value).
+pub const PAGE_BYTES: usize = 16 << 20;
+/// How often weftd applies the retention rules.
+pub const RETENTION_PERIOD: Duration = Duration::from_secs(600);
+
+/// One record as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordView {
+    /// The VM whose log holds it (for a weave's lineage: its parent).
+    pub vm: String,
+    /// The guest's sequence number.
+    pub seq: u64,
+    /// The guest's clock at capture (RFC 3339).
+    pub guest_time: String,
+    /// The same in µs since the Unix epoch.
+    pub guest_time_us: i64,
+    /// weftd's clock when it received the entry (RFC 3339).
+    pub host_time: String,
+    /// The same in µs since the Unix epoch.
+    pub host_time_us: i64,
+    /// sqlite, json or kv.
+    pub data_type: weft_dpa::DataType,
+    /// insert, update, delete or schema.
+    pub op: weft_dpa::Operation,
+    /// The database, JSON file or key-value source in the guest.
+    pub source: String,
+    /// The SQLite table; empty for json and kv.
+    pub collection: String,
+    /// The row's primary key (JSON array), JSON pointer or key.
+    pub key: String,
+    /// The value before (JSON).
+    pub old: Option<serde_json::Value>,
+    /// The value after (JSON).
+    pub new: Option<serde_json::Value>,
+    /// The application transaction, for SQLite.
+    pub tx: Option<u64>,
+}
+
+/// RFC 3339 with microseconds, or `@<µs>` for an instant outside years 1970-9999 (a
+/// guest's clock is whatever the guest says).
+pub fn format_us(us: i64) -> String {
+    const MAX: i64 = 253_402_300_799_999_999; // 9999-12-31T23:59:59.999999Z
+    match u64::try_from(us) {
+        Ok(u) if us <= MAX => {
+            humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(u)).to_string()
+        }
+        _ => format!("@{us}"),
+    }
+}
+
+/// Parses an RFC 3339 instant into µs since the Unix epoch.
+pub fn parse_time(what: &str, t: &str) -> Result<i64, String> {
+    let st = humantime::parse_rfc3339_weak(t)
+        .map_err(|e| format!("--{what} {t:?}: {e}; use e.g. 2026-11-22T10:00:00Z"))?;
+    let d = st
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| format!("--{what} {t:?} is before 1970"))?;
+    i64::try_from(d.as_micros()).map_err(|_| format!("--{what} {t:?} is too far away"))
+}
+
+fn json_value(text: &Option<String>) -> Option<serde_json::Value> {
+    text.as_ref()
+        .map(|t| serde_json::from_str(t).unwrap_or_else(|_| serde_json::Value::String(t.clone())))
+}
+
+impl From<&Record> for RecordView {
+    fn from(r: &Record) -> Self {
+        let e = &r.entry;
+        RecordView {
+            vm: r.vm.clone(),
+            seq: e.seq,
+            guest_time: format_us(e.guest_time_us),
+            guest_time_us: e.guest_time_us,
+            host_time: format_us(r.host_time_us),
+            host_time_us: r.host_time_us,
+            data_type: e.data_type,
+            op: e.op,
+            source: e.source.clone(),
+            collection: e.collection.clone(),
+            key: e.key.clone(),
+            old: json_value(&e.old),
+            new: json_value(&e.new),
+            tx: e.tx,
+        }
+    }
+}
+
+/// Query of `GET /v1/environments/{name}/provenance`; every parameter narrows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageQuery {
+    /// Only this key (a SQLite primary key as a JSON array, a JSON pointer, a key).
+    pub key: Option<String>,
+    /// Only this SQLite table.
+    pub table: Option<String>,
+    /// Only this source (database, JSON file or key-value source in the guest).
+    pub source: Option<String>,
+    /// Guest time at or after (RFC 3339).
+    pub from: Option<String>,
+    /// Guest time at or before (RFC 3339).
+    pub to: Option<String>,
+    /// Only records after this sequence number (paging, following).
+    pub after_seq: Option<u64>,
+    /// Only the newest N sequence numbers (instead of `after_seq`).
+    pub tail: Option<u64>,
+    /// Most records (default 1000, at most 10000).
+    pub limit: Option<usize>,
+}
+
+/// Answer of `GET /v1/environments/{name}/provenance`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Page {
+    /// The matching records, in sequence order.
+    pub records: Vec<RecordView>,
+    /// The environment's highest durable sequence number.
+    pub last_seq: u64,
+    /// Pass as `after_seq` for the next page; absent when nothing more matches.
+    pub next_after_seq: Option<u64>,
+}
+
+/// The API's status for a log error.
+pub fn env_error(e: ProvenanceError) -> EnvError {
+    let text = one_line(&e.to_string());
+    match e {
+        ProvenanceError::InvalidName(_) | ProvenanceError::Invalid(_) => EnvError::BadRequest(text),
+        ProvenanceError::Gap { .. }
+        | ProvenanceError::Quota { .. }
+        | ProvenanceError::Branch(_) => EnvError::Conflict(text),
+        ProvenanceError::Io { .. } | ProvenanceError::Corrupt { .. } => {
+            // The cause chain names the file and the OS error.
+            let mut chain = text;
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                chain.push_str(": ");
+                chain.push_str(&s.to_string());
+                source = s.source();
+            }
+            EnvError::Internal(one_line(&chain))
+        }
+    }
+}
+
+fn log_of(manager: &Manager) -> Result<ProvenanceLog, EnvError> {
+    manager.provenance().cloned().ok_or_else(|| {
+        EnvError::Conflict("weftd has no provenance log open (see its log for why)".into())
+    })
+}
+
+/// Runs a blocking log call off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ProvenanceError> + Send + 'static,
+) -> Result<T, EnvError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EnvError::Internal(format!("provenance task failed: {e}")))?
+        .map_err(env_error)
+}
+
+/// One page of `name`'s provenance records.
+pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Page, EnvError> {
+    manager
+        .catalog()
+        .environment(name)
+        .await?
+        .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+    let log = log_of(manager)?;
+    if q.tail.is_some() && q.after_seq.is_some() {
+        return Err(EnvError::BadRequest(
+            "give either tail or after_seq, not both".into(),
+        ));
+    }
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+    let mut query = Query {
+        from_us: q
+            .from
+            .as_deref()
+            .map(|t| parse_time("from", t))
+            .transpose()
+            .map_err(EnvError::BadRequest)?,
+        to_us: q
+            .to
+            .as_deref()
+            .map(|t| parse_time("to", t))
+            .transpose()
+            .map_err(EnvError::BadRequest)?,
+        after_seq: q.after_seq,
+        key: q.key,
+        collection: q.table,
+        source: q.source,
+        limit: Some(limit),
+    };
+    let vm = name.to_string();
+    let tail = q.tail;
+    let (records, last_seq) = blocking(move || {
+        let last_seq = log.last_seq(&vm)?;
+        if let Some(n) = tail {
+            query.after_seq = Some(last_seq.saturating_sub(n));
+        }
+        Ok((log.query(&vm, &query)?, last_seq))
+    })
+    .await?;
+    let full = records.len() == limit && limit > 0;
+    let mut views = Vec::with_capacity(records.len());
+    let mut bytes = 0usize;
+    let mut cut = false;
+    for r in &records {
+        let e = &r.entry;
+        bytes += e.key.len()
+            + e.source.len()
+            + e.old.as_ref().map_or(0, String::len)
+            + e.new.as_ref().map_or(0, String::len);
+        if bytes > PAGE_BYTES && !views.is_empty() {
+            cut = true;
+            break;
+        }
+        views.push(RecordView::from(r));
+    }
+    let next_after_seq = if full || cut {
+        views.last().map(|v| v.seq)
+    } else {
+        None
+    };
+    Ok(Page {
+        records: views,
+        last_seq,
+        next_after_seq,
+    })
+}
+
+/// Records that weave `weave` of `parent`, whose disks show the instant `taken_at`
+/// (RFC 3339), starts with `parent`'s provenance up to that instant. Nothing to do
+/// when weftd has no log.
+pub async fn branch_weave(
+    manager: &Manager,
+    weave: &str,
+    parent: &str,
+    taken_at: &str,
+) -> Result<(), EnvError> {
+    let Some(log) = manager.provenance().cloned() else {
+        return Ok(());
+    };
+    let until_us = parse_time("at", taken_at).map_err(EnvError::Internal)?;
+    let (weave, parent) = (weave.to_string(), parent.to_string());
+    blocking(move || log.branch(&weave, &parent, until_us)).await
+}
+
+/// Applies the retention rules every [`RETENTION_PERIOD`], forever (weftd aborts it).
+pub async fn retention_task(log: ProvenanceLog) {
+    let options = log.options();
+    if options.retain_us.is_none() && options.retain_bytes == 0 {
+        return;
+    }
+    loop {
+        tokio::time::sleep(RETENTION_PERIOD).await;
+        let l = log.clone();
+        match blocking(move || l.enforce_retention()).await {
+            Ok(r) if r.segments > 0 => {
+                info!(
+                    segments = r.segments,
+                    bytes = r.bytes,
+                    "provenance retention"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "provenance retention failed"),
+        }
+    }
+}
+
+/// Now, in µs since the Unix epoch (the host receive time of entries).
+pub fn host_now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_format_and_parse() {
+        let us = parse_time("from", "2026-11-22T10:00:00.000123Z").unwrap();
+        assert_eq!(format_us(us), "2026-11-22T10:00:00.000123Z");
+        assert_eq!(format_us(-5), "@-5");
+        assert_eq!(format_us(i64::MAX), format!("@{}", i64::MAX));
+        assert!(parse_time("to", "yesterday").unwrap_err().contains("--to"));
+    }
+
+    #[test]
+    fn the_config_section_becomes_log_options() {
+        use crate::config::Config;
+        let c = Config::parse(
+            "[provenance]\nsegment_mib = 8\nquota_mib = 100\nretain_days = 2\nretain_mib = 50\n",
+            std::path::Path::new("x.toml"),
+        )
+        .unwrap();
+        let o = c.provenance.log_options();
+        assert_eq!(o.segment_bytes, 8 << 20);
+        assert_eq!(o.quota_bytes, 100 << 20);
+        assert_eq!(o.retain_us, Some(2 * 86_400_000_000));
+        assert_eq!(o.retain_bytes, 50 << 20);
+        assert_eq!(
+            c.provenance_dir(),
+            std::path::Path::new("/var/lib/weft/provenance")
+        );
+        let d = Config::default().provenance.log_options();
+        assert_eq!(
+            d,
+            super::super::LogOptions::default(),
+            "the documented defaults agree"
+        );
+        for bad in [
+            "[provenance]\nquota_mib = 10\n",
+            "[provenance]\nsegment_mib = 0\n",
+            "[provenance]\ncompression_level = 22\n",
+        ] {
+            assert!(
+                Config::parse(bad, std::path::Path::new("x.toml")).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn values_show_as_json_and_bad_json_as_text() {
+        assert_eq!(
+            json_value(&Some("{\"a\":1}".into())),
+            Some(serde_json::json!({"a": 1}))
+        );
+        assert_eq!(
+            json_value(&Some("not json".into())),
+            Some(serde_json::json!("not json"))
+        );
+        assert_eq!(json_value(&None), None);
+    }
+}

@@ -1,0 +1,1108 @@
+//! The replay engine (F26): application state rebuilt from a VM's provenance log.
+//!
+//! [`State`] folds log entries, in sequence order, into the state they describe: per
+//! SQLite source its table definitions and rows by primary key, per JSON source the
+//! document, per key-value source its keys. [`State::write_to`] writes that state out
+//! as files (a SQLite database per SQLite source, the JSON documents, the key-value
+//! files or directories) under a directory that mirrors the guest's paths, and
+//! [`State::changes_to`] lists the changes that turn one state into another, which is
+//! what apply mode pushes into a running weave's DPA.
+//!
+//! The log comes from an untrusted guest: entries that cannot apply (a JSON pointer
+//! into a missing parent, a row for a table without a definition) are counted as
+//! skipped and reported, never a panic; paths are confined to the output directory.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use weft_dpa::{DataType, Entry, Operation};
+
+use crate::provenance::Record;
+
+/// The rows of one SQLite source.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SqliteState {
+    /// Each table's `CREATE TABLE` statement, as the DPA found it.
+    pub schemas: BTreeMap<String, String>,
+    /// Each table's rows by primary key (the key's JSON text), column → value.
+    pub rows: BTreeMap<String, BTreeMap<String, Map<String, Value>>>,
+}
+
+/// Application state as of some instant.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    /// SQLite sources by database path.
+    pub sqlite: BTreeMap<String, SqliteState>,
+    /// JSON documents by file path (absent: the file does not exist).
+    pub json: BTreeMap<String, Value>,
+    /// Key-value sources by path (a directory source ends with `/`), key → value.
+    pub kv: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Entries applied.
+    pub applied: u64,
+    /// Entries that could not apply (see the log for each).
+    pub skipped: u64,
+    /// The last sequence number applied.
+    pub last_seq: u64,
+    /// The guest time of the last entry applied (µs since the Unix epoch).
+    pub last_guest_time_us: Option<i64>,
+    /// Files written by [`State::write_to`].
+    pub files: Vec<String>,
+}
+
+/// Errors of the replay engine.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// A path from the log cannot be placed under the output directory.
+    #[error("unsafe path {0:?} in the log")]
+    Path(String),
+    /// Writing the output failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being written.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Building a SQLite database failed.
+    #[error("SQLite database {path}: {reason}")]
+    Sqlite {
+        /// The output database.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl State {
+    /// Applies `records` in order; returns how many applied and were skipped.
+    pub fn apply_all<'a>(&mut self, records: impl IntoIterator<Item = &'a Record>) -> Summary {
+        let mut summary = Summary::default();
+        for r in records {
+            match self.apply(&r.entry) {
+                Ok(()) => {
+                    summary.applied += 1;
+                    summary.last_seq = r.entry.seq;
+                    summary.last_guest_time_us = Some(r.entry.guest_time_us);
+                }
+                Err(why) => {
+                    tracing::warn!(vm = %r.vm, seq = r.entry.seq, %why, "replay skipped an entry");
+                    summary.skipped += 1;
+                }
+            }
+        }
+        summary
+    }
+
+    /// Applies one entry.
+    pub fn apply(&mut self, e: &Entry) -> Result<(), String> {
+        let parse = |v: &Option<String>| -> Result<Value, String> {
+            let text = v.as_deref().ok_or("no value")?;
+            serde_json::from_str(text).map_err(|err| format!("value is not JSON: {err}"))
+        };
+        match e.data_type {
+            DataType::Sqlite => {
+                let db = self.sqlite.entry(e.source.clone()).or_default();
+                match e.op {
+                    Operation::Schema => {
+                        let sql = parse(&e.new)?;
+                        let sql = sql.as_str().ok_or("a schema is a JSON string")?;
+                        db.schemas.insert(e.collection.clone(), sql.to_string());
+                        db.rows.entry(e.collection.clone()).or_default();
+                    }
+                    Operation::Insert | Operation::Update => {
+                        let Value::Object(row) = parse(&e.new)? else {
+                            return Err("a row is a JSON object".into());
+                        };
+                        let key = canonical_key(&e.key)?;
+                        db.rows
+                            .entry(e.collection.clone())
+                            .or_default()
+                            .insert(key, row);
+                    }
+                    Operation::Delete => {
+                        let key = canonical_key(&e.key)?;
+                        if let Some(rows) = db.rows.get_mut(&e.collection) {
+                            rows.remove(&key);
+                        }
+                    }
+                }
+            }
+            DataType::Json => match e.op {
+                Operation::Insert | Operation::Update => {
+                    let value = parse(&e.new)?;
+                    if e.key.is_empty() {
+                        self.json.insert(e.source.clone(), value);
+                    } else {
+                        let doc = self
+                            .json
+                            .entry(e.source.clone())
+                            .or_insert_with(|| Value::Object(Map::new()));
+                        pointer_set(doc, &e.key, value)?;
+                    }
+                }
+                Operation::Delete => {
+                    if e.key.is_empty() {
+                        self.json.remove(&e.source);
+                    } else if let Some(doc) = self.json.get_mut(&e.source) {
+                        pointer_remove(doc, &e.key)?;
+                    }
+                }
+                Operation::Schema => return Err("JSON sources have no schema".into()),
+            },
+            DataType::Kv => {
+                let kv = self.kv.entry(e.source.clone()).or_default();
+                match e.op {
+                    Operation::Insert | Operation::Update => {
+                        let Value::String(v) = parse(&e.new)? else {
+                            return Err("a key-value value is a JSON string".into());
+                        };
+                        kv.insert(e.key.clone(), v);
+                    }
+                    Operation::Delete => {
+                        kv.remove(&e.key);
+                    }
+                    Operation::Schema => return Err("key-value sources have no schema".into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the state under `out`, mirroring guest paths (`/data/app.db` becomes
+    /// `<out>/data/app.db`): a SQLite database per SQLite source (tables from their
+    /// definitions, rows in key order), each JSON document (pretty-printed), each
+    /// key-value file (`KEY=value` lines in key order) or directory (a file per key).
+    /// Existing files at those paths are replaced. Returns the files written.
+    pub async fn write_to(&self, out: &Path) -> Result<Vec<PathBuf>, ReplayError> {
+        let mut written = Vec::new();
+        for (source, db) in &self.sqlite {
+            let path = confined(out, source)?;
+            write_sqlite(&path, db).await?;
+            written.push(path);
+        }
+        for (source, doc) in &self.json {
+            let path = confined(out, source)?;
+            let mut text = serde_json::to_vec_pretty(doc).unwrap_or_default();
+            text.push(b'\n');
+            write_file(&path, &text)?;
+            written.push(path);
+        }
+        for (source, kv) in &self.kv {
+            if let Some(dir) = source.strip_suffix('/') {
+                let dir = confined(out, dir)?;
+                make_dir(&dir)?;
+                for (key, value) in kv {
+                    if !is_file_name(key) {
+                        return Err(ReplayError::Path(format!("{source}{key}")));
+                    }
+                    let path = dir.join(key);
+                    write_file(&path, value.as_bytes())?;
+                    written.push(path);
+                }
+            } else {
+                let path = confined(out, source)?;
+                let mut text = String::new();
+                for (key, value) in kv {
+                    text.push_str(key);
+                    text.push('=');
+                    text.push_str(value);
+                    text.push('\n');
+                }
+                write_file(&path, text.as_bytes())?;
+                written.push(path);
+            }
+        }
+        Ok(written)
+    }
+
+    /// The changes that turn `self` into `target`, as DPA entries (numbered from 1 in
+    /// order, times zero: apply mode ignores both), sources in path order. For SQLite
+    /// tables absent from `self`, the target's definitions come first.
+    pub fn changes_to(&self, target: &State) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let empty_db = SqliteState::default();
+        let sources: std::collections::BTreeSet<&String> =
+            self.sqlite.keys().chain(target.sqlite.keys()).collect();
+        for source in sources {
+            let from = self.sqlite.get(source).unwrap_or(&empty_db);
+            let to = target.sqlite.get(source).unwrap_or(&empty_db);
+            for (table, sql) in &to.schemas {
+                if !from.schemas.contains_key(table) {
+                    out.push(change(
+                        DataType::Sqlite,
+                        Operation::Schema,
+                        source,
+                        table,
+                        "",
+                        None,
+                        Some(Value::String(sql.clone())),
+                    ));
+                }
+            }
+            let no_rows = BTreeMap::new();
+            let tables: std::collections::BTreeSet<&String> =
+                from.rows.keys().chain(to.rows.keys()).collect();
+            for table in tables {
+                let a = from.rows.get(table).unwrap_or(&no_rows);
+                let b = to.rows.get(table).unwrap_or(&no_rows);
+                diff_maps(a, b, |key, old, new| {
+                    out.push(change(
+                        DataType::Sqlite,
+                        op_of(&old, &new),
+                        source,
+                        table,
+                        key,
+                        old.map(|r| Value::Object(r.clone())),
+                        new.map(|r| Value::Object(r.clone())),
+                    ))
+                });
+            }
+        }
+        let docs: std::collections::BTreeSet<&String> =
+            self.json.keys().chain(target.json.keys()).collect();
+        for source in docs {
+            let (a, b) = (self.json.get(source), target.json.get(source));
+            if a != b {
+                out.push(change(
+                    DataType::Json,
+                    op_of(&a, &b),
+                    source,
+                    "",
+                    "",
+                    a.cloned(),
+                    b.cloned(),
+                ));
+            }
+        }
+        let no_keys = BTreeMap::new();
+        let stores: std::collections::BTreeSet<&String> =
+            self.kv.keys().chain(target.kv.keys()).collect();
+        for source in stores {
+            let a = self.kv.get(source).unwrap_or(&no_keys);
+            let b = target.kv.get(source).unwrap_or(&no_keys);
+            diff_maps(a, b, |key, old, new| {
+                out.push(change(
+                    DataType::Kv,
+                    op_of(&old, &new),
+                    source,
+                    "",
+                    key,
+                    old.map(|v| Value::String(v.clone())),
+                    new.map(|v| Value::String(v.clone())),
+                ))
+            });
+        }
+        for (i, e) in out.iter_mut().enumerate() {
+            e.seq = i as u64 + 1;
+        }
+        out
+    }
+}
+
+/// The state of `vm`'s sources as of guest time `to_us`, from its whole log (a weave's
+/// lineage included), in sequence order. With `from_us`, only the items changed in
+/// `[from_us, to_us]` are kept, each as it stood at `to_us` (an item deleted in the
+/// window is absent): what a time range did, without the rest of the state.
+pub fn rebuild(
+    log: &crate::provenance::ProvenanceLog,
+    vm: &str,
+    from_us: Option<i64>,
+    to_us: i64,
+) -> Result<(State, Summary), crate::provenance::ProvenanceError> {
+    let records = log.query(
+        vm,
+        &crate::provenance::Query {
+            to_us: Some(to_us),
+            ..Default::default()
+        },
+    )?;
+    let mut state = State::default();
+    let summary = state.apply_all(&records);
+    let Some(from) = from_us else {
+        return Ok((state, summary));
+    };
+    let mut window = State::default();
+    for r in records.iter().filter(|r| r.entry.guest_time_us >= from) {
+        let e = &r.entry;
+        match e.data_type {
+            DataType::Sqlite => {
+                let Some(db) = state.sqlite.get(&e.source) else {
+                    continue;
+                };
+                let w = window.sqlite.entry(e.source.clone()).or_default();
+                if let Some(sql) = db.schemas.get(&e.collection) {
+                    w.schemas.insert(e.collection.clone(), sql.clone());
+                }
+                let rows = w.rows.entry(e.collection.clone()).or_default();
+                if let Ok(key) = canonical_key(&e.key) {
+                    if let Some(row) = db.rows.get(&e.collection).and_then(|t| t.get(&key)) {
+                        rows.insert(key, row.clone());
+                    }
+                }
+            }
+            DataType::Json => {
+                if let Some(doc) = state.json.get(&e.source) {
+                    window.json.insert(e.source.clone(), doc.clone());
+                }
+            }
+            DataType::Kv => {
+                let w = window.kv.entry(e.source.clone()).or_default();
+                if let Some(v) = state.kv.get(&e.source).and_then(|kv| kv.get(&e.key)) {
+                    w.insert(e.key.clone(), v.clone());
+                }
+            }
+        }
+    }
+    Ok((window, summary))
+}
+
+/// A replay asked of weftd (`POST /v1/environments/{name}/replay`).
+#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+pub struct ReplayRequest {
+    /// The instant (guest time, RFC 3339) to rebuild, or `now`.
+    pub to: String,
+    /// Keep only the items changed from this instant on (RFC 3339).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Write the state as files under this absolute directory on the host.
+    #[serde(default)]
+    pub out: Option<PathBuf>,
+    /// Push the state into this running weave's guest through its DPA.
+    #[serde(default)]
+    pub into: Option<String>,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ReplayReport {
+    /// The environment whose log was replayed.
+    pub env: String,
+    /// The instant rebuilt (guest time, µs since the Unix epoch).
+    pub to_us: i64,
+    /// Entries applied.
+    pub applied: u64,
+    /// Entries that could not apply.
+    pub skipped: u64,
+    /// The last sequence number applied.
+    pub last_seq: u64,
+    /// Files written under `out`.
+    pub files: Vec<String>,
+    /// The weave the state was pushed into.
+    pub into: Option<String>,
+    /// Changes the weave's DPA made to reach the state.
+    pub changes_made: u64,
+}
+
+/// Most changes sent to a DPA in one apply request.
+const APPLY_CHUNK: usize = 512;
+
+/// Runs a replay for weftd's API.
+pub async fn run(
+    manager: &crate::envs::Manager,
+    env: &str,
+    req: &ReplayRequest,
+) -> Result<ReplayReport, crate::envs::EnvError> {
+    use crate::envs::EnvError;
+    use crate::provenance::service::parse_time;
+    if manager.catalog().environment(env).await?.is_none() {
+        return Err(EnvError::NotFound(env.to_string()));
+    }
+    if req.out.is_none() && req.into.is_none() {
+        return Err(EnvError::BadRequest(
+            "say where the state goes: --out DIR or --into WEAVE".into(),
+        ));
+    }
+    let to_us = if req.to == "now" {
+        now_us()
+    } else {
+        parse_time("to", &req.to).map_err(EnvError::BadRequest)?
+    };
+    let from_us = req
+        .from
+        .as_deref()
+        .map(|f| parse_time("from", f))
+        .transpose()
+        .map_err(EnvError::BadRequest)?;
+    if from_us.is_some_and(|f| f > to_us) {
+        return Err(EnvError::BadRequest("--from is after --to".into()));
+    }
+    if let Some(out) = &req.out {
+        if !out.is_absolute() {
+            return Err(EnvError::BadRequest(format!(
+                "--out {} must be an absolute path",
+                out.display()
+            )));
+        }
+    }
+    let log = manager
+        .provenance()
+        .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?
+        .clone();
+    let (state, summary) = {
+        let (log, env) = (log.clone(), env.to_string());
+        tokio::task::spawn_blocking(move || rebuild(&log, &env, from_us, to_us))
+            .await
+            .map_err(|e| EnvError::Internal(e.to_string()))?
+            .map_err(|e| EnvError::Internal(e.to_string()))?
+    };
+    let mut report = ReplayReport {
+        env: env.to_string(),
+        to_us,
+        applied: summary.applied,
+        skipped: summary.skipped,
+        last_seq: summary.last_seq,
+        files: Vec::new(),
+        into: req.into.clone(),
+        changes_made: 0,
+    };
+    if let Some(out) = &req.out {
+        let files = state
+            .write_to(out)
+            .await
+            .map_err(|e| EnvError::Internal(e.to_string()))?;
+        report.files = files.iter().map(|p| p.display().to_string()).collect();
+    }
+    if let Some(weave) = &req.into {
+        if manager.catalog().environment(weave).await?.is_none() {
+            return Err(EnvError::NotFound(weave.clone()));
+        }
+        if req.from.is_some() {
+            return Err(EnvError::BadRequest(
+                "--into pushes a whole state: leave out --from".into(),
+            ));
+        }
+        let link = manager
+            .vsock()
+            .ok_or_else(|| EnvError::Conflict("weftd has no DPA transport".into()))?
+            .link()
+            .clone();
+        // What the weave holds now, by its own log (its lineage included).
+        let current = {
+            let (log, weave) = (log.clone(), weave.clone());
+            tokio::task::spawn_blocking(move || rebuild(&log, &weave, None, i64::MAX))
+                .await
+                .map_err(|e| EnvError::Internal(e.to_string()))?
+                .map_err(|e| EnvError::Internal(e.to_string()))?
+                .0
+        };
+        let changes = current.changes_to(&state);
+        for chunk in changes.chunks(APPLY_CHUNK) {
+            let mut chunk = chunk.to_vec();
+            for (i, c) in chunk.iter_mut().enumerate() {
+                c.seq = i as u64 + 1;
+            }
+            let applied = link
+                .apply(weave, chunk)
+                .await
+                .map_err(|e| EnvError::Conflict(e.to_string()))?;
+            report.changes_made += applied.applied;
+            if let Some(error) = applied.error {
+                return Err(EnvError::Conflict(format!(
+                    "the DPA of {weave} stopped after {} changes: {error}",
+                    report.changes_made
+                )));
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn op_of<T>(old: &Option<T>, new: &Option<T>) -> Operation {
+    match (old, new) {
+        (None, _) => Operation::Insert,
+        (Some(_), Some(_)) => Operation::Update,
+        (Some(_), None) => Operation::Delete,
+    }
+}
+
+fn change(
+    data_type: DataType,
+    op: Operation,
+    source: &str,
+    collection: &str,
+    key: &str,
+    old: Option<Value>,
+    new: Option<Value>,
+) -> Entry {
+    Entry {
+        seq: 0,
+        guest_time_us: 0,
+        data_type,
+        op,
+        source: source.to_string(),
+        collection: collection.to_string(),
+        key: key.to_string(),
+        old: old.map(|v| v.to_string()),
+        new: new.map(|v| v.to_string()),
+        tx: None,
+    }
+}
+
+/// Calls `f(key, old, new)` for every key whose value differs between `a` and `b`.
+fn diff_maps<V: PartialEq>(
+    a: &BTreeMap<String, V>,
+    b: &BTreeMap<String, V>,
+    mut f: impl FnMut(&str, Option<&V>, Option<&V>),
+) {
+    for (k, va) in a {
+        match b.get(k) {
+            Some(vb) if vb == va => {}
+            other => f(k, Some(va), other),
+        }
+    }
+    for (k, vb) in b {
+        if !a.contains_key(k) {
+            f(k, None, Some(vb));
+        }
+    }
+}
+
+/// A primary key in one canonical JSON text (so `[1]` and `[ 1 ]` are one row).
+fn canonical_key(key: &str) -> Result<String, String> {
+    let v: Value = serde_json::from_str(key).map_err(|e| format!("key is not JSON: {e}"))?;
+    if !v.is_array() {
+        return Err("a SQLite key is a JSON array".into());
+    }
+    Ok(v.to_string())
+}
+
+/// RFC 6901 reference tokens of a pointer.
+fn tokens(pointer: &str) -> Result<Vec<String>, String> {
+    let rest = pointer
+        .strip_prefix('/')
+        .ok_or_else(|| format!("{pointer:?} is not a JSON pointer"))?;
+    Ok(rest
+        .split('/')
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect())
+}
+
+/// Sets the value at `pointer`, creating the last member or appending at the index
+/// one past an array's end; parents must exist.
+fn pointer_set(doc: &mut Value, pointer: &str, value: Value) -> Result<(), String> {
+    let mut tokens = tokens(pointer)?;
+    let last = tokens.pop().ok_or("empty pointer")?;
+    let mut node = doc;
+    for t in &tokens {
+        node = match node {
+            Value::Object(m) => m.get_mut(t),
+            Value::Array(a) => t.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
+            _ => None,
+        }
+        .ok_or_else(|| format!("no parent at {pointer:?}"))?;
+    }
+    match node {
+        Value::Object(m) => {
+            m.insert(last, value);
+        }
+        Value::Array(a) => {
+            let i = if last == "-" {
+                a.len()
+            } else {
+                last.parse::<usize>()
+                    .map_err(|_| format!("{last:?} is not an index"))?
+            };
+            match i.cmp(&a.len()) {
+                std::cmp::Ordering::Less => a[i] = value,
+                std::cmp::Ordering::Equal => a.push(value),
+                std::cmp::Ordering::Greater => {
+                    return Err(format!("index {i} past the end of {pointer:?}"))
+                }
+            }
+        }
+        _ => return Err(format!("the parent of {pointer:?} is not a container")),
+    }
+    Ok(())
+}
+
+/// Removes the value at `pointer` (an array element shifts the rest down).
+fn pointer_remove(doc: &mut Value, pointer: &str) -> Result<(), String> {
+    let mut tokens = tokens(pointer)?;
+    let last = tokens.pop().ok_or("empty pointer")?;
+    let mut node = doc;
+    for t in &tokens {
+        node = match node {
+            Value::Object(m) => m.get_mut(t),
+            Value::Array(a) => t.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
+            _ => None,
+        }
+        .ok_or_else(|| format!("no parent at {pointer:?}"))?;
+    }
+    match node {
+        Value::Object(m) => {
+            m.remove(&last);
+        }
+        Value::Array(a) => {
+            let i = last
+                .parse::<usize>()
+                .map_err(|_| format!("{last:?} is not an index"))?;
+            if i < a.len() {
+                a.remove(i);
+            }
+        }
+        _ => return Err(format!("the parent of {pointer:?} is not a container")),
+    }
+    Ok(())
+}
+
+/// `guest` (an absolute guest path) placed under `out`; `..` and other escapes refused.
+fn confined(out: &Path, guest: &str) -> Result<PathBuf, ReplayError> {
+    let rel = Path::new(guest);
+    let mut path = out.to_path_buf();
+    let mut parts = 0;
+    for c in rel.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(p) => {
+                path.push(p);
+                parts += 1;
+            }
+            _ => return Err(ReplayError::Path(guest.to_string())),
+        }
+    }
+    if parts == 0 {
+        return Err(ReplayError::Path(guest.to_string()));
+    }
+    Ok(path)
+}
+
+fn is_file_name(key: &str) -> bool {
+    !key.is_empty() && key != "." && key != ".." && !key.contains('/') && !key.contains('\0')
+}
+
+fn make_dir(dir: &Path) -> Result<(), ReplayError> {
+    std::fs::create_dir_all(dir).map_err(|source| ReplayError::Io {
+        what: format!("create {}", dir.display()),
+        source,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, fsynced.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReplayError> {
+    use std::io::Write as _;
+    if let Some(parent) = path.parent() {
+        make_dir(parent)?;
+    }
+    let io = |source| ReplayError::Io {
+        what: format!("write {}", path.display()),
+        source,
+    };
+    let tmp = path.with_extension("weft-replay-tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Builds a SQLite database at `path` (replacing one there) from `db`.
+async fn write_sqlite(path: &Path, db: &SqliteState) -> Result<(), ReplayError> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
+    use sqlx::{Connection as _, Executor as _};
+    if let Some(parent) = path.parent() {
+        make_dir(parent)?;
+    }
+    let tmp = path.with_extension("weft-replay-tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let fail = |reason: String| ReplayError::Sqlite {
+        path: path.display().to_string(),
+        reason,
+    };
+    let options = SqliteConnectOptions::new()
+        .filename(&tmp)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Delete);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let built = async {
+        let mut tx = conn.begin().await?;
+        for sql in db.schemas.values() {
+            tx.execute(sqlx::raw_sql(sql)).await?;
+        }
+        for (table, rows) in &db.rows {
+            if !db.schemas.contains_key(table) {
+                continue;
+            }
+            for row in rows.values() {
+                let cols: Vec<String> = row.keys().map(|c| quote_ident(c)).collect();
+                let marks = vec!["?"; cols.len()].join(", ");
+                let sql = format!(
+                    "INSERT OR REPLACE INTO {} ({}) VALUES ({marks})",
+                    quote_ident(table),
+                    cols.join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for v in row.values() {
+                    q = match v {
+                        Value::Null => q.bind(None::<i64>),
+                        Value::Bool(b) => q.bind(i64::from(*b)),
+                        Value::Number(n) => match n.as_i64() {
+                            Some(i) => q.bind(i),
+                            None => q.bind(n.as_f64().unwrap_or(0.0)),
+                        },
+                        Value::String(s) => q.bind(s.clone()),
+                        Value::Object(o) => match o.get("$blob").and_then(Value::as_str) {
+                            Some(hex) => q.bind(from_hex(hex).unwrap_or_default()),
+                            None => q.bind(v.to_string()),
+                        },
+                        Value::Array(_) => q.bind(v.to_string()),
+                    };
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await
+    }
+    .await;
+    let closed = conn.close().await;
+    built.map_err(|e| fail(e.to_string()))?;
+    closed.map_err(|e| fail(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|source| ReplayError::Io {
+        what: format!("rename into {}", path.display()),
+        source,
+    })
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(
+        dt: DataType,
+        op: Operation,
+        source: &str,
+        coll: &str,
+        key: &str,
+        old: Option<&str>,
+        new: Option<&str>,
+    ) -> Entry {
+        Entry {
+            seq: 1,
+            guest_time_us: 0,
+            data_type: dt,
+            op,
+            source: source.into(),
+            collection: coll.into(),
+            key: key.into(),
+            old: old.map(str::to_string),
+            new: new.map(str::to_string),
+            tx: None,
+        }
+    }
+
+    #[test]
+    fn sqlite_rows_follow_insert_update_delete() {
+        let mut s = State::default();
+        let db = "/data/app.db";
+        s.apply(&e(
+            DataType::Sqlite,
+            Operation::Schema,
+            db,
+            "t",
+            "",
+            None,
+            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)""#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Sqlite,
+            Operation::Insert,
+            db,
+            "t",
+            "[1]",
+            None,
+            Some(r#"{"id":1,"name":"Alice"}"#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Sqlite,
+            Operation::Insert,
+            db,
+            "t",
+            "[ 2 ]",
+            None,
+            Some(r#"{"id":2,"name":"Carol"}"#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Sqlite,
+            Operation::Update,
+            db,
+            "t",
+            "[1]",
+            Some(r#"{"id":1,"name":"Alice"}"#),
+            Some(r#"{"id":1,"name":"Bob"}"#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Sqlite,
+            Operation::Delete,
+            db,
+            "t",
+            "[2]",
+            Some(r#"{"id":2,"name":"Carol"}"#),
+            None,
+        ))
+        .unwrap();
+        let rows = &s.sqlite[db].rows["t"];
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows["[1]"]["name"], "Bob");
+    }
+
+    #[test]
+    fn json_pointers_set_and_remove_nested_values() {
+        let mut s = State::default();
+        let f = "/etc/app.json";
+        s.apply(&e(
+            DataType::Json,
+            Operation::Insert,
+            f,
+            "",
+            "",
+            None,
+            Some(r#"{"a":{"b":1},"l":[1,2,3]}"#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Json,
+            Operation::Update,
+            f,
+            "",
+            "/a/b",
+            Some("1"),
+            Some("2"),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Json,
+            Operation::Insert,
+            f,
+            "",
+            "/a/c~1d",
+            None,
+            Some(r#""x""#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Json,
+            Operation::Delete,
+            f,
+            "",
+            "/l/0",
+            Some("1"),
+            None,
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Json,
+            Operation::Insert,
+            f,
+            "",
+            "/l/2",
+            None,
+            Some("9"),
+        ))
+        .unwrap();
+        assert_eq!(
+            s.json[f],
+            serde_json::json!({"a": {"b": 2, "c/d": "x"}, "l": [2, 3, 9]})
+        );
+        assert!(s
+            .apply(&e(
+                DataType::Json,
+                Operation::Insert,
+                f,
+                "",
+                "/no/such",
+                None,
+                Some("1")
+            ))
+            .is_err());
+        s.apply(&e(
+            DataType::Json,
+            Operation::Delete,
+            f,
+            "",
+            "",
+            Some("{}"),
+            None,
+        ))
+        .unwrap();
+        assert!(!s.json.contains_key(f));
+    }
+
+    #[test]
+    fn kv_keys_and_changes_between_states() {
+        let mut a = State::default();
+        a.apply(&e(
+            DataType::Kv,
+            Operation::Insert,
+            "/etc/app.env",
+            "",
+            "MODE",
+            None,
+            Some(r#""fast""#),
+        ))
+        .unwrap();
+        a.apply(&e(
+            DataType::Kv,
+            Operation::Insert,
+            "/etc/app.env",
+            "",
+            "OLD",
+            None,
+            Some(r#""1""#),
+        ))
+        .unwrap();
+        let mut b = a.clone();
+        b.apply(&e(
+            DataType::Kv,
+            Operation::Update,
+            "/etc/app.env",
+            "",
+            "MODE",
+            Some(r#""fast""#),
+            Some(r#""safe""#),
+        ))
+        .unwrap();
+        b.apply(&e(
+            DataType::Kv,
+            Operation::Delete,
+            "/etc/app.env",
+            "",
+            "OLD",
+            Some(r#""1""#),
+            None,
+        ))
+        .unwrap();
+        let changes = a.changes_to(&b);
+        assert_eq!(changes.len(), 2);
+        let mut c = a.clone();
+        for ch in &changes {
+            c.apply(ch).unwrap();
+        }
+        assert_eq!(c, b, "applying the changes reaches the target");
+    }
+
+    #[test]
+    fn paths_stay_under_the_output_directory() {
+        let out = Path::new("/tmp/out");
+        assert_eq!(
+            confined(out, "/data/app.db").unwrap(),
+            PathBuf::from("/tmp/out/data/app.db")
+        );
+        assert!(confined(out, "/data/../../etc/passwd").is_err());
+        assert!(confined(out, "/").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_state_is_written_as_real_files_and_a_sqlite_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::default();
+        let db = "/data/app.db";
+        s.apply(&e(
+            DataType::Sqlite,
+            Operation::Schema,
+            db,
+            "t",
+            "",
+            None,
+            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, b BLOB)""#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Sqlite,
+            Operation::Insert,
+            db,
+            "t",
+            "[7]",
+            None,
+            Some(r#"{"id":7,"name":"Bob","b":{"$blob":"00ff"}}"#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Json,
+            Operation::Insert,
+            "/etc/app.json",
+            "",
+            "",
+            None,
+            Some(r#"{"k":1}"#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Kv,
+            Operation::Insert,
+            "/etc/app.env",
+            "",
+            "A",
+            None,
+            Some(r#""1""#),
+        ))
+        .unwrap();
+        s.apply(&e(
+            DataType::Kv,
+            Operation::Insert,
+            "/etc/keys/",
+            "",
+            "token",
+            None,
+            Some(r#""abc""#),
+        ))
+        .unwrap();
+        let files = s.write_to(dir.path()).await.unwrap();
+        assert_eq!(files.len(), 4);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("etc/app.env")).unwrap(),
+            "A=1\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("etc/keys/token")).unwrap(),
+            "abc"
+        );
+        let doc: Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("etc/app.json")).unwrap())
+                .unwrap();
+        assert_eq!(doc, serde_json::json!({"k": 1}));
+        use sqlx::Connection as _;
+        let mut conn = sqlx::SqliteConnection::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("data/app.db").display()
+        ))
+        .await
+        .unwrap();
+        let (id, name, b): (i64, String, Vec<u8>) = sqlx::query_as("SELECT id, name, b FROM t")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!((id, name.as_str(), b), (7, "Bob", vec![0, 255]));
+    }
+}

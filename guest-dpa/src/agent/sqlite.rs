@@ -1,0 +1,937 @@
+//! SQLite sources: capture triggers, the drain of the capture table, and apply mode.
+//!
+//! For every captured table the agent installs three `AFTER` triggers (insert, update,
+//! delete) that write the row change into `_weft_capture` inside the application's own
+//! transaction: a rolled-back change leaves nothing, a committed one is there. The
+//! agent drains `_weft_capture` in id order (`AUTOINCREMENT`, so ids are never reused)
+//! and deletes rows only after the host acknowledged their entries.
+//!
+//! Transaction ids. A trigger cannot see transaction boundaries, so the triggers stamp
+//! each row with the value of a counter, `_weft_tx.epoch`, and the agent moves the
+//! counter forward (one `UPDATE`) each time it has drained rows stamped with the current
+//! value. SQLite has one writer at a time and a write transaction holds the write lock
+//! from its first change to its commit, so the agent's bump can never land inside an
+//! application transaction: all changes of one transaction carry the same epoch, and
+//! the entries of one transaction always share one tx id. The converse holds only up
+//! to the agent's reaction time: transactions that commit one after the other before
+//! the agent sees the first (inotify wake-up plus a drain, typically well under a
+//! millisecond to a few milliseconds) share the epoch, and so share a tx id.
+//! `docs/provenance-dpa.md` states this guarantee for users.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde_json::Value;
+
+use super::Error;
+use crate::proto::{Entry, Operation};
+
+/// The capture table.
+pub const CAPTURE_TABLE: &str = "_weft_capture";
+/// The epoch counter table.
+pub const TX_TABLE: &str = "_weft_tx";
+const BUSY: Duration = Duration::from_millis(200);
+
+/// One row of the capture table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureRow {
+    /// Its id (the drain position).
+    pub id: i64,
+    /// The table.
+    pub table: String,
+    /// insert, update, delete or schema.
+    pub op: Operation,
+    /// The primary key as a JSON array (empty for schema).
+    pub pk: String,
+    /// The row before (JSON object).
+    pub old: Option<String>,
+    /// The row after (JSON object), or the `CREATE TABLE` statement (JSON string).
+    pub new: Option<String>,
+    /// The epoch the change was made in.
+    pub epoch: i64,
+    /// The guest clock at the change, µs.
+    pub time_us: i64,
+}
+
+/// What a drain found.
+#[derive(Debug, Default)]
+pub struct Drained {
+    /// Committed capture rows after the mark, in id order.
+    pub rows: Vec<CaptureRow>,
+    /// The epoch counter's value now.
+    pub epoch: i64,
+    /// The capture table's instance id.
+    pub instance: String,
+}
+
+/// One SQLite source the agent captures.
+#[derive(Debug)]
+pub struct Db {
+    /// The database path.
+    pub source: String,
+    tables: Option<Vec<String>>,
+    conn: Option<Connection>,
+    ino: (u64, u64),
+    schema_version: Option<i64>,
+    data_version: Option<i64>,
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn quote_lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// SQL giving the JSON text of the column expression `x`: integers, text and NULL as
+/// JSON, reals with 17 significant digits (so they read back as the same double;
+/// `json_quote` keeps only 15), blobs as `{"$blob":"<hex>"}`.
+fn json_value(x: &str) -> String {
+    format!(
+        "CASE typeof({x}) WHEN 'blob' THEN '{{\"$blob\":\"'||hex({x})||'\"}}' \
+         WHEN 'real' THEN printf('%!.17g',{x}) ELSE json_quote({x}) END"
+    )
+}
+
+/// SQL giving a JSON object of the columns, read through `prefix` (`NEW.`, `OLD.` or
+/// nothing).
+fn json_row(prefix: &str, cols: &[String]) -> String {
+    let mut parts = Vec::new();
+    for (i, c) in cols.iter().enumerate() {
+        let key = serde_json::to_string(c).unwrap_or_default();
+        let sep = if i == 0 { "{" } else { "," };
+        parts.push(quote_lit(&format!("{sep}{key}:")));
+        parts.push(json_value(&format!("{prefix}{}", quote_ident(c))));
+    }
+    if parts.is_empty() {
+        return "'{}'".into();
+    }
+    parts.push("'}'".into());
+    parts.join("||")
+}
+
+fn json_key(prefix: &str, pk: &Key) -> String {
+    let cols: Vec<String> = match pk {
+        Key::Rowid => vec![format!("{prefix}rowid")],
+        Key::Columns(c) => c
+            .iter()
+            .map(|c| format!("{prefix}{}", quote_ident(c)))
+            .collect(),
+    };
+    let mut parts = vec!["'['".to_string()];
+    for (i, c) in cols.iter().enumerate() {
+        if i > 0 {
+            parts.push("','".into());
+        }
+        parts.push(json_value(c));
+    }
+    parts.push("']'".into());
+    parts.join("||")
+}
+
+const NOW_US: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
+
+/// How a table's rows are keyed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    Rowid,
+    Columns(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+struct TableInfo {
+    name: String,
+    sql: String,
+    cols: Vec<String>,
+    key: Key,
+}
+
+fn table_info(conn: &Connection, name: &str, sql: String) -> rusqlite::Result<TableInfo> {
+    let mut stmt = conn.prepare("SELECT name, pk FROM pragma_table_info(?1) ORDER BY cid")?;
+    let rows = stmt.query_map([name], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+    })?;
+    let mut cols = Vec::new();
+    let mut pk = Vec::new();
+    for row in rows {
+        let (c, p) = row?;
+        if p > 0 {
+            pk.push((p, c.clone()));
+        }
+        cols.push(c);
+    }
+    pk.sort();
+    let key = if pk.is_empty() {
+        Key::Rowid
+    } else {
+        Key::Columns(pk.into_iter().map(|(_, c)| c).collect())
+    };
+    Ok(TableInfo {
+        name: name.to_string(),
+        sql,
+        cols,
+        key,
+    })
+}
+
+fn trigger_names(table: &str) -> [String; 3] {
+    [
+        format!("_weft_ins_{table}"),
+        format!("_weft_upd_{table}"),
+        format!("_weft_del_{table}"),
+    ]
+}
+
+fn trigger_sqls(t: &TableInfo) -> [String; 3] {
+    let [ins, upd, del] = trigger_names(&t.name);
+    let tbl = quote_ident(&t.name);
+    let lit = quote_lit(&t.name);
+    let epoch = format!("(SELECT epoch FROM {TX_TABLE} WHERE id=1)");
+    let insert = |op: &str, pk: String, old: &str, new: &str| {
+        format!(
+            "INSERT INTO {CAPTURE_TABLE}(tbl,op,pk,old,new,epoch,time_us) VALUES ({lit},'{op}',{pk},{old},{new},{epoch},{NOW_US})"
+        )
+    };
+    [
+        format!(
+            "CREATE TRIGGER {} AFTER INSERT ON {tbl} BEGIN {}; END",
+            quote_ident(&ins),
+            insert(
+                "insert",
+                json_key("NEW.", &t.key),
+                "NULL",
+                &json_row("NEW.", &t.cols)
+            )
+        ),
+        format!(
+            "CREATE TRIGGER {} AFTER UPDATE ON {tbl} BEGIN {}; END",
+            quote_ident(&upd),
+            insert(
+                "update",
+                json_key("NEW.", &t.key),
+                &json_row("OLD.", &t.cols),
+                &json_row("NEW.", &t.cols)
+            )
+        ),
+        format!(
+            "CREATE TRIGGER {} AFTER DELETE ON {tbl} BEGIN {}; END",
+            quote_ident(&del),
+            insert(
+                "delete",
+                json_key("OLD.", &t.key),
+                &json_row("OLD.", &t.cols),
+                "NULL"
+            )
+        ),
+    ]
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+}
+
+impl Db {
+    /// A source; nothing is opened until [`Db::ensure`].
+    pub fn new(source: String, tables: Option<Vec<String>>) -> Db {
+        Db {
+            source,
+            tables,
+            conn: None,
+            ino: (0, 0),
+            schema_version: None,
+            data_version: None,
+        }
+    }
+
+    /// Changes the captured tables (a configuration reload); triggers follow at the
+    /// next [`Db::ensure`].
+    pub fn set_tables(&mut self, tables: Option<Vec<String>>) {
+        if self.tables != tables {
+            self.tables = tables;
+            self.schema_version = None;
+        }
+    }
+
+    /// Opens the database when it exists (never creates it) and installs or refreshes
+    /// the capture triggers when its schema changed. `Ok(false)`: not there yet, or
+    /// locked for now; try again later.
+    pub fn ensure(&mut self) -> Result<bool, Error> {
+        let path = Path::new(&self.source);
+        let Ok(meta) = std::fs::metadata(path) else {
+            self.conn = None;
+            return Ok(false);
+        };
+        let ino = (meta.dev(), meta.ino());
+        if self.conn.is_none() || ino != self.ino {
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| Error::sqlite(format!("cannot open {}", self.source), e))?;
+            conn.busy_timeout(BUSY)
+                .map_err(|e| Error::sqlite("cannot set a busy timeout", e))?;
+            self.conn = Some(conn);
+            self.ino = ino;
+            self.schema_version = None;
+            self.data_version = None;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(false);
+        };
+        let sv: i64 = conn
+            .query_row("PRAGMA schema_version", [], |r| r.get(0))
+            .map_err(|e| {
+                Error::sqlite(
+                    format!("cannot read the schema version of {}", self.source),
+                    e,
+                )
+            })?;
+        if self.schema_version == Some(sv) {
+            return Ok(true);
+        }
+        match install(conn, self.tables.as_deref()) {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::info!(source = %self.source, tables = n, "capture triggers installed");
+                }
+            }
+            Err(e) if is_busy(&e) => return Ok(false),
+            Err(e) => {
+                return Err(Error::sqlite(
+                    format!("cannot install capture triggers in {}", self.source),
+                    e,
+                ))
+            }
+        }
+        let sv: i64 = conn
+            .query_row("PRAGMA schema_version", [], |r| r.get(0))
+            .map_err(|e| Error::sqlite("cannot read the schema version", e))?;
+        self.schema_version = Some(sv);
+        // Anything committed so far is drained once after an install.
+        self.data_version = None;
+        Ok(true)
+    }
+
+    /// Whether something was committed by another connection since the last call.
+    pub fn changed(&mut self) -> Result<bool, Error> {
+        let Some(conn) = self.conn.as_ref() else {
+            return Ok(false);
+        };
+        let dv: i64 = conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| {
+                Error::sqlite(
+                    format!("cannot read the data version of {}", self.source),
+                    e,
+                )
+            })?;
+        let changed = self.data_version != Some(dv);
+        self.data_version = Some(dv);
+        Ok(changed)
+    }
+
+    /// Forgets the data version, so the next [`Db::changed`] says yes.
+    pub fn mark_dirty(&mut self) {
+        self.data_version = None;
+    }
+
+    /// Committed capture rows after `after`, at most `max`, in id order.
+    pub fn drain(&mut self, after: i64, max: usize) -> Result<Drained, Error> {
+        let source = self.source.clone();
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Drained::default());
+        };
+        let ctx = |e| Error::sqlite(format!("cannot read the capture table of {source}"), e);
+        let tx = conn.transaction().map_err(ctx)?;
+        let (epoch, instance): (i64, String) = tx
+            .query_row(
+                &format!("SELECT epoch, instance FROM {TX_TABLE} WHERE id=1"),
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(ctx)?;
+        let mut rows = Vec::new();
+        {
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT id, tbl, op, pk, old, new, epoch, time_us FROM {CAPTURE_TABLE} WHERE id > ?1 ORDER BY id LIMIT ?2"
+                ))
+                .map_err(ctx)?;
+            let mut q = stmt.query(params![after, max as i64]).map_err(ctx)?;
+            while let Some(r) = q.next().map_err(ctx)? {
+                let op: String = r.get(2).map_err(ctx)?;
+                let op = match op.as_str() {
+                    "insert" => Operation::Insert,
+                    "update" => Operation::Update,
+                    "delete" => Operation::Delete,
+                    "schema" => Operation::Schema,
+                    other => {
+                        return Err(Error::Apply(format!(
+                            "capture row with unknown operation {other:?} in {}",
+                            self.source
+                        )))
+                    }
+                };
+                rows.push(CaptureRow {
+                    id: r.get(0).map_err(ctx)?,
+                    table: r.get(1).map_err(ctx)?,
+                    op,
+                    pk: r.get(3).map_err(ctx)?,
+                    old: r.get(4).map_err(ctx)?,
+                    new: r.get(5).map_err(ctx)?,
+                    epoch: r.get(6).map_err(ctx)?,
+                    time_us: r.get(7).map_err(ctx)?,
+                });
+            }
+        }
+        tx.commit().map_err(ctx)?;
+        Ok(Drained {
+            rows,
+            epoch,
+            instance,
+        })
+    }
+
+    /// Moves the epoch on from `epoch` (so later transactions get a new tx id).
+    /// Returns false when the database was busy; the next drain tries again.
+    pub fn bump_epoch(&mut self, epoch: i64) -> Result<bool, Error> {
+        let Some(conn) = self.conn.as_ref() else {
+            return Ok(false);
+        };
+        match conn.execute(
+            &format!("UPDATE {TX_TABLE} SET epoch = epoch + 1 WHERE id = 1 AND epoch = ?1"),
+            [epoch],
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if is_busy(&e) => Ok(false),
+            Err(e) => Err(Error::sqlite(
+                format!("cannot move the epoch of {}", self.source),
+                e,
+            )),
+        }
+    }
+
+    /// Deletes capture rows up to `id` (their entries are acknowledged).
+    pub fn delete_upto(&mut self, id: i64) -> Result<bool, Error> {
+        let Some(conn) = self.conn.as_ref() else {
+            return Ok(false);
+        };
+        match conn.execute(&format!("DELETE FROM {CAPTURE_TABLE} WHERE id <= ?1"), [id]) {
+            Ok(_) => Ok(true),
+            Err(e) if is_busy(&e) => Ok(false),
+            Err(e) => Err(Error::sqlite(
+                format!("cannot trim the capture table of {}", self.source),
+                e,
+            )),
+        }
+    }
+
+    /// Drops the capture triggers (the source left the configuration). The capture
+    /// table stays; its rows are drained if the source comes back.
+    pub fn uninstall(&mut self) -> Result<(), Error> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        let res = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for name in weft_triggers(&tx, None)? {
+                tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote_ident(&name)))?;
+            }
+            tx.commit()
+        })();
+        res.map_err(|e| {
+            Error::sqlite(
+                format!("cannot remove the capture triggers of {}", self.source),
+                e,
+            )
+        })
+    }
+}
+
+/// Names of the agent's triggers, on `table` or on every table.
+fn weft_triggers(conn: &Connection, table: Option<&str>) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(
+        "SELECT name FROM sqlite_master WHERE type='trigger' AND name LIKE '\\_weft\\_%' ESCAPE '\\' \
+         AND (?1 IS NULL OR tbl_name = ?1)",
+    )?;
+    let names = stmt
+        .query_map([table], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(names)
+}
+
+/// Installs or refreshes the capture in one write transaction; returns how many tables
+/// got new triggers.
+fn install(conn: &mut Connection, wanted: Option<&[String]>) -> rusqlite::Result<usize> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {CAPTURE_TABLE}(id INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL, \
+           op TEXT NOT NULL, pk TEXT NOT NULL, old TEXT, new TEXT, epoch INTEGER NOT NULL, time_us INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS {TX_TABLE}(id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, instance TEXT NOT NULL);
+         INSERT OR IGNORE INTO {TX_TABLE}(id, epoch, instance) VALUES (1, 1, lower(hex(randomblob(8))));"
+    ))?;
+    let tables: Vec<(String, String)> = {
+        let mut stmt = tx.prepare(
+            "SELECT name, sql FROM sqlite_master WHERE type='table' \
+             AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_weft\\_%' ESCAPE '\\' \
+             AND sql NOT LIKE 'CREATE VIRTUAL%' ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let targets: Vec<(String, String)> = tables
+        .into_iter()
+        .filter(|(n, _)| wanted.is_none_or(|w| w.iter().any(|t| t == n)))
+        .collect();
+    let target_names: BTreeSet<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
+    // Triggers on tables no longer captured go.
+    let mut stmt_all = tx.prepare(
+        "SELECT name, tbl_name FROM sqlite_master WHERE type='trigger' AND name LIKE '\\_weft\\_%' ESCAPE '\\'",
+    )?;
+    let existing: Vec<(String, String)> = stmt_all
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    drop(stmt_all);
+    for (name, tbl) in &existing {
+        if !target_names.contains(tbl.as_str()) {
+            tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote_ident(name)))?;
+        }
+    }
+    let bump = format!("UPDATE {TX_TABLE} SET epoch = epoch + 1 WHERE id = 1");
+    let mut installed = 0;
+    for (name, sql) in targets {
+        let info = table_info(&tx, &name, sql)?;
+        let want = trigger_sqls(&info);
+        let names = trigger_names(&name);
+        let mut have = Vec::new();
+        for n in &names {
+            let sql: Option<String> = tx
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE type='trigger' AND name=?1",
+                    [n],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            have.push(sql);
+        }
+        if have
+            .iter()
+            .zip(&want)
+            .all(|(h, w)| h.as_deref() == Some(w.as_str()))
+        {
+            continue;
+        }
+        let fresh = have.iter().all(Option::is_none);
+        for n in weft_triggers(&tx, Some(&name))? {
+            tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote_ident(&n)))?;
+        }
+        // The schema and (for a table seen the first time) its current rows form a
+        // transaction of their own.
+        tx.execute_batch(&bump)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {CAPTURE_TABLE}(tbl,op,pk,old,new,epoch,time_us) \
+                 VALUES (?1,'schema','',NULL,json_quote(?2),(SELECT epoch FROM {TX_TABLE} WHERE id=1),{NOW_US})"
+            ),
+            params![info.name, info.sql],
+        )?;
+        if fresh {
+            tx.execute_batch(&format!(
+                "INSERT INTO {CAPTURE_TABLE}(tbl,op,pk,old,new,epoch,time_us) \
+                 SELECT {},'insert',{},NULL,{},(SELECT epoch FROM {TX_TABLE} WHERE id=1),{NOW_US} FROM {} ORDER BY rowid",
+                quote_lit(&name),
+                json_key("", &info.key),
+                json_row("", &info.cols),
+                quote_ident(&name)
+            ))
+            .or_else(|e| {
+                // WITHOUT ROWID tables have no rowid to order by.
+                if e.to_string().contains("rowid") {
+                    tx.execute_batch(&format!(
+                        "INSERT INTO {CAPTURE_TABLE}(tbl,op,pk,old,new,epoch,time_us) \
+                         SELECT {},'insert',{},NULL,{},(SELECT epoch FROM {TX_TABLE} WHERE id=1),{NOW_US} FROM {}",
+                        quote_lit(&name),
+                        json_key("", &info.key),
+                        json_row("", &info.cols),
+                        quote_ident(&name)
+                    ))
+                } else {
+                    Err(e)
+                }
+            })?;
+        }
+        for sql in &want {
+            tx.execute_batch(sql)?;
+        }
+        tx.execute_batch(&bump)?;
+        installed += 1;
+    }
+    tx.commit()?;
+    Ok(installed)
+}
+
+/// Converts a JSON value of a row to a SQLite value.
+fn to_sql(v: &Value) -> Result<SqlValue, Error> {
+    Ok(match v {
+        Value::Null => SqlValue::Null,
+        Value::Bool(b) => SqlValue::Integer(i64::from(*b)),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => SqlValue::Integer(i),
+            None => SqlValue::Real(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => SqlValue::Text(s.clone()),
+        Value::Object(m) if m.len() == 1 && m.contains_key("$blob") => {
+            let hex = m["$blob"].as_str().unwrap_or_default();
+            SqlValue::Blob(
+                decode_hex(hex).ok_or_else(|| Error::Apply(format!("bad $blob hex {hex:?}")))?,
+            )
+        }
+        Value::Object(m) if m.contains_key("$omitted") => {
+            return Err(Error::Apply(
+                "a value was omitted from the record (too large); cannot apply it".into(),
+            ))
+        }
+        other => SqlValue::Text(other.to_string()),
+    })
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(what: &str, text: Option<&str>) -> Result<T, Error> {
+    let text = text.ok_or_else(|| Error::Apply(format!("the change has no {what}")))?;
+    serde_json::from_str(text)
+        .map_err(|e| Error::Apply(format!("{what} is not the expected JSON: {e}")))
+}
+
+/// Applies SQLite changes of one database in one transaction; returns how many were
+/// made. The database is created if a schema change needs it.
+pub fn apply(path: &str, changes: &[&Entry]) -> Result<u64, Error> {
+    let mut conn =
+        Connection::open(path).map_err(|e| Error::sqlite(format!("cannot open {path}"), e))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(|e| Error::sqlite("cannot set a busy timeout", e))?;
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| Error::sqlite(format!("cannot begin a transaction on {path}"), e))?;
+    let mut n = 0;
+    for c in changes {
+        apply_one(&tx, c).map_err(|e| {
+            Error::Apply(format!("{} {} {}: {e}", c.op.as_str(), c.collection, c.key))
+        })?;
+        n += 1;
+    }
+    tx.commit()
+        .map_err(|e| Error::sqlite(format!("cannot commit to {path}"), e))?;
+    Ok(n)
+}
+
+fn apply_one(tx: &rusqlite::Transaction<'_>, c: &Entry) -> Result<(), Error> {
+    let sq = |e| Error::sqlite("sqlite", e);
+    let table = &c.collection;
+    if c.op == Operation::Schema {
+        let sql: String = parse_json("schema", c.new.as_deref())?;
+        if !sql
+            .trim_start()
+            .to_ascii_uppercase()
+            .starts_with("CREATE TABLE")
+        {
+            return Err(Error::Apply(
+                "a schema change must be a CREATE TABLE statement".into(),
+            ));
+        }
+        let exists: bool = tx
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type='table' AND name=?1",
+                [table],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(sq)?
+            > 0;
+        if !exists {
+            tx.execute_batch(&sql).map_err(sq)?;
+        }
+        return Ok(());
+    }
+    let info = table_info(tx, table, String::new()).map_err(sq)?;
+    if info.cols.is_empty() {
+        return Err(Error::Apply(format!("no table {table}")));
+    }
+    let key: Vec<Value> = serde_json::from_str(&c.key)
+        .map_err(|e| Error::Apply(format!("the key is not a JSON array: {e}")))?;
+    let key_cols: Vec<String> = match &info.key {
+        Key::Rowid => vec!["rowid".into()],
+        Key::Columns(k) => k.iter().map(|c| quote_ident(c)).collect(),
+    };
+    if key.len() != key_cols.len() {
+        return Err(Error::Apply(format!(
+            "the key has {} parts, the table's key {}",
+            key.len(),
+            key_cols.len()
+        )));
+    }
+    let key_vals = key.iter().map(to_sql).collect::<Result<Vec<_>, _>>()?;
+    let where_ = key_cols
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("{k} = ?{}", i + 1))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let row = |text: Option<&str>| -> Result<Vec<(String, SqlValue)>, Error> {
+        let obj: serde_json::Map<String, Value> = parse_json("row", text)?;
+        obj.iter()
+            .map(|(k, v)| {
+                if !info.cols.contains(k) {
+                    return Err(Error::Apply(format!("no column {k} in {table}")));
+                }
+                Ok((quote_ident(k), to_sql(v)?))
+            })
+            .collect()
+    };
+    let upsert = |cols: Vec<(String, SqlValue)>| -> Result<(), Error> {
+        let mut names: Vec<String> = cols.iter().map(|(k, _)| k.clone()).collect();
+        let mut vals: Vec<SqlValue> = cols.into_iter().map(|(_, v)| v).collect();
+        if info.key == Key::Rowid {
+            names.push("rowid".into());
+            vals.push(key_vals[0].clone());
+        }
+        let marks = (1..=vals.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        tx.execute(
+            &format!(
+                "INSERT OR REPLACE INTO {}({}) VALUES ({marks})",
+                quote_ident(table),
+                names.join(",")
+            ),
+            rusqlite::params_from_iter(vals),
+        )
+        .map_err(sq)?;
+        Ok(())
+    };
+    match c.op {
+        Operation::Insert => upsert(row(c.new.as_deref())?)?,
+        Operation::Update => {
+            let cols = row(c.new.as_deref())?;
+            // The row is found by its key before the change (a key may change too).
+            let mut old_key = key_vals.clone();
+            if let (Key::Columns(k), Some(old)) = (&info.key, c.old.as_deref()) {
+                let old: serde_json::Map<String, Value> = parse_json("old row", Some(old))?;
+                if k.iter().all(|c| old.contains_key(c)) {
+                    old_key = k
+                        .iter()
+                        .map(|c| to_sql(&old[c]))
+                        .collect::<Result<_, _>>()?;
+                }
+            }
+            let sets = cols
+                .iter()
+                .enumerate()
+                .map(|(i, (k, _))| format!("{k} = ?{}", i + 1 + old_key.len()))
+                .collect::<Vec<_>>()
+                .join(",");
+            let changed = if sets.is_empty() {
+                1
+            } else {
+                let vals: Vec<SqlValue> = old_key
+                    .iter()
+                    .cloned()
+                    .chain(cols.iter().map(|(_, v)| v.clone()))
+                    .collect();
+                tx.execute(
+                    &format!("UPDATE {} SET {sets} WHERE {where_}", quote_ident(table)),
+                    rusqlite::params_from_iter(vals),
+                )
+                .map_err(sq)?
+            };
+            if changed == 0 {
+                upsert(cols)?;
+            }
+        }
+        Operation::Delete => {
+            tx.execute(
+                &format!("DELETE FROM {} WHERE {where_}", quote_ident(table)),
+                rusqlite::params_from_iter(key_vals),
+            )
+            .map_err(sq)?;
+        }
+        Operation::Schema => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> (tempfile::TempDir, String, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.db").to_str().unwrap().to_string();
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE customers(id INTEGER PRIMARY KEY, name TEXT, photo BLOB, score REAL);
+             CREATE TABLE notes(body TEXT);
+             CREATE TABLE pairs(a TEXT, b INTEGER, v TEXT, PRIMARY KEY (a, b)) WITHOUT ROWID;
+             INSERT INTO customers VALUES (1, 'Alice', x'00ff', 1.5);",
+        )
+        .unwrap();
+        (dir, path, conn)
+    }
+
+    #[test]
+    fn triggers_capture_rows_and_a_baseline() {
+        let (_dir, path, conn) = db();
+        let mut d = Db::new(path, None);
+        assert!(d.ensure().unwrap());
+        conn.execute_batch(
+            "BEGIN; UPDATE customers SET name='Bob' WHERE id=1; INSERT INTO notes VALUES ('n''1');
+             INSERT INTO pairs VALUES ('x', 2, NULL); COMMIT;
+             BEGIN; DELETE FROM customers; ROLLBACK;",
+        )
+        .unwrap();
+        let got = d.drain(0, 100).unwrap();
+        let ops: Vec<_> = got.rows.iter().map(|r| (r.table.as_str(), r.op)).collect();
+        assert_eq!(
+            ops,
+            [
+                ("customers", Operation::Schema),
+                ("customers", Operation::Insert),
+                ("notes", Operation::Schema),
+                ("pairs", Operation::Schema),
+                ("customers", Operation::Update),
+                ("notes", Operation::Insert),
+                ("pairs", Operation::Insert),
+            ]
+        );
+        let base = &got.rows[1];
+        assert_eq!(base.pk, "[1]");
+        let v: Value = serde_json::from_str(base.new.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"id": 1, "name": "Alice", "photo": {"$blob": "00FF"}, "score": 1.5})
+        );
+        let upd = &got.rows[4];
+        assert!(upd.old.as_deref().unwrap().contains("Alice"));
+        assert!(upd.new.as_deref().unwrap().contains("Bob"));
+        assert_eq!(got.rows[5].pk, "[1]", "rowid key");
+        assert_eq!(got.rows[6].pk, "[\"x\",2]");
+        let tx_epochs: BTreeSet<i64> = got.rows[4..].iter().map(|r| r.epoch).collect();
+        assert_eq!(tx_epochs.len(), 1, "one transaction, one epoch");
+        assert_ne!(
+            got.rows[1].epoch, got.rows[4].epoch,
+            "the baseline is its own transaction"
+        );
+        // Schema unchanged: nothing reinstalled.
+        assert!(d.ensure().unwrap());
+        assert_eq!(d.drain(got.rows[6].id, 100).unwrap().rows.len(), 0);
+    }
+
+    #[test]
+    fn reals_keep_every_bit() {
+        let (_dir, path, conn) = db();
+        let mut d = Db::new(path, Some(vec!["customers".into()]));
+        assert!(d.ensure().unwrap());
+        conn.execute_batch("UPDATE customers SET score = 6.36 + 1.25, photo = 0.1 + 0.2")
+            .unwrap();
+        let got = d.drain(0, 100).unwrap();
+        let new: Value =
+            serde_json::from_str(got.rows.last().unwrap().new.as_deref().unwrap()).unwrap();
+        assert_eq!(new["score"].as_f64(), Some(6.36 + 1.25));
+        assert_eq!(new["photo"].as_f64(), Some(0.1 + 0.2));
+        // Parsed back exactly: serde_json's `float_roundtrip` (its default parser may be
+        // one unit in the last place off).
+        let v: Value = serde_json::from_str("7.6099999999999994").unwrap();
+        assert_eq!(v.as_f64(), Some(7.609_999_999_999_999));
+    }
+
+    #[test]
+    fn apply_makes_the_changes() {
+        let (_dir, path, conn) = db();
+        let e = |op, table: &str, key: &str, old: Option<&str>, new: Option<&str>| Entry {
+            seq: 1,
+            guest_time_us: 0,
+            data_type: crate::proto::DataType::Sqlite,
+            op,
+            source: path.clone(),
+            collection: table.into(),
+            key: key.into(),
+            old: old.map(Into::into),
+            new: new.map(Into::into),
+            tx: None,
+        };
+        let changes = [
+            e(
+                Operation::Insert,
+                "customers",
+                "[2]",
+                None,
+                Some(r#"{"id":2,"name":"Carol","photo":{"$blob":"0a0b"},"score":null}"#),
+            ),
+            e(
+                Operation::Update,
+                "customers",
+                "[1]",
+                Some(r#"{"id":1}"#),
+                Some(r#"{"id":1,"name":"Bob"}"#),
+            ),
+            e(
+                Operation::Insert,
+                "notes",
+                "[7]",
+                None,
+                Some(r#"{"body":"seven"}"#),
+            ),
+            e(Operation::Delete, "pairs", r#"["x",2]"#, Some("{}"), None),
+            e(
+                Operation::Schema,
+                "extra",
+                "",
+                None,
+                Some(r#""CREATE TABLE extra(k TEXT PRIMARY KEY)""#),
+            ),
+        ];
+        let refs: Vec<&Entry> = changes.iter().collect();
+        assert_eq!(apply(&path, &refs).unwrap(), 5);
+        let name: String = conn
+            .query_row("SELECT name FROM customers WHERE id=1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(name, "Bob");
+        let photo: Vec<u8> = conn
+            .query_row("SELECT photo FROM customers WHERE id=2", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(photo, [10, 11]);
+        let rowid: i64 = conn
+            .query_row("SELECT rowid FROM notes WHERE body='seven'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(rowid, 7);
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM extra", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+        let bad = [e(
+            Operation::Insert,
+            "customers",
+            "[3]",
+            None,
+            Some(r#"{"nope":1}"#),
+        )];
+        let refs: Vec<&Entry> = bad.iter().collect();
+        assert!(apply(&path, &refs).is_err());
+    }
+}
