@@ -195,6 +195,16 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
         !text.contains("weft-dpa-workload: failed"),
         "the workload failed"
     );
+    // The DPA measures commit-to-host latency in the guest (trigger clock to the host's
+    // durable ack) and reports it every 2000 SQLite changes.
+    let latency: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.find("commit-to-host latency").map(|i| &l[i..]))
+        .collect();
+    ensure!(!latency.is_empty(), "the DPA reported no latency");
+    for l in &latency {
+        eprintln!("guest: {l}");
+    }
 
     // The guest reboots: its DPA continues the same sequence from its spool.
     rig.weft_ok(&["env", "stop", "app"])?;

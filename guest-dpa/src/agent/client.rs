@@ -282,6 +282,9 @@ fn session(
     waker.wake();
     tracing::info!(endpoint = %endpoint, acked, resend_from = acked + 1, next_seq = spool.next_seq(), "connected to the host");
     let mut sent = acked;
+    // Entries captured while no host was connected waited for the connection: only
+    // those captured from now on measure the commit-to-host latency.
+    let mut latency = Latency::new(spool.next_seq());
     loop {
         let seen = spool.notify.current();
         while let Some(inc) = next(None) {
@@ -292,6 +295,7 @@ fn session(
                         acked = upto;
                         spool.ack(acked)?;
                         waker.wake();
+                        latency.acked(acked);
                     }
                 }
                 Incoming::Msg(Message::Apply(a)) => {
@@ -346,11 +350,73 @@ fn session(
                     entries[0].seq
                 )));
             }
+            latency.sent(&entries);
             send(&mut stream, &Message::Batch(entries))?;
             sent = last;
         }
         spool.notify.wait(seen, Duration::from_secs(1));
     }
+}
+
+/// Commit-to-host latency: for each SQLite entry, from its capture in the
+/// application's transaction (the trigger's clock, `guest_time_us`) to the host's ack
+/// saying it is durable in the provenance log, on the guest's clock. Logged as
+/// percentiles every [`Latency::EVERY`] entries.
+struct Latency {
+    from_seq: u64,
+    pending: std::collections::VecDeque<(u64, i64)>,
+    samples: Vec<u64>,
+}
+
+impl Latency {
+    const EVERY: usize = 2000;
+
+    fn new(from_seq: u64) -> Self {
+        Latency {
+            from_seq,
+            pending: std::collections::VecDeque::new(),
+            samples: Vec::new(),
+        }
+    }
+
+    fn sent(&mut self, entries: &[proto::Entry]) {
+        for e in entries {
+            if e.seq >= self.from_seq
+                && e.data_type == proto::DataType::Sqlite
+                && e.op != proto::Operation::Schema
+            {
+                self.pending.push_back((e.seq, e.guest_time_us));
+            }
+        }
+    }
+
+    fn acked(&mut self, upto: u64) {
+        let now = now_us();
+        while self.pending.front().is_some_and(|(seq, _)| *seq <= upto) {
+            if let Some((_, t)) = self.pending.pop_front() {
+                self.samples.push(u64::try_from(now - t).unwrap_or(0));
+            }
+        }
+        if self.samples.len() >= Self::EVERY {
+            self.samples.sort_unstable();
+            let pct = |p: usize| self.samples[(self.samples.len() - 1) * p / 100] as f64 / 1e3;
+            tracing::info!(
+                "commit-to-host latency over {} SQLite changes: p50={:.1}ms p99={:.1}ms max={:.1}ms",
+                self.samples.len(),
+                pct(50),
+                pct(99),
+                pct(100)
+            );
+            self.samples.clear();
+        }
+    }
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
 
 fn kind(m: &Message) -> &'static str {

@@ -227,6 +227,8 @@ struct Side {
     bytes: u64,
     key_ms: f64,
     read_eps: f64,
+    /// Replay: the full read folded into application state (`weft::replay::State`).
+    replay_eps: f64,
 }
 
 fn run_weft(dir: &Path, entries: &[Entry], keys: &[(String, String)]) -> Result<Side> {
@@ -275,11 +277,24 @@ fn run_weft(dir: &Path, entries: &[Entry], keys: &[(String, String)]) -> Result<
         "weft read back a different last entry"
     );
     ensure!(found > 0, "no key query found anything");
+    // Replay: read everything again and fold it into state, as `weft replay` does.
+    let start = Instant::now();
+    let all = log.query(VM, &Query::default())?;
+    let mut state = weft::replay::State::default();
+    let summary = state.apply_all(&all);
+    let replay = start.elapsed().as_secs_f64();
+    ensure!(
+        summary.applied + summary.skipped == entries.len() as u64,
+        "replay saw {} of {} entries",
+        summary.applied + summary.skipped,
+        entries.len()
+    );
     Ok(Side {
         append_eps: entries.len() as f64 / append,
         bytes,
         key_ms,
         read_eps: all.len() as f64 / read,
+        replay_eps: entries.len() as f64 / replay,
     })
 }
 
@@ -412,6 +427,7 @@ fn run_sqlite(dir: &Path, entries: &[Entry], keys: &[(String, String)]) -> Resul
         bytes,
         key_ms,
         read_eps: all.len() as f64 / read,
+        replay_eps: f64::NAN,
     })
 }
 
@@ -498,7 +514,7 @@ pub fn bench_provenance(n: usize, rounds: usize) -> Result<()> {
             fsyncs[round]
         );
         eprintln!(
-            "round {}: append weft {:.0}/s, SQLite {:.0}/s ({:.2}x); bytes/entry {:.1} vs {:.1}; key query {:.2} vs {:.2} ms; full read {:.0} vs {:.0}/s",
+            "round {}: append weft {:.0}/s, SQLite {:.0}/s ({:.2}x); bytes/entry {:.1} vs {:.1}; key query {:.2} vs {:.2} ms; full read {:.0} vs {:.0}/s; replay {:.0}/s",
             round + 1,
             w.append_eps,
             p.append_eps,
@@ -508,7 +524,8 @@ pub fn bench_provenance(n: usize, rounds: usize) -> Result<()> {
             w.key_ms,
             p.key_ms,
             w.read_eps,
-            p.read_eps
+            p.read_eps,
+            w.replay_eps
         );
     }
     let col = |v: &[Side], f: fn(&Side) -> f64| v.iter().map(f).collect::<Vec<_>>();
@@ -570,6 +587,10 @@ pub fn bench_provenance(n: usize, rounds: usize) -> Result<()> {
         "| SQLite (index on key) | {:.2} | {:.0} |",
         median(&col(&peer, |s| s.key_ms)),
         median(&col(&peer, |s| s.read_eps))
+    );
+    println!(
+        "\n**replay** (full read + fold into state, `weft::replay::State::apply_all`): {:.0} entries/s (median)",
+        median(&col(&weft, |s| s.replay_eps))
     );
     Ok(())
 }
