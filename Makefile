@@ -6,7 +6,7 @@ DEMO_SOCKET := $(DEMO_DIR)/run/weftd.sock
 WEFT := $(CURDIR)/target/debug/weft --socket $(DEMO_SOCKET)
 PREFIX ?= /usr/local
 
-.PHONY: all build toolchain deps tools assets fmt clippy test demo demo-stop install clean bench
+.PHONY: all build toolchain deps tools vsock-device assets fmt clippy test demo demo-stop install clean bench
 
 all: build
 
@@ -16,8 +16,12 @@ deps:
 
 ## tools: cargo tools the test suite uses, and rust-vmm's vhost-device-vsock (guests'
 ## vsock where the kernel has no vhost-vsock; weftd finds it in PATH)
-tools:
+tools: vsock-device
 	@command -v cargo-nextest >/dev/null || $(CARGO) install cargo-nextest --locked
+
+## vsock-device: rust-vmm's vhost-device-vsock, through which guests' DPAs reach weftd on
+## hosts without kernel vhost-vsock
+vsock-device:
 	@command -v vhost-device-vsock >/dev/null || $(CARGO) install vhost-device-vsock --version 0.3.0 --locked
 
 build: toolchain
@@ -48,7 +52,7 @@ test:
 	$(CARGO) nextest run --workspace --profile ci
 
 ## demo: start weftd on ./.weft-demo, boot the demo guest, show it
-demo: deps build assets
+demo: deps vsock-device build assets
 	bash scripts/demo.sh start
 
 ## demo-stop: stop the demo guest and weftd, remove ./.weft-demo

@@ -18,6 +18,10 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
     done
 }
 
+provenance_arrived() {
+    weft --json provenance tail demo -n 1 | grep -q '"seq"'
+}
+
 start() {
     mkdir -p "$demo"
     if [ -f "$demo/weftd.pid" ] && kill -0 "$(cat "$demo/weftd.pid")" 2>/dev/null; then
@@ -44,10 +48,14 @@ start() {
     echo "==> weft env create demo --disk $demo/demo-data.img,name=vda --memory 256M --kernel … --initrd …"
     weft env create demo --disk "$demo/demo-data.img,name=vda" --memory 256M --cpus 1 \
         --kernel "$assets/vmlinuz" --initrd "$assets/initramfs.img" \
-        --append "console=ttyS0 panic=-1 weft.workload=counter"
+        --append "console=ttyS0 panic=-1 weft.workload=dpa weft.dpa=1 weft.workload_args=--count=500,--checkpoints=1,--settle-ms=200"
     serial="$demo/data/environments/demo/serial.log"
     echo "==> waiting for the guest to report WEFT-READY on its serial console ($serial)"
     if ! wait_for 120 "the guest to boot" grep -q WEFT-READY "$serial"; then
+        tail -n 30 "$serial" >&2 || true; exit 1
+    fi
+    echo "==> waiting for the guest's application (500 SQLite, JSON and key-value changes) to finish"
+    if ! wait_for 120 "the guest workload" grep -q "weft-dpa-workload: done" "$serial"; then
         tail -n 30 "$serial" >&2 || true; exit 1
     fi
     echo
@@ -73,6 +81,13 @@ start() {
     echo "==> weft weave list demo"
     weft weave list demo
     echo
+    echo "==> weft provenance tail demo -n 5   (changes the guest's DPA streamed over vsock)"
+    wait_for 30 "the provenance log" provenance_arrived || true
+    weft provenance tail demo -n 5
+    echo
+    echo "==> weft replay demo --to now --out $demo/replay   (the application's state rebuilt from the log)"
+    weft replay demo --to now --out "$demo/replay"
+    echo
     echo "==> weft audit"
     weft audit
     cat <<EOT
@@ -82,6 +97,7 @@ The demo environment and its weave "past" run under weftd. Try:
   target/debug/weft --socket $sock env start demo
   target/debug/weft --socket $sock snapshot create demo
   target/debug/weft --socket $sock restore $disk_snapshot --output /tmp/demo-vda.img
+  target/debug/weft --socket $sock provenance query demo --table customers --limit 10
   tail -f $serial
 Stop everything and remove ./.weft-demo with: make demo-stop
 EOT

@@ -258,6 +258,46 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
     // Nothing changed after the final checkpoint (the live database on the disk is not
     // comparable byte for byte: recent commits sit in its WAL file).
     compare(&out, &image, "/dpa/checkpoints/final", "now")?;
+
+    // Apply mode: a weave from now holds the final state; replaying checkpoint 1 into it
+    // makes its DPA change the guest's files back, and the weave's own log then rebuilds
+    // checkpoint 1.
+    rig.weft_ok(&["weave", "create", "app", "--name", "back"])?;
+    let cp1 = rfc3339(checkpoint_time(&text, "1")?);
+    let mut tries = 0;
+    loop {
+        let out = rig.weft(&["replay", "app", "--to", &cp1, "--into", "back"]);
+        if out.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
+            break;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        // The weave's guest boots and its DPA connects within a few seconds.
+        ensure!(
+            err.contains("no DPA") && tries < 120,
+            "replay --into: {err}"
+        );
+        tries += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let back = rig.path("replay-back");
+    let settled = settled_last_seq(&rig, "back").await?;
+    ensure!(settled > n, "the weave's DPA recorded the changes it made");
+    rig.weft_ok(&[
+        "replay",
+        "back",
+        "--to",
+        "now",
+        "--out",
+        back.to_str().context("utf-8")?,
+    ])?;
+    compare(
+        &back,
+        &image,
+        "/dpa/checkpoints/1",
+        "the weave after replay --into",
+    )?;
+    rig.weft_ok(&["weave", "delete", "back"])?;
     rig.passed();
     Ok(())
 }
