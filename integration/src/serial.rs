@@ -11,6 +11,8 @@ use crate::wait::wait_until;
 pub const ERROR_MARKER: &str = "WEFT-ERROR";
 /// Lines that mean the guest kernel is gone.
 const PANIC_MARKERS: &[&str] = &["Kernel panic", "end Kernel panic"];
+/// What the DPA workload prints when it stops on an error.
+const WORKLOAD_FAILED: &str = "weft-dpa-workload: failed";
 
 /// The serial console log of a guest (QEMU's `-serial file:`/chardev log file).
 #[derive(Debug, Clone)]
@@ -34,7 +36,8 @@ impl SerialLog {
 
     /// Waits until `needle` appears in the log.
     ///
-    /// Fails at once when the guest reports `WEFT-ERROR: …` or the kernel panics
+    /// Fails at once when the guest reports `WEFT-ERROR: …`, the DPA workload fails, or
+    /// the kernel panics
     /// (unless that is what `needle` asks for), and after `timeout`.
     pub async fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
         let what = format!(
@@ -60,7 +63,11 @@ impl SerialLog {
 pub(crate) fn failure_line(text: &str) -> Option<&str> {
     text.lines()
         .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c.is_control()))
-        .find(|l| l.contains(ERROR_MARKER) || PANIC_MARKERS.iter().any(|m| l.contains(m)))
+        .find(|l| {
+            l.contains(ERROR_MARKER)
+                || l.contains(WORKLOAD_FAILED)
+                || PANIC_MARKERS.iter().any(|m| l.contains(m))
+        })
 }
 
 #[cfg(test)]

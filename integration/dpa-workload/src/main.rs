@@ -117,12 +117,29 @@ impl Work {
         fs::create_dir_all(dir.join("flags"))?;
         let db = Connection::open(dir.join("app.db"))?;
         db.busy_timeout(Duration::from_secs(30))?;
-        db.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             CREATE TABLE IF NOT EXISTS customers(id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT, balance REAL NOT NULL DEFAULT 0);
-             CREATE TABLE IF NOT EXISTS orders(id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL, item TEXT, qty INTEGER, note BLOB);
-             CREATE TABLE IF NOT EXISTS inventory(sku TEXT PRIMARY KEY, stock INTEGER NOT NULL, price REAL);",
-        )?;
+        // Switching to WAL needs the database to itself, and SQLite reports a busy
+        // database at once (without its busy handler) when the DPA has it open at that
+        // moment: retry for a while, as an application starting next to the DPA must.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let setup = db.execute_batch(
+                "PRAGMA journal_mode=WAL;
+                 CREATE TABLE IF NOT EXISTS customers(id INTEGER PRIMARY KEY, name TEXT NOT NULL, email TEXT, balance REAL NOT NULL DEFAULT 0);
+                 CREATE TABLE IF NOT EXISTS orders(id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL, item TEXT, qty INTEGER, note BLOB);
+                 CREATE TABLE IF NOT EXISTS inventory(sku TEXT PRIMARY KEY, stock INTEGER NOT NULL, price REAL);",
+            );
+            match setup {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if matches!(
+                        e.code,
+                        rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                    ) && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => break other.context("creating the workload's tables")?,
+            }
+        }
         let settings = dir.join("settings.json");
         if !settings.exists() {
             write_atomic(
@@ -248,7 +265,9 @@ impl Work {
     }
 
     fn sqlite_tx(&mut self) -> anyhow::Result<()> {
-        self.db.execute_batch("BEGIN IMMEDIATE")?;
+        self.db
+            .execute_batch("BEGIN IMMEDIATE")
+            .context("BEGIN IMMEDIATE")?;
         let ops = self.rng.below(5) + 1;
         let mut n = 0;
         for _ in 0..ops {
@@ -258,7 +277,7 @@ impl Work {
             self.db.execute_batch("ROLLBACK")?;
             // Ids handed out inside stay unused: the counter moves on anyway.
         } else {
-            self.db.execute_batch("COMMIT")?;
+            self.db.execute_batch("COMMIT").context("COMMIT")?;
             self.changes += n;
         }
         Ok(())
