@@ -17,7 +17,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use weft_dpa::{DataType, Entry, Operation};
+use weft_dpa::{jsonptr, DataType, Entry, Operation};
 
 use crate::provenance::Record;
 
@@ -144,14 +144,14 @@ impl State {
                             .json
                             .entry(e.source.clone())
                             .or_insert_with(|| Value::Object(Map::new()));
-                        pointer_set(doc, &e.key, value)?;
+                        jsonptr::set(doc, &e.key, value)?;
                     }
                 }
                 Operation::Delete => {
                     if e.key.is_empty() {
                         self.json.remove(&e.source);
                     } else if let Some(doc) = self.json.get_mut(&e.source) {
-                        pointer_remove(doc, &e.key)?;
+                        jsonptr::remove(doc, &e.key)?;
                     }
                 }
                 Operation::Schema => return Err("JSON sources have no schema".into()),
@@ -578,85 +578,6 @@ fn canonical_key(key: &str) -> Result<String, String> {
         return Err("a SQLite key is a JSON array".into());
     }
     Ok(v.to_string())
-}
-
-/// RFC 6901 reference tokens of a pointer.
-fn tokens(pointer: &str) -> Result<Vec<String>, String> {
-    let rest = pointer
-        .strip_prefix('/')
-        .ok_or_else(|| format!("{pointer:?} is not a JSON pointer"))?;
-    Ok(rest
-        .split('/')
-        .map(|t| t.replace("~1", "/").replace("~0", "~"))
-        .collect())
-}
-
-/// Sets the value at `pointer`, creating the last member or appending at the index
-/// one past an array's end; parents must exist.
-fn pointer_set(doc: &mut Value, pointer: &str, value: Value) -> Result<(), String> {
-    let mut tokens = tokens(pointer)?;
-    let last = tokens.pop().ok_or("empty pointer")?;
-    let mut node = doc;
-    for t in &tokens {
-        node = match node {
-            Value::Object(m) => m.get_mut(t),
-            Value::Array(a) => t.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
-            _ => None,
-        }
-        .ok_or_else(|| format!("no parent at {pointer:?}"))?;
-    }
-    match node {
-        Value::Object(m) => {
-            m.insert(last, value);
-        }
-        Value::Array(a) => {
-            let i = if last == "-" {
-                a.len()
-            } else {
-                last.parse::<usize>()
-                    .map_err(|_| format!("{last:?} is not an index"))?
-            };
-            match i.cmp(&a.len()) {
-                std::cmp::Ordering::Less => a[i] = value,
-                std::cmp::Ordering::Equal => a.push(value),
-                std::cmp::Ordering::Greater => {
-                    return Err(format!("index {i} past the end of {pointer:?}"))
-                }
-            }
-        }
-        _ => return Err(format!("the parent of {pointer:?} is not a container")),
-    }
-    Ok(())
-}
-
-/// Removes the value at `pointer` (an array element shifts the rest down).
-fn pointer_remove(doc: &mut Value, pointer: &str) -> Result<(), String> {
-    let mut tokens = tokens(pointer)?;
-    let last = tokens.pop().ok_or("empty pointer")?;
-    let mut node = doc;
-    for t in &tokens {
-        node = match node {
-            Value::Object(m) => m.get_mut(t),
-            Value::Array(a) => t.parse::<usize>().ok().and_then(|i| a.get_mut(i)),
-            _ => None,
-        }
-        .ok_or_else(|| format!("no parent at {pointer:?}"))?;
-    }
-    match node {
-        Value::Object(m) => {
-            m.remove(&last);
-        }
-        Value::Array(a) => {
-            let i = last
-                .parse::<usize>()
-                .map_err(|_| format!("{last:?} is not an index"))?;
-            if i < a.len() {
-                a.remove(i);
-            }
-        }
-        _ => return Err(format!("the parent of {pointer:?} is not a container")),
-    }
-    Ok(())
 }
 
 /// `guest` (an absolute guest path) placed under `out`; `..` and other escapes refused.

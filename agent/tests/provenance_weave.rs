@@ -1,11 +1,12 @@
 //! A weave's provenance through a real weftd and QEMU: its log starts with its
 //! parent's entries up to the branch instant, and goes when the weave is deleted.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+use common::Weftd;
 
-use weft::client::{Client, ClientError};
+use std::process::Command;
+
+use weft::client::Client;
 use weft::provenance::service::{host_now_us, Page, RecordView};
 use weft::provenance::{LogOptions, ProvenanceLog};
 use weft_dpa::{DataType, Entry, Operation};
@@ -22,66 +23,6 @@ fn entry(seq: u64, guest_time_us: i64) -> Entry {
         old: None,
         new: Some(format!("\"v{seq}\"")),
         tx: None,
-    }
-}
-
-struct Weftd {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for Weftd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!(
-                "weftd's log:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-        }
-    }
-}
-
-impl Weftd {
-    async fn start(dir: &Path) -> Weftd {
-        let log = dir.join("weftd.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let socket = dir.join("run/weftd.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_weftd"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--run-dir")
-            .arg(dir.join("run"))
-            .env("RUST_LOG", "weft=debug,info")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("weftd starts");
-        let weftd = Weftd { child, socket, log };
-        let client = Client::new(&weftd.socket);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match client.get::<serde_json::Value>("/v1/status").await {
-                Ok(_) => break,
-                Err(ClientError::Unreachable { .. }) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(e) => panic!("weftd does not answer: {e}"),
-            }
-        }
-        weftd
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_weft"))
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("weft runs")
     }
 }
 

@@ -13,7 +13,7 @@ pub mod capture;
 pub mod client;
 pub mod config;
 pub mod files;
-pub mod jsonptr;
+pub use crate::jsonptr;
 pub mod spool;
 pub mod sqlite;
 mod wake;
