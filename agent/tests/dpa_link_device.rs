@@ -53,7 +53,7 @@ async fn hello_on(path: &Path) -> u64 {
                 other => panic!("want welcome, got {other:?}"),
             }
         }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf))
             .await
             .expect("in time")
             .expect("read");
@@ -62,9 +62,40 @@ async fn hello_on(path: &Path) -> u64 {
     }
 }
 
+/// On a failure, prints what the devices logged, what is left in the vsock
+/// directory and which device processes still run, so that a failure on a loaded CI
+/// machine can be understood from its output alone.
+fn report_on_panic(dir: &Path) {
+    let dir = dir.to_owned();
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        for log in ["vsock.log", "vsock2.log"] {
+            let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+            eprintln!("--- {log}:\n{text}");
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.join("run/vsock"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        eprintln!("--- run/vsock holds {left:?}");
+        let needle = dir.display().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
+                let cmd = cmdline(pid);
+                if cmd.contains(&needle) {
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    eprintln!("--- process {pid}: {cmd} | {stat}");
+                }
+            }
+        }
+    }));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_device_starts_outlives_weftd_and_stops_cleanly() {
     let dir = tempfile::tempdir().expect("tempdir");
+    report_on_panic(dir.path());
     let (data, run) = (dir.path().join("data"), dir.path().join("run"));
     let host = VsockHost::new(
         &settings(VsockMode::VhostUser),

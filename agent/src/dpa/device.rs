@@ -31,6 +31,9 @@ const MAX_SOCKET_PATH: usize = 107;
 const DEVICE_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a device process has to exit after SIGTERM before SIGKILL.
 const DEVICE_STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a device process has to be gone after SIGKILL (a loaded host can take
+/// seconds to tear down a process) before it is reported as stuck.
+const DEVICE_KILL_TIMEOUT: Duration = Duration::from_secs(15);
 /// The device's name on its process's command line (to recognise it after a restart).
 const DEVICE_NAME: &str = "vhost-device-vsock";
 
@@ -452,7 +455,7 @@ impl VsockHost {
             };
             for (sig, wait) in [
                 (nix::sys::signal::Signal::SIGTERM, DEVICE_STOP_TIMEOUT),
-                (nix::sys::signal::Signal::SIGKILL, DEVICE_STOP_TIMEOUT),
+                (nix::sys::signal::Signal::SIGKILL, DEVICE_KILL_TIMEOUT),
             ] {
                 if gone(&exited) {
                     break;
