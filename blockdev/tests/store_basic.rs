@@ -306,7 +306,8 @@ fn crash_leftovers_are_cleaned_and_never_visible() {
 
     // A crash mid-put and mid-index-write leaves temp files behind, and a
     // crash mid-gc leaves a parked chunk.
-    fs::write(root.join("tmp/123-chunk-0-0.tmp"), b"WFCK half a chunk").unwrap();
+    fs::create_dir_all(root.join("tmp/7f")).unwrap();
+    fs::write(root.join("tmp/7f/123-chunk-0-0.tmp"), b"WFCK half a chunk").unwrap();
     fs::write(root.join("tmp/123-index-1-0.tmp"), b"WFIX half an index").unwrap();
     let hot = root.join("chunks");
     let good_path = files_under(&hot)

@@ -141,7 +141,16 @@ fn gc_removes_old_unreferenced_and_keeps_referenced_and_recent() {
     // The mark touched the referenced chunk.
     assert!(mtime(&chunk_path(root, &referenced)) > old + Duration::from_secs(3000));
     assert!(store.verify().unwrap().is_ok());
-    assert!(fs::read_dir(root.join("tmp")).unwrap().next().is_none());
+    // No temp file is left, in `tmp/` or its per-prefix directories.
+    for e in fs::read_dir(root.join("tmp")).unwrap() {
+        let e = e.unwrap();
+        assert!(e.file_type().unwrap().is_dir(), "{:?} left", e.path());
+        assert!(
+            fs::read_dir(e.path()).unwrap().next().is_none(),
+            "{:?} not empty",
+            e.path()
+        );
+    }
 }
 
 #[test]

@@ -193,6 +193,15 @@ impl Tier {
     pub fn parked_path(&self, id: &ChunkId) -> PathBuf {
         self.tmp.join(format!("{}{PARKED_SUFFIX}", id.to_hex()))
     }
+
+    /// Where a new chunk's temp file is written: `tmp/ab/`, one directory per chunk
+    /// directory. Creating and unlinking temp files locks their directory, so with
+    /// one `tmp/` concurrent puts queue on its lock (measured: a fifth of a full
+    /// backup's CPU spent spinning on it with 8 puts in flight).
+    pub fn chunk_tmp_dir(&self, id: &ChunkId) -> PathBuf {
+        let b = id.as_bytes();
+        self.tmp.join(id::hex(&b[..1]))
+    }
 }
 
 /// The chunk store. Clone it freely (it is an `Arc`).
@@ -511,16 +520,11 @@ impl ChunkStore {
             }
             let dir = inner.hot.chunk_dir(&id);
             ensure_dir_with(&inner.hot.chunks, &dir, sync)?;
+            let tmp = inner.hot.chunk_tmp_dir(&id);
+            ensure_dir_with(&inner.hot.tmp, &tmp, sync)?;
             let (created, len) =
                 chunk::encode(&id, data, inner.zstd_level, inner.keys.as_ref(), |parts| {
-                    write_published(
-                        &inner.hot.tmp,
-                        "chunk",
-                        &hot_path,
-                        parts,
-                        Publish::NoReplace,
-                        sync,
-                    )
+                    write_published(&tmp, "chunk", &hot_path, parts, Publish::NoReplace, sync)
                 })?;
             if created {
                 inner.access.note(&id, Kind::Put);
@@ -1080,7 +1084,21 @@ impl ChunkStore {
             .into_iter()
             .flatten()
         {
+            // Temp files sit in `tmp/` and in its per-prefix directories `tmp/ab/`.
+            let mut entries = Vec::new();
             for e in fsutil::read_dir_or_empty(&tier.tmp)? {
+                let shard = e
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.len() == 2 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+                    && e.file_type().is_ok_and(|t| t.is_dir());
+                if shard {
+                    entries.extend(fsutil::read_dir_or_empty(&e.path())?);
+                } else {
+                    entries.push(e);
+                }
+            }
+            for e in entries {
                 let path = e.path();
                 let Some(name) = e.file_name().to_str().map(str::to_string) else {
                     continue;

@@ -403,6 +403,8 @@ struct WeftRun {
     teardown: Duration,
     map: BlockMap,
     stats: PullStats,
+    /// CPU seconds used meanwhile by the benchmark (weft's code) and by QEMU.
+    cpu: (f64, f64),
 }
 
 async fn weft_snapshot(
@@ -423,6 +425,7 @@ async fn weft_snapshot(
         token: token.into(),
     };
     let parent = since.map(|(_, map)| map);
+    let cpu_before = (cpu_secs("self"), qemu_cpu_secs());
     let t = Instant::now();
     let running = recipe::start(qmp, spec.clone()).await?;
     let setup = t.elapsed();
@@ -457,6 +460,10 @@ async fn weft_snapshot(
     }
     .await;
     let time = t.elapsed();
+    let cpu = (
+        cpu_secs("self") - cpu_before.0,
+        qemu_cpu_secs() - cpu_before.1,
+    );
     let (map, stats) = match pulled {
         Ok(v) => v,
         Err(e) => {
@@ -473,7 +480,43 @@ async fn weft_snapshot(
         teardown: t.elapsed(),
         map,
         stats,
+        cpu,
     })
+}
+
+/// User + system CPU seconds of a process (`self` or a pid) so far.
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // utime and stime are fields 14 and 15; the name in parentheses may hold spaces.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| f.get(*i)?.parse::<f64>().ok())
+        .sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64;
+    ticks / hz
+}
+
+/// CPU seconds of every QEMU process running now (the benchmark runs one).
+fn qemu_cpu_secs() -> f64 {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            comm.starts_with("qemu-system")
+                .then(|| cpu_secs(&pid.to_string()))
+        })
+        .sum()
 }
 
 /// The 64 KiB blocks dirtied for the incremental: 1 % of them (rounded up), at
@@ -750,11 +793,14 @@ async fn one_round(
                     tokio::task::spawn_blocking(move || store.stats()).await??
                 };
                 eprintln!(
-                    "  round {round} {}: {:.2} s (setup {:.0} ms, pull {:.2} s), read {:.0} MiB, stored {:.1} MiB (chunk files {:.1} MiB in {} chunks, {} new of {} written), teardown {:.0} ms",
+                    "  round {round} {}: {:.2} s (setup {:.0} ms, pull {:.2} s of which commit {:.2} s; CPU s: weft {:.2}, QEMU {:.2}), read {:.0} MiB, stored {:.1} MiB (chunk files {:.1} MiB in {} chunks, {} new of {} written), teardown {:.0} ms",
                     who.name(),
                     run.time.as_secs_f64(),
                     run.setup.as_secs_f64() * 1e3,
                     run.pull.as_secs_f64(),
+                    run.stats.commit_time.as_secs_f64(),
+                    run.cpu.0,
+                    run.cpu.1,
                     run.stats.bytes_read as f64 / MIB as f64,
                     stored as f64 / MIB as f64,
                     s.hot_bytes as f64 / MIB as f64,
@@ -845,10 +891,14 @@ async fn one_round(
     .await?;
     let added = dir_bytes(plain.root())?.saturating_sub(before);
     eprintln!(
-        "  round {round} weft incremental: {:.3} s (setup {:.0} ms, pull {:.3} s), marked {:.1} MiB, read {:.1} MiB, {} chunks written ({} new), +{:.1} MiB stored, teardown {:.0} ms",
+        "  round {round} weft incremental: {:.3} s (setup {:.0} ms, pull {:.3} s of which parent check {:.3} s and commit {:.3} s; CPU s: weft {:.2}, QEMU {:.2}), marked {:.1} MiB, read {:.1} MiB, {} chunks written ({} new), +{:.1} MiB stored, teardown {:.0} ms",
         inc.time.as_secs_f64(),
         inc.setup.as_secs_f64() * 1e3,
         inc.pull.as_secs_f64(),
+        inc.stats.check_time.as_secs_f64(),
+        inc.stats.commit_time.as_secs_f64(),
+        inc.cpu.0,
+        inc.cpu.1,
         inc.stats.bytes_marked as f64 / MIB as f64,
         inc.stats.bytes_read as f64 / MIB as f64,
         inc.stats.chunks_written,
@@ -1221,8 +1271,9 @@ async fn run_breakdown(image: &Image, chunk_size: u32, qmp: &Qmp, work: &Path) -
         mib(total) / zstd_s.as_secs_f64()
     );
 
-    // 3. ChunkStore::put from memory, 8 at a time as pull does: on this disk, and on
-    //    tmpfs (where fsync costs nothing) to separate the disk's share.
+    // 3. ChunkStore::put from memory, 8 at a time through one put batch made durable
+    //    by one syncfs, as pull does: on this disk, and on tmpfs (where syncing costs
+    //    nothing) to separate the disk's share.
     let shm = tempfile::Builder::new()
         .prefix("weft-bench-")
         .tempdir_in("/dev/shm")
@@ -1235,21 +1286,26 @@ async fn run_breakdown(image: &Image, chunk_size: u32, qmp: &Qmp, work: &Path) -
         let store = new_store(&root, false, chunk_size)?;
         drop_caches();
         let t = Instant::now();
+        let batch = Arc::new(store.batch()?);
         let ids: Vec<_> = stream::iter(0..chunks.len())
             .map(|i| {
-                let (store, chunks) = (store.clone(), Arc::clone(&chunks));
+                let (batch, chunks) = (Arc::clone(&batch), Arc::clone(&chunks));
                 async move {
                     Ok::<_, anyhow::Error>(
-                        tokio::task::spawn_blocking(move || store.put(&chunks[i])).await??,
+                        tokio::task::spawn_blocking(move || batch.put(&chunks[i])).await??,
                     )
                 }
             })
             .buffer_unordered(8)
             .try_collect()
             .await?;
+        let Ok(batch) = Arc::try_unwrap(batch) else {
+            bail!("the put batch is still shared")
+        };
+        batch.commit()?;
         let d = t.elapsed();
         println!(
-            "| ChunkStore::put from memory, 8 in flight ({where_}) | {:.2} | {:.0} | {:.0} |",
+            "| ChunkStore::put from memory, 8 in flight, one batch + syncfs ({where_}) | {:.2} | {:.0} | {:.0} |",
             d.as_secs_f64(),
             mib(total),
             mib(total) / d.as_secs_f64()
