@@ -1036,6 +1036,7 @@ async fn replay(
 ) -> Result<Json<crate::replay::ReplayReport>, EnvError> {
     let req = body(req)?;
     let manager = state.manager.clone();
+    let snapshots = state.snapshots.clone();
     let env = name.clone();
     let detail = serde_json::to_string(&req).ok();
     let report = change(
@@ -1044,7 +1045,7 @@ async fn replay(
         "provenance.replay",
         name,
         detail,
-        async move { crate::replay::run(&manager, &env, &req).await },
+        async move { crate::replay::run(&manager, &snapshots, &env, &req).await },
     )
     .await?;
     Ok(Json(report))

@@ -112,6 +112,14 @@ pub enum Command {
         /// makes (and records) the changes needed to reach it.
         #[arg(long)]
         into: Option<String>,
+        /// Start from the application files inside this disk snapshot (an id from
+        /// `weft snapshot list`), then apply the log from shortly before it to --to.
+        #[arg(long, conflicts_with = "from")]
+        base: Option<i64>,
+        /// With --base: how many seconds before the snapshot the log is applied again,
+        /// to cover writes the guest had not yet written back to the disk.
+        #[arg(long, requires = "base")]
+        base_margin: Option<u64>,
     },
     /// Show the audit log (who changed what, when, with what result).
     Audit {
@@ -881,12 +889,16 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
             from,
             out,
             into,
+            base,
+            base_margin,
         } => {
             let req = crate::replay::ReplayRequest {
                 to,
                 from,
                 out: absolute_opt(out).map_err(CliError::Usage)?,
                 into,
+                base,
+                base_margin_secs: base_margin,
             };
             let report: crate::replay::ReplayReport = client
                 .post(&format!("{}/replay", env_path(&env)?), &req)
@@ -898,6 +910,12 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                     "replayed {} entries of {} (last seq {}, {} skipped)",
                     report.applied, report.env, report.last_seq, report.skipped
                 );
+                if let Some(id) = report.base {
+                    println!("  base: snapshot {id}");
+                    for (src, at) in &report.base_found {
+                        println!("    {src} found at {at}");
+                    }
+                }
                 for f in &report.files {
                     println!("  wrote {f}");
                 }

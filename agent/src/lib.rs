@@ -21,6 +21,7 @@ pub mod net;
 pub mod policies;
 pub mod provenance;
 pub mod replay;
+pub mod replay_base;
 pub mod retention;
 pub mod snapshots;
 pub mod sync;

@@ -377,7 +377,19 @@ pub struct ReplayRequest {
     /// Push the state into this running weave's guest through its DPA.
     #[serde(default)]
     pub into: Option<String>,
+    /// Start from the application state inside this disk snapshot of the environment
+    /// and apply the log from shortly before it (see `base_margin_secs`) up to `to`.
+    #[serde(default)]
+    pub base: Option<i64>,
+    /// How far before the base snapshot's instant the log is applied again (seconds;
+    /// default 120): a disk snapshot lags the guest by what the guest had not yet
+    /// written back, and applying an entry the base already holds changes nothing.
+    #[serde(default)]
+    pub base_margin_secs: Option<u64>,
 }
+
+/// Default of [`ReplayRequest::base_margin_secs`].
+pub const BASE_MARGIN_SECS: u64 = 120;
 
 /// What a replay did.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -398,6 +410,16 @@ pub struct ReplayReport {
     pub into: Option<String>,
     /// Changes the weave's DPA made to reach the state.
     pub changes_made: u64,
+    /// The disk snapshot the state started from.
+    #[serde(default)]
+    pub base: Option<i64>,
+    /// Where each source was found in the base snapshot's file system (guest path →
+    /// path in the file system); sources it lacks start empty.
+    #[serde(default)]
+    pub base_found: BTreeMap<String, String>,
+    /// The log was applied on the base from this instant (µs since the Unix epoch).
+    #[serde(default)]
+    pub base_log_from_us: Option<i64>,
 }
 
 /// Most changes sent to a DPA in one apply request.
@@ -406,6 +428,7 @@ const APPLY_CHUNK: usize = 512;
 /// Runs a replay for weftd's API.
 pub async fn run(
     manager: &crate::envs::Manager,
+    snapshots: &crate::snapshots::Snapshots,
     env: &str,
     req: &ReplayRequest,
 ) -> Result<ReplayReport, crate::envs::EnvError> {
@@ -445,12 +468,27 @@ pub async fn run(
         .provenance()
         .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?
         .clone();
-    let (state, summary) = {
-        let (log, env) = (log.clone(), env.to_string());
-        tokio::task::spawn_blocking(move || rebuild(&log, &env, from_us, to_us))
-            .await
-            .map_err(|e| EnvError::Internal(e.to_string()))?
-            .map_err(|e| EnvError::Internal(e.to_string()))?
+    let mut based = None;
+    let (state, summary) = match req.base {
+        None => {
+            let (log, env) = (log.clone(), env.to_string());
+            tokio::task::spawn_blocking(move || rebuild(&log, &env, from_us, to_us))
+                .await
+                .map_err(|e| EnvError::Internal(e.to_string()))?
+                .map_err(|e| EnvError::Internal(e.to_string()))?
+        }
+        Some(id) => {
+            if req.from.is_some() {
+                return Err(EnvError::BadRequest(
+                    "--base and --from both say where to start: give one".into(),
+                ));
+            }
+            let margin = req.base_margin_secs.unwrap_or(BASE_MARGIN_SECS);
+            let (state, summary, found, log_from) =
+                rebuild_on_base(snapshots, &log, env, id, margin, to_us).await?;
+            based = Some((id, found, log_from));
+            (state, summary)
+        }
     };
     let mut report = ReplayReport {
         env: env.to_string(),
@@ -461,6 +499,9 @@ pub async fn run(
         files: Vec::new(),
         into: req.into.clone(),
         changes_made: 0,
+        base: based.as_ref().map(|b| b.0),
+        base_found: based.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
+        base_log_from_us: based.as_ref().map(|b| b.2),
     };
     if let Some(out) = &req.out {
         let files = state
@@ -512,6 +553,82 @@ pub async fn run(
         }
     }
     Ok(report)
+}
+
+/// The state as of `to_us`: the application state inside disk snapshot `id` of `env`,
+/// then the log from `margin_secs` before the snapshot's instant up to `to_us`.
+/// Returns the state, what was applied, where each source was found, and the instant
+/// the log was applied from.
+async fn rebuild_on_base(
+    snapshots: &crate::snapshots::Snapshots,
+    log: &crate::provenance::ProvenanceLog,
+    env: &str,
+    id: i64,
+    margin_secs: u64,
+    to_us: i64,
+) -> Result<(State, Summary, BTreeMap<String, String>, i64), crate::envs::EnvError> {
+    use crate::envs::EnvError;
+    use crate::model::SnapshotState;
+    use crate::provenance::service::parse_time;
+    let snap = snapshots.get(id).await?;
+    if snap.env != env {
+        return Err(EnvError::BadRequest(format!(
+            "snapshot {id} is of {}, not of {env}",
+            snap.env
+        )));
+    }
+    if !snap.resource.starts_with("disk:") {
+        return Err(EnvError::BadRequest(format!(
+            "snapshot {id} is of {}: --base takes a disk snapshot",
+            snap.resource
+        )));
+    }
+    if snap.state != SnapshotState::Complete {
+        return Err(EnvError::Conflict(format!("snapshot {id} is not complete")));
+    }
+    let taken_us = parse_time("taken_at", &snap.taken_at).map_err(EnvError::Internal)?;
+    if to_us < taken_us {
+        return Err(EnvError::BadRequest(format!(
+            "--to is before base snapshot {id} ({})",
+            snap.taken_at
+        )));
+    }
+    let log_from = taken_us.saturating_sub(
+        i64::try_from(margin_secs)
+            .unwrap_or(i64::MAX / 2)
+            .saturating_mul(1_000_000),
+    );
+    let map = snapshots.block_map(id).await?;
+    let store = snapshots.store().clone();
+    let (log, vm) = (log.clone(), env.to_string());
+    let scratch = tempfile::tempdir().map_err(|e| EnvError::Internal(e.to_string()))?;
+    let scratch_path = scratch.path().to_path_buf();
+    let (records, sources, extracted) = tokio::task::spawn_blocking(move || {
+        let records = log
+            .query(
+                &vm,
+                &crate::provenance::Query {
+                    to_us: Some(to_us),
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| EnvError::Internal(e.to_string()))?;
+        let sources = crate::replay_base::Sources::of(&records);
+        let fs = crate::replay_base::SnapshotDisk::new(store, map)
+            .find_ext4()
+            .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
+        let extracted = crate::replay_base::extract(&fs, &sources, &scratch_path)
+            .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
+        Ok::<_, EnvError>((records, sources, extracted))
+    })
+    .await
+    .map_err(|e| EnvError::Internal(e.to_string()))??;
+    let mut state = crate::replay_base::state_of(&extracted, &sources)
+        .await
+        .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
+    drop(scratch);
+    let summary = state.apply_all(records.iter().filter(|r| r.entry.guest_time_us >= log_from));
+    Ok((state, summary, extracted.found, log_from))
 }
 
 fn now_us() -> i64 {
@@ -572,7 +689,7 @@ fn diff_maps<V: PartialEq>(
 }
 
 /// A primary key in one canonical JSON text (so `[1]` and `[ 1 ]` are one row).
-fn canonical_key(key: &str) -> Result<String, String> {
+pub(crate) fn canonical_key(key: &str) -> Result<String, String> {
     let v: Value = serde_json::from_str(key).map_err(|e| format!("key is not JSON: {e}"))?;
     if !v.is_array() {
         return Err("a SQLite key is a JSON array".into());

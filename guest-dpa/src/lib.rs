@@ -3,6 +3,7 @@
 //! untrusted, so everything weftd reads from it goes through [`proto::Decoder`], which
 //! bounds and validates it.
 
+pub mod capture_format;
 pub mod jsonptr;
 pub mod proto;
 

@@ -259,6 +259,25 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
     // comparable byte for byte: recent commits sit in its WAL file).
     compare(&out, &image, "/dpa/checkpoints/final", "now")?;
 
+    // The same state from the disk snapshot alone: with no margin, nothing of the log
+    // precedes or follows the snapshot (the workload ended before the reboot), so every
+    // row, document and key comes out of the snapshot's file system, the database's
+    // recent commits out of its WAL.
+    let out = rig.path("replay-base");
+    rig.weft_ok(&[
+        "replay",
+        "app",
+        "--to",
+        "now",
+        "--base",
+        &snap.id.to_string(),
+        "--base-margin",
+        "0",
+        "--out",
+        out.to_str().context("utf-8")?,
+    ])?;
+    compare(&out, &image, "/dpa/checkpoints/final", "base")?;
+
     // Apply mode: a weave from now holds the final state; replaying checkpoint 1 into it
     // makes its DPA change the guest's files back, and the weave's own log then rebuilds
     // checkpoint 1.

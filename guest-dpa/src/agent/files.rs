@@ -13,6 +13,7 @@ use serde_json::Value;
 use super::jsonptr::{self, Change};
 use super::spool::Update;
 use super::Error;
+pub use crate::capture_format::{env_line, is_dir_key, parse_env};
 use crate::proto::{self, DataType, Entry, Operation};
 
 /// Entries and the state update that goes with them, to be appended together.
@@ -135,42 +136,7 @@ pub fn scan_json(source: &str, prev: Option<&str>) -> Result<Option<Scan>, Error
     }))
 }
 
-/// Parses a `KEY=value` file: blank lines and lines starting with `#` are ignored, an
-/// `export ` prefix is allowed, whitespace around the key and the value is trimmed,
-/// and a value enclosed in a matching pair of `"` or `'` loses that pair (no escapes).
-/// Lines without `=` are ignored; a repeated key keeps its last value.
-pub fn parse_env(text: &str) -> BTreeMap<String, String> {
-    let mut map = BTreeMap::new();
-    for line in text.lines() {
-        if let Some((k, v)) = env_line(line) {
-            map.insert(k, v);
-        }
-    }
-    map
-}
-
-fn env_line(line: &str) -> Option<(String, String)> {
-    let t = line.trim();
-    if t.is_empty() || t.starts_with('#') {
-        return None;
-    }
-    let t = t.strip_prefix("export ").unwrap_or(t);
-    let (k, v) = t.split_once('=')?;
-    let k = k.trim();
-    if k.is_empty() {
-        return None;
-    }
-    let v = v.trim();
-    let b = v.as_bytes();
-    let v = if b.len() >= 2 && (b[0] == b'"' || b[0] == b'\'') && b[b.len() - 1] == b[0] {
-        &v[1..v.len() - 1]
-    } else {
-        v
-    };
-    Some((k.to_string(), v.to_string()))
-}
-
-/// Formats one `KEY=value` line that [`parse_env`] reads back as the same value.
+/// Formats one `KEY=value` line that [`crate::capture_format::parse_env`] reads back as the same value.
 pub fn env_format(key: &str, value: &str) -> Result<String, Error> {
     if key.is_empty()
         || key.contains(['=', '\n', '\r'])
@@ -222,12 +188,6 @@ pub fn env_edit(text: &str, edits: &BTreeMap<String, Option<String>>) -> Result<
         }
     }
     Ok(out)
-}
-
-/// Whether `name` is a key a directory source holds (dotfiles are not: they are the
-/// temporary files of atomic writes).
-pub fn is_dir_key(name: &str) -> bool {
-    !name.is_empty() && !name.starts_with('.') && !name.contains('/')
 }
 
 /// Keys and values, and the modification time of each key's file (dir sources).

@@ -28,6 +28,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
 use super::Error;
+use crate::capture_format::{json_key, json_row, quote_ident, quote_lit, Key};
 use crate::proto::{Entry, Operation};
 
 /// The capture table.
@@ -80,68 +81,7 @@ pub struct Db {
     data_version: Option<i64>,
 }
 
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-fn quote_lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// SQL giving the JSON text of the column expression `x`: integers, text and NULL as
-/// JSON, reals with 17 significant digits (so they read back as the same double;
-/// `json_quote` keeps only 15), blobs as `{"$blob":"<hex>"}`.
-fn json_value(x: &str) -> String {
-    format!(
-        "CASE typeof({x}) WHEN 'blob' THEN '{{\"$blob\":\"'||hex({x})||'\"}}' \
-         WHEN 'real' THEN printf('%!.17g',{x}) ELSE json_quote({x}) END"
-    )
-}
-
-/// SQL giving a JSON object of the columns, read through `prefix` (`NEW.`, `OLD.` or
-/// nothing).
-fn json_row(prefix: &str, cols: &[String]) -> String {
-    let mut parts = Vec::new();
-    for (i, c) in cols.iter().enumerate() {
-        let key = serde_json::to_string(c).unwrap_or_default();
-        let sep = if i == 0 { "{" } else { "," };
-        parts.push(quote_lit(&format!("{sep}{key}:")));
-        parts.push(json_value(&format!("{prefix}{}", quote_ident(c))));
-    }
-    if parts.is_empty() {
-        return "'{}'".into();
-    }
-    parts.push("'}'".into());
-    parts.join("||")
-}
-
-fn json_key(prefix: &str, pk: &Key) -> String {
-    let cols: Vec<String> = match pk {
-        Key::Rowid => vec![format!("{prefix}rowid")],
-        Key::Columns(c) => c
-            .iter()
-            .map(|c| format!("{prefix}{}", quote_ident(c)))
-            .collect(),
-    };
-    let mut parts = vec!["'['".to_string()];
-    for (i, c) in cols.iter().enumerate() {
-        if i > 0 {
-            parts.push("','".into());
-        }
-        parts.push(json_value(c));
-    }
-    parts.push("']'".into());
-    parts.join("||")
-}
-
 const NOW_US: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
-
-/// How a table's rows are keyed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Key {
-    Rowid,
-    Columns(Vec<String>),
-}
 
 #[derive(Debug, Clone)]
 struct TableInfo {

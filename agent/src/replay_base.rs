@@ -1,0 +1,360 @@
+//! `weft replay --base SNAPSHOT`: the application state as a disk snapshot holds it,
+//! read straight out of the chunk store (no image is restored), as the starting point
+//! of a replay.
+//!
+//! The snapshot's file system (ext4, on the whole disk or in an MBR partition) is read
+//! with `ext4-view` through [`SnapshotDisk`], which serves reads from the snapshot's
+//! chunks. For every source the provenance log names, the file is looked up under the
+//! guest path, then under the path with leading directories taken off (the disk may be
+//! mounted at `/data` in the guest and hold `app.db` at its root). SQLite databases are
+//! copied out with their write-ahead log and opened, so SQLite recovers what had
+//! committed; rows and keys are rendered with the same SQL as the DPA's triggers
+//! ([`weft_dpa::capture_format`]), key-value files parsed as the DPA parses them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use ext4_view::Ext4;
+use serde_json::Value;
+use sqlx::{ConnectOptions, Connection, Row};
+use weft_blockdev::store::{BlockMap, ChunkStore, Slot};
+use weft_dpa::capture_format::{self, Key};
+use weft_dpa::DataType;
+
+use crate::provenance::Record;
+use crate::replay::{canonical_key, SqliteState, State};
+
+/// Decompressed chunks kept while a file system is read.
+const CACHE_CHUNKS: usize = 64;
+/// The largest file taken from a snapshot (a database, a document).
+const MAX_FILE: u64 = 1 << 30;
+
+/// A disk snapshot as a readable device: reads are served from its chunks.
+pub struct SnapshotDisk {
+    store: ChunkStore,
+    map: BlockMap,
+    /// Where the file system starts (a partition's offset).
+    offset: u64,
+    cache: HashMap<usize, Arc<Vec<u8>>>,
+}
+
+impl SnapshotDisk {
+    /// The disk `map` of `store`, from its first byte.
+    pub fn new(store: ChunkStore, map: BlockMap) -> SnapshotDisk {
+        SnapshotDisk {
+            store,
+            map,
+            offset: 0,
+            cache: HashMap::new(),
+        }
+    }
+
+    fn chunk(&mut self, slot: usize) -> Result<Arc<Vec<u8>>, String> {
+        if let Some(c) = self.cache.get(&slot) {
+            return Ok(Arc::clone(c));
+        }
+        let len = self.map.chunk_len(slot) as usize;
+        let data = match &self.map.slots[slot] {
+            Slot::Zero => vec![0u8; len],
+            Slot::Data(id) => {
+                let d = self.store.get(id).map_err(|e| e.to_string())?;
+                if d.len() != len {
+                    return Err(format!(
+                        "chunk of slot {slot} holds {} bytes, not {len}",
+                        d.len()
+                    ));
+                }
+                d
+            }
+        };
+        if self.cache.len() >= CACHE_CHUNKS {
+            self.cache.clear();
+        }
+        let data = Arc::new(data);
+        self.cache.insert(slot, Arc::clone(&data));
+        Ok(data)
+    }
+
+    /// Reads `dst.len()` bytes at `at` (from the disk's start).
+    pub fn read_at(&mut self, at: u64, dst: &mut [u8]) -> Result<(), String> {
+        let end = at
+            .checked_add(dst.len() as u64)
+            .filter(|e| *e <= self.map.disk_size)
+            .ok_or_else(|| format!("read of {} bytes at {at} is past the disk's end", dst.len()))?;
+        let mut pos = at;
+        while pos < end {
+            let slot = self.map.slot_of(pos);
+            let base = self.map.chunk_offset(slot);
+            let chunk = self.chunk(slot)?;
+            let from = (pos - base) as usize;
+            let n = (chunk.len() - from).min((end - pos) as usize);
+            let out = (pos - at) as usize;
+            dst[out..out + n].copy_from_slice(&chunk[from..from + n]);
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Finds the ext4 file system: on the whole disk, else in the first MBR primary
+    /// partition that holds one.
+    pub fn find_ext4(mut self) -> Result<Ext4, String> {
+        let mut starts = vec![0u64];
+        let mut mbr = [0u8; 512];
+        if self.read_at(0, &mut mbr).is_ok() && mbr[510] == 0x55 && mbr[511] == 0xaa {
+            for i in 0..4 {
+                let e = &mbr[446 + 16 * i..446 + 16 * (i + 1)];
+                let lba = u32::from_le_bytes([e[8], e[9], e[10], e[11]]);
+                if e[4] != 0 && lba != 0 {
+                    starts.push(u64::from(lba) * 512);
+                }
+            }
+        }
+        for start in starts {
+            let mut magic = [0u8; 2];
+            if self.read_at(start + 1080, &mut magic).is_ok() && magic == [0x53, 0xef] {
+                self.offset = start;
+                return Ext4::load(Box::new(self))
+                    .map_err(|e| format!("the ext4 file system: {e}"));
+            }
+        }
+        Err("the snapshot holds no ext4 file system (whole disk or MBR partition)".into())
+    }
+}
+
+impl ext4_view::Ext4Read for SnapshotDisk {
+    fn read(
+        &mut self,
+        start_byte: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        let at = self
+            .offset
+            .checked_add(start_byte)
+            .ok_or("offset overflow")?;
+        self.read_at(at, dst).map_err(Into::into)
+    }
+}
+
+/// The sources a log names, by type: paths, and each SQLite source's tables.
+#[derive(Debug, Default)]
+pub struct Sources {
+    /// SQLite database path → tables.
+    pub sqlite: BTreeMap<String, BTreeSet<String>>,
+    /// JSON document paths.
+    pub json: BTreeSet<String>,
+    /// Key-value sources (a directory ends with `/`).
+    pub kv: BTreeSet<String>,
+}
+
+impl Sources {
+    /// Every source and table named in `records`.
+    pub fn of(records: &[Record]) -> Sources {
+        let mut s = Sources::default();
+        for r in records {
+            let e = &r.entry;
+            match e.data_type {
+                DataType::Sqlite => {
+                    s.sqlite
+                        .entry(e.source.clone())
+                        .or_default()
+                        .insert(e.collection.clone());
+                }
+                DataType::Json => {
+                    s.json.insert(e.source.clone());
+                }
+                DataType::Kv => {
+                    s.kv.insert(e.source.clone());
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Where each source was found on the snapshot's file system.
+pub type Found = BTreeMap<String, String>;
+
+/// The path inside the file system that holds the guest's `guest` (the guest path, or
+/// it with leading directories taken off), if any.
+fn locate(fs: &Ext4, guest: &str) -> Option<String> {
+    let trimmed = guest.trim_end_matches('/');
+    let parts: Vec<&str> = trimmed.split('/').filter(|p| !p.is_empty()).collect();
+    (0..parts.len()).find_map(|skip| {
+        let p = format!("/{}", parts[skip..].join("/"));
+        fs.exists(p.as_str()).ok()?.then_some(p)
+    })
+}
+
+fn read_file(fs: &Ext4, path: &str) -> Result<Vec<u8>, String> {
+    let meta = fs
+        .metadata(path)
+        .map_err(|e| format!("{path} in the snapshot: {e}"))?;
+    if meta.len() > MAX_FILE {
+        return Err(format!(
+            "{path} in the snapshot is {} bytes, more than the {MAX_FILE} a base may take",
+            meta.len()
+        ));
+    }
+    fs.read(path)
+        .map_err(|e| format!("{path} in the snapshot: {e}"))
+}
+
+/// The files a base needs, read out of the file system: (source, found at, bytes) for
+/// JSON and key-value files, directory listings for key-value directories, and the
+/// database and write-ahead log of each SQLite source copied into `scratch`.
+pub struct Extracted {
+    /// JSON documents: guest path → bytes.
+    pub json: BTreeMap<String, Vec<u8>>,
+    /// Key-value files and directories: guest path → key → value.
+    pub kv: BTreeMap<String, BTreeMap<String, String>>,
+    /// SQLite sources: guest path → database copy under `scratch`.
+    pub sqlite: BTreeMap<String, std::path::PathBuf>,
+    /// Where each source was found (sources the snapshot lacks are absent).
+    pub found: Found,
+}
+
+/// Reads what `sources` need out of `fs` (blocking).
+pub fn extract(fs: &Ext4, sources: &Sources, scratch: &Path) -> Result<Extracted, String> {
+    let mut x = Extracted {
+        json: BTreeMap::new(),
+        kv: BTreeMap::new(),
+        sqlite: BTreeMap::new(),
+        found: Found::new(),
+    };
+    for src in &sources.json {
+        if let Some(p) = locate(fs, src) {
+            x.json.insert(src.clone(), read_file(fs, &p)?);
+            x.found.insert(src.clone(), p);
+        }
+    }
+    for src in &sources.kv {
+        let Some(p) = locate(fs, src) else { continue };
+        let mut map = BTreeMap::new();
+        if src.ends_with('/') {
+            let list = fs
+                .read_dir(p.as_str())
+                .map_err(|e| format!("{p} in the snapshot: {e}"))?;
+            for ent in list {
+                let ent = ent.map_err(|e| format!("{p} in the snapshot: {e}"))?;
+                let name = ent.file_name().as_str().unwrap_or_default().to_string();
+                let is_file = ent
+                    .file_type()
+                    .map(|t| t.is_regular_file())
+                    .unwrap_or(false);
+                if !capture_format::is_dir_key(&name) || !is_file {
+                    continue;
+                }
+                let bytes = read_file(fs, &format!("{p}/{name}"))?;
+                map.insert(name, String::from_utf8_lossy(&bytes).into_owned());
+            }
+        } else {
+            let bytes = read_file(fs, &p)?;
+            map = capture_format::parse_env(&String::from_utf8_lossy(&bytes));
+        }
+        x.kv.insert(src.clone(), map);
+        x.found.insert(src.clone(), p);
+    }
+    for (n, src) in sources.sqlite.keys().enumerate() {
+        let Some(p) = locate(fs, src) else { continue };
+        let copy = scratch.join(format!("db{n}.sqlite"));
+        std::fs::write(&copy, read_file(fs, &p)?)
+            .map_err(|e| format!("cannot write {}: {e}", copy.display()))?;
+        let wal = format!("{p}-wal");
+        if fs.exists(wal.as_str()).unwrap_or(false) {
+            let to = scratch.join(format!("db{n}.sqlite-wal"));
+            std::fs::write(&to, read_file(fs, &wal)?)
+                .map_err(|e| format!("cannot write {}: {e}", to.display()))?;
+        }
+        x.sqlite.insert(src.clone(), copy);
+        x.found.insert(src.clone(), p);
+    }
+    Ok(x)
+}
+
+/// Builds the base state from what [`extract`] read.
+pub async fn state_of(x: &Extracted, sources: &Sources) -> Result<State, String> {
+    let mut state = State::default();
+    for (src, bytes) in &x.json {
+        let doc: Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("{src} in the snapshot is not JSON: {e}"))?;
+        state.json.insert(src.clone(), doc);
+    }
+    state.kv = x.kv.clone();
+    for (src, copy) in &x.sqlite {
+        let tables = sources.sqlite.get(src).cloned().unwrap_or_default();
+        let db = read_sqlite(copy, &tables)
+            .await
+            .map_err(|e| format!("{src} in the snapshot: {e}"))?;
+        state.sqlite.insert(src.clone(), db);
+    }
+    Ok(state)
+}
+
+async fn read_sqlite(copy: &Path, tables: &BTreeSet<String>) -> Result<SqliteState, String> {
+    // Read-write: opening replays the write-ahead log into the copy (recovery).
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(copy)
+        .create_if_missing(false)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut db = SqliteState::default();
+    for table in tables {
+        if capture_format::is_internal_table(table) {
+            continue;
+        }
+        let sql: Option<String> =
+            sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type='table' AND name=?1")
+                .bind(table)
+                .fetch_optional(&mut conn)
+                .await
+                .map_err(|e| e.to_string())?;
+        let Some(sql) = sql else { continue };
+        let cols = sqlx::query("SELECT name, pk FROM pragma_table_info(?1) ORDER BY cid")
+            .bind(table)
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut names = Vec::new();
+        let mut pk = Vec::new();
+        for c in &cols {
+            let name: String = c.get(0);
+            let p: i64 = c.get(1);
+            if p > 0 {
+                pk.push((p, name.clone()));
+            }
+            names.push(name);
+        }
+        pk.sort();
+        let key = if pk.is_empty() {
+            Key::Rowid
+        } else {
+            Key::Columns(pk.into_iter().map(|(_, c)| c).collect())
+        };
+        let select = format!(
+            "SELECT {}, {} FROM {}",
+            capture_format::json_key("", &key),
+            capture_format::json_row("", &names),
+            capture_format::quote_ident(table)
+        );
+        let rows = sqlx::query(&select)
+            .fetch_all(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        let out = db.rows.entry(table.clone()).or_default();
+        for r in rows {
+            let (k, v): (String, String) = (r.get(0), r.get(1));
+            let key = canonical_key(&k)?;
+            let Value::Object(row) =
+                serde_json::from_str::<Value>(&v).map_err(|e| e.to_string())?
+            else {
+                return Err(format!("a row of {table} is not a JSON object"));
+            };
+            out.insert(key, row);
+        }
+        db.schemas.insert(table.clone(), sql);
+    }
+    conn.close().await.map_err(|e| e.to_string())?;
+    Ok(db)
+}
