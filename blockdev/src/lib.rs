@@ -1,11 +1,14 @@
 //! Block-device plumbing for weft: the NBD client that pulls backups out of QEMU
 //! ([`nbd`]), the deduplicating, compressed, optionally encrypted chunk store
-//! ([`store`]), snapshot block maps, and later the layered image reader and the
-//! `weft-blk` vhost-user-blk backend.
+//! ([`store`]), snapshot block maps, the layered image reader ([`layers`]), the private
+//! copy-on-write layer ([`cow`]) and the `weft-blk` vhost-user-blk backend ([`blk`]).
 //!
 //! Each module has its own error type (carrying path, offset and operation);
 //! [`Error`] wraps them for callers that handle both.
 
+pub mod blk;
+pub mod cow;
+pub mod layers;
 pub mod nbd;
 pub mod pull;
 pub mod restore;
