@@ -42,6 +42,8 @@ pub struct GuestOpts {
     pub data_disk_format: DiskFormat,
     /// More disks after the data disk (`/dev/vdb`, …).
     pub extra_disks: Vec<DiskConfig>,
+    /// Disks served by a vhost-user-blk backend, after the others (memory is then shared).
+    pub vhost_user_disks: Vec<weft_qmp::launch::VhostUserDisk>,
     /// Guest RAM in a shared memfd (needed by vhost-user devices).
     pub shared_memory: bool,
     /// Appended to the kernel command line after the defaults
@@ -66,6 +68,7 @@ impl Default for GuestOpts {
             data_disk: None,
             data_disk_format: DiskFormat::Raw,
             extra_disks: Vec::new(),
+            vhost_user_disks: Vec::new(),
             shared_memory: false,
             extra_append: String::new(),
             ready_timeout: Duration::from_secs(60),
@@ -140,6 +143,7 @@ impl Guest {
             // As before balloons existed: these guests run outside weftd.
             balloon: false,
             vsock: None,
+            vhost_user_disks: opts.vhost_user_disks.clone(),
         };
         let paths = LaunchPaths {
             qmp_socket: dir.path().join("qmp.sock"),

@@ -157,6 +157,27 @@ pub struct VmConfig {
     /// default; a host agent usually decides it at each launch rather than storing it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockDevice>,
+    /// Disks served by a vhost-user-blk backend (such as `weft-blk`), after
+    /// [`VmConfig::disks`] in the guest's device order. Guest memory is then shared.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub vhost_user_disks: Vec<VhostUserDisk>,
+}
+
+/// A disk served by a vhost-user-blk backend: `vhost-user-blk-pci` on a socket chardev
+/// `<name>-chr` that reconnects when the backend restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostUserDisk {
+    /// The device id (same rules as [`DiskConfig::name`], unique among all disks).
+    pub name: String,
+    /// The backend's vhost-user socket, which must be listening when QEMU starts.
+    pub socket: PathBuf,
+    /// Request queues (1 to 64; at most what the backend offers).
+    #[serde(default = "default_vhost_queues")]
+    pub queues: u16,
+}
+
+fn default_vhost_queues() -> u16 {
+    1
 }
 
 /// A virtio-vsock device ([`VmConfig::vsock`]); its QEMU device id is [`VSOCK_ID`].
@@ -208,6 +229,7 @@ impl Default for VmConfig {
             nics: Vec::new(),
             balloon: true,
             vsock: None,
+            vhost_user_disks: Vec::new(),
         }
     }
 }
@@ -239,6 +261,7 @@ impl VmConfig {
     /// then the command line shares it even if [`VmConfig::shared_memory`] is off.
     pub fn needs_shared_memory(&self) -> bool {
         matches!(self.vsock, Some(VsockDevice::VhostUser { .. }))
+            || !self.vhost_user_disks.is_empty()
     }
 
     /// Checks the configuration before QEMU sees it: disk names match `[a-z0-9_-]{1,32}`
@@ -328,6 +351,30 @@ impl VmConfig {
                         disk.path.display()
                     ))
                 }
+            }
+        }
+        for disk in &self.vhost_user_disks {
+            if !valid_name(&disk.name) {
+                return bad(format!(
+                    "disk name {:?} must be 1 to 32 characters of a-z, 0-9, '_' and '-'",
+                    disk.name
+                ));
+            }
+            if !seen.insert(disk.name.as_str()) {
+                return bad(format!("disk name {:?} is used twice", disk.name));
+            }
+            if !disk.socket.is_absolute() {
+                return bad(format!(
+                    "disk {} vhost-user socket {} is not an absolute path",
+                    disk.name,
+                    disk.socket.display()
+                ));
+            }
+            if !(1..=64).contains(&disk.queues) {
+                return bad(format!(
+                    "disk {}: {} queues is outside the range 1 to 64",
+                    disk.name, disk.queues
+                ));
             }
         }
         Ok(())
@@ -472,6 +519,23 @@ pub fn command_line(config: &VmConfig, paths: &LaunchPaths) -> Vec<String> {
                 "virtio-blk-pci,drive={},id={}",
                 disk.format_node(),
                 disk.name
+            ),
+        );
+    }
+    for disk in &config.vhost_user_disks {
+        push(
+            "-chardev",
+            format!(
+                "socket,id={}-chr,path={},reconnect=1",
+                disk.name,
+                opt_escape(&disk.socket)
+            ),
+        );
+        push(
+            "-device",
+            format!(
+                "vhost-user-blk-pci,chardev={}-chr,id={},num-queues={}",
+                disk.name, disk.name, disk.queues
             ),
         );
     }
@@ -1204,6 +1268,63 @@ mod tests {
         assert!(old.nics.is_empty());
         // ... and get the balloon device.
         assert!(old.balloon);
+    }
+
+    #[test]
+    fn command_line_vhost_user_disks() {
+        let config = VmConfig {
+            vhost_user_disks: vec![VhostUserDisk {
+                name: "vdb".into(),
+                socket: "/run/weft/blk/w1,vdb.sock".into(),
+                queues: 2,
+            }],
+            ..VmConfig::default()
+        };
+        config.validate().unwrap();
+        let args = command_line(&config, &paths());
+        assert!(has_pair(
+            &args,
+            "-chardev",
+            "socket,id=vdb-chr,path=/run/weft/blk/w1,,vdb.sock,reconnect=1"
+        ));
+        assert!(has_pair(
+            &args,
+            "-device",
+            "vhost-user-blk-pci,chardev=vdb-chr,id=vdb,num-queues=2"
+        ));
+        // vhost-user needs guest memory in a shared memfd.
+        assert!(
+            args.iter().any(|a| a.starts_with("memory-backend-memfd")),
+            "{args:?}"
+        );
+        let bad = |d: VhostUserDisk| {
+            VmConfig {
+                vhost_user_disks: vec![d],
+                ..VmConfig::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string()
+        };
+        let d = config.vhost_user_disks[0].clone();
+        assert!(bad(VhostUserDisk {
+            socket: "rel.sock".into(),
+            ..d.clone()
+        })
+        .contains("absolute"));
+        assert!(bad(VhostUserDisk {
+            queues: 0,
+            ..d.clone()
+        })
+        .contains("queues"));
+        assert!(bad(VhostUserDisk {
+            name: "A B".into(),
+            ..d
+        })
+        .contains("disk name"));
+        // Stored configurations without the field still read.
+        let old: VmConfig = serde_json::from_str(r#"{"memory_mib": 64}"#).unwrap();
+        assert!(old.vhost_user_disks.is_empty());
     }
 
     #[test]
