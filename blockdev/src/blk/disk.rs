@@ -192,3 +192,135 @@ impl BlockDevice for LayeredDisk {
         &self.id
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::{compose, ChunkCache};
+    use crate::store::{BlockMap, ChunkStore, Slot, StoreConfig};
+
+    const CHUNK: usize = 64 * 1024;
+    const SIZE: usize = 16 * CHUNK + 3 * 512; // a short last chunk, not a whole block
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn lower(dir: &std::path::Path, image: &[u8]) -> (BlockMap, ChunkStore) {
+        let store = ChunkStore::create(
+            &dir.join("store"),
+            None,
+            &StoreConfig {
+                chunk_size: CHUNK as u32,
+                ..StoreConfig::default()
+            },
+            None,
+        )
+        .unwrap();
+        let mut map = BlockMap::new(image.len() as u64, CHUNK as u32);
+        for (i, c) in image.chunks(CHUNK).enumerate() {
+            if i % 5 != 3 {
+                map.slots[i] = Slot::Data(store.put(c).unwrap().id);
+            }
+        }
+        (compose(&[("base", &map, None)]).unwrap(), store)
+    }
+
+    fn image_of((map, store): &(BlockMap, ChunkStore)) -> ComposedImage {
+        ComposedImage::new(
+            map.clone(),
+            ChunkCache::new(store.clone(), 4 * CHUNK as u64),
+        )
+    }
+
+    /// Random reads, writes (aligned or not, within a block or across many), zeroings
+    /// and discards against a plain byte array; flushes and reopens of the write layer
+    /// in between keep every flushed write.
+    #[test]
+    fn matches_a_byte_array_model_through_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut image = vec![0u8; SIZE];
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        for b in image.iter_mut() {
+            *b = rng.next() as u8;
+        }
+        let mut model = image.clone();
+        // Slots the lower map leaves zero read as zeros.
+        for (i, c) in model.chunks_mut(CHUNK).enumerate() {
+            if i % 5 == 3 {
+                c.fill(0);
+            }
+        }
+        let cow = dir.path().join("cow");
+        let base = lower(dir.path(), &image);
+        let open = || {
+            LayeredDisk::new(
+                image_of(&base),
+                Some(WriteLayer::open(&cow, SIZE as u64).unwrap()),
+                None,
+                "t".into(),
+            )
+        };
+        let mut disk = open();
+        for round in 0..600 {
+            let off = rng.below(SIZE as u64);
+            let max = (SIZE as u64 - off).min(3 * BLOCK + 700);
+            let len = 1 + rng.below(max);
+            match rng.below(10) {
+                0..=3 => {
+                    let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+                    disk.write_at(&data, off).unwrap();
+                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+                4 => {
+                    disk.write_zeroes(off, len).unwrap();
+                    model[off as usize..(off + len) as usize].fill(0);
+                }
+                5 => {
+                    disk.discard(off, len).unwrap();
+                    model[off as usize..(off + len) as usize].fill(0);
+                }
+                _ => {
+                    let mut buf = vec![0u8; len as usize];
+                    disk.read_at(&mut buf, off).unwrap();
+                    assert_eq!(
+                        buf,
+                        &model[off as usize..(off + len) as usize],
+                        "round {round}"
+                    );
+                }
+            }
+            if round % 97 == 96 {
+                disk.flush().unwrap();
+                drop(disk);
+                disk = open();
+            }
+        }
+        let mut all = vec![0u8; SIZE];
+        disk.read_at(&mut all, 0).unwrap();
+        assert!(all == model, "whole disk differs from the model");
+    }
+
+    #[test]
+    fn a_disk_without_a_write_layer_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = vec![5u8; SIZE];
+        let base = lower(dir.path(), &image);
+        let disk = LayeredDisk::new(image_of(&base), None, None, "ro".into());
+        assert!(disk.read_only());
+        assert_eq!(disk.write_at(&[1; 512], 0), Err(DeviceError::ReadOnly));
+        assert_eq!(disk.discard(0, 512), Err(DeviceError::ReadOnly));
+        let mut buf = vec![0u8; 512];
+        disk.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, vec![5u8; 512]);
+    }
+}
