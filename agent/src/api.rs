@@ -99,6 +99,7 @@ pub fn routes() -> Vec<Route> {
             activate_env,
         ),
         route(Method::GET, "/v1/audit", audit_log),
+        route(Method::GET, "/v1/audit/verify", audit_verify),
         route(
             Method::POST,
             "/v1/environments/{name}/snapshots",
@@ -507,6 +508,12 @@ async fn audit_log(
 ) -> Result<Json<Vec<AuditEntry>>, EnvError> {
     let limit = q.limit.unwrap_or(50).min(10_000);
     Ok(Json(state.manager.catalog().audit_log(limit).await?))
+}
+
+async fn audit_verify(
+    State(state): State<AppState>,
+) -> Result<Json<crate::audit::AuditVerify>, EnvError> {
+    Ok(Json(state.manager.catalog().verify_audit().await?))
 }
 
 /// Parses a JSON body, turning a bad one into a one-line 400.

@@ -12,7 +12,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 use weft_qmp::launch::VmConfig;
 
-use crate::model::{AuditEntry, EnvKind, EnvState, Environment};
+use crate::model::{EnvKind, EnvState, Environment};
 
 /// Errors of the catalog.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,10 @@ pub fn now() -> String {
 #[derive(Debug, Clone)]
 pub struct Catalog {
     pub(crate) pool: SqlitePool,
+    /// Serialises audit appends (each links to the one before).
+    pub(crate) audit_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Where the audit chain's head is kept, outside the database (none in memory).
+    pub(crate) audit_head: Option<std::path::PathBuf>,
 }
 
 /// A new environment row.
@@ -79,7 +83,15 @@ impl Catalog {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Catalog { pool })
+        let mut head = path.as_os_str().to_owned();
+        head.push(".audit-head");
+        let catalog = Catalog {
+            pool,
+            audit_lock: Default::default(),
+            audit_head: Some(head.into()),
+        };
+        catalog.seal_audit().await?;
+        Ok(catalog)
     }
 
     /// Opens a private in-memory catalog (tests).
@@ -90,7 +102,11 @@ impl Catalog {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Catalog { pool })
+        Ok(Catalog {
+            pool,
+            audit_lock: Default::default(),
+            audit_head: None,
+        })
     }
 
     /// Inserts a new environment; fails with [`CatalogError::Duplicate`] if the name is taken.
@@ -179,53 +195,6 @@ impl Catalog {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(env_from_row).collect()
-    }
-
-    /// Appends an audit record.
-    pub async fn audit(
-        &self,
-        actor: &str,
-        action: &str,
-        target: Option<&str>,
-        detail: Option<&str>,
-        result: &str,
-    ) -> Result<(), CatalogError> {
-        sqlx::query(
-            "INSERT INTO audit (at, actor, action, target, detail, result) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(now())
-        .bind(actor)
-        .bind(action)
-        .bind(target)
-        .bind(detail)
-        .bind(result)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// The newest `limit` audit records, oldest first.
-    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, CatalogError> {
-        let rows = sqlx::query(
-            "SELECT id, at, actor, action, target, detail, result FROM
-               (SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditEntry {
-                    id: r.try_get("id")?,
-                    at: r.try_get("at")?,
-                    actor: r.try_get("actor")?,
-                    action: r.try_get("action")?,
-                    target: r.try_get("target")?,
-                    detail: r.try_get("detail")?,
-                    result: r.try_get("result")?,
-                })
-            })
-            .collect()
     }
 
     /// Closes the pool, checkpointing the WAL.
@@ -318,28 +287,5 @@ mod tests {
         let mut new = attached("m", Path::new("/s"));
         new.kind = EnvKind::Managed;
         assert!(c.insert_environment(&new).await.is_err());
-    }
-
-    #[tokio::test]
-    async fn the_audit_log_is_append_only() {
-        let c = Catalog::open_in_memory().await.unwrap();
-        for i in 0..3 {
-            c.audit("root", "env.create", Some(&format!("e{i}")), None, "ok")
-                .await
-                .unwrap();
-        }
-        let log = c.audit_log(2).await.unwrap();
-        assert_eq!(log.len(), 2);
-        assert_eq!(log[0].target.as_deref(), Some("e1"));
-        assert_eq!(log[1].target.as_deref(), Some("e2"));
-        assert!(sqlx::query("UPDATE audit SET result = 'x'")
-            .execute(&c.pool)
-            .await
-            .is_err());
-        assert!(sqlx::query("DELETE FROM audit")
-            .execute(&c.pool)
-            .await
-            .is_err());
-        assert_eq!(c.audit_log(10).await.unwrap().len(), 3);
     }
 }

@@ -121,12 +121,23 @@ pub enum Command {
         #[arg(long, requires = "base")]
         base_margin: Option<u64>,
     },
-    /// Show the audit log (who changed what, when, with what result).
+    /// Show the audit log (who changed what, when, with what result), or verify it.
+    #[command(args_conflicts_with_subcommands = true)]
     Audit {
         /// How many of the newest records to show.
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        #[command(subcommand)]
+        command: Option<AuditCommand>,
     },
+}
+
+/// `weft audit …`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Recompute the audit log's hash chain: exits 1 and names the entries when any
+    /// entry was edited or deleted.
+    Verify,
 }
 
 /// `weft env …`
@@ -789,6 +800,10 @@ pub async fn run(cli: Cli) -> ExitCode {
             eprintln!("weft: {msg}");
             ExitCode::from(EXIT_USAGE)
         }
+        Err(CliError::Failed(msg)) => {
+            eprintln!("weft: {msg}");
+            ExitCode::from(EXIT_FAILED)
+        }
         Err(CliError::Client(e)) => {
             eprintln!("weft: {e}");
             match e {
@@ -801,6 +816,8 @@ pub async fn run(cli: Cli) -> ExitCode {
 
 enum CliError {
     Usage(String),
+    /// The request worked and its answer is a failure (e.g. a verification).
+    Failed(String),
     Client(ClientError),
 }
 
@@ -838,7 +855,34 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                 }
             }
         }
-        Command::Audit { limit } => {
+        Command::Audit {
+            command: Some(AuditCommand::Verify),
+            ..
+        } => {
+            let v: crate::audit::AuditVerify = client.get("/v1/audit/verify").await?;
+            if json {
+                print_json(&v);
+            } else if v.ok {
+                match &v.last {
+                    Some((id, hash)) => println!(
+                        "audit log ok: {} entries, chain head {id} {hash}",
+                        v.entries
+                    ),
+                    None => println!("audit log ok: empty"),
+                }
+            } else {
+                for p in &v.problems {
+                    println!("{p}");
+                }
+            }
+            if !v.ok {
+                return Err(CliError::Failed(format!(
+                    "the audit log does not verify: {} problem(s)",
+                    v.problems.len()
+                )));
+            }
+        }
+        Command::Audit { limit, .. } => {
             let log: Vec<AuditEntry> = client.get(&format!("/v1/audit?limit={limit}")).await?;
             if json {
                 print_json(&log);

@@ -5,6 +5,7 @@
 //! HTTP/JSON API on a unix socket. The `weft` CLI is a thin client of that API.
 
 pub mod api;
+pub mod audit;
 pub mod balloon;
 pub mod catalog;
 pub mod catalog_snapshots;

@@ -196,6 +196,9 @@ pub struct AuditEntry {
     pub detail: Option<String>,
     /// `ok` or `error: <reason>`.
     pub result: String,
+    /// The entry's hash in the audit chain (hex; see `docs/audit.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// Error body of every failed request.

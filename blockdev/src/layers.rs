@@ -81,11 +81,12 @@ pub enum ComposeError {
     },
 }
 
-/// Flattens `layers` (bottom first: each a block map and the slot ranges it provides,
-/// `None` for all) into the one block map a reader uses.
-pub fn compose(
-    layers: &[(&str, &BlockMap, Option<&[Range<u64>]>)],
-) -> Result<BlockMap, ComposeError> {
+/// One layer to [`compose`]: its name (for errors), its block map, and the slot
+/// ranges it provides (`None`: all).
+pub type Layer<'a> = (&'a str, &'a BlockMap, Option<&'a [Range<u64>]>);
+
+/// Flattens `layers` (bottom first) into the one block map a reader uses.
+pub fn compose(layers: &[Layer<'_>]) -> Result<BlockMap, ComposeError> {
     let (_, base, _) = layers.first().ok_or(ComposeError::Empty)?;
     let mut out = BlockMap::new(base.disk_size, base.chunk_size);
     let slots = out.slots.len() as u64;
@@ -245,10 +246,10 @@ mod tests {
         let b = map(&[Some(1), Some(1), Some(1)]);
         let e = compose(&[("a", &a, None), ("b", &b, None)]).unwrap_err();
         assert!(e.to_string().contains("same size"), "{e}");
-        let bad = [1..3u64];
+        let bad = vec![1..3u64, 0..1];
         let e = compose(&[("a", &a, Some(&bad))]).unwrap_err();
         assert!(e.to_string().contains("1..3"), "{e}");
-        let empty = [1..1u64];
+        let empty = vec![1..1u64, 0..1];
         assert!(compose(&[("a", &a, Some(&empty))]).is_err());
         assert!(compose(&[]).is_err());
     }

@@ -790,3 +790,73 @@ async fn qemu_weftd_killed_during_a_launch_leaves_no_orphan() -> anyhow::Result<
     w.passed();
     Ok(())
 }
+
+#[tokio::test]
+async fn weftd_audit_verify_finds_an_edited_or_deleted_entry() -> anyhow::Result<()> {
+    let mut w = Weftd::start(&[]).await?;
+    // Refused requests are audited too: three entries without a guest.
+    for name in ["nosuch1", "nosuch2", "nosuch3"] {
+        let out = w.cli(&["env", "stop", name]);
+        assert!(!out.status.success());
+    }
+    let log: Vec<AuditEntry> = w.client().get("/v1/audit?limit=100").await?;
+    assert!(log.len() >= 3, "{log:?}");
+    assert!(log
+        .iter()
+        .all(|e| e.hash.as_ref().is_some_and(|h| h.len() == 64)));
+    let out = w.cli(&["audit", "verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", stderr_line(&out));
+    assert!(
+        stdout.contains(&format!("audit log ok: {} entries", log.len())),
+        "{stdout}"
+    );
+
+    // Someone with write access to the catalog edits an entry.
+    w.sigterm()?;
+    let edited = log[1].id;
+    {
+        let db = rusqlite::Connection::open(w.data().join("catalog.db"))?;
+        db.execute_batch("DROP TRIGGER audit_is_append_only_update")?;
+        db.execute("UPDATE audit SET actor = 'nobody' WHERE id = ?1", [edited])?;
+    }
+    w.restart().await?;
+    let out = w.cli(&["audit", "verify"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("entry {edited} was changed after it was written")),
+        "{stdout}"
+    );
+    assert!(
+        stderr_line(&out).contains("does not verify"),
+        "{}",
+        stderr_line(&out)
+    );
+
+    // ... or deletes the newest one (and its chain row): the head outside the
+    // database still names it.
+    w.sigterm()?;
+    let last = log.last().map(|e| e.id).context("no entries")?;
+    {
+        let db = rusqlite::Connection::open(w.data().join("catalog.db"))?;
+        db.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             DROP TRIGGER audit_is_append_only_delete;
+             DROP TRIGGER audit_chain_is_append_only_delete;",
+        )?;
+        db.execute("DELETE FROM audit WHERE id >= ?1", [last])?;
+        db.execute("DELETE FROM audit_chain WHERE id >= ?1", [last])?;
+    }
+    w.restart().await?;
+    let v: weft::audit::AuditVerify = w.client().get("/v1/audit/verify").await?;
+    assert!(!v.ok);
+    assert!(
+        v.problems
+            .iter()
+            .any(|p| p.contains("entries at the end were deleted")),
+        "{v:?}"
+    );
+    w.passed();
+    Ok(())
+}

@@ -124,7 +124,7 @@ fn execute<B: vm_memory::bitmap::BitmapSlice>(
     match kind {
         T_IN => {
             let len = writer.available_bytes();
-            if len > MAX_REQUEST_BYTES || len as u64 % SECTOR != 0 {
+            if len > MAX_REQUEST_BYTES || !(len as u64).is_multiple_of(SECTOR) {
                 return (S_IOERR, 0);
             }
             let Some(offset) = range(sector, len as u64, dev.size()) else {
@@ -144,7 +144,7 @@ fn execute<B: vm_memory::bitmap::BitmapSlice>(
                 return (S_IOERR, 0);
             }
             let len = reader.available_bytes();
-            if len > MAX_REQUEST_BYTES || len as u64 % SECTOR != 0 {
+            if len > MAX_REQUEST_BYTES || !(len as u64).is_multiple_of(SECTOR) {
                 return (S_IOERR, 0);
             }
             let Some(offset) = range(sector, len as u64, dev.size()) else {
@@ -174,7 +174,7 @@ fn execute<B: vm_memory::bitmap::BitmapSlice>(
             }
             let len = reader.available_bytes();
             let segments = len / 16;
-            if len % 16 != 0 || segments == 0 || segments > MAX_SEGMENTS as usize {
+            if !len.is_multiple_of(16) || segments == 0 || segments > MAX_SEGMENTS as usize {
                 return (S_IOERR, 0);
             }
             for _ in 0..segments {
