@@ -12,6 +12,7 @@ pub mod catalog_snapshots;
 pub mod cgroups;
 pub mod cli;
 pub mod client;
+pub mod compose;
 pub mod config;
 pub mod daemon;
 pub mod dhcp;

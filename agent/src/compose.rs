@@ -1,0 +1,1271 @@
+//! Temporal compositions (F11, F12): rules that pick each resource of an environment
+//! from a point in its history, and the plan they give.
+//!
+//! This module is pure: rules are parsed and checked, and [`plan`] computes, from the
+//! environment's resources and snapshots (and the block maps of disk snapshots, read
+//! through a [`MapSource`]), which snapshot each resource comes from, which rule chose
+//! it, and what conflicts there are. Nothing is written. The rule schema is documented
+//! in `docs/compositions.md`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use weft_blockdev::store::{BlockMap, Slot};
+
+use crate::model::{Snapshot, SnapshotState};
+
+/// Largest rules document accepted.
+pub const MAX_RULES_BYTES: usize = 1 << 20;
+/// Most rules in one composition.
+pub const MAX_RULES: usize = 256;
+/// Most resource patterns (or categories) in one rule.
+pub const MAX_PATTERNS: usize = 64;
+/// Longest name, pattern or category.
+pub const MAX_TEXT: usize = 256;
+/// Most conflicts one plan lists per resource before it gives up listing (the merge
+/// is still refused or resolved as a whole).
+pub const MAX_CONFLICTS: usize = 10_000;
+
+/// How a rule chooses among the snapshots it admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The newest.
+    #[default]
+    Latest,
+    /// The oldest.
+    Earliest,
+    /// The one nearest to `closest_to`.
+    ClosestTo,
+}
+
+/// What happens when rules choose different snapshots of one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictStrategy {
+    /// The newest chosen snapshot wins outright.
+    #[default]
+    LastWriteWins,
+    /// Three-way merge against the common ancestor; what both sides changed is taken
+    /// from the newer side.
+    MergeByTimestamp,
+    /// Three-way merge; what both sides changed is a conflict for the user to resolve.
+    Prompt,
+}
+
+/// One rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Name shown in plans (default `rule N`, from 1).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Resource patterns: `config`, `net`, `disk:<glob>`, `data:<glob>`, `*`
+    /// (`*` and `?` in globs).
+    pub resources: Vec<String>,
+    /// Only snapshots taken at or after this instant (RFC 3339).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// Only snapshots taken at or before this instant.
+    #[serde(default)]
+    pub until: Option<String>,
+    /// Only snapshots with one of these categories.
+    #[serde(default)]
+    pub categories: Vec<String>,
+    /// No snapshot with one of these categories.
+    #[serde(default)]
+    pub exclude_categories: Vec<String>,
+    /// Exactly this snapshot (of a matching resource); no other filter may be given.
+    #[serde(default)]
+    pub pin: Option<i64>,
+    /// How to choose among the admitted snapshots.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// The instant `closest-to` aims at.
+    #[serde(default)]
+    pub closest_to: Option<String>,
+}
+
+/// A composition's rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    /// How disagreeing rules are settled.
+    #[serde(default)]
+    pub conflict: ConflictStrategy,
+    /// Resources no rule names come from their newest snapshot at or before this
+    /// instant (default: their newest snapshot).
+    #[serde(default)]
+    pub at: Option<String>,
+    /// The rules, in order (TOML: `[[rule]]` tables).
+    #[serde(rename = "rule", default)]
+    pub rules: Vec<Rule>,
+}
+
+/// Why rules are refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RulesError(pub String);
+
+fn instant(what: &str, t: &str) -> Result<String, RulesError> {
+    humantime::parse_rfc3339_weak(t)
+        .map(|st| humantime::format_rfc3339_micros(st).to_string())
+        .map_err(|e| RulesError(format!("{what} {t:?} is not an RFC 3339 time: {e}")))
+}
+
+fn check_text(what: &str, s: &str) -> Result<(), RulesError> {
+    if s.is_empty() || s.len() > MAX_TEXT || s.chars().any(char::is_control) {
+        return Err(RulesError(format!(
+            "{what} {s:?} must be 1 to {MAX_TEXT} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether `pattern` (from a rule) names `resource`.
+pub fn matches(pattern: &str, resource: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match (pattern.split_once(':'), resource.split_once(':')) {
+        (Some((pt, pg)), Some((rt, rn))) => pt == rt && glob(pg.as_bytes(), rn.as_bytes()),
+        (None, None) => pattern == resource,
+        _ => false,
+    }
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    // Iterative wildcard match with one backtrack point (linear in practice).
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+fn check_pattern(p: &str) -> Result<(), RulesError> {
+    check_text("resource pattern", p)?;
+    let ok = match p.split_once(':') {
+        None => matches!(p, "*" | "config" | "net"),
+        Some((t, g)) => matches!(t, "disk" | "data") && !g.is_empty(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(RulesError(format!(
+            "resource pattern {p:?}: use config, net, disk:<glob>, data:<glob> or *"
+        )))
+    }
+}
+
+impl Rules {
+    /// Parses a rules file: TOML, or JSON when it starts with `{`.
+    pub fn parse(text: &str) -> Result<Rules, RulesError> {
+        if text.len() > MAX_RULES_BYTES {
+            return Err(RulesError(format!(
+                "the rules are {} bytes, more than {MAX_RULES_BYTES}",
+                text.len()
+            )));
+        }
+        let rules: Rules = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| RulesError(format!("rules (JSON): {e}")))?
+        } else {
+            toml::from_str(text).map_err(|e| RulesError(format!("rules (TOML): {e}")))?
+        };
+        rules.checked()
+    }
+
+    /// Checks every rule and normalises its instants; returns the checked rules.
+    pub fn checked(mut self) -> Result<Rules, RulesError> {
+        if self.rules.len() > MAX_RULES {
+            return Err(RulesError(format!("more than {MAX_RULES} rules")));
+        }
+        if let Some(t) = &self.at {
+            self.at = Some(instant("at", t)?);
+        }
+        for (i, r) in self.rules.iter_mut().enumerate() {
+            let label = r.name.clone().unwrap_or_else(|| format!("rule {}", i + 1));
+            let bad = |m: String| RulesError(format!("{label}: {m}"));
+            if let Some(n) = &r.name {
+                check_text("name", n).map_err(|e| bad(e.0))?;
+            }
+            if r.resources.is_empty() || r.resources.len() > MAX_PATTERNS {
+                return Err(bad(format!("resources: give 1 to {MAX_PATTERNS} patterns")));
+            }
+            for p in &r.resources {
+                check_pattern(p).map_err(|e| bad(e.0))?;
+            }
+            if r.categories.len() > MAX_PATTERNS || r.exclude_categories.len() > MAX_PATTERNS {
+                return Err(bad(format!("at most {MAX_PATTERNS} categories")));
+            }
+            for c in r.categories.iter().chain(&r.exclude_categories) {
+                check_text("category", c).map_err(|e| bad(e.0))?;
+            }
+            for (what, t) in [
+                ("from", &mut r.from),
+                ("until", &mut r.until),
+                ("closest_to", &mut r.closest_to),
+            ] {
+                if let Some(v) = t {
+                    *v = instant(what, v).map_err(|e| bad(e.0))?;
+                }
+            }
+            if let (Some(f), Some(u)) = (&r.from, &r.until) {
+                if f > u {
+                    return Err(bad(format!("from {f} is after until {u}")));
+                }
+            }
+            match (r.strategy, &r.closest_to) {
+                (Strategy::ClosestTo, None) => {
+                    return Err(bad("strategy closest-to needs closest_to".into()))
+                }
+                (Strategy::Latest | Strategy::Earliest, Some(_)) => {
+                    return Err(bad("closest_to needs strategy = \"closest-to\"".into()))
+                }
+                _ => {}
+            }
+            if r.pin.is_some()
+                && (r.from.is_some()
+                    || r.until.is_some()
+                    || !r.categories.is_empty()
+                    || !r.exclude_categories.is_empty()
+                    || r.closest_to.is_some())
+            {
+                return Err(bad("pin takes no other filter".into()));
+            }
+        }
+        Ok(self)
+    }
+
+    fn label(&self, i: usize) -> String {
+        self.rules[i]
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("rule {}", i + 1))
+    }
+}
+
+/// Where a resource of a composed weave comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Origin {
+    /// One snapshot.
+    Snapshot {
+        /// Its id.
+        id: i64,
+        /// Its instant.
+        taken_at: String,
+        /// Its category.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        category: Option<String>,
+    },
+    /// The provenance log replayed up to an instant (`data:` resources).
+    Instant {
+        /// The instant.
+        at: String,
+    },
+    /// A three-way merge of the snapshots chosen by disagreeing rules.
+    Merge {
+        /// The merged snapshots, oldest first.
+        sides: Vec<i64>,
+        /// Their common ancestor (none: every difference counts as a change on both).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        base: Option<i64>,
+    },
+}
+
+/// The plan's line for one resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Choice {
+    /// The resource (`disk:vda`, `config`, `net`, `data:<source>`).
+    pub resource: String,
+    /// Where it comes from.
+    pub origin: Origin,
+    /// The rule that chose it (`default` when no rule names the resource), or the
+    /// rules whose choices were merged or overruled, joined by `, `.
+    pub rule: String,
+    /// What the conflict strategy did, when rules disagreed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settled: Option<String>,
+}
+
+/// A part of a resource both sides of a merge changed differently.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Conflict {
+    /// The resource.
+    pub resource: String,
+    /// Which part: `slots A..B` (chunk-sized slots of a disk) or a JSON pointer.
+    pub key: String,
+    /// The snapshot each side's version comes from (older side first).
+    pub sides: [i64; 2],
+    /// Who resolved it how, if anyone: the snapshot whose version is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved: Option<i64>,
+}
+
+/// A composition's plan.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Plan {
+    /// One line per resource of the environment.
+    pub resources: Vec<Choice>,
+    /// Conflicts of merges (open ones have no `resolved`).
+    pub conflicts: Vec<Conflict>,
+}
+
+impl Plan {
+    /// Conflicts nobody resolved yet.
+    pub fn open_conflicts(&self) -> impl Iterator<Item = &Conflict> {
+        self.conflicts.iter().filter(|c| c.resolved.is_none())
+    }
+}
+
+/// Reads the block map of a disk snapshot (the chunk store, in weftd).
+pub trait MapSource {
+    /// The block map of snapshot `s`.
+    fn block_map(&self, s: &Snapshot) -> Result<BlockMap, String>;
+}
+
+/// What a plan is computed from.
+pub struct PlanInput<'a> {
+    /// The environment's resources now (`disk:*`, `config`, `net`, `data:*`).
+    pub resources: &'a [String],
+    /// Its snapshots (any state; only complete ones are used).
+    pub snapshots: &'a [Snapshot],
+    /// Resolutions recorded so far: (resource, key) → the snapshot whose side wins.
+    pub resolutions: &'a HashMap<(String, String), i64>,
+}
+
+fn admitted<'s>(rule: &Rule, resource: &str, snaps: &'s [Snapshot]) -> Vec<&'s Snapshot> {
+    snaps
+        .iter()
+        .filter(|s| s.resource == resource && s.state == SnapshotState::Complete)
+        .filter(|s| rule.pin.is_none_or(|p| s.id == p))
+        .filter(|s| rule.from.as_ref().is_none_or(|f| s.taken_at >= *f))
+        .filter(|s| rule.until.as_ref().is_none_or(|u| s.taken_at <= *u))
+        .filter(|s| {
+            rule.categories.is_empty()
+                || s.category
+                    .as_ref()
+                    .is_some_and(|c| rule.categories.contains(c))
+        })
+        .filter(|s| {
+            !s.category
+                .as_ref()
+                .is_some_and(|c| rule.exclude_categories.contains(c))
+        })
+        .collect()
+}
+
+fn micros(t: &str) -> i128 {
+    humantime::parse_rfc3339_weak(t)
+        .ok()
+        .and_then(|st| st.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_micros() as i128)
+        .unwrap_or(0)
+}
+
+fn choose<'s>(rule: &Rule, mut c: Vec<&'s Snapshot>) -> Option<&'s Snapshot> {
+    c.sort_by(|a, b| a.taken_at.cmp(&b.taken_at).then(a.id.cmp(&b.id)));
+    match rule.strategy {
+        Strategy::Latest => c.last().copied(),
+        Strategy::Earliest => c.first().copied(),
+        Strategy::ClosestTo => {
+            let t = micros(rule.closest_to.as_deref().unwrap_or_default());
+            c.into_iter()
+                .min_by_key(|s| (micros(&s.taken_at) - t).abs())
+        }
+    }
+}
+
+/// The instant a `data:` rule chooses: the end of its range for latest, the start for
+/// earliest, its target for closest-to; `None` when it sets no bound that way.
+fn data_instant(rule: &Rule) -> Option<String> {
+    match rule.strategy {
+        Strategy::Latest => rule.until.clone(),
+        Strategy::Earliest => rule.from.clone(),
+        Strategy::ClosestTo => rule.closest_to.clone(),
+    }
+}
+
+/// Computes the plan of `rules` over `input`.
+pub fn plan(rules: &Rules, input: &PlanInput<'_>, maps: &dyn MapSource) -> Result<Plan, String> {
+    let mut out = Plan::default();
+    for resource in input.resources {
+        // Each rule that names the resource and admits something makes a choice.
+        let mut picks: Vec<(usize, Origin, Option<&Snapshot>)> = Vec::new();
+        let mut named = false;
+        for (i, rule) in rules.rules.iter().enumerate() {
+            if !rule.resources.iter().any(|p| matches(p, resource)) {
+                continue;
+            }
+            named = true;
+            if resource.starts_with("data:") {
+                let at = data_instant(rule).unwrap_or_else(crate::catalog::now);
+                picks.push((i, Origin::Instant { at }, None));
+            } else if let Some(s) = choose(rule, admitted(rule, resource, input.snapshots)) {
+                picks.push((i, origin_of(s), Some(s)));
+            }
+        }
+        if !named {
+            let default = default_choice(rules, resource, input.snapshots);
+            if let Some(origin) = default {
+                out.resources.push(Choice {
+                    resource: resource.clone(),
+                    origin,
+                    rule: "default".into(),
+                    settled: None,
+                });
+            }
+            continue;
+        }
+        if picks.is_empty() {
+            return Err(format!(
+                "no snapshot of {resource} satisfies the rules that name it ({})",
+                rules
+                    .rules
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.resources.iter().any(|p| matches(p, resource)))
+                    .map(|(i, _)| rules.label(i))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        // Distinct choices, oldest first.
+        let mut distinct: Vec<(Vec<usize>, Origin, Option<&Snapshot>)> = Vec::new();
+        for (i, o, s) in picks {
+            match distinct.iter_mut().find(|(_, d, _)| *d == o) {
+                Some((who, _, _)) => who.push(i),
+                None => distinct.push((vec![i], o, s)),
+            }
+        }
+        distinct.sort_by_key(|d| origin_time(&d.1));
+        let labels = |who: &[usize]| {
+            who.iter()
+                .map(|&i| rules.label(i))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if distinct.len() == 1 {
+            let (who, origin, _) = distinct.remove(0);
+            out.resources.push(Choice {
+                resource: resource.clone(),
+                origin,
+                rule: labels(&who),
+                settled: None,
+            });
+            continue;
+        }
+        let all_rules: Vec<usize> = distinct.iter().flat_map(|d| d.0.clone()).collect();
+        let newest = distinct.last().cloned();
+        let mergeable = !resource.starts_with("data:");
+        match newest {
+            Some((who, origin, _))
+                if rules.conflict == ConflictStrategy::LastWriteWins || !mergeable =>
+            {
+                out.resources.push(Choice {
+                    resource: resource.clone(),
+                    origin,
+                    rule: labels(&who),
+                    settled: Some(format!(
+                        "rules disagree ({}); the newest choice wins{}",
+                        labels(&all_rules),
+                        if mergeable {
+                            ""
+                        } else {
+                            " (data is not merged)"
+                        }
+                    )),
+                });
+            }
+            _ => {
+                let sides: Vec<i64> = distinct.iter().filter_map(|d| d.2.map(|s| s.id)).collect();
+                let Merged {
+                    origin, conflicts, ..
+                } = merge(rules, resource, &sides, input, maps)?;
+                let open = conflicts.iter().filter(|c| c.resolved.is_none()).count();
+                out.resources.push(Choice {
+                    resource: resource.clone(),
+                    origin,
+                    rule: labels(&all_rules),
+                    settled: Some(match rules.conflict {
+                        ConflictStrategy::Prompt if open > 0 => {
+                            format!("merged; {open} conflict(s) to resolve")
+                        }
+                        ConflictStrategy::Prompt => "merged; every conflict resolved".into(),
+                        _ => format!(
+                            "merged; {} conflict(s) taken from the newer side",
+                            conflicts.len()
+                        ),
+                    }),
+                });
+                out.conflicts.extend(conflicts);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn origin_of(s: &Snapshot) -> Origin {
+    Origin::Snapshot {
+        id: s.id,
+        taken_at: s.taken_at.clone(),
+        category: s.category.clone(),
+    }
+}
+
+fn origin_time(o: &Origin) -> String {
+    match o {
+        Origin::Snapshot { taken_at, .. } => taken_at.clone(),
+        Origin::Instant { at } => at.clone(),
+        Origin::Merge { .. } => String::new(),
+    }
+}
+
+fn default_choice(rules: &Rules, resource: &str, snaps: &[Snapshot]) -> Option<Origin> {
+    if resource.starts_with("data:") {
+        return Some(Origin::Instant {
+            at: rules.at.clone().unwrap_or_else(crate::catalog::now),
+        });
+    }
+    snaps
+        .iter()
+        .filter(|s| s.resource == resource && s.state == SnapshotState::Complete)
+        .filter(|s| rules.at.as_ref().is_none_or(|t| s.taken_at <= *t))
+        .max_by(|a, b| a.taken_at.cmp(&b.taken_at).then(a.id.cmp(&b.id)))
+        .map(origin_of)
+}
+
+/// The newest common ancestor of two disk snapshots along their parent links.
+fn common_ancestor(a: &Snapshot, b: &Snapshot, snaps: &[Snapshot]) -> Option<i64> {
+    let by_id: HashMap<i64, &Snapshot> = snaps.iter().map(|s| (s.id, s)).collect();
+    let chain = |s: &Snapshot| {
+        let mut ids = BTreeSet::new();
+        let mut cur = Some(s.id);
+        while let Some(id) = cur {
+            if !ids.insert(id) {
+                break;
+            }
+            cur = by_id.get(&id).and_then(|s| s.parent);
+        }
+        ids
+    };
+    let ca = chain(a);
+    let cb = chain(b);
+    ca.intersection(&cb)
+        .filter_map(|id| by_id.get(id))
+        .max_by(|x, y| x.taken_at.cmp(&y.taken_at).then(x.id.cmp(&y.id)))
+        .map(|s| s.id)
+}
+
+/// The newest snapshot of `resource` taken before every side (structured resources
+/// have no parent links): their common state.
+fn state_before(resource: &str, sides: &[&Snapshot], snaps: &[Snapshot]) -> Option<i64> {
+    let first = sides.iter().map(|s| s.taken_at.as_str()).min()?;
+    snaps
+        .iter()
+        .filter(|s| s.resource == resource && s.state == SnapshotState::Complete)
+        .filter(|s| s.taken_at.as_str() < first)
+        .max_by(|a, b| a.taken_at.cmp(&b.taken_at).then(a.id.cmp(&b.id)))
+        .map(|s| s.id)
+}
+
+/// The result of merging the snapshots rules chose for one resource.
+#[derive(Debug, Clone)]
+pub struct Merged {
+    /// What the plan shows.
+    pub origin: Origin,
+    /// Conflicts (resolved or open).
+    pub conflicts: Vec<Conflict>,
+    /// The merged block map (disks).
+    pub map: Option<BlockMap>,
+    /// The merged JSON (`config`, `net`).
+    pub value: Option<Value>,
+}
+
+/// Merges snapshots `sides` (ids, oldest first) of `resource` three-way, folding
+/// them in order: for a disk slot by slot against the sides' newest common ancestor
+/// along parent links, for `config` and `net` key by key against the newest snapshot
+/// taken before them all. What only one side changed is taken from it; what both
+/// changed differently is a conflict, settled by `rules.conflict`.
+pub fn merge(
+    rules: &Rules,
+    resource: &str,
+    sides: &[i64],
+    input: &PlanInput<'_>,
+    maps: &dyn MapSource,
+) -> Result<Merged, String> {
+    let snaps = input.snapshots;
+    let find = |id: i64| snaps.iter().find(|s| s.id == id);
+    let sides: Vec<&Snapshot> = sides
+        .iter()
+        .map(|id| find(*id).ok_or_else(|| format!("snapshot {id} is gone")))
+        .collect::<Result<_, _>>()?;
+    let ids: Vec<i64> = sides.iter().map(|s| s.id).collect();
+    let first = *sides.first().ok_or("nothing to merge")?;
+    if resource.starts_with("disk:") {
+        let mut acc = maps.block_map(first)?;
+        let mut origin = vec![first.id; acc.slots.len()];
+        let mut base_id = None;
+        let mut conflicts = Vec::new();
+        for next in &sides[1..] {
+            let theirs = maps.block_map(next)?;
+            if theirs.disk_size != acc.disk_size || theirs.chunk_size != acc.chunk_size {
+                return Err(format!(
+                    "{resource}: snapshots {} and {} have different sizes and cannot be merged; \
+                     use conflict = \"last-write-wins\"",
+                    first.id, next.id
+                ));
+            }
+            base_id = common_ancestor(first, next, snaps);
+            let base = match base_id.and_then(find) {
+                Some(b) => Some(maps.block_map(b)?),
+                None => None,
+            };
+            conflicts.extend(block_merge(
+                rules.conflict,
+                resource,
+                (&mut acc, &mut origin),
+                (&theirs, next.id),
+                base.as_ref(),
+                input.resolutions,
+            ));
+        }
+        return Ok(Merged {
+            origin: Origin::Merge {
+                sides: ids,
+                base: base_id,
+            },
+            conflicts,
+            map: Some(acc),
+            value: None,
+        });
+    }
+    let value = |s: &Snapshot| -> Value {
+        match resource {
+            "config" => serde_json::to_value(&s.config).unwrap_or(Value::Null),
+            _ => serde_json::to_value(&s.net).unwrap_or(Value::Null),
+        }
+    };
+    let base_id = state_before(resource, &sides, snaps);
+    let base = base_id.and_then(find).map(|b| flatten(&value(b)));
+    let mut acc = flatten(&value(first));
+    let mut origin: BTreeMap<String, i64> = acc.keys().map(|k| (k.clone(), first.id)).collect();
+    let mut conflicts = Vec::new();
+    for next in &sides[1..] {
+        let theirs = flatten(&value(next));
+        let keys: BTreeSet<String> = acc.keys().chain(theirs.keys()).cloned().collect();
+        for k in keys {
+            let (o, t) = (acc.get(&k).cloned(), theirs.get(&k).cloned());
+            if o == t {
+                continue;
+            }
+            let b = base.as_ref().map(|m| m.get(&k).cloned());
+            let take_theirs = if b.as_ref() == Some(&o) {
+                true
+            } else if b.as_ref() == Some(&t) {
+                false
+            } else {
+                let ours = origin.get(&k).copied().unwrap_or(first.id);
+                let c = conflict(rules.conflict, resource, k.clone(), [ours, next.id], input);
+                let wins = c.resolved == Some(next.id);
+                conflicts.push(c);
+                wins
+            };
+            if take_theirs {
+                match t {
+                    Some(v) => acc.insert(k.clone(), v),
+                    None => acc.remove(&k),
+                };
+                origin.insert(k, next.id);
+            }
+        }
+    }
+    Ok(Merged {
+        origin: Origin::Merge {
+            sides: ids,
+            base: base_id,
+        },
+        conflicts,
+        map: None,
+        value: Some(unflatten(&acc)),
+    })
+}
+
+/// A conflict on `key` between `sides`, resolved as the strategy says: the newer side
+/// for merge-by-timestamp, the recorded resolution (if any) for prompt.
+fn conflict(
+    strategy: ConflictStrategy,
+    resource: &str,
+    key: String,
+    sides: [i64; 2],
+    input: &PlanInput<'_>,
+) -> Conflict {
+    let resolved = match strategy {
+        ConflictStrategy::Prompt => input
+            .resolutions
+            .get(&(resource.to_string(), key.clone()))
+            .copied()
+            .filter(|r| sides.contains(r)),
+        _ => Some(sides[1]),
+    };
+    Conflict {
+        resource: resource.to_string(),
+        key,
+        sides,
+        resolved,
+    }
+}
+
+/// Three-way merge of `theirs` into `acc` slot by slot (`origin`: the snapshot each
+/// slot of `acc` came from); conflicting runs of adjacent slots are returned and
+/// applied as resolved.
+fn block_merge(
+    strategy: ConflictStrategy,
+    resource: &str,
+    (acc, origin): (&mut BlockMap, &mut [i64]),
+    (theirs, theirs_id): (&BlockMap, i64),
+    base: Option<&BlockMap>,
+    resolutions: &HashMap<(String, String), i64>,
+) -> Vec<Conflict> {
+    let mut runs: Vec<(usize, usize, i64)> = Vec::new();
+    for (i, t) in theirs.slots.iter().copied().enumerate() {
+        let o = acc.slots[i];
+        if o == t {
+            continue;
+        }
+        let b: Option<Slot> = base.map(|m| m.slots[i]);
+        if b == Some(o) {
+            acc.slots[i] = t;
+            origin[i] = theirs_id;
+        } else if b != Some(t) {
+            match runs.last_mut() {
+                Some((_, e, ours)) if *e == i && *ours == origin[i] => *e = i + 1,
+                _ => runs.push((i, i + 1, origin[i])),
+            }
+        }
+    }
+    let input = PlanInput {
+        resources: &[],
+        snapshots: &[],
+        resolutions,
+    };
+    let mut conflicts = Vec::new();
+    for (s, e, ours) in runs {
+        let c = conflict(
+            strategy,
+            resource,
+            format!("slots {s}..{e}"),
+            [ours, theirs_id],
+            &input,
+        );
+        if c.resolved == Some(theirs_id) {
+            acc.slots[s..e].copy_from_slice(&theirs.slots[s..e]);
+            origin[s..e].fill(theirs_id);
+        }
+        if conflicts.len() < MAX_CONFLICTS {
+            conflicts.push(c);
+        }
+    }
+    conflicts
+}
+
+/// JSON flattened to leaf JSON pointers (arrays are leaves: a list is one value).
+pub fn flatten(v: &Value) -> BTreeMap<String, Value> {
+    fn walk(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, x) in m {
+                    let esc = k.replace('~', "~0").replace('/', "~1");
+                    walk(&format!("{prefix}/{esc}"), x, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_string(), v.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk("", v, &mut out);
+    out
+}
+
+/// The inverse of [`flatten`].
+pub fn unflatten(m: &BTreeMap<String, Value>) -> Value {
+    fn insert(cur: &mut Value, parts: &[String], v: Value) {
+        let Some((first, rest)) = parts.split_first() else {
+            *cur = v;
+            return;
+        };
+        if !cur.is_object() {
+            *cur = Value::Object(Default::default());
+        }
+        if let Value::Object(obj) = cur {
+            insert(obj.entry(first.clone()).or_insert(Value::Null), rest, v);
+        }
+    }
+    let mut root = Value::Null;
+    for (k, v) in m {
+        let parts: Vec<String> = if k.is_empty() {
+            Vec::new()
+        } else {
+            k[1..]
+                .split('/')
+                .map(|p| p.replace("~1", "/").replace("~0", "~"))
+                .collect()
+        };
+        insert(&mut root, &parts, v.clone());
+    }
+    root
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_blockdev::store::ChunkId;
+    use weft_qmp::launch::VmConfig;
+
+    use super::*;
+    use crate::model::SnapshotKind;
+
+    fn snap(
+        id: i64,
+        resource: &str,
+        at: &str,
+        category: Option<&str>,
+        parent: Option<i64>,
+    ) -> Snapshot {
+        Snapshot {
+            id,
+            env: "web".into(),
+            resource: resource.into(),
+            state: SnapshotState::Complete,
+            kind: if resource.starts_with("disk:") {
+                if parent.is_some() {
+                    SnapshotKind::Incremental
+                } else {
+                    SnapshotKind::Full
+                }
+            } else {
+                SnapshotKind::Config
+            },
+            taken_at: format!("2026-11-{at}Z"),
+            finished_at: None,
+            actor: "t".into(),
+            category: category.map(Into::into),
+            note: None,
+            parent,
+            size: None,
+            checksum: None,
+            index_name: None,
+            checkpoint: None,
+            bytes_read: None,
+            bytes_new: None,
+            bytes_marked: None,
+            reason: None,
+            error: None,
+            config: None,
+            net: None,
+        }
+    }
+
+    fn config_snap(id: i64, at: &str, memory: u64, cpus: u32) -> Snapshot {
+        let mut s = snap(id, "config", at, None, None);
+        s.config = Some(VmConfig {
+            memory_mib: memory,
+            cpus,
+            ..VmConfig::default()
+        });
+        s
+    }
+
+    struct Maps(HashMap<i64, BlockMap>);
+    impl MapSource for Maps {
+        fn block_map(&self, s: &Snapshot) -> Result<BlockMap, String> {
+            self.0
+                .get(&s.id)
+                .cloned()
+                .ok_or_else(|| format!("no map for {}", s.id))
+        }
+    }
+
+    fn map(slots: &[u8]) -> BlockMap {
+        let mut m = BlockMap::new(slots.len() as u64 * 65536, 65536);
+        for (i, &n) in slots.iter().enumerate() {
+            m.slots[i] = if n == 0 {
+                Slot::Zero
+            } else {
+                Slot::Data(ChunkId([n; 32]))
+            };
+        }
+        m
+    }
+
+    fn ids(m: &BlockMap) -> Vec<u8> {
+        m.slots
+            .iter()
+            .map(|s| match s {
+                Slot::Zero => 0,
+                Slot::Data(id) => id.0[0],
+            })
+            .collect()
+    }
+
+    /// Disk vda: 1 (full, 20th) → 2 (21st, "nightly") → 3 (22nd, "security update");
+    /// 4 is a branch from 1 (23rd). Config 10 (20th), 11 (21st), 12 (22nd).
+    fn history() -> (Vec<Snapshot>, Maps) {
+        let snaps = vec![
+            snap(1, "disk:vda", "20T10:00:00", None, None),
+            snap(2, "disk:vda", "21T10:00:00", Some("nightly"), Some(1)),
+            snap(
+                3,
+                "disk:vda",
+                "22T10:00:00",
+                Some("security update"),
+                Some(2),
+            ),
+            snap(4, "disk:vda", "23T10:00:00", Some("nightly"), Some(1)),
+            config_snap(10, "20T09:00:00", 256, 1),
+            config_snap(11, "21T09:00:00", 512, 1),
+            config_snap(12, "22T09:00:00", 256, 2),
+        ];
+        let maps = Maps(HashMap::from([
+            (1, map(&[1, 1, 1, 1, 0, 0])),
+            (2, map(&[1, 2, 1, 1, 0, 0])),
+            (3, map(&[1, 2, 3, 1, 0, 0])),
+            (4, map(&[1, 1, 4, 4, 4, 0])),
+        ]));
+        (snaps, maps)
+    }
+
+    fn run(text: &str, res: &HashMap<(String, String), i64>) -> Result<Plan, String> {
+        let (snaps, maps) = history();
+        let rules = Rules::parse(text).map_err(|e| e.0)?;
+        let resources = ["disk:vda".to_string(), "config".into(), "data:app".into()];
+        plan(
+            &rules,
+            &PlanInput {
+                resources: &resources,
+                snapshots: &snaps,
+                resolutions: res,
+            },
+            &maps,
+        )
+    }
+
+    fn origin_id(p: &Plan, r: &str) -> Option<i64> {
+        p.resources
+            .iter()
+            .find(|c| c.resource == r)
+            .and_then(|c| match c.origin {
+                Origin::Snapshot { id, .. } => Some(id),
+                _ => None,
+            })
+    }
+
+    #[test]
+    fn rules_parse_from_toml_and_json_and_bad_ones_say_why() {
+        let r = Rules::parse(
+            r#"
+            conflict = "prompt"
+            [[rule]]
+            name = "db"
+            resources = ["disk:v*", "config"]
+            from = "2026-11-20T00:00:00Z"
+            until = "2026-11-21T23:00:00Z"
+            categories = ["nightly"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(r.conflict, ConflictStrategy::Prompt);
+        assert_eq!(
+            r.rules[0].from.as_deref(),
+            Some("2026-11-20T00:00:00.000000Z")
+        );
+        let j = Rules::parse(r#"{"rule": [{"resources": ["net"], "pin": 3}]}"#).unwrap();
+        assert_eq!(j.rules[0].pin, Some(3));
+        for (text, needle) in [
+            (
+                r#"[[rule]]
+resources = ["disks:*"]"#,
+                "resource pattern",
+            ),
+            (
+                r#"[[rule]]
+resources = ["config"]
+from = "2026-11-22T00:00:00Z"
+until = "2026-11-21T00:00:00Z""#,
+                "is after until",
+            ),
+            (
+                r#"[[rule]]
+resources = ["config"]
+pin = 3
+from = "2026-11-22T00:00:00Z""#,
+                "pin takes no other filter",
+            ),
+            (
+                r#"[[rule]]
+resources = ["config"]
+strategy = "closest-to""#,
+                "needs closest_to",
+            ),
+            (
+                r#"[[rule]]
+resources = ["config"]
+colour = "red""#,
+                "unknown field",
+            ),
+            (
+                r#"[[rule]]
+resources = []"#,
+                "resources",
+            ),
+            (
+                r#"[[rule]]
+resources = ["config"]
+until = "yesterday""#,
+                "RFC 3339",
+            ),
+        ] {
+            let e = Rules::parse(text).unwrap_err().0;
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        assert!(Rules::parse(&"#".repeat(MAX_RULES_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn globs_match_whole_names() {
+        assert!(matches("disk:*", "disk:vda"));
+        assert!(matches("disk:v?a", "disk:vda"));
+        assert!(!matches("disk:v?a", "disk:vdab"));
+        assert!(matches("data:*.db", "data:/srv/app.db"));
+        assert!(!matches("disk:*", "data:x"));
+        assert!(matches("config", "config"));
+        assert!(!matches("config", "net"));
+        assert!(matches("*", "net"));
+        assert!(glob(b"a*b*c", b"axxbyyc") && !glob(b"a*b*c", b"axxbyy"));
+    }
+
+    #[test]
+    fn each_resource_from_its_own_instant() {
+        let p = run(
+            r#"
+            [[rule]]
+            name = "disk from the 21st"
+            resources = ["disk:*"]
+            until = "2026-11-21T23:59:59Z"
+            [[rule]]
+            name = "config before the update"
+            resources = ["config"]
+            strategy = "closest-to"
+            closest_to = "2026-11-21T12:00:00Z"
+            [[rule]]
+            resources = ["data:*"]
+            until = "2026-11-20T12:00:00Z"
+            "#,
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(origin_id(&p, "disk:vda"), Some(2));
+        assert_eq!(origin_id(&p, "config"), Some(11));
+        let data = p
+            .resources
+            .iter()
+            .find(|c| c.resource == "data:app")
+            .unwrap();
+        assert_eq!(
+            data.origin,
+            Origin::Instant {
+                at: "2026-11-20T12:00:00.000000Z".into()
+            }
+        );
+        assert!(p.conflicts.is_empty());
+        // Categories include and exclude; pins.
+        let p = run(
+            r#"
+            [[rule]]
+            resources = ["disk:vda"]
+            exclude_categories = ["security update", "nightly"]
+            [[rule]]
+            resources = ["config"]
+            pin = 10
+            "#,
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(origin_id(&p, "disk:vda"), Some(1));
+        assert_eq!(origin_id(&p, "config"), Some(10));
+        // No rule names config: its newest at or before `at`.
+        let p = run(
+            r#"
+            at = "2026-11-21T12:00:00Z"
+            [[rule]]
+            resources = ["disk:vda"]
+            strategy = "earliest"
+            categories = ["nightly"]
+            "#,
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert_eq!(origin_id(&p, "disk:vda"), Some(2));
+        assert_eq!(origin_id(&p, "config"), Some(11));
+        assert_eq!(
+            p.resources
+                .iter()
+                .find(|c| c.resource == "config")
+                .unwrap()
+                .rule,
+            "default"
+        );
+        // A rule that admits nothing is an error naming it.
+        let e = run(
+            r#"
+            [[rule]]
+            name = "too early"
+            resources = ["disk:vda"]
+            until = "2026-01-01T00:00:00Z"
+            "#,
+            &HashMap::new(),
+        )
+        .unwrap_err();
+        assert!(e.contains("too early"), "{e}");
+    }
+
+    const DISAGREE: &str = r#"
+        [[rule]]
+        name = "security"
+        resources = ["disk:vda", "config"]
+        categories = ["security update"]
+        [[rule]]
+        name = "branch"
+        resources = ["disk:vda"]
+        pin = 4
+        [[rule]]
+        name = "old config"
+        resources = ["config"]
+        pin = 11
+    "#;
+
+    #[test]
+    fn disagreeing_rules_last_write_wins() {
+        let p = run(DISAGREE, &HashMap::new()).unwrap();
+        assert_eq!(origin_id(&p, "disk:vda"), Some(4));
+        // "security" names config but admits none of its snapshots (no category):
+        // only "old config" chooses.
+        assert_eq!(origin_id(&p, "config"), Some(11));
+        let c = p
+            .resources
+            .iter()
+            .find(|c| c.resource == "disk:vda")
+            .unwrap();
+        assert!(
+            c.settled.as_ref().unwrap().contains("newest choice wins"),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn merge_by_timestamp_merges_blocks_and_keys() {
+        let text = format!("conflict = \"merge-by-timestamp\"\n{DISAGREE}");
+        let p = run(&text, &HashMap::new()).unwrap();
+        let disk = p
+            .resources
+            .iter()
+            .find(|c| c.resource == "disk:vda")
+            .unwrap();
+        assert_eq!(
+            disk.origin,
+            Origin::Merge {
+                sides: vec![3, 4],
+                base: Some(1)
+            }
+        );
+        // Slot 2 changed on both sides: one conflict, taken from the newer side (4).
+        assert_eq!(
+            p.conflicts
+                .iter()
+                .filter(|c| c.resource == "disk:vda")
+                .collect::<Vec<_>>(),
+            vec![&Conflict {
+                resource: "disk:vda".into(),
+                key: "slots 2..3".into(),
+                sides: [3, 4],
+                resolved: Some(4)
+            }]
+        );
+        let (snaps, maps) = history();
+        let rules = Rules::parse(&text).unwrap();
+        let none = HashMap::new();
+        let input = PlanInput {
+            resources: &[],
+            snapshots: &snaps,
+            resolutions: &none,
+        };
+        let m = merge(&rules, "disk:vda", &[3, 4], &input, &maps).unwrap();
+        assert_eq!(ids(m.map.as_ref().unwrap()), vec![1, 2, 4, 4, 4, 0]);
+        // Config: 11 (512 MiB, 1 cpu) and 12 (256 MiB, 2 cpus) against 10 (256, 1):
+        // each changed one key, no conflict.
+        let m = merge(&rules, "config", &[11, 12], &input, &maps).unwrap();
+        assert!(m.conflicts.is_empty(), "{:?}", m.conflicts);
+        let v: VmConfig = serde_json::from_value(m.value.unwrap()).unwrap();
+        assert_eq!((v.memory_mib, v.cpus), (512, 2));
+    }
+
+    #[test]
+    fn prompt_leaves_conflicts_open_until_resolved() {
+        let text = format!("conflict = \"prompt\"\n{DISAGREE}");
+        let p = run(&text, &HashMap::new()).unwrap();
+        let open: Vec<_> = p.open_conflicts().collect();
+        assert_eq!(open.len(), 1);
+        assert_eq!(
+            (open[0].key.as_str(), open[0].sides),
+            ("slots 2..3", [3, 4])
+        );
+        let res = HashMap::from([(("disk:vda".to_string(), "slots 2..3".to_string()), 3)]);
+        let p = run(&text, &res).unwrap();
+        assert_eq!(p.open_conflicts().count(), 0);
+        let (snaps, maps) = history();
+        let input = PlanInput {
+            resources: &[],
+            snapshots: &snaps,
+            resolutions: &res,
+        };
+        let m = merge(
+            &Rules::parse(&text).unwrap(),
+            "disk:vda",
+            &[3, 4],
+            &input,
+            &maps,
+        )
+        .unwrap();
+        assert_eq!(ids(m.map.as_ref().unwrap()), vec![1, 2, 3, 4, 4, 0]);
+        // A resolution naming neither side does not count.
+        let res = HashMap::from([(("disk:vda".to_string(), "slots 2..3".to_string()), 99)]);
+        assert_eq!(run(&text, &res).unwrap().open_conflicts().count(), 1);
+    }
+
+    #[test]
+    fn json_flattens_and_back() {
+        let v = serde_json::json!({"a": {"b": 1, "c/d": [1, 2]}, "e": null, "f": {}});
+        let f = flatten(&v);
+        assert_eq!(f.get("/a/c~1d"), Some(&serde_json::json!([1, 2])));
+        assert_eq!(unflatten(&f), v);
+    }
+}
