@@ -43,6 +43,8 @@ pub struct AppState {
     pub snapshots: Arc<Snapshots>,
     /// Weaves.
     pub weaves: Arc<Weaves>,
+    /// Compositions.
+    pub compositions: Arc<crate::compositions::Compositions>,
     /// When weftd started.
     pub started: Instant,
 }
@@ -87,6 +89,11 @@ pub fn routes() -> Vec<Route> {
         route(Method::POST, "/v1/environments/{name}/resume", resume_env),
         route(Method::GET, "/v1/environments/{name}/net", show_net),
         route(Method::PUT, "/v1/environments/{name}/net", set_net_plan),
+        route(
+            Method::POST,
+            "/v1/environments/{name}/config",
+            set_env_config,
+        ),
         route(Method::POST, "/v1/environments/{name}/expose", expose_env),
         route(
             Method::POST,
@@ -129,6 +136,30 @@ pub fn routes() -> Vec<Route> {
         route(Method::POST, "/v1/environments/{name}/weaves", create_weave),
         route(Method::GET, "/v1/environments/{name}/weaves", list_weaves),
         route(Method::GET, "/v1/weaves/{name}", show_weave),
+        route(Method::GET, "/v1/weaves/{name}/sources", weave_sources),
+        route(Method::GET, "/v1/compositions", list_compositions),
+        route(Method::POST, "/v1/compositions", create_composition),
+        route(Method::GET, "/v1/compositions/{name}", show_composition),
+        route(
+            Method::DELETE,
+            "/v1/compositions/{name}",
+            delete_composition,
+        ),
+        route(
+            Method::GET,
+            "/v1/compositions/{name}/conflicts",
+            composition_conflicts,
+        ),
+        route(
+            Method::POST,
+            "/v1/compositions/{name}/resolve",
+            resolve_composition,
+        ),
+        route(
+            Method::POST,
+            "/v1/compositions/{name}/apply",
+            apply_composition,
+        ),
         route(Method::DELETE, "/v1/weaves/{name}", delete_weave),
         route(Method::POST, "/v1/weaves/{name}/limits", weave_limits),
         route(Method::POST, "/v1/weaves/{name}/sync", weave_sync),
@@ -799,6 +830,137 @@ async fn show_weave(
     Ok(Json(state.weaves.show(&name).await?))
 }
 
+async fn weave_sources(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<crate::weaves::SourceRow>>, EnvError> {
+    state.weaves.show(&name).await?;
+    Ok(Json(state.manager.catalog().weave_sources(&name).await?))
+}
+
+async fn list_compositions(
+    State(state): State<AppState>,
+) -> Result<Json<Vec<crate::compositions::Composition>>, EnvError> {
+    Ok(Json(state.compositions.list().await?))
+}
+
+async fn create_composition(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    req: Result<
+        Json<crate::compositions::CreateComposition>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> Result<(StatusCode, Json<crate::compositions::CompositionView>), EnvError> {
+    let req = body(req)?;
+    let comps = state.compositions.clone();
+    let who = actor(&peer, &headers);
+    let target = req.name.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let by = who.clone();
+    let view = change(&state, who, "compose.create", target, detail, async move {
+        comps.create(req, &by).await
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn show_composition(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::compositions::CompositionView>, EnvError> {
+    Ok(Json(state.compositions.plan(&name).await?))
+}
+
+async fn delete_composition(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, EnvError> {
+    let comps = state.compositions.clone();
+    let target = name.clone();
+    change(
+        &state,
+        actor(&peer, &headers),
+        "compose.delete",
+        target,
+        None,
+        async move { comps.delete(&name).await },
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn composition_conflicts(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<crate::compose::Conflict>>, EnvError> {
+    Ok(Json(state.compositions.conflicts(&name).await?))
+}
+
+async fn resolve_composition(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<crate::compositions::ResolveRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Vec<crate::compose::Conflict>>, EnvError> {
+    let req = body(req)?;
+    let comps = state.compositions.clone();
+    let who = actor(&peer, &headers);
+    let detail = serde_json::to_string(&req).ok();
+    let (by, target) = (who.clone(), name.clone());
+    let out = change(&state, who, "compose.resolve", target, detail, async move {
+        comps.resolve(&name, req, &by).await
+    })
+    .await?;
+    Ok(Json(out))
+}
+
+/// Body of `POST /v1/compositions/{name}/apply`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyComposition {
+    /// Name of the new weave (default `w<index>`).
+    #[serde(default)]
+    pub weave: Option<String>,
+}
+
+async fn apply_composition(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<ApplyComposition>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Weave>), EnvError> {
+    let req = body(req)?;
+    let comp = state.compositions.get(&name).await?;
+    let weaves = state.weaves.clone();
+    let detail = serde_json::to_string(&req).ok();
+    let weave = change(
+        &state,
+        actor(&peer, &headers),
+        "compose.apply",
+        name.clone(),
+        detail,
+        async move {
+            weaves
+                .create(
+                    &comp.env,
+                    CreateWeave {
+                        name: req.weave,
+                        source: Some(crate::weaves::Source::Composition(name)),
+                    },
+                )
+                .await
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(weave)))
+}
+
 async fn delete_weave(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -852,6 +1014,41 @@ where
     })
     .await?;
     Ok(Json(setup))
+}
+
+/// Body of `POST /v1/environments/{name}/config`: what to change (the rest stays).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetConfig {
+    /// Guest memory in MiB.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// vCPUs.
+    #[serde(default)]
+    pub cpus: Option<u32>,
+}
+
+async fn set_env_config(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<SetConfig>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<EnvironmentView>, EnvError> {
+    let req = body(req)?;
+    let detail = serde_json::to_string(&req).ok();
+    let manager = state.manager.clone();
+    let target = name.clone();
+    let env = change(
+        &state,
+        actor(&peer, &headers),
+        "env.config",
+        target,
+        detail,
+        async move { manager.set_resources(&name, req.memory_mib, req.cpus).await },
+    )
+    .await?;
+    Ok(Json(view(&state, env).await))
 }
 
 async fn set_net_plan(

@@ -129,7 +129,9 @@ impl Catalog {
         result: &str,
     ) -> Result<(), CatalogError> {
         let _one = self.audit_lock.lock().await;
-        let mut tx = self.pool.begin().await?;
+        // IMMEDIATE: take the write lock before reading the chain's last hash (a
+        // deferred transaction would fail, not wait, when it later needs to write).
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let prev: Option<Vec<u8>> =
             sqlx::query_scalar("SELECT hash FROM audit_chain ORDER BY id DESC LIMIT 1")
                 .fetch_optional(&mut *tx)
@@ -213,7 +215,7 @@ impl Catalog {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut last_id = from;
         for r in &rows {
             let e = entry_from_row(r)?;

@@ -77,6 +77,9 @@ pub enum Command {
     /// Weaves: isolated, running branches of an environment.
     #[command(subcommand)]
     Weave(WeaveCommand),
+    /// Temporal compositions: each resource from its own point in history.
+    #[command(subcommand)]
+    Compose(ComposeCommand),
     /// Snapshot schedules with retention, run by weftd.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -129,6 +132,67 @@ pub enum Command {
         limit: u32,
         #[command(subcommand)]
         command: Option<AuditCommand>,
+    },
+}
+
+/// `weft compose …`
+#[derive(Debug, Subcommand)]
+pub enum ComposeCommand {
+    /// Create a composition from a rules file (TOML, or JSON; see docs/compositions.md).
+    ///
+    /// Example: weft compose create tuesday --env web --rules tuesday.toml
+    Create {
+        /// Composition name.
+        name: String,
+        /// The environment whose history it composes.
+        #[arg(long)]
+        env: String,
+        /// The rules file.
+        #[arg(long)]
+        rules: PathBuf,
+    },
+    /// List compositions.
+    List,
+    /// Show the plan: each resource, the snapshot chosen, its time and category, the
+    /// rule that chose it, and conflicts. Nothing is changed.
+    Plan {
+        /// Composition name.
+        name: String,
+    },
+    /// List the conflicts of a composition's merges (open and resolved).
+    Conflicts {
+        /// Composition name.
+        name: String,
+    },
+    /// Resolve conflicts by side: one (--resource and --key), a resource's, or --all.
+    Resolve {
+        /// Composition name.
+        name: String,
+        /// The conflict's resource.
+        #[arg(long)]
+        resource: Option<String>,
+        /// The conflict's key (`slots A..B` or a JSON pointer).
+        #[arg(long, requires = "resource")]
+        key: Option<String>,
+        /// Every open conflict.
+        #[arg(long, conflicts_with_all = ["resource", "key"])]
+        all: bool,
+        /// The side to take: older, newer, or a snapshot id.
+        #[arg(long)]
+        take: String,
+    },
+    /// Make a weave of the plan (refused while a conflict is open).
+    Apply {
+        /// Composition name.
+        name: String,
+        /// Name of the new weave (default w<index>).
+        #[arg(long)]
+        weave: Option<String>,
+    },
+    /// Delete a composition (weaves made from it stay).
+    Delete {
+        /// Composition name.
+        name: String,
     },
 }
 
@@ -188,6 +252,20 @@ pub enum EnvCommand {
     Delete {
         /// Environment name.
         name: String,
+    },
+    /// Change an environment's memory and vCPUs (stored; a running VM gets them at its
+    /// next start). Take a `config` snapshot to record the change in its history.
+    ///
+    /// Example: weft env set web --memory 1G --cpus 2
+    Set {
+        /// Environment name.
+        name: String,
+        /// Guest memory: 512M, 1G, or MiB as a plain number.
+        #[arg(long, value_parser = parse_memory_mib, value_name = "SIZE")]
+        memory: Option<u64>,
+        /// vCPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
     },
     /// Show an environment's network setup (guest address plan, host ports, active
     /// weave), or change its guest address plan (recorded as a `net` snapshot; weaves
@@ -392,6 +470,10 @@ pub enum WeaveCommand {
     Show {
         /// Weave name.
         weave: String,
+        /// Show where each resource came from (snapshot, instant, or per slot range
+        /// of a merged disk).
+        #[arg(long)]
+        sources: bool,
     },
     /// Stop a weave's QEMU (its disks and network stay).
     Stop {
@@ -926,6 +1008,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
         }
         Command::Policy(cmd) => policy_command(client, cmd, json).await?,
         Command::Weave(cmd) => weave_command(client, cmd, json).await?,
+        Command::Compose(cmd) => compose_command(client, cmd, json).await?,
         Command::Provenance(cmd) => provenance_command(client, cmd, json).await?,
         Command::Replay {
             env,
@@ -1303,6 +1386,18 @@ async fn env_command(client: &Client, cmd: EnvCommand, json: bool) -> Result<(),
                 println!("deleted {name}");
             }
         }
+        EnvCommand::Set { name, memory, cpus } => {
+            let env: EnvironmentView = client
+                .post(
+                    &format!("{}/config", env_path(&name)?),
+                    &crate::api::SetConfig {
+                        memory_mib: memory,
+                        cpus,
+                    },
+                )
+                .await?;
+            print_env(&env, json);
+        }
         EnvCommand::Net {
             name,
             guest,
@@ -1565,6 +1660,209 @@ async fn snapshot_command(
     Ok(())
 }
 
+fn compose_path(name: &str) -> Result<String, CliError> {
+    crate::envs::check_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(format!("/v1/compositions/{name}"))
+}
+
+fn print_conflicts(list: &[crate::compose::Conflict]) {
+    let rows = list
+        .iter()
+        .map(|c| {
+            vec![
+                c.resource.clone(),
+                c.key.clone(),
+                c.sides[0].to_string(),
+                c.sides[1].to_string(),
+                c.resolved
+                    .map(|r| format!("take {r}"))
+                    .unwrap_or_else(|| "open".into()),
+            ]
+        })
+        .collect();
+    print_table(&["RESOURCE", "KEY", "SIDE A", "SIDE B", "STATE"], rows);
+}
+
+fn print_plan(view: &crate::compositions::CompositionView) {
+    use crate::compose::Origin;
+    let rows = view
+        .plan
+        .resources
+        .iter()
+        .map(|c| {
+            let (from, time, category) = match &c.origin {
+                Origin::Snapshot {
+                    id,
+                    taken_at,
+                    category,
+                } => (
+                    format!("snapshot {id}"),
+                    taken_at.clone(),
+                    category.clone().unwrap_or_default(),
+                ),
+                Origin::Instant { at } => ("provenance log".into(), at.clone(), String::new()),
+                Origin::Merge { sides, base } => (
+                    format!(
+                        "merge of {}{}",
+                        sides
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" + "),
+                        base.map(|b| format!(" (ancestor {b})")).unwrap_or_default()
+                    ),
+                    String::new(),
+                    String::new(),
+                ),
+            };
+            vec![
+                c.resource.clone(),
+                from,
+                time,
+                category,
+                c.rule.clone(),
+                c.settled.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["RESOURCE", "FROM", "TIME", "CATEGORY", "RULE", "SETTLED"],
+        rows,
+    );
+    let open = view.plan.open_conflicts().count();
+    if !view.plan.conflicts.is_empty() {
+        println!();
+        print_conflicts(&view.plan.conflicts);
+    }
+    if open > 0 {
+        println!(
+            "\n{open} open conflict(s): `weft compose resolve {} …` before apply",
+            view.composition.name
+        );
+    }
+}
+
+async fn compose_command(client: &Client, cmd: ComposeCommand, json: bool) -> Result<(), CliError> {
+    use crate::compositions::{CompositionView, CreateComposition, ResolveRequest, Take};
+    match cmd {
+        ComposeCommand::Create { name, env, rules } => {
+            let text = std::fs::read_to_string(&rules).map_err(|e| {
+                CliError::Usage(format!("cannot read rules file {}: {e}", rules.display()))
+            })?;
+            let parsed = crate::compose::Rules::parse(&text)
+                .map_err(|e| CliError::Usage(format!("{}: {e}", rules.display())))?;
+            let view: CompositionView = client
+                .post(
+                    "/v1/compositions",
+                    &CreateComposition {
+                        name,
+                        env,
+                        rules: parsed,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&view);
+            } else {
+                print_plan(&view);
+            }
+        }
+        ComposeCommand::List => {
+            let list: Vec<crate::compositions::Composition> =
+                client.get("/v1/compositions").await?;
+            if json {
+                print_json(&list);
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.name.clone(),
+                            c.env.clone(),
+                            c.rules.rules.len().to_string(),
+                            format!("{:?}", c.rules.conflict).to_lowercase(),
+                            c.created_at.clone(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["NAME", "ENV", "RULES", "CONFLICT", "CREATED"], rows);
+            }
+        }
+        ComposeCommand::Plan { name } => {
+            let view: CompositionView = client.get(&compose_path(&name)?).await?;
+            if json {
+                print_json(&view);
+            } else {
+                print_plan(&view);
+            }
+        }
+        ComposeCommand::Conflicts { name } => {
+            let list: Vec<crate::compose::Conflict> = client
+                .get(&format!("{}/conflicts", compose_path(&name)?))
+                .await?;
+            if json {
+                print_json(&list);
+            } else {
+                print_conflicts(&list);
+            }
+        }
+        ComposeCommand::Resolve {
+            name,
+            resource,
+            key,
+            all,
+            take,
+        } => {
+            let take = match take.parse::<i64>() {
+                Ok(id) => Take::Snapshot(id),
+                Err(_) => Take::Side(take),
+            };
+            if !all && resource.is_none() {
+                return Err(CliError::Usage(
+                    "name a conflict (--resource and --key), a resource (--resource) or --all"
+                        .into(),
+                ));
+            }
+            let list: Vec<crate::compose::Conflict> = client
+                .post(
+                    &format!("{}/resolve", compose_path(&name)?),
+                    &ResolveRequest {
+                        resource,
+                        key,
+                        all,
+                        take,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&list);
+            } else {
+                print_conflicts(&list);
+            }
+        }
+        ComposeCommand::Apply { name, weave } => {
+            let w: Weave = client
+                .post(
+                    &format!("{}/apply", compose_path(&name)?),
+                    &crate::api::ApplyComposition { weave },
+                )
+                .await?;
+            if json {
+                print_json(&w);
+            } else {
+                print_report(&serde_json::to_value(&w).unwrap_or_default());
+            }
+        }
+        ComposeCommand::Delete { name } => {
+            client.delete(&compose_path(&name)?).await?;
+            if !json {
+                println!("composition {name} deleted");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn weave_path(name: &str) -> Result<String, CliError> {
     crate::weaves::check_weave_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(format!("/v1/weaves/{name}"))
@@ -1627,7 +1925,32 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
             let list: Vec<Weave> = client.get(&format!("{}/weaves", env_path(&env)?)).await?;
             print_weaves(&list, json);
         }
-        WeaveCommand::Show { weave } => {
+        WeaveCommand::Show {
+            weave,
+            sources: true,
+        } => {
+            let rows: Vec<crate::weaves::SourceRow> = client
+                .get(&format!("{}/sources", weave_path(&weave)?))
+                .await?;
+            if json {
+                print_json(&rows);
+            } else {
+                let rows = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.resource.clone(),
+                            r.part.clone(),
+                            r.snapshot.map(|s| s.to_string()).unwrap_or_default(),
+                            r.instant.clone().unwrap_or_default(),
+                            r.detail.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["RESOURCE", "PART", "SNAPSHOT", "INSTANT", "DETAIL"], rows);
+            }
+        }
+        WeaveCommand::Show { weave, .. } => {
             let w: Weave = client.get(&weave_path(&weave)?).await?;
             if json {
                 print_json(&w);

@@ -232,10 +232,12 @@ pub async fn run(config: Config) -> Result<()> {
     if let Err(e) = weaves.recover().await {
         warn!(error = %e, "cannot recover weaves");
     }
+    let compositions = crate::compositions::Compositions::new(manager.clone(), snapshots.clone());
     let state = AppState {
         manager: manager.clone(),
         snapshots,
         weaves,
+        compositions,
         started,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -548,6 +548,45 @@ impl Manager {
             .await;
     }
 
+    /// Changes a managed environment's memory and vCPUs in its stored configuration;
+    /// a running QEMU keeps its own until it is started again. The change is checked
+    /// as a whole configuration before it is stored.
+    pub async fn set_resources(
+        &self,
+        name: &str,
+        memory_mib: Option<u64>,
+        cpus: Option<u32>,
+    ) -> Result<Environment, EnvError> {
+        let _op = self.lock_env(name).await;
+        let env = self
+            .catalog
+            .environment(name)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        let Some(mut config) = env.config.clone().filter(|_| env.kind == EnvKind::Managed) else {
+            return Err(EnvError::Conflict(format!(
+                "{name:?} is attached: its owner configures its VM"
+            )));
+        };
+        if memory_mib.is_none() && cpus.is_none() {
+            return Err(EnvError::BadRequest("give --memory, --cpus or both".into()));
+        }
+        if let Some(m) = memory_mib {
+            config.memory_mib = m;
+        }
+        if let Some(c) = cpus {
+            config.cpus = c;
+        }
+        config
+            .validate()
+            .map_err(|e| EnvError::BadRequest(one_line(&e.to_string())))?;
+        self.catalog.set_config(name, &config).await?;
+        self.catalog
+            .environment(name)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(name.to_string()))
+    }
+
     /// Starts a stopped managed environment.
     /// For an attached environment, connects to its QMP socket again (its owner
     /// starts the VM itself).

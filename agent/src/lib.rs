@@ -13,6 +13,7 @@ pub mod cgroups;
 pub mod cli;
 pub mod client;
 pub mod compose;
+pub mod compositions;
 pub mod config;
 pub mod daemon;
 pub mod dhcp;

@@ -737,6 +737,15 @@ impl Snapshots {
             .map(drop)
     }
 
+    /// Restores a block map (e.g. a composition's merge of disk snapshots) into a new
+    /// raw image at `output` and waits for it.
+    pub async fn restore_map_into(&self, map: &BlockMap, output: &Path) -> Result<(), EnvError> {
+        let progress = (AtomicU64::new(0), AtomicU64::new(0));
+        restore_raw(&self.store, map, output, &progress)
+            .await
+            .map(drop)
+    }
+
     /// Restores a disk snapshot into a new raw image at `output` as a job.
     pub async fn restore(
         self: &Arc<Self>,

@@ -41,6 +41,8 @@ pub enum Source {
     Snapshot(i64),
     /// A past instant (RFC 3339): the newest snapshot of each resource at or before it.
     At(String),
+    /// A composition (`weft compose apply`): each resource as its plan chose it.
+    Composition(String),
 }
 
 /// Body of `POST /v1/environments/{name}/weaves`.
@@ -105,6 +107,90 @@ fn weave_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Weave, CatalogError> {
         env: None,
         balloon: None,
     })
+}
+
+/// Where one resource (or one part of it) of a weave came from (F15).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRow {
+    /// The resource.
+    pub resource: String,
+    /// The part (`slots A..B` of a merged disk), empty for the whole resource.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub part: String,
+    /// The snapshot it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<i64>,
+    /// Or the instant it was taken at (the running environment, the provenance log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instant: Option<String>,
+    /// How.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+impl SourceRow {
+    fn snapshot(resource: &str, part: &str, id: i64) -> SourceRow {
+        SourceRow {
+            resource: resource.into(),
+            part: part.into(),
+            snapshot: Some(id),
+            instant: None,
+            detail: None,
+        }
+    }
+}
+
+impl Catalog {
+    /// Records where each resource of `weave` came from (replacing earlier rows).
+    pub async fn set_weave_sources(
+        &self,
+        weave: &str,
+        rows: &[SourceRow],
+    ) -> Result<(), CatalogError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM weave_sources WHERE weave = ?")
+            .bind(weave)
+            .execute(&mut *tx)
+            .await?;
+        for r in rows {
+            sqlx::query(
+                "INSERT OR REPLACE INTO weave_sources (weave, resource, part, snapshot, instant, detail)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(weave)
+            .bind(&r.resource)
+            .bind(&r.part)
+            .bind(r.snapshot)
+            .bind(&r.instant)
+            .bind(&r.detail)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Where each resource of `weave` came from.
+    pub async fn weave_sources(&self, weave: &str) -> Result<Vec<SourceRow>, CatalogError> {
+        let rows = sqlx::query(
+            "SELECT resource, part, snapshot, instant, detail FROM weave_sources
+              WHERE weave = ? ORDER BY resource, part",
+        )
+        .bind(weave)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SourceRow {
+                    resource: r.try_get("resource")?,
+                    part: r.try_get("part")?,
+                    snapshot: r.try_get("snapshot")?,
+                    instant: r.try_get("instant")?,
+                    detail: r.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
 }
 
 impl Catalog {
@@ -342,6 +428,24 @@ impl Weaves {
                     disk.path = overlay;
                     disk.format = DiskFormat::Qcow2;
                 }
+                let at = now();
+                let rows: Vec<SourceRow> = config
+                    .disks
+                    .iter()
+                    .map(|d| format!("disk:{}", d.name))
+                    .chain(["config".to_string(), "net".to_string()])
+                    .map(|resource| SourceRow {
+                        resource,
+                        part: String::new(),
+                        snapshot: None,
+                        instant: Some(at.clone()),
+                        detail: Some(format!("the running environment {}", env.name)),
+                    })
+                    .collect();
+                self.manager
+                    .catalog()
+                    .set_weave_sources(name, &rows)
+                    .await?;
                 return Ok((weave_taps(config), "now".to_string(), now()));
             }
             Source::Snapshot(id) => {
@@ -352,15 +456,21 @@ impl Weaves {
                         s.env, env.name
                     )));
                 }
-                let (config, bases) = self.bases_at(env, &current, &s.taken_at, Some(&s)).await?;
+                let (config, bases) = self
+                    .bases_at(env, &current, &s.taken_at, Some(&s), name)
+                    .await?;
                 (config, bases, format!("snapshot {id}"), s.taken_at.clone())
             }
             Source::At(t) => {
                 let t = humantime::parse_rfc3339_weak(&t)
                     .map(|st| humantime::format_rfc3339_micros(st).to_string())
                     .map_err(|e| EnvError::BadRequest(format!("--at {t:?}: {e}")))?;
-                let (config, bases) = self.bases_at(env, &current, &t, None).await?;
+                let (config, bases) = self.bases_at(env, &current, &t, None, name).await?;
                 (config, bases, format!("at {t}"), t)
+            }
+            Source::Composition(comp) => {
+                let (config, bases, instant) = self.composed(env, &current, &comp, name).await?;
+                (config, bases, format!("composition {comp}"), instant)
             }
         };
         // The weave's own overlays on the bases.
@@ -472,6 +582,7 @@ impl Weaves {
         current: &VmConfig,
         t: &str,
         pinned: Option<&Snapshot>,
+        weave: &str,
     ) -> Result<(VmConfig, Vec<(PathBuf, DiskFormat, u64)>), EnvError> {
         let all = self
             .snapshots
@@ -485,9 +596,27 @@ impl Weaves {
                 .filter(|s| s.resource == resource && s.taken_at.as_str() <= t)
                 .max_by(|a, b| a.taken_at.cmp(&b.taken_at).then(a.id.cmp(&b.id)))
         };
-        let config = at_or_before("config")
-            .and_then(|s| s.config.clone())
-            .unwrap_or_else(|| current.clone());
+        let mut sources = Vec::new();
+        let config = match at_or_before("config").and_then(|s| s.config.clone().map(|c| (s.id, c)))
+        {
+            Some((id, c)) => {
+                sources.push(SourceRow::snapshot("config", "", id));
+                c
+            }
+            None => {
+                sources.push(SourceRow {
+                    resource: "config".into(),
+                    part: String::new(),
+                    snapshot: None,
+                    instant: Some(now()),
+                    detail: Some(
+                        "the environment's configuration (no config snapshot at the instant)"
+                            .into(),
+                    ),
+                });
+                current.clone()
+            }
+        };
         let mut bases = Vec::new();
         for disk in &config.disks {
             let resource = format!("disk:{}", disk.name);
@@ -508,8 +637,169 @@ impl Weaves {
             }
             let base = self.base_of(snap).await?;
             bases.push((base, DiskFormat::Raw, snap.size.unwrap_or(0)));
+            sources.push(SourceRow::snapshot(&resource, "", snap.id));
         }
+        sources.push(SourceRow {
+            resource: "net".into(),
+            part: String::new(),
+            snapshot: None,
+            instant: Some(t.to_string()),
+            detail: Some("the environment's address plan at the weave's instant".into()),
+        });
+        self.manager
+            .catalog()
+            .set_weave_sources(weave, &sources)
+            .await?;
         Ok((config, bases))
+    }
+
+    /// The configuration, bases and instant of a composition's plan (refused while
+    /// it has open conflicts). Records where each resource came from for the weave
+    /// `weave` in `weave_sources` (F15).
+    async fn composed(
+        &self,
+        env: &Environment,
+        current: &VmConfig,
+        comp_name: &str,
+        weave: &str,
+    ) -> Result<(VmConfig, Vec<(PathBuf, DiskFormat, u64)>, String), EnvError> {
+        use crate::compose::Origin;
+        let comps = crate::compositions::Compositions::new(
+            Arc::clone(&self.manager),
+            Arc::clone(&self.snapshots),
+        );
+        let (comp, plan) = comps.plan_for_apply(comp_name).await?;
+        if comp.env != env.name {
+            return Err(EnvError::BadRequest(format!(
+                "composition {comp_name} composes {:?}, not {:?}",
+                comp.env, env.name
+            )));
+        }
+        let mut sources: Vec<SourceRow> = Vec::new();
+        let origin = |r: &str| plan.resources.iter().find(|c| c.resource == r);
+        let config = match origin("config").map(|c| &c.origin) {
+            Some(Origin::Snapshot { id, .. }) => {
+                sources.push(SourceRow::snapshot("config", "", *id));
+                self.snapshots.get(*id).await?.config.ok_or_else(|| {
+                    EnvError::Internal(format!("snapshot {id} holds no configuration"))
+                })?
+            }
+            Some(Origin::Merge { sides, .. }) => {
+                let merged = comps.merged(&comp, "config", sides).await?;
+                for id in sides {
+                    sources.push(SourceRow::snapshot(
+                        "config",
+                        &format!("merged from {id}"),
+                        *id,
+                    ));
+                }
+                serde_json::from_value(merged.value.unwrap_or_default()).map_err(|e| {
+                    EnvError::BadRequest(format!("the merged configuration is not valid: {e}"))
+                })?
+            }
+            _ => current.clone(),
+        };
+        let mut bases = Vec::new();
+        for disk in &config.disks {
+            let resource = format!("disk:{}", disk.name);
+            match origin(&resource).map(|c| &c.origin) {
+                Some(Origin::Snapshot { id, .. }) => {
+                    let snap = self.snapshots.get(*id).await?;
+                    sources.push(SourceRow::snapshot(&resource, "", *id));
+                    bases.push((
+                        self.base_of(&snap).await?,
+                        DiskFormat::Raw,
+                        snap.size.unwrap_or(0),
+                    ));
+                }
+                Some(Origin::Merge { sides, .. }) => {
+                    let merged = comps.merged(&comp, &resource, sides).await?;
+                    let map = merged.map.ok_or_else(|| {
+                        EnvError::Internal(format!("{resource}: the merge gave no block map"))
+                    })?;
+                    // Which snapshot each run of slots came from (F15, per block range).
+                    let maps = self.slot_sources(sides, &map).await?;
+                    for (range, id) in maps {
+                        sources.push(SourceRow::snapshot(&resource, &range, id));
+                    }
+                    // A merge is this weave's own: its base lives (and goes) with it.
+                    let path = self.dir(weave).join(format!("{}.merged.raw", disk.name));
+                    let _ = std::fs::remove_file(&path);
+                    self.snapshots.restore_map_into(&map, &path).await?;
+                    bases.push((path, DiskFormat::Raw, map.disk_size));
+                }
+                _ => {
+                    return Err(EnvError::BadRequest(format!(
+                        "composition {comp_name}: disk {} has no snapshot to come from",
+                        disk.name
+                    )))
+                }
+            }
+        }
+        let instant = plan
+            .resources
+            .iter()
+            .find_map(|c| match &c.origin {
+                Origin::Instant { at } if c.resource.starts_with("data:") => Some(at.clone()),
+                _ => None,
+            })
+            .or(comp.rules.at.clone())
+            .unwrap_or_else(now);
+        for c in &plan.resources {
+            if let Origin::Instant { at } = &c.origin {
+                sources.push(SourceRow {
+                    resource: c.resource.clone(),
+                    part: String::new(),
+                    snapshot: None,
+                    instant: Some(at.clone()),
+                    detail: Some(format!("replayed from the provenance log of {}", env.name)),
+                });
+            }
+        }
+        sources.push(SourceRow {
+            resource: "net".into(),
+            part: String::new(),
+            snapshot: None,
+            instant: Some(instant.clone()),
+            detail: Some("the environment's address plan at the weave's instant".into()),
+        });
+        self.manager
+            .catalog()
+            .set_weave_sources(weave, &sources)
+            .await?;
+        Ok((config, bases, instant))
+    }
+
+    /// Runs of slots of a merged map and the snapshot (of `sides`) each came from.
+    async fn slot_sources(
+        &self,
+        sides: &[i64],
+        merged: &weft_blockdev::store::BlockMap,
+    ) -> Result<Vec<(String, i64)>, EnvError> {
+        let mut maps = Vec::new();
+        for id in sides {
+            maps.push((*id, self.snapshots.block_map(*id).await?));
+        }
+        let mut runs: Vec<(usize, usize, i64)> = Vec::new();
+        for (i, slot) in merged.slots.iter().enumerate() {
+            // The newest side holding exactly this slot.
+            let Some(id) = maps
+                .iter()
+                .rev()
+                .find(|(_, m)| m.slots.get(i) == Some(slot))
+                .map(|(id, _)| *id)
+            else {
+                continue;
+            };
+            match runs.last_mut() {
+                Some((_, e, who)) if *e == i && *who == id => *e = i + 1,
+                _ => runs.push((i, i + 1, id)),
+            }
+        }
+        Ok(runs
+            .into_iter()
+            .map(|(s, e, id)| (format!("slots {s}..{e}"), id))
+            .collect())
     }
 
     /// The read-only raw base of a disk snapshot, restored once and shared.
@@ -623,6 +913,9 @@ impl Weaves {
         // Usually gone with its environment row; this covers a weave without one.
         if let Err(e) = self.manager.remove_provenance(name).await {
             problems.push(e.to_string());
+        }
+        if let Err(e) = catalog.set_weave_sources(name, &[]).await {
+            problems.push(format!("sources: {e}"));
         }
         let dir = self.dir(name);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
