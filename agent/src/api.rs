@@ -926,6 +926,9 @@ pub struct ApplyComposition {
     /// Name of the new weave (default `w<index>`).
     #[serde(default)]
     pub weave: Option<String>,
+    /// Serve its disks live through weft-blk instead of restoring them first.
+    #[serde(default)]
+    pub live: bool,
 }
 
 async fn apply_composition(
@@ -952,6 +955,7 @@ async fn apply_composition(
                     CreateWeave {
                         name: req.weave,
                         source: Some(crate::weaves::Source::Composition(name)),
+                        live: req.live,
                     },
                 )
                 .await

@@ -188,6 +188,10 @@ pub enum ComposeCommand {
         /// Name of the new weave (default w<index>).
         #[arg(long)]
         weave: Option<String>,
+        /// Serve the disks live through weft-blk (merges as an index of the weave's
+        /// own): nothing is restored first.
+        #[arg(long)]
+        live: bool,
     },
     /// Delete a composition (weaves made from it stay).
     Delete {
@@ -460,6 +464,10 @@ pub enum WeaveCommand {
         /// Weave name (1-10 characters); w<index> by default.
         #[arg(long)]
         name: Option<String>,
+        /// Serve the disks live from the chunk store through weft-blk (with --at or
+        /// --snapshot): nothing is restored first.
+        #[arg(long)]
+        live: bool,
     },
     /// List the weaves of an environment.
     List {
@@ -1840,11 +1848,11 @@ async fn compose_command(client: &Client, cmd: ComposeCommand, json: bool) -> Re
                 print_conflicts(&list);
             }
         }
-        ComposeCommand::Apply { name, weave } => {
+        ComposeCommand::Apply { name, weave, live } => {
             let w: Weave = client
                 .post(
                     &format!("{}/apply", compose_path(&name)?),
-                    &crate::api::ApplyComposition { weave },
+                    &crate::api::ApplyComposition { weave, live },
                 )
                 .await?;
             if json {
@@ -1904,6 +1912,7 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
             at,
             snapshot,
             name,
+            live,
         } => {
             let source = match (at, snapshot) {
                 (Some(t), _) => Source::At(t),
@@ -1916,6 +1925,7 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
                     &CreateWeave {
                         name,
                         source: Some(source),
+                        live,
                     },
                 )
                 .await?;

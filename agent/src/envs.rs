@@ -175,6 +175,8 @@ impl Manager {
         if let Some(host) = self.vsock.get() {
             host.release(name).await;
         }
+        // And the weft-blk processes serving its disks (they flush on SIGTERM).
+        crate::blk::release(&self.config, name).await;
     }
 
     /// The catalog.
@@ -448,6 +450,10 @@ impl Manager {
         let mut config = config.clone();
         if let Some(host) = self.vsock.get() {
             config.vsock = host.prepare(name, &dir.join("vsock.log")).await;
+        }
+        if let Err(e) = crate::blk::prepare(&self.config, name, &config).await {
+            self.release_vsock(name).await;
+            return Err(e);
         }
         let config = &config;
         let process = match launch::spawn(config, &paths, &opts).await {
@@ -766,6 +772,9 @@ impl Manager {
                 }
                 if let Some(host) = self.vsock.get() {
                     host.forget(name).await;
+                }
+                if let Err(e) = crate::blk::forget(&self.config, name).await {
+                    warn!(env = %name, error = %e, "cannot remove the served disks' files");
                 }
                 remove_dir_quietly(&self.env_dir(name));
                 let _ = std::fs::remove_file(&env.qmp_socket);

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod audit;
 pub mod balloon;
+pub mod blk;
 pub mod catalog;
 pub mod catalog_snapshots;
 pub mod cgroups;

@@ -54,6 +54,10 @@ pub struct CreateWeave {
     /// Where to branch from (default: now).
     #[serde(default)]
     pub source: Option<Source>,
+    /// Serve the disks live through weft-blk from the chunk store instead of
+    /// restoring a base first (snapshot, instant or composition sources).
+    #[serde(default)]
+    pub live: bool,
 }
 
 /// A weave as the API shows it.
@@ -107,6 +111,14 @@ fn weave_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Weave, CatalogError> {
         env: None,
         balloon: None,
     })
+}
+
+/// What a weave's disk is made of.
+enum DiskFrom {
+    /// One disk snapshot.
+    Snapshot(Box<Snapshot>),
+    /// A composition's merge of disk snapshots.
+    Merged(weft_blockdev::store::BlockMap),
 }
 
 /// Where one resource (or one part of it) of a weave came from (F15).
@@ -356,7 +368,12 @@ impl Weaves {
         std::fs::create_dir_all(&dir)
             .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         let made = self
-            .assemble(&env, &name, req.source.unwrap_or(Source::Now))
+            .assemble(
+                &env,
+                &name,
+                req.source.clone().unwrap_or(Source::Now),
+                req.live,
+            )
             .await;
         let (config, source, taken_at) = match made {
             Ok(v) => v,
@@ -413,7 +430,13 @@ impl Weaves {
         env: &Environment,
         name: &str,
         source: Source,
+        live: bool,
     ) -> Result<(VmConfig, String, String), EnvError> {
+        if live && source == Source::Now {
+            return Err(EnvError::BadRequest(
+                "--live serves history through weft-blk: give --snapshot, --at or a composition (a weave from now shares the running disks already)".into(),
+            ));
+        }
         let current = env
             .config
             .clone()
@@ -473,16 +496,92 @@ impl Weaves {
                 (config, bases, format!("composition {comp}"), instant)
             }
         };
-        // The weave's own overlays on the bases.
-        for (disk, (base, format, size)) in config.disks.iter_mut().zip(overlays_from) {
+        if live {
+            config = self.serve_live(name, config, overlays_from).await?;
+            return Ok((weave_taps(config), source_text, instant));
+        }
+        // Materialised: a base per disk (restored once; a merge's is the weave's own),
+        // and the weave's own overlay on it.
+        for (disk, from) in config.disks.iter_mut().zip(overlays_from) {
+            let (base, size) = match from {
+                DiskFrom::Snapshot(snap) => (self.base_of(&snap).await?, snap.size.unwrap_or(0)),
+                DiskFrom::Merged(map) => {
+                    let path = dir.join(format!("{}.merged.raw", disk.name));
+                    let _ = std::fs::remove_file(&path);
+                    self.snapshots.restore_map_into(&map, &path).await?;
+                    (path, map.disk_size)
+                }
+            };
             let overlay = dir.join(format!("{}.qcow2", disk.name));
-            image::create_overlay(&overlay, &base, format, size, &self.work())
+            image::create_overlay(&overlay, &base, DiskFormat::Raw, size, &self.work())
                 .await
                 .map_err(|e| EnvError::Qemu(one_line(&format!("overlay of {}: {e}", disk.name))))?;
             disk.path = overlay;
             disk.format = DiskFormat::Qcow2;
         }
         Ok((weave_taps(config), source_text, instant))
+    }
+
+    /// Serves every disk of `config` through weft-blk: writes each disk's spec (its
+    /// snapshot's block map, or the merge's stored as an index of the weave's own, and
+    /// a fresh write layer) and moves it from `disks` to `vhost_user_disks`. Nothing
+    /// is restored: the weave starts as fast from any point in history as from now.
+    async fn serve_live(
+        &self,
+        name: &str,
+        mut config: VmConfig,
+        froms: Vec<DiskFrom>,
+    ) -> Result<VmConfig, EnvError> {
+        let settings = self.manager.config();
+        let store = self.snapshots.store().clone();
+        let dir = crate::blk::vm_dir(settings, name);
+        // A fresh start: nothing from an earlier weave of this name.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        let mut served = Vec::new();
+        for (disk, from) in config.disks.iter().zip(froms) {
+            let index = match from {
+                DiskFrom::Snapshot(snap) => snap.index_name.clone().ok_or_else(|| {
+                    EnvError::Internal(format!("snapshot {} has no block map", snap.id))
+                })?,
+                DiskFrom::Merged(map) => {
+                    let index = format!("weaves/{name}/{}", disk.name);
+                    let (st, idx) = (store.clone(), index.clone());
+                    tokio::task::spawn_blocking(move || st.write_index(&idx, &map))
+                        .await
+                        .map_err(|e| EnvError::Internal(format!("index task failed: {e}")))?
+                        .map_err(|e| EnvError::Internal(format!("cannot store the merge: {e}")))?;
+                    index
+                }
+            };
+            let spec = weft_blockdev::blk::spec::DiskSpec {
+                version: weft_blockdev::blk::spec::SPEC_VERSION,
+                store: store.root().to_path_buf(),
+                key_file: store.is_encrypted().then(|| settings.key_file()),
+                layers: vec![weft_blockdev::layers::LayerSpec { index, slots: None }],
+                write_layer: Some(dir.join(format!("{}.cow", disk.name))),
+                trace: Some(dir.join(format!("{}.trace", disk.name))),
+                trace_limit_mib: 64,
+                cache_mib: 64,
+                id: format!("weft-{name}-{}", disk.name),
+                queues: 1,
+                queue_size: 256,
+            };
+            let path = crate::blk::spec_path(settings, name, &disk.name);
+            let bytes = serde_json::to_vec_pretty(&spec)
+                .map_err(|e| EnvError::Internal(format!("disk spec: {e}")))?;
+            std::fs::write(&path, bytes)
+                .map_err(|e| EnvError::Internal(format!("cannot write {}: {e}", path.display())))?;
+            served.push(weft_qmp::launch::VhostUserDisk {
+                name: disk.name.clone(),
+                socket: crate::blk::socket_path(settings, name, &disk.name),
+                queues: 1,
+            });
+        }
+        config.disks.clear();
+        config.vhost_user_disks = served;
+        Ok(config)
     }
 
     /// Live external snapshots of every disk of a running environment, in one
@@ -583,7 +682,7 @@ impl Weaves {
         t: &str,
         pinned: Option<&Snapshot>,
         weave: &str,
-    ) -> Result<(VmConfig, Vec<(PathBuf, DiskFormat, u64)>), EnvError> {
+    ) -> Result<(VmConfig, Vec<DiskFrom>), EnvError> {
         let all = self
             .snapshots
             .list(
@@ -635,8 +734,7 @@ impl Weaves {
                     snap.id
                 )));
             }
-            let base = self.base_of(snap).await?;
-            bases.push((base, DiskFormat::Raw, snap.size.unwrap_or(0)));
+            bases.push(DiskFrom::Snapshot(Box::new(snap.clone())));
             sources.push(SourceRow::snapshot(&resource, "", snap.id));
         }
         sources.push(SourceRow {
@@ -662,7 +760,7 @@ impl Weaves {
         current: &VmConfig,
         comp_name: &str,
         weave: &str,
-    ) -> Result<(VmConfig, Vec<(PathBuf, DiskFormat, u64)>, String), EnvError> {
+    ) -> Result<(VmConfig, Vec<DiskFrom>, String), EnvError> {
         use crate::compose::Origin;
         let comps = crate::compositions::Compositions::new(
             Arc::clone(&self.manager),
@@ -706,11 +804,7 @@ impl Weaves {
                 Some(Origin::Snapshot { id, .. }) => {
                     let snap = self.snapshots.get(*id).await?;
                     sources.push(SourceRow::snapshot(&resource, "", *id));
-                    bases.push((
-                        self.base_of(&snap).await?,
-                        DiskFormat::Raw,
-                        snap.size.unwrap_or(0),
-                    ));
+                    bases.push(DiskFrom::Snapshot(Box::new(snap)));
                 }
                 Some(Origin::Merge { sides, .. }) => {
                     let merged = comps.merged(&comp, &resource, sides).await?;
@@ -722,11 +816,7 @@ impl Weaves {
                     for (range, id) in maps {
                         sources.push(SourceRow::snapshot(&resource, &range, id));
                     }
-                    // A merge is this weave's own: its base lives (and goes) with it.
-                    let path = self.dir(weave).join(format!("{}.merged.raw", disk.name));
-                    let _ = std::fs::remove_file(&path);
-                    self.snapshots.restore_map_into(&map, &path).await?;
-                    bases.push((path, DiskFormat::Raw, map.disk_size));
+                    bases.push(DiskFrom::Merged(map));
                 }
                 _ => {
                     return Err(EnvError::BadRequest(format!(
@@ -916,6 +1006,26 @@ impl Weaves {
         }
         if let Err(e) = catalog.set_weave_sources(name, &[]).await {
             problems.push(format!("sources: {e}"));
+        }
+        // Merges it served live were stored as indexes of its own.
+        let store = self.snapshots.store().clone();
+        let prefix = format!("weaves/{name}/");
+        let removed = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            for idx in store.list_indexes().map_err(|e| e.to_string())? {
+                if idx.starts_with(&prefix) {
+                    store.remove_index(&idx).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => problems.push(format!("merged indexes: {e}")),
+            Err(e) => problems.push(format!("merged indexes: {e}")),
+        }
+        if let Err(e) = crate::blk::forget(self.manager.config(), name).await {
+            problems.push(e.to_string());
         }
         let dir = self.dir(name);
         if let Err(e) = std::fs::remove_dir_all(&dir) {

@@ -11,7 +11,7 @@ use weft::compose::{Conflict, Origin};
 use weft::compositions::CompositionView;
 use weft::model::{Job, Snapshot};
 use weft::weaves::SourceRow;
-use weft_integration::read_ext4_file;
+use weft_integration::{read_ext4_file, wait_until};
 
 mod common;
 use common::*;
@@ -66,6 +66,23 @@ fn qemu_memory_cpus(rig: &Rig, env: &str) -> anyhow::Result<(String, String)> {
             .unwrap_or_default()
     };
     Ok((after("-m"), after("-smp")))
+}
+
+/// Pids of weft-blk processes serving `socket`.
+fn weft_blk_pids(socket: &Path) -> Vec<u32> {
+    let needle = socket.as_os_str().as_encoded_bytes().to_vec();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.windows(8).any(|w| w == b"weft-blk")
+                    && c.windows(needle.len()).any(|w| w == needle.as_slice())
+            })
+        })
+        .collect()
 }
 
 fn write_rules(rig: &Rig, name: &str, text: &str) -> anyhow::Result<String> {
@@ -173,6 +190,56 @@ async fn qemu_composition_takes_the_disk_and_the_config_from_different_instants(
     ensure!(
         src("disk:vda") == Some(t1.id) && src("config") == Some(c1.id),
         "{sources:?}"
+    );
+
+    // The same plan served live: weft-blk reads the chunk store, nothing is restored.
+    rig.weft_ok(&["compose", "apply", "ca", "--live", "--weave", "ca2"])?;
+    rig.serial("ca2")
+        .wait_for(&format!("weft-web: boot after tick {k1}"), BOOT)
+        .await?;
+    let socket = rig.path("run/blk/ca2-vda.sock");
+    ensure!(
+        weft_blk_pids(&socket).len() == 1,
+        "no weft-blk serves {}",
+        socket.display()
+    );
+    rig.serial("ca2")
+        .wait_for(&format!("weft-web: tick {}", (k1 / 5 + 2) * 5), BOOT)
+        .await?;
+    // Its guest's writes survive a stop (weft-blk flushes and exits) and a start.
+    rig.weft_ok(&["weave", "stop", "ca2"])?;
+    ensure!(
+        weft_blk_pids(&socket).is_empty(),
+        "weft-blk outlived its weave's QEMU"
+    );
+    rig.weft_ok(&["weave", "start", "ca2"])?;
+    let serial = rig.serial("ca2");
+    let target = (k1 / 5 + 2) * 5;
+    // The newest boot line (the serial log may start over with the new QEMU).
+    let again = wait_until(BOOT, "the live weave to boot again", || {
+        let text = serial.contents();
+        async move {
+            Ok(text
+                .lines()
+                .filter_map(|l| {
+                    l.trim()
+                        .strip_prefix("weft-web: boot after tick ")
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+                .filter(|n| *n != k1)
+                .max())
+        }
+    })
+    .await?;
+    ensure!(
+        again >= target,
+        "the live weave restarted at tick {again}: its writes were lost"
+    );
+    rig.weft_ok(&["weave", "delete", "ca2"])?;
+    ensure!(weft_blk_pids(&socket).is_empty() && !socket.exists());
+    ensure!(
+        !rig.path("data/blk/ca2").exists(),
+        "the live weave's write layer was left behind"
     );
 
     // prompt: C1 and C2 both changed memory (from C0's): a conflict to resolve.

@@ -134,7 +134,7 @@ pub(crate) fn find_binary(binary: &Path) -> Option<PathBuf> {
 
 /// Whether a unix socket bound at `path` is listening (from `/proc/net/unix`, so
 /// no connection is made: a vhost-user backend serves the first one that comes).
-fn unix_listening(path: &Path) -> bool {
+pub(crate) fn unix_listening(path: &Path) -> bool {
     const SO_ACCEPTCON: u32 = 0x0001_0000;
     let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
         return false;

@@ -17,7 +17,7 @@
 
 mod cids;
 mod conn;
-mod device;
+pub(crate) mod device;
 pub mod rate;
 mod vsock;
 

@@ -10,8 +10,8 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
-    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
@@ -158,7 +158,10 @@ pub fn config_space(size: u64, queues: u16, queue_size: u32) -> Vec<u8> {
     let put32 = |c: &mut [u8], at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
     c[0..8].copy_from_slice(&(size / SECTOR).to_le_bytes()); // capacity
     put32(&mut c, 12, queue_size.saturating_sub(2).max(1)); // seg_max
-    put32(&mut c, 20, BLOCK as u32); // blk_size: the write layer's block
+                                                            // Logical blocks stay 512 bytes (BLK_SIZE is not offered: a guest file system
+                                                            // with 1 KiB blocks must still mount); the topology says 4 KiB blocks (the write
+                                                            // layer's) are the efficient unit, and partial blocks are filled on write.
+    put32(&mut c, 20, SECTOR as u32); // blk_size (unused without BLK_SIZE)
     c[24] = 3; // physical_block_exp: 4096 = 512 << 3
     c[26..28].copy_from_slice(&((BLOCK / SECTOR) as u16).to_le_bytes()); // min_io_size
     c[34..36].copy_from_slice(&queues.to_le_bytes()); // num_queues
@@ -189,7 +192,6 @@ impl VhostUserBackend for BlkBackend {
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VHOST_USER_F_PROTOCOL_FEATURES
             | 1 << VIRTIO_BLK_F_SEG_MAX
-            | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_TOPOLOGY
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_MQ;

@@ -1,0 +1,275 @@
+//! Disks served by `weft-blk` (F13): one process per disk, started by weftd before the
+//! VM's QEMU and stopped (SIGTERM: it flushes its write layer) after QEMU is gone.
+//!
+//! Files of disk `D` of VM `V`:
+//! - `<data_dir>/blk/V/D.json`: the disk spec (`weft_blockdev::blk::spec`), written
+//!   by whoever makes the VM (weaves);
+//! - `<data_dir>/blk/V/D.cow/`: its write layer; `<data_dir>/blk/V/D.trace`: its reads;
+//! - `<run_dir>/blk/V-D.sock` (QEMU connects, `reconnect=1`) and `V-D.pid`;
+//! - `<data_dir>/environments/V/blk-D.log`: its output.
+//!
+//! The processes outlive weftd as QEMU does (own process group, pid files): a weftd
+//! restarted while a VM runs leaves them be, and stops them when the VM stops.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use weft_qmp::launch::{self, VhostUserDisk, VmConfig};
+
+use crate::config::Config;
+use crate::envs::EnvError;
+
+/// Name of the backend binary (next to weftd's own, else in `PATH`).
+pub const BINARY: &str = "weft-blk";
+/// How long a new weft-blk may take to listen.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long weft-blk has to flush and exit after SIGTERM before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest unix socket path the kernel accepts.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The directory of `vm`'s served disks' specs, write layers and traces.
+pub fn vm_dir(config: &Config, vm: &str) -> PathBuf {
+    config.data_dir.join("blk").join(vm)
+}
+
+/// The spec of disk `disk` of `vm`.
+pub fn spec_path(config: &Config, vm: &str, disk: &str) -> PathBuf {
+    vm_dir(config, vm).join(format!("{disk}.json"))
+}
+
+/// The vhost-user socket of disk `disk` of `vm`.
+pub fn socket_path(config: &Config, vm: &str, disk: &str) -> PathBuf {
+    config.run_dir.join("blk").join(format!("{vm}-{disk}.sock"))
+}
+
+fn pid_path(socket: &Path) -> PathBuf {
+    socket.with_extension("pid")
+}
+
+/// The weft-blk binary: beside the running weftd, else `weft-blk` in `PATH`.
+pub fn binary() -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(BINARY)));
+    match beside {
+        Some(p) if p.is_file() => Some(p),
+        _ => crate::dpa::device::find_binary(Path::new(BINARY)),
+    }
+}
+
+/// Whether `pid` is a weft-blk serving `socket` (not a recycled pid).
+fn is_ours(pid: u32, socket: &Path) -> bool {
+    if !launch::process_alive(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let has = |needle: &[u8]| cmdline.windows(needle.len()).any(|w| w == needle);
+    has(BINARY.as_bytes()) && has(socket.as_os_str().as_encoded_bytes())
+}
+
+fn read_pid(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+    }
+}
+
+/// Starts a weft-blk for every served disk of `vm` that has none running, and waits
+/// until each listens. On failure, the ones it started are stopped again.
+pub async fn prepare(config: &Config, vm: &str, vm_config: &VmConfig) -> Result<(), EnvError> {
+    if vm_config.vhost_user_disks.is_empty() {
+        return Ok(());
+    }
+    let binary = binary().ok_or_else(|| {
+        EnvError::Internal(format!(
+            "{vm:?} has disks served by {BINARY}, which is neither beside weftd nor in PATH"
+        ))
+    })?;
+    let mut started = Vec::new();
+    for disk in &vm_config.vhost_user_disks {
+        match start_one(config, &binary, vm, disk).await {
+            Ok(true) => started.push(disk.socket.clone()),
+            Ok(false) => {}
+            Err(e) => {
+                for s in &started {
+                    stop_one(s).await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts the disk's weft-blk unless one serves its socket; true when started.
+async fn start_one(
+    config: &Config,
+    binary: &Path,
+    vm: &str,
+    disk: &VhostUserDisk,
+) -> Result<bool, EnvError> {
+    let socket = &disk.socket;
+    let pid_file = pid_path(socket);
+    if let Some(pid) = read_pid(&pid_file).filter(|p| is_ours(*p, socket)) {
+        if crate::dpa::device::unix_listening(socket) {
+            return Ok(false);
+        }
+        // Alive but not listening: a stuck one goes.
+        warn!(vm, disk = %disk.name, pid, "weft-blk does not listen; restarting it");
+        stop_one(socket).await;
+    }
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(EnvError::BadRequest(format!(
+            "the weft-blk socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter run_dir or name",
+            socket.display()
+        )));
+    }
+    let spec = spec_path(config, vm, &disk.name);
+    if !spec.is_file() {
+        return Err(EnvError::Internal(format!(
+            "disk {} of {vm:?} is served by {BINARY} but has no spec at {}",
+            disk.name,
+            spec.display()
+        )));
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let log_path = config
+        .data_dir
+        .join("environments")
+        .join(vm)
+        .join(format!("blk-{}.log", disk.name));
+    if let Some(dir) = log_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| EnvError::Internal(format!("cannot open {}: {e}", log_path.display())))?;
+    let err = log
+        .try_clone()
+        .map_err(|e| EnvError::Internal(format!("cannot open {}: {e}", log_path.display())))?;
+    let _ = std::fs::remove_file(socket);
+    let t0 = Instant::now();
+    let mut child = tokio::process::Command::new(binary)
+        .arg("--spec")
+        .arg(&spec)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(err))
+        // Its own process group: it outlives weftd as QEMU does.
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| EnvError::Internal(format!("cannot start {}: {e}", binary.display())))?;
+    let pid = child.id().unwrap_or(0);
+    std::fs::write(&pid_file, format!("{pid}\n"))
+        .map_err(|e| EnvError::Internal(format!("cannot write {}: {e}", pid_file.display())))?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(3).collect();
+            let _ = std::fs::remove_file(&pid_file);
+            return Err(EnvError::Internal(format!(
+                "{BINARY} for disk {} of {vm:?} exited at start ({status}): {}",
+                disk.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("; ")
+            )));
+        }
+        if crate::dpa::device::unix_listening(socket) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            stop_one(socket).await;
+            return Err(EnvError::Internal(format!(
+                "{BINARY} for disk {} of {vm:?} did not listen within {}s (see {})",
+                disk.name,
+                READY_TIMEOUT.as_secs(),
+                log_path.display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Reap it when it ends, so it never lingers as a zombie of weftd.
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    info!(vm, disk = %disk.name, pid, ms = t0.elapsed().as_millis() as u64, "weft-blk ready");
+    Ok(true)
+}
+
+/// Stops the weft-blk serving `socket` (SIGTERM, then SIGKILL) and removes its files.
+async fn stop_one(socket: &Path) {
+    let pid_file = pid_path(socket);
+    if let Some(pid) = read_pid(&pid_file).filter(|p| is_ours(*p, socket)) {
+        for (sig, wait) in [
+            (nix::sys::signal::Signal::SIGTERM, STOP_TIMEOUT),
+            (nix::sys::signal::Signal::SIGKILL, Duration::from_secs(10)),
+        ] {
+            signal(pid, sig);
+            let deadline = Instant::now() + wait;
+            while is_ours(pid, socket) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if !is_ours(pid, socket) {
+                break;
+            }
+        }
+        if is_ours(pid, socket) {
+            warn!(pid, socket = %socket.display(), "weft-blk did not exit after SIGKILL");
+        }
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    let _ = std::fs::remove_file(socket);
+}
+
+/// Stops every weft-blk of `vm` (its QEMU is gone).
+pub async fn release(config: &Config, vm: &str) {
+    let dir = config.run_dir.join("blk");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let prefix = format!("{vm}-");
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(disk) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".pid"))
+        {
+            // `vm-disk.pid` also matches VM `vm-x` with disk `y` when names share a
+            // prefix: only stop it when the spec of (vm, disk) exists.
+            if spec_path(config, vm, disk).is_file() {
+                stop_one(&socket_path(config, vm, disk)).await;
+            }
+        }
+    }
+}
+
+/// Stops every weft-blk of `vm` and removes its specs, write layers and traces (the VM
+/// is deleted).
+pub async fn forget(config: &Config, vm: &str) -> Result<(), EnvError> {
+    release(config, vm).await;
+    let dir = vm_dir(config, vm);
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(EnvError::Internal(format!(
+            "cannot remove {}: {e}",
+            dir.display()
+        ))),
+    }
+}
