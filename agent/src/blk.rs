@@ -237,6 +237,29 @@ async fn stop_one(socket: &Path) {
     let _ = std::fs::remove_file(socket);
 }
 
+/// The VMs whose served disks read the store index `index` (from their specs).
+pub fn users_of(config: &Config, index: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(vms) = std::fs::read_dir(config.data_dir.join("blk")) else {
+        return out;
+    };
+    for vm in vms.flatten() {
+        let Ok(specs) = std::fs::read_dir(vm.path()) else {
+            continue;
+        };
+        let uses = specs.flatten().any(|f| {
+            f.path().extension().is_some_and(|e| e == "json")
+                && weft_blockdev::blk::spec::DiskSpec::load(&f.path())
+                    .is_ok_and(|s| s.layers.iter().any(|l| l.index == index))
+        });
+        if uses {
+            out.push(vm.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Stops every weft-blk of `vm` (its QEMU is gone).
 pub async fn release(config: &Config, vm: &str) {
     let dir = config.run_dir.join("blk");

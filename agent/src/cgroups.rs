@@ -132,12 +132,34 @@ impl Groups {
         parse_limit(&std::fs::read_to_string(mem.join(file)).ok()?)
     }
 
-    /// Removes the groups (they must be empty: QEMU has exited).
-    pub fn remove(&self) -> std::io::Result<()> {
+    /// Removes the groups (they must be empty: QEMU has exited). A group the kernel
+    /// still reports busy (an exited process not yet torn down, on a loaded host) is
+    /// tried again for up to `wait`.
+    pub fn remove(&self, wait: std::time::Duration) -> std::io::Result<()> {
+        let deadline = std::time::Instant::now() + wait;
         for d in self.dirs() {
-            match std::fs::remove_dir(&d) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+            loop {
+                match std::fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY)
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        let procs = std::fs::read_to_string(d.join("cgroup.procs"))
+                            .unwrap_or_default()
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("{}: {e} (processes still in it: {procs})", d.display()),
+                        ));
+                    }
+                }
             }
         }
         Ok(())

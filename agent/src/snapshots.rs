@@ -630,6 +630,18 @@ impl Snapshots {
             )));
         }
         if let Some(name) = &s.index_name {
+            let users = crate::blk::users_of(self.manager.config(), name);
+            if !users.is_empty() {
+                return Err(EnvError::Conflict(format!(
+                    "snapshot {id} is served live to {}; delete {} first",
+                    users.join(", "),
+                    if users.len() == 1 {
+                        "that weave"
+                    } else {
+                        "those weaves"
+                    }
+                )));
+            }
             let store = self.store.clone();
             let name = name.clone();
             match blocking(move || store.remove_index(&name)).await? {
@@ -665,7 +677,16 @@ impl Snapshots {
                 .filter(|s| s.resource == r)
                 .map(|s| (s.id, s.taken_at.clone()))
                 .collect();
-            let kept = retention::keep(&of_r, rule);
+            let mut kept = retention::keep(&of_r, rule);
+            // A snapshot served live to a weave stays until the weave goes.
+            for s in all.iter().filter(|s| s.resource == r) {
+                if s.index_name
+                    .as_ref()
+                    .is_some_and(|i| !crate::blk::users_of(self.manager.config(), i).is_empty())
+                {
+                    kept.insert(s.id);
+                }
+            }
             let mut removed = Vec::new();
             for (id, _) in &of_r {
                 if !kept.contains(id) {

@@ -15,7 +15,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -997,7 +997,11 @@ impl Weaves {
                 problems.push(format!("network: {e}"));
             }
         }
-        if let Err(e) = cgroups::groups(name).remove() {
+        let groups = cgroups::groups(name);
+        let removed = tokio::task::spawn_blocking(move || groups.remove(Duration::from_secs(10)))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        if let Err(e) = removed {
             problems.push(format!("cgroups: {e}"));
         }
         // Usually gone with its environment row; this covers a weave without one.

@@ -16,11 +16,12 @@
 # load list, default below). Needs: apt-get, apt-cache, dpkg, cpio, gzip (xz/zstd only if the
 # kernel ships compressed modules). The init script is the file `init` next to this script.
 #
-# The guest also gets two static binaries built from this workspace with cargo
+# The guest also gets static binaries built from this workspace with cargo
 # (`-C target-feature=+crt-static -C strip=symbols`, `--target x86_64-unknown-linux-gnu`, release, in their own
 # target directory `$CARGO_TARGET_DIR/guest-build`, default `target/guest-build`, so the
 # flags never mix with the host build and a running `cargo test` never holds its lock):
-# `/usr/bin/weft-dpa` (guest-dpa) and `/usr/bin/weft-dpa-workload` (integration/dpa-workload).
+# `/usr/bin/weft-dpa` (guest-dpa), `/usr/bin/weft-dpa-workload` and `/usr/bin/weft-blkread`
+# (integration/dpa-workload).
 # `--resolve` prints a hash of their sources and of Cargo.lock (`dpa-sources=...`), so a change
 # to them gives a new cache key.
 set -euo pipefail
@@ -146,7 +147,7 @@ cp bpkg/bin/busybox "$ROOT/bin/busybox"
 ln -s busybox "$ROOT/bin/sh"
 install -m 0755 "$HERE/init" "$ROOT/init"
 GUEST_BIN="$(build_guest_binaries)"
-for b in weft-dpa weft-dpa-workload; do
+for b in weft-dpa weft-dpa-workload weft-blkread; do
     install -m 0755 "$GUEST_BIN/$b" "$ROOT/usr/bin/$b"
 done
 mkdir -p "$ROOT/var/lib"

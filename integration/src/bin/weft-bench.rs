@@ -7,6 +7,9 @@
 //!                                              # disk backup: weft vs restic and borg
 //! weft-bench weave  [--rounds R]               # weave from now: API call to QEMU running,
 //!                                              # 1 GiB vs 64 GiB disk, vs qemu-img convert
+//! weft-bench blk    [--rounds R]               # guest reads: weft-blk over 16 layers vs
+//!                                              # qemu-storage-daemon and virtio-blk on a
+//!                                              # 16-deep qcow2 chain
 //! weft-bench provenance [--entries N] [--rounds R]
 //!                                              # provenance log appends and reads vs an
 //!                                              # indexed SQLite table
@@ -37,6 +40,8 @@ use weft_qmp::Qmp;
 
 #[path = "weft-bench/backup.rs"]
 mod backup;
+#[path = "weft-bench/blk.rs"]
+mod blk;
 #[path = "weft-bench/provenance.rs"]
 mod provenance;
 #[path = "weft-bench/weave.rs"]
@@ -53,6 +58,7 @@ const USAGE: &str = "usage: weft-bench qmp [--calls N] [--rounds R]
        weft-bench launch [--rounds R]
        weft-bench backup [--size-gib G] [--chunk-kib K] [--rounds R] [--breakdown]
        weft-bench weave [--rounds R]
+       weft-bench blk [--rounds R]
        weft-bench provenance [--entries N] [--rounds R]";
 
 fn main() -> ExitCode {
@@ -128,6 +134,16 @@ async fn run(args: &[String], pids: &mut Pids) -> Result<()> {
             );
             weave::bench_weave(opts.rounds.unwrap_or(10), pids).await
         }
+        "blk" => {
+            ensure!(
+                opts.calls.is_none()
+                    && opts.size_gib.is_none()
+                    && opts.chunk_kib.is_none()
+                    && !opts.breakdown,
+                "blk takes only --rounds\n{USAGE}"
+            );
+            blk::bench_blk(opts.rounds.unwrap_or(3)).await
+        }
         "provenance" => {
             ensure!(
                 opts.calls.is_none()
@@ -182,6 +198,29 @@ impl Opts {
         }
         Ok(opts)
     }
+}
+
+/// The benchmarks' cache and scratch directory: `WEFT_BENCH_DIR`, else `target/bench`.
+fn bench_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os("WEFT_BENCH_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            // target/<profile>/weft-bench → target/bench
+            let exe = std::env::current_exe()?;
+            exe.parent()
+                .and_then(Path::parent)
+                .context("cannot find the target directory")?
+                .join("bench")
+        }
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// `sync; echo 3 > /proc/sys/vm/drop_caches`; false when not allowed (not root).
+fn drop_caches() -> bool {
+    let synced = Command::new("sync").status().is_ok_and(|s| s.success());
+    synced && std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
 
 fn qemu_binary() -> String {

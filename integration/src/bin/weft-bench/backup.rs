@@ -39,7 +39,7 @@ use weft_qmp::launch::{
 };
 use weft_qmp::Qmp;
 
-use super::{median, min_max, qemu_binary, Pids, READY_TIMEOUT};
+use super::{bench_dir, drop_caches, median, min_max, qemu_binary, Pids, READY_TIMEOUT};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -196,22 +196,6 @@ impl Image {
     }
 }
 
-fn bench_dir() -> Result<PathBuf> {
-    let dir = match std::env::var_os("WEFT_BENCH_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            // target/<profile>/weft-bench → target/bench
-            let exe = std::env::current_exe()?;
-            exe.parent()
-                .and_then(Path::parent)
-                .context("cannot find the target directory")?
-                .join("bench")
-        }
-    };
-    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    Ok(dir)
-}
-
 /// Builds the image unless a cached one of the same version and size exists.
 fn prepare_image(dir: &Path, size_gib: u64) -> Result<Image> {
     let stem = format!("backup-image-v{IMAGE_VERSION}-{size_gib}g");
@@ -254,14 +238,6 @@ fn prepare_image(dir: &Path, size_gib: u64) -> Result<Image> {
         fs::rename(&partial, &image.qcow2)?;
     }
     Ok(image)
-}
-
-/// `sync`, then drops the page cache; false when not allowed (not root).
-fn drop_caches() -> bool {
-    let synced = std::process::Command::new("sync")
-        .status()
-        .is_ok_and(|s| s.success());
-    synced && fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
 
 /// Sum of the sizes of all files under `path` (like `du -sb`, without directories).

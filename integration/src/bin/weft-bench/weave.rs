@@ -24,7 +24,7 @@ use weft::weaves::Weave;
 use weft_qmp::image;
 use weft_qmp::launch::{self, DiskFormat, LaunchPaths, SpawnOptions, VmConfig};
 
-use super::{median, min_max, qemu_binary, Pids, READY_TIMEOUT};
+use super::{bench_dir, drop_caches, median, min_max, qemu_binary, Pids, READY_TIMEOUT};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -593,26 +593,4 @@ fn bin(name: &str) -> Result<PathBuf> {
         "`{name}` not found next to {}: build it with `cargo build --release -p weft --bins`",
         exe.display()
     )
-}
-
-fn bench_dir() -> Result<PathBuf> {
-    let dir = match std::env::var_os("WEFT_BENCH_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            // target/<profile>/weft-bench → target/bench
-            let exe = std::env::current_exe()?;
-            exe.parent()
-                .and_then(Path::parent)
-                .context("cannot find the target directory")?
-                .join("bench")
-        }
-    };
-    fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    Ok(dir)
-}
-
-/// `sync; echo 3 > /proc/sys/vm/drop_caches`; false when not allowed (not root).
-fn drop_caches() -> bool {
-    let synced = Command::new("sync").status().is_ok_and(|s| s.success());
-    synced && fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
