@@ -526,7 +526,7 @@ async fn qemu_weftd_start_removes_its_strays_restores_routes_and_leaves_others_a
     ensure!(audit.contains("net.reconcile"), "{audit}");
 
     // The lost weave's cgroups are not network: the test removes them.
-    let _ = weft::cgroups::groups("x224").remove();
+    let _ = weft::cgroups::groups("x224").remove(std::time::Duration::ZERO);
     // The other daemon's things are its own business; the test removes them.
     sh("ip", &["netns", "del", "weft-f226"])?;
     for side in ["in", "out"] {
