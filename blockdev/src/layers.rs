@@ -11,6 +11,7 @@
 //!
 //! Reads go through a bounded cache of decompressed chunks ([`ChunkCache`]).
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -166,16 +167,57 @@ impl ChunkCache {
     }
 }
 
+/// Chunks fetched at once for one read that spans several chunks.
+pub const PARALLEL_FETCH: usize = 8;
+/// Chunks read ahead of a sequential reader.
+pub const READAHEAD_CHUNKS: u64 = 16;
+/// Threads that read ahead.
+const READAHEAD_THREADS: usize = 4;
+
 /// A read-only composed disk: one flattened block map read through a chunk cache.
+///
+/// A read that spans several chunks fetches the missing ones in parallel (a chunk
+/// fetch is a file read, a decompression and a digest check; on a cold page cache it
+/// waits on the disk). A read that starts where the previous one ended also queues the
+/// next [`READAHEAD_CHUNKS`] chunks for background threads, so a sequential reader
+/// finds them in the cache.
 pub struct ComposedImage {
-    map: BlockMap,
-    cache: ChunkCache,
+    map: Arc<BlockMap>,
+    cache: Arc<ChunkCache>,
+    last_end: std::sync::atomic::AtomicU64,
+    ahead: std::sync::Mutex<Option<std::sync::mpsc::Sender<ChunkId>>>,
 }
 
 impl ComposedImage {
     /// A reader of `map` (the result of [`compose`]) over `cache`.
     pub fn new(map: BlockMap, cache: ChunkCache) -> ComposedImage {
-        ComposedImage { map, cache }
+        let cache = Arc::new(cache);
+        let (tx, rx) = std::sync::mpsc::channel::<ChunkId>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for _ in 0..READAHEAD_THREADS {
+            let (cache, rx) = (Arc::clone(&cache), Arc::clone(&rx));
+            let spawned = std::thread::Builder::new()
+                .name("weft-readahead".into())
+                .spawn(move || loop {
+                    let next = rx.lock().map(|r| r.recv());
+                    match next {
+                        Ok(Ok(id)) => {
+                            // Errors show on the guest's own read of the chunk.
+                            let _ = cache.get(&id);
+                        }
+                        _ => return,
+                    }
+                });
+            if spawned.is_err() {
+                break;
+            }
+        }
+        ComposedImage {
+            map: Arc::new(map),
+            cache,
+            last_end: std::sync::atomic::AtomicU64::new(u64::MAX),
+            ahead: std::sync::Mutex::new(Some(tx)),
+        }
     }
 
     /// Disk size in bytes.
@@ -188,10 +230,65 @@ impl ComposedImage {
         &self.map
     }
 
+    fn data_id(&self, slot: usize) -> Option<ChunkId> {
+        match self.map.slots.get(slot) {
+            Some(Slot::Data(id)) => Some(*id),
+            _ => None,
+        }
+    }
+
     /// Fills `buf` with the disk's bytes at `offset`. A range past the end of the disk
     /// reads as zeros (callers bound requests by the disk size first).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), store::Error> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         let chunk = u64::from(self.map.chunk_size);
+        let end = offset + buf.len() as u64;
+        let (first, last) = (self.map.slot_of(offset), self.map.slot_of(end - 1));
+        let sequential = self
+            .last_end
+            .swap(end, std::sync::atomic::Ordering::Relaxed)
+            == offset;
+        if sequential {
+            if let Ok(guard) = self.ahead.lock() {
+                if let Some(tx) = guard.as_ref() {
+                    for slot in last + 1..=last + READAHEAD_CHUNKS as usize {
+                        if let Some(id) = self.data_id(slot) {
+                            if self.cache.cache.peek(&id).is_none() {
+                                let _ = tx.send(id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Fetch the chunks this read needs in parallel when there are several.
+        let mut ids: Vec<ChunkId> = (first..=last).filter_map(|s| self.data_id(s)).collect();
+        ids.dedup();
+        let mut fetched: HashMap<ChunkId, Arc<[u8]>> = HashMap::new();
+        if ids.len() > 1 {
+            let results: Vec<(ChunkId, Result<Arc<[u8]>, store::Error>)> =
+                std::thread::scope(|sc| {
+                    let handles: Vec<_> = ids
+                        .chunks(ids.len().div_ceil(PARALLEL_FETCH))
+                        .map(|part| {
+                            sc.spawn(move || {
+                                part.iter()
+                                    .map(|id| (*id, self.cache.get(id)))
+                                    .collect::<Vec<_>>()
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .flat_map(|h| h.join().unwrap_or_default())
+                        .collect()
+                });
+            for (id, r) in results {
+                fetched.insert(id, r?);
+            }
+        }
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -199,18 +296,30 @@ impl ComposedImage {
             let within = (pos % chunk) as usize;
             let n = (buf.len() - done).min(chunk as usize - within);
             let out = &mut buf[done..done + n];
-            match self.map.slots.get(slot) {
-                Some(Slot::Data(id)) => {
-                    let data = self.cache.get(id)?;
+            match self.data_id(slot) {
+                Some(id) => {
+                    let data = match fetched.get(&id) {
+                        Some(d) => Arc::clone(d),
+                        None => self.cache.get(&id)?,
+                    };
                     let have = data.len().saturating_sub(within).min(n);
                     out[..have].copy_from_slice(&data[within..within + have]);
                     out[have..].fill(0);
                 }
-                Some(Slot::Zero) | None => out.fill(0),
+                None => out.fill(0),
             }
             done += n;
         }
         Ok(())
+    }
+}
+
+impl Drop for ComposedImage {
+    fn drop(&mut self) {
+        // Closing the channel ends the read-ahead threads.
+        if let Ok(mut g) = self.ahead.lock() {
+            g.take();
+        }
     }
 }
 
