@@ -113,6 +113,9 @@ fn weave_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Weave, CatalogError> {
     })
 }
 
+/// How long a composed weave's guest DPA may take to connect for reconciliation.
+const RECONCILE_WAIT: Duration = Duration::from_secs(180);
+
 /// What a weave's disk is made of.
 enum DiskFrom {
     /// One disk snapshot.
@@ -421,7 +424,82 @@ impl Weaves {
             return Err(e);
         }
         info!(weave = %name, parent, source = %weave.source, "weave created");
+        if matches!(req.source, Some(Source::Composition(_))) {
+            self.reconcile_later(&name, parent).await;
+        }
         self.show(&name).await
+    }
+
+    /// State reconciliation (F14): when a composed weave's plan took application data
+    /// from an instant, push that state into its guest through the DPA once the guest's
+    /// DPA connects (in the background: the guest is still booting), and record what
+    /// had to change (what the disk held differently) in its sources and the audit log.
+    async fn reconcile_later(&self, weave: &str, parent: &str) {
+        let catalog = self.manager.catalog().clone();
+        let Ok(rows) = catalog.weave_sources(weave).await else {
+            return;
+        };
+        let Some(at) = rows
+            .iter()
+            .filter(|r| r.resource.starts_with("data:"))
+            .find_map(|r| r.instant.clone())
+        else {
+            return;
+        };
+        let (manager, snapshots) = (Arc::clone(&self.manager), Arc::clone(&self.snapshots));
+        let (weave, parent) = (weave.to_string(), parent.to_string());
+        tokio::spawn(async move {
+            let req = crate::replay::ReplayRequest {
+                to: at.clone(),
+                from: None,
+                out: None,
+                into: Some(weave.clone()),
+                base: None,
+                base_margin_secs: None,
+            };
+            let deadline = std::time::Instant::now() + RECONCILE_WAIT;
+            let outcome = loop {
+                match crate::replay::run(&manager, &snapshots, &parent, &req).await {
+                    Ok(report) => break Ok(report),
+                    Err(e)
+                        if e.to_string().contains("no DPA")
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            let (detail, result) = match &outcome {
+                Ok(r) => (
+                    format!(
+                        "reconciled: {} log entries of {parent} up to {at} applied; {} item(s) in the guest differed from its disk and were changed",
+                        r.applied, r.changes_made
+                    ),
+                    "ok".to_string(),
+                ),
+                Err(e) => (
+                    format!("not reconciled: {e}"),
+                    format!("error: {}", one_line(&e.to_string())),
+                ),
+            };
+            info!(weave = %weave, detail, "composition data reconciliation");
+            if let Ok(mut rows) = catalog.weave_sources(&weave).await {
+                for r in rows.iter_mut().filter(|r| r.resource.starts_with("data:")) {
+                    r.detail = Some(detail.clone());
+                }
+                let _ = catalog.set_weave_sources(&weave, &rows).await;
+            }
+            let _ = catalog
+                .audit(
+                    "weftd",
+                    "compose.reconcile",
+                    Some(&weave),
+                    Some(&detail),
+                    &result,
+                )
+                .await;
+        });
     }
 
     /// Builds the weave's disks and configuration; returns (config, source text, instant).
@@ -826,12 +904,33 @@ impl Weaves {
                 }
             }
         }
-        let instant = plan
+        // The weave's instant is what its disks hold: the newest chosen disk snapshot.
+        // Its provenance lineage stops there (so its log describes its disks), and the
+        // data a `data:` rule chose is pushed into the guest from there (F14).
+        let mut disk_times = Vec::new();
+        for c in plan
             .resources
             .iter()
-            .find_map(|c| match &c.origin {
-                Origin::Instant { at } if c.resource.starts_with("data:") => Some(at.clone()),
-                _ => None,
+            .filter(|c| c.resource.starts_with("disk:"))
+        {
+            match &c.origin {
+                Origin::Snapshot { taken_at, .. } => disk_times.push(taken_at.clone()),
+                Origin::Merge { sides, .. } => {
+                    for id in sides {
+                        disk_times.push(self.snapshots.get(*id).await?.taken_at);
+                    }
+                }
+                Origin::Instant { .. } => {}
+            }
+        }
+        let instant = disk_times
+            .into_iter()
+            .max()
+            .or_else(|| {
+                plan.resources.iter().find_map(|c| match &c.origin {
+                    Origin::Instant { at } if c.resource.starts_with("data:") => Some(at.clone()),
+                    _ => None,
+                })
             })
             .or(comp.rules.at.clone())
             .unwrap_or_else(now);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use weft::provenance::service::Page;
-use weft_integration::read_ext4_file;
+use weft_integration::{read_ext4_file, wait_until};
 
 mod common;
 use common::*;
@@ -317,6 +317,62 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
         "the weave after replay --into",
     )?;
     rig.weft_ok(&["weave", "delete", "back"])?;
+
+    // State reconciliation (F14): a composition takes the disk of the end and the data
+    // of checkpoint 1; once its weave's DPA connects, weftd pushes checkpoint 1's state
+    // into the guest and records what differed from the disk. A second push then finds
+    // nothing left to change.
+    let rules = rig.path("reconcile.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            "[[rule]]\nresources = [\"disk:*\"]\npin = {}\n\n[[rule]]\nresources = [\"data:*\"]\nuntil = \"{cp1}\"\n",
+            snap.id
+        ),
+    )?;
+    rig.weft_ok(&[
+        "compose",
+        "create",
+        "rc",
+        "--env",
+        "app",
+        "--rules",
+        rules.to_str().context("utf-8")?,
+    ])?;
+    rig.weft_ok(&["compose", "apply", "rc", "--weave", "rcw"])?;
+    let detail = wait_until(
+        Duration::from_secs(240),
+        "the composed weave's data to be reconciled",
+        || async {
+            let out = rig.weft_ok(&["--json", "weave", "show", "rcw", "--sources"])?;
+            let rows: Vec<weft::weaves::SourceRow> = serde_json::from_str(&out)?;
+            Ok(rows
+                .into_iter()
+                .find(|r| r.resource.starts_with("data:"))
+                .and_then(|r| r.detail)
+                .filter(|d| d.starts_with("reconciled") || d.starts_with("not reconciled")))
+        },
+    )
+    .await?;
+    eprintln!("{detail}");
+    ensure!(detail.starts_with("reconciled"), "{detail}");
+    let changed: u64 = detail
+        .split("; ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .context("no change count")?;
+    ensure!(
+        changed > 0,
+        "the disk of the end held checkpoint 1's data already? {detail}"
+    );
+    let again = rig.weft_ok(&["--json", "replay", "app", "--to", &cp1, "--into", "rcw"])?;
+    let again: serde_json::Value = serde_json::from_str(&again)?;
+    ensure!(
+        again["changes_made"].as_u64() == Some(0),
+        "after reconciliation the guest still differed from checkpoint 1: {again}"
+    );
+    rig.weft_ok(&["weave", "delete", "rcw"])?;
     rig.passed();
     Ok(())
 }
