@@ -71,9 +71,10 @@ bench:
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- provenance --rounds 5
 
 install: toolchain
-	$(CARGO) build --release -p weft --bins
+	$(CARGO) build --release -p weft --bins -p weft-blockdev --bin weft-blk
 	install -D -m 0755 target/release/weftd $(DESTDIR)$(PREFIX)/bin/weftd
 	install -D -m 0755 target/release/weft $(DESTDIR)$(PREFIX)/bin/weft
+	install -D -m 0755 target/release/weft-blk $(DESTDIR)$(PREFIX)/bin/weft-blk
 	install -D -m 0644 systemd/weftd.service $(DESTDIR)/etc/systemd/system/weftd.service
 	install -D -m 0644 systemd/weft.conf $(DESTDIR)/usr/lib/tmpfiles.d/weft.conf
 	test -e $(DESTDIR)/etc/weft/weftd.toml || install -D -m 0644 systemd/weftd.toml.example $(DESTDIR)/etc/weft/weftd.toml
