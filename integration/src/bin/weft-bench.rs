@@ -10,6 +10,8 @@
 //! weft-bench blk    [--rounds R]               # guest reads: weft-blk over 16 layers vs
 //!                                              # qemu-storage-daemon and virtio-blk on a
 //!                                              # 16-deep qcow2 chain
+//! weft-bench compose [--rounds R]             # weave from a 16-layer composition (live)
+//!                                              # vs a weave from now
 //! weft-bench provenance [--entries N] [--rounds R]
 //!                                              # provenance log appends and reads vs an
 //!                                              # indexed SQLite table
@@ -59,6 +61,7 @@ const USAGE: &str = "usage: weft-bench qmp [--calls N] [--rounds R]
        weft-bench backup [--size-gib G] [--chunk-kib K] [--rounds R] [--breakdown]
        weft-bench weave [--rounds R]
        weft-bench blk [--rounds R]
+       weft-bench compose [--rounds R]
        weft-bench provenance [--entries N] [--rounds R]";
 
 fn main() -> ExitCode {
@@ -143,6 +146,16 @@ async fn run(args: &[String], pids: &mut Pids) -> Result<()> {
                 "blk takes only --rounds\n{USAGE}"
             );
             blk::bench_blk(opts.rounds.unwrap_or(3)).await
+        }
+        "compose" => {
+            ensure!(
+                opts.calls.is_none()
+                    && opts.size_gib.is_none()
+                    && opts.chunk_kib.is_none()
+                    && !opts.breakdown,
+                "compose takes only --rounds\n{USAGE}"
+            );
+            weave::bench_compose(opts.rounds.unwrap_or(10), pids).await
         }
         "provenance" => {
             ensure!(
