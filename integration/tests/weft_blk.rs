@@ -1,6 +1,6 @@
 //! weft-blk end to end: a TCG guest boots with a disk that weft-blk composes from three
-//! chunk-store snapshots (each taken with different content), reads it whole and
-//! writes to it; the guest's view matches the composition computed on the host, its
+//! chunk-store snapshots (each taken with different content) plus the block merge of
+//! two lines of history, reads it whole and writes to it; the guest's view matches the composition computed on the host, its
 //! writes survive a SIGKILL of weft-blk and a restart of QEMU, and a second write
 //! layer over the same snapshots (another weave) does not see them.
 
@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use ring::digest::{digest, SHA256};
+use weft::compose::{merge, MapSource, PlanInput, Rules};
+use weft::model::Snapshot;
 use weft_blockdev::blk::spec::DiskSpec;
 use weft_blockdev::blk::trace::read_trace;
 use weft_blockdev::blk::BlockDevice;
@@ -183,6 +185,52 @@ async fn qemu_weft_blk_serves_composed_layers_and_keeps_guest_writes() -> anyhow
     let m1 = store_image(&store, "e2e-t1", &t1)?;
     store_image(&store, "e2e-t2", &t2)?;
     store_image(&store, "e2e-t3", &t3)?;
+    // A branch from T1 (another weave's line): its own change at 36..40 MiB.
+    let mut t4 = t1.clone();
+    fill(&mut t4[36 * MIB..40 * MIB], 4);
+    store_image(&store, "e2e-t4", &t4)?;
+
+    // The block merge of T3 (line T1 -> T2 -> T3) and T4 (T1 -> T4) against their common
+    // ancestor T1, as a composition computes it, stored as a resolution map.
+    let snap = |id: i64, index: &str, at: &str, parent: Option<i64>| -> anyhow::Result<Snapshot> {
+        Ok(serde_json::from_value(serde_json::json!({
+            "id": id, "env": "e2e", "resource": "disk:vdb", "state": "complete",
+            "kind": if parent.is_some() { "incremental" } else { "full" },
+            "taken_at": at, "actor": "e2e", "parent": parent, "index_name": index,
+        }))?)
+    };
+    let history = vec![
+        snap(1, "e2e-t1", "2026-11-20T00:00:00Z", None)?,
+        snap(2, "e2e-t2", "2026-11-21T00:00:00Z", Some(1))?,
+        snap(3, "e2e-t3", "2026-11-22T00:00:00Z", Some(2))?,
+        snap(4, "e2e-t4", "2026-11-22T01:00:00Z", Some(1))?,
+    ];
+    struct Maps<'a>(&'a ChunkStore);
+    impl MapSource for Maps<'_> {
+        fn block_map(&self, s: &Snapshot) -> Result<BlockMap, String> {
+            self.0
+                .read_index(s.index_name.as_deref().unwrap_or_default())
+                .map_err(|e| e.to_string())
+        }
+    }
+    let rules = Rules::parse("conflict = \"prompt\"\n")?;
+    let merged = merge(
+        &rules,
+        "disk:vdb",
+        &[3, 4],
+        &PlanInput {
+            resources: &[],
+            snapshots: &history,
+            resolutions: &Default::default(),
+        },
+        &Maps(&store),
+    )
+    .map_err(anyhow::Error::msg)?;
+    ensure!(merged.conflicts.is_empty(), "{:?}", merged.conflicts);
+    store.write_index(
+        "e2e-merge-t3-t4",
+        merged.map.as_ref().context("no merged map")?,
+    )?;
 
     // The composition: T1 whole, T2's slots 0..96 (the first 12 MiB) and T3's slots
     // 128..192 and 384..400 (16..24 MiB and 48..50 MiB).
@@ -200,11 +248,25 @@ async fn qemu_weft_blk_serves_composed_layers_and_keeps_guest_writes() -> anyhow
             index: "e2e-t3".into(),
             slots: Some(vec![[slot(16), slot(24)], [slot(48), slot(50)]]),
         },
+        // The merge provides 36..40 MiB (T4's change; T3's line left it as T1 had it).
+        LayerSpec {
+            index: "e2e-merge-t3-t4".into(),
+            slots: Some(vec![[slot(36), slot(40)]]),
+        },
     ];
     let mut want = t1.clone();
     want[..12 * MIB].copy_from_slice(&t2[..12 * MIB]);
     want[16 * MIB..24 * MIB].copy_from_slice(&t3[16 * MIB..24 * MIB]);
     want[48 * MIB..50 * MIB].copy_from_slice(&t3[48 * MIB..50 * MIB]);
+    want[36 * MIB..40 * MIB].copy_from_slice(&t4[36 * MIB..40 * MIB]);
+    // The merge itself holds both lines' changes.
+    let mut both = t3.clone();
+    both[36 * MIB..40 * MIB].copy_from_slice(&t4[36 * MIB..40 * MIB]);
+    ensure!(
+        merged.map.as_ref().map(|m| m.slots.clone())
+            == Some(store_image(&store, "e2e-both", &both)?.slots),
+        "the merge of T3 and T4 is not T3 with T4's change"
+    );
     ensure!(m1.disk_size == DISK as u64);
 
     let spec_for = |weave: &str| DiskSpec {
