@@ -408,14 +408,10 @@ impl Compositions {
                 "no such conflict in composition {name} (see `weft compose conflicts {name}`)"
             )));
         }
-        let (snaps, at) = {
-            let comp = self.get(name).await?;
-            let (_, snaps) = self.inputs(&comp).await?;
-            let at: HashMap<i64, String> =
-                snaps.iter().map(|s| (s.id, s.taken_at.clone())).collect();
-            (snaps, at)
-        };
-        drop(snaps);
+        // The sides' instants, to tell the older from the newer.
+        let comp = self.get(name).await?;
+        let (_, snaps) = self.inputs(&comp).await?;
+        let at: HashMap<i64, String> = snaps.into_iter().map(|s| (s.id, s.taken_at)).collect();
         let mut tx = self
             .catalog()
             .pool
