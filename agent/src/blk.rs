@@ -237,9 +237,9 @@ async fn stop_one(socket: &Path) {
     let _ = std::fs::remove_file(socket);
 }
 
-/// The VMs whose served disks read the store index `index` (from their specs).
-pub fn users_of(config: &Config, index: &str) -> Vec<String> {
-    let mut out = Vec::new();
+/// Every store index a served disk reads, with the VMs that read it (from the specs).
+pub fn indexes_in_use(config: &Config) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
     let Ok(vms) = std::fs::read_dir(config.data_dir.join("blk")) else {
         return out;
     };
@@ -247,17 +247,31 @@ pub fn users_of(config: &Config, index: &str) -> Vec<String> {
         let Ok(specs) = std::fs::read_dir(vm.path()) else {
             continue;
         };
-        let uses = specs.flatten().any(|f| {
-            f.path().extension().is_some_and(|e| e == "json")
-                && weft_blockdev::blk::spec::DiskSpec::load(&f.path())
-                    .is_ok_and(|s| s.layers.iter().any(|l| l.index == index))
-        });
-        if uses {
-            out.push(vm.file_name().to_string_lossy().into_owned());
+        let name = vm.file_name().to_string_lossy().into_owned();
+        for f in specs.flatten() {
+            if f.path().extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(spec) = weft_blockdev::blk::spec::DiskSpec::load(&f.path()) else {
+                continue;
+            };
+            for l in spec.layers {
+                let users = out.entry(l.index).or_default();
+                if !users.contains(&name) {
+                    users.push(name.clone());
+                }
+            }
         }
     }
-    out.sort();
+    for users in out.values_mut() {
+        users.sort();
+    }
     out
+}
+
+/// The VMs whose served disks read the store index `index`.
+pub fn users_of(config: &Config, index: &str) -> Vec<String> {
+    indexes_in_use(config).remove(index).unwrap_or_default()
 }
 
 /// Stops every weft-blk of `vm` (its QEMU is gone).

@@ -684,7 +684,13 @@ pub fn merge(
                 false
             } else {
                 let ours = origin.get(&k).copied().unwrap_or(first.id);
-                let c = conflict(rules.conflict, resource, k.clone(), [ours, next.id], input);
+                let c = conflict(
+                    rules.conflict,
+                    resource,
+                    k.clone(),
+                    [ours, next.id],
+                    input.resolutions,
+                );
                 let wins = c.resolved == Some(next.id);
                 conflicts.push(c);
                 wins
@@ -716,11 +722,10 @@ fn conflict(
     resource: &str,
     key: String,
     sides: [i64; 2],
-    input: &PlanInput<'_>,
+    resolutions: &HashMap<(String, String), i64>,
 ) -> Conflict {
     let resolved = match strategy {
-        ConflictStrategy::Prompt => input
-            .resolutions
+        ConflictStrategy::Prompt => resolutions
             .get(&(resource.to_string(), key.clone()))
             .copied()
             .filter(|r| sides.contains(r)),
@@ -762,11 +767,6 @@ fn block_merge(
             }
         }
     }
-    let input = PlanInput {
-        resources: &[],
-        snapshots: &[],
-        resolutions,
-    };
     let mut conflicts = Vec::new();
     for (s, e, ours) in runs {
         let c = conflict(
@@ -774,7 +774,7 @@ fn block_merge(
             resource,
             format!("slots {s}..{e}"),
             [ours, theirs_id],
-            &input,
+            resolutions,
         );
         if c.resolved == Some(theirs_id) {
             acc.slots[s..e].copy_from_slice(&theirs.slots[s..e]);

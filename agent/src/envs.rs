@@ -255,11 +255,7 @@ impl Manager {
 
     /// One environment, with its live QMP run state when it runs.
     pub async fn show(&self, name: &str) -> Result<(Environment, Option<String>), EnvError> {
-        let mut env = self
-            .catalog
-            .environment(name)
-            .await?
-            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        let mut env = self.row(name).await?;
         if env.kind == EnvKind::Managed {
             env.files = Some(self.files(name));
         }
@@ -554,6 +550,14 @@ impl Manager {
             .await;
     }
 
+    /// The catalog row of `name`, or NotFound.
+    async fn row(&self, name: &str) -> Result<Environment, EnvError> {
+        self.catalog
+            .environment(name)
+            .await?
+            .ok_or_else(|| EnvError::NotFound(name.to_string()))
+    }
+
     /// Changes a managed environment's memory and vCPUs in its stored configuration;
     /// a running QEMU keeps its own until it is started again. The change is checked
     /// as a whole configuration before it is stored.
@@ -564,11 +568,7 @@ impl Manager {
         cpus: Option<u32>,
     ) -> Result<Environment, EnvError> {
         let _op = self.lock_env(name).await;
-        let env = self
-            .catalog
-            .environment(name)
-            .await?
-            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        let env = self.row(name).await?;
         let Some(mut config) = env.config.clone().filter(|_| env.kind == EnvKind::Managed) else {
             return Err(EnvError::Conflict(format!(
                 "{name:?} is attached: its owner configures its VM"
@@ -587,10 +587,7 @@ impl Manager {
             .validate()
             .map_err(|e| EnvError::BadRequest(one_line(&e.to_string())))?;
         self.catalog.set_config(name, &config).await?;
-        self.catalog
-            .environment(name)
-            .await?
-            .ok_or_else(|| EnvError::NotFound(name.to_string()))
+        self.row(name).await
     }
 
     /// Starts a stopped managed environment.
@@ -598,11 +595,7 @@ impl Manager {
     /// starts the VM itself).
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<Environment, EnvError> {
         let _op = self.lock_env(name).await;
-        let env = self
-            .catalog
-            .environment(name)
-            .await?
-            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        let env = self.row(name).await?;
         if env.state != EnvState::Stopped || self.lock_runtimes().contains_key(name) {
             return Err(EnvError::Conflict(format!("{name:?} is already running")));
         }
@@ -664,11 +657,7 @@ impl Manager {
     }
 
     async fn stop_locked(&self, name: &str) -> Result<(), EnvError> {
-        let env = self
-            .catalog
-            .environment(name)
-            .await?
-            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        let env = self.row(name).await?;
         let runtime = self.lock_runtimes().remove(name);
         let Some(runtime) = runtime else {
             // A QEMU weftd cannot reach over QMP (left by a crash, or its monitor hangs).
@@ -752,11 +741,7 @@ impl Manager {
     /// Disk images are the operator's and are never removed.
     pub async fn delete(&self, name: &str) -> Result<(), EnvError> {
         let _op = self.lock_env(name).await;
-        let env = self
-            .catalog
-            .environment(name)
-            .await?
-            .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        let env = self.row(name).await?;
         let weaves = self.catalog.weaves(Some(name)).await?;
         if !weaves.is_empty() {
             let names: Vec<&str> = weaves.iter().map(|w| w.name.as_str()).collect();

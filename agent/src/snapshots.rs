@@ -670,6 +670,7 @@ impl Snapshots {
         if let Some(r) = resource {
             resources.retain(|x| *x == r);
         }
+        let in_use = crate::blk::indexes_in_use(self.manager.config());
         let mut report = serde_json::Map::new();
         for r in resources {
             let of_r: Vec<(i64, String)> = all
@@ -682,7 +683,7 @@ impl Snapshots {
             for s in all.iter().filter(|s| s.resource == r) {
                 if s.index_name
                     .as_ref()
-                    .is_some_and(|i| !crate::blk::users_of(self.manager.config(), i).is_empty())
+                    .is_some_and(|i| in_use.contains_key(i))
                 {
                     kept.insert(s.id);
                 }

@@ -103,16 +103,7 @@ async fn a_base_is_read_from_the_snapshot_as_the_dpa_captures() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let store = ChunkStore::create(
-        &dir.path().join("store"),
-        None,
-        &StoreConfig {
-            chunk_size: CHUNK,
-            ..StoreConfig::default()
-        },
-        None,
-    )
-    .expect("store");
+    let store = new_store(dir.path());
     let map = chunk_image(&store, &image);
 
     let sources = Sources {
@@ -185,11 +176,10 @@ async fn a_base_is_read_from_the_snapshot_as_the_dpa_captures() {
     );
 }
 
-#[test]
-fn a_disk_without_ext4_is_refused_clearly() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = ChunkStore::create(
-        &dir.path().join("store"),
+/// A plain store with the test's chunk size under `dir`.
+fn new_store(dir: &std::path::Path) -> ChunkStore {
+    ChunkStore::create(
+        &dir.join("store"),
         None,
         &StoreConfig {
             chunk_size: CHUNK,
@@ -197,7 +187,13 @@ fn a_disk_without_ext4_is_refused_clearly() {
         },
         None,
     )
-    .expect("store");
+    .expect("store")
+}
+
+#[test]
+fn a_disk_without_ext4_is_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = new_store(dir.path());
     let mut map = BlockMap::new(4 << 20, CHUNK);
     map.slots[0] = Slot::Data(store.put(&vec![7u8; CHUNK as usize]).expect("put").id);
     let Err(err) = SnapshotDisk::new(store, map).find_ext4() else {

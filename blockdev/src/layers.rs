@@ -268,24 +268,8 @@ impl ComposedImage {
         ids.dedup();
         let mut fetched: HashMap<ChunkId, Arc<[u8]>> = HashMap::new();
         if ids.len() > 1 {
-            type Fetched = (ChunkId, Result<Arc<[u8]>, store::Error>);
-            let results: Vec<Fetched> = std::thread::scope(|sc| {
-                let handles: Vec<_> = ids
-                    .chunks(ids.len().div_ceil(PARALLEL_FETCH))
-                    .map(|part| {
-                        sc.spawn(move || {
-                            part.iter()
-                                .map(|id| (*id, self.cache.get(id)))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().unwrap_or_default())
-                    .collect()
-            });
-            for (id, r) in results {
+            let cache = &self.cache;
+            for (id, r) in crate::par::map(ids, PARALLEL_FETCH, |id| (id, cache.get(&id))) {
                 fetched.insert(id, r?);
             }
         }

@@ -10,6 +10,7 @@ pub mod blk;
 pub mod cow;
 pub mod layers;
 pub mod nbd;
+pub mod par;
 pub mod pull;
 pub mod restore;
 pub mod store;

@@ -70,6 +70,17 @@ fn run(cmd: &mut Command) -> anyhow::Result<std::process::Output> {
     Ok(out)
 }
 
+/// Fills `buf` with deterministic, incompressible bytes (xorshift64) for `seed`.
+pub fn xorshift_fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for b in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ mod serial;
 mod wait;
 
 pub use assets::{guest_assets, GuestAssets};
-pub use disk::{make_data_disk, read_ext4_file};
+pub use disk::{make_data_disk, read_ext4_file, xorshift_fill};
 pub use guest::{Guest, GuestOpts, DATA_DISK_NAME};
 pub use paths::{bin_path, target_dir};
 pub use serial::SerialLog;

@@ -18,7 +18,7 @@ use weft_blockdev::blk::trace::read_trace;
 use weft_blockdev::blk::BlockDevice;
 use weft_blockdev::layers::LayerSpec;
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
-use weft_integration::{bin_path, wait_until, Guest, GuestOpts};
+use weft_integration::{bin_path, wait_until, xorshift_fill, Guest, GuestOpts};
 use weft_qmp::launch::VhostUserDisk;
 
 const MIB: usize = 1 << 20;
@@ -31,18 +31,6 @@ fn hex(bytes: &[u8]) -> String {
 
 fn sha256_hex(data: &[u8]) -> String {
     hex(digest(&SHA256, data).as_ref())
-}
-
-/// Deterministic bytes (xorshift) for a region of snapshot `seed`.
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for b in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let w = x.to_le_bytes();
-        b.copy_from_slice(&w[..b.len()]);
-    }
 }
 
 /// Stores `image` chunk by chunk as the index `name` (all-zero chunks as zero slots).
@@ -175,19 +163,19 @@ async fn qemu_weft_blk_serves_composed_layers_and_keeps_guest_writes() -> anyhow
 
     // Three snapshots of one disk, as taken at three instants.
     let mut t1 = vec![0u8; DISK];
-    fill(&mut t1[..40 * MIB], 1); // the rest stays zero
+    xorshift_fill(&mut t1[..40 * MIB], 1); // the rest stays zero
     let mut t2 = t1.clone();
-    fill(&mut t2[4 * MIB..12 * MIB], 2);
+    xorshift_fill(&mut t2[4 * MIB..12 * MIB], 2);
     t2[30 * MIB..32 * MIB].fill(0);
     let mut t3 = t2.clone();
-    fill(&mut t3[16 * MIB..24 * MIB], 3);
-    fill(&mut t3[48 * MIB..50 * MIB], 33);
+    xorshift_fill(&mut t3[16 * MIB..24 * MIB], 3);
+    xorshift_fill(&mut t3[48 * MIB..50 * MIB], 33);
     let m1 = store_image(&store, "e2e-t1", &t1)?;
     store_image(&store, "e2e-t2", &t2)?;
     store_image(&store, "e2e-t3", &t3)?;
     // A branch from T1 (another weave's line): its own change at 36..40 MiB.
     let mut t4 = t1.clone();
-    fill(&mut t4[36 * MIB..40 * MIB], 4);
+    xorshift_fill(&mut t4[36 * MIB..40 * MIB], 4);
     store_image(&store, "e2e-t4", &t4)?;
 
     // The block merge of T3 (line T1 -> T2 -> T3) and T4 (T1 -> T4) against their common

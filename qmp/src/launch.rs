@@ -325,16 +325,22 @@ impl VmConfig {
             _ => {}
         }
         let mut seen = std::collections::HashSet::new();
+        // Disk names: valid, and unique across both kinds of disk.
+        let mut check_name = |name: &str| -> Result<(), Error> {
+            if !valid_name(name) {
+                return Err(Error::InvalidConfig(format!(
+                    "disk name {name:?} must be 1 to 32 characters of a-z, 0-9, '_' and '-'"
+                )));
+            }
+            if !seen.insert(name.to_string()) {
+                return Err(Error::InvalidConfig(format!(
+                    "disk name {name:?} is used twice"
+                )));
+            }
+            Ok(())
+        };
         for disk in &self.disks {
-            if !valid_name(&disk.name) {
-                return bad(format!(
-                    "disk name {:?} must be 1 to 32 characters of a-z, 0-9, '_' and '-'",
-                    disk.name
-                ));
-            }
-            if !seen.insert(disk.name.as_str()) {
-                return bad(format!("disk name {:?} is used twice", disk.name));
-            }
+            check_name(&disk.name)?;
             match std::fs::metadata(&disk.path) {
                 Ok(m) if m.is_file() || m.file_type().is_block_device() => {}
                 Ok(_) => {
@@ -354,15 +360,7 @@ impl VmConfig {
             }
         }
         for disk in &self.vhost_user_disks {
-            if !valid_name(&disk.name) {
-                return bad(format!(
-                    "disk name {:?} must be 1 to 32 characters of a-z, 0-9, '_' and '-'",
-                    disk.name
-                ));
-            }
-            if !seen.insert(disk.name.as_str()) {
-                return bad(format!("disk name {:?} is used twice", disk.name));
-            }
+            check_name(&disk.name)?;
             if !disk.socket.is_absolute() {
                 return bad(format!(
                     "disk {} vhost-user socket {} is not an absolute path",

@@ -123,36 +123,10 @@ impl BlkBackend {
             let any = !chains.is_empty();
             // The requests of one batch run in parallel and complete in any order
             // (virtio allows it): a read waiting on the disk does not hold up the rest.
-            let done: Vec<(u16, request::Outcome)> = if chains.len() == 1 {
-                chains
-                    .into_iter()
-                    .map(|c| (c.head_index(), request::process(c, self.dev.as_ref())))
-                    .collect()
-            } else {
-                let per = chains.len().div_ceil(PARALLEL_REQUESTS);
-                let mut groups: Vec<Vec<_>> = Vec::new();
-                let mut it = chains.into_iter().peekable();
-                while it.peek().is_some() {
-                    groups.push(it.by_ref().take(per).collect());
-                }
-                let dev = self.dev.as_ref();
-                std::thread::scope(|sc| {
-                    let handles: Vec<_> = groups
-                        .into_iter()
-                        .map(|g| {
-                            sc.spawn(move || {
-                                g.into_iter()
-                                    .map(|c| (c.head_index(), request::process(c, dev)))
-                                    .collect::<Vec<_>>()
-                            })
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .flat_map(|h| h.join().unwrap_or_default())
-                        .collect()
-                })
-            };
+            let dev = self.dev.as_ref();
+            let done = crate::par::map(chains, PARALLEL_REQUESTS, |c| {
+                (c.head_index(), request::process(c, dev))
+            });
             for (head, out) in done {
                 self.counters.requests.fetch_add(1, Ordering::Relaxed);
                 if out.status != Some(request::S_OK) {

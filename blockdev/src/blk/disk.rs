@@ -84,10 +84,12 @@ impl LayeredDisk {
     fn write_locked(&self, upper: &WriteLayer, buf: &[u8], offset: u64) -> Result<(), DeviceError> {
         let io = |e: crate::cow::Error| DeviceError::Io(e.to_string());
         let end = offset + buf.len() as u64;
-        // A head or tail block the write covers only partly is filled first with what
-        // it reads as now, unless the layer already holds it.
+        // A head or tail block the write covers only partly, and that the layer does
+        // not hold yet, is written whole: what it reads as now, patched with the
+        // write. The rest of the write goes in as it is.
         let head = offset / BLOCK;
         let tail = (end - 1) / BLOCK;
+        let (mut rest_from, mut rest_to) = (offset, end);
         for b in [head, tail] {
             let (start, stop) = (b * BLOCK, (b + 1) * BLOCK);
             let partial = offset > start || end < stop;
@@ -99,12 +101,22 @@ impl LayeredDisk {
                 block[(from - start) as usize..(to - start) as usize]
                     .copy_from_slice(&buf[(from - offset) as usize..(to - offset) as usize]);
                 upper.write_data(&block, start).map_err(io)?;
+                if b == head {
+                    rest_from = to;
+                }
+                if b == tail {
+                    rest_to = rest_to.min(from);
+                }
             }
             if head == tail {
                 break;
             }
         }
-        upper.write_data(buf, offset).map_err(io)
+        if rest_from < rest_to {
+            let part = &buf[(rest_from - offset) as usize..(rest_to - offset) as usize];
+            upper.write_data(part, rest_from).map_err(io)?;
+        }
+        Ok(())
     }
 
     fn zero_locked(&self, upper: &WriteLayer, offset: u64, len: u64) -> Result<(), DeviceError> {

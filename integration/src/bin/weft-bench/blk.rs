@@ -17,7 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use weft_blockdev::blk::spec::{DiskSpec, SPEC_VERSION};
 use weft_blockdev::layers::LayerSpec;
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
-use weft_integration::{bin_path, Guest, GuestOpts};
+use weft_integration::{bin_path, xorshift_fill, Guest, GuestOpts};
 use weft_qmp::launch::{DiskConfig, DiskFormat, VhostUserDisk};
 
 use super::{bench_dir, drop_caches, median, min_max};
@@ -43,16 +43,6 @@ impl Backend {
             Backend::StorageDaemon => "(b) qemu-storage-daemon vhost-user-blk, 16-deep qcow2 chain",
             Backend::VirtioBlk => "(c) QEMU virtio-blk, 16-deep qcow2 chain",
         }
-    }
-}
-
-fn fill(buf: &mut [u8], seed: u64) {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    for b in buf.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
     }
 }
 
@@ -96,7 +86,7 @@ fn prepare(dir: &Path) -> Result<PathBuf> {
         None,
     )?;
     let mut image = vec![0u8; SIZE];
-    fill(&mut image, 1);
+    xorshift_fill(&mut image, 1);
     let mut map = BlockMap::new(SIZE as u64, CHUNK as u32);
     let put_range = |image: &[u8], map: &mut BlockMap, from: usize, to: usize| -> Result<()> {
         for i in from / CHUNK..to / CHUNK {
@@ -115,7 +105,7 @@ fn prepare(dir: &Path) -> Result<PathBuf> {
     std::fs::remove_file(&raw)?;
     for l in 1..LAYERS {
         let (from, to) = (l * REGION, (l + 1) * REGION);
-        fill(&mut image[from..to], 100 + l as u64);
+        xorshift_fill(&mut image[from..to], 100 + l as u64);
         put_range(&image, &mut map, from, to)?;
         store.write_index(&format!("blk-bench/{l:02}"), &map)?;
         let region = dir.join("region.bin");

@@ -46,26 +46,9 @@ struct Disk {
 }
 
 pub async fn bench_weave(rounds: usize, pids: &mut Pids) -> Result<()> {
-    let base = bench_dir()?;
-    let dir = tempfile::Builder::new()
-        .prefix("weave-")
-        .tempdir_in(&base)
-        .with_context(|| format!("scratch directory in {}", base.display()))?;
-    let mut rig = Rig {
-        dir: dir.path().to_path_buf(),
-        weftd: None,
-        envs: Vec::new(),
-        killed: Vec::new(),
-    };
+    let (dir, mut rig) = Rig::in_scratch("weave-")?;
     let result = run(&mut rig, rounds, pids).await;
-    rig.shutdown().await;
-    pids.0.extend(rig.killed.iter().copied());
-    // Killed processes are reaped by init, not by us: give it a moment.
-    let t = Instant::now();
-    while !pids.still_running().is_empty() && t.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    drop(dir);
+    rig.finish(pids, dir).await;
     result
 }
 
@@ -456,6 +439,35 @@ struct Rig {
 }
 
 impl Rig {
+    /// A rig on a new scratch directory under the benchmark directory.
+    fn in_scratch(prefix: &str) -> Result<(tempfile::TempDir, Rig)> {
+        let base = bench_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&base)
+            .with_context(|| format!("scratch directory in {}", base.display()))?;
+        let rig = Rig {
+            dir: dir.path().to_path_buf(),
+            weftd: None,
+            envs: Vec::new(),
+            killed: Vec::new(),
+        };
+        Ok((dir, rig))
+    }
+
+    /// Tears everything down, hands the killed pids to the caller's check, waits for
+    /// init to reap them, and removes the scratch directory.
+    async fn finish(&mut self, pids: &mut Pids, dir: tempfile::TempDir) {
+        self.shutdown().await;
+        pids.0.extend(self.killed.iter().copied());
+        // Killed processes are reaped by init, not by us: give it a moment.
+        let t = Instant::now();
+        while !pids.still_running().is_empty() && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(dir);
+    }
+
     fn socket(&self) -> PathBuf {
         self.dir.join("run/weftd.sock")
     }
@@ -602,20 +614,9 @@ fn bin(name: &str) -> Result<PathBuf> {
 /// snapshots hold the same bytes: the merge still reads and compares 16 block maps and
 /// stores the result as an index; what it does not exercise is conflict bookkeeping.
 pub async fn bench_compose(rounds: usize, pids: &mut Pids) -> Result<()> {
-    let base = bench_dir()?;
-    let dir = tempfile::Builder::new()
-        .prefix("compose-")
-        .tempdir_in(&base)
-        .with_context(|| format!("scratch directory in {}", base.display()))?;
-    let mut rig = Rig {
-        dir: dir.path().to_path_buf(),
-        weftd: None,
-        envs: Vec::new(),
-        killed: Vec::new(),
-    };
+    let (dir, mut rig) = Rig::in_scratch("compose-")?;
     let result = compose_run(&mut rig, rounds).await;
-    rig.shutdown().await;
-    pids.0.extend(rig.killed.iter().copied());
+    rig.finish(pids, dir).await;
     result
 }
 
