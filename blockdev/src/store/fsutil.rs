@@ -16,6 +16,25 @@ pub(crate) const PARKED_SUFFIX: &str = ".parked";
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Start writing `len` bytes of `f` from `offset` back to the disk without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`; `len` 0 means to the end of the file).
+///
+/// Nothing is durable after this call; it only lets the disk work while the caller
+/// goes on computing, so that the `fsync`/`syncfs` which makes the data durable finds
+/// little left to write. Without it a large host page cache holds every written byte
+/// until that final sync, and the disk idles until then. Best effort: an error (e.g. a
+/// file system without the call) is ignored, the final sync still does the work.
+pub fn start_writeback(f: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: plain syscall on a file descriptor we own for the duration of the call.
+    unsafe {
+        libc::sync_file_range(f.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// fsync a directory so that entries created or renamed in it are durable.
 pub(crate) fn fsync_dir(dir: &Path) -> Result<(), Error> {
     let f = File::open(dir).ctx("open directory", dir)?;
@@ -131,8 +150,10 @@ fn write_durable_inner(
         for p in parts {
             f.write_all(p).ctx("write temp file", tmp)?;
         }
-        if sync == Durability::Now {
-            f.sync_all().ctx("fsync temp file", tmp)?;
+        match sync {
+            Durability::Now => f.sync_all().ctx("fsync temp file", tmp)?,
+            // The batch's syncfs will find the data already on its way.
+            Durability::Deferred => start_writeback(&f, 0, 0),
         }
     }
     let dir = dest.parent().unwrap_or(Path::new("."));

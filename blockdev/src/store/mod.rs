@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 pub use batch::PutBatch;
 pub use blockmap::{BlockMap, Slot};
 pub use error::Error;
+pub use fsutil::start_writeback;
 pub use id::{ChunkId, ParseChunkIdError};
 pub use maintenance::{
     BadChunk, BadIndex, GcReport, MissingChunk, StoreStats, TierPolicy, TierReport, VerifyReport,
