@@ -5,6 +5,7 @@
 //! - `<data_dir>/blk/V/D.json`: the disk spec (`weft_blockdev::blk::spec`), written
 //!   by whoever makes the VM (weaves);
 //! - `<data_dir>/blk/V/D.cow/`: its write layer; `<data_dir>/blk/V/D.trace`: its reads;
+//!   `<data_dir>/blk/V/D.assembly`: the chunks read so far, decompressed (a cache);
 //! - `<run_dir>/blk/V-D.sock` (QEMU connects, `reconnect=1`) and `V-D.pid`;
 //! - `<data_dir>/environments/V/blk-D.log`: its output.
 //!

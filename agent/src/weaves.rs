@@ -640,6 +640,7 @@ impl Weaves {
                 layers: vec![weft_blockdev::layers::LayerSpec { index, slots: None }],
                 write_layer: Some(dir.join(format!("{}.cow", disk.name))),
                 trace: Some(dir.join(format!("{}.trace", disk.name))),
+                assembly: Some(dir.join(format!("{}.assembly", disk.name))),
                 trace_limit_mib: 64,
                 cache_mib: 64,
                 id: format!("weft-{name}-{}", disk.name),

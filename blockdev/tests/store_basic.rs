@@ -136,8 +136,8 @@ fn zstd_shrinks_compressible_and_stores_incompressible_raw() {
     let t = store.put(&text(CS as usize)).unwrap();
     assert!(t.stored_bytes < u64::from(CS) / 10, "{t:?}");
     let n = store.put(&noise(5, CS as usize)).unwrap();
-    // Raw: header (16 bytes) + the data itself.
-    assert_eq!(n.stored_bytes, u64::from(CS) + 16);
+    // Raw: header (16 bytes) + CRC-32 (4) + the data itself.
+    assert_eq!(n.stored_bytes, u64::from(CS) + 20);
     let raw = fs::read(
         chunk_files(tmp.path())
             .into_iter()
@@ -145,8 +145,13 @@ fn zstd_shrinks_compressible_and_stores_incompressible_raw() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(&raw[16..], &noise(5, CS as usize)[..]);
+    assert_eq!(&raw[20..], &noise(5, CS as usize)[..]);
     assert_eq!(raw[5] & 1, 0, "zstd flag must be clear");
+    assert_eq!(raw[5] & 4, 4, "a plain chunk has a CRC");
+    assert_eq!(
+        u32::from_le_bytes(raw[16..20].try_into().unwrap()),
+        crc32fast::hash(&noise(5, CS as usize))
+    );
     let z = store.put(&vec![0u8; CS as usize]).unwrap();
     assert!(z.stored_bytes < 100);
     assert_eq!(store.get(&z.id).unwrap(), vec![0u8; CS as usize]);

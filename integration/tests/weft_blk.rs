@@ -264,6 +264,7 @@ async fn qemu_weft_blk_serves_composed_layers_and_keeps_guest_writes() -> anyhow
         layers: layers.clone(),
         write_layer: Some(dir.path().join(format!("{weave}.cow"))),
         trace: Some(dir.path().join(format!("{weave}.trace"))),
+        assembly: Some(dir.path().join(format!("{weave}.assembly"))),
         trace_limit_mib: 8,
         cache_mib: 16,
         id: format!("weft-{weave}-vdb"),

@@ -11,6 +11,7 @@
 //!   ],
 //!   "write_layer": "/var/lib/weft/weaves/w1/vda.cow",
 //!   "trace": "/var/lib/weft/weaves/w1/vda.trace",
+//!   "assembly": "/var/lib/weft/weaves/w1/vda.assembly",
 //!   "id": "weft-w1-vda"
 //! }
 //! ```
@@ -65,6 +66,11 @@ pub struct DiskSpec {
     /// File of the read trace (absent: reads are not recorded).
     #[serde(default)]
     pub trace: Option<PathBuf>,
+    /// File where the chunks read are kept decompressed and verified, at their disk
+    /// offsets, so that a second read of them is a plain file read (absent: every
+    /// read that misses the chunk cache goes to the store). Emptied at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assembly: Option<PathBuf>,
     /// Size limit of the trace in MiB.
     #[serde(default = "default_trace_mib")]
     pub trace_limit_mib: u64,
@@ -102,7 +108,16 @@ pub enum SpecError {
     /// The write layer cannot be opened.
     #[error("disk spec: {0}")]
     WriteLayer(#[from] crate::cow::Error),
-    /// The trace cannot be opened.
+    /// The assembly file cannot be created.
+    #[error("disk spec: assembly {path}: {source}")]
+    Assembly {
+        /// The assembly file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The trace file cannot be opened.
     #[error("disk spec: trace {path}: {source}")]
     Trace {
         /// The trace file.
@@ -196,7 +211,20 @@ impl DiskSpec {
             .collect();
         let map = layers::compose(&input)?;
         let size = map.disk_size;
-        let lower = ComposedImage::new(map, ChunkCache::new(store, self.cache_mib << 20));
+        let assembly = match &self.assembly {
+            Some(p) => Some(layers::Assembly::create(p, size, map.slots.len()).map_err(
+                |source| SpecError::Assembly {
+                    path: p.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+        let lower = ComposedImage::with_assembly(
+            map,
+            ChunkCache::new(store, self.cache_mib << 20),
+            assembly,
+        );
         let upper = match &self.write_layer {
             Some(dir) => Some(WriteLayer::open(dir, size)?),
             None => None,

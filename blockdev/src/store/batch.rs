@@ -206,7 +206,7 @@ impl ChunkStore {
             if modified < since {
                 continue;
             }
-            match self.read_chunk_file(&path, &id) {
+            match self.read_chunk_file(&path, &id, super::Check::Id) {
                 Ok(_) => {}
                 Err(Error::Corrupt { .. }) => match fs::remove_file(&path) {
                     Ok(()) => removed += 1,

@@ -4,13 +4,21 @@
 //! offset size
 //!  0      4   magic "WFCK"
 //!  4      1   format version (1)
-//!  5      1   flags: bit 0 = zstd-compressed payload, bit 1 = AES-256-GCM
+//!  5      1   flags: bit 0 = zstd-compressed payload, bit 1 = AES-256-GCM,
+//!             bit 2 = CRC-32 of the plaintext follows the header (plain chunks only)
 //!  6      2   reserved, zero
 //!  8      4   plaintext length (u32 LE)
 //! 12      4   stored payload length (u32 LE; includes the 16-byte GCM tag)
 //! 16     12   nonce (only when encrypted)
+//! 16      4   CRC-32 (IEEE) of the plaintext, u32 LE (only with bit 2)
 //! ..          payload
 //! ```
+//!
+//! Every read can check a chunk two ways ([`Check`]): against its id (SHA-256 or
+//! HMAC-SHA256 of the plaintext: what `get`, restore and `verify` do), or by its
+//! checksum (the CRC-32 of a plain chunk, the GCM tag of an encrypted one), which is
+//! a tenth of the cost and what weft-blk uses on its read path. Chunks written before
+//! the CRC existed have no bit 2 and are always checked against their id.
 
 use std::cell::RefCell;
 
@@ -25,7 +33,21 @@ pub(crate) const VERSION: u8 = 1;
 pub(crate) const HEADER_LEN: usize = 16;
 pub(crate) const FLAG_ZSTD: u8 = 1;
 pub(crate) const FLAG_AES_GCM: u8 = 2;
-const KNOWN_FLAGS: u8 = FLAG_ZSTD | FLAG_AES_GCM;
+pub(crate) const FLAG_CRC: u8 = 4;
+const CRC_LEN: usize = 4;
+const KNOWN_FLAGS: u8 = FLAG_ZSTD | FLAG_AES_GCM | FLAG_CRC;
+
+/// How a read checks a chunk's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Recompute the id (SHA-256, or HMAC-SHA256 in an encrypted store) and compare:
+    /// detects any change, accidental or deliberate.
+    Id,
+    /// The chunk's own checksum: the CRC-32 of a plain chunk (detects corruption, not
+    /// a forgery by someone who can write the store), the GCM tag of an encrypted one
+    /// (detects both). A plain chunk without a CRC is checked against its id.
+    Checksum,
+}
 
 /// A parsed chunk header.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +83,9 @@ impl Header {
         let flags = h[5];
         if flags & !KNOWN_FLAGS != 0 || h[6] != 0 || h[7] != 0 {
             return Err(format!("unknown flags {flags:#04x}"));
+        }
+        if flags & FLAG_CRC != 0 && flags & FLAG_AES_GCM != 0 {
+            return Err("a CRC on an encrypted chunk (GCM authenticates it)".into());
         }
         if (flags & FLAG_AES_GCM != 0) != encrypted {
             return Err(if encrypted {
@@ -102,6 +127,11 @@ impl Header {
         HEADER_LEN
             + if self.flags & FLAG_AES_GCM != 0 {
                 NONCE_LEN
+            } else {
+                0
+            }
+            + if self.flags & FLAG_CRC != 0 {
+                CRC_LEN
             } else {
                 0
             }
@@ -164,6 +194,9 @@ pub(crate) fn encode<R>(
             }
         }
         let encrypted = keys.is_some();
+        if !encrypted {
+            flags |= FLAG_CRC;
+        }
         if encrypted {
             flags |= FLAG_AES_GCM;
             if flags & FLAG_ZSTD == 0 {
@@ -179,6 +212,7 @@ pub(crate) fn encode<R>(
         .encode();
         let mut prefix = [0u8; HEADER_LEN + NONCE_LEN];
         prefix[..HEADER_LEN].copy_from_slice(&header);
+        let crc_end = HEADER_LEN + CRC_LEN;
         let file_len = (HEADER_LEN + body_len + tag_len) as u64;
         match keys {
             Some(keys) => {
@@ -202,8 +236,9 @@ pub(crate) fn encode<R>(
                 } else {
                     data
                 };
-                let r = write(&[&prefix[..HEADER_LEN], body])?;
-                Ok((r, file_len))
+                prefix[HEADER_LEN..crc_end].copy_from_slice(&crc32fast::hash(data).to_le_bytes());
+                let r = write(&[&prefix[..crc_end], body])?;
+                Ok((r, file_len + CRC_LEN as u64))
             }
         }
     })
@@ -213,7 +248,7 @@ pub(crate) fn encode<R>(
 /// an uncompressed payload and the GCM tag. `read_chunk` refuses bigger files
 /// before reading them (a planted multi-GiB file must not be loaded).
 pub(crate) fn max_file_len(chunk_size: u32) -> u64 {
-    (HEADER_LEN + NONCE_LEN + TAG_LEN) as u64 + u64::from(chunk_size)
+    (HEADER_LEN + (NONCE_LEN + TAG_LEN).max(CRC_LEN)) as u64 + u64::from(chunk_size)
 }
 
 /// The id of `data`: SHA-256, or HMAC-SHA256 with the store's id key.
@@ -258,6 +293,7 @@ pub(crate) fn decode_file(
     id: &ChunkId,
     chunk_size: u32,
     keys: Option<&Keys>,
+    check: Check,
 ) -> Result<Vec<u8>, String> {
     let header = check_header(&file, file.len() as u64, chunk_size, keys.is_some())?;
     let mut hb = [0u8; HEADER_LEN];
@@ -269,10 +305,25 @@ pub(crate) fn decode_file(
     } else {
         None
     };
+    let crc = (header.flags & FLAG_CRC != 0).then(|| {
+        let at = header.prefix_len() - CRC_LEN;
+        u32::from_le_bytes([file[at], file[at + 1], file[at + 2], file[at + 3]])
+    });
     // check_header made the length exactly prefix + stored_len.
     file.drain(..header.prefix_len());
     let data = decode(id, &hb, &header, nonce, file, keys)?;
-    if chunk_id(keys, &data) != *id {
+    if let Some(want) = crc {
+        let got = crc32fast::hash(&data);
+        if got != want {
+            return Err(format!(
+                "CRC-32 of the content is {got:08x}, the chunk says {want:08x}"
+            ));
+        }
+    }
+    // GCM authenticated an encrypted chunk against its id already (the id is in the
+    // AAD); a CRC says the bytes are the ones written.
+    let checked = check == Check::Checksum && (keys.is_some() || crc.is_some());
+    if !checked && chunk_id(keys, &data) != *id {
         return Err("content does not match its id".into());
     }
     Ok(data)
@@ -315,5 +366,87 @@ pub(crate) fn decode(
     } else {
         payload.truncate(body_len);
         Ok(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(data: &[u8], keys: Option<&Keys>) -> (ChunkId, Vec<u8>) {
+        let id = chunk_id(keys, data);
+        let (file, _) = encode(&id, data, 3, keys, |parts| Ok(parts.concat())).unwrap();
+        (id, file)
+    }
+
+    fn text() -> Vec<u8> {
+        b"weft chunk checks ".repeat(1000)
+    }
+
+    #[test]
+    fn plain_chunks_carry_a_crc_that_either_check_uses() {
+        for data in [
+            text(),
+            (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect(),
+        ] {
+            let (id, file) = file_of(&data, None);
+            assert_ne!(file[5] & FLAG_CRC, 0);
+            for check in [Check::Id, Check::Checksum] {
+                assert_eq!(
+                    decode_file(file.clone(), &id, 1 << 20, None, check).unwrap(),
+                    data
+                );
+            }
+            // One flipped payload bit fails both checks.
+            let mut bad = file.clone();
+            *bad.last_mut().unwrap() ^= 1;
+            for check in [Check::Id, Check::Checksum] {
+                let e = decode_file(bad.clone(), &id, 1 << 20, None, check).unwrap_err();
+                assert!(e.contains("CRC-32") || e.contains("zstd"), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_chunk_without_crc_is_checked_against_its_id() {
+        let data = text();
+        let (id, file) = file_of(&data, None);
+        // The layout before the CRC: no flag, no 4 bytes after the header.
+        let mut old = file[..HEADER_LEN].to_vec();
+        old[5] &= !FLAG_CRC;
+        old.extend_from_slice(&file[HEADER_LEN + CRC_LEN..]);
+        assert_eq!(
+            decode_file(old.clone(), &id, 1 << 20, None, Check::Checksum).unwrap(),
+            data
+        );
+        // A consistent forgery (another valid chunk under this id) is caught by the id.
+        let (_, other) = file_of(b"something else entirely", None);
+        let mut forged = other[..HEADER_LEN].to_vec();
+        forged[5] &= !FLAG_CRC;
+        forged.extend_from_slice(&other[HEADER_LEN + CRC_LEN..]);
+        let e = decode_file(forged, &id, 1 << 20, None, Check::Checksum).unwrap_err();
+        assert!(e.contains("does not match its id"), "{e}");
+    }
+
+    #[test]
+    fn encrypted_chunks_are_checked_by_their_tag() {
+        let keys = Keys::derive(&[7u8; 32], b"store").unwrap();
+        let data = text();
+        let (id, file) = file_of(&data, Some(&keys));
+        assert_eq!(file[5] & FLAG_CRC, 0);
+        assert_eq!(
+            decode_file(file.clone(), &id, 1 << 20, Some(&keys), Check::Checksum).unwrap(),
+            data
+        );
+        let mut bad = file;
+        bad[HEADER_LEN + NONCE_LEN] ^= 1;
+        let e = decode_file(bad, &id, 1 << 20, Some(&keys), Check::Checksum).unwrap_err();
+        assert!(e.contains("authentication failed"), "{e}");
+        // A CRC flag on an encrypted chunk is refused.
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(MAGIC);
+        h[4] = VERSION;
+        h[5] = FLAG_AES_GCM | FLAG_CRC;
+        assert!(Header::parse(&h, 1 << 20, true).is_err());
     }
 }

@@ -325,7 +325,7 @@ pub(crate) fn quarantine(
     };
     fsutil::fsync_dir(&tier.quarantine)?;
     fsutil::fsync_dir(&tier.chunk_dir(id))?;
-    if let Ok(Some(_)) = store.read_chunk_file(&dest, id) {
+    if let Ok(Some(_)) = store.read_chunk_file(&dest, id, chunk::Check::Id) {
         // A good copy (re-created meanwhile): back into place, unless another
         // good copy is there already.
         if !rename_no_replace(&dest, &src)? {
@@ -598,7 +598,7 @@ impl ChunkStore {
                     let Some((tier, id, path)) = work.get(i) else {
                         break;
                     };
-                    let res = self.read_chunk(tier, id);
+                    let res = self.read_chunk(tier, id, chunk::Check::Id);
                     let mut r = results.lock().unwrap_or_else(|p| p.into_inner());
                     match res {
                         Ok(Some(data)) => {

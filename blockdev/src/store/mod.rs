@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 pub use batch::PutBatch;
 pub use blockmap::{BlockMap, Slot};
+pub use chunk::Check;
 pub use error::Error;
 pub use fsutil::start_writeback;
 pub use id::{ChunkId, ParseChunkIdError};
@@ -542,13 +543,20 @@ impl ChunkStore {
 
     /// Read a chunk from either tier, decrypt, decompress and re-verify its id.
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>, Error> {
+        self.get_checked(id, Check::Id)
+    }
+
+    /// [`get`](Self::get) with a choice of content check: `Check::Checksum` trusts the
+    /// chunk's CRC-32 (plain stores) or GCM tag (encrypted ones) instead of recomputing
+    /// the id, for readers that serve data and leave forgery detection to `verify`.
+    pub fn get_checked(&self, id: &ChunkId, check: Check) -> Result<Vec<u8>, Error> {
         let inner = &self.inner;
         // Hot, cold, then hot again: a promotion (cold → hot) creates the hot
         // copy before removing the cold one.
         let tiers = [Some(&inner.hot), inner.cold.as_ref(), Some(&inner.hot)];
         for attempt in 0..=PARKED_WAITS {
             for tier in tiers.into_iter().flatten() {
-                if let Some(data) = self.read_chunk(tier, id)? {
+                if let Some(data) = self.read_chunk(tier, id, check)? {
                     let kind = if tier.name == "cold" {
                         Kind::ColdRead
                     } else {
@@ -660,8 +668,13 @@ impl ChunkStore {
     }
 
     /// Read and check one chunk file; `Ok(None)` when absent from `tier`.
-    pub(crate) fn read_chunk(&self, tier: &Tier, id: &ChunkId) -> Result<Option<Vec<u8>>, Error> {
-        self.read_chunk_file(&tier.chunk_path(id), id)
+    pub(crate) fn read_chunk(
+        &self,
+        tier: &Tier,
+        id: &ChunkId,
+        check: Check,
+    ) -> Result<Option<Vec<u8>>, Error> {
+        self.read_chunk_file(&tier.chunk_path(id), id, check)
     }
 
     /// Read the chunk file at `path` (a chunk path, or a quarantined file) as
@@ -670,6 +683,7 @@ impl ChunkStore {
         &self,
         path: &Path,
         id: &ChunkId,
+        check: Check,
     ) -> Result<Option<Vec<u8>>, Error> {
         let f = match open_noatime(path) {
             Ok(f) => f,
@@ -693,9 +707,15 @@ impl ChunkStore {
         f.take(max + 1)
             .read_to_end(&mut buf)
             .ctx("read chunk", path)?;
-        chunk::decode_file(buf, id, self.inner.chunk_size, self.inner.keys.as_ref())
-            .map(Some)
-            .map_err(corrupt)
+        chunk::decode_file(
+            buf,
+            id,
+            self.inner.chunk_size,
+            self.inner.keys.as_ref(),
+            check,
+        )
+        .map(Some)
+        .map_err(corrupt)
     }
 
     /// Write a block map as index `name` (e.g. `env-web/disk-vda/0001`),
@@ -879,7 +899,13 @@ pub fn parse_chunk_file(
             bytes.len()
         ));
     }
-    chunk::decode_file(bytes.to_vec(), id, chunk_size, keys.map(|k| &k.0))
+    chunk::decode_file(
+        bytes.to_vec(),
+        id,
+        chunk_size,
+        keys.map(|k| &k.0),
+        Check::Id,
+    )
 }
 
 /// Check only the 16-byte header of a chunk file and the file length it

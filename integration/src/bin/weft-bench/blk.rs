@@ -26,8 +26,8 @@ const LAYERS: usize = 16;
 const SIZE: usize = 1 << 30;
 const REGION: usize = SIZE / LAYERS;
 const CHUNK: usize = 128 << 10;
-/// Bump when the content or layout changes (the cache is rebuilt).
-const VERSION: &str = "v1";
+/// Bump when the content or layout changes (the cache is rebuilt). v2: chunks with a CRC.
+const VERSION: &str = "v2";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Backend {
@@ -149,6 +149,7 @@ fn spec(dir: &Path) -> DiskSpec {
             .collect(),
         write_layer: None,
         trace: None,
+        assembly: None,
         trace_limit_mib: 64,
         cache_mib: 64,
         id: "weft-bench".into(),
@@ -191,7 +192,12 @@ async fn one(backend: Backend, dir: &Path, top: &Path, work: &Path) -> Result<(f
     let _proc = match backend {
         Backend::WeftBlk => {
             let spec_path = work.join("spec.json");
-            std::fs::write(&spec_path, serde_json::to_vec(&spec(dir))?)?;
+            // As weftd serves a weave: the chunks read are kept in an assembly file.
+            let spec = DiskSpec {
+                assembly: Some(work.join("assembly")),
+                ..spec(dir)
+            };
+            std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
             let mut c = Command::new(bin_path("weft-blk"))
                 .arg("--spec")
                 .arg(&spec_path)
