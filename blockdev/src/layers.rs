@@ -485,6 +485,61 @@ mod tests {
     }
 
     #[test]
+    fn the_assembly_serves_re_reads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cs: u32 = 64 << 10;
+        let cfg = store::StoreConfig {
+            chunk_size: cs,
+            ..store::StoreConfig::default()
+        };
+        let st = ChunkStore::create(&tmp.path().join("store"), None, &cfg, None).unwrap();
+        let c = cs as usize;
+        let size = 4 * c;
+        let disk: Vec<u8> = (0..size).map(|i| (i * 31 % 253) as u8).collect();
+        let mut m = BlockMap::new(size as u64, cs);
+        for i in [0, 1, 3] {
+            m.slots[i] = Slot::Data(st.put(&disk[i * c..(i + 1) * c]).unwrap().id);
+        }
+        let mut want = disk.clone();
+        want[2 * c..3 * c].fill(0);
+        let a = Assembly::create(&tmp.path().join("assembly"), size as u64, 4).unwrap();
+        let img = ComposedImage::with_assembly(m.clone(), ChunkCache::new(st.clone(), 1), Some(a));
+        // An unaligned read across slots 0..=1, and one into the zero slot.
+        let mut buf = vec![0u8; c + 100];
+        img.read_at(&mut buf, 50).unwrap();
+        assert_eq!(buf, want[50..50 + c + 100]);
+        let mut z = vec![1u8; 4096];
+        img.read_at(&mut z, 2 * c as u64 + 8).unwrap();
+        assert!(z.iter().all(|&b| b == 0));
+        let asm = img.assembly().unwrap();
+        assert!(asm.has(0) && asm.has(1) && !asm.has(2) && !asm.has(3));
+        assert_eq!(asm.slots_present(), 2);
+        // With the chunk files gone, assembled slots still read (from the assembly);
+        // the others fail (the cache holds one byte, so nothing else can serve them).
+        for i in [0, 1, 3] {
+            if let Slot::Data(id) = m.slots[i] {
+                std::fs::remove_file(st.locate(&id).unwrap().1).unwrap();
+            }
+        }
+        let mut again = vec![0u8; 2 * c];
+        img.read_at(&mut again, 0).unwrap();
+        assert_eq!(again, want[..2 * c]);
+        assert!(img.read_at(&mut vec![0u8; 512], 3 * c as u64).is_err());
+    }
+
+    #[test]
+    fn an_assembly_that_cannot_be_written_is_switched_off() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("assembly");
+        let mut a = Assembly::create(&path, 8192, 2).unwrap();
+        // Writes now fail (read-only descriptor): the slot is not marked, reads go on.
+        a.file = std::fs::File::open(&path).unwrap();
+        a.keep(0, 0, &[7u8; 4096]);
+        assert!(!a.has(0));
+        assert!(!a.enabled.load(std::sync::atomic::Ordering::Relaxed));
+    }
+
+    #[test]
     fn higher_layers_win_where_they_have_a_say() {
         let a = map(&[Some(1), Some(1), Some(1), Some(1)]);
         let b = map(&[Some(2), None, Some(2), Some(2)]);
