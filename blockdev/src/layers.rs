@@ -182,9 +182,9 @@ impl ChunkCache {
 ///
 /// A read of a slot already there is a plain `pread` of the bytes asked for (through
 /// the host page cache, like a qcow2 cluster), not a chunk fetch: no file open per
-/// chunk, no decompression, no digest, and no 32-fold amplification for a 4 KiB read of
+/// chunk, no decompression, no check, and no 32-fold amplification for a 4 KiB read of
 /// a 128 KiB chunk. The file is a cache: it is created empty when the disk is opened,
-/// holds only bytes that were verified against their chunk ids, and is never written by
+/// holds only bytes that passed the store's checks ([`ChunkCache::get`]), and is never written by
 /// the guest (its writes go to the write layer). It grows up to the data the guest has
 /// read. A write to it that fails (a full file system) switches it off; reads go on
 /// from the store.
@@ -273,7 +273,7 @@ const READAHEAD_THREADS: usize = 16;
 /// A read-only composed disk: one flattened block map read through a chunk cache.
 ///
 /// A read that spans several chunks fetches the missing ones in parallel (a chunk
-/// fetch is a file read, a decompression and a digest check; on a cold page cache it
+/// fetch is a file read, a decompression and a checksum check; on a cold page cache it
 /// waits on the disk). A read that starts where the previous one ended also queues the
 /// next [`READAHEAD_CHUNKS`] chunks for background threads, so a sequential reader
 /// finds them in the cache.
