@@ -181,10 +181,7 @@ fn new_store(dir: &std::path::Path) -> ChunkStore {
     ChunkStore::create(
         &dir.join("store"),
         None,
-        &StoreConfig {
-            chunk_size: CHUNK,
-            ..StoreConfig::default()
-        },
+        &StoreConfig::with_chunk_size(CHUNK),
         None,
     )
     .expect("store")

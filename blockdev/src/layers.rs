@@ -488,10 +488,7 @@ mod tests {
     fn the_assembly_serves_re_reads() {
         let tmp = tempfile::tempdir().unwrap();
         let cs: u32 = 64 << 10;
-        let cfg = store::StoreConfig {
-            chunk_size: cs,
-            ..store::StoreConfig::default()
-        };
+        let cfg = store::StoreConfig::with_chunk_size(cs);
         let st = ChunkStore::create(&tmp.path().join("store"), None, &cfg, None).unwrap();
         let c = cs as usize;
         let size = 4 * c;

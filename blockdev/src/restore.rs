@@ -267,10 +267,7 @@ mod tests {
     fn restores_exactly_into(dir: &std::path::Path) {
         let tmp = tempfile::tempdir().unwrap();
         let cs: u32 = 64 << 10;
-        let cfg = store::StoreConfig {
-            chunk_size: cs,
-            ..store::StoreConfig::default()
-        };
+        let cfg = store::StoreConfig::with_chunk_size(cs);
         let store = ChunkStore::create(tmp.path(), None, &cfg, None).unwrap();
         let c = cs as usize;
         let size = 6 * c + 1536;

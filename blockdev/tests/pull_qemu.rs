@@ -228,16 +228,7 @@ async fn qemu_pull_reads_allocated_then_exactly_the_dirty_blocks() {
     let qmp = p.qmp().clone();
     let store_dir = vm.path("store");
     let store = Arc::new(
-        ChunkStore::create(
-            &store_dir,
-            None,
-            &StoreConfig {
-                chunk_size: CHUNK,
-                ..StoreConfig::default()
-            },
-            None,
-        )
-        .unwrap(),
+        ChunkStore::create(&store_dir, None, &StoreConfig::with_chunk_size(CHUNK), None).unwrap(),
     );
 
     // Before the full backup: data in a few places, one write smaller than a cluster.

@@ -154,10 +154,7 @@ async fn qemu_weft_blk_serves_composed_layers_and_keeps_guest_writes() -> anyhow
     let store = ChunkStore::create(
         &root,
         None,
-        &StoreConfig {
-            chunk_size: CHUNK as u32,
-            ..StoreConfig::default()
-        },
+        &StoreConfig::with_chunk_size(CHUNK as u32),
         None,
     )?;
 

@@ -231,10 +231,7 @@ mod tests {
         let store = ChunkStore::create(
             &dir.join("store"),
             None,
-            &StoreConfig {
-                chunk_size: CHUNK as u32,
-                ..StoreConfig::default()
-            },
+            &StoreConfig::with_chunk_size(CHUNK as u32),
             None,
         )
         .unwrap();

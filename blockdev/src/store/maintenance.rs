@@ -720,10 +720,7 @@ mod tests {
     use super::*;
 
     fn store(dir: &Path) -> ChunkStore {
-        let cfg = StoreConfig {
-            chunk_size: 64 << 10,
-            ..StoreConfig::default()
-        };
+        let cfg = StoreConfig::with_chunk_size(64 << 10);
         ChunkStore::create(dir, None, &cfg, None).unwrap()
     }
 

@@ -98,6 +98,14 @@ impl Default for StoreConfig {
 }
 
 impl StoreConfig {
+    /// The default configuration (plain, zstd 3) with chunks of `chunk_size` bytes.
+    pub fn with_chunk_size(chunk_size: u32) -> StoreConfig {
+        StoreConfig {
+            chunk_size,
+            ..StoreConfig::default()
+        }
+    }
+
     fn check(&self) -> Result<(), Error> {
         let bad = |reason: String| Err(Error::InvalidConfig { reason });
         if !self.chunk_size.is_power_of_two()

@@ -79,10 +79,7 @@ fn prepare(dir: &Path) -> Result<PathBuf> {
     let store = ChunkStore::create(
         &dir.join("store"),
         None,
-        &StoreConfig {
-            chunk_size: CHUNK as u32,
-            ..StoreConfig::default()
-        },
+        &StoreConfig::with_chunk_size(CHUNK as u32),
         None,
     )?;
     let mut image = vec![0u8; SIZE];
@@ -183,6 +180,18 @@ fn wait_socket(p: &Path, child: &mut Child) -> Result<()> {
     bail!("no socket {} after 20 s", p.display())
 }
 
+/// Starts a vhost-user-blk server with its output in `log` and waits until it
+/// listens on `socket`.
+fn serve(mut cmd: Command, socket: &Path, log: std::fs::File) -> Result<Proc> {
+    let mut c = cmd
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()?;
+    wait_socket(socket, &mut c)?;
+    Ok(Proc(c))
+}
+
 /// One guest run: (seq MiB/s, random 4 KiB IOPS).
 async fn one(backend: Backend, dir: &Path, top: &Path, work: &Path) -> Result<(f64, f64)> {
     ensure!(drop_caches(), "cannot drop the page cache (run as root)");
@@ -198,37 +207,21 @@ async fn one(backend: Backend, dir: &Path, top: &Path, work: &Path) -> Result<(f
                 ..spec(dir)
             };
             std::fs::write(&spec_path, serde_json::to_vec(&spec)?)?;
-            let mut c = Command::new(bin_path("weft-blk"))
-                .arg("--spec")
-                .arg(&spec_path)
-                .arg("--socket")
-                .arg(&socket)
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .stdin(Stdio::null())
-                .spawn()?;
-            wait_socket(&socket, &mut c)?;
-            Some(Proc(c))
+            let mut c = Command::new(bin_path("weft-blk"));
+            c.arg("--spec").arg(&spec_path).arg("--socket").arg(&socket);
+            Some(serve(c, &socket, log)?)
         }
         Backend::StorageDaemon => {
             let node = serde_json::json!({
                 "driver": "qcow2", "node-name": "top", "read-only": true,
                 "file": {"driver": "file", "filename": top, "read-only": true},
             });
-            let mut c = Command::new("qemu-storage-daemon")
-                .arg("--blockdev")
-                .arg(node.to_string())
-                .arg("--export")
-                .arg(format!(
-                    "type=vhost-user-blk,id=exp0,node-name=top,addr.type=unix,addr.path={},writable=off,num-queues=1",
-                    socket.display()
-                ))
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .stdin(Stdio::null())
-                .spawn()?;
-            wait_socket(&socket, &mut c)?;
-            Some(Proc(c))
+            let mut c = Command::new("qemu-storage-daemon");
+            c.arg("--blockdev").arg(node.to_string()).arg("--export").arg(format!(
+                "type=vhost-user-blk,id=exp0,node-name=top,addr.type=unix,addr.path={},writable=off,num-queues=1",
+                socket.display()
+            ));
+            Some(serve(c, &socket, log)?)
         }
         Backend::VirtioBlk => None,
     };
