@@ -163,10 +163,12 @@ impl ChunkCache {
     /// checksum (CRC-32, or the GCM tag in an encrypted store): a disk being served
     /// reads every chunk it touches, and recomputing SHA-256 ids was a third of
     /// weft-blk's CPU time on a sequential read. `weft store verify` checks the ids.
+    /// Chunk files are read with `O_DIRECT` where the file system allows it: this cache
+    /// and the [`Assembly`] keep what is read, a page-cache copy would be a third one.
     pub fn get(&self, id: &ChunkId) -> Result<Chunk, store::Error> {
         self.cache.get_or_insert_with(id, || {
             self.store
-                .get_checked(id, store::Check::Checksum)
+                .get_direct(id, store::Check::Checksum)
                 .map(Arc::new)
         })
     }

@@ -4,7 +4,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use weft_blockdev::store::{BlockMap, ChunkId, ChunkStore, Error, Slot, StoreConfig};
+use weft_blockdev::store::{BlockMap, Check, ChunkId, ChunkStore, Error, Slot, StoreConfig};
 
 mod common;
 use common::*;
@@ -398,4 +398,65 @@ fn index_of_another_chunk_size_is_refused() {
     let msg = err.to_string();
     assert!(matches!(err, Error::CorruptIndex { .. }), "{msg}");
     assert!(msg.contains("chunk size"), "{msg}");
+}
+
+/// `get_direct` returns what `get` returns, on a disk file system and on tmpfs (which
+/// refuses `O_DIRECT` before Linux 6.6; the read is then buffered), plain and encrypted, for raw, compressed and
+/// short chunks; a damaged chunk fails its check and a missing one is `Missing`.
+fn direct_reads_match(dir: &Path) {
+    for encrypted in [false, true] {
+        let tmp = tempfile::tempdir_in(dir).unwrap();
+        let key = tmp.path().join("key");
+        let config = StoreConfig { encrypted, ..cfg() };
+        let store = ChunkStore::create(
+            &tmp.path().join("store"),
+            None,
+            &config,
+            encrypted.then_some(key.as_path()),
+        )
+        .unwrap();
+        let chunks = [noise(7, CS as usize), text(CS as usize), noise(8, 1000)];
+        let mut ids = Vec::new();
+        for data in &chunks {
+            let id = store.put(data).unwrap().id;
+            for check in [Check::Id, Check::Checksum] {
+                assert_eq!(&store.get_direct(&id, check).unwrap(), data);
+            }
+            ids.push(id);
+        }
+        let absent = store.chunk_id(b"never stored");
+        assert!(matches!(
+            store.get_direct(&absent, Check::Checksum),
+            Err(Error::Missing { .. })
+        ));
+        // Damage the raw chunk's last byte (payload, or the GCM tag).
+        let path = chunk_files(&tmp.path().join("store"))
+            .into_iter()
+            .find(|p| p.ends_with(ids[0].to_hex()))
+            .unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        *bytes.last_mut().unwrap() ^= 0x55;
+        fs::write(&path, &bytes).unwrap();
+        for check in [Check::Id, Check::Checksum] {
+            let e = store.get_direct(&ids[0], check).unwrap_err();
+            assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+        }
+        assert_eq!(
+            &store.get_direct(&ids[1], Check::Checksum).unwrap(),
+            &chunks[1]
+        );
+    }
+}
+
+#[test]
+fn direct_reads_on_disk_file_systems() {
+    direct_reads_match(&std::env::temp_dir());
+}
+
+#[test]
+fn direct_reads_on_tmpfs() {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        direct_reads_match(shm);
+    }
 }

@@ -289,13 +289,30 @@ pub(crate) fn check_header(
 /// plaintext. The file buffer is reused for the result. Errors are reasons
 /// for `Error::Corrupt`.
 pub(crate) fn decode_file(
-    mut file: Vec<u8>,
+    file: Vec<u8>,
     id: &ChunkId,
     chunk_size: u32,
     keys: Option<&Keys>,
     check: Check,
 ) -> Result<Vec<u8>, String> {
-    let header = check_header(&file, file.len() as u64, chunk_size, keys.is_some())?;
+    decode_file_at(file, 0, id, chunk_size, keys, check)
+}
+
+/// [`decode_file`] of the chunk file in `buf[start..]` (an `O_DIRECT` read lands at
+/// an aligned position inside its buffer); the bytes before `start` are dropped with
+/// the header, in one move.
+pub(crate) fn decode_file_at(
+    mut buf: Vec<u8>,
+    start: usize,
+    id: &ChunkId,
+    chunk_size: u32,
+    keys: Option<&Keys>,
+    check: Check,
+) -> Result<Vec<u8>, String> {
+    let file = buf
+        .get(start..)
+        .ok_or("chunk buffer shorter than its start")?;
+    let header = check_header(file, file.len() as u64, chunk_size, keys.is_some())?;
     let mut hb = [0u8; HEADER_LEN];
     hb.copy_from_slice(&file[..HEADER_LEN]);
     let nonce = if keys.is_some() {
@@ -310,8 +327,8 @@ pub(crate) fn decode_file(
         u32::from_le_bytes([file[at], file[at + 1], file[at + 2], file[at + 3]])
     });
     // check_header made the length exactly prefix + stored_len.
-    file.drain(..header.prefix_len());
-    let data = decode(id, &hb, &header, nonce, file, keys)?;
+    buf.drain(..start + header.prefix_len());
+    let data = decode(id, &hb, &header, nonce, buf, keys)?;
     if let Some(want) = crc {
         let got = crc32fast::hash(&data);
         if got != want {
