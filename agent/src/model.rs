@@ -319,7 +319,8 @@ pub struct Snapshot {
 }
 
 /// An environment's guest address plan: the address its guest uses and the gateway
-/// it expects. Every weave of the environment keeps the plan of its instant.
+/// it expects. Every weave keeps the plan it was made with: its instant's, or the one a
+/// composition's `net` rule chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestPlan {
     /// The guest's address.

@@ -980,11 +980,25 @@ impl Net {
     }
 
     /// Creates the network of a new weave (its rows exist): its namespace, links and
-    /// NAT with the guest plan of its instant, which is recorded as the weave's plan.
-    pub async fn create_weave(&self, weave: &Weave, config: &VmConfig) -> Result<(), EnvError> {
-        let plan = self
-            .plan_at(&weave.parent, weave.source == "now", &weave.taken_at)
-            .await?;
+    /// NAT with the guest plan `chosen` (a composition's `net` rule chose it), else the
+    /// plan of its instant; the plan is recorded as the weave's.
+    pub async fn create_weave(
+        &self,
+        weave: &Weave,
+        config: &VmConfig,
+        chosen: Option<GuestPlan>,
+    ) -> Result<(), EnvError> {
+        let plan = match chosen {
+            Some(plan) => {
+                weft_netns::check_guest_plan(plan.guest_ip, plan.guest_prefix, plan.gateway)
+                    .map_err(|e| EnvError::BadRequest(format!("the chosen address plan: {e}")))?;
+                plan
+            }
+            None => {
+                self.plan_at(&weave.parent, weave.source == "now", &weave.taken_at)
+                    .await?
+            }
+        };
         self.catalog
             .commit_net(
                 &[Change::Plan {
@@ -1694,7 +1708,7 @@ mod tests {
         // The weave's namespace gets that plan, and keeps it as its own.
         add_weave(&catalog, "past", 7, "at past", &between).await;
         let weave = catalog.weave("past").await.unwrap().unwrap();
-        net.create_weave(&weave, &config("weft-tap0"))
+        net.create_weave(&weave, &config("weft-tap0"), None)
             .await
             .unwrap();
         assert_eq!(catalog.net_plan("past").await.unwrap(), old);
@@ -1714,6 +1728,24 @@ mod tests {
         // A weave's plan is not changed through its environment's commands.
         let e = net.set_plan("past", new, "alice").await.unwrap_err();
         assert!(e.to_string().contains("is a weave"), "{e}");
+
+        // A plan a composition chose wins over the weave's instant's; a bad one is
+        // refused before anything is made.
+        add_weave(&catalog, "chosen", 8, "composition c", &now()).await;
+        let weave = catalog.weave("chosen").await.unwrap().unwrap();
+        let bad = GuestPlan {
+            gateway: Ipv4Addr::new(172, 16, 0, 1),
+            ..old
+        };
+        let e = net
+            .create_weave(&weave, &config("weft-tap1"), Some(bad))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("chosen address plan"), "{e}");
+        net.create_weave(&weave, &config("weft-tap1"), Some(old))
+            .await
+            .unwrap();
+        assert_eq!(catalog.net_plan("chosen").await.unwrap(), old);
     }
 
     #[tokio::test]
@@ -1721,7 +1753,7 @@ mod tests {
         let (catalog, rec, net) = rig().await;
         add_weave(&catalog, "w1", 7, "now", &now()).await;
         let weave = catalog.weave("w1").await.unwrap().unwrap();
-        net.create_weave(&weave, &config("weft-tap0"))
+        net.create_weave(&weave, &config("weft-tap0"), None)
             .await
             .unwrap();
         net.expose("web", &expose(80, P0), "alice").await.unwrap();

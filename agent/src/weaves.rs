@@ -28,7 +28,7 @@ use weft_qmp::launch::{DiskFormat, VmConfig};
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::cgroups;
 use crate::envs::{check_name, one_line, EnvError, Manager};
-use crate::model::{EnvKind, Environment, Snapshot, SnapshotKind};
+use crate::model::{EnvKind, Environment, GuestPlan, Snapshot, SnapshotKind};
 use crate::snapshots::Snapshots;
 
 /// Where a weave branches from.
@@ -378,7 +378,7 @@ impl Weaves {
                 req.live,
             )
             .await;
-        let (config, source, taken_at) = match made {
+        let (config, source, taken_at, net_plan) = match made {
             Ok(v) => v,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -405,7 +405,7 @@ impl Weaves {
             })?;
             // Its namespace, with the guest plan of its instant (crate::net).
             crate::net::Net::new(catalog)
-                .create_weave(&weave, &config)
+                .create_weave(&weave, &config, net_plan)
                 .await?;
             self.dhcp
                 .start_for(catalog, &name, &config)
@@ -502,14 +502,15 @@ impl Weaves {
         });
     }
 
-    /// Builds the weave's disks and configuration; returns (config, source text, instant).
+    /// Builds the weave's disks and configuration; returns (config, source text,
+    /// instant, the address plan a composition's `net` rule chose).
     async fn assemble(
         &self,
         env: &Environment,
         name: &str,
         source: Source,
         live: bool,
-    ) -> Result<(VmConfig, String, String), EnvError> {
+    ) -> Result<(VmConfig, String, String, Option<GuestPlan>), EnvError> {
         if live && source == Source::Now {
             return Err(EnvError::BadRequest(
                 "--live serves history through weft-blk: give --snapshot, --at or a composition (a weave from now shares the running disks already)".into(),
@@ -520,7 +521,7 @@ impl Weaves {
             .clone()
             .ok_or_else(|| EnvError::Internal(format!("{:?} has no configuration", env.name)))?;
         let dir = self.dir(name);
-        let (mut config, overlays_from, source_text, instant) = match source {
+        let (mut config, overlays_from, source_text, instant, net_plan) = match source {
             Source::Now => {
                 // The environment's QEMU made the weave's overlays with its own new tops.
                 let mut config = current.clone();
@@ -547,7 +548,7 @@ impl Weaves {
                     .catalog()
                     .set_weave_sources(name, &rows)
                     .await?;
-                return Ok((weave_taps(config), "now".to_string(), now()));
+                return Ok((weave_taps(config), "now".to_string(), now(), None));
             }
             Source::Snapshot(id) => {
                 let s = self.snapshots.get(id).await?;
@@ -560,23 +561,30 @@ impl Weaves {
                 let (config, bases) = self
                     .bases_at(env, &current, &s.taken_at, Some(&s), name)
                     .await?;
-                (config, bases, format!("snapshot {id}"), s.taken_at.clone())
+                (
+                    config,
+                    bases,
+                    format!("snapshot {id}"),
+                    s.taken_at.clone(),
+                    None,
+                )
             }
             Source::At(t) => {
                 let t = humantime::parse_rfc3339_weak(&t)
                     .map(|st| humantime::format_rfc3339_micros(st).to_string())
                     .map_err(|e| EnvError::BadRequest(format!("--at {t:?}: {e}")))?;
                 let (config, bases) = self.bases_at(env, &current, &t, None, name).await?;
-                (config, bases, format!("at {t}"), t)
+                (config, bases, format!("at {t}"), t, None)
             }
             Source::Composition(comp) => {
-                let (config, bases, instant) = self.composed(env, &current, &comp, name).await?;
-                (config, bases, format!("composition {comp}"), instant)
+                let (config, bases, instant, net) =
+                    self.composed(env, &current, &comp, name).await?;
+                (config, bases, format!("composition {comp}"), instant, net)
             }
         };
         if live {
             config = self.serve_live(name, config, overlays_from).await?;
-            return Ok((weave_taps(config), source_text, instant));
+            return Ok((weave_taps(config), source_text, instant, net_plan));
         }
         // Materialised: a base per disk (restored once; a merge's is the weave's own),
         // and the weave's own overlay on it.
@@ -597,7 +605,7 @@ impl Weaves {
             disk.path = overlay;
             disk.format = DiskFormat::Qcow2;
         }
-        Ok((weave_taps(config), source_text, instant))
+        Ok((weave_taps(config), source_text, instant, net_plan))
     }
 
     /// Serves every disk of `config` through weft-blk: writes each disk's spec (its
@@ -839,7 +847,7 @@ impl Weaves {
         current: &VmConfig,
         comp_name: &str,
         weave: &str,
-    ) -> Result<(VmConfig, Vec<DiskFrom>, String), EnvError> {
+    ) -> Result<(VmConfig, Vec<DiskFrom>, String, Option<GuestPlan>), EnvError> {
         use crate::compose::Origin;
         let comps = crate::compositions::Compositions::new(
             Arc::clone(&self.manager),
@@ -946,18 +954,48 @@ impl Weaves {
                 });
             }
         }
-        sources.push(SourceRow {
-            resource: "net".into(),
-            part: String::new(),
-            snapshot: None,
-            instant: Some(instant.clone()),
-            detail: Some("the environment's address plan at the weave's instant".into()),
-        });
+        // The address plan: the one a rule naming `net` chose (a snapshot or a merge),
+        // else the one of the weave's instant.
+        let chosen_net = origin("net").filter(|c| c.rule != "default");
+        let net_plan = match chosen_net.map(|c| &c.origin) {
+            Some(Origin::Snapshot { id, .. }) => {
+                sources.push(SourceRow::snapshot("net", "", *id));
+                let setup = self.snapshots.get(*id).await?.net.ok_or_else(|| {
+                    EnvError::Internal(format!("snapshot {id} holds no network setup"))
+                })?;
+                Some(setup.plan)
+            }
+            Some(Origin::Merge { sides, .. }) => {
+                let merged = comps.merged(&comp, "net", sides).await?;
+                for id in sides {
+                    sources.push(SourceRow::snapshot(
+                        "net",
+                        &format!("merged from {id}"),
+                        *id,
+                    ));
+                }
+                let setup: crate::model::NetSetup =
+                    serde_json::from_value(merged.value.unwrap_or_default()).map_err(|e| {
+                        EnvError::BadRequest(format!("the merged network setup is not valid: {e}"))
+                    })?;
+                Some(setup.plan)
+            }
+            _ => None,
+        };
+        if net_plan.is_none() {
+            sources.push(SourceRow {
+                resource: "net".into(),
+                part: String::new(),
+                snapshot: None,
+                instant: Some(instant.clone()),
+                detail: Some("the environment's address plan at the weave's instant".into()),
+            });
+        }
         self.manager
             .catalog()
             .set_weave_sources(weave, &sources)
             .await?;
-        Ok((config, bases, instant))
+        Ok((config, bases, instant, net_plan))
     }
 
     /// Runs of slots of a merged map and the snapshot (of `sides`) each came from.

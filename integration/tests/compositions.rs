@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _};
 use weft::compose::{Conflict, Origin};
 use weft::compositions::CompositionView;
-use weft::model::{Job, Snapshot};
+use weft::model::{Job, NetSetup, Snapshot};
 use weft::weaves::SourceRow;
 use weft_integration::{read_ext4_file, wait_until};
 
@@ -129,6 +129,33 @@ async fn qemu_composition_takes_the_disk_and_the_config_from_different_instants(
     rig.ticks("cm", 5).await?;
     let t3 = snapshot(&rig, "cm", "disk:vda", "t3").await?;
     ensure!(t3.taken_at > t1.taken_at && c0.id < c1.id);
+    // The address plan N1, recorded after both disks, then changed back.
+    let plan_of = |env: &str| -> anyhow::Result<NetSetup> {
+        Ok(serde_json::from_str(
+            &rig.weft_ok(&["--json", "env", "net", env])?,
+        )?)
+    };
+    let original = plan_of("cm")?.plan;
+    rig.weft_ok(&[
+        "env",
+        "net",
+        "cm",
+        "--guest",
+        "192.168.77.2/24",
+        "--gateway",
+        "192.168.77.1",
+    ])?;
+    let n1 = snapshot(&rig, "cm", "net", "n1").await?;
+    rig.weft_ok(&[
+        "env",
+        "net",
+        "cm",
+        "--guest",
+        &format!("{}/{}", original.guest_ip, original.guest_prefix),
+        "--gateway",
+        &original.gateway.to_string(),
+    ])?;
+    ensure!(original.guest_ip != "192.168.77.2".parse::<std::net::Ipv4Addr>()?);
 
     // The disk from T1, the configuration from C1.
     let rules = write_rules(
@@ -144,6 +171,11 @@ async fn qemu_composition_takes_the_disk_and_the_config_from_different_instants(
         name = "bigger config"
         resources = ["config"]
         categories = ["c1"]
+
+        [[rule]]
+        name = "later network"
+        resources = ["net"]
+        categories = ["n1"]
         "#,
     )?;
     rig.weft_ok(&["compose", "create", "ca", "--env", "cm", "--rules", &rules])?;
@@ -188,8 +220,15 @@ async fn qemu_composition_takes_the_disk_and_the_config_from_different_instants(
             .and_then(|s| s.snapshot)
     };
     ensure!(
-        src("disk:vda") == Some(t1.id) && src("config") == Some(c1.id),
+        src("disk:vda") == Some(t1.id) && src("config") == Some(c1.id) && src("net") == Some(n1.id),
         "{sources:?}"
+    );
+    // The network comes from its own rule (N1), not from the disk's instant (T1).
+    let weave_plan = plan_of("ca1")?.plan;
+    ensure!(
+        weave_plan.guest_ip.to_string() == "192.168.77.2"
+            && weave_plan.gateway.to_string() == "192.168.77.1",
+        "weave ca1 has the address plan {weave_plan:?}"
     );
 
     // The same plan served live: weft-blk reads the chunk store, nothing is restored.
