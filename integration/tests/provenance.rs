@@ -366,6 +366,9 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
         changed > 0,
         "the disk of the end held checkpoint 1's data already? {detail}"
     );
+    // The weave's log learns what the push changed as its guest's DPA captures those
+    // writes and streams them back; `--into` diffs against that log, so wait for it.
+    settled_last_seq(&rig, "rcw").await?;
     let again = rig.weft_ok(&["--json", "replay", "app", "--to", &cp1, "--into", "rcw"])?;
     let again: serde_json::Value = serde_json::from_str(&again)?;
     ensure!(
