@@ -33,7 +33,7 @@ toolchain:
 
 ## assets: the test guest (Debian cloud kernel + busybox initramfs), cached under target/
 assets: build
-	$(CARGO) run -q -p weft-integration --bin weft-guest-assets
+	$(CARGO) run -q --bin weft-guest-assets
 
 fmt:
 	$(CARGO) fmt --all -- --check
