@@ -171,13 +171,15 @@ pub enum ComposeCommand {
         /// The conflict's resource.
         #[arg(long)]
         resource: Option<String>,
-        /// The conflict's key (`slots A..B` or a JSON pointer).
+        /// The conflict's key (`slots A..B`, a JSON pointer, or for `data:` the
+        /// source and its item, as `weft compose conflicts` shows it).
         #[arg(long, requires = "resource")]
         key: Option<String>,
         /// Every open conflict.
         #[arg(long, conflicts_with_all = ["resource", "key"])]
         all: bool,
-        /// The side to take: older, newer, or a snapshot id.
+        /// The side to take: older, newer, a snapshot id, or (for `data:`) a side's
+        /// instant.
         #[arg(long)]
         take: String,
     },
@@ -1677,13 +1679,23 @@ fn print_conflicts(list: &[crate::compose::Conflict]) {
     let rows = list
         .iter()
         .map(|c| {
+            // A `data:` conflict's sides are instants (µs since the Unix epoch).
+            let side = |id: i64| {
+                if c.resource.starts_with("data:") {
+                    let at = u64::try_from(id).unwrap_or(0);
+                    let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(at);
+                    humantime::format_rfc3339_micros(t).to_string()
+                } else {
+                    id.to_string()
+                }
+            };
             vec![
                 c.resource.clone(),
                 c.key.clone(),
-                c.sides[0].to_string(),
-                c.sides[1].to_string(),
+                side(c.sides[0]),
+                side(c.sides[1]),
                 c.resolved
-                    .map(|r| format!("take {r}"))
+                    .map(|r| format!("take {}", side(r)))
                     .unwrap_or_else(|| "open".into()),
             ]
         })
@@ -1720,6 +1732,14 @@ fn print_plan(view: &crate::compositions::CompositionView) {
                         base.map(|b| format!(" (ancestor {b})")).unwrap_or_default()
                     ),
                     String::new(),
+                    String::new(),
+                ),
+                Origin::DataMerge { instants, base } => (
+                    format!(
+                        "merge of provenance log at {} (against {base})",
+                        instants.join(" + ")
+                    ),
+                    instants.last().cloned().unwrap_or_default(),
                     String::new(),
                 ),
             };

@@ -14,6 +14,7 @@ use serde_json::Value;
 use weft_blockdev::store::{BlockMap, Slot};
 
 use crate::model::{Snapshot, SnapshotState};
+use crate::replay::Item;
 
 /// Largest rules document accepted.
 pub const MAX_RULES_BYTES: usize = 1 << 20;
@@ -289,6 +290,14 @@ pub enum Origin {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         base: Option<i64>,
     },
+    /// A key-level three-way merge of the provenance log's states at the instants
+    /// disagreeing rules chose (`data:` resources).
+    DataMerge {
+        /// The instants, oldest first.
+        instants: Vec<String>,
+        /// The instant of the common state they are merged against.
+        base: String,
+    },
 }
 
 /// The plan's line for one resource.
@@ -336,10 +345,18 @@ impl Plan {
     }
 }
 
-/// Reads the block map of a disk snapshot (the chunk store, in weftd).
+/// Reads what merges compare: block maps of disk snapshots (the chunk store, in
+/// weftd) and application state at an instant (the provenance log).
 pub trait MapSource {
     /// The block map of snapshot `s`.
     fn block_map(&self, s: &Snapshot) -> Result<BlockMap, String>;
+
+    /// The application state at instant `at` (RFC 3339) of the sources `pattern`
+    /// (`data:*`, `data:<glob>`) names, as items.
+    fn data_items(&self, pattern: &str, at: &str) -> Result<BTreeMap<Item, Value>, String> {
+        let _ = (pattern, at);
+        Err("application data cannot be merged here: no provenance log".into())
+    }
 }
 
 /// What a plan is computed from.
@@ -475,31 +492,36 @@ pub fn plan(rules: &Rules, input: &PlanInput<'_>, maps: &dyn MapSource) -> Resul
         }
         let all_rules: Vec<usize> = distinct.iter().flat_map(|d| d.0.clone()).collect();
         let newest = distinct.last().cloned();
-        let mergeable = !resource.starts_with("data:");
         match newest {
-            Some((who, origin, _))
-                if rules.conflict == ConflictStrategy::LastWriteWins || !mergeable =>
-            {
+            Some((who, origin, _)) if rules.conflict == ConflictStrategy::LastWriteWins => {
                 out.resources.push(Choice {
                     resource: resource.clone(),
                     origin,
                     rule: labels(&who),
                     settled: Some(format!(
-                        "rules disagree ({}); the newest choice wins{}",
+                        "rules disagree ({}); the newest choice wins",
                         labels(&all_rules),
-                        if mergeable {
-                            ""
-                        } else {
-                            " (data is not merged)"
-                        }
                     )),
                 });
             }
             _ => {
-                let sides: Vec<i64> = distinct.iter().filter_map(|d| d.2.map(|s| s.id)).collect();
                 let Merged {
                     origin, conflicts, ..
-                } = merge(rules, resource, &sides, input, maps)?;
+                } = if resource.starts_with("data:") {
+                    let instants: Vec<String> = distinct
+                        .iter()
+                        .filter_map(|d| match &d.1 {
+                            Origin::Instant { at } => Some(at.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let base = data_base(rules, &all_rules, &instants);
+                    merge_data(rules, resource, &instants, &base, input.resolutions, maps)?
+                } else {
+                    let sides: Vec<i64> =
+                        distinct.iter().filter_map(|d| d.2.map(|s| s.id)).collect();
+                    merge(rules, resource, &sides, input, maps)?
+                };
                 let open = conflicts.iter().filter(|c| c.resolved.is_none()).count();
                 out.resources.push(Choice {
                     resource: resource.clone(),
@@ -523,6 +545,18 @@ pub fn plan(rules: &Rules, input: &PlanInput<'_>, maps: &dyn MapSource) -> Resul
     Ok(out)
 }
 
+/// The common state a `data:` merge compares its instants against: the earliest
+/// `from` of the disagreeing rules (`who`), or the earliest chosen instant if that is
+/// earlier or no rule sets `from` — a log is one line of history, so without a start
+/// the older state is the common one and the newest wins.
+fn data_base(rules: &Rules, who: &[usize], instants: &[String]) -> String {
+    who.iter()
+        .filter_map(|&i| rules.rules[i].from.clone())
+        .chain(instants.iter().cloned())
+        .min()
+        .unwrap_or_else(crate::catalog::now)
+}
+
 fn origin_of(s: &Snapshot) -> Origin {
     Origin::Snapshot {
         id: s.id,
@@ -536,6 +570,7 @@ fn origin_time(o: &Origin) -> String {
         Origin::Snapshot { taken_at, .. } => taken_at.clone(),
         Origin::Instant { at } => at.clone(),
         Origin::Merge { .. } => String::new(),
+        Origin::DataMerge { instants, .. } => instants.last().cloned().unwrap_or_default(),
     }
 }
 
@@ -598,6 +633,8 @@ pub struct Merged {
     pub map: Option<BlockMap>,
     /// The merged JSON (`config`, `net`).
     pub value: Option<Value>,
+    /// The merged application state (`data:`).
+    pub items: Option<BTreeMap<Item, Value>>,
 }
 
 /// Merges snapshots `sides` (ids, oldest first) of `resource` three-way, folding
@@ -656,6 +693,7 @@ pub fn merge(
             conflicts,
             map: Some(acc),
             value: None,
+            items: None,
         });
     }
     let value = |s: &Snapshot| -> Value {
@@ -666,44 +704,15 @@ pub fn merge(
     };
     let base_id = state_before(resource, &sides, snaps);
     let base = base_id.and_then(find).map(|b| flatten(&value(b)));
-    let mut acc = flatten(&value(first));
-    let mut origin: BTreeMap<String, i64> = acc.keys().map(|k| (k.clone(), first.id)).collect();
-    let mut conflicts = Vec::new();
-    for next in &sides[1..] {
-        let theirs = flatten(&value(next));
-        let keys: BTreeSet<String> = acc.keys().chain(theirs.keys()).cloned().collect();
-        for k in keys {
-            let (o, t) = (acc.get(&k).cloned(), theirs.get(&k).cloned());
-            if o == t {
-                continue;
-            }
-            let b = base.as_ref().map(|m| m.get(&k).cloned());
-            let take_theirs = if b.as_ref() == Some(&o) {
-                true
-            } else if b.as_ref() == Some(&t) {
-                false
-            } else {
-                let ours = origin.get(&k).copied().unwrap_or(first.id);
-                let c = conflict(
-                    rules.conflict,
-                    resource,
-                    k.clone(),
-                    [ours, next.id],
-                    input.resolutions,
-                );
-                let wins = c.resolved == Some(next.id);
-                conflicts.push(c);
-                wins
-            };
-            if take_theirs {
-                match t {
-                    Some(v) => acc.insert(k.clone(), v),
-                    None => acc.remove(&k),
-                };
-                origin.insert(k, next.id);
-            }
-        }
-    }
+    let versions = sides.iter().map(|s| (s.id, flatten(&value(s)))).collect();
+    let (acc, conflicts) = merge_keys(
+        rules.conflict,
+        resource,
+        versions,
+        base.as_ref(),
+        |k: &String| k.clone(),
+        input.resolutions,
+    );
     Ok(Merged {
         origin: Origin::Merge {
             sides: ids,
@@ -712,6 +721,105 @@ pub fn merge(
         conflicts,
         map: None,
         value: Some(unflatten(&acc)),
+        items: None,
+    })
+}
+
+/// Three-way merge of keyed versions (`(side, version)`, oldest first) folded in
+/// order against `base` (none: every difference is a change on both sides): what only
+/// one side changed comes from it; what both changed differently is a conflict (named
+/// by `label`), settled by `strategy`. Returns the merged version and the conflicts.
+fn merge_keys<K: Ord + Clone>(
+    strategy: ConflictStrategy,
+    resource: &str,
+    versions: Vec<(i64, BTreeMap<K, Value>)>,
+    base: Option<&BTreeMap<K, Value>>,
+    label: impl Fn(&K) -> String,
+    resolutions: &HashMap<(String, String), i64>,
+) -> (BTreeMap<K, Value>, Vec<Conflict>) {
+    let mut versions = versions.into_iter();
+    let Some((first, mut acc)) = versions.next() else {
+        return (BTreeMap::new(), Vec::new());
+    };
+    let mut origin: BTreeMap<K, i64> = acc.keys().map(|k| (k.clone(), first)).collect();
+    let mut conflicts = Vec::new();
+    for (next, theirs) in versions {
+        let keys: BTreeSet<K> = acc.keys().chain(theirs.keys()).cloned().collect();
+        for k in keys {
+            let (o, t) = (acc.get(&k).cloned(), theirs.get(&k).cloned());
+            if o == t {
+                continue;
+            }
+            let b = base.map(|m| m.get(&k).cloned());
+            let take_theirs = if b.as_ref() == Some(&o) {
+                true
+            } else if b.as_ref() == Some(&t) {
+                false
+            } else {
+                let ours = origin.get(&k).copied().unwrap_or(first);
+                let c = conflict(strategy, resource, label(&k), [ours, next], resolutions);
+                let wins = c.resolved == Some(next);
+                if conflicts.len() < MAX_CONFLICTS {
+                    conflicts.push(c);
+                }
+                wins
+            };
+            if take_theirs {
+                match t {
+                    Some(v) => acc.insert(k.clone(), v),
+                    None => acc.remove(&k),
+                };
+                origin.insert(k, next);
+            }
+        }
+    }
+    (acc, conflicts)
+}
+
+/// The µs since the Unix epoch of RFC 3339 instant `t`: how a `data:` merge names its
+/// sides in conflicts (they are instants, not snapshots).
+pub fn instant_id(t: &str) -> Result<i64, String> {
+    let d = humantime::parse_rfc3339_weak(t)
+        .map_err(|e| format!("instant {t:?}: {e}"))?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("instant {t:?} is before 1970"))?;
+    i64::try_from(d.as_micros()).map_err(|_| format!("instant {t:?} is out of range"))
+}
+
+/// Merges the application state of `resource` (`data:*`, `data:<glob>`) at
+/// `instants` (oldest first) key by key — rows, JSON leaves, key-value keys — against
+/// its state at `base`, folding them in order. A conflict's sides are the instants as
+/// µs since the Unix epoch ([`instant_id`]).
+pub fn merge_data(
+    rules: &Rules,
+    resource: &str,
+    instants: &[String],
+    base: &str,
+    resolutions: &HashMap<(String, String), i64>,
+    maps: &dyn MapSource,
+) -> Result<Merged, String> {
+    let mut versions = Vec::new();
+    for at in instants {
+        versions.push((instant_id(at)?, maps.data_items(resource, at)?));
+    }
+    let base_items = maps.data_items(resource, base)?;
+    let (acc, conflicts) = merge_keys(
+        rules.conflict,
+        resource,
+        versions,
+        Some(&base_items),
+        Item::label,
+        resolutions,
+    );
+    Ok(Merged {
+        origin: Origin::DataMerge {
+            instants: instants.to_vec(),
+            base: base.to_string(),
+        },
+        conflicts,
+        map: None,
+        value: None,
+        items: Some(acc),
     })
 }
 
@@ -728,7 +836,17 @@ fn conflict(
         ConflictStrategy::Prompt => resolutions
             .get(&(resource.to_string(), key.clone()))
             .copied()
-            .filter(|r| sides.contains(r)),
+            .and_then(|r| {
+                if sides.contains(&r) {
+                    Some(r)
+                } else if resource.starts_with("data:") {
+                    // A side that is "now" moves between plans: a resolution still
+                    // names the older side or the newer one.
+                    Some(if r <= sides[0] { sides[0] } else { sides[1] })
+                } else {
+                    None
+                }
+            }),
         _ => Some(sides[1]),
     };
     Conflict {
@@ -903,6 +1021,35 @@ mod tests {
                 .cloned()
                 .ok_or_else(|| format!("no map for {}", s.id))
         }
+
+        /// Key-value source `/etc/app.kv`: {a=1, b=1, c=1} from the 20th,
+        /// a=2 on the 21st, a=3 b=2 d=1 on the 22nd.
+        fn data_items(&self, pattern: &str, at: &str) -> Result<BTreeMap<Item, Value>, String> {
+            let steps: [(&str, &[(&str, &str)]); 3] = [
+                ("2026-11-20T00:00:00", &[("a", "1"), ("b", "1"), ("c", "1")]),
+                ("2026-11-21T00:00:00", &[("a", "2")]),
+                ("2026-11-22T00:00:00", &[("a", "3"), ("b", "2"), ("d", "1")]),
+            ];
+            let mut state = crate::replay::State::default();
+            for (t, changes) in steps {
+                if instant_id(&format!("{t}Z"))? > instant_id(at)? {
+                    break;
+                }
+                let keys = state.kv.entry("/etc/app.kv".into()).or_default();
+                for (k, v) in changes {
+                    keys.insert(k.to_string(), v.to_string());
+                }
+            }
+            Ok(state.items(|src| crate::replay::data_source_matches(pattern, src)))
+        }
+    }
+
+    fn kv_of(m: &Merged) -> Vec<(String, String)> {
+        let state = crate::replay::State::from_items(m.items.as_ref().unwrap());
+        state.kv["/etc/app.kv"]
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     fn map(slots: &[u8]) -> BlockMap {
@@ -1259,6 +1406,104 @@ until = "yesterday""#,
         // A resolution naming neither side does not count.
         let res = HashMap::from([(("disk:vda".to_string(), "slots 2..3".to_string()), 99)]);
         assert_eq!(run(&text, &res).unwrap().open_conflicts().count(), 1);
+    }
+
+    #[test]
+    fn data_merges_key_by_key_against_the_rules_start() {
+        let two = |conflict: &str, from: &str| {
+            format!(
+                "conflict = \"{conflict}\"\n\
+                 [[rule]]\nname = \"tuesday\"\nresources = [\"data:*\"]\n{from}until = \"2026-11-21T12:00:00Z\"\n\
+                 [[rule]]\nname = \"later\"\nresources = [\"data:*\"]\nuntil = \"2026-11-22T12:00:00Z\"\n"
+            )
+        };
+        let from = "from = \"2026-11-20T06:00:00Z\"\n";
+        let data = |p: &Plan| {
+            p.resources
+                .iter()
+                .find(|c| c.resource == "data:app")
+                .cloned()
+                .unwrap()
+        };
+        let (tue, later) = (
+            instant_id("2026-11-21T12:00:00Z").unwrap(),
+            instant_id("2026-11-22T12:00:00Z").unwrap(),
+        );
+        let resources = ["data:*".to_string()];
+        let merged = |text: &str, res: &HashMap<(String, String), i64>| {
+            let rules = Rules::parse(text).unwrap();
+            let p = plan(
+                &rules,
+                &PlanInput {
+                    resources: &resources,
+                    snapshots: &[],
+                    resolutions: res,
+                },
+                &history().1,
+            )
+            .unwrap();
+            let Origin::DataMerge { instants, base } = &p.resources[0].origin else {
+                panic!("not a data merge: {p:?}")
+            };
+            let m = merge_data(&rules, "data:*", instants, base, res, &history().1).unwrap();
+            (p, m)
+        };
+
+        // Last write wins: the newest instant, nothing merged.
+        let p = run(
+            &two("last-write-wins", from).replace("data:*", "data:app"),
+            &HashMap::new(),
+        )
+        .unwrap();
+        assert!(
+            matches!(data(&p).origin, Origin::Instant { ref at } if at.starts_with("2026-11-22T12"))
+        );
+
+        // Merge by timestamp against the state at `from`: `a` changed on both sides
+        // (1 → 2, then 3) and the newer side wins; `b` and `d` changed on one side.
+        let (p, m) = merged(&two("merge-by-timestamp", from), &HashMap::new());
+        assert_eq!(
+            p.conflicts,
+            vec![Conflict {
+                resource: "data:*".into(),
+                key: "/etc/app.kv a".into(),
+                sides: [tue, later],
+                resolved: Some(later),
+            }]
+        );
+        let kv = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            kv_of(&m),
+            kv(&[("a", "3"), ("b", "2"), ("c", "1"), ("d", "1")])
+        );
+
+        // Prompt: open until resolved; the older side keeps a = 2, the rest merges.
+        let (p, _) = merged(&two("prompt", from), &HashMap::new());
+        assert_eq!(p.open_conflicts().count(), 1);
+        let key = ("data:*".to_string(), "/etc/app.kv a".to_string());
+        let (p, m) = merged(&two("prompt", from), &HashMap::from([(key.clone(), tue)]));
+        assert_eq!(p.open_conflicts().count(), 0);
+        assert_eq!(
+            kv_of(&m),
+            kv(&[("a", "2"), ("b", "2"), ("c", "1"), ("d", "1")])
+        );
+        // A resolution that named a newer "now" than this plan's still takes the newer.
+        let (p, m) = merged(&two("prompt", from), &HashMap::from([(key, later + 5)]));
+        assert_eq!(p.open_conflicts().count(), 0);
+        assert_eq!(kv_of(&m)[0], ("a".to_string(), "3".to_string()));
+
+        // Without a start the older state is the common one: the newest, no conflict.
+        let (p, m) = merged(&two("prompt", ""), &HashMap::new());
+        assert!(p.conflicts.is_empty());
+        assert_eq!(
+            kv_of(&m),
+            kv(&[("a", "3"), ("b", "2"), ("c", "1"), ("d", "1")])
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! (computed from the catalog and the chunk store, never written), their conflicts
 //! and the user's resolutions. Applying one yields a weave (see `weaves.rs`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,10 @@ use crate::catalog_snapshots::SnapshotFilter;
 use crate::compose::{self, Conflict, MapSource, Plan, PlanInput, Rules};
 use crate::envs::{check_name, EnvError, Manager};
 use crate::model::{EnvKind, Snapshot};
+use crate::provenance::ProvenanceLog;
+use crate::replay::Item;
 use crate::snapshots::Snapshots;
+use serde_json::Value;
 
 /// A stored composition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,8 +82,13 @@ pub struct ResolveRequest {
     pub take: Take,
 }
 
-/// Block maps of disk snapshots, read from the chunk store.
-struct StoreMaps(ChunkStore);
+/// Block maps of disk snapshots, read from the chunk store; application state of the
+/// environment, replayed from its provenance log.
+struct StoreMaps {
+    store: ChunkStore,
+    log: Option<ProvenanceLog>,
+    env: String,
+}
 
 impl MapSource for StoreMaps {
     fn block_map(&self, s: &Snapshot) -> Result<BlockMap, String> {
@@ -88,9 +96,20 @@ impl MapSource for StoreMaps {
             .index_name
             .as_ref()
             .ok_or_else(|| format!("snapshot {} has no block map", s.id))?;
-        self.0
+        self.store
             .read_index(name)
             .map_err(|e| format!("snapshot {}: {e}", s.id))
+    }
+
+    fn data_items(&self, pattern: &str, at: &str) -> Result<BTreeMap<Item, Value>, String> {
+        let log = self
+            .log
+            .as_ref()
+            .ok_or("weftd has no provenance log: application data cannot be merged")?;
+        let to_us = compose::instant_id(at)?;
+        let (state, _) =
+            crate::replay::rebuild(log, &self.env, None, to_us).map_err(|e| e.to_string())?;
+        Ok(state.items(|src| crate::replay::data_source_matches(pattern, src)))
     }
 }
 
@@ -191,6 +210,14 @@ impl Compositions {
 
     fn catalog(&self) -> &Catalog {
         self.manager.catalog()
+    }
+
+    fn maps(&self, env: &str) -> StoreMaps {
+        StoreMaps {
+            store: self.snapshots.store().clone(),
+            log: self.manager.provenance().cloned(),
+            env: env.to_string(),
+        }
     }
 
     /// Creates a composition after checking that its plan can be computed; the plan's
@@ -328,7 +355,7 @@ impl Compositions {
         let (resources, snaps) = self.inputs(comp).await?;
         let rules = comp.rules.clone();
         let res = resolutions.clone();
-        let maps = StoreMaps(self.snapshots.store().clone());
+        let maps = self.maps(&comp.env);
         tokio::task::spawn_blocking(move || {
             compose::plan(
                 &rules,
@@ -355,7 +382,7 @@ impl Compositions {
         let (_, snaps) = self.inputs(comp).await?;
         let res = self.resolutions(&comp.name).await?;
         let rules = comp.rules.clone();
-        let maps = StoreMaps(self.snapshots.store().clone());
+        let maps = self.maps(&comp.env);
         let (resource, sides) = (resource.to_string(), sides.to_vec());
         tokio::task::spawn_blocking(move || {
             compose::merge(
@@ -369,6 +396,27 @@ impl Compositions {
                 },
                 &maps,
             )
+        })
+        .await
+        .map_err(|e| EnvError::Internal(format!("merge task failed: {e}")))?
+        .map_err(EnvError::BadRequest)
+    }
+
+    /// The merged application state of a `data:` resource the plan merges.
+    pub(crate) async fn merged_data(
+        &self,
+        comp: &Composition,
+        resource: &str,
+        instants: &[String],
+        base: &str,
+    ) -> Result<compose::Merged, EnvError> {
+        let res = self.resolutions(&comp.name).await?;
+        let rules = comp.rules.clone();
+        let maps = self.maps(&comp.env);
+        let (resource, instants, base) =
+            (resource.to_string(), instants.to_vec(), base.to_string());
+        tokio::task::spawn_blocking(move || {
+            compose::merge_data(&rules, &resource, &instants, &base, &res, &maps)
         })
         .await
         .map_err(|e| EnvError::Internal(format!("merge task failed: {e}")))?
@@ -437,9 +485,17 @@ impl Compositions {
                     match s.as_str() {
                         "older" => older,
                         "newer" => newer,
+                        // A `data:` conflict's side by its instant.
+                        other
+                            if c.resource.starts_with("data:")
+                                && compose::instant_id(other)
+                                    .is_ok_and(|id| c.sides.contains(&id)) =>
+                        {
+                            compose::instant_id(other).unwrap_or(newer)
+                        }
                         other => {
                             return Err(EnvError::BadRequest(format!(
-                                "take {other:?}: use older, newer or a snapshot id"
+                                "take {other:?}: use older, newer, a snapshot id, or for data: a side's instant"
                             )))
                         }
                     }

@@ -306,6 +306,147 @@ impl State {
     }
 }
 
+/// One item of application state: what compositions merge key by key (F12).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Item {
+    /// A SQLite table's definition (its `CREATE TABLE` text).
+    Schema {
+        /// The database.
+        db: String,
+        /// The table.
+        table: String,
+    },
+    /// A SQLite row (column → value) by primary key (the key's JSON text).
+    Row {
+        /// The database.
+        db: String,
+        /// The table.
+        table: String,
+        /// The primary key.
+        key: String,
+    },
+    /// A leaf of a JSON document by JSON pointer (arrays are leaves; `""`: the
+    /// document is no object, or an empty one).
+    Json {
+        /// The document.
+        doc: String,
+        /// The pointer.
+        pointer: String,
+    },
+    /// A key of a key-value source.
+    Kv {
+        /// The source.
+        store: String,
+        /// The key.
+        key: String,
+    },
+}
+
+impl Item {
+    /// The source (database, document or key-value path) the item belongs to.
+    pub fn source(&self) -> &str {
+        match self {
+            Item::Schema { db, .. } | Item::Row { db, .. } => db,
+            Item::Json { doc, .. } => doc,
+            Item::Kv { store, .. } => store,
+        }
+    }
+
+    /// How conflicts name the item: the source, then the table and primary key (or
+    /// `(definition)`), the JSON pointer, or the key.
+    pub fn label(&self) -> String {
+        match self {
+            Item::Schema { db, table } => format!("{db} {table} (definition)"),
+            Item::Row { db, table, key } => format!("{db} {table} {key}"),
+            Item::Json { doc, pointer } => format!("{doc} {pointer}"),
+            Item::Kv { store, key } => format!("{store} {key}"),
+        }
+    }
+}
+
+impl State {
+    /// The state as items, of the sources `keep` admits.
+    pub fn items(&self, keep: impl Fn(&str) -> bool) -> BTreeMap<Item, Value> {
+        let mut out = BTreeMap::new();
+        for (db, s) in self.sqlite.iter().filter(|(db, _)| keep(db)) {
+            for (table, sql) in &s.schemas {
+                let item = Item::Schema {
+                    db: db.clone(),
+                    table: table.clone(),
+                };
+                out.insert(item, Value::String(sql.clone()));
+            }
+            for (table, rows) in &s.rows {
+                for (key, row) in rows {
+                    let item = Item::Row {
+                        db: db.clone(),
+                        table: table.clone(),
+                        key: key.clone(),
+                    };
+                    out.insert(item, Value::Object(row.clone()));
+                }
+            }
+        }
+        for (doc, v) in self.json.iter().filter(|(doc, _)| keep(doc)) {
+            for (pointer, leaf) in crate::compose::flatten(v) {
+                out.insert(
+                    Item::Json {
+                        doc: doc.clone(),
+                        pointer,
+                    },
+                    leaf,
+                );
+            }
+        }
+        for (store, keys) in self.kv.iter().filter(|(store, _)| keep(store)) {
+            for (key, v) in keys {
+                let item = Item::Kv {
+                    store: store.clone(),
+                    key: key.clone(),
+                };
+                out.insert(item, Value::String(v.clone()));
+            }
+        }
+        out
+    }
+
+    /// The state the items make (the inverse of [`State::items`]; a row that is no
+    /// object or a key whose value is no string is left out).
+    pub fn from_items(items: &BTreeMap<Item, Value>) -> State {
+        let mut state = State::default();
+        let mut docs: BTreeMap<&str, BTreeMap<String, Value>> = BTreeMap::new();
+        for (item, v) in items {
+            match (item, v) {
+                (Item::Schema { db, table }, Value::String(sql)) => {
+                    let s = state.sqlite.entry(db.clone()).or_default();
+                    s.schemas.insert(table.clone(), sql.clone());
+                }
+                (Item::Row { db, table, key }, Value::Object(row)) => {
+                    let s = state.sqlite.entry(db.clone()).or_default();
+                    let rows = s.rows.entry(table.clone()).or_default();
+                    rows.insert(key.clone(), row.clone());
+                }
+                (Item::Json { doc, pointer }, leaf) => {
+                    docs.entry(doc)
+                        .or_default()
+                        .insert(pointer.clone(), leaf.clone());
+                }
+                (Item::Kv { store, key }, Value::String(v)) => {
+                    let keys = state.kv.entry(store.clone()).or_default();
+                    keys.insert(key.clone(), v.clone());
+                }
+                _ => {}
+            }
+        }
+        for (doc, leaves) in docs {
+            state
+                .json
+                .insert(doc.to_string(), crate::compose::unflatten(&leaves));
+        }
+        state
+    }
+}
+
 /// The state of `vm`'s sources as of guest time `to_us`, from its whole log (a weave's
 /// lineage included), in sequence order. With `from_us`, only the items changed in
 /// `[from_us, to_us]` are kept, each as it stood at `to_us` (an item deleted in the
@@ -519,40 +660,128 @@ pub async fn run(
                 "--into pushes a whole state: leave out --from".into(),
             ));
         }
-        let link = manager
-            .vsock()
-            .ok_or_else(|| EnvError::Conflict("weftd has no DPA transport".into()))?
-            .link()
-            .clone();
-        // What the weave holds now, by its own log (its lineage included).
-        let current = {
-            let (log, weave) = (log.clone(), weave.clone());
-            tokio::task::spawn_blocking(move || rebuild(&log, &weave, None, i64::MAX))
-                .await
-                .map_err(|e| EnvError::Internal(e.to_string()))?
-                .map_err(|e| EnvError::Internal(e.to_string()))?
-                .0
-        };
-        let changes = current.changes_to(&state);
-        for chunk in changes.chunks(APPLY_CHUNK) {
-            let mut chunk = chunk.to_vec();
-            for (i, c) in chunk.iter_mut().enumerate() {
-                c.seq = i as u64 + 1;
-            }
-            let applied = link
-                .apply(weave, chunk)
-                .await
-                .map_err(|e| EnvError::Conflict(e.to_string()))?;
-            report.changes_made += applied.applied;
-            if let Some(error) = applied.error {
-                return Err(EnvError::Conflict(format!(
-                    "the DPA of {weave} stopped after {} changes: {error}",
-                    report.changes_made
-                )));
-            }
-        }
+        let state = &state;
+        report.changes_made = push_state(manager, weave, |_| state.clone()).await?;
     }
     Ok(report)
+}
+
+/// Pushes a state into running weave `weave` through its guest's DPA: `target` gets
+/// what the weave holds by its own log (its lineage included) and says what it should
+/// hold; only the difference is sent. Returns the changes the DPA made.
+pub async fn push_state(
+    manager: &crate::envs::Manager,
+    weave: &str,
+    target: impl FnOnce(&State) -> State,
+) -> Result<u64, crate::envs::EnvError> {
+    use crate::envs::EnvError;
+    let log = manager
+        .provenance()
+        .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?
+        .clone();
+    let link = manager
+        .vsock()
+        .ok_or_else(|| EnvError::Conflict("weftd has no DPA transport".into()))?
+        .link()
+        .clone();
+    let current = {
+        let weave = weave.to_string();
+        tokio::task::spawn_blocking(move || rebuild(&log, &weave, None, i64::MAX))
+            .await
+            .map_err(|e| EnvError::Internal(e.to_string()))?
+            .map_err(|e| EnvError::Internal(e.to_string()))?
+            .0
+    };
+    let changes = current.changes_to(&target(&current));
+    let mut made = 0;
+    for chunk in changes.chunks(APPLY_CHUNK) {
+        let mut chunk = chunk.to_vec();
+        for (i, c) in chunk.iter_mut().enumerate() {
+            c.seq = i as u64 + 1;
+        }
+        let applied = link
+            .apply(weave, chunk)
+            .await
+            .map_err(|e| EnvError::Conflict(e.to_string()))?;
+        made += applied.applied;
+        if let Some(error) = applied.error {
+            return Err(EnvError::Conflict(format!(
+                "the DPA of {weave} stopped after {made} changes: {error}"
+            )));
+        }
+    }
+    Ok(made)
+}
+
+/// What a composed weave's `data:` resource takes (state reconciliation, F14).
+#[derive(Debug, Clone)]
+pub enum DataPick {
+    /// The parent's state at an instant, of the sources `pattern` names.
+    Instant {
+        /// The resource pattern (`data:*`, `data:<glob>`).
+        pattern: String,
+        /// The instant (RFC 3339).
+        at: String,
+    },
+    /// A merged state, of the sources `pattern` names.
+    Merged {
+        /// The resource pattern.
+        pattern: String,
+        /// The merged items.
+        items: BTreeMap<Item, Value>,
+    },
+}
+
+/// The items `picks` choose, each with its pattern, read from `parent`'s log where a
+/// pick names an instant; and how many log entries were applied for them.
+pub async fn chosen_items(
+    manager: &crate::envs::Manager,
+    parent: &str,
+    picks: &[DataPick],
+) -> Result<(Vec<(String, BTreeMap<Item, Value>)>, u64), crate::envs::EnvError> {
+    use crate::envs::EnvError;
+    use crate::provenance::service::parse_time;
+    let mut out = Vec::new();
+    let mut applied = 0;
+    for pick in picks {
+        match pick {
+            DataPick::Instant { pattern, at } => {
+                let log = manager
+                    .provenance()
+                    .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?
+                    .clone();
+                let to_us = parse_time("at", at).map_err(EnvError::BadRequest)?;
+                let (vm, pat) = (parent.to_string(), pattern.clone());
+                let (items, summary) = tokio::task::spawn_blocking(move || {
+                    rebuild(&log, &vm, None, to_us).map(|(state, summary)| {
+                        (state.items(|src| data_source_matches(&pat, src)), summary)
+                    })
+                })
+                .await
+                .map_err(|e| EnvError::Internal(e.to_string()))?
+                .map_err(|e| EnvError::Internal(e.to_string()))?;
+                applied += summary.applied;
+                out.push((pattern.clone(), items));
+            }
+            DataPick::Merged { pattern, items } => out.push((pattern.clone(), items.clone())),
+        }
+    }
+    Ok((out, applied))
+}
+
+/// Whether resource pattern `pattern` (`data:*`, `data:<glob>`) names source `source`.
+pub fn data_source_matches(pattern: &str, source: &str) -> bool {
+    crate::compose::matches(pattern, &format!("data:{source}"))
+}
+
+/// `current` with the sources each pattern names replaced by the chosen items.
+pub fn with_chosen(current: &State, chosen: &[(String, BTreeMap<Item, Value>)]) -> State {
+    let mut items = current.items(|_| true);
+    for (pattern, picked) in chosen {
+        items.retain(|k, _| !data_source_matches(pattern, k.source()));
+        items.extend(picked.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    State::from_items(&items)
 }
 
 /// The state as of `to_us`: the application state inside disk snapshot `id` of `env`,
@@ -831,6 +1060,8 @@ fn from_hex(s: &str) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn e(
@@ -1048,6 +1279,54 @@ mod tests {
             c.apply(ch).unwrap();
         }
         assert_eq!(c, b, "applying the changes reaches the target");
+    }
+
+    #[test]
+    fn items_round_trip_and_chosen_sources_replace_current_ones() {
+        let mut state = State::default();
+        let db = state.sqlite.entry("/data/app.db".into()).or_default();
+        db.schemas.insert(
+            "t".into(),
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, v)".into(),
+        );
+        let mut row = Map::new();
+        row.insert("v".into(), json!("x"));
+        db.rows
+            .entry("t".into())
+            .or_default()
+            .insert("[1]".into(), row);
+        state.json.insert(
+            "/etc/app.json".into(),
+            json!({"a": {"b": [1, 2], "c/d": {}}, "e": null}),
+        );
+        state.json.insert("/etc/list.json".into(), json!([1]));
+        state
+            .kv
+            .entry("/etc/app.kv".into())
+            .or_default()
+            .insert("k".into(), "v".into());
+        let items = state.items(|_| true);
+        assert_eq!(items.len(), 7, "{items:?}");
+        assert_eq!(State::from_items(&items), state);
+        assert!(items.keys().any(|i| i.label() == "/etc/app.json /a/c~1d"));
+        assert!(items.keys().any(|i| i.label() == "/data/app.db t [1]"));
+
+        // Only the sources a pattern names are replaced.
+        let mut other = State::default();
+        other
+            .kv
+            .entry("/etc/app.kv".into())
+            .or_default()
+            .insert("k".into(), "w".into());
+        let chosen = vec![(
+            "data:*.kv".to_string(),
+            other.items(|s| data_source_matches("data:*.kv", s)),
+        )];
+        let target = with_chosen(&state, &chosen);
+        assert_eq!(target.kv["/etc/app.kv"]["k"], "w");
+        assert_eq!(target.json, state.json);
+        assert_eq!(target.sqlite, state.sqlite);
+        assert_eq!(state.changes_to(&target).len(), 1);
     }
 
     #[test]

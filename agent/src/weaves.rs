@@ -29,6 +29,7 @@ use crate::catalog::{now, Catalog, CatalogError};
 use crate::cgroups;
 use crate::envs::{check_name, one_line, EnvError, Manager};
 use crate::model::{EnvKind, Environment, GuestPlan, Snapshot, SnapshotKind};
+use crate::replay::DataPick;
 use crate::snapshots::Snapshots;
 
 /// Where a weave branches from.
@@ -122,6 +123,15 @@ enum DiskFrom {
     Snapshot(Box<Snapshot>),
     /// A composition's merge of disk snapshots.
     Merged(weft_blockdev::store::BlockMap),
+}
+
+/// What a composition chose beyond disks and configuration.
+#[derive(Debug, Default)]
+struct Chosen {
+    /// The guest address plan a rule naming `net` chose.
+    net: Option<GuestPlan>,
+    /// The application data `data:` rules chose, pushed into the guest (F14).
+    data: Vec<DataPick>,
 }
 
 /// Where one resource (or one part of it) of a weave came from (F15).
@@ -378,13 +388,17 @@ impl Weaves {
                 req.live,
             )
             .await;
-        let (config, source, taken_at, net_plan) = match made {
+        let (config, source, taken_at, chosen) = match made {
             Ok(v) => v,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
         };
+        let Chosen {
+            net: net_plan,
+            data,
+        } = chosen;
         let weave = Weave {
             name: name.clone(),
             parent: parent.to_string(),
@@ -424,57 +438,56 @@ impl Weaves {
             return Err(e);
         }
         info!(weave = %name, parent, source = %weave.source, "weave created");
-        if matches!(req.source, Some(Source::Composition(_))) {
-            self.reconcile_later(&name, parent).await;
+        if !data.is_empty() {
+            self.reconcile_later(&name, parent, data);
         }
         self.show(&name).await
     }
 
     /// State reconciliation (F14): when a composed weave's plan took application data
-    /// from an instant, push that state into its guest through the DPA once the guest's
-    /// DPA connects (in the background: the guest is still booting), and record what
-    /// had to change (what the disk held differently) in its sources and the audit log.
-    async fn reconcile_later(&self, weave: &str, parent: &str) {
+    /// from an instant (or merged several), push that state into its guest through the
+    /// DPA once the guest's DPA connects (in the background: the guest is still
+    /// booting), and record what had to change (what the disk held differently) in its
+    /// sources and the audit log.
+    fn reconcile_later(&self, weave: &str, parent: &str, picks: Vec<DataPick>) {
         let catalog = self.manager.catalog().clone();
-        let Ok(rows) = catalog.weave_sources(weave).await else {
-            return;
-        };
-        let Some(at) = rows
-            .iter()
-            .filter(|r| r.resource.starts_with("data:"))
-            .find_map(|r| r.instant.clone())
-        else {
-            return;
-        };
-        let (manager, snapshots) = (Arc::clone(&self.manager), Arc::clone(&self.snapshots));
+        let manager = Arc::clone(&self.manager);
         let (weave, parent) = (weave.to_string(), parent.to_string());
         tokio::spawn(async move {
-            let req = crate::replay::ReplayRequest {
-                to: at.clone(),
-                from: None,
-                out: None,
-                into: Some(weave.clone()),
-                base: None,
-                base_margin_secs: None,
-            };
+            let what = picks
+                .iter()
+                .map(|p| match p {
+                    DataPick::Instant { pattern, at } => format!("{pattern} at {at}"),
+                    DataPick::Merged { pattern, .. } => format!("{pattern} merged"),
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
             let deadline = std::time::Instant::now() + RECONCILE_WAIT;
-            let outcome = loop {
-                match crate::replay::run(&manager, &snapshots, &parent, &req).await {
-                    Ok(report) => break Ok(report),
-                    Err(e)
-                        if e.to_string().contains("no DPA")
-                            && std::time::Instant::now() < deadline =>
-                    {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+            let outcome = async {
+                let (chosen, applied) =
+                    crate::replay::chosen_items(&manager, &parent, &picks).await?;
+                loop {
+                    let pushed = crate::replay::push_state(&manager, &weave, |current| {
+                        crate::replay::with_chosen(current, &chosen)
+                    })
+                    .await;
+                    match pushed {
+                        Ok(made) => break Ok((applied, made)),
+                        Err(e)
+                            if e.to_string().contains("no DPA")
+                                && std::time::Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => break Err(e),
                     }
-                    Err(e) => break Err(e),
                 }
-            };
+            }
+            .await;
             let (detail, result) = match &outcome {
-                Ok(r) => (
+                Ok((applied, made)) => (
                     format!(
-                        "reconciled: {} log entries of {parent} up to {at} applied; {} item(s) in the guest differed from its disk and were changed",
-                        r.applied, r.changes_made
+                        "reconciled: {applied} log entries of {parent} applied; {made} item(s) in the guest differed from its disk and were changed ({what})"
                     ),
                     "ok".to_string(),
                 ),
@@ -510,7 +523,7 @@ impl Weaves {
         name: &str,
         source: Source,
         live: bool,
-    ) -> Result<(VmConfig, String, String, Option<GuestPlan>), EnvError> {
+    ) -> Result<(VmConfig, String, String, Chosen), EnvError> {
         if live && source == Source::Now {
             return Err(EnvError::BadRequest(
                 "--live serves history through weft-blk: give --snapshot, --at or a composition (a weave from now shares the running disks already)".into(),
@@ -521,7 +534,7 @@ impl Weaves {
             .clone()
             .ok_or_else(|| EnvError::Internal(format!("{:?} has no configuration", env.name)))?;
         let dir = self.dir(name);
-        let (mut config, overlays_from, source_text, instant, net_plan) = match source {
+        let (mut config, overlays_from, source_text, instant, chosen) = match source {
             Source::Now => {
                 // The environment's QEMU made the weave's overlays with its own new tops.
                 let mut config = current.clone();
@@ -548,7 +561,12 @@ impl Weaves {
                     .catalog()
                     .set_weave_sources(name, &rows)
                     .await?;
-                return Ok((weave_taps(config), "now".to_string(), now(), None));
+                return Ok((
+                    weave_taps(config),
+                    "now".to_string(),
+                    now(),
+                    Chosen::default(),
+                ));
             }
             Source::Snapshot(id) => {
                 let s = self.snapshots.get(id).await?;
@@ -566,7 +584,7 @@ impl Weaves {
                     bases,
                     format!("snapshot {id}"),
                     s.taken_at.clone(),
-                    None,
+                    Chosen::default(),
                 )
             }
             Source::At(t) => {
@@ -574,7 +592,7 @@ impl Weaves {
                     .map(|st| humantime::format_rfc3339_micros(st).to_string())
                     .map_err(|e| EnvError::BadRequest(format!("--at {t:?}: {e}")))?;
                 let (config, bases) = self.bases_at(env, &current, &t, None, name).await?;
-                (config, bases, format!("at {t}"), t, None)
+                (config, bases, format!("at {t}"), t, Chosen::default())
             }
             Source::Composition(comp) => {
                 let (config, bases, instant, net) =
@@ -584,7 +602,7 @@ impl Weaves {
         };
         if live {
             config = self.serve_live(name, config, overlays_from).await?;
-            return Ok((weave_taps(config), source_text, instant, net_plan));
+            return Ok((weave_taps(config), source_text, instant, chosen));
         }
         // Materialised: a base per disk (restored once; a merge's is the weave's own),
         // and the weave's own overlay on it.
@@ -605,7 +623,7 @@ impl Weaves {
             disk.path = overlay;
             disk.format = DiskFormat::Qcow2;
         }
-        Ok((weave_taps(config), source_text, instant, net_plan))
+        Ok((weave_taps(config), source_text, instant, chosen))
     }
 
     /// Serves every disk of `config` through weft-blk: writes each disk's spec (its
@@ -847,7 +865,7 @@ impl Weaves {
         current: &VmConfig,
         comp_name: &str,
         weave: &str,
-    ) -> Result<(VmConfig, Vec<DiskFrom>, String, Option<GuestPlan>), EnvError> {
+    ) -> Result<(VmConfig, Vec<DiskFrom>, String, Chosen), EnvError> {
         use crate::compose::Origin;
         let comps = crate::compositions::Compositions::new(
             Arc::clone(&self.manager),
@@ -929,7 +947,7 @@ impl Weaves {
                         disk_times.push(self.snapshots.get(*id).await?.taken_at);
                     }
                 }
-                Origin::Instant { .. } => {}
+                Origin::Instant { .. } | Origin::DataMerge { .. } => {}
             }
         }
         let instant = disk_times
@@ -938,20 +956,51 @@ impl Weaves {
             .or_else(|| {
                 plan.resources.iter().find_map(|c| match &c.origin {
                     Origin::Instant { at } if c.resource.starts_with("data:") => Some(at.clone()),
+                    Origin::DataMerge { instants, .. } => instants.last().cloned(),
                     _ => None,
                 })
             })
             .or(comp.rules.at.clone())
             .unwrap_or_else(now);
+        // Application data: pushed into the guest once its DPA connects (F14).
+        let mut data = Vec::new();
         for c in &plan.resources {
-            if let Origin::Instant { at } = &c.origin {
-                sources.push(SourceRow {
-                    resource: c.resource.clone(),
-                    part: String::new(),
-                    snapshot: None,
-                    instant: Some(at.clone()),
-                    detail: Some(format!("replayed from the provenance log of {}", env.name)),
-                });
+            match &c.origin {
+                Origin::Instant { at } => {
+                    sources.push(SourceRow {
+                        resource: c.resource.clone(),
+                        part: String::new(),
+                        snapshot: None,
+                        instant: Some(at.clone()),
+                        detail: Some(format!("replayed from the provenance log of {}", env.name)),
+                    });
+                    data.push(DataPick::Instant {
+                        pattern: c.resource.clone(),
+                        at: at.clone(),
+                    });
+                }
+                Origin::DataMerge { instants, base } => {
+                    let merged = comps
+                        .merged_data(&comp, &c.resource, instants, base)
+                        .await?;
+                    for at in instants {
+                        sources.push(SourceRow {
+                            resource: c.resource.clone(),
+                            part: format!("merged key by key against {base}"),
+                            snapshot: None,
+                            instant: Some(at.clone()),
+                            detail: Some(format!(
+                                "replayed from the provenance log of {}",
+                                env.name
+                            )),
+                        });
+                    }
+                    data.push(DataPick::Merged {
+                        pattern: c.resource.clone(),
+                        items: merged.items.unwrap_or_default(),
+                    });
+                }
+                _ => {}
             }
         }
         // The address plan: the one a rule naming `net` chose (a snapshot or a merge),
@@ -995,7 +1044,15 @@ impl Weaves {
             .catalog()
             .set_weave_sources(weave, &sources)
             .await?;
-        Ok((config, bases, instant, net_plan))
+        Ok((
+            config,
+            bases,
+            instant,
+            Chosen {
+                net: net_plan,
+                data,
+            },
+        ))
     }
 
     /// Runs of slots of a merged map and the snapshot (of `sides`) each came from.

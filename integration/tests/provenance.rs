@@ -144,6 +144,63 @@ fn compare(out: &Path, image: &Path, state_dir: &str, what: &str) -> anyhow::Res
     Ok(())
 }
 
+/// Every item of the workload's state as one map (a row by table and primary key, a
+/// JSON leaf by pointer, a key of app.env, a flag file) from its files under `dir`
+/// (`read` reads a file there, `None` when it does not exist).
+fn items_of(
+    db: &Path,
+    read: impl Fn(&str) -> anyhow::Result<Option<Vec<u8>>>,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    fn leaves(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            serde_json::Value::Object(m) if !m.is_empty() => {
+                for (k, x) in m {
+                    leaves(&format!("{prefix}/{k}"), x, out);
+                }
+            }
+            _ => {
+                out.insert(format!("settings.json {prefix}"), v.to_string());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    for table in ["customers", "orders", "inventory"] {
+        for row in rows(db, table)? {
+            out.insert(format!("{table} {:?}", row[0]), format!("{row:?}"));
+        }
+    }
+    if let Some(json) = read("settings.json")? {
+        leaves("", &serde_json::from_slice(&json)?, &mut out);
+    }
+    if let Some(env) = read("app.env")? {
+        for (k, v) in env_file(&String::from_utf8(env)?) {
+            out.insert(format!("app.env {k}"), v);
+        }
+    }
+    for i in 0..10 {
+        if let Some(flag) = read(&format!("flags/flag{i}"))? {
+            out.insert(format!("flag{i}"), String::from_utf8_lossy(&flag).into());
+        }
+    }
+    Ok(out)
+}
+
+/// The state the workload recorded at checkpoint `cp` on the disk image.
+fn recorded_items(rig: &Rig, image: &Path, cp: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let dir = format!("/dpa/checkpoints/{cp}");
+    let db = rig.path(&format!("items-{cp}.db"));
+    std::fs::write(&db, read_ext4_file(image, &format!("{dir}/app.db"))?)?;
+    items_of(&db, |f| {
+        Ok(read_ext4_file(image, &format!("{dir}/{f}")).ok())
+    })
+}
+
+/// The state a replay wrote under `out`.
+fn replayed_items(out: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+    let dir = out.join("data/dpa");
+    items_of(&dir.join("app.db"), |f| Ok(std::fs::read(dir.join(f)).ok()))
+}
+
 fn checkpoint_time(serial: &str, name: &str) -> anyhow::Result<i64> {
     let prefix = format!("weft-dpa-workload: checkpoint {name} time_us=");
     serial
@@ -376,6 +433,104 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
         "after reconciliation the guest still differed from checkpoint 1: {again}"
     );
     rig.weft_ok(&["weave", "delete", "rcw"])?;
+
+    // A key-level data merge (F12): checkpoint 2's data and now's, merged against
+    // checkpoint 1's with conflicts prompted. Items both windows changed are open
+    // conflicts; taking the older side for all, the weave's guest must end up with, per
+    // item, checkpoint 2's value where both changed it, now's where only the later
+    // window did — checked against the states the workload itself recorded.
+    let cp2 = rfc3339(checkpoint_time(&text, "2")?);
+    std::fs::write(
+        &rules,
+        format!(
+            "conflict = \"prompt\"\n\
+             [[rule]]\nresources = [\"disk:*\"]\npin = {}\n\n\
+             [[rule]]\nname = \"window 2\"\nresources = [\"data:*\"]\nfrom = \"{cp1}\"\nuntil = \"{cp2}\"\n\n\
+             [[rule]]\nname = \"now\"\nresources = [\"data:*\"]\n",
+            snap.id
+        ),
+    )?;
+    let rules = rules.to_str().context("utf-8")?;
+    rig.weft_ok(&["compose", "create", "rm", "--env", "app", "--rules", rules])?;
+    let conflicts: Vec<weft::compose::Conflict> =
+        serde_json::from_str(&rig.weft_ok(&["--json", "compose", "conflicts", "rm"])?)?;
+    ensure!(
+        !conflicts.is_empty() && conflicts.iter().all(|c| c.resource == "data:*"),
+        "no data conflicts: {conflicts:?}"
+    );
+    eprintln!("data merge: {} conflicting item(s)", conflicts.len());
+    let refused = rig.weft(&["compose", "apply", "rm", "--weave", "rmw"]);
+    ensure!(
+        !refused.status.success(),
+        "apply with open data conflicts worked"
+    );
+    rig.weft_ok(&["compose", "resolve", "rm", "--all", "--take", "older"])?;
+    rig.weft_ok(&["compose", "apply", "rm", "--weave", "rmw"])?;
+    let detail = wait_until(
+        Duration::from_secs(240),
+        "the merged data to be pushed into the weave",
+        || async {
+            let out = rig.weft_ok(&["--json", "weave", "show", "rmw", "--sources"])?;
+            let rows: Vec<weft::weaves::SourceRow> = serde_json::from_str(&out)?;
+            Ok(rows
+                .into_iter()
+                .find(|r| r.resource.starts_with("data:"))
+                .and_then(|r| r.detail)
+                .filter(|d| d.starts_with("reconciled") || d.starts_with("not reconciled")))
+        },
+    )
+    .await?;
+    eprintln!("{detail}");
+    ensure!(detail.starts_with("reconciled"), "{detail}");
+    settled_last_seq(&rig, "rmw").await?;
+    let merged = rig.path("replay-merged");
+    rig.weft_ok(&[
+        "replay",
+        "rmw",
+        "--to",
+        "now",
+        "--out",
+        merged.to_str().context("utf-8")?,
+    ])?;
+    let recorded = |cp: &str| recorded_items(&rig, &image, cp);
+    let (base, older, newer) = (recorded("1")?, recorded("2")?, recorded("final")?);
+    let mut want = BTreeMap::new();
+    let keys: std::collections::BTreeSet<&String> = base
+        .keys()
+        .chain(older.keys())
+        .chain(newer.keys())
+        .collect();
+    let mut both = 0;
+    for k in keys {
+        let (b, o, n) = (base.get(k), older.get(k), newer.get(k));
+        // Only the later window changed it: now's; otherwise checkpoint 2's.
+        let v = if o != n && b == o { n } else { o };
+        both += usize::from(o != n && b != o && b != n);
+        if let Some(v) = v {
+            want.insert(k.clone(), v.clone());
+        }
+    }
+    ensure!(both > 0, "the recorded windows share no changed item");
+    let got = replayed_items(&merged)?;
+    if let Some(k) = want
+        .keys()
+        .chain(got.keys())
+        .find(|k| want.get(*k) != got.get(*k))
+    {
+        anyhow::bail!(
+            "merged data differs at {k}: weave {:?}, expected {:?} (checkpoint 1 {:?}, 2 {:?}, final {:?})",
+            got.get(k),
+            want.get(k),
+            base.get(k),
+            older.get(k),
+            newer.get(k)
+        );
+    }
+    eprintln!(
+        "data merge: the weave holds the merge ({} items, {both} changed in both windows)",
+        want.len()
+    );
+    rig.weft_ok(&["weave", "delete", "rmw"])?;
     rig.passed();
     Ok(())
 }
