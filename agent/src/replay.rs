@@ -661,17 +661,19 @@ pub async fn run(
             ));
         }
         let state = &state;
-        report.changes_made = push_state(manager, weave, |_| state.clone()).await?;
+        report.changes_made = push_state(manager, weave, None, |_| state.clone()).await?;
     }
     Ok(report)
 }
 
 /// Pushes a state into running weave `weave` through its guest's DPA: `target` gets
-/// what the weave holds by its own log (its lineage included) and says what it should
-/// hold; only the difference is sent. Returns the changes the DPA made.
+/// what the weave holds — `holds`, or else what its own log (its lineage included)
+/// says — and says what it should hold; only the difference is sent. Returns the
+/// changes the DPA made.
 pub async fn push_state(
     manager: &crate::envs::Manager,
     weave: &str,
+    holds: Option<&State>,
     target: impl FnOnce(&State) -> State,
 ) -> Result<u64, crate::envs::EnvError> {
     use crate::envs::EnvError;
@@ -684,13 +686,16 @@ pub async fn push_state(
         .ok_or_else(|| EnvError::Conflict("weftd has no DPA transport".into()))?
         .link()
         .clone();
-    let current = {
-        let weave = weave.to_string();
-        tokio::task::spawn_blocking(move || rebuild(&log, &weave, None, i64::MAX))
-            .await
-            .map_err(|e| EnvError::Internal(e.to_string()))?
-            .map_err(|e| EnvError::Internal(e.to_string()))?
-            .0
+    let current = match holds {
+        Some(state) => state.clone(),
+        None => {
+            let weave = weave.to_string();
+            tokio::task::spawn_blocking(move || rebuild(&log, &weave, None, i64::MAX))
+                .await
+                .map_err(|e| EnvError::Internal(e.to_string()))?
+                .map_err(|e| EnvError::Internal(e.to_string()))?
+                .0
+        }
     };
     let changes = current.changes_to(&target(&current));
     let mut made = 0;
@@ -767,6 +772,29 @@ pub async fn chosen_items(
         }
     }
     Ok((out, applied))
+}
+
+/// What the disks `maps` hold of the sources `vm`'s log names (see
+/// [`crate::replay_base::disks_state`]).
+pub async fn disk_state(
+    manager: &crate::envs::Manager,
+    store: &weft_blockdev::store::ChunkStore,
+    vm: &str,
+    maps: Vec<weft_blockdev::store::BlockMap>,
+) -> Result<(State, crate::replay_base::Found), String> {
+    let log = manager
+        .provenance()
+        .ok_or("weftd has no provenance log")?
+        .clone();
+    let vm = vm.to_string();
+    let sources = tokio::task::spawn_blocking(move || {
+        log.query(&vm, &crate::provenance::Query::default())
+            .map(|records| crate::replay_base::Sources::of(&records))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    crate::replay_base::disks_state(store, maps, &sources).await
 }
 
 /// Whether resource pattern `pattern` (`data:*`, `data:<glob>`) names source `source`.

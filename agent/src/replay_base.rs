@@ -137,7 +137,7 @@ impl ext4_view::Ext4Read for SnapshotDisk {
 }
 
 /// The sources a log names, by type: paths, and each SQLite source's tables.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Sources {
     /// SQLite database path → tables.
     pub sqlite: BTreeMap<String, BTreeSet<String>>,
@@ -289,6 +289,62 @@ pub async fn state_of(x: &Extracted, sources: &Sources) -> Result<State, String>
         state.sqlite.insert(src.clone(), db);
     }
     Ok(state)
+}
+
+/// The application state the file systems of `maps` (a weave's disks, in order) hold
+/// for `sources`: each source from the first disk that holds it (a source no disk
+/// holds is absent). Disks without an ext4 file system are passed over; when no disk
+/// has one, the error says why for each.
+pub async fn disks_state(
+    store: &ChunkStore,
+    maps: Vec<BlockMap>,
+    sources: &Sources,
+) -> Result<(State, Found), String> {
+    let mut state = State::default();
+    let mut found = Found::new();
+    let mut unreadable = Vec::new();
+    let n = maps.len();
+    for (i, map) in maps.into_iter().enumerate() {
+        let scratch = tempfile::tempdir().map_err(|e| format!("scratch directory: {e}"))?;
+        let (store, srcs, path) = (store.clone(), sources.clone(), scratch.path().to_owned());
+        let extracted = tokio::task::spawn_blocking(move || {
+            let fs = SnapshotDisk::new(store, map).find_ext4()?;
+            extract(&fs, &srcs, &path)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let x = match extracted {
+            Ok(x) => x,
+            Err(e) => {
+                unreadable.push(format!("disk {}: {e}", i + 1));
+                continue;
+            }
+        };
+        let mut disk = state_of(&x, sources).await?;
+        for (src, at) in x.found {
+            if found.contains_key(&src) {
+                continue;
+            }
+            if let Some(db) = disk.sqlite.remove(&src) {
+                state.sqlite.insert(src.clone(), db);
+            }
+            if let Some(doc) = disk.json.remove(&src) {
+                state.json.insert(src.clone(), doc);
+            }
+            if let Some(keys) = disk.kv.remove(&src) {
+                state.kv.insert(src.clone(), keys);
+            }
+            found.insert(src, at);
+        }
+    }
+    if unreadable.len() == n {
+        return Err(if n == 0 {
+            "no disk to read".into()
+        } else {
+            unreadable.join("; ")
+        });
+    }
+    Ok((state, found))
 }
 
 async fn read_sqlite(copy: &Path, tables: &BTreeSet<String>) -> Result<SqliteState, String> {

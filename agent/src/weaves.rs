@@ -132,6 +132,9 @@ struct Chosen {
     net: Option<GuestPlan>,
     /// The application data `data:` rules chose, pushed into the guest (F14).
     data: Vec<DataPick>,
+    /// The block maps of the weave's disks, in order, when `data` is not empty: what
+    /// the chosen data is compared with.
+    disks: Vec<weft_blockdev::store::BlockMap>,
 }
 
 /// Where one resource (or one part of it) of a weave came from (F15).
@@ -398,6 +401,7 @@ impl Weaves {
         let Chosen {
             net: net_plan,
             data,
+            disks,
         } = chosen;
         let weave = Weave {
             name: name.clone(),
@@ -439,7 +443,7 @@ impl Weaves {
         }
         info!(weave = %name, parent, source = %weave.source, "weave created");
         if !data.is_empty() {
-            self.reconcile_later(&name, parent, data);
+            self.reconcile_later(&name, parent, data, disks);
         }
         self.show(&name).await
     }
@@ -447,18 +451,28 @@ impl Weaves {
     /// State reconciliation (F14): when a composed weave's plan took application data
     /// from an instant (or merged several), push that state into its guest through the
     /// DPA once the guest's DPA connects (in the background: the guest is still
-    /// booting), and record what had to change (what the disk held differently) in its
-    /// sources and the audit log.
-    fn reconcile_later(&self, weave: &str, parent: &str, picks: Vec<DataPick>) {
+    /// booting), and record what had to change — what the files on its disks (`disks`,
+    /// read from the chunk store) held differently — in its sources and the audit log.
+    /// Disks whose file systems cannot be read are compared through the weave's log.
+    fn reconcile_later(
+        &self,
+        weave: &str,
+        parent: &str,
+        picks: Vec<DataPick>,
+        disks: Vec<weft_blockdev::store::BlockMap>,
+    ) {
         let catalog = self.manager.catalog().clone();
         let manager = Arc::clone(&self.manager);
+        let store = self.snapshots.store().clone();
         let (weave, parent) = (weave.to_string(), parent.to_string());
         tokio::spawn(async move {
             let what = picks
                 .iter()
                 .map(|p| match p {
                     DataPick::Instant { pattern, at } => format!("{pattern} at {at}"),
-                    DataPick::Merged { pattern, .. } => format!("{pattern} merged"),
+                    DataPick::Merged { pattern, items } => {
+                        format!("{pattern} merged key by key, {} items", items.len())
+                    }
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
@@ -466,13 +480,28 @@ impl Weaves {
             let outcome = async {
                 let (chosen, applied) =
                     crate::replay::chosen_items(&manager, &parent, &picks).await?;
+                let (holds, seen) =
+                    match crate::replay::disk_state(&manager, &store, &parent, disks).await {
+                        Ok((state, found)) => (
+                            Some(state),
+                            format!("; {} source(s) read from its disks", found.len()),
+                        ),
+                        Err(e) => {
+                            warn!(weave = %weave, error = %e, "the weave's disks cannot be read; comparing with its log");
+                            (
+                                None,
+                                format!("; its disks cannot be read ({}), compared with its log", one_line(&e)),
+                            )
+                        }
+                    };
                 loop {
-                    let pushed = crate::replay::push_state(&manager, &weave, |current| {
-                        crate::replay::with_chosen(current, &chosen)
-                    })
-                    .await;
+                    let pushed =
+                        crate::replay::push_state(&manager, &weave, holds.as_ref(), |current| {
+                            crate::replay::with_chosen(current, &chosen)
+                        })
+                        .await;
                     match pushed {
-                        Ok(made) => break Ok((applied, made)),
+                        Ok(made) => break Ok((applied, made, seen)),
                         Err(e)
                             if e.to_string().contains("no DPA")
                                 && std::time::Instant::now() < deadline =>
@@ -485,9 +514,14 @@ impl Weaves {
             }
             .await;
             let (detail, result) = match &outcome {
-                Ok((applied, made)) => (
+                Ok((applied, made, seen)) => (
                     format!(
-                        "reconciled: {applied} log entries of {parent} applied; {made} item(s) in the guest differed from its disk and were changed ({what})"
+                        "reconciled: {made} item(s) in the guest differed from its disk and were changed ({what}{}{seen})",
+                        if *applied > 0 {
+                            format!("; {applied} log entries of {parent} replayed")
+                        } else {
+                            String::new()
+                        }
                     ),
                     "ok".to_string(),
                 ),
@@ -1044,6 +1078,15 @@ impl Weaves {
             .catalog()
             .set_weave_sources(weave, &sources)
             .await?;
+        let mut disks = Vec::new();
+        if !data.is_empty() {
+            for base in &bases {
+                disks.push(match base {
+                    DiskFrom::Snapshot(snap) => self.snapshots.block_map(snap.id).await?,
+                    DiskFrom::Merged(map) => map.clone(),
+                });
+            }
+        }
         Ok((
             config,
             bases,
@@ -1051,6 +1094,7 @@ impl Weaves {
             Chosen {
                 net: net_plan,
                 data,
+                disks,
             },
         ))
     }

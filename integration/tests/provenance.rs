@@ -414,8 +414,7 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
     eprintln!("{detail}");
     ensure!(detail.starts_with("reconciled"), "{detail}");
     let changed: u64 = detail
-        .split("; ")
-        .nth(1)
+        .strip_prefix("reconciled: ")
         .and_then(|t| t.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .context("no change count")?;
