@@ -141,12 +141,13 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
     let (mut pi, mut si) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while si < s.len() {
-        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
-            pi += 1;
-            si += 1;
-        } else if pi < p.len() && p[pi] == b'*' {
+        // A `*` in the pattern is a wildcard even where the name has a `*` too.
+        if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, si));
             pi += 1;
+        } else if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
         } else if let Some((sp, ss)) = star {
             pi = sp + 1;
             si = ss + 1;
@@ -1203,6 +1204,10 @@ until = "yesterday""#,
         assert!(matches("disk:v?a", "disk:vda"));
         assert!(!matches("disk:v?a", "disk:vdab"));
         assert!(matches("data:*.db", "data:/srv/app.db"));
+        // Names with wildcard characters of their own (found by fuzzing).
+        assert!(matches("data:*", "data:****"));
+        assert!(matches("data:a*b", "data:a*xb"));
+        assert!(!matches("data:a*b", "data:a*x"));
         assert!(!matches("disk:*", "data:x"));
         assert!(matches("config", "config"));
         assert!(!matches("config", "net"));

@@ -306,6 +306,9 @@ impl State {
     }
 }
 
+/// Longest conflict key a data item gets ([`Item::label`]).
+pub const MAX_LABEL: usize = 512;
+
 /// One item of application state: what compositions merge key by key (F12).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Item {
@@ -353,14 +356,34 @@ impl Item {
     }
 
     /// How conflicts name the item: the source, then the table and primary key (or
-    /// `(definition)`), the JSON pointer, or the key.
+    /// `(definition)`), the JSON pointer, or the key. The names come from the guest:
+    /// control characters are escaped, and a label longer than [`MAX_LABEL`] bytes is
+    /// cut and ends with a checksum of the whole, so it stays one item's.
     pub fn label(&self) -> String {
-        match self {
+        let raw = match self {
             Item::Schema { db, table } => format!("{db} {table} (definition)"),
             Item::Row { db, table, key } => format!("{db} {table} {key}"),
             Item::Json { doc, pointer } => format!("{doc} {pointer}"),
             Item::Kv { store, key } => format!("{store} {key}"),
+        };
+        let mut out = String::with_capacity(raw.len().min(MAX_LABEL));
+        for c in raw.chars() {
+            if c.is_control() {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
         }
+        if out.len() <= MAX_LABEL {
+            return out;
+        }
+        let mut cut = MAX_LABEL - 16;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str(&format!("… {:08x}", crc32c::crc32c(raw.as_bytes())));
+        out
     }
 }
 
@@ -1338,6 +1361,15 @@ mod tests {
         assert_eq!(State::from_items(&items), state);
         assert!(items.keys().any(|i| i.label() == "/etc/app.json /a/c~1d"));
         assert!(items.keys().any(|i| i.label() == "/data/app.db t [1]"));
+        // Guest names: control characters escaped, long ones cut but kept apart.
+        let kv = |key: String| Item::Kv {
+            store: "/etc/app.kv".into(),
+            key,
+        };
+        assert_eq!(kv("a\u{1b}[2J".into()).label(), "/etc/app.kv a\\u{1b}[2J");
+        let (a, b) = (kv("x".repeat(5000)), kv(format!("{}y", "x".repeat(4999))));
+        assert!(a.label().len() <= MAX_LABEL && b.label().len() <= MAX_LABEL);
+        assert_ne!(a.label(), b.label());
 
         // Only the sources a pattern names are replaced.
         let mut other = State::default();

@@ -226,6 +226,29 @@ impl Snapshots {
             EnvError::Internal(format!("{env_name:?} has no stored configuration"))
         })?;
         let resource = resource.unwrap_or("all").to_string();
+        // Disks served live by weft-blk are outside QEMU's block layer: no dirty
+        // bitmap, no NBD export. Refused by name rather than left out of `all`.
+        let served: Vec<&str> = config
+            .vhost_user_disks
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        let served_asked = match resource.as_str() {
+            "all" => served.clone(),
+            r => r
+                .strip_prefix("disk:")
+                .filter(|d| served.contains(d))
+                .into_iter()
+                .collect(),
+        };
+        if !served_asked.is_empty() {
+            return Err(EnvError::Conflict(format!(
+                "{env_name:?} serves disk(s) {} live through weft-blk (a weave made with --live); \
+                 snapshots of served disks are not supported yet: snapshot --resource config or net, \
+                 or make the weave without --live",
+                served_asked.join(", ")
+            )));
+        }
         let disks: Vec<DiskConfig> = match resource.as_str() {
             "all" => config.disks.clone(),
             "config" | "net" => Vec::new(),

@@ -371,6 +371,18 @@ pub async fn sync(
                 )));
             }
             let parent = catalog.weave(&name).await?.map(|w| w.parent);
+            let served = env
+                .config
+                .as_ref()
+                .is_some_and(|c| c.vhost_user_disks.iter().any(|d| d.name == req.volume));
+            if served {
+                return Err(EnvError::Conflict(format!(
+                    "volume {:?} of {name:?} is served live by weft-blk (a weave made with --live); \
+                     weave sync copies between volumes QEMU's block layer holds, so it does not \
+                     take served volumes yet: make the weave without --live",
+                    req.volume
+                )));
+            }
             let has_disk = env
                 .config
                 .as_ref()
