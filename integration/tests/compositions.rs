@@ -258,6 +258,12 @@ async fn qemu_composition_takes_the_disk_and_the_config_from_different_instants(
         );
     }
     rig.weft_ok(&["snapshot", "create", "ca2", "--resource", "config"])?;
+    let out = rig.weft(&["weave", "sync", "ca1", "ca2", "--volume", "vda"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("served live by weft-blk"),
+        "weave sync into a served volume: {err}"
+    );
     // Its guest's writes survive a stop (weft-blk flushes and exits) and a start.
     rig.weft_ok(&["weave", "stop", "ca2"])?;
     ensure!(
