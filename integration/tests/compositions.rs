@@ -48,26 +48,6 @@ async fn snapshot(
     Ok(rig.client().get(&format!("/v1/snapshots/{id}")).await?)
 }
 
-/// QEMU's `-m` and `-smp` values of a running environment or weave.
-fn qemu_memory_cpus(rig: &Rig, env: &str) -> anyhow::Result<(String, String)> {
-    let out = rig.weft_ok(&["--json", "env", "show", env])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let pid = v["pid"].as_u64().context("no QEMU pid")?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
-    let args: Vec<String> = cmdline
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let after = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-            .unwrap_or_default()
-    };
-    Ok((after("-m"), after("-smp")))
-}
-
 /// Pids of weft-blk processes serving `socket`.
 fn weft_blk_pids(socket: &Path) -> Vec<u32> {
     let needle = socket.as_os_str().as_encoded_bytes().to_vec();
@@ -206,7 +186,7 @@ async fn qemu_composition_takes_the_disk_and_the_config_from_different_instants(
     rig.serial("ca1")
         .wait_for(&format!("weft-web: boot after tick {k1}"), BOOT)
         .await?;
-    let (m, smp) = qemu_memory_cpus(&rig, "ca1")?;
+    let (m, smp) = rig.qemu_memory_cpus("ca1")?;
     ensure!(
         m == "384M" && smp == "2",
         "weave QEMU runs with -m {m} -smp {smp}"
@@ -362,7 +342,7 @@ async fn qemu_composition_takes_the_disk_and_the_config_from_different_instants(
     ])?;
     rig.weft_ok(&["compose", "apply", "cb", "--weave", "cb1"])?;
     rig.serial("cb1").wait_for("WEFT-READY", BOOT).await?;
-    let (m, smp) = qemu_memory_cpus(&rig, "cb1")?;
+    let (m, smp) = rig.qemu_memory_cpus("cb1")?;
     ensure!(
         m == "384M" && smp == "2",
         "weave QEMU runs with -m {m} -smp {smp}"

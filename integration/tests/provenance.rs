@@ -3,7 +3,10 @@
 //! provenance log. weftd is killed with SIGKILL mid-stream and restarted, the guest is
 //! rebooted once; the log must then hold every entry exactly once (sequence numbers
 //! 1..=N), and `weft replay` must rebuild the workload's state at its intermediate
-//! checkpoints and at the end, row by row and file by file.
+//! checkpoints and at the end, row by row and file by file. Then compositions over that
+//! history: one takes the disk of the end, the configuration of another instant and the
+//! data of checkpoint 1 (pushed into the weave's guest through its DPA); another merges
+//! checkpoint 2's data with now's key by key, with conflicts prompted and resolved.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -379,12 +382,17 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
     // of checkpoint 1; once its weave's DPA connects, weftd pushes checkpoint 1's state
     // into the guest and records what differed from the disk. A second push then finds
     // nothing left to change.
+    // With them, the configuration of a third instant (320 MiB, 2 vCPUs; then set back):
+    // the disk from one instant, the settings from another, the data from a third.
+    rig.weft_ok(&["env", "set", "app", "--memory", "320M", "--cpus", "2"])?;
+    let config = rig.snapshot("app", "config").await?;
+    rig.weft_ok(&["env", "set", "app", "--memory", "256M", "--cpus", "1"])?;
     let rules = rig.path("reconcile.toml");
     std::fs::write(
         &rules,
         format!(
-            "[[rule]]\nresources = [\"disk:*\"]\npin = {}\n\n[[rule]]\nresources = [\"data:*\"]\nuntil = \"{cp1}\"\n",
-            snap.id
+            "[[rule]]\nresources = [\"disk:*\"]\npin = {}\n\n[[rule]]\nresources = [\"config\"]\npin = {}\n\n[[rule]]\nresources = [\"data:*\"]\nuntil = \"{cp1}\"\n",
+            snap.id, config.id
         ),
     )?;
     rig.weft_ok(&[
@@ -397,6 +405,11 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
         rules.to_str().context("utf-8")?,
     ])?;
     rig.weft_ok(&["compose", "apply", "rc", "--weave", "rcw"])?;
+    let (m, smp) = rig.qemu_memory_cpus("rcw")?;
+    ensure!(
+        m == "320M" && smp == "2",
+        "the composed weave runs with -m {m} -smp {smp}"
+    );
     let detail = wait_until(
         Duration::from_secs(240),
         "the composed weave's data to be reconciled",

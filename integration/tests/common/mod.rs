@@ -253,6 +253,26 @@ impl Rig {
     pub fn passed(&mut self) {
         self.dump_logs = false;
     }
+
+    /// The `-m` and `-smp` arguments `env`'s QEMU runs with.
+    pub fn qemu_memory_cpus(&self, env: &str) -> anyhow::Result<(String, String)> {
+        let out = self.weft_ok(&["--json", "env", "show", env])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let pid = v["pid"].as_u64().context("no QEMU pid")?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let after = |flag: &str| {
+            args.iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+                .unwrap_or_default()
+        };
+        Ok((after("-m"), after("-smp")))
+    }
 }
 
 impl Drop for Rig {
