@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use sqlx::Row;
 use weft_blockdev::store::{BlockMap, ChunkStore};
 
@@ -17,7 +18,6 @@ use crate::model::{EnvKind, Snapshot};
 use crate::provenance::ProvenanceLog;
 use crate::replay::Item;
 use crate::snapshots::Snapshots;
-use serde_json::Value;
 
 /// A stored composition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -486,18 +486,18 @@ impl Compositions {
                         "older" => older,
                         "newer" => newer,
                         // A `data:` conflict's side by its instant.
-                        other
-                            if c.resource.starts_with("data:")
-                                && compose::instant_id(other)
-                                    .is_ok_and(|id| c.sides.contains(&id)) =>
-                        {
-                            compose::instant_id(other).unwrap_or(newer)
-                        }
-                        other => {
-                            return Err(EnvError::BadRequest(format!(
-                                "take {other:?}: use older, newer, a snapshot id, or for data: a side's instant"
-                            )))
-                        }
+                        other => match compose::instant_id(other) {
+                            Ok(id)
+                                if c.resource.starts_with("data:") && c.sides.contains(&id) =>
+                            {
+                                id
+                            }
+                            _ => {
+                                return Err(EnvError::BadRequest(format!(
+                                    "take {other:?}: use older, newer, a snapshot id, or for data: a side's instant"
+                                )))
+                            }
+                        },
                     }
                 }
             };

@@ -769,15 +769,15 @@ pub async fn chosen_items(
 ) -> Result<(Vec<(String, BTreeMap<Item, Value>)>, u64), crate::envs::EnvError> {
     use crate::envs::EnvError;
     use crate::provenance::service::parse_time;
+    let log = manager
+        .provenance()
+        .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?;
     let mut out = Vec::new();
     let mut applied = 0;
     for pick in picks {
         match pick {
             DataPick::Instant { pattern, at } => {
-                let log = manager
-                    .provenance()
-                    .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?
-                    .clone();
+                let log = log.clone();
                 let to_us = parse_time("at", at).map_err(EnvError::BadRequest)?;
                 let (vm, pat) = (parent.to_string(), pattern.clone());
                 let (items, summary) = tokio::task::spawn_blocking(move || {
@@ -879,36 +879,26 @@ async fn rebuild_on_base(
             .saturating_mul(1_000_000),
     );
     let map = snapshots.block_map(id).await?;
-    let store = snapshots.store().clone();
     let (log, vm) = (log.clone(), env.to_string());
-    let scratch = tempfile::tempdir().map_err(|e| EnvError::Internal(e.to_string()))?;
-    let scratch_path = scratch.path().to_path_buf();
-    let (records, sources, extracted) = tokio::task::spawn_blocking(move || {
-        let records = log
-            .query(
-                &vm,
-                &crate::provenance::Query {
-                    to_us: Some(to_us),
-                    ..Default::default()
-                },
-            )
-            .map_err(|e| EnvError::Internal(e.to_string()))?;
-        let sources = crate::replay_base::Sources::of(&records);
-        let fs = crate::replay_base::SnapshotDisk::new(store, map)
-            .find_ext4()
-            .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
-        let extracted = crate::replay_base::extract(&fs, &sources, &scratch_path)
-            .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
-        Ok::<_, EnvError>((records, sources, extracted))
+    let records = tokio::task::spawn_blocking(move || {
+        log.query(
+            &vm,
+            &crate::provenance::Query {
+                to_us: Some(to_us),
+                ..Default::default()
+            },
+        )
     })
     .await
-    .map_err(|e| EnvError::Internal(e.to_string()))??;
-    let mut state = crate::replay_base::state_of(&extracted, &sources)
-        .await
-        .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
-    drop(scratch);
+    .map_err(|e| EnvError::Internal(e.to_string()))?
+    .map_err(|e| EnvError::Internal(e.to_string()))?;
+    let sources = crate::replay_base::Sources::of(&records);
+    let (mut state, found) =
+        crate::replay_base::disks_state(snapshots.store(), vec![map], &sources)
+            .await
+            .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
     let summary = state.apply_all(records.iter().filter(|r| r.entry.guest_time_us >= log_from));
-    Ok((state, summary, extracted.found, log_from))
+    Ok((state, summary, found, log_from))
 }
 
 fn now_us() -> i64 {

@@ -315,6 +315,10 @@ pub async fn disks_state(
         .map_err(|e| e.to_string())?;
         let x = match extracted {
             Ok(x) => x,
+            Err(e) if n == 1 => {
+                unreadable.push(e);
+                continue;
+            }
             Err(e) => {
                 unreadable.push(format!("disk {}: {e}", i + 1));
                 continue;

@@ -914,28 +914,16 @@ impl Weaves {
         }
         let mut sources: Vec<SourceRow> = Vec::new();
         let origin = |r: &str| plan.resources.iter().find(|c| c.resource == r);
-        let config = match origin("config").map(|c| &c.origin) {
-            Some(Origin::Snapshot { id, .. }) => {
-                sources.push(SourceRow::snapshot("config", "", *id));
-                self.snapshots.get(*id).await?.config.ok_or_else(|| {
-                    EnvError::Internal(format!("snapshot {id} holds no configuration"))
-                })?
-            }
-            Some(Origin::Merge { sides, .. }) => {
-                let merged = comps.merged(&comp, "config", sides).await?;
-                for id in sides {
-                    sources.push(SourceRow::snapshot(
-                        "config",
-                        &format!("merged from {id}"),
-                        *id,
-                    ));
-                }
-                serde_json::from_value(merged.value.unwrap_or_default()).map_err(|e| {
-                    EnvError::BadRequest(format!("the merged configuration is not valid: {e}"))
-                })?
-            }
-            _ => current.clone(),
-        };
+        let config = self
+            .structured(
+                (&comps, &comp),
+                ("config", "configuration"),
+                origin("config").map(|c| &c.origin),
+                &mut sources,
+                |s| s.config,
+            )
+            .await?
+            .unwrap_or_else(|| current.clone());
         let mut bases = Vec::new();
         for disk in &config.disks {
             let resource = format!("disk:{}", disk.name);
@@ -1040,31 +1028,16 @@ impl Weaves {
         // The address plan: the one a rule naming `net` chose (a snapshot or a merge),
         // else the one of the weave's instant.
         let chosen_net = origin("net").filter(|c| c.rule != "default");
-        let net_plan = match chosen_net.map(|c| &c.origin) {
-            Some(Origin::Snapshot { id, .. }) => {
-                sources.push(SourceRow::snapshot("net", "", *id));
-                let setup = self.snapshots.get(*id).await?.net.ok_or_else(|| {
-                    EnvError::Internal(format!("snapshot {id} holds no network setup"))
-                })?;
-                Some(setup.plan)
-            }
-            Some(Origin::Merge { sides, .. }) => {
-                let merged = comps.merged(&comp, "net", sides).await?;
-                for id in sides {
-                    sources.push(SourceRow::snapshot(
-                        "net",
-                        &format!("merged from {id}"),
-                        *id,
-                    ));
-                }
-                let setup: crate::model::NetSetup =
-                    serde_json::from_value(merged.value.unwrap_or_default()).map_err(|e| {
-                        EnvError::BadRequest(format!("the merged network setup is not valid: {e}"))
-                    })?;
-                Some(setup.plan)
-            }
-            _ => None,
-        };
+        let net_plan = self
+            .structured(
+                (&comps, &comp),
+                ("net", "network setup"),
+                chosen_net.map(|c| &c.origin),
+                &mut sources,
+                |s| s.net,
+            )
+            .await?
+            .map(|setup: crate::model::NetSetup| setup.plan);
         if net_plan.is_none() {
             sources.push(SourceRow {
                 resource: "net".into(),
@@ -1097,6 +1070,47 @@ impl Weaves {
                 disks,
             },
         ))
+    }
+
+    /// A structured resource (`config`, `net`; `what` names it in errors) as a plan
+    /// chose it: the snapshot's (`of` takes it out) or the merged value, with its
+    /// sources recorded; `None` when the plan chose neither.
+    async fn structured<T: serde::de::DeserializeOwned>(
+        &self,
+        (comps, comp): (
+            &crate::compositions::Compositions,
+            &crate::compositions::Composition,
+        ),
+        (resource, what): (&str, &str),
+        origin: Option<&crate::compose::Origin>,
+        sources: &mut Vec<SourceRow>,
+        of: impl FnOnce(Snapshot) -> Option<T>,
+    ) -> Result<Option<T>, EnvError> {
+        use crate::compose::Origin;
+        match origin {
+            Some(Origin::Snapshot { id, .. }) => {
+                sources.push(SourceRow::snapshot(resource, "", *id));
+                let value = of(self.snapshots.get(*id).await?)
+                    .ok_or_else(|| EnvError::Internal(format!("snapshot {id} holds no {what}")))?;
+                Ok(Some(value))
+            }
+            Some(Origin::Merge { sides, .. }) => {
+                let merged = comps.merged(comp, resource, sides).await?;
+                for id in sides {
+                    sources.push(SourceRow::snapshot(
+                        resource,
+                        &format!("merged from {id}"),
+                        *id,
+                    ));
+                }
+                let value =
+                    serde_json::from_value(merged.value.unwrap_or_default()).map_err(|e| {
+                        EnvError::BadRequest(format!("the merged {what} is not valid: {e}"))
+                    })?;
+                Ok(Some(value))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Runs of slots of a merged map and the snapshot (of `sides`) each came from.

@@ -204,6 +204,28 @@ fn replayed_items(out: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     items_of(&dir.join("app.db"), |f| Ok(std::fs::read(dir.join(f)).ok()))
 }
 
+/// Waits for weftd to push a composed weave's application data into its guest; returns
+/// the record of it (which must say it was reconciled).
+async fn reconciled(rig: &Rig, weave: &str) -> anyhow::Result<String> {
+    let detail = wait_until(
+        Duration::from_secs(240),
+        &format!("the data of {weave} to be reconciled"),
+        || async {
+            let out = rig.weft_ok(&["--json", "weave", "show", weave, "--sources"])?;
+            let rows: Vec<weft::weaves::SourceRow> = serde_json::from_str(&out)?;
+            Ok(rows
+                .into_iter()
+                .find(|r| r.resource.starts_with("data:"))
+                .and_then(|r| r.detail)
+                .filter(|d| d.starts_with("reconciled") || d.starts_with("not reconciled")))
+        },
+    )
+    .await?;
+    eprintln!("{detail}");
+    ensure!(detail.starts_with("reconciled"), "{detail}");
+    Ok(detail)
+}
+
 fn checkpoint_time(serial: &str, name: &str) -> anyhow::Result<i64> {
     let prefix = format!("weft-dpa-workload: checkpoint {name} time_us=");
     serial
@@ -410,22 +432,7 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
         m == "320M" && smp == "2",
         "the composed weave runs with -m {m} -smp {smp}"
     );
-    let detail = wait_until(
-        Duration::from_secs(240),
-        "the composed weave's data to be reconciled",
-        || async {
-            let out = rig.weft_ok(&["--json", "weave", "show", "rcw", "--sources"])?;
-            let rows: Vec<weft::weaves::SourceRow> = serde_json::from_str(&out)?;
-            Ok(rows
-                .into_iter()
-                .find(|r| r.resource.starts_with("data:"))
-                .and_then(|r| r.detail)
-                .filter(|d| d.starts_with("reconciled") || d.starts_with("not reconciled")))
-        },
-    )
-    .await?;
-    eprintln!("{detail}");
-    ensure!(detail.starts_with("reconciled"), "{detail}");
+    let detail = reconciled(&rig, "rcw").await?;
     let changed: u64 = detail
         .strip_prefix("reconciled: ")
         .and_then(|t| t.split_whitespace().next())
@@ -478,22 +485,7 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
     );
     rig.weft_ok(&["compose", "resolve", "rm", "--all", "--take", "older"])?;
     rig.weft_ok(&["compose", "apply", "rm", "--weave", "rmw"])?;
-    let detail = wait_until(
-        Duration::from_secs(240),
-        "the merged data to be pushed into the weave",
-        || async {
-            let out = rig.weft_ok(&["--json", "weave", "show", "rmw", "--sources"])?;
-            let rows: Vec<weft::weaves::SourceRow> = serde_json::from_str(&out)?;
-            Ok(rows
-                .into_iter()
-                .find(|r| r.resource.starts_with("data:"))
-                .and_then(|r| r.detail)
-                .filter(|d| d.starts_with("reconciled") || d.starts_with("not reconciled")))
-        },
-    )
-    .await?;
-    eprintln!("{detail}");
-    ensure!(detail.starts_with("reconciled"), "{detail}");
+    reconciled(&rig, "rmw").await?;
     settled_last_seq(&rig, "rmw").await?;
     let merged = rig.path("replay-merged");
     rig.weft_ok(&[
