@@ -274,6 +274,43 @@ fn action_name(action: c_int) -> &'static str {
     }
 }
 
+/// Why the authorizer denied `action`, in a few words (guest names cut to 64 chars).
+fn denial(
+    action: c_int,
+    a1: Option<&str>,
+    a2: Option<&str>,
+    db: Option<&str>,
+    table: &str,
+) -> String {
+    let cut = |s: &str| s.chars().take(64).collect::<String>();
+    let place = match db {
+        Some(d) if !d.eq_ignore_ascii_case("main") => format!(" in database {:?}", cut(d)),
+        _ => String::new(),
+    };
+    if action == ffi::SQLITE_CREATE_TABLE {
+        return format!(
+            "it creates table {:?}{place}, not {:?} in main",
+            cut(a1.unwrap_or("")),
+            cut(table)
+        );
+    }
+    let what = [a1, a2]
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let what = if what.is_empty() {
+        String::new()
+    } else {
+        format!(" {:?}", cut(&what))
+    };
+    format!(
+        "it asks for {}{what}{place}, and only a CREATE TABLE is run",
+        action_name(action)
+    )
+}
+
 /// SAFETY (for callers): `p` is NULL or a NUL-terminated string that lives for the call.
 unsafe fn text<'a>(p: *const c_char) -> Option<&'a str> {
     if p.is_null() {
@@ -301,15 +338,7 @@ unsafe extern "C" fn authorize(
         return ffi::SQLITE_OK;
     }
     if policy.denied.is_none() {
-        let what = [a1, a2].into_iter().flatten().collect::<Vec<_>>().join(" ");
-        let what: String = what.chars().take(64).collect();
-        let place = match db {
-            Some(d) if !d.eq_ignore_ascii_case("main") => {
-                format!(" in database {:?}", d.chars().take(64).collect::<String>())
-            }
-            _ => String::new(),
-        };
-        policy.denied = Some(format!("{} {what:?}{place}", action_name(action)));
+        policy.denied = Some(denial(action, a1, a2, db, policy.table));
     }
     ffi::SQLITE_DENY
 }
@@ -362,7 +391,7 @@ unsafe fn create_on(
     let rc = unsafe { ffi::sqlite3_prepare_v2(db, sql.as_ptr().cast(), len, &mut stmt, &mut tail) };
     let result = if rc != ffi::SQLITE_OK {
         Err(match policy.denied.take() {
-            Some(what) => refused(format!("it asks for {what}, and only CREATE TABLE is run")),
+            Some(why) => refused(why),
             None => refused(format!("SQLite: {}", errmsg())),
         })
     } else if stmt.is_null() {
@@ -384,7 +413,7 @@ unsafe fn create_on(
                 match unsafe { ffi::sqlite3_step(stmt) } {
                     ffi::SQLITE_DONE => Ok(()),
                     _ => Err(match policy.denied.take() {
-                        Some(what) => refused(format!("it asks for {what}")),
+                        Some(why) => refused(why),
                         None => refused(format!("SQLite: {}", errmsg())),
                     }),
                 }
@@ -476,7 +505,7 @@ mod tests {
         let e = refused("x", "CREATE TABLE x(a CHECK (load_extension('/tmp/e.so')))");
         assert!(e.contains("load_extension"), "{e}");
         let e = refused("x", "CREATE TABLE y(a)");
-        assert!(e.contains("CREATE TABLE \"y\""), "{e}");
+        assert!(e.contains("it creates table \"y\", not \"x\""), "{e}");
         let e = refused("x", "CREATE TABLE temp.x(a)");
         assert!(e.to_lowercase().contains("temp"), "{e}");
         let e = refused("x", "BEGIN; CREATE TABLE x(a)");
@@ -505,6 +534,30 @@ mod tests {
             create_table(&mut conn, "u", "CREATE TABLE u(a); CREATE TABLE w(b)")
                 .await
                 .is_err()
+        );
+        // Where the table a trigger or view would name exists, the authorizer refuses.
+        let e = create_table(
+            &mut conn,
+            "tr",
+            "CREATE TRIGGER tr AFTER INSERT ON t BEGIN INSERT INTO t(v) VALUES ('planted'); END",
+        )
+        .await
+        .unwrap_err();
+        assert!(e.reason.contains("CREATE TRIGGER"), "{e}");
+        let e = create_table(&mut conn, "v", "CREATE VIEW v AS SELECT * FROM t")
+            .await
+            .unwrap_err();
+        assert!(e.reason.contains("CREATE VIEW"), "{e}");
+        let e = create_table(
+            &mut conn,
+            "x",
+            "CREATE TABLE x(a CHECK (a IN (SELECT v FROM t)))",
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.reason.contains("SELECT") || e.reason.contains("subqueries"),
+            "{e}"
         );
         use sqlx::Executor as _;
         let outside = dir.path().join("outside.db");

@@ -323,6 +323,7 @@ async fn qemu_hostile_schemas_from_a_dpa_never_run_on_the_host() {
         .lines()
         .filter(|l| l.contains("replay skipped an entry"))
         .collect();
+    eprintln!("weftd said:\n{}", lines.join("\n"));
     assert_eq!(lines.len(), hostile.len(), "{lines:#?}");
     assert!(lines.iter().all(|l| l.contains("is refused")), "{lines:#?}");
 
