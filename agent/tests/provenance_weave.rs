@@ -303,6 +303,8 @@ async fn qemu_hostile_schemas_from_a_dpa_never_run_on_the_host() {
     ]);
     cleanup(&weftd);
     sent.unwrap();
+    assert!(!escaped.exists(), "ATTACH ran on the host");
+    assert_eq!(tree(&outside), Vec::<PathBuf>::new());
     assert!(
         out.status.success(),
         "replay: {}",
@@ -314,8 +316,6 @@ async fn qemu_hostile_schemas_from_a_dpa_never_run_on_the_host() {
         (4, hostile.len() as u64),
         "each hostile definition is skipped"
     );
-    assert!(!escaped.exists(), "ATTACH ran on the host");
-    assert_eq!(tree(&outside), Vec::<PathBuf>::new());
     let db = replay_out.join("data/app.db");
     assert_eq!(tree(&replay_out), vec![db.clone()]);
     let log = std::fs::read_to_string(dir.path().join("weftd.log")).unwrap();

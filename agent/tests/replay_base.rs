@@ -271,6 +271,12 @@ async fn a_hostile_database_on_the_guest_disk_runs_nothing_on_the_host() {
     let state = state_of(&x, &sources)
         .await
         .expect("a hostile table does not fail the base");
+    let out = dir.path().join("out");
+    let written = state.write_to(&out).await;
+    assert!(!escaped.exists(), "ATTACH ran on the host");
+    assert_eq!(tree(&outside), Vec::<std::path::PathBuf>::new());
+    let files = written.expect("the replay is written");
+    assert_eq!(files, vec![out.join("data/app.db")]);
     let db = &state.sqlite["/data/app.db"];
     assert_eq!(
         db.schemas.keys().collect::<Vec<_>>(),
@@ -278,12 +284,6 @@ async fn a_hostile_database_on_the_guest_disk_runs_nothing_on_the_host() {
         "only the plain table is taken"
     );
     assert_eq!(db.rows["good"].len(), 2);
-
-    let out = dir.path().join("out");
-    let files = state.write_to(&out).await.expect("the replay is written");
-    assert_eq!(files, vec![out.join("data/app.db")]);
-    assert!(!escaped.exists(), "ATTACH ran on the host");
-    assert_eq!(tree(&outside), Vec::<std::path::PathBuf>::new());
     assert_eq!(tree(&out), vec![out.join("data/app.db")]);
     let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(out.join("data/app.db"))
