@@ -98,7 +98,9 @@ pub async fn open_guest_copy(path: &Path) -> Result<SqliteConnection, SqlError> 
         .create_if_missing(false)
         .read_only(true)
         .pragma("trusted_schema", "OFF")
-        .pragma("query_only", "ON");
+        .pragma("query_only", "ON")
+        // Damaged pages are refused rather than trusted.
+        .pragma("cell_size_check", "ON");
     open(path, options).await
 }
 
@@ -573,5 +575,51 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(names, vec!["t".to_string()]);
+    }
+
+    /// Compositions merge table definitions as items and write them out without a log
+    /// entry: the definition is checked again where the database is written.
+    #[tokio::test]
+    async fn merged_items_write_only_plain_tables() {
+        use crate::replay::{Item, State};
+        use serde_json::json;
+        let dir = tempfile::tempdir().unwrap();
+        let escaped = dir.path().join("escaped.db");
+        let schema = |table: &str| Item::Schema {
+            db: "/data/app.db".into(),
+            table: table.into(),
+        };
+        let row = |table: &str| Item::Row {
+            db: "/data/app.db".into(),
+            table: table.into(),
+            key: "[1]".into(),
+        };
+        let attach = format!(
+            "CREATE TABLE a(x); COMMIT; ATTACH DATABASE '{}' AS p; CREATE TABLE p.y(z); BEGIN",
+            escaped.display()
+        );
+        let items = std::collections::BTreeMap::from([
+            (schema("a"), json!(attach)),
+            (row("a"), json!({"x": 1})),
+            (
+                schema("good"),
+                json!("CREATE TABLE good(id INTEGER PRIMARY KEY, v TEXT)"),
+            ),
+            (row("good"), json!({"id": 1, "v": "kept"})),
+        ]);
+        let out = dir.path().join("out");
+        let files = State::from_items(&items).write_to(&out).await.unwrap();
+        assert!(!escaped.exists(), "ATTACH ran on the host");
+        let mut conn = open_guest_copy(&files[0]).await.unwrap();
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM sqlite_master")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(names, vec!["good".to_string()]);
+        let v: String = sqlx::query_scalar("SELECT v FROM good")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(v, "kept");
     }
 }
