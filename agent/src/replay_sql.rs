@@ -570,11 +570,25 @@ mod tests {
             .execute("PRAGMA writable_schema=ON; UPDATE sqlite_master SET sql='x'")
             .await
             .is_err());
+        // A DEFAULT is not resolved when the table is created; when a row leaves the
+        // column out, the untrusted schema cannot load an extension.
+        let so = dir.path().join("evil.so");
+        std::fs::write(&so, b"not a library").unwrap();
+        let sql = format!(
+            "CREATE TABLE d(a, b DEFAULT (load_extension('{}')))",
+            so.display()
+        );
+        create_table(&mut conn, "d", &sql).await.unwrap();
+        let e = conn
+            .execute("INSERT INTO d(a) VALUES (1)")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("load_extension"), "{e}");
         let names: Vec<String> = sqlx::query_scalar("SELECT name FROM sqlite_master ORDER BY name")
             .fetch_all(&mut conn)
             .await
             .unwrap();
-        assert_eq!(names, vec!["t".to_string()]);
+        assert_eq!(names, vec!["d".to_string(), "t".to_string()]);
     }
 
     /// Compositions merge table definitions as items and write them out without a log
