@@ -636,4 +636,59 @@ mod tests {
             .unwrap();
         assert_eq!(v, "kept");
     }
+
+    /// Table and column names come from the guest too: they are quoted identifiers in
+    /// every statement weftd builds, never SQL.
+    #[tokio::test]
+    async fn guest_names_stay_names() {
+        use crate::replay::{Item, State};
+        use serde_json::json;
+        let dir = tempfile::tempdir().unwrap();
+        let escaped = dir.path().join("n.db");
+        let table = format!("t\"; ATTACH DATABASE '{}' AS p; --", escaped.display());
+        let col = format!(
+            "c\") VALUES (1); ATTACH DATABASE '{}' AS q; --",
+            escaped.display()
+        );
+        let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+        let sql = format!(
+            "CREATE TABLE {}({} TEXT, \"it's\" TEXT)",
+            quote(&table),
+            quote(&col)
+        );
+        check_create_table(&table, &sql).unwrap();
+        let mut row = serde_json::Map::new();
+        row.insert(col.clone(), json!("v"));
+        row.insert("it's".into(), json!("w"));
+        let items = std::collections::BTreeMap::from([
+            (
+                Item::Schema {
+                    db: "/app.db".into(),
+                    table: table.clone(),
+                },
+                json!(sql),
+            ),
+            (
+                Item::Row {
+                    db: "/app.db".into(),
+                    table: table.clone(),
+                    key: "[1]".into(),
+                },
+                serde_json::Value::Object(row),
+            ),
+        ]);
+        let out = dir.path().join("out");
+        let files = State::from_items(&items).write_to(&out).await.unwrap();
+        assert!(!escaped.exists(), "a name ran as SQL");
+        let mut conn = open_guest_copy(&files[0]).await.unwrap();
+        let got: (String, String) = sqlx::query_as(&format!(
+            "SELECT {}, \"it's\" FROM {}",
+            quote(&col),
+            quote(&table)
+        ))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(got, ("v".to_string(), "w".to_string()));
+    }
 }
