@@ -46,6 +46,53 @@ pub struct Config {
     pub dpa: crate::dpa::DpaSettings,
     /// The provenance log of guest data changes.
     pub provenance: ProvenanceSettings,
+    /// Replays (what `--base` may read from a guest's disk).
+    pub replay: ReplaySettings,
+}
+
+/// Replays (`[replay]` in weftd.toml; see docs/provenance.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplaySettings {
+    /// Largest file `replay --base` and compose reconciliation read from a guest's
+    /// disk (a database, its write-ahead log, a document), in MiB.
+    pub base_max_file_mib: u64,
+    /// Most MiB read from one guest disk, all files together.
+    pub base_max_total_mib: u64,
+    /// Most files read plus key-value directory entries listed, per guest disk.
+    pub base_max_files: u64,
+}
+
+impl Default for ReplaySettings {
+    fn default() -> Self {
+        let d = crate::replay_base::BaseLimits::default();
+        ReplaySettings {
+            base_max_file_mib: d.max_file_bytes >> 20,
+            base_max_total_mib: d.max_total_bytes >> 20,
+            base_max_files: d.max_files,
+        }
+    }
+}
+
+impl ReplaySettings {
+    /// The limits a base reads within.
+    pub fn base_limits(&self) -> crate::replay_base::BaseLimits {
+        crate::replay_base::BaseLimits {
+            max_file_bytes: self.base_max_file_mib.saturating_mul(1 << 20),
+            max_total_bytes: self.base_max_total_mib.saturating_mul(1 << 20),
+            max_files: self.base_max_files,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.base_max_file_mib == 0 || self.base_max_total_mib == 0 || self.base_max_files == 0 {
+            return Err(
+                "replay.base_max_file_mib, base_max_total_mib and base_max_files must be at least 1"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The provenance log (`[provenance]` in weftd.toml; see docs/provenance.md).
@@ -185,6 +232,7 @@ impl Default for Config {
             net: NetSettings::default(),
             dpa: crate::dpa::DpaSettings::default(),
             provenance: ProvenanceSettings::default(),
+            replay: ReplaySettings::default(),
         }
     }
 }
@@ -265,6 +313,7 @@ impl Config {
         }
         self.dpa.check().map_err(ConfigError::Invalid)?;
         self.provenance.check().map_err(ConfigError::Invalid)?;
+        self.replay.check().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
@@ -348,6 +397,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.net.slots(), 220..=229);
+        let c = Config::parse(
+            "[replay]\nbase_max_file_mib = 8\nbase_max_files = 20",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        let l = c.replay.base_limits();
+        assert_eq!(
+            (l.max_file_bytes, l.max_total_bytes, l.max_files),
+            (8 << 20, 1 << 30, 20)
+        );
+        let e = Config::parse("[replay]\nbase_max_files = 0", Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("base_max_files"), "{e}");
     }
 
     #[test]

@@ -113,6 +113,8 @@ impl State {
                     Operation::Schema => {
                         let sql = parse(&e.new)?;
                         let sql = sql.as_str().ok_or("a schema is a JSON string")?;
+                        crate::replay_sql::check_create_table(&e.collection, sql)
+                            .map_err(|refused| refused.to_string())?;
                         db.schemas.insert(e.collection.clone(), sql.to_string());
                         db.rows.entry(e.collection.clone()).or_default();
                     }
@@ -648,8 +650,9 @@ pub async fn run(
                 ));
             }
             let margin = req.base_margin_secs.unwrap_or(BASE_MARGIN_SECS);
+            let limits = manager.config().replay.base_limits();
             let (state, summary, found, log_from) =
-                rebuild_on_base(snapshots, &log, env, id, margin, to_us).await?;
+                rebuild_on_base(snapshots, &log, env, id, margin, to_us, &limits).await?;
             based = Some((id, found, log_from));
             (state, summary)
         }
@@ -817,7 +820,8 @@ pub async fn disk_state(
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    crate::replay_base::disks_state(store, maps, &sources).await
+    let limits = manager.config().replay.base_limits();
+    crate::replay_base::disks_state(store, maps, &sources, &limits).await
 }
 
 /// Whether resource pattern `pattern` (`data:*`, `data:<glob>`) names source `source`.
@@ -846,6 +850,7 @@ async fn rebuild_on_base(
     id: i64,
     margin_secs: u64,
     to_us: i64,
+    limits: &crate::replay_base::BaseLimits,
 ) -> Result<(State, Summary, BTreeMap<String, String>, i64), crate::envs::EnvError> {
     use crate::envs::EnvError;
     use crate::model::SnapshotState;
@@ -894,7 +899,7 @@ async fn rebuild_on_base(
     .map_err(|e| EnvError::Internal(e.to_string()))?;
     let sources = crate::replay_base::Sources::of(&records);
     let (mut state, found) =
-        crate::replay_base::disks_state(snapshots.store(), vec![map], &sources)
+        crate::replay_base::disks_state(snapshots.store(), vec![map], &sources, limits)
             .await
             .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
     let summary = state.apply_all(records.iter().filter(|r| r.entry.guest_time_us >= log_from));
@@ -1018,8 +1023,7 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReplayError> {
 
 /// Builds a SQLite database at `path` (replacing one there) from `db`.
 async fn write_sqlite(path: &Path, db: &SqliteState) -> Result<(), ReplayError> {
-    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
-    use sqlx::{Connection as _, Executor as _};
+    use sqlx::Connection as _;
     if let Some(parent) = path.parent() {
         make_dir(parent)?;
     }
@@ -1029,20 +1033,24 @@ async fn write_sqlite(path: &Path, db: &SqliteState) -> Result<(), ReplayError> 
         path: path.display().to_string(),
         reason,
     };
-    let options = SqliteConnectOptions::new()
-        .filename(&tmp)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Delete);
-    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+    let mut conn = crate::replay_sql::open_output(&tmp)
         .await
         .map_err(|e| fail(e.to_string()))?;
     let built = async {
         let mut tx = conn.begin().await?;
-        for sql in db.schemas.values() {
-            tx.execute(sqlx::raw_sql(sql)).await?;
+        let mut created = std::collections::BTreeSet::new();
+        for (table, sql) in &db.schemas {
+            match crate::replay_sql::create_table(&mut tx, table, sql).await {
+                Ok(()) => {
+                    created.insert(table);
+                }
+                Err(refused) => {
+                    tracing::warn!(db = %path.display(), %refused, "replay left a table out")
+                }
+            }
         }
         for (table, rows) in &db.rows {
-            if !db.schemas.contains_key(table) {
+            if !created.contains(table) {
                 continue;
             }
             for row in rows.values() {

@@ -10,6 +10,12 @@
 //! copied out with their write-ahead log and opened, so SQLite recovers what had
 //! committed; rows and keys are rendered with the same SQL as the DPA's triggers
 //! ([`weft_dpa::capture_format`]), key-value files parsed as the DPA parses them.
+//!
+//! The disk is the guest's: what is read is bounded by [`BaseLimits`], checked
+//! against each inode's size before a byte is read (a sparse file claiming 1 GiB costs
+//! nothing to refuse), and a database copy is opened read-only with its triggers,
+//! views and attachments off ([`crate::replay_sql::open_guest_copy`]); a table whose
+//! definition is not one plain `CREATE TABLE` is left out with a warning.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -17,7 +23,7 @@ use std::sync::Arc;
 
 use ext4_view::Ext4;
 use serde_json::Value;
-use sqlx::{ConnectOptions, Connection, Row};
+use sqlx::{Connection, Row};
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot};
 use weft_dpa::capture_format::{self, Key};
 use weft_dpa::DataType;
@@ -27,8 +33,81 @@ use crate::replay::{canonical_key, SqliteState, State};
 
 /// Decompressed chunks kept while a file system is read.
 const CACHE_CHUNKS: usize = 64;
-/// The largest file taken from a snapshot (a database, a document).
-const MAX_FILE: u64 = 1 << 30;
+
+/// How much a base may read from a guest's disk (`[replay]` in weftd.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseLimits {
+    /// Largest file read (a database, its write-ahead log, a document, a key file).
+    pub max_file_bytes: u64,
+    /// Most bytes read from one disk, all files together.
+    pub max_total_bytes: u64,
+    /// Most files read plus entries listed in key-value directories, per disk.
+    pub max_files: u64,
+}
+
+impl Default for BaseLimits {
+    fn default() -> Self {
+        BaseLimits {
+            max_file_bytes: 256 << 20,
+            max_total_bytes: 1 << 30,
+            max_files: 10_000,
+        }
+    }
+}
+
+/// What a base has read so far from one disk, against its [`BaseLimits`].
+struct Budget {
+    limits: BaseLimits,
+    bytes: u64,
+    files: u64,
+}
+
+impl Budget {
+    fn new(limits: BaseLimits) -> Budget {
+        Budget {
+            limits,
+            bytes: 0,
+            files: 0,
+        }
+    }
+
+    /// Counts one more file (or directory entry) against the limit.
+    fn count_file(&mut self, path: &str) -> Result<(), String> {
+        self.files += 1;
+        if self.files > self.limits.max_files {
+            return Err(format!(
+                "{path}: a base reads at most {} files from a disk (replay.base_max_files in weftd.toml)",
+                self.limits.max_files
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads file `path` of `fs` whole, once its inode's size is within the limits.
+    fn read(&mut self, fs: &Ext4, path: &str) -> Result<Vec<u8>, String> {
+        let meta = fs
+            .metadata(path)
+            .map_err(|e| format!("{path} in the snapshot: {e}"))?;
+        let len = meta.len();
+        let l = self.limits;
+        if len > l.max_file_bytes {
+            return Err(format!(
+                "{path} in the snapshot is {len} bytes, more than the {} a base reads from one file (replay.base_max_file_mib in weftd.toml)",
+                l.max_file_bytes
+            ));
+        }
+        if self.bytes.saturating_add(len) > l.max_total_bytes {
+            return Err(format!(
+                "{path} in the snapshot ({len} bytes) would take the base past the {} bytes it reads from one disk (replay.base_max_total_mib in weftd.toml)",
+                l.max_total_bytes
+            ));
+        }
+        self.count_file(path)?;
+        self.bytes += len;
+        fs.read(path)
+            .map_err(|e| format!("{path} in the snapshot: {e}"))
+    }
+}
 
 /// A disk snapshot as a readable device: reads are served from its chunks.
 pub struct SnapshotDisk {
@@ -186,20 +265,6 @@ fn locate(fs: &Ext4, guest: &str) -> Option<String> {
     })
 }
 
-fn read_file(fs: &Ext4, path: &str) -> Result<Vec<u8>, String> {
-    let meta = fs
-        .metadata(path)
-        .map_err(|e| format!("{path} in the snapshot: {e}"))?;
-    if meta.len() > MAX_FILE {
-        return Err(format!(
-            "{path} in the snapshot is {} bytes, more than the {MAX_FILE} a base may take",
-            meta.len()
-        ));
-    }
-    fs.read(path)
-        .map_err(|e| format!("{path} in the snapshot: {e}"))
-}
-
 /// The files a base needs, read out of the file system: (source, found at, bytes) for
 /// JSON and key-value files, directory listings for key-value directories, and the
 /// database and write-ahead log of each SQLite source copied into `scratch`.
@@ -214,8 +279,14 @@ pub struct Extracted {
     pub found: Found,
 }
 
-/// Reads what `sources` need out of `fs` (blocking).
-pub fn extract(fs: &Ext4, sources: &Sources, scratch: &Path) -> Result<Extracted, String> {
+/// Reads what `sources` need out of `fs` (blocking), within `limits`.
+pub fn extract(
+    fs: &Ext4,
+    sources: &Sources,
+    scratch: &Path,
+    limits: &BaseLimits,
+) -> Result<Extracted, String> {
+    let mut budget = Budget::new(*limits);
     let mut x = Extracted {
         json: BTreeMap::new(),
         kv: BTreeMap::new(),
@@ -224,7 +295,7 @@ pub fn extract(fs: &Ext4, sources: &Sources, scratch: &Path) -> Result<Extracted
     };
     for src in &sources.json {
         if let Some(p) = locate(fs, src) {
-            x.json.insert(src.clone(), read_file(fs, &p)?);
+            x.json.insert(src.clone(), budget.read(fs, &p)?);
             x.found.insert(src.clone(), p);
         }
     }
@@ -237,6 +308,7 @@ pub fn extract(fs: &Ext4, sources: &Sources, scratch: &Path) -> Result<Extracted
                 .map_err(|e| format!("{p} in the snapshot: {e}"))?;
             for ent in list {
                 let ent = ent.map_err(|e| format!("{p} in the snapshot: {e}"))?;
+                budget.count_file(&p)?;
                 let name = ent.file_name().as_str().unwrap_or_default().to_string();
                 let is_file = ent
                     .file_type()
@@ -245,11 +317,11 @@ pub fn extract(fs: &Ext4, sources: &Sources, scratch: &Path) -> Result<Extracted
                 if !capture_format::is_dir_key(&name) || !is_file {
                     continue;
                 }
-                let bytes = read_file(fs, &format!("{p}/{name}"))?;
+                let bytes = budget.read(fs, &format!("{p}/{name}"))?;
                 map.insert(name, String::from_utf8_lossy(&bytes).into_owned());
             }
         } else {
-            let bytes = read_file(fs, &p)?;
+            let bytes = budget.read(fs, &p)?;
             map = capture_format::parse_env(&String::from_utf8_lossy(&bytes));
         }
         x.kv.insert(src.clone(), map);
@@ -258,12 +330,12 @@ pub fn extract(fs: &Ext4, sources: &Sources, scratch: &Path) -> Result<Extracted
     for (n, src) in sources.sqlite.keys().enumerate() {
         let Some(p) = locate(fs, src) else { continue };
         let copy = scratch.join(format!("db{n}.sqlite"));
-        std::fs::write(&copy, read_file(fs, &p)?)
+        std::fs::write(&copy, budget.read(fs, &p)?)
             .map_err(|e| format!("cannot write {}: {e}", copy.display()))?;
         let wal = format!("{p}-wal");
         if fs.exists(wal.as_str()).unwrap_or(false) {
             let to = scratch.join(format!("db{n}.sqlite-wal"));
-            std::fs::write(&to, read_file(fs, &wal)?)
+            std::fs::write(&to, budget.read(fs, &wal)?)
                 .map_err(|e| format!("cannot write {}: {e}", to.display()))?;
         }
         x.sqlite.insert(src.clone(), copy);
@@ -293,12 +365,13 @@ pub async fn state_of(x: &Extracted, sources: &Sources) -> Result<State, String>
 
 /// The application state the file systems of `maps` (a weave's disks, in order) hold
 /// for `sources`: each source from the first disk that holds it (a source no disk
-/// holds is absent). Disks without an ext4 file system are passed over; when no disk
-/// has one, the error says why for each.
+/// holds is absent), each disk read within `limits`. Disks without an ext4 file
+/// system are passed over; when no disk has one, the error says why for each.
 pub async fn disks_state(
     store: &ChunkStore,
     maps: Vec<BlockMap>,
     sources: &Sources,
+    limits: &BaseLimits,
 ) -> Result<(State, Found), String> {
     let mut state = State::default();
     let mut found = Found::new();
@@ -307,9 +380,10 @@ pub async fn disks_state(
     for (i, map) in maps.into_iter().enumerate() {
         let scratch = tempfile::tempdir().map_err(|e| format!("scratch directory: {e}"))?;
         let (store, srcs, path) = (store.clone(), sources.clone(), scratch.path().to_owned());
+        let limits = *limits;
         let extracted = tokio::task::spawn_blocking(move || {
             let fs = SnapshotDisk::new(store, map).find_ext4()?;
-            extract(&fs, &srcs, &path)
+            extract(&fs, &srcs, &path, &limits)
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -352,11 +426,8 @@ pub async fn disks_state(
 }
 
 async fn read_sqlite(copy: &Path, tables: &BTreeSet<String>) -> Result<SqliteState, String> {
-    // Read-write: opening replays the write-ahead log into the copy (recovery).
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(copy)
-        .create_if_missing(false)
-        .connect()
+    // Read-only, which still reads what the write-ahead log holds.
+    let mut conn = crate::replay_sql::open_guest_copy(copy)
         .await
         .map_err(|e| e.to_string())?;
     let mut db = SqliteState::default();
@@ -371,6 +442,10 @@ async fn read_sqlite(copy: &Path, tables: &BTreeSet<String>) -> Result<SqliteSta
                 .await
                 .map_err(|e| e.to_string())?;
         let Some(sql) = sql else { continue };
+        if let Err(refused) = crate::replay_sql::check_create_table(table, &sql) {
+            tracing::warn!(db = %copy.display(), %refused, "the base leaves a table out");
+            continue;
+        }
         let cols = sqlx::query("SELECT name, pk FROM pragma_table_info(?1) ORDER BY cid")
             .bind(table)
             .fetch_all(&mut conn)

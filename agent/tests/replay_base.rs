@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::json;
 use sqlx::{ConnectOptions, Connection, Executor};
-use weft::replay_base::{extract, state_of, SnapshotDisk, Sources};
+use weft::replay_base::{extract, state_of, BaseLimits, SnapshotDisk, Sources};
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
 
 const CHUNK: u32 = 64 * 1024;
@@ -121,7 +121,7 @@ async fn a_base_is_read_from_the_snapshot_as_the_dpa_captures() {
         .find_ext4()
         .expect("ext4 found");
     let scratch = tempfile::tempdir().expect("scratch");
-    let x = extract(&fs, &sources, scratch.path()).expect("extract");
+    let x = extract(&fs, &sources, scratch.path(), &BaseLimits::default()).expect("extract");
     assert_eq!(
         x.found.get("/data/app.db").map(String::as_str),
         Some("/app.db")
@@ -174,6 +174,206 @@ async fn a_base_is_read_from_the_snapshot_as_the_dpa_captures() {
         BTreeMap::from([("alpha".to_string(), "on".to_string())]),
         "dotfiles are not keys"
     );
+}
+
+/// An ext4 image of `root`'s tree (mkfs.ext4 -d), chunked into a new store under
+/// `dir`, as its file system.
+fn ext4_of(dir: &Path, root: &Path, size: &str) -> ext4_view::Ext4 {
+    let image = dir.join("disk.raw");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(root)
+        .arg(&image)
+        .arg(size)
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = new_store(dir);
+    let map = chunk_image(&store, &image);
+    SnapshotDisk::new(store, map)
+        .find_ext4()
+        .expect("ext4 found")
+}
+
+/// Every file under `dir`, recursively.
+fn tree(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().is_dir() {
+            out.extend(tree(&e.path()));
+        } else {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A guest's database whose `sqlite_master` was rewritten (`writable_schema`, as any
+/// program in the guest may do) so that table definitions carry more statements:
+/// ATTACH of a host path, a trigger, a view; plus a real trigger and view. Reading it
+/// for a base and writing the replay out must run none of them on the host: the file
+/// named by ATTACH never appears, the hostile tables are left out, the rest is intact.
+#[tokio::test]
+async fn a_hostile_database_on_the_guest_disk_runs_nothing_on_the_host() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    std::fs::create_dir_all(&outside).expect("mkdir");
+    let escaped = outside.join("escaped.db");
+    let q = |p: &Path| p.display().to_string().replace('\'', "''");
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(root.join("app.db"))
+        .create_if_missing(true)
+        .connect()
+        .await
+        .expect("open");
+    conn.execute(
+        "CREATE TABLE good(id INTEGER PRIMARY KEY, name TEXT);
+         INSERT INTO good VALUES (1, 'one'), (2, 'two');
+         CREATE TABLE evil(x); CREATE TABLE trig(x); CREATE TABLE vw(x); CREATE TABLE prag(x);
+         CREATE VIEW gv AS SELECT * FROM good;
+         CREATE TRIGGER gt AFTER INSERT ON good BEGIN INSERT INTO good(name) VALUES ('planted'); END;",
+    )
+    .await
+    .expect("schema");
+    let rewrite = format!(
+        "PRAGMA writable_schema=ON;
+         UPDATE sqlite_master SET sql = 'CREATE TABLE evil(x); COMMIT; ATTACH DATABASE ''{0}'' AS p; CREATE TABLE p.y(z); BEGIN' WHERE name = 'evil';
+         UPDATE sqlite_master SET sql = 'CREATE TABLE trig(x); CREATE TRIGGER planted AFTER INSERT ON good BEGIN INSERT INTO good(name) VALUES (''planted''); END' WHERE name = 'trig';
+         UPDATE sqlite_master SET sql = 'CREATE TABLE vw(x); CREATE VIEW planted_view AS SELECT 1' WHERE name = 'vw';
+         UPDATE sqlite_master SET sql = 'CREATE TABLE prag(x); PRAGMA writable_schema=1; SELECT load_extension(''{1}'')' WHERE name = 'prag';
+         PRAGMA writable_schema=OFF;",
+        q(&escaped),
+        q(&outside.join("evil.so")),
+    );
+    conn.execute(rewrite.as_str())
+        .await
+        .expect("rewrite sqlite_master");
+    conn.close().await.expect("close");
+
+    let fs = ext4_of(dir.path(), &root, "32M");
+    let tables = ["good", "evil", "trig", "vw", "prag", "gv", "gt"];
+    let sources = Sources {
+        sqlite: BTreeMap::from([(
+            "/data/app.db".to_string(),
+            tables.iter().map(|t| t.to_string()).collect(),
+        )]),
+        ..Default::default()
+    };
+    let scratch = tempfile::tempdir().expect("scratch");
+    let x = extract(&fs, &sources, scratch.path(), &BaseLimits::default()).expect("extract");
+    let state = state_of(&x, &sources)
+        .await
+        .expect("a hostile table does not fail the base");
+    let out = dir.path().join("out");
+    let written = state.write_to(&out).await;
+    assert!(!escaped.exists(), "ATTACH ran on the host");
+    assert_eq!(tree(&outside), Vec::<std::path::PathBuf>::new());
+    let files = written.expect("the replay is written");
+    assert_eq!(files, vec![out.join("data/app.db")]);
+    let db = &state.sqlite["/data/app.db"];
+    assert_eq!(
+        db.schemas.keys().collect::<Vec<_>>(),
+        vec!["good"],
+        "only the plain table is taken"
+    );
+    assert_eq!(db.rows["good"].len(), 2);
+    assert_eq!(tree(&out), vec![out.join("data/app.db")]);
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(out.join("data/app.db"))
+        .read_only(true)
+        .connect()
+        .await
+        .expect("open the replay");
+    let objects: Vec<(String, String)> =
+        sqlx::query_as("SELECT type, name FROM sqlite_master ORDER BY name")
+            .fetch_all(&mut conn)
+            .await
+            .expect("schema");
+    assert_eq!(objects, vec![("table".to_string(), "good".to_string())]);
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM good ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .expect("rows");
+    assert_eq!(names, vec!["one", "two"]);
+    // The copy of the guest's file was only read.
+    let copy = std::fs::read(scratch.path().join("db0.sqlite")).expect("copy");
+    assert_eq!(copy, std::fs::read(root.join("app.db")).expect("original"));
+}
+
+/// A guest's disk may claim files of any size: a sparse 1 GiB file (no data block)
+/// is refused from its inode's size, before a byte is read; caps on the total and
+/// on the number of files hold the same way.
+#[test]
+fn files_beyond_the_caps_are_refused_before_they_are_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("flags")).expect("mkdir");
+    let big = std::fs::File::create(root.join("big.json")).expect("create");
+    big.set_len(1 << 30).expect("sparse 1 GiB");
+    drop(big);
+    std::fs::write(root.join("small.json"), vec![b' '; 300 << 10]).expect("write");
+    for i in 0..40 {
+        std::fs::write(root.join(format!("flags/f{i}")), "on").expect("flag");
+    }
+    let fs = ext4_of(dir.path(), &root, "32M");
+    let scratch = tempfile::tempdir().expect("scratch");
+    let json = |names: &[&str]| Sources {
+        json: names.iter().map(|n| format!("/data/{n}")).collect(),
+        ..Default::default()
+    };
+
+    let started = std::time::Instant::now();
+    let Err(e) = extract(
+        &fs,
+        &json(&["big.json"]),
+        scratch.path(),
+        &BaseLimits::default(),
+    ) else {
+        panic!("a 1 GiB file was read");
+    };
+    let took = started.elapsed();
+    assert!(
+        e.contains("/big.json") && e.contains("1073741824 bytes"),
+        "{e}"
+    );
+    assert!(e.contains("base_max_file_mib"), "{e}");
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "refused in {took:?}"
+    );
+    eprintln!("a sparse 1 GiB file refused in {took:?}");
+
+    let tight = BaseLimits {
+        max_file_bytes: 1 << 20,
+        max_total_bytes: 512 << 10,
+        max_files: 10,
+    };
+    let x = extract(&fs, &json(&["small.json"]), scratch.path(), &tight).expect("one small file");
+    assert_eq!(x.json["/data/small.json"].len(), 300 << 10);
+    let twice = Sources {
+        json: BTreeSet::from(["/data/small.json".to_string()]),
+        kv: BTreeSet::from(["/data/small.json".to_string()]),
+        ..Default::default()
+    };
+    let Err(e) = extract(&fs, &twice, scratch.path(), &tight) else {
+        panic!("600 KiB read under a 512 KiB total");
+    };
+    assert!(e.contains("base_max_total_mib"), "{e}");
+    let flags = Sources {
+        kv: BTreeSet::from(["/data/flags/".to_string()]),
+        ..Default::default()
+    };
+    let Err(e) = extract(&fs, &flags, scratch.path(), &tight) else {
+        panic!("40 files read under a cap of 10");
+    };
+    assert!(e.contains("at most 10 files"), "{e}");
 }
 
 /// A plain store with the test's chunk size under `dir`.
