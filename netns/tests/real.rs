@@ -386,12 +386,12 @@ fn netns_tap_is_persistent_and_configured() {
         vec!["weft"]
     );
     assert_eq!(
-        k.list_nft_chains(Some("weft-t209"), "weft")
+        k.list_nft_chains(Some("weft-t209"), &"weft".into())
             .expect("chains"),
         vec!["postrouting", "prerouting"]
     );
     assert!(k
-        .list_nft_chains(Some("weft-t209"), "nope")
+        .list_nft_chains(Some("weft-t209"), &"nope".into())
         .expect("chains")
         .is_empty());
     let lo = sh("ip", &["-n", "weft-t209", "link", "show", "lo"]);
