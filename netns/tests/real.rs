@@ -696,6 +696,13 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
         assert_eq!(c.ask("hi"), "weave-210 hi");
         let mut c = Client::connect(SocketAddr::from((Ipv4Addr::new(192, 168, 212, 1), routed)));
         assert_eq!(c.ask("hi"), "weave-210 hi");
+        // A client on another machine: forwarded to the weave, its answers forwarded back.
+        let remote = in_netns("weft-h212", move || {
+            let mut c =
+                Client::connect(SocketAddr::from((Ipv4Addr::new(192, 168, 212, 1), routed)));
+            c.ask("hi")
+        });
+        assert_eq!(remote, "weave-210 hi", "remote client");
         assert!(
             udp_arrives("weft-t210", guest, at([192, 168, 100, 1], 67)),
             "DHCP"
