@@ -731,7 +731,9 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
     routed_and_dhcp_work();
 
     // internet: public addresses only.
+    let t_set = Instant::now();
     set_egress(&k, 210, Egress::Internet).expect("internet");
+    println!("set_egress took {:?}", t_set.elapsed());
     let table = sh("nft", &["list", "table", "inet", "weft-filter"]);
     assert!(
         table.contains("fc00::/7") && table.contains("masquerade"),
