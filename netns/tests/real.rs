@@ -650,7 +650,52 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
     )
     .expect("public address");
     // A service of the host on every address, and one of the weave's namespace.
-    let _host_service = TcpListener::bind(("0.0.0.0", host_port)).expect("host service");
+    // Dual-stack: IPv4 and IPv6 clients alike.
+    let _host_service = TcpListener::bind(("::", host_port)).expect("host service");
+    // IPv6 on the host link: the filter matches the link, whatever the family. (From
+    // the weave's namespace, whose traffic to the host goes through the same chains.)
+    // Neighbours are fixed: the filter drops neighbour discovery from the link too.
+    let mac = |ns: &str, link: &str| {
+        let out = sh("ip", &["-n", ns, "-o", "link", "show", link]);
+        let at = out.find("link/ether ").expect("mac") + "link/ether ".len();
+        out[at..at + 17].to_string()
+    };
+    let wh_mac = std::fs::read_to_string("/sys/class/net/wh210/address").expect("wh210 mac");
+    let wn_mac = mac("weft-t210", "wn210");
+    for (ns, addr, peer, peer_mac, link) in [
+        (
+            None,
+            "fd31:210::1/64",
+            "fd31:210::2",
+            wn_mac.as_str(),
+            "wh210",
+        ),
+        (
+            Some("weft-t210"),
+            "fd31:210::2/64",
+            "fd31:210::1",
+            wh_mac.trim(),
+            "wn210",
+        ),
+    ] {
+        let mut pre = Vec::new();
+        if let Some(ns) = ns {
+            pre.extend(["-n", ns]);
+        }
+        let run = |args: &[&str]| sh("ip", &[pre.as_slice(), args].concat());
+        run(&["addr", "add", addr, "dev", link, "nodad"]);
+        run(&[
+            "neigh",
+            "replace",
+            peer,
+            "lladdr",
+            peer_mac,
+            "dev",
+            link,
+            "nud",
+            "permanent",
+        ]);
+    }
     cleanup
         .servers
         .push(Server::start("weft-t210", host_port, "namespace"));
@@ -665,7 +710,7 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
     let public = at([198, 51, 100, 2], GUEST_PORT);
     let ns_inner = at([10, 231, 210, 2], host_port);
     let ns_gateway = at([192, 168, 100, 1], host_port);
-    // What the guest reaches, in that order.
+    // What the guest reaches, in that order, then the host over IPv6.
     let targets = [
         host_end,
         host_other,
@@ -675,14 +720,24 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
         public,
         ns_inner,
         ns_gateway,
-    ];
+    ]
+    .map(|a| (guest, a))
+    .into_iter()
+    .chain([(
+        "weft-t210",
+        SocketAddr::from((
+            "fd31:210::1".parse::<std::net::Ipv6Addr>().expect("v6"),
+            host_port,
+        )),
+    )])
+    .collect::<Vec<_>>();
     // All at once: a dropped connection costs its whole timeout.
     let probe = || -> Vec<bool> {
         let probes: Vec<_> = targets
             .iter()
             .map(|a| {
-                let a = *a;
-                std::thread::spawn(move || reaches(guest, a))
+                let (ns, a) = *a;
+                std::thread::spawn(move || reaches(ns, a))
             })
             .collect();
         probes
@@ -727,7 +782,7 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
         table.contains("chain w210-fwd") && table.contains("chain w210-in"),
         "{table}"
     );
-    assert_eq!(probe(), vec![false; 8], "egress none");
+    assert_eq!(probe(), vec![false; 9], "egress none");
     routed_and_dhcp_work();
 
     // internet: public addresses only.
@@ -741,7 +796,7 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
     );
     assert_eq!(
         probe(),
-        vec![false, false, false, false, false, true, false, false],
+        vec![false, false, false, false, false, true, false, false, false],
         "egress internet"
     );
     routed_and_dhcp_work();
@@ -750,7 +805,7 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
     set_egress(&k, 210, Egress::All).expect("all");
     assert_eq!(
         probe(),
-        vec![true, true, true, true, true, true, false, false],
+        vec![true, true, true, true, true, true, false, false, true],
         "egress all"
     );
 
@@ -759,7 +814,7 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
         TcpStream::connect_timeout(&private, Duration::from_millis(700)).expect("open under all")
     });
     set_egress(&k, 210, Egress::None).expect("none");
-    assert_eq!(probe(), vec![false; 8], "egress none again");
+    assert_eq!(probe(), vec![false; 9], "egress none again");
     let mut open_reader = BufReader::new(open.try_clone().expect("clone"));
     open.set_read_timeout(Some(Duration::from_millis(700)))
         .expect("timeout");
