@@ -162,6 +162,7 @@ pub fn routes() -> Vec<Route> {
         ),
         route(Method::DELETE, "/v1/weaves/{name}", delete_weave),
         route(Method::POST, "/v1/weaves/{name}/limits", weave_limits),
+        route(Method::POST, "/v1/weaves/{name}/egress", weave_egress),
         route(Method::POST, "/v1/weaves/{name}/sync", weave_sync),
         route(Method::POST, "/v1/weaves/{name}/route", weave_route),
         route(Method::POST, "/v1/weaves/{name}/activate", weave_activate),
@@ -929,6 +930,9 @@ pub struct ApplyComposition {
     /// Serve its disks live through weft-blk instead of restoring them first.
     #[serde(default)]
     pub live: bool,
+    /// What the weave's guest may open connections to (default: none).
+    #[serde(default)]
+    pub egress: crate::model::Egress,
 }
 
 async fn apply_composition(
@@ -956,6 +960,7 @@ async fn apply_composition(
                         name: req.weave,
                         source: Some(crate::weaves::Source::Composition(name)),
                         live: req.live,
+                        egress: req.egress,
                     },
                 )
                 .await
@@ -1187,6 +1192,26 @@ async fn weave_activate(
     })
     .await?;
     Ok(Json(report))
+}
+
+async fn weave_egress(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    req: Result<Json<crate::model::EgressRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<NetSetup>, EnvError> {
+    let req = body(req)?;
+    net_change(
+        state,
+        peer,
+        headers,
+        name,
+        "weave.egress",
+        serde_json::to_string(&req).ok(),
+        move |net, weave, who| async move { net.set_egress(&weave, req.egress, &who).await },
+    )
+    .await
 }
 
 async fn weave_limits(

@@ -10,8 +10,9 @@ use crate::api::EnvironmentView;
 use crate::client::{Client, ClientError};
 use crate::config::{API_SOCKET_NAME, DEFAULT_RUN_DIR};
 use crate::model::{
-    AuditEntry, CreateEnvironment, CreateSnapshot, DiskRequest, ExposeRequest, GuestPlan, Job,
-    JobState, NetSetup, PruneRequest, RestoreRequest, Snapshot, Status, UnexposeRequest,
+    AuditEntry, CreateEnvironment, CreateSnapshot, DiskRequest, Egress, EgressRequest,
+    ExposeRequest, GuestPlan, Job, JobState, NetSetup, PruneRequest, RestoreRequest, Snapshot,
+    Status, UnexposeRequest,
 };
 use crate::policies::{Policy, SetPolicy};
 use crate::retention::Keep;
@@ -194,6 +195,9 @@ pub enum ComposeCommand {
         /// own): nothing is restored first.
         #[arg(long)]
         live: bool,
+        /// What the weave's guest may open connections to: none, internet or all.
+        #[arg(long, default_value = "none", value_parser = parse_egress)]
+        egress: Egress,
     },
     /// Delete a composition (weaves made from it stay).
     Delete {
@@ -470,6 +474,11 @@ pub enum WeaveCommand {
         /// --snapshot): nothing is restored first.
         #[arg(long)]
         live: bool,
+        /// What the guest may open connections to: none (not the host, other weaves
+        /// or any network), internet (public addresses only) or all. Connections
+        /// routed to it work under every policy.
+        #[arg(long, default_value = "none", value_parser = parse_egress)]
+        egress: Egress,
     },
     /// List the weaves of an environment.
     List {
@@ -535,6 +544,21 @@ pub enum WeaveCommand {
         #[arg(long)]
         no_reset: bool,
     },
+    /// Change what a weave's guest may open connections to, while it runs or not.
+    ///
+    /// none: nothing (not the host, other weaves or any network); internet: public
+    /// addresses only (not the host, other weaves, 10/8, 172.16/12, 192.168/16,
+    /// 100.64/10, 169.254/16, fc00::/7, fe80::/10); all: everything, the host
+    /// included. Connections routed to the guest and DHCP work under every policy.
+    ///
+    /// Example: weft weave egress w1 internet
+    Egress {
+        /// Weave name.
+        weave: String,
+        /// none, internet or all.
+        #[arg(value_parser = parse_egress)]
+        policy: Egress,
+    },
     /// Route new connections to a host port to the weave's guest port.
     ///
     /// Example: weft weave route w1 --guest-port 80 --host-port 8080
@@ -561,6 +585,11 @@ pub enum WeaveCommand {
         /// Weave name.
         weave: String,
     },
+}
+
+/// Parses an egress policy: none, internet or all.
+pub fn parse_egress(s: &str) -> Result<Egress, String> {
+    s.parse()
 }
 
 /// Parses `50%` or `50` into 50.
@@ -1488,6 +1517,7 @@ fn print_net(setup: &NetSetup, json: bool) {
         Some(w) => println!("active: weave {w}"),
         None => println!("active: {} itself", setup.env),
     }
+    println!("egress: {}", setup.egress.as_str());
     let rows = setup
         .ports
         .iter()
@@ -1868,11 +1898,20 @@ async fn compose_command(client: &Client, cmd: ComposeCommand, json: bool) -> Re
                 print_conflicts(&list);
             }
         }
-        ComposeCommand::Apply { name, weave, live } => {
+        ComposeCommand::Apply {
+            name,
+            weave,
+            live,
+            egress,
+        } => {
             let w: Weave = client
                 .post(
                     &format!("{}/apply", compose_path(&name)?),
-                    &crate::api::ApplyComposition { weave, live },
+                    &crate::api::ApplyComposition {
+                        weave,
+                        live,
+                        egress,
+                    },
                 )
                 .await?;
             if json {
@@ -1933,6 +1972,7 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
             snapshot,
             name,
             live,
+            egress,
         } => {
             let source = match (at, snapshot) {
                 (Some(t), _) => Source::At(t),
@@ -1946,6 +1986,7 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
                         name,
                         source: Some(source),
                         live,
+                        egress,
                     },
                 )
                 .await?;
@@ -2056,6 +2097,15 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
                     if r.reset { "; destination reset" } else { "" }
                 );
             }
+        }
+        WeaveCommand::Egress { weave, policy } => {
+            let setup: NetSetup = client
+                .post(
+                    &format!("{}/egress", weave_path(&weave)?),
+                    &EgressRequest { egress: policy },
+                )
+                .await?;
+            print_net(&setup, json);
         }
         WeaveCommand::Limits { weave, cpu, memory } => {
             let w: Weave = client

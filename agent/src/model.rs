@@ -370,6 +370,63 @@ pub struct NetSetup {
     pub active: Option<String>,
     /// Host ports, by port.
     pub ports: Vec<HostPort>,
+    /// What a weave's guest may open connections to (environments run on the
+    /// operator's network and have none of weft's).
+    #[serde(default)]
+    pub egress: Egress,
+}
+
+/// A weave's egress policy. Connections routed to the guest (host ports) and DHCP from
+/// weftd work under every policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// The guest opens no connection: not to the host, other weaves or any network.
+    #[default]
+    None,
+    /// Public addresses only: not the host's own addresses, other weaves, 10/8,
+    /// 172.16/12, 192.168/16, 100.64/10, 169.254/16, fc00::/7 or fe80::/10.
+    Internet,
+    /// Everything, the host included.
+    All,
+}
+
+impl Egress {
+    /// The name the API, the CLI and the catalog use.
+    pub fn as_str(&self) -> &'static str {
+        self.kernel().as_str()
+    }
+
+    /// The kernel policy.
+    pub fn kernel(&self) -> weft_netns::Egress {
+        match self {
+            Egress::None => weft_netns::Egress::None,
+            Egress::Internet => weft_netns::Egress::Internet,
+            Egress::All => weft_netns::Egress::All,
+        }
+    }
+}
+
+impl std::str::FromStr for Egress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Egress::None),
+            "internet" => Ok(Egress::Internet),
+            "all" => Ok(Egress::All),
+            other => Err(format!(
+                "egress {other:?} is not one of none, internet, all"
+            )),
+        }
+    }
+}
+
+/// Body of `POST /v1/weaves/{name}/egress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressRequest {
+    /// The new policy.
+    pub egress: Egress,
 }
 
 /// Body of `POST /v1/environments/{name}/expose`.

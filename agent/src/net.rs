@@ -30,7 +30,7 @@ use weft_qmp::launch::VmConfig;
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::catalog_snapshots::SnapshotFilter;
 use crate::envs::{one_line, EnvError};
-use crate::model::{ExposeRequest, GuestPlan, HostPort, NetSetup, SnapshotKind};
+use crate::model::{Egress, ExposeRequest, GuestPlan, HostPort, NetSetup, SnapshotKind};
 use crate::weaves::Weave;
 
 /// Category of the `net` snapshots weft records when the network setup changes.
@@ -72,6 +72,19 @@ async fn plan_in(conn: &mut SqliteConnection, env: &str) -> Result<GuestPlan, Ca
             .map_err(|_| corrupt(&what, format!("prefix {prefix}")))?,
         gateway: parse_ip(&r.try_get::<String, _>("gateway")?, &what)?,
     })
+}
+
+async fn egress_in(conn: &mut SqliteConnection, env: &str) -> Result<Egress, CatalogError> {
+    let row = sqlx::query("SELECT egress FROM env_net WHERE env = ?")
+        .bind(env)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(r) = row else {
+        return Ok(Egress::default());
+    };
+    let text: String = r.try_get("egress")?;
+    text.parse()
+        .map_err(|e: String| corrupt(&format!("net of {env}"), e))
 }
 
 async fn active_in(conn: &mut SqliteConnection, env: &str) -> Result<Option<String>, CatalogError> {
@@ -136,6 +149,7 @@ async fn setup_in(conn: &mut SqliteConnection, env: &str) -> Result<NetSetup, Ca
             .into_iter()
             .map(|(_, p)| p)
             .collect(),
+        egress: egress_in(conn, env).await?,
     })
 }
 
@@ -173,6 +187,7 @@ enum Change {
     Retarget { port: u16, target: String },
     Active { env: String, active: Option<String> },
     Plan { env: String, plan: GuestPlan },
+    Egress { env: String, egress: Egress },
 }
 
 /// The `net` snapshot a change records: of which environment, by whom, saying what.
@@ -285,6 +300,20 @@ impl Catalog {
                     .bind(plan.guest_ip.to_string())
                     .bind(i64::from(plan.guest_prefix))
                     .bind(plan.gateway.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::Egress { env, egress } => {
+                    let d = GuestPlan::default();
+                    sqlx::query(
+                        "INSERT INTO env_net (env, guest_ip, guest_prefix, gateway, active, egress) VALUES (?, ?, ?, ?, NULL, ?)
+                         ON CONFLICT (env) DO UPDATE SET egress = excluded.egress",
+                    )
+                    .bind(env)
+                    .bind(d.guest_ip.to_string())
+                    .bind(i64::from(d.guest_prefix))
+                    .bind(d.gateway.to_string())
+                    .bind(egress.as_str())
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -981,12 +1010,14 @@ impl Net {
 
     /// Creates the network of a new weave (its rows exist): its namespace, links and
     /// NAT with the guest plan `chosen` (a composition's `net` rule chose it), else the
-    /// plan of its instant; the plan is recorded as the weave's.
+    /// plan of its instant, and its filter for `egress`; plan and egress are recorded
+    /// as the weave's.
     pub async fn create_weave(
         &self,
         weave: &Weave,
         config: &VmConfig,
         chosen: Option<GuestPlan>,
+        egress: Egress,
     ) -> Result<(), EnvError> {
         let plan = match chosen {
             Some(plan) => {
@@ -1001,22 +1032,77 @@ impl Net {
         };
         self.catalog
             .commit_net(
-                &[Change::Plan {
-                    env: weave.name.clone(),
-                    plan,
-                }],
+                &[
+                    Change::Plan {
+                        env: weave.name.clone(),
+                        plan,
+                    },
+                    Change::Egress {
+                        env: weave.name.clone(),
+                        egress,
+                    },
+                ],
                 None,
             )
             .await?;
         self.catalog
             .own_net(&own_weave(&weave.name, weave.net_index)?)
             .await?;
-        let wplan = crate::weavenet::weave_plan(&weave.name, weave.net_index, config, &plan);
-        self.kernel(move |ops| weft_netns::WeaveNet::create(ops, &wplan).map(drop))
-            .await
-            .map_err(|e| kernel_err(&format!("network of weave {}", weave.name), e))?;
-        info!(weave = %weave.name, plan = %format!("{}/{} via {}", plan.guest_ip, plan.guest_prefix, plan.gateway), "weave network created");
+        let wplan =
+            crate::weavenet::weave_plan(&weave.name, weave.net_index, config, &plan, egress);
+        self.kernel(move |ops| {
+            weft_netns::WeaveNet::create(ops, &wplan)?;
+            forwarding_for(ops, egress)
+        })
+        .await
+        .map_err(|e| kernel_err(&format!("network of weave {}", weave.name), e))?;
+        info!(weave = %weave.name, plan = %format!("{}/{} via {}", plan.guest_ip, plan.guest_prefix, plan.gateway), egress = egress.as_str(), "weave network created");
         Ok(())
+    }
+
+    /// Changes what weave `name`'s guest may open connections to, while it runs or
+    /// not: the root filter first (one transaction), then the record and its `net`
+    /// snapshot; a failed record puts the old policy back.
+    pub async fn set_egress(
+        &self,
+        name: &str,
+        egress: Egress,
+        actor: &str,
+    ) -> Result<NetSetup, EnvError> {
+        let weave = self.weave(name).await?;
+        let _lock = LOCK.lock().await;
+        let before = self.catalog.net_setup(name).await?.egress;
+        let index = weave.net_index;
+        self.kernel(move |ops| {
+            weft_netns::set_egress(ops, index, egress.kernel())?;
+            forwarding_for(ops, egress)
+        })
+        .await
+        .map_err(|e| kernel_err(&format!("egress of weave {name}"), e))?;
+        let record = Record {
+            env: name,
+            actor,
+            note: format!("egress {} -> {}", before.as_str(), egress.as_str()),
+        };
+        let changes = [Change::Egress {
+            env: name.to_string(),
+            egress,
+        }];
+        if let Err(e) = self.catalog.commit_net(&changes, Some(&record)).await {
+            let back = self
+                .kernel(move |ops| weft_netns::set_egress(ops, index, before.kernel()))
+                .await;
+            if let Err(b) = back {
+                warn!(weave = name, error = %b, "cannot put the old egress policy back");
+            }
+            return Err(e.into());
+        }
+        info!(
+            weave = name,
+            egress = egress.as_str(),
+            "weave egress changed"
+        );
+        Ok(self.catalog.net_setup(name).await?)
     }
 
     /// Removes a weave's network: ports published by its environment that go to it go
@@ -1188,6 +1274,7 @@ impl Net {
 
     async fn reconcile_locked(&self) -> Result<ReconcileReport, EnvError> {
         let mut plans = Vec::new();
+        let mut any_egress = false;
         let mut own = Vec::new();
         for w in self.catalog.weaves(None).await? {
             let Some(config) = self
@@ -1199,11 +1286,14 @@ impl Net {
                 continue;
             };
             let plan = self.catalog.net_plan(&w.name).await?;
+            let egress = self.catalog.net_setup(&w.name).await?.egress;
+            any_egress |= egress != Egress::None;
             plans.push(crate::weavenet::weave_plan(
                 &w.name,
                 w.net_index,
                 &config,
                 &plan,
+                egress,
             ));
             own.extend(own_weave(&w.name, w.net_index)?);
         }
@@ -1237,7 +1327,7 @@ impl Net {
         let (mut report, present) = self
             .kernel(move |ops| {
                 let mut report = weft_netns::reconcile(ops, &owned_k, &plans, &wanted_routes)?;
-                let forwarding = if wanted_routes.is_empty() {
+                let forwarding = if wanted_routes.is_empty() && !any_egress {
                     Ok(())
                 } else {
                     weft_netns::enable_host_forwarding(ops)
@@ -1310,6 +1400,15 @@ impl Net {
                 .await?;
         }
         Ok(report)
+    }
+}
+
+/// A weave whose guest may leave the host needs the root namespace to forward.
+fn forwarding_for(ops: &dyn NetOps, egress: Egress) -> weft_netns::Result<()> {
+    if egress == Egress::None {
+        Ok(())
+    } else {
+        weft_netns::enable_host_forwarding(ops)
     }
 }
 
@@ -1413,10 +1512,14 @@ mod tests {
         }
     }
 
+    /// Transactions on the root route table (the weaves' filters aside).
     fn nft_batches(rec: &Recorder) -> usize {
         rec.mutations()
             .iter()
-            .filter(|c| matches!(c, Call::ApplyNft(None, _)))
+            .filter(|c| {
+                matches!(c, Call::ApplyNft(None, b)
+                if b.iter().any(|op| op.table().name == weft_netns::TABLE))
+            })
             .count()
     }
 
@@ -1708,7 +1811,7 @@ mod tests {
         // The weave's namespace gets that plan, and keeps it as its own.
         add_weave(&catalog, "past", 7, "at past", &between).await;
         let weave = catalog.weave("past").await.unwrap().unwrap();
-        net.create_weave(&weave, &config("weft-tap0"), None)
+        net.create_weave(&weave, &config("weft-tap0"), None, Egress::None)
             .await
             .unwrap();
         assert_eq!(catalog.net_plan("past").await.unwrap(), old);
@@ -1738,11 +1841,11 @@ mod tests {
             ..old
         };
         let e = net
-            .create_weave(&weave, &config("weft-tap1"), Some(bad))
+            .create_weave(&weave, &config("weft-tap1"), Some(bad), Egress::None)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("chosen address plan"), "{e}");
-        net.create_weave(&weave, &config("weft-tap1"), Some(old))
+        net.create_weave(&weave, &config("weft-tap1"), Some(old), Egress::None)
             .await
             .unwrap();
         assert_eq!(catalog.net_plan("chosen").await.unwrap(), old);
@@ -1753,7 +1856,7 @@ mod tests {
         let (catalog, rec, net) = rig().await;
         add_weave(&catalog, "w1", 7, "now", &now()).await;
         let weave = catalog.weave("w1").await.unwrap().unwrap();
-        net.create_weave(&weave, &config("weft-tap0"), None)
+        net.create_weave(&weave, &config("weft-tap0"), None, Egress::None)
             .await
             .unwrap();
         net.expose("web", &expose(80, P0), "alice").await.unwrap();
@@ -1775,6 +1878,63 @@ mod tests {
         assert!(owned.netns.is_empty() && owned.indices.is_empty());
         let last = net_snapshots(&catalog, "web").await.pop().unwrap();
         assert!(last.note.unwrap().starts_with("weave w1 deleted"));
+    }
+
+    #[tokio::test]
+    async fn egress_is_set_at_create_changed_while_running_recorded_and_restored() {
+        let (catalog, rec, net) = rig().await;
+        let filter = weft_netns::filter_table();
+        add_weave(&catalog, "e1", 7, "now", &now()).await;
+        let weave = catalog.weave("e1").await.unwrap().unwrap();
+        net.create_weave(&weave, &config("weft-tap0"), None, Egress::Internet)
+            .await
+            .unwrap();
+        assert_eq!(
+            catalog.net_setup("e1").await.unwrap().egress,
+            Egress::Internet
+        );
+        assert_eq!(rec.chains(None, &filter), vec!["w7-fwd", "w7-in", "w7-nat"]);
+        // Leaving the host needs the root namespace to forward.
+        assert!(rec.calls().contains(&Call::SetSysctl {
+            netns: None,
+            key: "net/ipv4/ip_forward".into(),
+            value: "1".into()
+        }));
+
+        // Changed while it runs: one filter transaction, recorded with a net snapshot.
+        rec.clear_calls();
+        let setup = net.set_egress("e1", Egress::None, "alice").await.unwrap();
+        assert_eq!(setup.egress, Egress::None);
+        assert_eq!(rec.chains(None, &filter), vec!["w7-fwd", "w7-in"]);
+        assert_eq!(rec.mutations().len(), 1, "{:?}", rec.mutations());
+        let snaps = net_snapshots(&catalog, "e1").await;
+        let last = snaps.iter().max_by_key(|s| s.id).unwrap();
+        assert_eq!(last.net.as_ref().unwrap().egress, Egress::None);
+        assert_eq!(last.actor, "alice");
+
+        // Only weaves have an egress policy.
+        let e = net
+            .set_egress("web", Egress::All, "alice")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EnvError::NotFound(_)), "{e}");
+        // A kernel failure changes nothing.
+        rec.fail_nth_mutation(1);
+        assert!(net.set_egress("e1", Egress::All, "alice").await.is_err());
+        assert_eq!(catalog.net_setup("e1").await.unwrap().egress, Egress::None);
+        assert_eq!(rec.chains(None, &filter), vec!["w7-fwd", "w7-in"]);
+
+        // After a reboot the filter is gone: reconcile puts back the recorded policy.
+        net.set_egress("e1", Egress::All, "alice").await.unwrap();
+        weft_netns::remove_filter(rec.as_ref(), 7).unwrap();
+        assert!(rec.chains(None, &filter).is_empty());
+        let report = net.reconcile().await.report.unwrap();
+        assert_eq!(report.errors, Vec::<String>::new());
+        assert_eq!(rec.chains(None, &filter), vec!["w7-fwd", "w7-in", "w7-nat"]);
+        assert!(
+            rec.rules_in(None, &filter, "w7-fwd").is_empty(),
+            "egress all"
+        );
     }
 
     #[tokio::test]

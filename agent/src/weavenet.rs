@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use weft_netns::{GuestLink, Kernel, WeaveNet, WeavePlan};
 use weft_qmp::launch::VmConfig;
 
-use crate::model::GuestPlan;
+use crate::model::{Egress, GuestPlan};
 
 /// The guest's address inside a weave with the default plan.
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 2);
@@ -30,8 +30,14 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The network plan of weave `name` (slot `index`): the guest plan `guest`, on the
-/// tap of the first NIC of `config` (which carries the gateway address).
-pub fn weave_plan(name: &str, index: u8, config: &VmConfig, guest: &GuestPlan) -> WeavePlan {
+/// tap of the first NIC of `config` (which carries the gateway address), with `egress`.
+pub fn weave_plan(
+    name: &str,
+    index: u8,
+    config: &VmConfig,
+    guest: &GuestPlan,
+    egress: Egress,
+) -> WeavePlan {
     let tap = config
         .nics
         .first()
@@ -44,6 +50,7 @@ pub fn weave_plan(name: &str, index: u8, config: &VmConfig, guest: &GuestPlan) -
         guest_prefix: guest.guest_prefix,
         gateway_ip: guest.gateway,
         guest_link: GuestLink::Tap { name: tap },
+        egress: egress.kernel(),
     }
 }
 
@@ -51,7 +58,13 @@ pub fn weave_plan(name: &str, index: u8, config: &VmConfig, guest: &GuestPlan) -
 /// weftd itself goes through [`crate::net::Net::create_weave`], which uses the plan of
 /// the weave's instant and records what it creates.
 pub async fn create(name: &str, index: u8, config: &VmConfig) -> Result<(), String> {
-    let plan = weave_plan(name, index, config, &GuestPlan::default());
+    let plan = weave_plan(
+        name,
+        index,
+        config,
+        &GuestPlan::default(),
+        Egress::default(),
+    );
     blocking(move || WeaveNet::create(&Kernel::new(), &plan).map(drop)).await
 }
 

@@ -59,6 +59,9 @@ pub struct CreateWeave {
     /// restoring a base first (snapshot, instant or composition sources).
     #[serde(default)]
     pub live: bool,
+    /// What the guest may open connections to (default: none).
+    #[serde(default)]
+    pub egress: crate::model::Egress,
 }
 
 /// A weave as the API shows it.
@@ -423,7 +426,7 @@ impl Weaves {
             })?;
             // Its namespace, with the guest plan of its instant (crate::net).
             crate::net::Net::new(catalog)
-                .create_weave(&weave, &config, net_plan)
+                .create_weave(&weave, &config, net_plan, req.egress)
                 .await?;
             self.dhcp
                 .start_for(catalog, &name, &config)

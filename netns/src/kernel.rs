@@ -20,7 +20,7 @@ use nix::sched::{setns, unshare, CloneFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use crate::ops::{LinkEnd, NetOps, NftOp, Prefix};
+use crate::ops::{LinkEnd, NetOps, NftOp, NftTable, Prefix};
 use crate::plan::{netns_path, NETNS_DIR};
 use crate::{nft, Error, Result};
 
@@ -476,8 +476,8 @@ impl NetOps for Kernel {
         run_in(netns, "list nftables tables", nft::list_tables)
     }
 
-    fn list_nft_chains(&self, netns: Option<&str>, table: &str) -> Result<Vec<String>> {
-        let table = table.to_string();
+    fn list_nft_chains(&self, netns: Option<&str>, table: &NftTable) -> Result<Vec<String>> {
+        let table = table.clone();
         let op = format!("list nftables chains of {table}");
         run_in(netns, &op, move || nft::list_chains(&table))
     }

@@ -1,6 +1,8 @@
 //! Network isolation for weaves: a namespace per weave, veth/tap links and
 //! addresses through rtnetlink, nftables tables, chains and rules through nftnl,
-//! port routes and the atomic switch-over used by `weave activate`.
+//! port routes and the atomic switch-over used by `weave activate`, and the filter
+//! that keeps a weave's guest off the host, other weaves and networks as its egress
+//! policy says ([`set_egress`]).
 //!
 //! Every kernel side effect goes through the narrow [`NetOps`] trait. [`Kernel`]
 //! is the real implementation; [`Recorder`] is a test double that records the
@@ -14,6 +16,7 @@
 
 use std::io;
 
+mod filter;
 mod kernel;
 mod nft;
 mod ops;
@@ -23,8 +26,15 @@ mod recorder;
 mod routes;
 mod weave;
 
+pub use filter::{
+    filter_chains, filter_ops, filter_table, remove_filter, set_egress, Egress, DHCP_SERVER_PORT,
+    FILTER_TABLE, PRIVATE_V4, PRIVATE_V6,
+};
 pub use kernel::Kernel;
-pub use ops::{BaseChain, ChainKind, Hook, LinkEnd, NetOps, NftOp, NftRule, Prefix};
+pub use ops::{
+    BaseChain, ChainKind, Family, Hook, LinkEnd, Net, NetOps, NftOp, NftRule, NftTable, Prefix,
+    Prefix6, Verdict,
+};
 pub use plan::{
     guest_network, host_addr, host_link, netns_path, ns_addr, ns_link, LINK_NET, LINK_PREFIX,
     NETNS_DIR, NETNS_PREFIX, TABLE,

@@ -14,7 +14,7 @@ use nftnl::expr::{Expression, Immediate, Nat, NatType, Register};
 use nftnl::nftnl_sys::{self as sys, libc};
 use nftnl::{nft_expr, Batch, Chain, MsgType, ProtoFamily, Rule, Table};
 
-use crate::ops::{BaseChain, ChainKind, Hook, NftOp, NftRule};
+use crate::ops::{BaseChain, ChainKind, Family, Hook, Net, NftOp, NftRule, NftTable, Verdict};
 
 /// `NFTA_FIB_F_DADDR`: look up the destination address.
 const NFTA_FIB_F_DADDR: u32 = 1 << 1;
@@ -55,6 +55,37 @@ impl Expression for FibDaddrType {
     }
 }
 
+/// `IP_CT_DIR_REPLY`: the packet goes the other way than the connection's first one.
+const IP_CT_DIR_REPLY: u8 = 1;
+
+/// `ct direction` (loads the packet's conntrack direction into reg 1). nftnl's
+/// `Conntrack` expression has no direction key, so it is built here.
+struct CtDirection;
+
+impl Expression for CtDirection {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: the name is a NUL-terminated static string; a null return is handled below.
+        let expr = unsafe { sys::nftnl_expr_alloc(c"ct".as_ptr()) };
+        let Some(expr) = NonNull::new(expr) else {
+            std::process::abort();
+        };
+        // SAFETY: `expr` is a live ct expression; key and dreg are u32 attributes of it.
+        unsafe {
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_CT_KEY as u16,
+                libc::NFT_CT_DIRECTION as u32,
+            );
+            sys::nftnl_expr_set_u32(
+                expr.as_ptr(),
+                sys::NFTNL_EXPR_CT_DREG as u16,
+                libc::NFT_REG_1 as u32,
+            );
+        }
+        expr
+    }
+}
+
 fn cstring(what: &str, s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| {
         io::Error::new(
@@ -67,8 +98,65 @@ fn cstring(what: &str, s: &str) -> io::Result<CString> {
 fn hook(h: Hook) -> nftnl::Hook {
     match h {
         Hook::Prerouting => nftnl::Hook::PreRouting,
+        Hook::Input => nftnl::Hook::In,
+        Hook::Forward => nftnl::Hook::Forward,
         Hook::Output => nftnl::Hook::Out,
         Hook::Postrouting => nftnl::Hook::PostRouting,
+    }
+}
+
+fn proto_family(f: Family) -> ProtoFamily {
+    match f {
+        Family::Ip => ProtoFamily::Ipv4,
+        Family::Inet => ProtoFamily::Inet,
+    }
+}
+
+fn nft_table(t: &NftTable) -> io::Result<Table> {
+    Ok(Table::new(
+        cstring("table", &t.name)?,
+        proto_family(t.family),
+    ))
+}
+
+/// `meta nfproto ipv4|ipv6` in an `inet` table, where a payload match on the
+/// network header must not read the other family's header; nothing in `ip`.
+fn add_match_nfproto(rule: &mut Rule, family: Family, proto: i32) {
+    if family == Family::Inet {
+        rule.add_expr(&nft_expr!(meta nfproto));
+        rule.add_expr(&nft_expr!(cmp == proto as u8));
+    }
+}
+
+fn add_match_iif(rule: &mut Rule, iif: &str) -> io::Result<()> {
+    let iif = cstring("interface", iif)?;
+    rule.add_expr(&nft_expr!(meta iifname));
+    rule.add_expr(&nft_expr!(cmp == nftnl::expr::InterfaceName::Exact(iif)));
+    Ok(())
+}
+
+fn add_match_daddr(rule: &mut Rule, family: Family, net: Net) {
+    match net {
+        Net::V4(p) => {
+            add_match_nfproto(rule, family, libc::NFPROTO_IPV4);
+            add_match_prefix(rule, nftnl::expr::Ipv4HeaderField::Daddr, p);
+        }
+        Net::V6(p) => {
+            // An `ip` table never sees IPv6, so it never matches there.
+            add_match_nfproto(rule, Family::Inet, libc::NFPROTO_IPV6);
+            rule.add_expr(&nftnl::expr::Payload::Network(
+                nftnl::expr::NetworkHeaderField::Ipv6(nftnl::expr::Ipv6HeaderField::Daddr),
+            ));
+            rule.add_expr(&nft_expr!(bitwise mask p.mask(), xor std::net::Ipv6Addr::UNSPECIFIED));
+            rule.add_expr(&nft_expr!(cmp == p.network().addr));
+        }
+    }
+}
+
+fn add_verdict(rule: &mut Rule, v: Verdict) {
+    match v {
+        Verdict::Accept => rule.add_expr(&nft_expr!(verdict accept)),
+        Verdict::Drop => rule.add_expr(&nft_expr!(verdict drop)),
     }
 }
 
@@ -80,7 +168,7 @@ fn add_match_prefix(rule: &mut Rule, field: nftnl::expr::Ipv4HeaderField, p: cra
     rule.add_expr(&nft_expr!(cmp == p.network().addr));
 }
 
-fn add_rule_exprs(rule: &mut Rule, spec: &NftRule) -> io::Result<()> {
+fn add_rule_exprs(rule: &mut Rule, family: Family, spec: &NftRule) -> io::Result<()> {
     match spec {
         NftRule::DnatTcpFromLink { iif, to } => {
             let iif = cstring("interface", iif)?;
@@ -113,6 +201,7 @@ fn add_rule_exprs(rule: &mut Rule, spec: &NftRule) -> io::Result<()> {
             });
         }
         NftRule::Masquerade { saddr, daddr, oif } => {
+            add_match_nfproto(rule, family, libc::NFPROTO_IPV4);
             add_match_prefix(rule, nftnl::expr::Ipv4HeaderField::Saddr, *saddr);
             if let Some(daddr) = daddr {
                 add_match_prefix(rule, nftnl::expr::Ipv4HeaderField::Daddr, *daddr);
@@ -124,6 +213,39 @@ fn add_rule_exprs(rule: &mut Rule, spec: &NftRule) -> io::Result<()> {
             }
             rule.add_expr(&nft_expr!(masquerade));
         }
+        NftRule::AcceptReplies { iif } => {
+            add_match_iif(rule, iif)?;
+            rule.add_expr(&CtDirection);
+            rule.add_expr(&nft_expr!(cmp == IP_CT_DIR_REPLY));
+            rule.add_expr(&nft_expr!(verdict accept));
+        }
+        NftRule::AcceptRelated { iif } => {
+            add_match_iif(rule, iif)?;
+            let related = nftnl::expr::States::RELATED;
+            rule.add_expr(&nft_expr!(ct state));
+            rule.add_expr(&nft_expr!(bitwise mask related.bits(), xor 0u32));
+            rule.add_expr(&nft_expr!(cmp != 0u32));
+            rule.add_expr(&nft_expr!(verdict accept));
+        }
+        NftRule::AcceptUdp { iif, port } => {
+            add_match_iif(rule, iif)?;
+            rule.add_expr(&nft_expr!(meta l4proto));
+            rule.add_expr(&nft_expr!(cmp == libc::IPPROTO_UDP as u8));
+            rule.add_expr(&nft_expr!(payload udp dport));
+            rule.add_expr(&nft_expr!(cmp == port.to_be()));
+            rule.add_expr(&nft_expr!(verdict accept));
+        }
+        NftRule::FromLink {
+            iif,
+            daddr,
+            verdict,
+        } => {
+            add_match_iif(rule, iif)?;
+            if let Some(net) = daddr {
+                add_match_daddr(rule, family, *net);
+            }
+            add_verdict(rule, *verdict);
+        }
     }
     Ok(())
 }
@@ -134,15 +256,15 @@ fn build_batch(ops: &[NftOp]) -> io::Result<nftnl::FinalizedBatch> {
     for op in ops {
         match op {
             NftOp::AddTable { table } => {
-                let t = Table::new(cstring("table", table)?, ProtoFamily::Ipv4);
+                let t = nft_table(table)?;
                 batch.add(&t, MsgType::Add);
             }
             NftOp::DeleteTable { table } => {
-                let t = Table::new(cstring("table", table)?, ProtoFamily::Ipv4);
+                let t = nft_table(table)?;
                 batch.add(&t, MsgType::Del);
             }
             NftOp::AddChain { table, chain, base } => {
-                let t = Table::new(cstring("table", table)?, ProtoFamily::Ipv4);
+                let t = nft_table(table)?;
                 let mut c = Chain::new(cstring("chain", chain)?, &t);
                 if let Some(BaseChain {
                     kind,
@@ -153,20 +275,21 @@ fn build_batch(ops: &[NftOp]) -> io::Result<nftnl::FinalizedBatch> {
                     c.set_hook(hook(*h), *priority);
                     c.set_type(match kind {
                         ChainKind::Nat => nftnl::ChainType::Nat,
+                        ChainKind::Filter => nftnl::ChainType::Filter,
                     });
                     c.set_policy(nftnl::Policy::Accept);
                 }
                 batch.add(&c, MsgType::Add);
             }
             NftOp::FlushChain { table, chain } => {
-                let t = Table::new(cstring("table", table)?, ProtoFamily::Ipv4);
+                let t = nft_table(table)?;
                 let c = Chain::new(cstring("chain", chain)?, &t);
                 // A rule delete without a handle deletes every rule of the chain.
                 let r = Rule::new(&c);
                 batch.add(&r, MsgType::Del);
             }
             NftOp::DeleteChain { table, chain } => {
-                let t = Table::new(cstring("table", table)?, ProtoFamily::Ipv4);
+                let t = nft_table(table)?;
                 let c = Chain::new(cstring("chain", chain)?, &t);
                 batch.add(&c, MsgType::Del);
             }
@@ -176,10 +299,10 @@ fn build_batch(ops: &[NftOp]) -> io::Result<nftnl::FinalizedBatch> {
                 rule,
                 comment,
             } => {
-                let t = Table::new(cstring("table", table)?, ProtoFamily::Ipv4);
+                let t = nft_table(table)?;
                 let c = Chain::new(cstring("chain", chain)?, &t);
                 let mut r = Rule::new(&c);
-                add_rule_exprs(&mut r, rule)?;
+                add_rule_exprs(&mut r, table.family, rule)?;
                 if let Some(comment) = comment {
                     r.set_comment(cstring("comment", comment)?)
                         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
@@ -360,15 +483,15 @@ pub(crate) fn list_tables() -> io::Result<Vec<String>> {
     Ok(tables)
 }
 
-/// Names of the chains of the `ip` family table `table`.
-pub(crate) fn list_chains(table: &str) -> io::Result<Vec<String>> {
+/// Names of the chains of `table`.
+pub(crate) fn list_chains(table: &NftTable) -> io::Result<Vec<String>> {
     let mut filter = ChainFilter {
-        table: table.to_string(),
+        table: table.name.clone(),
         chains: Vec::new(),
     };
     dump(
         libc::NFT_MSG_GETCHAIN,
-        libc::NFPROTO_IPV4 as u16,
+        proto_family(table.family) as u16,
         chains_cb,
         &mut filter,
     )?;

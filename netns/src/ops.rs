@@ -1,7 +1,7 @@
 //! The narrow kernel interface and the declarative nftables vocabulary it takes.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use crate::Result;
 
@@ -53,6 +53,133 @@ impl fmt::Display for Prefix {
     }
 }
 
+/// An IPv6 network with a prefix length, e.g. `fc00::/7`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Prefix6 {
+    /// The address.
+    pub addr: Ipv6Addr,
+    /// The prefix length, 0..=128.
+    pub len: u8,
+}
+
+impl Prefix6 {
+    /// A prefix; `len` above 128 is clamped to 128.
+    pub const fn new(addr: Ipv6Addr, len: u8) -> Self {
+        Prefix6 {
+            addr,
+            len: if len > 128 { 128 } else { len },
+        }
+    }
+
+    /// The netmask, e.g. fe00:: for /7.
+    pub fn mask(&self) -> Ipv6Addr {
+        let bits = if self.len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.len))
+        };
+        Ipv6Addr::from(bits)
+    }
+
+    /// The same prefix with the host bits cleared.
+    pub fn network(&self) -> Prefix6 {
+        Prefix6::new(
+            Ipv6Addr::from(u128::from(self.addr) & u128::from(self.mask())),
+            self.len,
+        )
+    }
+
+    /// Whether `addr` lies in this network.
+    pub fn contains(&self, addr: Ipv6Addr) -> bool {
+        u128::from(addr) & u128::from(self.mask()) == u128::from(self.network().addr)
+    }
+}
+
+impl fmt::Display for Prefix6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// A destination network of either family, for filter rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Net {
+    /// `ip daddr …`
+    V4(Prefix),
+    /// `ip6 daddr …`
+    V6(Prefix6),
+}
+
+impl fmt::Display for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Net::V4(p) => p.fmt(f),
+            Net::V6(p) => p.fmt(f),
+        }
+    }
+}
+
+/// The nftables families the crate uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// `ip`: IPv4 only (the NAT tables).
+    Ip,
+    /// `inet`: IPv4 and IPv6 alike (the filter tables).
+    Inet,
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Ip => "ip",
+            Family::Inet => "inet",
+        })
+    }
+}
+
+/// A table: its family and name. A bare name (`"weft".into()`) is an `ip` table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NftTable {
+    /// Family.
+    pub family: Family,
+    /// Name.
+    pub name: String,
+}
+
+impl NftTable {
+    /// An `inet` table.
+    pub fn inet(name: impl Into<String>) -> Self {
+        NftTable {
+            family: Family::Inet,
+            name: name.into(),
+        }
+    }
+}
+
+impl From<&str> for NftTable {
+    fn from(name: &str) -> Self {
+        NftTable {
+            family: Family::Ip,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl From<String> for NftTable {
+    fn from(name: String) -> Self {
+        NftTable {
+            family: Family::Ip,
+            name,
+        }
+    }
+}
+
+impl fmt::Display for NftTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.family, self.name)
+    }
+}
+
 /// One end of a veth pair: a link name in a namespace (`None` is the namespace
 /// of the calling process, the host's root namespace for weftd).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -81,11 +208,15 @@ impl LinkEnd {
     }
 }
 
-/// Netfilter hooks the crate uses (all in the `ip` family).
+/// Netfilter hooks the crate uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Hook {
     /// NF_INET_PRE_ROUTING
     Prerouting,
+    /// NF_INET_LOCAL_IN
+    Input,
+    /// NF_INET_FORWARD
+    Forward,
     /// NF_INET_LOCAL_OUT
     Output,
     /// NF_INET_POST_ROUTING
@@ -98,6 +229,8 @@ pub enum ChainKind {
     /// `type nat`: consulted for the first packet of a connection only, so the
     /// mapping it picks stays with the connection (conntrack).
     Nat,
+    /// `type filter`: sees every packet.
+    Filter,
 }
 
 /// What makes a chain a base chain: its type, hook and priority. Policy is always accept.
@@ -130,6 +263,27 @@ impl BaseChain {
         hook: Hook::Postrouting,
         priority: 100,
     };
+    /// `type filter hook input priority filter` (packets to this namespace's own addresses)
+    pub const INPUT_FILTER: BaseChain = BaseChain {
+        kind: ChainKind::Filter,
+        hook: Hook::Input,
+        priority: 0,
+    };
+    /// `type filter hook forward priority filter` (packets routed through this namespace)
+    pub const FORWARD_FILTER: BaseChain = BaseChain {
+        kind: ChainKind::Filter,
+        hook: Hook::Forward,
+        priority: 0,
+    };
+}
+
+/// What a filter rule does with the packets it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Let it through this chain (later base chains still see it).
+    Accept,
+    /// Drop it, whatever any other chain says.
+    Drop,
 }
 
 /// The rule shapes the crate writes. Closed on purpose: the real implementation
@@ -163,26 +317,54 @@ pub enum NftRule {
         /// Output interface, if restricted.
         oif: Option<String>,
     },
+    /// `iifname IIF ct direction reply accept` — packets answering connections
+    /// opened towards the link. A connection opened from the link is never one.
+    AcceptReplies {
+        /// Input interface.
+        iif: String,
+    },
+    /// `iifname IIF ct state related accept` — ICMP errors about known connections.
+    AcceptRelated {
+        /// Input interface.
+        iif: String,
+    },
+    /// `iifname IIF meta l4proto udp udp dport PORT accept`
+    AcceptUdp {
+        /// Input interface.
+        iif: String,
+        /// Destination port.
+        port: u16,
+    },
+    /// `iifname IIF [ip|ip6 daddr DADDR] accept|drop` — in an `inet` table an IPv4
+    /// destination only matches IPv4 packets, an IPv6 one only IPv6 packets.
+    FromLink {
+        /// Input interface.
+        iif: String,
+        /// Destination network, if restricted.
+        daddr: Option<Net>,
+        /// What to do.
+        verdict: Verdict,
+    },
 }
 
-/// One message of an nftables transaction. All tables are family `ip`.
+/// One message of an nftables transaction; a bare table name is family `ip`.
 /// A batch of these is applied atomically: all or nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NftOp {
     /// Create a table; no error if it exists.
     AddTable {
         /// Table name.
-        table: String,
+        table: NftTable,
     },
     /// Delete a table with everything in it; error if it does not exist.
     DeleteTable {
         /// Table name.
-        table: String,
+        table: NftTable,
     },
     /// Create a chain; no error if it exists with the same definition.
     AddChain {
         /// Table name.
-        table: String,
+        table: NftTable,
         /// Chain name.
         chain: String,
         /// Type, hook and priority for a base chain.
@@ -191,21 +373,21 @@ pub enum NftOp {
     /// Delete every rule of a chain.
     FlushChain {
         /// Table name.
-        table: String,
+        table: NftTable,
         /// Chain name.
         chain: String,
     },
     /// Delete an empty chain; error if it does not exist.
     DeleteChain {
         /// Table name.
-        table: String,
+        table: NftTable,
         /// Chain name.
         chain: String,
     },
     /// Append a rule to a chain.
     AddRule {
         /// Table name.
-        table: String,
+        table: NftTable,
         /// Chain name.
         chain: String,
         /// The rule.
@@ -213,6 +395,20 @@ pub enum NftOp {
         /// Comment shown by `nft list`.
         comment: Option<String>,
     },
+}
+
+impl NftOp {
+    /// The table the message is about.
+    pub fn table(&self) -> &NftTable {
+        match self {
+            NftOp::AddTable { table }
+            | NftOp::DeleteTable { table }
+            | NftOp::AddChain { table, .. }
+            | NftOp::FlushChain { table, .. }
+            | NftOp::DeleteChain { table, .. }
+            | NftOp::AddRule { table, .. } => table,
+        }
+    }
 }
 
 /// The kernel side effects of this crate, and nothing more.
@@ -249,6 +445,6 @@ pub trait NetOps: Send + Sync {
     fn apply_nft(&self, netns: Option<&str>, batch: &[NftOp]) -> Result<()>;
     /// Names of the `ip` family tables.
     fn list_nft_tables(&self, netns: Option<&str>) -> Result<Vec<String>>;
-    /// Names of the chains of an `ip` family table (empty if there is no such table).
-    fn list_nft_chains(&self, netns: Option<&str>, table: &str) -> Result<Vec<String>>;
+    /// Names of the chains of a table (empty if there is no such table).
+    fn list_nft_chains(&self, netns: Option<&str>, table: &NftTable) -> Result<Vec<String>>;
 }

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 
+use crate::filter::{self, filter_table, parse_filter_chain};
 use crate::ops::{NetOps, NftOp};
 use crate::plan::{parse_host_link, NETNS_PREFIX, TABLE};
 use crate::routes::{self, Route};
@@ -32,6 +33,8 @@ pub struct ReconcileReport {
     pub removed_netns: Vec<String>,
     /// Stray owned `wh*` host links removed.
     pub removed_links: Vec<String>,
+    /// Weave indices whose stray owned chains of the root filter were removed.
+    pub removed_filters: Vec<u8>,
     /// Routes removed (owned and not wanted, or pointing elsewhere than wanted).
     pub removed_routes: Vec<Route>,
     /// Weaves whose namespace was missing and was created.
@@ -49,6 +52,7 @@ impl ReconcileReport {
     pub fn changed(&self) -> bool {
         !(self.removed_netns.is_empty()
             && self.removed_links.is_empty()
+            && self.removed_filters.is_empty()
             && self.removed_routes.is_empty()
             && self.created_weaves.is_empty()
             && self.added_routes.is_empty())
@@ -124,7 +128,20 @@ pub fn reconcile(
         }
     }
 
-    // 2. Weaves.
+    let stray_filters: BTreeSet<u8> = ops
+        .list_nft_chains(None, &filter_table())?
+        .iter()
+        .filter_map(|c| parse_filter_chain(c))
+        .filter(|i| owned.indices.contains(i) && !wanted_idx.contains(i))
+        .collect();
+    for index in stray_filters {
+        match filter::remove_filter(ops, index) {
+            Ok(()) => report.removed_filters.push(index),
+            Err(e) => report.errors.push(format!("{}", ErrorChain(&e))),
+        }
+    }
+
+    // 2. Weaves (each with its filter, by its egress policy).
     for plan in wanted {
         let ns = plan.netns()?;
         let existed = present_ns.contains(&ns) && !report.removed_netns.contains(&ns);
@@ -263,6 +280,8 @@ mod tests {
         route(&rec, &r(81, 1)).unwrap();
         route(&rec, &a(83)).unwrap();
         route(&rec, &r(90, 9)).unwrap();
+        // Old filter chains of the index-4 link.
+        filter::set_egress(&rec, 4, filter::Egress::All).unwrap();
         rec.apply_nft(
             None,
             &[NftOp::AddTable {
@@ -284,6 +303,12 @@ mod tests {
         assert_eq!(report.removed_netns, vec!["weft-old"]);
         // wh3 went with its namespace (the pair dies together).
         assert_eq!(report.removed_links, vec!["wh4"]);
+        // The filters of owned strays go, theirs and the wanted ones stay or come.
+        assert_eq!(report.removed_filters, vec![3, 4]);
+        assert_eq!(
+            rec.chains(None, &filter_table()),
+            vec!["w1-fwd", "w1-in", "w2-fwd", "w2-in", "w9-fwd", "w9-in"]
+        );
         assert_eq!(report.removed_routes, vec![r(80, 3), a(83)]);
         assert_eq!(report.repaired_weaves, vec!["a"]);
         assert_eq!(report.created_weaves, vec!["b"]);
@@ -302,7 +327,8 @@ mod tests {
         );
         assert_eq!(rec.tables(Some("weft-a")), vec!["weft"]);
 
-        // A second pass finds nothing to remove or add, and sends no nftables batch.
+        // A second pass finds nothing to remove or add, and sends no batch to the
+        // route table (the weaves' filters are rewritten as they are).
         rec.clear_calls();
         let again = reconcile(&rec, &mine(), &wanted, &routes).unwrap();
         assert_eq!(
@@ -316,7 +342,8 @@ mod tests {
         assert!(!rec
             .mutations()
             .iter()
-            .any(|c| matches!(c, crate::Call::ApplyNft(None, _))));
+            .any(|c| matches!(c, crate::Call::ApplyNft(None, b)
+                if b.iter().any(|op| op.table().name == TABLE))));
     }
 
     #[test]
@@ -336,7 +363,7 @@ mod tests {
             crate::list_routes(&rec).unwrap(),
             vec![a(81), a(83), r(90, 9)]
         );
-        let chains = rec.list_nft_chains(None, TABLE).unwrap();
+        let chains = rec.list_nft_chains(None, &TABLE.into()).unwrap();
         assert!(chains.contains(&"p83-a192.168.220.2-g80-src".to_string()));
     }
 

@@ -9,7 +9,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::ops::{LinkEnd, NetOps, NftOp, NftRule, Prefix};
+use crate::ops::{Family, LinkEnd, NetOps, NftOp, NftRule, NftTable, Prefix};
 use crate::{Error, Result};
 
 /// One recorded call.
@@ -54,7 +54,7 @@ pub enum Call {
     /// [`NetOps::list_nft_tables`]
     ListNftTables(Option<String>),
     /// [`NetOps::list_nft_chains`]
-    ListNftChains(Option<String>, String),
+    ListNftChains(Option<String>, NftTable),
 }
 
 impl Call {
@@ -70,7 +70,7 @@ impl Call {
 /// A link in the model: (namespace, name).
 type End = (Option<String>, String);
 type Chains = BTreeMap<String, Vec<NftRule>>;
-type Tables = BTreeMap<String, Chains>;
+type Tables = BTreeMap<NftTable, Chains>;
 
 #[derive(Debug, Default, Clone)]
 struct Model {
@@ -157,19 +157,46 @@ impl Recorder {
             .collect()
     }
 
-    /// Tables of a namespace in the model.
+    /// `ip` tables of a namespace in the model.
     pub fn tables(&self, netns: Option<&str>) -> Vec<String> {
+        self.tables_of(netns, Family::Ip)
+    }
+
+    /// Tables of one family of a namespace in the model.
+    pub fn tables_of(&self, netns: Option<&str>, family: Family) -> Vec<String> {
         let ns = netns.map(str::to_string);
         self.lock()
             .model
             .tables
             .get(&ns)
-            .map(|t| t.keys().cloned().collect())
+            .map(|t| {
+                t.keys()
+                    .filter(|k| k.family == family)
+                    .map(|k| k.name.clone())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
-    /// Rules of a chain in the model.
+    /// Chains of a table in the model.
+    pub fn chains(&self, netns: Option<&str>, table: &NftTable) -> Vec<String> {
+        let ns = netns.map(str::to_string);
+        self.lock()
+            .model
+            .tables
+            .get(&ns)
+            .and_then(|t| t.get(table))
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Rules of a chain of an `ip` table in the model.
     pub fn rules(&self, netns: Option<&str>, table: &str, chain: &str) -> Vec<NftRule> {
+        self.rules_in(netns, &table.into(), chain)
+    }
+
+    /// Rules of a chain of any table in the model.
+    pub fn rules_in(&self, netns: Option<&str>, table: &NftTable, chain: &str) -> Vec<NftRule> {
         let ns = netns.map(str::to_string);
         self.lock()
             .model
@@ -423,14 +450,19 @@ impl NetOps for Recorder {
             m.need_ns("list tables", &ns)?;
             Ok(m.tables
                 .get(&ns)
-                .map(|t| t.keys().cloned().collect())
+                .map(|t| {
+                    t.keys()
+                        .filter(|k| k.family == Family::Ip)
+                        .map(|k| k.name.clone())
+                        .collect()
+                })
                 .unwrap_or_default())
         })
     }
 
-    fn list_nft_chains(&self, netns: Option<&str>, table: &str) -> Result<Vec<String>> {
+    fn list_nft_chains(&self, netns: Option<&str>, table: &NftTable) -> Result<Vec<String>> {
         let ns = netns.map(str::to_string);
-        self.call(Call::ListNftChains(ns.clone(), table.into()), |m| {
+        self.call(Call::ListNftChains(ns.clone(), table.clone()), |m| {
             m.need_ns("list chains", &ns)?;
             Ok(m.tables
                 .get(&ns)

@@ -306,7 +306,7 @@ pub(crate) fn root_chains(ops: &dyn NetOps) -> Result<Vec<String>> {
     if !ops.list_nft_tables(None)?.iter().any(|t| t == TABLE) {
         return Ok(Vec::new());
     }
-    ops.list_nft_chains(None, TABLE)
+    ops.list_nft_chains(None, &TABLE.into())
 }
 
 pub(crate) fn routes_of(chains: &[String]) -> Vec<Route> {
@@ -736,7 +736,7 @@ mod tests {
         assert_eq!(applies(&rec).len(), 1);
         assert!(rec.tables(None).contains(&TABLE.to_string()));
         // The address routes' postrouting chains went with them.
-        let chains = rec.list_nft_chains(None, TABLE).unwrap();
+        let chains = rec.list_nft_chains(None, &TABLE.into()).unwrap();
         assert!(!chains.iter().any(|c| c.ends_with("-src")), "{chains:?}");
         // And back: the two published ones to the address, the third stays.
         rec.clear_calls();
@@ -781,7 +781,7 @@ mod tests {
         assert!(unroute(&rec, 9091).unwrap());
         assert_eq!(list_routes(&rec).unwrap(), vec![r(9090, 8)]);
         assert_eq!(
-            rec.list_nft_chains(None, TABLE).unwrap(),
+            rec.list_nft_chains(None, &TABLE.into()).unwrap(),
             vec!["p9090-w8-g80-in", "p9090-w8-g80-out", ROOT_POSTROUTING]
         );
         assert_eq!(rec.tables(None), vec![TABLE]);

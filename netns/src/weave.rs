@@ -4,7 +4,8 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use crate::ops::{BaseChain, LinkEnd, NetOps, NftOp, NftRule, Prefix};
+use crate::filter::{self, Egress};
+use crate::ops::{BaseChain, LinkEnd, NetOps, NftOp, NftRule, NftTable, Prefix};
 use crate::plan::{
     guest_network, host_addr, host_link, netns_path, ns_addr, ns_link, LINK_NET, TABLE,
 };
@@ -55,6 +56,8 @@ pub struct WeavePlan {
     pub gateway_ip: Ipv4Addr,
     /// The guest link.
     pub guest_link: GuestLink,
+    /// What the guest may open connections to (the root namespace's filter).
+    pub egress: Egress,
 }
 
 impl WeavePlan {
@@ -69,6 +72,7 @@ impl WeavePlan {
             guest_link: GuestLink::Tap {
                 name: "tap0".into(),
             },
+            egress: Egress::None,
         }
     }
 
@@ -156,13 +160,15 @@ pub struct WeaveNet {
 enum Undo {
     Netns(String),
     Link(Option<String>, String),
+    Filter(u8),
 }
 
-/// The nftables table inside a weave namespace, replaced as a whole.
+/// The nftables tables inside a weave namespace (NAT, and the filter that keeps the
+/// guest off the namespace's own addresses), each replaced as a whole, in one batch.
 pub(crate) fn ns_table_ops(plan: &WeavePlan) -> Vec<NftOp> {
     let wn = ns_link(plan.index);
-    let t = || TABLE.to_string();
-    vec![
+    let t = || NftTable::from(TABLE);
+    let mut ops = vec![
         // add + delete + add: replaces the table atomically whether or not it existed.
         NftOp::AddTable { table: t() },
         NftOp::DeleteTable { table: t() },
@@ -196,7 +202,9 @@ pub(crate) fn ns_table_ops(plan: &WeavePlan) -> Vec<NftOp> {
             },
             comment: Some("weft: guest outbound".into()),
         },
-    ]
+    ];
+    ops.extend(filter::ns_filter_ops(plan.guest_link.name()));
+    ops
 }
 
 impl WeaveNet {
@@ -217,6 +225,7 @@ impl WeaveNet {
                     let result = match &step {
                         Undo::Netns(name) => ops.delete_netns(name),
                         Undo::Link(ns, name) => ops.delete_link(ns.as_deref(), name),
+                        Undo::Filter(index) => filter::remove_filter(ops, *index),
                     };
                     if let Err(undo_err) = result {
                         tracing::warn!(netns = %netns, error = %undo_err, "undo after failed weave network create");
@@ -239,8 +248,14 @@ impl WeaveNet {
         let inner = Prefix::new(ns_addr(plan.index), 30);
         let gateway = Prefix::new(plan.gateway_ip, plan.guest_prefix);
 
-        if ops.create_netns(netns)? {
+        let fresh = ops.create_netns(netns)?;
+        if fresh {
             undo.push(Undo::Netns(netns.to_string()));
+        }
+        // The filter comes before the host link exists, so the link is never up unfiltered.
+        filter::set_egress(ops, plan.index, plan.egress)?;
+        if fresh {
+            undo.push(Undo::Filter(plan.index));
         }
         // A host end whose peer is not in the namespace is stale: its namespace was
         // deleted and the kernel has not destroyed the pair yet (that cleanup runs
@@ -290,15 +305,16 @@ impl WeaveNet {
     }
 
     /// Remove everything of weave `name`/`index`: the host routes that point at
-    /// it, the host end of its veth, and its namespace (with the tap and the
-    /// namespace's nftables table). Missing pieces are fine; every step is
-    /// tried and the first error is returned.
+    /// it, the host end of its veth, its namespace (with the tap and the
+    /// namespace's nftables tables), and last its chains of the root filter.
+    /// Missing pieces are fine; every step is tried and the first error is returned.
     pub fn delete(ops: &dyn NetOps, name: &str, index: u8) -> Result<()> {
         let netns = namespace_name(name)?;
         let results = [
             routes::remove_routes(ops, |r| r.to == routes::Target::Weave(index)).map(|_| ()),
             ops.delete_link(None, &host_link(index)),
             ops.delete_netns(&netns),
+            filter::remove_filter(ops, index),
         ];
         results.into_iter().collect()
     }
@@ -325,6 +341,7 @@ mod tests {
     fn expected_create_calls(plan: &WeavePlan) -> Vec<Call> {
         vec![
             Call::CreateNetns("weft-a".into()),
+            Call::ApplyNft(None, filter::filter_ops(7, Egress::None)),
             Call::ListLinks(ns()),
             Call::ListLinks(None),
             Call::CreateVeth(root("wh7"), inside("wn7")),
@@ -437,16 +454,29 @@ mod tests {
                 .unwrap();
             let undo: Vec<Call> = calls[failed + 1..].to_vec();
             let mut want = Vec::new();
-            if n > 2 {
+            if n > 3 {
                 want.push(Call::DeleteLink(root("wh7")));
+            }
+            if n > 2 {
+                want.push(Call::ListNftChains(None, filter::filter_table()));
+                want.push(Call::ApplyNft(
+                    None,
+                    vec![NftOp::DeleteTable {
+                        table: filter::filter_table(),
+                    }],
+                ));
             }
             if n > 1 {
                 want.push(Call::DeleteNetns("weft-a".into()));
             }
-            if n > 9 {
+            if n > 10 {
                 want.insert(0, Call::DeleteLink(inside("tap0")));
             }
             assert_eq!(undo, want, "step {n}");
+            assert!(
+                rec.tables_of(None, crate::Family::Inet).is_empty(),
+                "step {n}"
+            );
         }
     }
 
@@ -456,7 +486,7 @@ mod tests {
         let plan = WeavePlan::new("a", 7);
         WeaveNet::create(&rec, &plan).unwrap();
         rec.clear_calls();
-        rec.fail_nth_mutation(13);
+        rec.fail_nth_mutation(14);
         assert!(WeaveNet::create(&rec, &plan).is_err());
         assert_eq!(rec.netns(), vec!["weft-a"]);
         assert_eq!(rec.links(None), vec!["wh7"]);
@@ -527,16 +557,23 @@ mod tests {
         rec.clear_calls();
         WeaveNet::delete(&rec, "a", 7).unwrap();
         let muts = rec.mutations();
-        assert_eq!(muts.len(), 3, "{muts:?}");
+        assert_eq!(muts.len(), 4, "{muts:?}");
         assert!(matches!(&muts[0], Call::ApplyNft(None, batch) if batch.len() == 4));
         assert_eq!(muts[1], Call::DeleteLink(root("wh7")));
         assert_eq!(muts[2], Call::DeleteNetns("weft-a".into()));
+        // Its filter chains go last, weave b's stay.
+        assert!(matches!(&muts[3], Call::ApplyNft(None, batch) if batch.len() == 4));
+        assert_eq!(
+            rec.chains(None, &filter::filter_table()),
+            vec!["w8-fwd", "w8-in"]
+        );
         assert_eq!(crate::list_routes(&rec).unwrap(), vec![to8]);
         assert_eq!(rec.netns(), vec!["weft-b"]);
         assert_eq!(rec.links(None), vec!["wh8"]);
         // The last weave's routes go with the whole table.
         WeaveNet::delete(&rec, "b", 8).unwrap();
         assert!(rec.tables(None).is_empty());
+        assert!(rec.tables_of(None, crate::Family::Inet).is_empty());
         assert!(rec.netns().is_empty() && rec.links(None).is_empty());
         // Deleting what is gone is fine.
         WeaveNet::delete(&rec, "b", 8).unwrap();

@@ -1,13 +1,13 @@
 //! Real kernel tests: they need root (CAP_NET_ADMIN + CAP_SYS_ADMIN), nftables
 //! with the nat, fib and masquerade expressions, veth and tun. Names start with
-//! `netns_` so they can be selected as a group. They use weave indices 207..=209
-//! and 220..=223, host ports 47207/47208 and 47220..=47222, and only addresses in
-//! namespaces and links they create.
+//! `netns_` so they can be selected as a group. They use weave indices 207..=212
+//! and 220..=223, host ports 47207/47208, 47210/47211 and 47220..=47222, and only
+//! addresses in namespaces and links they create.
 //!
 //! The product code never runs `ip` or `nft`; these tests do, to look from outside.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,8 +15,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use weft_netns::{
-    allow_host_clients, list_routes, reconcile, route, set_routes, switch, unroute, GuestLink,
-    Kernel, LinkEnd, NetOps, Owned, Prefix, Route, Target, WeaveNet, WeavePlan,
+    allow_host_clients, enable_host_forwarding, list_routes, reconcile, route, set_egress,
+    set_routes, switch, unroute, Egress, GuestLink, Kernel, LinkEnd, NetOps, Owned, Prefix, Route,
+    Target, WeaveNet, WeavePlan,
 };
 
 /// The tests share the root namespace's table and must not interleave.
@@ -236,6 +237,10 @@ fn assert_nothing_left(indices: &[u8], ports: &[u16]) {
             !ruleset.contains(&format!("-w{i}-")),
             "chain of weave {i} left: {ruleset}"
         );
+        assert!(
+            !ruleset.contains(&format!("chain w{i}-")),
+            "filter chain of weave {i} left: {ruleset}"
+        );
     }
     for p in ports {
         assert!(
@@ -381,12 +386,12 @@ fn netns_tap_is_persistent_and_configured() {
         vec!["weft"]
     );
     assert_eq!(
-        k.list_nft_chains(Some("weft-t209"), "weft")
+        k.list_nft_chains(Some("weft-t209"), &"weft".into())
             .expect("chains"),
         vec!["postrouting", "prerouting"]
     );
     assert!(k
-        .list_nft_chains(Some("weft-t209"), "nope")
+        .list_nft_chains(Some("weft-t209"), &"nope".into())
         .expect("chains")
         .is_empty());
     let lo = sh("ip", &["-n", "weft-t209", "link", "show", "lo"]);
@@ -569,4 +574,269 @@ fn netns_reconcile_removes_only_what_it_owns() {
 
     cleanup.run();
     assert_nothing_left(&[222, 223], &[mine, theirs]);
+}
+
+/// Runs `f` on a new thread inside namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("open netns");
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread in namespace")
+}
+
+/// Whether a TCP connection from namespace `ns` to `addr` is accepted. A dropped SYN
+/// times out; the tests' listeners all exist, so a refusal is never the answer.
+fn reaches(ns: &str, addr: SocketAddr) -> bool {
+    in_netns(ns, move || {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(700)).is_ok()
+    })
+}
+
+/// Whether a UDP datagram sent from namespace `from` to `to` reaches a socket bound
+/// to `to`'s port in namespace `server`.
+fn udp_arrives(server: &str, from: &str, to: SocketAddr) -> bool {
+    let file = std::fs::File::open(format!("/run/netns/{server}")).expect("open netns");
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let port = to.port();
+    let listener = std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let socket = UdpSocket::bind(("0.0.0.0", port)).expect("bind udp");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .expect("timeout");
+        ready_tx.send(()).expect("ready");
+        let mut buf = [0u8; 16];
+        socket.recv(&mut buf).is_ok()
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("udp ready");
+    in_netns(from, move || {
+        let s = UdpSocket::bind(("0.0.0.0", 0)).expect("bind");
+        let _ = s.send_to(b"weft", to);
+    });
+    listener.join().expect("udp listener")
+}
+
+#[test]
+fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
+    let _serial = serial();
+    let k = Kernel::new();
+    let mut cleanup = Cleanup::new();
+    let (routed, host_port) = (47210u16, 47211u16);
+    cleanup.ports.push(routed);
+    // Forwarding on, as weftd turns it on for routes: the filter must hold anyway.
+    enable_host_forwarding(&k).expect("forwarding");
+
+    weave_with_guest(&k, &mut cleanup, 210, "weave-210");
+    weave_with_guest(&k, &mut cleanup, 211, "weave-211");
+    let guest = "weft-g210";
+    // A private network the host reaches (192.168.212.0/24), with a "public" address
+    // on the same link (TEST-NET-2); both ends are the test's own.
+    let private = host_guest(&k, &mut cleanup, 212, "private");
+    k.add_address(
+        None,
+        "wa212",
+        Prefix::new(Ipv4Addr::new(198, 51, 100, 1), 24),
+    )
+    .expect("public host address");
+    k.add_address(
+        Some("weft-h212"),
+        "eth0",
+        Prefix::new(Ipv4Addr::new(198, 51, 100, 2), 24),
+    )
+    .expect("public address");
+    // A service of the host on every address, and one of the weave's namespace.
+    // Dual-stack: IPv4 and IPv6 clients alike.
+    let _host_service = TcpListener::bind(("::", host_port)).expect("host service");
+    // IPv6 on the host link: the filter matches the link, whatever the family. (From
+    // the weave's namespace, whose traffic to the host goes through the same chains.)
+    // Neighbours are fixed: the filter drops neighbour discovery from the link too.
+    let mac = |ns: &str, link: &str| {
+        let out = sh("ip", &["-n", ns, "-o", "link", "show", link]);
+        let at = out.find("link/ether ").expect("mac") + "link/ether ".len();
+        out[at..at + 17].to_string()
+    };
+    let wh_mac = std::fs::read_to_string("/sys/class/net/wh210/address").expect("wh210 mac");
+    let wn_mac = mac("weft-t210", "wn210");
+    for (ns, addr, peer, peer_mac, link) in [
+        (
+            None,
+            "fd31:210::1/64",
+            "fd31:210::2",
+            wn_mac.as_str(),
+            "wh210",
+        ),
+        (
+            Some("weft-t210"),
+            "fd31:210::2/64",
+            "fd31:210::1",
+            wh_mac.trim(),
+            "wn210",
+        ),
+    ] {
+        let mut pre = Vec::new();
+        if let Some(ns) = ns {
+            pre.extend(["-n", ns]);
+        }
+        let run = |args: &[&str]| sh("ip", &[pre.as_slice(), args].concat());
+        run(&["addr", "add", addr, "dev", link, "nodad"]);
+        run(&[
+            "neigh",
+            "replace",
+            peer,
+            "lladdr",
+            peer_mac,
+            "dev",
+            link,
+            "nud",
+            "permanent",
+        ]);
+    }
+    cleanup
+        .servers
+        .push(Server::start("weft-t210", host_port, "namespace"));
+    route(&k, &Route::to_weave(routed, 210, GUEST_PORT)).expect("route");
+
+    let at = |ip: [u8; 4], port: u16| SocketAddr::from((Ipv4Addr::from(ip), port));
+    let host_end = at([10, 231, 210, 1], host_port);
+    let host_other = at([192, 168, 212, 1], host_port);
+    let host_public = at([198, 51, 100, 1], host_port);
+    let other_weave = at([10, 231, 211, 2], GUEST_PORT);
+    let private = SocketAddr::from((private, GUEST_PORT));
+    let public = at([198, 51, 100, 2], GUEST_PORT);
+    let ns_inner = at([10, 231, 210, 2], host_port);
+    let ns_gateway = at([192, 168, 100, 1], host_port);
+    // What the guest reaches, in that order, then the host over IPv6.
+    let targets = [
+        host_end,
+        host_other,
+        host_public,
+        other_weave,
+        private,
+        public,
+        ns_inner,
+        ns_gateway,
+    ]
+    .map(|a| (guest, a))
+    .into_iter()
+    .chain([(
+        "weft-t210",
+        SocketAddr::from((
+            "fd31:210::1".parse::<std::net::Ipv6Addr>().expect("v6"),
+            host_port,
+        )),
+    )])
+    .collect::<Vec<_>>();
+    // All at once: a dropped connection costs its whole timeout.
+    let probe = || -> Vec<bool> {
+        let probes: Vec<_> = targets
+            .iter()
+            .map(|a| {
+                let (ns, a) = *a;
+                std::thread::spawn(move || reaches(ns, a))
+            })
+            .collect();
+        probes
+            .into_iter()
+            .map(|p| p.join().expect("probe"))
+            .collect()
+    };
+    // Routed connections and DHCP work under every policy.
+    let routed_and_dhcp_work = || {
+        let mut c = Client::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, routed)));
+        assert_eq!(c.ask("hi"), "weave-210 hi");
+        let mut c = Client::connect(SocketAddr::from((Ipv4Addr::new(192, 168, 212, 1), routed)));
+        assert_eq!(c.ask("hi"), "weave-210 hi");
+        // A client on another machine: forwarded to the weave, its answers forwarded back.
+        let remote = in_netns("weft-h212", move || {
+            let mut c =
+                Client::connect(SocketAddr::from((Ipv4Addr::new(192, 168, 212, 1), routed)));
+            c.ask("hi")
+        });
+        assert_eq!(remote, "weave-210 hi", "remote client");
+        assert!(
+            udp_arrives("weft-t210", guest, at([192, 168, 100, 1], 67)),
+            "DHCP"
+        );
+        assert!(
+            !udp_arrives("weft-t210", guest, at([192, 168, 100, 1], 69)),
+            "UDP other than DHCP"
+        );
+    };
+
+    // Before anything, from the test's own namespace: everything is up.
+    let t = Instant::now();
+    assert!(reaches(
+        "weft-h212",
+        SocketAddr::from((Ipv4Addr::new(198, 51, 100, 1), host_port))
+    ));
+
+    // Default (none): nothing at all.
+    let table = sh("nft", &["list", "table", "inet", "weft-filter"]);
+    println!("{table}");
+    assert!(
+        table.contains("chain w210-fwd") && table.contains("chain w210-in"),
+        "{table}"
+    );
+    assert_eq!(probe(), vec![false; 9], "egress none");
+    routed_and_dhcp_work();
+
+    // internet: public addresses only.
+    let t_set = Instant::now();
+    set_egress(&k, 210, Egress::Internet).expect("internet");
+    println!("set_egress took {:?}", t_set.elapsed());
+    let table = sh("nft", &["list", "table", "inet", "weft-filter"]);
+    assert!(
+        table.contains("fc00::/7") && table.contains("masquerade"),
+        "{table}"
+    );
+    assert_eq!(
+        probe(),
+        vec![false, false, false, false, false, true, false, false, false],
+        "egress internet"
+    );
+    routed_and_dhcp_work();
+
+    // all: everything but the weave namespace's own addresses.
+    set_egress(&k, 210, Egress::All).expect("all");
+    assert_eq!(
+        probe(),
+        vec![true, true, true, true, true, true, false, false, true],
+        "egress all"
+    );
+
+    // Back to none while connections are open: what the guest opened stops.
+    let open = in_netns(guest, move || {
+        TcpStream::connect_timeout(&private, Duration::from_millis(700)).expect("open under all")
+    });
+    set_egress(&k, 210, Egress::None).expect("none");
+    assert_eq!(probe(), vec![false; 9], "egress none again");
+    let mut open_reader = BufReader::new(open.try_clone().expect("clone"));
+    open.set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+    let _ = (&open).write_all(b"still there?\n");
+    let mut answer = String::new();
+    assert!(
+        open_reader
+            .read_line(&mut answer)
+            .map(|n| n == 0)
+            .unwrap_or(true),
+        "a connection the guest opened under `all` still works: {answer:?}"
+    );
+    routed_and_dhcp_work();
+    println!("probes took {:?}", t.elapsed());
+
+    // The weave's chains go with it; the other weave's stay.
+    WeaveNet::delete(&k, "t210", 210).expect("delete");
+    let table = sh("nft", &["list", "table", "inet", "weft-filter"]);
+    assert!(
+        !table.contains("w210-") && table.contains("chain w211-in"),
+        "{table}"
+    );
+    drop(cleanup);
+    assert_nothing_left(&[210, 211], &[routed]);
 }
