@@ -1,6 +1,7 @@
 //! weftd's side of the provenance log: the API's view of records, the async glue the
 //! handlers and weaves use, and periodic retention.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -9,13 +10,16 @@ use tracing::{info, warn};
 use super::{ProvenanceError, ProvenanceLog, Query, Record};
 use crate::envs::{one_line, EnvError, Manager};
 
-/// Records per page when the request does not say.
-pub const DEFAULT_PAGE: usize = 1000;
-/// Most records per page.
-pub const MAX_PAGE: usize = 10_000;
-/// A page stops growing once its keys and values reach this many bytes (the CLI takes
-/// answers up to 64 MiB; JSON escaping can double a value).
-pub const PAGE_BYTES: usize = 16 << 20;
+/// Bytes of a page's JSON when the request does not say.
+pub const DEFAULT_PAGE_BYTES: usize = 4 << 20;
+/// Most bytes of a page's JSON a request may ask for (the CLI takes answers up to
+/// 64 MiB).
+pub const MAX_PAGE_BYTES: usize = 16 << 20;
+/// Fewest bytes of a page's JSON a request may ask for.
+pub const MIN_PAGE_BYTES: usize = 1024;
+/// Bytes of a page's JSON besides its records: `{"records":[`, `],"last_seq":` and
+/// `,"next_after_seq":` with two 20-digit numbers, `}`.
+const PAGE_ENVELOPE: usize = 96;
 /// How often weftd applies the retention rules.
 pub const RETENTION_PERIOD: Duration = Duration::from_secs(600);
 
@@ -118,14 +122,19 @@ pub struct PageQuery {
     pub after_seq: Option<u64>,
     /// Only the newest N sequence numbers (instead of `after_seq`).
     pub tail: Option<u64>,
-    /// Most records (default 1000, at most 10000).
+    /// Most records (default: as many as `max_bytes` holds).
     pub limit: Option<usize>,
+    /// Most bytes of the page's JSON (default 4 MiB, 1 KiB to 16 MiB). A record larger
+    /// than that on its own comes alone on its page (a record is at most about 3 MiB of
+    /// JSON: the protocol's size limits, escaped).
+    pub max_bytes: Option<usize>,
 }
 
 /// Answer of `GET /v1/environments/{name}/provenance`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Page {
-    /// The matching records, in sequence order.
+    /// The matching records, in sequence order, as many as the page's byte budget
+    /// holds.
     pub records: Vec<RecordView>,
     /// The environment's highest durable sequence number.
     pub last_seq: u64,
@@ -184,7 +193,13 @@ pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Page, E
             "give either tail or after_seq, not both".into(),
         ));
     }
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let budget = q.max_bytes.unwrap_or(DEFAULT_PAGE_BYTES);
+    if !(MIN_PAGE_BYTES..=MAX_PAGE_BYTES).contains(&budget) {
+        return Err(EnvError::BadRequest(format!(
+            "max_bytes {budget} is out of range: give {MIN_PAGE_BYTES} to {MAX_PAGE_BYTES}"
+        )));
+    }
     let mut query = Query {
         from_us: q
             .from
@@ -202,35 +217,39 @@ pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Page, E
         key: q.key,
         collection: q.table,
         source: q.source,
-        limit: Some(limit),
+        limit: None,
     };
     let vm = name.to_string();
     let tail = q.tail;
-    let (records, last_seq) = blocking(move || {
+    // The log streams into the page, which stops at its byte budget: neither the page
+    // nor weftd's memory grows with what matches.
+    let (views, more, last_seq) = blocking(move || {
         let last_seq = log.last_seq(&vm)?;
         if let Some(n) = tail {
             query.after_seq = Some(last_seq.saturating_sub(n));
         }
-        Ok((log.query(&vm, &query)?, last_seq))
+        let mut views: Vec<RecordView> = Vec::new();
+        let mut used = PAGE_ENVELOPE;
+        let mut more = false;
+        log.scan(&vm, &query, |r| {
+            if views.len() >= limit {
+                more = true;
+                return ControlFlow::Break(());
+            }
+            let view = RecordView::from(&r);
+            let size = json_len(&view) + 1;
+            if used + size > budget && !views.is_empty() {
+                more = true;
+                return ControlFlow::Break(());
+            }
+            used += size;
+            views.push(view);
+            ControlFlow::Continue(())
+        })?;
+        Ok((views, more, last_seq))
     })
     .await?;
-    let full = records.len() == limit && limit > 0;
-    let mut views = Vec::with_capacity(records.len());
-    let mut bytes = 0usize;
-    let mut cut = false;
-    for r in &records {
-        let e = &r.entry;
-        bytes += e.key.len()
-            + e.source.len()
-            + e.old.as_ref().map_or(0, String::len)
-            + e.new.as_ref().map_or(0, String::len);
-        if bytes > PAGE_BYTES && !views.is_empty() {
-            cut = true;
-            break;
-        }
-        views.push(RecordView::from(r));
-    }
-    let next_after_seq = if full || cut {
+    let next_after_seq = if more {
         views.last().map(|v| v.seq)
     } else {
         None
@@ -240,6 +259,24 @@ pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Page, E
         last_seq,
         next_after_seq,
     })
+}
+
+/// Bytes of `v` as compact JSON (what the API sends).
+fn json_len(v: &impl Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Serialising a RecordView cannot fail (string keys, finite values).
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
 }
 
 /// Records that weave `weave` of `parent`, whose disks show the instant `taken_at`
