@@ -268,7 +268,11 @@ async fn provenance_pages_are_bounded_by_bytes() {
 
     // The default budget (4 MiB) also ends a page, with a cursor to go on.
     let body = client
-        .request(hyper::Method::GET, "/v1/environments/big/provenance", None::<&()>)
+        .request(
+            hyper::Method::GET,
+            "/v1/environments/big/provenance",
+            None::<&()>,
+        )
         .await
         .unwrap();
     assert!(body.len() <= 4 << 20, "{} bytes", body.len());

@@ -145,7 +145,10 @@ fn replay_holds_the_state_not_the_log() {
     assert_eq!(state.kv["/etc/app.env"].len() as u64, KEYS);
     assert_eq!(state.sqlite["/data/app.db"].rows["t"].len() as u64, KEYS);
     let last = state.kv["/etc/app.env"][&format!("KEY_{}", (total - total % 3) % KEYS)].clone();
-    assert!(last.contains(&format!("{:08}", total - total % 3)), "the newest value won");
+    assert!(
+        last.contains(&format!("{:08}", total - total % 3)),
+        "the newest value won"
+    );
     // The state is about 48 values of 1 KiB; a decoded block is about 1 MiB raw. The
     // log is 48 MiB: holding it (as `log.query` into a Vec did) peaks far above.
     assert!(

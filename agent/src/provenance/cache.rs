@@ -147,7 +147,10 @@ mod tests {
         assert_eq!(c.len(), 3, "3 blocks of 300 bytes fit in 1000");
         assert!(c.get(&(1, 1, 9)).is_some() && c.get(&(1, 1, 6)).is_none());
         c.put((1, 2, 0), v, 2000);
-        assert!(c.get(&(1, 2, 0)).is_none(), "a block over the budget is not kept");
+        assert!(
+            c.get(&(1, 2, 0)).is_none(),
+            "a block over the budget is not kept"
+        );
         assert_eq!(c.lock().bytes, 900);
     }
 }

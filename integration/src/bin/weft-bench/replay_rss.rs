@@ -109,8 +109,8 @@ async fn run_case(case: &'static str, mib: u64, keys: u64) -> Result<Run> {
     let entries = mib * (1 << 20) / VALUE as u64;
     let t = Instant::now();
     let log_dir = data.join("provenance");
-    let log_bytes = tokio::task::spawn_blocking(move || write_log(&log_dir, entries, keys))
-        .await??;
+    let log_bytes =
+        tokio::task::spawn_blocking(move || write_log(&log_dir, entries, keys)).await??;
     eprintln!(
         "replay-rss {case}: {entries} entries ({:.0} MiB) written in {:.1} s",
         log_bytes as f64 / f64::from(1 << 20),
@@ -275,8 +275,7 @@ impl Weftd {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let t = Instant::now();
-        while matches!(self.child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(10)
-        {
+        while matches!(self.child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = self.child.kill();
