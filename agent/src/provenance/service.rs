@@ -17,9 +17,9 @@ pub const DEFAULT_PAGE_BYTES: usize = 4 << 20;
 pub const MAX_PAGE_BYTES: usize = 16 << 20;
 /// Fewest bytes of a page's JSON a request may ask for.
 pub const MIN_PAGE_BYTES: usize = 1024;
-/// Bytes of a page's JSON besides its records: `{"records":[`, `],"last_seq":` and
-/// `,"next_after_seq":` with two 20-digit numbers, `}`.
-const PAGE_ENVELOPE: usize = 96;
+/// Most bytes of a page's JSON after its records: `],"last_seq":` and
+/// `,"next_after_seq":` with two numbers of up to 20 digits, `}`.
+const PAGE_TAIL: usize = 72;
 /// How often weftd applies the retention rules.
 pub const RETENTION_PERIOD: Duration = Duration::from_secs(600);
 
@@ -180,8 +180,9 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(env_error)
 }
 
-/// One page of `name`'s provenance records.
-pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Page, EnvError> {
+/// One page of `name`'s provenance records: a [`Page`] as the API's JSON, at most
+/// `max_bytes` of it (or one record larger than that).
+pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Vec<u8>, EnvError> {
     manager
         .catalog()
         .environment(name)
@@ -221,62 +222,51 @@ pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Page, E
     };
     let vm = name.to_string();
     let tail = q.tail;
-    // The log streams into the page, which stops at its byte budget: neither the page
-    // nor weftd's memory grows with what matches.
-    let (views, more, last_seq) = blocking(move || {
+    // The log streams into the page, each record serialised as it comes and only its
+    // JSON kept, until the byte budget: neither the answer nor weftd's memory grows
+    // with what matches (a record's parsed values can take many times their text).
+    blocking(move || {
         let last_seq = log.last_seq(&vm)?;
         if let Some(n) = tail {
             query.after_seq = Some(last_seq.saturating_sub(n));
         }
-        let mut views: Vec<RecordView> = Vec::new();
-        let mut used = PAGE_ENVELOPE;
+        let mut body = Vec::from(&b"{\"records\":["[..]);
+        let mut count = 0usize;
+        let mut last: Option<u64> = None;
         let mut more = false;
+        let mut record = Vec::new();
         log.scan(&vm, &query, |r| {
-            if views.len() >= limit {
+            if count >= limit {
                 more = true;
                 return ControlFlow::Break(());
             }
-            let view = RecordView::from(&r);
-            let size = json_len(&view) + 1;
-            if used + size > budget && !views.is_empty() {
+            record.clear();
+            // A RecordView always serialises (string keys, values parsed from JSON).
+            let _ = serde_json::to_writer(&mut record, &RecordView::from(&r));
+            if body.len() + 1 + record.len() + PAGE_TAIL > budget && count > 0 {
                 more = true;
                 return ControlFlow::Break(());
             }
-            used += size;
-            views.push(view);
+            if count > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&record);
+            count += 1;
+            last = Some(r.entry.seq);
             ControlFlow::Continue(())
         })?;
-        Ok((views, more, last_seq))
-    })
-    .await?;
-    let next_after_seq = if more {
-        views.last().map(|v| v.seq)
-    } else {
-        None
-    };
-    Ok(Page {
-        records: views,
-        last_seq,
-        next_after_seq,
-    })
-}
-
-/// Bytes of `v` as compact JSON (what the API sends).
-fn json_len(v: &impl Serialize) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
+        let next_after_seq = if more { last } else { None };
+        body.extend_from_slice(b"],\"last_seq\":");
+        body.extend_from_slice(last_seq.to_string().as_bytes());
+        body.extend_from_slice(b",\"next_after_seq\":");
+        match next_after_seq {
+            Some(n) => body.extend_from_slice(n.to_string().as_bytes()),
+            None => body.extend_from_slice(b"null"),
         }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut c = Count(0);
-    // Serialising a RecordView cannot fail (string keys, finite values).
-    let _ = serde_json::to_writer(&mut c, v);
-    c.0
+        body.push(b'}');
+        Ok(body)
+    })
+    .await
 }
 
 /// Records that weave `weave` of `parent`, whose disks show the instant `taken_at`
