@@ -1288,10 +1288,14 @@ async fn provenance_records(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<crate::provenance::service::PageQuery>,
-) -> Result<Json<crate::provenance::service::Page>, EnvError> {
-    Ok(Json(
-        crate::provenance::service::page(&state.manager, &name, q).await?,
-    ))
+) -> Result<Response, EnvError> {
+    // A `Page`, serialised record by record as the log streamed into it.
+    let body = crate::provenance::service::page(&state.manager, &name, q).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 async fn list_jobs(

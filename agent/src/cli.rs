@@ -1171,7 +1171,7 @@ async fn provenance_command(
     cmd: ProvenanceCommand,
     json: bool,
 ) -> Result<(), CliError> {
-    use crate::provenance::service::{parse_time, Page, RecordView, MAX_PAGE};
+    use crate::provenance::service::{parse_time, Page, RecordView};
     let print = |env: &str, records: &[RecordView], lines: bool| {
         if json && lines {
             // JSON lines: one object per change, as they come.
@@ -1240,8 +1240,11 @@ async fn provenance_command(
             let mut records: Vec<RecordView> = Vec::new();
             let mut after: Option<u64> = None;
             while records.len() < want {
-                let page_limit = (want - records.len()).min(MAX_PAGE);
-                let mut path = format!("{base}&limit={page_limit}");
+                // weftd ends each page at its byte budget; the limit only says when to stop.
+                let mut path = base.clone();
+                if want != usize::MAX {
+                    path.push_str(&format!("&limit={}", want - records.len()));
+                }
                 if let Some(a) = after {
                     path.push_str(&format!("&after_seq={a}"));
                 }

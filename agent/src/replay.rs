@@ -13,6 +13,7 @@
 //! skipped and reported, never a panic; paths are confined to the output directory.
 
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::{Component, Path, PathBuf};
 
 use serde::Serialize;
@@ -85,19 +86,24 @@ impl State {
     pub fn apply_all<'a>(&mut self, records: impl IntoIterator<Item = &'a Record>) -> Summary {
         let mut summary = Summary::default();
         for r in records {
-            match self.apply(&r.entry) {
-                Ok(()) => {
-                    summary.applied += 1;
-                    summary.last_seq = r.entry.seq;
-                    summary.last_guest_time_us = Some(r.entry.guest_time_us);
-                }
-                Err(why) => {
-                    tracing::warn!(vm = %r.vm, seq = r.entry.seq, %why, "replay skipped an entry");
-                    summary.skipped += 1;
-                }
-            }
+            self.apply_counted(r, &mut summary);
         }
         summary
+    }
+
+    /// Applies one record, counting it in `summary` as applied or skipped.
+    pub fn apply_counted(&mut self, r: &Record, summary: &mut Summary) {
+        match self.apply(&r.entry) {
+            Ok(()) => {
+                summary.applied += 1;
+                summary.last_seq = r.entry.seq;
+                summary.last_guest_time_us = Some(r.entry.guest_time_us);
+            }
+            Err(why) => {
+                tracing::warn!(vm = %r.vm, seq = r.entry.seq, %why, "replay skipped an entry");
+                summary.skipped += 1;
+            }
+        }
     }
 
     /// Applies one entry.
@@ -210,14 +216,16 @@ impl State {
                 }
             } else {
                 let path = confined(out, source)?;
-                let mut text = String::new();
-                for (key, value) in kv {
-                    text.push_str(key);
-                    text.push('=');
-                    text.push_str(value);
-                    text.push('\n');
-                }
-                write_file(&path, text.as_bytes())?;
+                // Line by line: the file is never a second copy of the state in memory.
+                write_file_with(&path, |w| {
+                    for (key, value) in kv {
+                        w.write_all(key.as_bytes())?;
+                        w.write_all(b"=")?;
+                        w.write_all(value.as_bytes())?;
+                        w.write_all(b"\n")?;
+                    }
+                    Ok(())
+                })?;
                 written.push(path);
             }
         }
@@ -476,33 +484,64 @@ impl State {
 /// lineage included), in sequence order. With `from_us`, only the items changed in
 /// `[from_us, to_us]` are kept, each as it stood at `to_us` (an item deleted in the
 /// window is absent): what a time range did, without the rest of the state.
+///
+/// The log streams through, one decoded block at a time: memory holds the state (and,
+/// with `from_us`, the window's items), never the log.
 pub fn rebuild(
     log: &crate::provenance::ProvenanceLog,
     vm: &str,
     from_us: Option<i64>,
     to_us: i64,
 ) -> Result<(State, Summary), crate::provenance::ProvenanceError> {
-    let records = log.query(
+    let mut state = State::default();
+    let mut summary = Summary::default();
+    let mut seen = 0;
+    log.scan(
         vm,
         &crate::provenance::Query {
             to_us: Some(to_us),
             ..Default::default()
         },
+        |r| {
+            seen = r.entry.seq;
+            state.apply_counted(&r, &mut summary);
+            ControlFlow::Continue(())
+        },
     )?;
-    let mut state = State::default();
-    let summary = state.apply_all(&records);
     let Some(from) = from_us else {
         return Ok((state, summary));
     };
+    // A second pass over the window only (the index skips blocks outside it), up to
+    // the last entry the first pass saw: appends since then are not in `state`.
     let mut window = State::default();
-    for r in records.iter().filter(|r| r.entry.guest_time_us >= from) {
-        let e = &r.entry;
+    log.scan(
+        vm,
+        &crate::provenance::Query {
+            from_us: Some(from),
+            to_us: Some(to_us),
+            ..Default::default()
+        },
+        |r| {
+            if r.entry.seq > seen {
+                return ControlFlow::Break(());
+            }
+            window.take_item(&state, &r.entry);
+            ControlFlow::Continue(())
+        },
+    )?;
+    Ok((window, summary))
+}
+
+impl State {
+    /// Copies into `self` the item of `state` that `e` changed, as it stands in `state`
+    /// (nothing for an item `state` no longer holds).
+    fn take_item(&mut self, state: &State, e: &Entry) {
         match e.data_type {
             DataType::Sqlite => {
                 let Some(db) = state.sqlite.get(&e.source) else {
-                    continue;
+                    return;
                 };
-                let w = window.sqlite.entry(e.source.clone()).or_default();
+                let w = self.sqlite.entry(e.source.clone()).or_default();
                 if let Some(sql) = db.schemas.get(&e.collection) {
                     w.schemas.insert(e.collection.clone(), sql.clone());
                 }
@@ -515,18 +554,41 @@ pub fn rebuild(
             }
             DataType::Json => {
                 if let Some(doc) = state.json.get(&e.source) {
-                    window.json.insert(e.source.clone(), doc.clone());
+                    self.json.insert(e.source.clone(), doc.clone());
                 }
             }
             DataType::Kv => {
-                let w = window.kv.entry(e.source.clone()).or_default();
+                let w = self.kv.entry(e.source.clone()).or_default();
                 if let Some(v) = state.kv.get(&e.source).and_then(|kv| kv.get(&e.key)) {
                     w.insert(e.key.clone(), v.clone());
                 }
             }
         }
     }
-    Ok((window, summary))
+}
+
+/// Every source (and SQLite table) `vm`'s log names up to `to_us`, streamed; and the
+/// highest seq seen.
+fn sources_of_log(
+    log: &crate::provenance::ProvenanceLog,
+    vm: &str,
+    to_us: Option<i64>,
+) -> Result<(crate::replay_base::Sources, u64), crate::provenance::ProvenanceError> {
+    let mut sources = crate::replay_base::Sources::default();
+    let mut seen = 0;
+    log.scan(
+        vm,
+        &crate::provenance::Query {
+            to_us,
+            ..Default::default()
+        },
+        |r| {
+            seen = r.entry.seq;
+            sources.add(&r.entry);
+            ControlFlow::Continue(())
+        },
+    )?;
+    Ok((sources, seen))
 }
 
 /// A replay asked of weftd (`POST /v1/environments/{name}/replay`).
@@ -813,13 +875,10 @@ pub async fn disk_state(
         .ok_or("weftd has no provenance log")?
         .clone();
     let vm = vm.to_string();
-    let sources = tokio::task::spawn_blocking(move || {
-        log.query(&vm, &crate::provenance::Query::default())
-            .map(|records| crate::replay_base::Sources::of(&records))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    let (sources, _) = tokio::task::spawn_blocking(move || sources_of_log(&log, &vm, None))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let limits = manager.config().replay.base_limits();
     crate::replay_base::disks_state(store, maps, &sources, &limits).await
 }
@@ -884,25 +943,40 @@ async fn rebuild_on_base(
             .saturating_mul(1_000_000),
     );
     let map = snapshots.block_map(id).await?;
-    let (log, vm) = (log.clone(), env.to_string());
-    let records = tokio::task::spawn_blocking(move || {
-        log.query(
-            &vm,
-            &crate::provenance::Query {
-                to_us: Some(to_us),
-                ..Default::default()
-            },
-        )
-    })
-    .await
-    .map_err(|e| EnvError::Internal(e.to_string()))?
-    .map_err(|e| EnvError::Internal(e.to_string()))?;
-    let sources = crate::replay_base::Sources::of(&records);
+    let (l, vm) = (log.clone(), env.to_string());
+    let (sources, seen) = tokio::task::spawn_blocking(move || sources_of_log(&l, &vm, Some(to_us)))
+        .await
+        .map_err(|e| EnvError::Internal(e.to_string()))?
+        .map_err(|e| EnvError::Internal(e.to_string()))?;
     let (mut state, found) =
         crate::replay_base::disks_state(snapshots.store(), vec![map], &sources, limits)
             .await
             .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
-    let summary = state.apply_all(records.iter().filter(|r| r.entry.guest_time_us >= log_from));
+    // The log from the margin on, streamed onto the base, up to the last entry whose
+    // source the base was read for.
+    let (log, vm) = (log.clone(), env.to_string());
+    let (state, summary) = tokio::task::spawn_blocking(move || {
+        let mut summary = Summary::default();
+        log.scan(
+            &vm,
+            &crate::provenance::Query {
+                from_us: Some(log_from),
+                to_us: Some(to_us),
+                ..Default::default()
+            },
+            |r| {
+                if r.entry.seq > seen {
+                    return ControlFlow::Break(());
+                }
+                state.apply_counted(&r, &mut summary);
+                ControlFlow::Continue(())
+            },
+        )
+        .map(|()| (state, summary))
+    })
+    .await
+    .map_err(|e| EnvError::Internal(e.to_string()))?
+    .map_err(|e| EnvError::Internal(e.to_string()))?;
     Ok((state, summary, found, log_from))
 }
 
@@ -1006,7 +1080,15 @@ fn make_dir(dir: &Path) -> Result<(), ReplayError> {
 
 /// Writes `bytes` to `path` through a temporary file and a rename, fsynced.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReplayError> {
-    use std::io::Write as _;
+    write_file_with(path, |w| w.write_all(bytes))
+}
+
+/// Writes what `fill` writes (buffered) to `path` through a temporary file and a
+/// rename, fsynced.
+fn write_file_with(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<(), ReplayError> {
     if let Some(parent) = path.parent() {
         make_dir(parent)?;
     }
@@ -1015,8 +1097,10 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReplayError> {
         source,
     };
     let tmp = path.with_extension("weft-replay-tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
+    let f = std::fs::File::create(&tmp).map_err(io)?;
+    let mut w = std::io::BufWriter::new(f);
+    fill(&mut w).map_err(io)?;
+    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }

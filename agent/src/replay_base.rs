@@ -231,23 +231,27 @@ impl Sources {
     pub fn of(records: &[Record]) -> Sources {
         let mut s = Sources::default();
         for r in records {
-            let e = &r.entry;
-            match e.data_type {
-                DataType::Sqlite => {
-                    s.sqlite
-                        .entry(e.source.clone())
-                        .or_default()
-                        .insert(e.collection.clone());
-                }
-                DataType::Json => {
-                    s.json.insert(e.source.clone());
-                }
-                DataType::Kv => {
-                    s.kv.insert(e.source.clone());
-                }
-            }
+            s.add(&r.entry);
         }
         s
+    }
+
+    /// Adds the source and table `e` names (replay streams the log through this).
+    pub fn add(&mut self, e: &weft_dpa::Entry) {
+        match e.data_type {
+            DataType::Sqlite => {
+                self.sqlite
+                    .entry(e.source.clone())
+                    .or_default()
+                    .insert(e.collection.clone());
+            }
+            DataType::Json => {
+                self.json.insert(e.source.clone());
+            }
+            DataType::Kv => {
+                self.kv.insert(e.source.clone());
+            }
+        }
     }
 }
 

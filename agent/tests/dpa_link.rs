@@ -431,6 +431,68 @@ async fn a_vm_at_its_quota_is_paused_not_dropped() {
     assert_eq!(host.seqs("full").len() as u64, next - 1);
 }
 
+/// A guest whose values compress a thousandfold (zstd stores 200 KiB of one letter in
+/// a few dozen bytes) is held to its quota by the bytes it sends, not by what they
+/// compress to: replay and the API hold them decompressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressible_entries_hit_the_quota_by_their_decompressed_bytes() {
+    const QUOTA: u64 = 1 << 20;
+    let host = Host::new(
+        limits(),
+        LogOptions {
+            quota_bytes: QUOTA,
+            ..LogOptions::default()
+        },
+        &["zip"],
+    );
+    let value = format!("\"{}\"", "a".repeat(200 * 1024));
+    let big = |seq: u64| Entry {
+        new: Some(value.clone()),
+        ..entry(seq)
+    };
+    let mut g = host.guest("zip").await;
+    g.handshake(&[caps::SQLITE]).await;
+    // 3 entries (600 KiB) a batch, 40 batches: 24 MiB sent, ~1% of it once compressed.
+    let mut next = 1;
+    let mut paused = false;
+    for _ in 0..40 {
+        g.send(&Message::Batch((next..next + 3).map(big).collect()))
+            .await;
+        match tokio::time::timeout(Duration::from_secs(2), g.recv()).await {
+            Ok(Some(Message::Ack { upto })) => {
+                assert_eq!(upto, next + 2);
+                next += 3;
+            }
+            Err(_) => {
+                paused = true;
+                break;
+            }
+            Ok(other) => panic!("want ack or silence, got {other:?}"),
+        }
+    }
+    let usage = host.log.usage("zip").expect("usage");
+    assert!(
+        paused,
+        "the guest stored {} entries ({} bytes decompressed, {} on disk) past a quota of {QUOTA}",
+        next - 1,
+        usage.charged_bytes,
+        usage.bytes
+    );
+    let stored: usize = host
+        .log
+        .query("zip", &Query::default())
+        .expect("query")
+        .iter()
+        .map(|r| r.entry.new.as_ref().map_or(0, String::len))
+        .sum();
+    assert!(stored as u64 <= QUOTA, "{stored} bytes of values stored");
+    assert!(usage.charged_bytes <= QUOTA, "{usage:?}");
+    assert!(
+        usage.bytes < usage.charged_bytes / 10,
+        "the values did compress: {usage:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_connection_replaces_the_old_one() {
     let host = Host::new(limits(), LogOptions::default(), &["vm1"]);

@@ -198,3 +198,107 @@ async fn provenance_is_served_filtered_paged_and_removed_with_its_environment() 
         "the log went with the environment"
     );
 }
+
+/// A page of `GET …/provenance` ends at its byte budget, whatever the records' count,
+/// and its cursor leads through the rest; weftd reads no further than the page.
+#[tokio::test]
+async fn provenance_pages_are_bounded_by_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let catalog = Catalog::open(&data.join("catalog.db")).await.unwrap();
+    let config = weft_qmp::launch::VmConfig::default();
+    catalog
+        .insert_environment(&NewEnvironment {
+            name: "big",
+            kind: EnvKind::Managed,
+            config: Some(&config),
+            qmp_socket: &dir.path().join("run/big.qmp"),
+            state: EnvState::Stopped,
+            pid: None,
+        })
+        .await
+        .unwrap();
+    catalog.close().await;
+    let log = ProvenanceLog::open(data.join("provenance"), LogOptions::default()).unwrap();
+    // 600 records of 8 KiB values: 4.8 MiB, far fewer than any count limit.
+    let entries: Vec<Entry> = (1..=600)
+        .map(|seq| Entry {
+            new: Some(format!("\"{}\"", "v".repeat(8 * 1024))),
+            ..entry(seq)
+        })
+        .collect();
+    for chunk in entries.chunks(100) {
+        log.append("big", T0, chunk).unwrap();
+    }
+    drop(log);
+    let weftd = Weftd::start(dir.path()).await;
+    let client = Client::new(&weftd.socket);
+
+    const BUDGET: usize = 64 * 1024;
+    let mut seen = Vec::new();
+    let mut after = 0;
+    let mut pages = 0;
+    loop {
+        let path = format!("/v1/environments/big/provenance?max_bytes={BUDGET}&after_seq={after}");
+        let body = client
+            .request(hyper::Method::GET, &path, None::<&()>)
+            .await
+            .unwrap();
+        assert!(
+            body.len() <= BUDGET,
+            "a page of {} bytes over a budget of {BUDGET}",
+            body.len()
+        );
+        let page: Page = serde_json::from_slice(&body).unwrap();
+        pages += 1;
+        assert!(!page.records.is_empty() || page.next_after_seq.is_none());
+        seen.extend(seqs(&page.records));
+        match page.next_after_seq {
+            Some(n) => {
+                assert!(body.len() > BUDGET - 9 * 1024, "a page ends only when full");
+                after = n;
+            }
+            None => break,
+        }
+        assert!(pages < 200, "paging does not end");
+    }
+    assert_eq!(seen, (1..=600).collect::<Vec<_>>());
+    assert!(pages >= 600 * 8 * 1024 / BUDGET, "{pages} pages");
+
+    // The default budget (4 MiB) also ends a page, with a cursor to go on.
+    let body = client
+        .request(
+            hyper::Method::GET,
+            "/v1/environments/big/provenance",
+            None::<&()>,
+        )
+        .await
+        .unwrap();
+    assert!(body.len() <= 4 << 20, "{} bytes", body.len());
+    let page: Page = serde_json::from_slice(&body).unwrap();
+    assert!(page.records.len() < 600);
+    assert_eq!(page.next_after_seq, page.records.last().map(|r| r.seq));
+
+    // A record larger than the budget comes alone, so paging always moves on.
+    let page: Page = client
+        .get("/v1/environments/big/provenance?max_bytes=1024&after_seq=10")
+        .await
+        .unwrap();
+    assert_eq!(seqs(&page.records), vec![11]);
+    assert_eq!(page.next_after_seq, Some(11));
+    // Out of range: a one-line refusal.
+    match client
+        .get::<Page>("/v1/environments/big/provenance?max_bytes=100")
+        .await
+    {
+        Err(ClientError::Api { status, message }) => {
+            assert_eq!(status.as_u16(), 400);
+            assert!(message.contains("max_bytes"), "{message}");
+        }
+        other => panic!("expected a 400, got {other:?}"),
+    }
+    // The CLI pages through it all.
+    let all = weftd.json(&["--json", "provenance", "query", "big", "--limit", "0"]);
+    assert_eq!(seqs(&all), (1..=600).collect::<Vec<_>>());
+}

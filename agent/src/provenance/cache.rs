@@ -1,5 +1,7 @@
 //! A small LRU cache of decoded blocks, shared by all VMs: recent reads (a `tail
-//! --follow`, a replay going over the same range again) do not decompress twice.
+//! --follow`, a replay going over the same range again) do not decompress twice. It is
+//! bounded in blocks and in bytes (each block counted by its decompressed size), so
+//! that what guests write cannot make it hold more than [`CACHE_BYTES`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -9,26 +11,38 @@ use super::segment::Decoded;
 /// A block: its shard's generation (unique per open shard), its segment and offset.
 pub type BlockKey = (u64, u64, u64);
 
-/// An LRU cache bounded in blocks.
+/// Most decompressed bytes of blocks the cache holds.
+pub const CACHE_BYTES: u64 = 64 << 20;
+
+/// An LRU cache bounded in blocks and bytes.
 pub struct BlockCache {
     capacity: usize,
+    max_bytes: u64,
     inner: Mutex<Lru>,
 }
 
 #[derive(Default)]
 struct Lru {
     tick: u64,
-    map: HashMap<BlockKey, (u64, Arc<Decoded>)>,
+    bytes: u64,
+    /// Block → (last use, bytes, decoded block).
+    map: HashMap<BlockKey, (u64, u64, Arc<Decoded>)>,
     order: BTreeMap<u64, BlockKey>,
 }
 
 impl BlockCache {
-    /// A cache of at most `capacity` blocks (0 disables it).
-    pub fn new(capacity: usize) -> BlockCache {
+    /// A cache of at most `capacity` blocks (0 disables it) and `max_bytes`.
+    pub fn new(capacity: usize, max_bytes: u64) -> BlockCache {
         BlockCache {
             capacity,
+            max_bytes,
             inner: Mutex::new(Lru::default()),
         }
+    }
+
+    /// Most bytes it holds.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
@@ -44,30 +58,35 @@ impl BlockCache {
         let (old, value) = {
             let slot = lru.map.get_mut(key)?;
             let old = std::mem::replace(&mut slot.0, tick);
-            (old, slot.1.clone())
+            (old, slot.2.clone())
         };
         lru.order.remove(&old);
         lru.order.insert(tick, *key);
         Some(value)
     }
 
-    /// Caches a block, evicting the least recently used beyond the capacity.
-    pub fn put(&self, key: BlockKey, value: Arc<Decoded>) {
-        if self.capacity == 0 {
+    /// Caches a block of `bytes` (decompressed), evicting the least recently used
+    /// beyond the capacity.
+    pub fn put(&self, key: BlockKey, value: Arc<Decoded>, bytes: u64) {
+        if self.capacity == 0 || bytes > self.max_bytes {
             return;
         }
         let mut lru = self.lock();
         lru.tick += 1;
         let tick = lru.tick;
-        if let Some((old, _)) = lru.map.insert(key, (tick, value)) {
+        lru.bytes += bytes;
+        if let Some((old, old_bytes, _)) = lru.map.insert(key, (tick, bytes, value)) {
             lru.order.remove(&old);
+            lru.bytes -= old_bytes;
         }
         lru.order.insert(tick, key);
-        while lru.map.len() > self.capacity {
+        while lru.map.len() > self.capacity || lru.bytes > self.max_bytes {
             let Some((_, victim)) = lru.order.pop_first() else {
                 break;
             };
-            lru.map.remove(&victim);
+            if let Some((_, b, _)) = lru.map.remove(&victim) {
+                lru.bytes -= b;
+            }
         }
     }
 
@@ -78,11 +97,13 @@ impl BlockCache {
             .map
             .iter()
             .filter(|(k, _)| k.0 == generation)
-            .map(|(k, (t, _))| (*t, *k))
+            .map(|(k, (t, _, _))| (*t, *k))
             .collect();
         for (tick, key) in victims {
             lru.order.remove(&tick);
-            lru.map.remove(&key);
+            if let Some((_, b, _)) = lru.map.remove(&key) {
+                lru.bytes -= b;
+            }
         }
     }
 
@@ -99,20 +120,37 @@ mod tests {
 
     #[test]
     fn least_recently_used_goes_first() {
-        let c = BlockCache::new(2);
+        let c = BlockCache::new(2, 1000);
         let v = Arc::new(Vec::new());
-        c.put((1, 1, 1), v.clone());
-        c.put((1, 1, 2), v.clone());
+        c.put((1, 1, 1), v.clone(), 10);
+        c.put((1, 1, 2), v.clone(), 10);
         assert!(c.get(&(1, 1, 1)).is_some());
-        c.put((1, 1, 3), v.clone());
+        c.put((1, 1, 3), v.clone(), 10);
         assert!(
             c.get(&(1, 1, 2)).is_none(),
             "the least recently used was evicted"
         );
         assert!(c.get(&(1, 1, 1)).is_some());
         assert!(c.get(&(1, 1, 3)).is_some());
-        c.put((2, 1, 1), v);
+        c.put((2, 1, 1), v, 10);
         c.forget_shard(1);
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn the_cache_holds_at_most_its_bytes() {
+        let c = BlockCache::new(100, 1000);
+        let v = Arc::new(Vec::new());
+        for i in 0..10 {
+            c.put((1, 1, i), v.clone(), 300);
+        }
+        assert_eq!(c.len(), 3, "3 blocks of 300 bytes fit in 1000");
+        assert!(c.get(&(1, 1, 9)).is_some() && c.get(&(1, 1, 6)).is_none());
+        c.put((1, 2, 0), v, 2000);
+        assert!(
+            c.get(&(1, 2, 0)).is_none(),
+            "a block over the budget is not kept"
+        );
+        assert_eq!(c.lock().bytes, 900);
     }
 }

@@ -12,7 +12,13 @@
 //! rebuilt in memory when the shard is opened; a torn tail (a crash in the middle of an
 //! append, which was never acknowledged) is found by its checksums and cut off.
 //! Retention drops whole sealed segments, by age and by size, never the newest one; a
-//! per-VM quota refuses appends beyond it. Decoded blocks are kept in a small LRU cache.
+//! per-VM quota refuses appends beyond it. The quota counts entries decompressed
+//! ([`Usage::charged_bytes`]): zstd shrinks a guest's repetitive values a thousandfold,
+//! and everything that reads the log (replay, the API) holds them decompressed. Decoded
+//! blocks are kept in a small LRU cache.
+//!
+//! Reads stream: [`ProvenanceLog::scan`] hands over one record at a time and holds one
+//! decoded block (at most [`segment::MAX_BLOCK_BYTES`] raw), whatever the log's size.
 //!
 //! A weave's log has lineage (`<root>/<weave>/lineage`): it starts with its parent's
 //! entries up to the branch instant, then continues with its own, whose sequence
@@ -30,6 +36,7 @@ pub mod service;
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,8 +85,9 @@ pub struct Query {
 pub struct LogOptions {
     /// A segment is sealed once it holds this many bytes.
     pub segment_bytes: u64,
-    /// Most bytes of one VM's log (segments and their indexes); an append beyond it
-    /// fails with [`ProvenanceError::Quota`]. 0: no quota.
+    /// Most bytes of one VM's log, its entries counted decompressed (see
+    /// [`Usage::charged_bytes`]); an append beyond it fails with
+    /// [`ProvenanceError::Quota`]. 0: no quota.
     pub quota_bytes: u64,
     /// Sealed segments whose newest entry was received longer ago than this (µs, host
     /// clock) are dropped. `None`: kept regardless of age.
@@ -216,8 +224,13 @@ pub struct Lineage {
 /// The size of one VM's log.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
-    /// Bytes of its segments and indexes.
+    /// Bytes of its segments and indexes on disk.
     pub bytes: u64,
+    /// Bytes the quota counts: every block's header and its payload decompressed (or
+    /// as stored, if larger), segment headers and indexes. A guest cannot store more
+    /// than the quota by sending values that compress well.
+    #[serde(default)]
+    pub charged_bytes: u64,
     /// Segments, the open one included.
     pub segments: usize,
     /// Its oldest stored seq (0 for none).
@@ -248,10 +261,33 @@ struct Segment {
     alloc: u64,
     /// Bytes of its sidecar (sealed segments).
     index_len: u64,
+    /// What its blocks count towards the quota: see [`charge`].
+    charged: u64,
     sealed: bool,
 }
 
+/// What a block counts towards the quota: its header and its payload decompressed (or
+/// as stored, if that is larger; a written block is never stored larger).
+fn charge(b: &BlockMeta) -> u64 {
+    segment::BLOCK_HEADER as u64 + u64::from(b.raw_len.max(b.stored_len))
+}
+
+/// About what a block takes in memory decoded: its raw bytes and each entry's own
+/// structure and allocations.
+fn decoded_bytes(b: &BlockMeta) -> u64 {
+    u64::from(b.raw_len) + u64::from(b.count) * 256
+}
+
+fn charge_all(blocks: &[Arc<BlockMeta>]) -> u64 {
+    blocks.iter().map(|b| charge(b)).sum()
+}
+
 impl Segment {
+    /// What the segment counts towards the quota.
+    fn charged_bytes(&self) -> u64 {
+        segment::SEGMENT_HEADER + self.charged + self.index_len
+    }
+
     fn last_seq(&self) -> u64 {
         self.blocks
             .last()
@@ -354,7 +390,7 @@ impl ProvenanceLog {
         std::fs::create_dir_all(&root).map_err(io("create", &root))?;
         Ok(ProvenanceLog {
             inner: Arc::new(Inner {
-                cache: BlockCache::new(options.cache_blocks),
+                cache: BlockCache::new(options.cache_blocks, cache::CACHE_BYTES),
                 root,
                 options,
                 shards: Mutex::new(HashMap::new()),
@@ -455,6 +491,7 @@ impl ProvenanceLog {
         self.with_shard(vm, |s| {
             Ok(Usage {
                 bytes: s.bytes(),
+                charged_bytes: s.charged_bytes(),
                 segments: s.segments.len(),
                 first_seq: s
                     .segments
@@ -468,14 +505,43 @@ impl ProvenanceLog {
     }
 
     /// Entries of `vm` matching `q`, including, for a weave, its parent's entries up to
-    /// the branch instant (lineage). A VM without a log has no entries.
+    /// the branch instant (lineage). A VM without a log has no entries. The answer is
+    /// in memory whole: for a log of any size, use [`Self::scan`].
     pub fn query(&self, vm: &str, q: &Query) -> Result<Vec<Record>, ProvenanceError> {
         let mut out = Vec::new();
-        let limit = q.limit.unwrap_or(usize::MAX);
-        if limit > 0 {
-            self.collect(vm, q, Bound::default(), 0, limit, &mut out)?;
-        }
+        self.scan(vm, q, |r| {
+            out.push(r);
+            ControlFlow::Continue(())
+        })?;
         Ok(out)
+    }
+
+    /// Calls `f` with each entry of `vm` matching `q`, in seq order (a weave's lineage
+    /// first), until `f` breaks or `q.limit` entries were handed over. Holds one decoded
+    /// block at a time: memory does not grow with the log.
+    pub fn scan(
+        &self,
+        vm: &str,
+        q: &Query,
+        mut f: impl FnMut(Record) -> ControlFlow<()>,
+    ) -> Result<(), ProvenanceError> {
+        let limit = q.limit.unwrap_or(usize::MAX);
+        if limit == 0 {
+            return Ok(());
+        }
+        let mut given = 0usize;
+        let mut sink = |r: Record| {
+            given += 1;
+            let flow = f(r);
+            if given >= limit {
+                ControlFlow::Break(())
+            } else {
+                flow
+            }
+        };
+        // Whether `f` or the limit ended the scan early is the caller's to know.
+        let _ended = self.collect(vm, q, Bound::default(), 0, &mut sink)?;
+        Ok(())
     }
 
     fn collect(
@@ -484,9 +550,8 @@ impl ProvenanceLog {
         q: &Query,
         bound: Bound,
         depth: usize,
-        limit: usize,
-        out: &mut Vec<Record>,
-    ) -> Result<(), ProvenanceError> {
+        sink: &mut dyn FnMut(Record) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, ProvenanceError> {
         if depth > MAX_LINEAGE_DEPTH {
             return Err(ProvenanceError::Branch(format!(
                 "the lineage of {vm} is deeper than {MAX_LINEAGE_DEPTH} (a loop?)"
@@ -503,16 +568,17 @@ impl ProvenanceLog {
                     max_seq: min_opt(bound.max_seq, Some(l.until_seq)),
                     max_time: min_opt(bound.max_time, Some(l.until_us)),
                 };
-                self.collect(&l.parent, q, inherited, depth + 1, limit, out)?;
+                if self
+                    .collect(&l.parent, q, inherited, depth + 1, sink)?
+                    .is_break()
+                {
+                    return Ok(ControlFlow::Break(()));
+                }
             }
         }
-        if out.len() < limit {
-            self.read(vm, generation, candidates, q, bound, limit, out)?;
-        }
-        Ok(())
+        self.read(vm, generation, candidates, q, bound, sink)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
         vm: &str,
@@ -520,17 +586,16 @@ impl ProvenanceLog {
         candidates: Vec<Candidate>,
         q: &Query,
         bound: Bound,
-        limit: usize,
-        out: &mut Vec<Record>,
-    ) -> Result<(), ProvenanceError> {
-        // A scan larger than the cache would only evict what others use: it decodes
-        // blocks for itself and moves entries out instead of copying them.
-        let use_cache = candidates.len() <= self.inner.options.cache_blocks / 2;
+        sink: &mut dyn FnMut(Record) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, ProvenanceError> {
+        // A scan larger than half the cache would only evict what others use: it
+        // decodes blocks for itself, moves entries out instead of copying them, and
+        // holds one block at a time.
+        let raw: u64 = candidates.iter().map(|c| decoded_bytes(&c.meta)).sum();
+        let use_cache = candidates.len() <= self.inner.options.cache_blocks / 2
+            && raw <= self.inner.cache.max_bytes() / 2;
         let mut file: Option<(u64, File)> = None;
         for c in candidates {
-            if out.len() >= limit {
-                break;
-            }
             let key = (generation, c.segment_first, c.meta.offset);
             let cached = if use_cache {
                 self.inner.cache.get(&key)
@@ -554,7 +619,9 @@ impl ProvenanceLog {
                     let Some((_, f)) = &file else { continue };
                     let decoded = Arc::new(segment::read_block(f, &c.path, &c.meta)?);
                     if use_cache {
-                        self.inner.cache.put(key, decoded.clone());
+                        self.inner
+                            .cache
+                            .put(key, decoded.clone(), decoded_bytes(&c.meta));
                     }
                     decoded
                 }
@@ -563,35 +630,35 @@ impl ProvenanceLog {
             match Arc::try_unwrap(block) {
                 Ok(owned) => {
                     for (host_time_us, entry) in owned {
-                        if out.len() >= limit {
-                            break;
-                        }
                         if keep(host_time_us, &entry) {
-                            out.push(Record {
+                            let r = Record {
                                 vm: vm.to_string(),
                                 host_time_us,
                                 entry,
-                            });
+                            };
+                            if sink(r).is_break() {
+                                return Ok(ControlFlow::Break(()));
+                            }
                         }
                     }
                 }
                 Err(shared) => {
                     for (host_time_us, entry) in shared.iter() {
-                        if out.len() >= limit {
-                            break;
-                        }
                         if keep(*host_time_us, entry) {
-                            out.push(Record {
+                            let r = Record {
                                 vm: vm.to_string(),
                                 host_time_us: *host_time_us,
                                 entry: entry.clone(),
-                            });
+                            };
+                            if sink(r).is_break() {
+                                return Ok(ControlFlow::Break(()));
+                            }
                         }
                     }
                 }
             }
         }
-        Ok(())
+        Ok(ControlFlow::Continue(()))
     }
 
     /// Records that `weave`'s log starts with `parent`'s entries whose
@@ -865,10 +932,12 @@ impl Shard {
         let len = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
         if let Some(index) = segment::read_index(&idx_path, len) {
             let index_len = std::fs::metadata(&idx_path).map(|m| m.len()).unwrap_or(0);
+            let blocks: Vec<Arc<BlockMeta>> = index.blocks.into_iter().map(Arc::new).collect();
             return Ok(Segment {
                 first_seq: first,
                 path: Arc::new(path),
-                blocks: index.blocks.into_iter().map(Arc::new).collect(),
+                charged: charge_all(&blocks),
+                blocks,
                 len,
                 alloc: len,
                 index_len,
@@ -888,6 +957,7 @@ impl Shard {
                 len: segment::SEGMENT_HEADER,
                 alloc: segment::SEGMENT_HEADER,
                 index_len: 0,
+                charged: 0,
                 sealed: false,
             });
         }
@@ -928,8 +998,10 @@ impl Shard {
             len: scan.valid_len,
             alloc: scan.valid_len,
             index_len: 0,
+            charged: 0,
             sealed: false,
         };
+        seg.charged = charge_all(&seg.blocks);
         if !is_last {
             // A sealed segment whose sidecar was lost: write it again.
             seg.index_len = write_sidecar(&self.dir, &seg)?;
@@ -949,6 +1021,10 @@ impl Shard {
 
     fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len + s.index_len).sum()
+    }
+
+    fn charged_bytes(&self) -> u64 {
+        self.segments.iter().map(Segment::charged_bytes).sum()
     }
 
     fn append(
@@ -990,13 +1066,15 @@ impl Shard {
         let mut buf = Vec::new();
         let metas = segment::encode_blocks(fresh, host_time_us, compressor, base, &mut buf)
             .map_err(ProvenanceError::Invalid)?;
-        let extra = buf.len() as u64
+        // Counted decompressed: what replay and the API will hold, not what zstd made of
+        // it (a guest's repetitive values would otherwise pass a thousandfold).
+        let extra = metas.iter().map(charge).sum::<u64>()
             + if needs_segment {
                 segment::SEGMENT_HEADER
             } else {
                 0
             };
-        if options.quota_bytes > 0 && self.bytes() + extra > options.quota_bytes {
+        if options.quota_bytes > 0 && self.charged_bytes() + extra > options.quota_bytes {
             return Err(ProvenanceError::Quota {
                 vm: vm.to_string(),
                 quota: options.quota_bytes,
@@ -1048,6 +1126,7 @@ impl Shard {
             return Err(io("write", &seg.path)(e));
         }
         seg.len += buf.len() as u64;
+        seg.charged += metas.iter().map(charge).sum::<u64>();
         seg.blocks.extend(metas.into_iter().map(Arc::new));
         Ok(self.last_seq())
     }
@@ -1079,6 +1158,7 @@ impl Shard {
             len: segment::SEGMENT_HEADER,
             alloc: segment::SEGMENT_HEADER,
             index_len: 0,
+            charged: 0,
             sealed: false,
         });
         self.writer = Some(f);

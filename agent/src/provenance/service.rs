@@ -1,6 +1,7 @@
 //! weftd's side of the provenance log: the API's view of records, the async glue the
 //! handlers and weaves use, and periodic retention.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -9,13 +10,16 @@ use tracing::{info, warn};
 use super::{ProvenanceError, ProvenanceLog, Query, Record};
 use crate::envs::{one_line, EnvError, Manager};
 
-/// Records per page when the request does not say.
-pub const DEFAULT_PAGE: usize = 1000;
-/// Most records per page.
-pub const MAX_PAGE: usize = 10_000;
-/// A page stops growing once its keys and values reach this many bytes (the CLI takes
-/// answers up to 64 MiB; JSON escaping can double a value).
-pub const PAGE_BYTES: usize = 16 << 20;
+/// Bytes of a page's JSON when the request does not say.
+pub const DEFAULT_PAGE_BYTES: usize = 4 << 20;
+/// Most bytes of a page's JSON a request may ask for (the CLI takes answers up to
+/// 64 MiB).
+pub const MAX_PAGE_BYTES: usize = 16 << 20;
+/// Fewest bytes of a page's JSON a request may ask for.
+pub const MIN_PAGE_BYTES: usize = 1024;
+/// Most bytes of a page's JSON after its records: `],"last_seq":` and
+/// `,"next_after_seq":` with two numbers of up to 20 digits, `}`.
+const PAGE_TAIL: usize = 72;
 /// How often weftd applies the retention rules.
 pub const RETENTION_PERIOD: Duration = Duration::from_secs(600);
 
@@ -118,14 +122,19 @@ pub struct PageQuery {
     pub after_seq: Option<u64>,
     /// Only the newest N sequence numbers (instead of `after_seq`).
     pub tail: Option<u64>,
-    /// Most records (default 1000, at most 10000).
+    /// Most records (default: as many as `max_bytes` holds).
     pub limit: Option<usize>,
+    /// Most bytes of the page's JSON (default 4 MiB, 1 KiB to 16 MiB). A record larger
+    /// than that on its own comes alone on its page (a record is at most about 3 MiB of
+    /// JSON: the protocol's size limits, escaped).
+    pub max_bytes: Option<usize>,
 }
 
 /// Answer of `GET /v1/environments/{name}/provenance`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Page {
-    /// The matching records, in sequence order.
+    /// The matching records, in sequence order, as many as the page's byte budget
+    /// holds.
     pub records: Vec<RecordView>,
     /// The environment's highest durable sequence number.
     pub last_seq: u64,
@@ -171,8 +180,9 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(env_error)
 }
 
-/// One page of `name`'s provenance records.
-pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Page, EnvError> {
+/// One page of `name`'s provenance records: a [`Page`] as the API's JSON, at most
+/// `max_bytes` of it (or one record larger than that).
+pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Vec<u8>, EnvError> {
     manager
         .catalog()
         .environment(name)
@@ -184,7 +194,13 @@ pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Page, E
             "give either tail or after_seq, not both".into(),
         ));
     }
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let budget = q.max_bytes.unwrap_or(DEFAULT_PAGE_BYTES);
+    if !(MIN_PAGE_BYTES..=MAX_PAGE_BYTES).contains(&budget) {
+        return Err(EnvError::BadRequest(format!(
+            "max_bytes {budget} is out of range: give {MIN_PAGE_BYTES} to {MAX_PAGE_BYTES}"
+        )));
+    }
     let mut query = Query {
         from_us: q
             .from
@@ -202,44 +218,55 @@ pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Page, E
         key: q.key,
         collection: q.table,
         source: q.source,
-        limit: Some(limit),
+        limit: None,
     };
     let vm = name.to_string();
     let tail = q.tail;
-    let (records, last_seq) = blocking(move || {
+    // The log streams into the page, each record serialised as it comes and only its
+    // JSON kept, until the byte budget: neither the answer nor weftd's memory grows
+    // with what matches (a record's parsed values can take many times their text).
+    blocking(move || {
         let last_seq = log.last_seq(&vm)?;
         if let Some(n) = tail {
             query.after_seq = Some(last_seq.saturating_sub(n));
         }
-        Ok((log.query(&vm, &query)?, last_seq))
-    })
-    .await?;
-    let full = records.len() == limit && limit > 0;
-    let mut views = Vec::with_capacity(records.len());
-    let mut bytes = 0usize;
-    let mut cut = false;
-    for r in &records {
-        let e = &r.entry;
-        bytes += e.key.len()
-            + e.source.len()
-            + e.old.as_ref().map_or(0, String::len)
-            + e.new.as_ref().map_or(0, String::len);
-        if bytes > PAGE_BYTES && !views.is_empty() {
-            cut = true;
-            break;
+        let mut body = Vec::from(&b"{\"records\":["[..]);
+        let mut count = 0usize;
+        let mut last: Option<u64> = None;
+        let mut more = false;
+        let mut record = Vec::new();
+        log.scan(&vm, &query, |r| {
+            if count >= limit {
+                more = true;
+                return ControlFlow::Break(());
+            }
+            record.clear();
+            // A RecordView always serialises (string keys, values parsed from JSON).
+            let _ = serde_json::to_writer(&mut record, &RecordView::from(&r));
+            if body.len() + 1 + record.len() + PAGE_TAIL > budget && count > 0 {
+                more = true;
+                return ControlFlow::Break(());
+            }
+            if count > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(&record);
+            count += 1;
+            last = Some(r.entry.seq);
+            ControlFlow::Continue(())
+        })?;
+        let next_after_seq = if more { last } else { None };
+        body.extend_from_slice(b"],\"last_seq\":");
+        body.extend_from_slice(last_seq.to_string().as_bytes());
+        body.extend_from_slice(b",\"next_after_seq\":");
+        match next_after_seq {
+            Some(n) => body.extend_from_slice(n.to_string().as_bytes()),
+            None => body.extend_from_slice(b"null"),
         }
-        views.push(RecordView::from(r));
-    }
-    let next_after_seq = if full || cut {
-        views.last().map(|v| v.seq)
-    } else {
-        None
-    };
-    Ok(Page {
-        records: views,
-        last_seq,
-        next_after_seq,
+        body.push(b'}');
+        Ok(body)
     })
+    .await
 }
 
 /// Records that weave `weave` of `parent`, whose disks show the instant `taken_at`

@@ -15,6 +15,9 @@
 //! weft-bench provenance [--entries N] [--rounds R]
 //!                                              # provenance log appends and reads vs an
 //!                                              # indexed SQLite table
+//! weft-bench replay-rss [--log-mib N] [--state-mib M]
+//!                                              # weftd's peak RSS replaying a large log
+//!                                              # of few keys, and a large state, --out
 //! ```
 //!
 //! Every benchmark runs weft and its peer alternately in the same process run (the machines
@@ -46,6 +49,8 @@ mod backup;
 mod blk;
 #[path = "weft-bench/provenance.rs"]
 mod provenance;
+#[path = "weft-bench/replay_rss.rs"]
+mod replay_rss;
 #[path = "weft-bench/weave.rs"]
 mod weave;
 
@@ -62,7 +67,8 @@ const USAGE: &str = "usage: weft-bench qmp [--calls N] [--rounds R]
        weft-bench weave [--rounds R]
        weft-bench blk [--rounds R]
        weft-bench compose [--rounds R]
-       weft-bench provenance [--entries N] [--rounds R]";
+       weft-bench provenance [--entries N] [--rounds R]
+       weft-bench replay-rss [--log-mib N] [--state-mib M]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -167,6 +173,22 @@ async fn run(args: &[String], pids: &mut Pids) -> Result<()> {
             );
             provenance::bench_provenance(opts.entries.unwrap_or(200_000), opts.rounds.unwrap_or(3))
         }
+        "replay-rss" => {
+            ensure!(
+                opts.calls.is_none()
+                    && opts.rounds.is_none()
+                    && opts.size_gib.is_none()
+                    && opts.chunk_kib.is_none()
+                    && opts.entries.is_none()
+                    && !opts.breakdown,
+                "replay-rss takes only --log-mib and --state-mib\n{USAGE}"
+            );
+            replay_rss::bench_replay_rss(
+                opts.log_mib.unwrap_or(1024) as u64,
+                opts.state_mib.unwrap_or(2048) as u64,
+            )
+            .await
+        }
         "-h" | "--help" => {
             println!("{USAGE}");
             Ok(())
@@ -182,6 +204,8 @@ struct Opts {
     size_gib: Option<usize>,
     chunk_kib: Option<usize>,
     entries: Option<usize>,
+    log_mib: Option<usize>,
+    state_mib: Option<usize>,
     breakdown: bool,
 }
 
@@ -197,7 +221,8 @@ impl Opts {
             let mut value = || -> Result<usize> {
                 let v = it.next().with_context(|| format!("{flag} needs a value"))?;
                 let n: usize = v.parse().with_context(|| format!("{flag} {v:?}"))?;
-                ensure!(n > 0, "{flag} must be positive");
+                // `--log-mib 0` / `--state-mib 0` skip that case of replay-rss.
+                ensure!(n > 0 || flag.ends_with("-mib"), "{flag} must be positive");
                 Ok(n)
             };
             match flag.as_str() {
@@ -206,6 +231,8 @@ impl Opts {
                 "--size-gib" => opts.size_gib = Some(value()?),
                 "--chunk-kib" => opts.chunk_kib = Some(value()?),
                 "--entries" => opts.entries = Some(value()?),
+                "--log-mib" => opts.log_mib = Some(value()?),
+                "--state-mib" => opts.state_mib = Some(value()?),
                 _ => bail!("unknown option {flag:?}\n{USAGE}"),
             }
         }

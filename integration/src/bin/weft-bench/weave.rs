@@ -585,7 +585,7 @@ impl Rig {
 
 /// A workspace binary (`weftd`, `weft`) from weft-bench's own profile, else release, else
 /// debug.
-fn bin(name: &str) -> Result<PathBuf> {
+pub(crate) fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let profile = exe.parent().context("weft-bench has no directory")?;
     let target = profile
