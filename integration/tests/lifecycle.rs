@@ -74,6 +74,19 @@ fn last_tick(rig: &Rig, env: &str) -> u32 {
         .unwrap_or(0)
 }
 
+/// Waits until the guest's console shows a tick of at least `n`; returns it.
+async fn tick_past(rig: &Rig, env: &str, n: u32) -> anyhow::Result<u32> {
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{env}'s tick {n}"),
+        || async move {
+            let t = last_tick(rig, env);
+            Ok((t >= n).then_some(t))
+        },
+    )
+    .await
+}
+
 /// Whether the counter log in the raw ext4 image `image` holds `tick n`.
 fn image_holds_tick(image: &Path, n: u32) -> anyhow::Result<bool> {
     let log = read_ext4_file(image, "/counter.log")?;
@@ -163,6 +176,8 @@ async fn qemu_env_delete_keeps_the_guests_writes_and_verbs_keep_to_their_kind() 
         "recovery must find QEMU on weft's overlay; the configuration names {path}"
     );
 
+    let (run_from, stop_from) = (last_tick(&rig, "lfrun"), last_tick(&rig, "lfstop"));
+
     // Destructive verbs refuse the wrong kind with one line, and change nothing.
     let before = state(&rig, "lfrun")?;
     refused(&rig, &["weave", "delete", "lfrun"], "not a weave")?;
@@ -219,13 +234,12 @@ async fn qemu_env_delete_keeps_the_guests_writes_and_verbs_keep_to_their_kind() 
     let _ = outside.kill();
     let _ = outside.wait();
 
-    // Writes after the weaves branched: a tick the console shows from now on was synced
-    // to the disk after the weave was made.
-    let (run_from, stop_from) = (last_tick(&rig, "lfrun"), last_tick(&rig, "lfstop"));
-    rig.ticks("lfrun", 5).await?;
-    rig.ticks("lfstop", 5).await?;
-    let (run_tick, stop_tick) = (last_tick(&rig, "lfrun"), last_tick(&rig, "lfstop"));
-    ensure!(run_tick > run_from + 4 && stop_tick > stop_from + 4);
+    // Writes after the weaves branched: a tick the console shows 5 past what it showed
+    // once both weaves existed was synced to the disk after them.
+    let (run_tick, stop_tick) = tokio::try_join!(
+        tick_past(&rig, "lfrun", run_from + 5),
+        tick_past(&rig, "lfstop", stop_from + 5)
+    )?;
     ensure!(
         !overlay_files(&rig, "lfrun").is_empty(),
         "a weave from now puts lfrun on an overlay of weft's"
