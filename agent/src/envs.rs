@@ -661,7 +661,12 @@ impl Manager {
             self.install_runtime(name, qmp, None, None);
             return Ok(self.show(name).await?.0);
         }
-        let config = env.config.ok_or_else(|| {
+        // Overlays left pending (a switch whose record failed) are settled first, so
+        // QEMU starts on the image that holds the newest writes.
+        if self.orphan_pid(&env).is_none() {
+            crate::overlays::settle(&self.catalog, name, None).await?;
+        }
+        let config = self.row(name).await?.config.ok_or_else(|| {
             EnvError::Internal(format!("{name:?} has no stored VM configuration"))
         })?;
         config
