@@ -247,10 +247,20 @@ async fn qemu_env_delete_keeps_the_guests_writes_and_verbs_keep_to_their_kind() 
 
     // Running: committed in its QEMU, then deleted.
     rig.weft_ok(&["weave", "delete", "lfw"])?;
+    let t = std::time::Instant::now();
     rig.weft_ok(&["env", "delete", "lfrun"])?;
+    eprintln!(
+        "env delete, committed in the running QEMU: {:?}",
+        t.elapsed()
+    );
     // Stopped: committed in a qemu-storage-daemon.
     rig.weft_ok(&["env", "stop", "lfstop"])?;
+    let t = std::time::Instant::now();
     rig.weft_ok(&["env", "delete", "lfstop"])?;
+    eprintln!(
+        "env delete, committed in a qemu-storage-daemon: {:?}",
+        t.elapsed()
+    );
     for (image, tick) in [(&run_disk, run_tick), (&stop_disk, stop_tick)] {
         ensure!(
             image_holds_tick(image, tick)?,
