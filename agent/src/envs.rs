@@ -877,8 +877,11 @@ impl Manager {
             .cloned()
             .collect();
         let mut daemon = None;
+        let mut resume = false;
         let qmp = match live {
             Some(qmp) => {
+                // Resumed on failure only if it ran (a VM its user paused stays paused).
+                resume = query_runstate(&qmp).await.as_deref() == Some("running");
                 qmp.execute_raw("stop", None)
                     .await
                     .map_err(|e| EnvError::Qemu(format!("pausing {name:?} to commit: {e}")))?;
@@ -952,7 +955,7 @@ impl Manager {
                     process.kill().await;
                 }
             }
-            None if result.is_err() => {
+            None if result.is_err() && resume => {
                 let _ = qmp.execute_raw("cont", None).await;
             }
             None => {}
