@@ -166,6 +166,8 @@ pub fn routes() -> Vec<Route> {
         route(Method::POST, "/v1/weaves/{name}/sync", weave_sync),
         route(Method::POST, "/v1/weaves/{name}/route", weave_route),
         route(Method::POST, "/v1/weaves/{name}/activate", weave_activate),
+        route(Method::POST, "/v1/weaves/{name}/start", weave_start),
+        route(Method::POST, "/v1/weaves/{name}/stop", weave_stop),
         route(
             Method::GET,
             "/v1/environments/{name}/provenance",
@@ -1210,6 +1212,48 @@ async fn weave_egress(
         "weave.egress",
         serde_json::to_string(&req).ok(),
         move |net, weave, who| async move { net.set_egress(&weave, req.egress, &who).await },
+    )
+    .await
+}
+
+async fn weave_start(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<EnvironmentView>, EnvError> {
+    let weaves = state.weaves.clone();
+    env_change(
+        state,
+        peer,
+        headers,
+        name,
+        "weave.start",
+        |m, n| async move {
+            weaves.ensure(&n, "start").await?;
+            m.start(&n).await
+        },
+    )
+    .await
+}
+
+async fn weave_stop(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<EnvironmentView>, EnvError> {
+    let weaves = state.weaves.clone();
+    env_change(
+        state,
+        peer,
+        headers,
+        name,
+        "weave.stop",
+        |m, n| async move {
+            weaves.ensure(&n, "stop").await?;
+            m.stop(&n).await
+        },
     )
     .await
 }

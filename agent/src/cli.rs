@@ -258,7 +258,9 @@ pub enum EnvCommand {
         /// Environment name.
         name: String,
     },
-    /// Delete an environment: stop it if weftd runs it, forget it if attached. Disk images are kept.
+    /// Delete an environment: stop it if weftd runs it, forget it if attached. Disk images are kept,
+    /// with the guest's writes since a weave from now committed into them. Refused for a weave
+    /// (`weft weave delete`) and while weaves branch from it.
     Delete {
         /// Environment name.
         name: String,
@@ -530,9 +532,9 @@ pub enum WeaveCommand {
     ///
     /// Example: weft weave sync w1 w2 --volume vda --prefer src
     Sync {
-        /// The weave (or its environment) whose changes are copied.
+        /// The weave whose changes are copied.
         src: String,
-        /// The weave (or its environment) that receives them.
+        /// The weave that receives them (never an environment).
         dst: String,
         /// The volume (disk name), e.g. vda.
         #[arg(long)]
@@ -580,7 +582,8 @@ pub enum WeaveCommand {
         /// Weave name.
         weave: String,
     },
-    /// Delete a weave: its QEMU, namespace, routes, cgroups and overlays.
+    /// Delete a weave: its QEMU, namespace, routes, cgroups and overlays. Refused for an
+    /// environment that is not a weave.
     Delete {
         /// Weave name.
         weave: String,
@@ -2033,20 +2036,18 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
             }
         }
         WeaveCommand::Stop { weave } => {
-            weave_path(&weave)?;
             let env: EnvironmentView = client
                 .post(
-                    &format!("{}/stop", env_path(&weave)?),
+                    &format!("{}/stop", weave_path(&weave)?),
                     &serde_json::json!({}),
                 )
                 .await?;
             print_env(&env, json);
         }
         WeaveCommand::Start { weave } => {
-            weave_path(&weave)?;
             let env: EnvironmentView = client
                 .post(
-                    &format!("{}/start", env_path(&weave)?),
+                    &format!("{}/start", weave_path(&weave)?),
                     &serde_json::json!({}),
                 )
                 .await?;

@@ -85,6 +85,28 @@ pub struct Manager {
     vsock: std::sync::OnceLock<Arc<crate::dpa::VsockHost>>,
     /// The provenance log (set once at startup).
     provenance: std::sync::OnceLock<crate::provenance::ProvenanceLog>,
+    /// Names held by creates in progress (environments, weaves, compositions'
+    /// weaves): a second create of a held name is refused before it makes anything.
+    reserved: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A name held for one create request; released when dropped.
+pub struct NameHold {
+    manager: Arc<Manager>,
+    name: String,
+}
+
+impl NameHold {
+    /// The held name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for NameHold {
+    fn drop(&mut self) {
+        self.manager.lock_reserved().remove(&self.name);
+    }
 }
 
 /// What recovery found for one environment.
@@ -126,7 +148,33 @@ impl Manager {
             generation: AtomicU64::new(1),
             vsock: std::sync::OnceLock::new(),
             provenance: std::sync::OnceLock::new(),
+            reserved: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
+    }
+
+    fn lock_reserved(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        // Every update is a single insert or remove: a poisoned set is still consistent.
+        self.reserved
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Holds `name` for one create request, for as long as the hold lives: refused when
+    /// another request holds it or an environment (or weave) has it.
+    pub async fn reserve(self: &Arc<Self>, name: &str) -> Result<NameHold, EnvError> {
+        if !self.lock_reserved().insert(name.to_string()) {
+            return Err(EnvError::Conflict(format!(
+                "{name:?} is being created by another request; choose another name"
+            )));
+        }
+        let hold = NameHold {
+            manager: Arc::clone(self),
+            name: name.to_string(),
+        };
+        if self.catalog.environment(name).await?.is_some() {
+            return Err(EnvError::Duplicate(name.to_string()));
+        }
+        Ok(hold)
     }
 
     /// Gives every VM launched from now on a vsock device from `host`; set once,
@@ -287,6 +335,8 @@ impl Manager {
     pub async fn create(self: &Arc<Self>, req: CreateEnvironment) -> Result<Environment, EnvError> {
         let (CreateEnvironment::Managed { name, .. } | CreateEnvironment::Attached { name, .. }) =
             &req;
+        check_name(name)?;
+        let _hold = self.reserve(name).await?;
         let _op = self.lock_env(name).await;
         match req {
             CreateEnvironment::Managed {
@@ -611,7 +661,12 @@ impl Manager {
             self.install_runtime(name, qmp, None, None);
             return Ok(self.show(name).await?.0);
         }
-        let config = env.config.ok_or_else(|| {
+        // Overlays left pending (a switch whose record failed) are settled first, so
+        // QEMU starts on the image that holds the newest writes.
+        if self.orphan_pid(&env).is_none() {
+            crate::overlays::settle(&self.catalog, name, None).await?;
+        }
+        let config = self.row(name).await?.config.ok_or_else(|| {
             EnvError::Internal(format!("{name:?} has no stored VM configuration"))
         })?;
         config
@@ -738,20 +793,36 @@ impl Manager {
     }
 
     /// Deletes an environment: stops it if weftd launched it, forgets it if attached.
-    /// Disk images are the operator's and are never removed.
+    /// Disk images are the operator's and are never removed: the overlays weft put
+    /// under them (weaves from now) are committed down into them first, so every
+    /// write the guest made stays. Refused for a weave (`weft weave delete`) and while
+    /// weaves branch from it.
     pub async fn delete(&self, name: &str) -> Result<(), EnvError> {
+        if let Some(w) = self.catalog.weave(name).await? {
+            return Err(EnvError::Conflict(format!(
+                "{name:?} is a weave of {:?}, not an environment: delete it with `weft weave delete {name}`",
+                w.parent
+            )));
+        }
+        self.remove(name).await
+    }
+
+    /// Deletes an environment row of either kind (a weave's too, for its own teardown).
+    pub(crate) async fn remove(&self, name: &str) -> Result<(), EnvError> {
         let _op = self.lock_env(name).await;
         let env = self.row(name).await?;
         let weaves = self.catalog.weaves(Some(name)).await?;
         if !weaves.is_empty() {
             let names: Vec<&str> = weaves.iter().map(|w| w.name.as_str()).collect();
             return Err(EnvError::Conflict(format!(
-                "{name:?} has weaves ({}); delete them first with `weft weave delete`",
-                names.join(", ")
+                "{name:?} has weaves that branch from it and may read its images ({}): delete them first (`weft weave delete {}`), then delete {name} again (its overlays are then committed into its images)",
+                names.join(", "),
+                names[0]
             )));
         }
         match env.kind {
             EnvKind::Managed => {
+                self.give_back_overlays(&env).await?;
                 if self.lock_runtimes().contains_key(name) || self.orphan_pid(&env).is_some() {
                     self.stop_locked(name).await?;
                 }
@@ -777,6 +848,121 @@ impl Manager {
         Ok(())
     }
 
+    /// Commits the overlays weft put under `env`'s disks down into the images the user
+    /// gave, and makes the configuration name those images again, disk by disk. A
+    /// running QEMU commits with its vCPUs paused (nothing is written behind the
+    /// commit, so the overlay and the image agree at every instant); a stopped
+    /// environment's disks are opened in a qemu-storage-daemon. An overlay file is
+    /// removed only after its disk is committed and the catalog says so; on failure a
+    /// running environment is resumed and keeps running.
+    async fn give_back_overlays(&self, env: &Environment) -> Result<(), EnvError> {
+        let name = env.name.as_str();
+        let live = self.runtime_qmp(name);
+        if live.is_none() && self.orphan_pid(env).is_some() {
+            // A QEMU that does not answer may still write: it goes first.
+            self.stop_locked(name).await?;
+        }
+        crate::overlays::settle(&self.catalog, name, live.as_ref()).await?;
+        let overlays = self.catalog.env_overlays(name).await?;
+        if overlays.is_empty() {
+            return Ok(());
+        }
+        let config = self.row(name).await?.config.ok_or_else(|| {
+            EnvError::Internal(format!("{name:?} has no stored VM configuration"))
+        })?;
+        let disks: Vec<DiskConfig> = config
+            .disks
+            .iter()
+            .filter(|d| overlays.iter().any(|o| o.disk == d.name))
+            .cloned()
+            .collect();
+        let mut daemon = None;
+        let mut resume = false;
+        let qmp = match live {
+            Some(qmp) => {
+                // Resumed on failure only if it ran (a VM its user paused stays paused).
+                resume = query_runstate(&qmp).await.as_deref() == Some("running");
+                qmp.execute_raw("stop", None)
+                    .await
+                    .map_err(|e| EnvError::Qemu(format!("pausing {name:?} to commit: {e}")))?;
+                qmp
+            }
+            None => {
+                let dir = self.config.run_dir.join("backup");
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    EnvError::Internal(format!("cannot create {}: {e}", dir.display()))
+                })?;
+                let paths = LaunchPaths {
+                    qmp_socket: dir.join(format!("{name}-commit.qmp")),
+                    serial_log: dir.join(format!("{name}-commit.serial")),
+                    output_log: dir.join(format!("{name}-commit.log")),
+                    pid_file: None,
+                };
+                let process =
+                    launch::spawn_storage_daemon(&disks, &paths, &SpawnOptions::default())
+                        .await
+                        .map_err(|e| {
+                            EnvError::Qemu(one_line(&format!(
+                                "cannot open the disks of {name:?} to commit them: {e}"
+                            )))
+                        })?;
+                let qmp = process.qmp().clone();
+                daemon = Some(process);
+                qmp
+            }
+        };
+        let mut committed = config.clone();
+        let result = async {
+            for disk in &disks {
+                let mine: Vec<PathBuf> = overlays
+                    .iter()
+                    .filter(|o| o.disk == disk.name)
+                    .map(|o| o.path.clone())
+                    .collect();
+                let (origin, format) =
+                    crate::overlays::origin_of(&self.catalog, name, disk).await?;
+                let root = match daemon {
+                    Some(_) => disk.format_node(),
+                    None => crate::overlays::device_root(&qmp, &disk.name).await?,
+                };
+                let job = format!("weft-commit-{}", disk.name);
+                crate::overlays::commit_down(&qmp, &root, &origin, format, &job).await?;
+                // The user's image holds everything now: the configuration names it
+                // before any overlay file goes.
+                if let Some(d) = committed.disks.iter_mut().find(|d| d.name == disk.name) {
+                    d.path.clone_from(&origin);
+                    d.format = format;
+                }
+                self.catalog
+                    .forget_overlays(name, &mine, Some(&committed))
+                    .await?;
+                for p in &mine {
+                    let _ = std::fs::remove_file(p);
+                }
+                info!(env = %name, disk = %disk.name, origin = %origin.display(), "overlays committed into the disk's image");
+            }
+            Ok::<(), EnvError>(())
+        }
+        .await;
+        match daemon {
+            Some(process) => {
+                let _ = qmp.execute_raw("quit", None).await;
+                if tokio::time::timeout(Duration::from_secs(20), process.wait())
+                    .await
+                    .is_err()
+                {
+                    warn!(env = %name, "qemu-storage-daemon did not quit; killing it");
+                    process.kill().await;
+                }
+            }
+            None if result.is_err() && resume => {
+                let _ = qmp.execute_raw("cont", None).await;
+            }
+            None => {}
+        }
+        result
+    }
+
     /// Brings the live side in step with the catalog after weftd starts:
     /// environments whose QEMU still runs are re-attached through their QMP
     /// sockets, dead ones are marked stopped. Runs before the API is served.
@@ -786,6 +972,7 @@ impl Manager {
                 // A vsock device left by a weftd that died before ending it.
                 if env.kind == EnvKind::Managed {
                     self.release_vsock(&env.name).await;
+                    self.settle_overlays(&env.name, None).await;
                 }
                 continue;
             }
@@ -814,6 +1001,12 @@ impl Manager {
                     (reason, "unreachable")
                 }
             };
+            // Overlays a weave from now was switching to when weftd stopped: settled
+            // against what QEMU runs on (nothing to ask while QEMU may run unanswering).
+            if env.kind == EnvKind::Managed && result != "unreachable" {
+                let qmp = self.runtime_qmp(&env.name);
+                self.settle_overlays(&env.name, qmp.as_ref()).await;
+            }
             info!(env = %env.name, %detail, result, "recovered");
             self.catalog
                 .audit(
@@ -826,6 +1019,23 @@ impl Manager {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Settles `name`'s pending overlays ([`crate::overlays::settle`]); what it did is
+    /// audited, a failure logged and audited (recovery goes on).
+    async fn settle_overlays(&self, name: &str, qmp: Option<&Qmp>) {
+        let (detail, result) = match crate::overlays::settle(&self.catalog, name, qmp).await {
+            Ok(done) if done.is_empty() => return,
+            Ok(done) => (done.join("; "), "ok"),
+            Err(e) => {
+                warn!(env = %name, error = %e, "cannot settle the environment's overlays");
+                (e.to_string(), "failed")
+            }
+        };
+        let _ = self
+            .catalog
+            .audit("weftd", "env.overlays", Some(name), Some(&detail), result)
+            .await;
     }
 
     async fn reattach(self: &Arc<Self>, env: &Environment) -> Recovered {
@@ -1120,6 +1330,38 @@ mod tests {
                 matches!(check_name(bad), Err(EnvError::BadRequest(_))),
                 "{bad}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_is_held_by_one_create_at_a_time() {
+        let catalog = Catalog::open_in_memory().await.unwrap();
+        let manager = Manager::new(Config::default(), catalog.clone());
+        let first = manager.reserve("web").await.unwrap();
+        assert_eq!(first.name(), "web");
+        let again = manager.reserve("web").await.err().unwrap();
+        assert!(matches!(again, EnvError::Conflict(_)), "{again}");
+        // Other names are free; the name is free again once the hold is gone.
+        let other = manager.reserve("db").await.unwrap();
+        drop(first);
+        let second = manager.reserve("web").await.unwrap();
+        drop((second, other));
+        // A name an environment has is refused, and not left held.
+        let config = VmConfig::default();
+        catalog
+            .insert_environment(&NewEnvironment {
+                name: "web",
+                kind: EnvKind::Managed,
+                config: Some(&config),
+                qmp_socket: Path::new("/run/web.sock"),
+                state: EnvState::Stopped,
+                pid: None,
+            })
+            .await
+            .unwrap();
+        for _ in 0..2 {
+            let taken = manager.reserve("web").await.err().unwrap();
+            assert!(matches!(taken, EnvError::Duplicate(_)), "{taken}");
         }
     }
 

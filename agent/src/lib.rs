@@ -22,6 +22,7 @@ pub mod dpa;
 pub mod envs;
 pub mod model;
 pub mod net;
+pub mod overlays;
 pub mod policies;
 pub mod provenance;
 pub mod replay;

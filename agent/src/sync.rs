@@ -365,12 +365,17 @@ pub async fn sync(
                 .environment(&name)
                 .await?
                 .ok_or_else(|| EnvError::NotFound(name.clone()))?;
+            // A weave verb: it writes into weaves only, never into an environment.
+            let Some(parent) = catalog.weave(&name).await?.map(|w| w.parent) else {
+                return Err(EnvError::Conflict(format!(
+                    "{name:?} is an environment, not a weave: weave sync copies between weaves of one environment; nothing was changed"
+                )));
+            };
             if env.kind != EnvKind::Managed {
                 return Err(EnvError::BadRequest(format!(
                     "{name:?} is not a managed environment"
                 )));
             }
-            let parent = catalog.weave(&name).await?.map(|w| w.parent);
             let served = env
                 .config
                 .as_ref()
@@ -393,7 +398,7 @@ pub async fn sync(
                     req.volume
                 )));
             }
-            Ok::<_, EnvError>(parent.unwrap_or(name))
+            Ok::<_, EnvError>(parent)
         }
     };
     let (fs, fd) = (family(src).await?, family(dst).await?);

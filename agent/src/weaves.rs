@@ -268,20 +268,6 @@ impl Catalog {
         rows.iter().map(weave_from_row).collect()
     }
 
-    /// The lowest free network slot of `slots` (weftd's `[net]` range).
-    pub async fn free_net_index(
-        &self,
-        slots: std::ops::RangeInclusive<u8>,
-    ) -> Result<Option<u8>, CatalogError> {
-        let used: Vec<i64> = sqlx::query("SELECT net_index FROM weaves")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| r.try_get("net_index"))
-            .collect::<Result<_, _>>()?;
-        Ok(slots.into_iter().find(|i| !used.contains(&i64::from(*i))))
-    }
-
     /// Replaces an environment's stored VM configuration.
     pub async fn set_config(&self, name: &str, config: &VmConfig) -> Result<(), CatalogError> {
         let text = serde_json::to_string(config).map_err(|e| CatalogError::Corrupt {
@@ -304,6 +290,23 @@ pub struct Weaves {
     snapshots: Arc<Snapshots>,
     /// The weaves' DHCP servers, one per namespace (created with it, stopped before it goes).
     dhcp: Arc<crate::dhcp::Servers>,
+    /// Network slots held by creates in progress (their rows do not exist yet).
+    held_slots: std::sync::Mutex<std::collections::HashSet<u8>>,
+}
+
+/// A network slot held for one create; released when dropped.
+struct SlotHold<'a> {
+    held: &'a std::sync::Mutex<std::collections::HashSet<u8>>,
+    index: u8,
+}
+
+impl Drop for SlotHold<'_> {
+    fn drop(&mut self) {
+        self.held
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.index);
+    }
 }
 
 impl Weaves {
@@ -313,7 +316,39 @@ impl Weaves {
             manager,
             snapshots,
             dhcp: crate::dhcp::Servers::new(),
+            held_slots: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
+    }
+
+    /// The lowest slot of `slots` that no weave has and no create in progress holds,
+    /// held for the caller.
+    async fn hold_slot(
+        &self,
+        slots: std::ops::RangeInclusive<u8>,
+    ) -> Result<Option<SlotHold<'_>>, EnvError> {
+        let used: Vec<u8> = self
+            .manager
+            .catalog()
+            .weaves(None)
+            .await?
+            .iter()
+            .map(|w| w.net_index)
+            .collect();
+        let mut held = self
+            .held_slots
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(index) = slots
+            .into_iter()
+            .find(|i| !used.contains(i) && !held.contains(i))
+        else {
+            return Ok(None);
+        };
+        held.insert(index);
+        Ok(Some(SlotHold {
+            held: &self.held_slots,
+            index,
+        }))
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -368,21 +403,20 @@ impl Weaves {
             )));
         }
         let slots = self.manager.config().net.slots();
-        let index = catalog
-            .free_net_index(slots.clone())
-            .await?
-            .ok_or_else(|| {
-                EnvError::Conflict(format!(
-                    "all weave network slots ({}-{}, [net] in weftd.toml) are in use",
-                    slots.start(),
-                    slots.end()
-                ))
-            })?;
+        // The slot is held until its row exists, so concurrent creates take different ones.
+        let slot = self.hold_slot(slots.clone()).await?.ok_or_else(|| {
+            EnvError::Conflict(format!(
+                "all weave network slots ({}-{}, [net] in weftd.toml) are in use",
+                slots.start(),
+                slots.end()
+            ))
+        })?;
+        let index = slot.index;
         let name = req.name.clone().unwrap_or_else(|| format!("w{index}"));
         check_weave_name(&name)?;
-        if catalog.environment(&name).await?.is_some() {
-            return Err(EnvError::Duplicate(name));
-        }
+        // The name is this request's until it returns: a concurrent create of the same
+        // name is refused here, before it makes (or, failing, removes) anything.
+        let _hold = self.manager.reserve(&name).await?;
         let dir = self.dir(&name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
@@ -398,6 +432,7 @@ impl Weaves {
             Ok(v) => v,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
+                let _ = catalog.set_weave_sources(&name, &[]).await;
                 return Err(e);
             }
         };
@@ -440,7 +475,7 @@ impl Weaves {
         .await;
         if let Err(e) = result {
             warn!(weave = %name, error = %e, "weave creation failed; removing what was made");
-            let _ = self.delete(&name).await;
+            let _ = self.remove(&name).await;
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
         }
@@ -756,7 +791,9 @@ impl Weaves {
         let mut actions = Vec::new();
         let mut bases = Vec::new();
         let mut added: Vec<(String, PathBuf)> = Vec::new();
+        let mut pending = Vec::new();
         let mut new_config = config.clone();
+        let catalog = self.manager.catalog();
         let prepared = async {
             for disk in new_config.disks.iter_mut() {
                 let root = backup::device_root_node(&qmp, &disk.name).await.map_err(qemu)?;
@@ -788,30 +825,66 @@ impl Weaves {
                 }
                 actions.push(json!({"type": "blockdev-snapshot", "data": {"node": root, "overlay": node}}));
                 bases.push((mine, DiskFormat::Qcow2, size));
+                let (origin, origin_format) =
+                    crate::overlays::origin_of(catalog, &env.name, disk).await?;
+                pending.push(crate::overlays::Overlay {
+                    env: env.name.clone(),
+                    disk: disk.name.clone(),
+                    path: top.clone(),
+                    below: disk.path.clone(),
+                    origin,
+                    origin_format,
+                    active: false,
+                });
                 disk.path = top;
                 disk.format = DiskFormat::Qcow2;
             }
+            // Recorded before QEMU switches: a crash from here on finds them (recovery
+            // settles them against query-block), and `env delete` commits them down.
+            catalog.record_pending_overlays(&pending).await?;
             qmp.execute_raw("transaction", Some(json!({ "actions": actions })))
                 .await
                 .map_err(qemu)
         }
         .await;
         if let Err(e) = prepared {
-            // The environment still runs on its old disks: drop what was added.
-            for (node, file) in added.iter().rev() {
+            // Nodes QEMU did not switch to go (one it runs on refuses blockdev-del);
+            // then the rows are settled against query-block: an overlay QEMU runs on
+            // (the answer was lost, not the switch) is kept, the others removed.
+            for (node, _) in added.iter().rev() {
                 if !node.is_empty() {
                     let _ = qmp
                         .execute_raw("blockdev-del", Some(json!({"node-name": node})))
                         .await;
                 }
-                let _ = std::fs::remove_file(file);
+            }
+            let settled = match crate::overlays::settle(catalog, &env.name, Some(&qmp)).await {
+                Ok(_) => catalog
+                    .env_overlays(&env.name)
+                    .await
+                    .map_err(EnvError::from),
+                Err(se) => Err(se),
+            };
+            match settled {
+                // What is still recorded is what QEMU runs on.
+                Ok(kept) => {
+                    for (_, file) in &added {
+                        if !kept.iter().any(|o| o.path == *file) {
+                            let _ = std::fs::remove_file(file);
+                        }
+                    }
+                }
+                Err(se) => {
+                    warn!(env = %env.name, error = %se, "cannot settle the new overlays now; recovery will");
+                }
             }
             return Err(e);
         }
-        // The environment now writes to the new overlays: record them as its disks.
-        self.manager
-            .catalog()
-            .set_config(&env.name, &new_config)
+        // The environment now writes to the new overlays: they and the configuration
+        // that names them are recorded together.
+        let tops: Vec<PathBuf> = pending.iter().map(|o| o.path.clone()).collect();
+        catalog
+            .activate_overlays(&env.name, &new_config, &tops)
             .await?;
         Ok(bases)
     }
@@ -1233,15 +1306,38 @@ impl Weaves {
     }
 
     /// Stops and removes a weave: QEMU, namespace and rules, cgroups, overlays, rows.
+    /// Refuses anything that is not a weave (an environment goes with `weft env delete`).
     pub async fn delete(&self, name: &str) -> Result<(), EnvError> {
+        self.ensure(name, "delete").await?;
+        self.remove(name).await
+    }
+
+    /// Refuses (nothing changed) a `weave VERB` of anything that is not a weave: an
+    /// environment is told to use the `env` verb.
+    pub async fn ensure(&self, name: &str, verb: &str) -> Result<(), EnvError> {
+        let catalog = self.manager.catalog();
+        if catalog.weave(name).await?.is_some() {
+            return Ok(());
+        }
+        Err(match catalog.environment(name).await? {
+            Some(env) => EnvError::Conflict(format!(
+                "{name:?} is {} environment, not a weave: nothing was changed (`weft env {verb} {name}` acts on an environment)",
+                match env.kind {
+                    EnvKind::Managed => "a managed",
+                    EnvKind::Attached => "an attached",
+                }
+            )),
+            None => EnvError::NotFound(format!("weave {name}")),
+        })
+    }
+
+    /// Removes what a weave (or a create of one that failed) made under `name`.
+    async fn remove(&self, name: &str) -> Result<(), EnvError> {
         let catalog = self.manager.catalog();
         let weave = catalog.weave(name).await?;
-        if weave.is_none() && catalog.environment(name).await?.is_none() {
-            return Err(EnvError::NotFound(format!("weave {name}")));
-        }
         let mut problems = Vec::new();
         if catalog.environment(name).await?.is_some() {
-            if let Err(e) = self.manager.delete(name).await {
+            if let Err(e) = self.manager.remove(name).await {
                 problems.push(e.to_string());
             }
         }
