@@ -234,7 +234,14 @@ impl Capture {
         src.dirty = false;
         loop {
             let mut mark = self.spool.sqlite_mark(name).unwrap_or_default();
-            let mut drained = src.db.drain(mark.mark, batch)?;
+            let mut drained = match src.db.drain(mark.mark, batch) {
+                Ok(d) => d,
+                Err(e) if e.is_busy() => {
+                    src.dirty = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             if drained.instance != mark.instance {
                 if !mark.instance.is_empty() {
                     tracing::warn!(source = name, "the database's capture table is new (the file was replaced): draining it from the start");
@@ -242,7 +249,7 @@ impl Capture {
                 mark = SqliteMark {
                     instance: drained.instance.clone(),
                     mark: 0,
-                    epoch: 0,
+                    end: 0,
                     tx: 0,
                 };
                 drained = src.db.drain(0, batch)?;
@@ -251,18 +258,16 @@ impl Capture {
             if n == 0 {
                 return Ok(());
             }
-            // Move the epoch on first, so the next application transaction gets a
-            // new tx id as early as possible.
-            if drained.rows.iter().any(|r| r.epoch == drained.epoch) {
-                src.db.bump_epoch(drained.epoch)?;
-            }
             let mut next_tx = self.spool.next_tx();
             let mut entries = Vec::with_capacity(n);
             for r in drained.rows {
-                if mark.tx == 0 || r.epoch != mark.epoch {
+                // Rows up to the end of the window the current tx id covers are the
+                // rest of its transactions (a batch cut them); later rows are whole
+                // transactions committed since, up to this read's end.
+                if mark.tx == 0 || r.id > mark.end {
                     mark.tx = next_tx;
                     next_tx += 1;
-                    mark.epoch = r.epoch;
+                    mark.end = drained.end;
                 }
                 mark.mark = r.id;
                 let (key, old, new) = match r.op {
