@@ -362,10 +362,11 @@ impl Db {
                 }
             }
         }
+        let started = Instant::now();
         match install(conn, self.tables.as_deref()) {
             Ok(n) => {
                 if n > 0 {
-                    tracing::info!(source = %self.source, tables = n, "capture triggers installed");
+                    tracing::info!(source = %self.source, tables = n, us = started.elapsed().as_micros() as u64, "capture triggers installed");
                 }
             }
             Err(e) if is_busy(&e) => return Ok(self.installed),
@@ -489,8 +490,12 @@ impl Db {
         let Some(conn) = self.conn.as_ref() else {
             return Ok(false);
         };
+        let started = Instant::now();
         match conn.execute(&format!("DELETE FROM {CAPTURE_TABLE} WHERE id <= ?1"), [id]) {
-            Ok(_) => Ok(true),
+            Ok(n) => {
+                tracing::debug!(source = %self.source, rows = n, us = started.elapsed().as_micros() as u64, "acknowledged capture rows deleted");
+                Ok(true)
+            }
             Err(e) if is_busy(&e) => Ok(false),
             Err(e) => Err(Error::sqlite(
                 format!("cannot trim the capture table of {}", self.source),
