@@ -228,6 +228,13 @@ fn an_application_without_busy_timeout_never_fails_while_the_agent_captures() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(ok, "a TRUNCATE checkpoint never got through");
+    // The agent's own writes (their durations are in its log) came only while the
+    // application was quiet.
+    for l in s.agent.log_text().lines().filter(|l| {
+        l.contains("capture triggers installed") || l.contains("acknowledged capture rows deleted")
+    }) {
+        eprintln!("agent: {l}");
+    }
 }
 
 /// Applications that create their database while the agent watches its path, as
@@ -289,5 +296,71 @@ fn an_application_creating_its_database_under_the_agent_never_fails() {
                 .count()
                 == 21
         });
+    }
+}
+
+/// `BEGIN; SELECT …`, `hold` of work, then a write and `COMMIT`.
+fn read_then_write(c: &Connection, hold: Duration, write: &str) -> rusqlite::Result<()> {
+    c.execute_batch("BEGIN")?;
+    c.query_row("SELECT count(*) FROM items", [], |r| r.get::<_, i64>(0))?;
+    std::thread::sleep(hold);
+    c.execute_batch(write)?;
+    c.execute_batch("COMMIT")
+}
+
+/// An application that holds a read transaction longer than the agent's quiet period
+/// (`BEGIN; SELECT …`, a second of work, then `INSERT`/`UPDATE` and `COMMIT`) is never
+/// overtaken by the agent's own writes, the trigger install and the trim of
+/// acknowledged rows: its write would fail with `SQLITE_BUSY_SNAPSHOT`, busy timeout or
+/// not. The agent writes once the application's transaction is over.
+#[test]
+fn an_application_reading_across_the_quiet_period_is_not_overtaken() {
+    let s = Setup::new(&config(), |_| {});
+    let path = s.path().join("app.db");
+    std::thread::sleep(Duration::from_millis(200));
+    let c = Connection::open(&path).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL;
+         CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER NOT NULL);
+         INSERT INTO items VALUES (1, 'one', 1);",
+    )
+    .unwrap();
+    // The install waits for the application's transaction.
+    read_then_write(
+        &c,
+        Duration::from_secs(1),
+        "INSERT INTO items VALUES (2, 'two', 2)",
+    )
+    .expect("a read-then-write transaction across the agent's trigger install");
+    wait_trigger(&c, "items");
+    // The trim of acknowledged rows waits too.
+    for i in 3..50 {
+        c.execute("INSERT INTO items VALUES (?1, 'n', 0)", [i])
+            .unwrap();
+    }
+    let db = s.file("app.db");
+    s.host.wait("the inserts", T, |h| {
+        of_source(h, &db)
+            .iter()
+            .any(|e| e.op == Operation::Insert && e.key == "[49]")
+    });
+    read_then_write(
+        &c,
+        Duration::from_secs(1),
+        "UPDATE items SET qty = qty + 1 WHERE id = 1",
+    )
+    .expect("a read-then-write transaction across the agent's trim");
+    // Afterwards the agent trims.
+    let deadline = Instant::now() + T;
+    loop {
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM _weft_capture", [], |r| r.get(0))
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} capture rows never trimmed");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -17,10 +17,13 @@
 //!   WAL mode or a schema, see [`past_creation`]), and installs nothing before the
 //!   database holds a table;
 //! - writes to the application's database only to install or refresh its triggers and
-//!   to delete acknowledged capture rows, and only after the database has been quiet
-//!   (no commit by anyone else, no change to the database or `-wal` file) for
-//!   [`QUIET`], and never with a busy timeout: a busy database is tried again later;
-//!   the steady-state capture path only reads;
+//!   to delete acknowledged capture rows, only after the database has been quiet (no
+//!   commit by anyone else, no change to the database or `-wal` file) for [`QUIET`],
+//!   only while no other process holds a SQLite lock on it (asked of the kernel with
+//!   `F_GETLK`: a reader holds a read-mark lock for its whole read transaction, so an
+//!   application between its `SELECT` and its `UPDATE` is never overtaken), and never
+//!   with a busy timeout: a busy database is tried again later; the steady-state
+//!   capture path only reads;
 //! - reads in short transactions (one drain batch), never holding a statement or a
 //!   read transaction across polls, so checkpoints and writers are never held up.
 //!
@@ -37,6 +40,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Read as _;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -96,7 +100,9 @@ pub struct Db {
     /// The database path.
     pub source: String,
     tables: Option<Vec<String>>,
+    /// Declared before `probe`: dropped first (see [`LockProbe`]).
     conn: Option<Connection>,
+    probe: LockProbe,
     ino: (u64, u64),
     schema_version: Option<i64>,
     data_version: Option<i64>,
@@ -108,6 +114,38 @@ pub struct Db {
     last_activity: Option<Instant>,
     quiet: Duration,
 }
+
+/// Descriptors on the database's lock files, to ask the kernel whether another process
+/// holds a SQLite lock right now (`F_GETLK` takes nothing). They live as long as the
+/// connection and are closed only after it: closing a descriptor drops every POSIX lock
+/// this process holds on the file, SQLite's own included.
+#[derive(Debug, Default)]
+struct LockProbe {
+    shm: Option<std::fs::File>,
+    db: Option<std::fs::File>,
+}
+
+/// Whether another process holds a lock on bytes `start..start+len` of `f`.
+fn lock_held(f: &std::fs::File, start: i64, len: i64) -> bool {
+    use nix::libc;
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    };
+    match nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GETLK(&mut fl)) {
+        Ok(_) => fl.l_type != libc::F_UNLCK as libc::c_short,
+        Err(_) => true,
+    }
+}
+
+/// SQLite's lock bytes: in the WAL index (`-shm`) the write, checkpoint, recovery and
+/// five read-mark locks (a reader holds one for its whole read transaction); in the
+/// database file of a rollback-journal database the pending, reserved and shared locks.
+const SHM_LOCKS: (i64, i64) = (120, 8);
+const DB_LOCKS: (i64, i64) = (0x4000_0000, 512);
 
 const NOW_US: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
 
@@ -240,6 +278,7 @@ impl Db {
             source,
             tables,
             conn: None,
+            probe: LockProbe::default(),
             ino: (0, 0),
             schema_version: None,
             data_version: None,
@@ -279,9 +318,45 @@ impl Db {
     }
 
     /// Whether nobody else wrote to the database for the quiet period (as far as the
-    /// agent's polls saw): only then does the agent write to it.
+    /// agent's polls saw).
     pub fn quiet(&self) -> bool {
         self.last_activity.is_none_or(|t| t.elapsed() >= self.quiet)
+    }
+
+    /// Whether another process is inside a transaction on the database right now (it
+    /// holds a SQLite lock): a write of the agent's would then fail its next statement,
+    /// or its commit (`SQLITE_BUSY_SNAPSHOT` after a read that began before).
+    fn others_in_transaction(&mut self) -> bool {
+        if self.conn.is_none() {
+            return true;
+        }
+        let shm = format!("{}-shm", self.source);
+        if self.probe.shm.is_none() && Path::new(&shm).exists() {
+            self.probe.shm = std::fs::File::open(&shm).ok();
+        }
+        if let Some(f) = &self.probe.shm {
+            return lock_held(f, SHM_LOCKS.0, SHM_LOCKS.1);
+        }
+        if self.probe.db.is_none() {
+            self.probe.db = std::fs::File::open(&self.source).ok();
+        }
+        match &self.probe.db {
+            Some(f) => lock_held(f, DB_LOCKS.0, DB_LOCKS.1),
+            None => true,
+        }
+    }
+
+    /// Whether the agent may write to the database now: it has been quiet, and nobody
+    /// else is inside a transaction.
+    pub fn may_write(&mut self) -> bool {
+        self.quiet() && !self.others_in_transaction()
+    }
+
+    /// Closes the connection, then the lock probes (in this order, see [`LockProbe`]).
+    fn close(&mut self) {
+        self.conn = None;
+        self.probe = LockProbe::default();
+        self.installed = false;
     }
 
     /// Opens the database once it is past its creation (never creates it) and, once it
@@ -293,15 +368,13 @@ impl Db {
         let source = self.source.clone();
         let path = Path::new(&source);
         let Ok(meta) = std::fs::metadata(path) else {
-            self.conn = None;
-            self.installed = false;
+            self.close();
             return Ok(false);
         };
         self.observe_files();
         let ino = (meta.dev(), meta.ino());
         if self.conn.is_none() || ino != self.ino {
-            self.conn = None;
-            self.installed = false;
+            self.close();
             // No connection of ours is open on this file now (see `past_creation`).
             if !past_creation(path) {
                 return Ok(false);
@@ -321,7 +394,6 @@ impl Db {
             self.schema_version = None;
             self.data_version = None;
         }
-        let quiet = self.quiet();
         let Some(conn) = self.conn.as_mut() else {
             return Ok(false);
         };
@@ -357,11 +429,14 @@ impl Db {
             }
             Needed::Install { capture_tables } => {
                 self.installed = capture_tables;
-                if !quiet {
+                if !self.may_write() {
                     return Ok(self.installed);
                 }
             }
         }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(false);
+        };
         let started = Instant::now();
         match install(conn, self.tables.as_deref()) {
             Ok(n) => {
@@ -484,7 +559,7 @@ impl Db {
     /// database is quiet. Returns false when it was not done (not quiet, or busy); a
     /// later call tries again.
     pub fn delete_upto(&mut self, id: i64) -> Result<bool, Error> {
-        if !self.quiet() {
+        if !self.may_write() {
             return Ok(false);
         }
         let Some(conn) = self.conn.as_ref() else {
