@@ -364,3 +364,44 @@ fn an_application_reading_across_the_quiet_period_is_not_overtaken() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A source removed from the configuration loses its triggers, but not while the
+/// application is inside a transaction: its write would fail (`SQLITE_BUSY_SNAPSHOT`).
+#[test]
+fn a_removed_source_loses_its_triggers_without_overtaking_the_application() {
+    let s = Setup::new(&config(), |d| {
+        Connection::open(d.join("app.db"))
+            .unwrap()
+            .execute_batch(
+                "PRAGMA journal_mode=WAL;
+                 CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER NOT NULL);",
+            )
+            .unwrap();
+    });
+    let c = Connection::open(s.path().join("app.db")).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    wait_trigger(&c, "items");
+    c.execute_batch("BEGIN").unwrap();
+    c.query_row("SELECT count(*) FROM items", [], |r| r.get::<_, i64>(0))
+        .unwrap();
+    common::write_config(s.path(), "poll_interval_ms = 20\n");
+    std::thread::sleep(Duration::from_secs(1));
+    c.execute("INSERT INTO items VALUES (1, 'one', 1)", [])
+        .expect("a write in a transaction that began before the source was removed");
+    c.execute_batch("COMMIT").unwrap();
+    let deadline = Instant::now() + T;
+    loop {
+        let n: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type='trigger' AND name LIKE '\\_weft\\_%' ESCAPE '\\'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} triggers left");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

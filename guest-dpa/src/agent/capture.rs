@@ -63,6 +63,9 @@ pub struct Capture {
     by_wd: HashMap<WatchDescriptor, PathBuf>,
     by_dir: HashMap<PathBuf, WatchDescriptor>,
     dbs: BTreeMap<String, DbSource>,
+    /// Removed SQLite sources whose triggers are still to be dropped (the agent writes
+    /// only when the database is quiet).
+    leaving: BTreeMap<String, Db>,
     files: BTreeMap<String, FileSource>,
     hup: Arc<AtomicBool>,
     last_rescan: Instant,
@@ -106,6 +109,7 @@ impl Capture {
             by_wd: HashMap::new(),
             by_dir: HashMap::new(),
             dbs: BTreeMap::new(),
+            leaving: BTreeMap::new(),
             files: BTreeMap::new(),
             hup,
             last_rescan: Instant::now(),
@@ -164,6 +168,7 @@ impl Capture {
             }
         }
         self.trim_capture_tables();
+        self.drop_leaving_triggers();
         let full = self.spool.is_full();
         if full != self.full {
             self.full = full;
@@ -334,6 +339,17 @@ impl Capture {
             }
         }
         Ok(())
+    }
+
+    /// Drops the triggers of removed sources once their databases allow it.
+    fn drop_leaving_triggers(&mut self) {
+        self.leaving.retain(|name, db| match db.uninstall() {
+            Ok(done) => !done,
+            Err(e) => {
+                tracing::warn!(source = %name, "{}", error_chain(&e));
+                false
+            }
+        });
     }
 
     /// Deletes capture rows whose entries the host acknowledged.
@@ -523,14 +539,15 @@ impl Capture {
             .cloned()
             .collect();
         for k in gone {
-            if let Some(mut src) = self.dbs.remove(&k) {
-                tracing::info!(source = %k, "SQLite source removed: dropping its triggers");
-                if let Err(e) = src.db.uninstall() {
-                    tracing::warn!(source = %k, "{}", error_chain(&e));
-                }
+            if let Some(src) = self.dbs.remove(&k) {
+                tracing::info!(source = %k, "SQLite source removed: dropping its triggers once the database is quiet");
+                self.leaving.insert(k, src.db);
             }
         }
+        self.drop_leaving_triggers();
         for (k, tables) in want_db {
+            // A source that comes back keeps its triggers.
+            self.leaving.remove(&k);
             match self.dbs.get_mut(&k) {
                 Some(src) => {
                     src.db.set_tables(tables);

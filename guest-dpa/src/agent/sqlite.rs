@@ -579,11 +579,21 @@ impl Db {
         }
     }
 
-    /// Drops the capture triggers (the source left the configuration). The capture
-    /// table stays; its rows are drained if the source comes back.
-    pub fn uninstall(&mut self) -> Result<(), Error> {
+    /// Drops the capture triggers (the source left the configuration), under the same
+    /// rule as the agent's other writes (quiet, nobody in a transaction). The capture
+    /// table stays; its rows are drained if the source comes back. `Ok(false)`: not
+    /// now; call again later.
+    pub fn uninstall(&mut self) -> Result<bool, Error> {
+        if self.conn.is_none() {
+            return Ok(true);
+        }
+        self.observe_files();
+        let _ = self.changed()?;
+        if !self.may_write() {
+            return Ok(false);
+        }
         let Some(conn) = self.conn.as_mut() else {
-            return Ok(());
+            return Ok(true);
         };
         let res = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -592,12 +602,14 @@ impl Db {
             }
             tx.commit()
         })();
-        res.map_err(|e| {
-            Error::sqlite(
+        match res {
+            Ok(()) => Ok(true),
+            Err(e) if is_busy(&e) => Ok(false),
+            Err(e) => Err(Error::sqlite(
                 format!("cannot remove the capture triggers of {}", self.source),
                 e,
-            )
-        })
+            )),
+        }
     }
 }
 
