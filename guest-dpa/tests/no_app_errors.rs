@@ -19,6 +19,19 @@ fn config() -> String {
     "poll_interval_ms = 20\n[[sqlite]]\npath = \"@DIR@/app.db\"\n".to_string()
 }
 
+/// Waits until the agent watches the test's directory (its debug log says so).
+fn wait_watching(s: &Setup) {
+    let deadline = Instant::now() + T;
+    let line = format!("watching dir={}", s.path().display());
+    while !s.agent.log_text().contains(&line) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never watched the directory"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits until the agent's insert trigger is on `table`.
 fn wait_trigger(c: &Connection, table: &str) {
     let deadline = Instant::now() + T;
@@ -141,8 +154,8 @@ fn mixed_writes(c: &Connection, n: u64, first_id: i64) -> (Vec<String>, Duration
 fn an_application_without_busy_timeout_never_fails_while_the_agent_captures() {
     let s = Setup::new(&config(), |_| {});
     let path = s.path().join("app.db");
-    // Give the agent a moment to watch the directory: the database is created under it.
-    std::thread::sleep(Duration::from_millis(200));
+    // The database is created under the agent's eyes.
+    wait_watching(&s);
     let c = Connection::open(&path).unwrap();
     c.busy_timeout(Duration::ZERO).unwrap();
     if let Err(e) = c.execute_batch(
@@ -251,7 +264,7 @@ fn an_application_creating_its_database_under_the_agent_never_fails() {
         .chain((0..ROUNDS).map(|i| format!("[[sqlite]]\npath = \"@DIR@/app{i}.db\"\n")))
         .collect();
     let s = Setup::new(&config, |_| {});
-    std::thread::sleep(Duration::from_millis(200));
+    wait_watching(&s);
     let mut errors = Vec::new();
     for round in 0..ROUNDS {
         let path = s.path().join(format!("app{round}.db"));
@@ -268,10 +281,12 @@ fn an_application_creating_its_database_under_the_agent_never_fails() {
             errors.push(format!("round {round}: first statement: {e}"));
         }
         for i in 0..20i64 {
-            let res = c.execute_batch(&format!(
-                "BEGIN; SELECT count(*) FROM items; INSERT INTO items VALUES ({}, 'r{round}', {i}); COMMIT;",
-                i + 2
-            ));
+            // Read, a moment of work, then write: as an application does.
+            let res = read_then_write(
+                &c,
+                Duration::from_millis(2),
+                &format!("INSERT INTO items VALUES ({}, 'r{round}', {i})", i + 2),
+            );
             if let Err(e) = res {
                 errors.push(format!("round {round}: write {i}: {e}"));
                 c.execute_batch("ROLLBACK").ok();
@@ -317,7 +332,7 @@ fn read_then_write(c: &Connection, hold: Duration, write: &str) -> rusqlite::Res
 fn an_application_reading_across_the_quiet_period_is_not_overtaken() {
     let s = Setup::new(&config(), |_| {});
     let path = s.path().join("app.db");
-    std::thread::sleep(Duration::from_millis(200));
+    wait_watching(&s);
     let c = Connection::open(&path).unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();
     c.execute_batch(
