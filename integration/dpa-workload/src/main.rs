@@ -131,8 +131,8 @@ impl Work {
         let db = Connection::open(dir.join("app.db"))?;
         db.busy_timeout(Duration::from_secs(30))?;
         // Switching to WAL needs the database to itself, and SQLite reports a busy
-        // database at once (without its busy handler) when the DPA has it open at that
-        // moment: retry for a while, as an application starting next to the DPA must.
+        // database at once (without its busy handler) when another connection holds a
+        // lock at that moment: retry for a while.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let setup = db.execute_batch(
