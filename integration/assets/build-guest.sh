@@ -7,14 +7,18 @@
 # Packages come from the machine's apt sources (`apt-get download`, no install):
 #   - the kernel: the package that `linux-image-cloud-amd64` depends on right now
 #     (override with WEFT_GUEST_KERNEL_PKG=linux-image-6.1.0-NN-cloud-amd64);
-#   - busybox-static.
+#   - busybox-static;
+#   - Debian's sqlite3 CLI (`sqlite3`) and the packages of the shared libraries it loads
+#     (`libsqlite3-0 libreadline8 libtinfo6 zlib1g libc6`): /usr/bin/sqlite3 gets exactly
+#     the libraries its ELF `NEEDED` entries name, transitively, plus the loader, so tests
+#     can run a real application that was not built with weft.
 # Debian's mirror only serves the current kernel ABI, so "pinned" means: the exact
 # name=version is resolved once, recorded in OUT_DIR/manifest.txt, and is part of the
 # cache key the Rust harness computes (it runs `--resolve`). A new kernel upload gives a new key.
 #
 # Env: WEFT_GUEST_KERNEL_PKG (kernel package), WEFT_GUEST_MODULES (space-separated module
-# load list, default below). Needs: apt-get, apt-cache, dpkg, cpio, gzip (xz/zstd only if the
-# kernel ships compressed modules). The init script is the file `init` next to this script.
+# load list, default below). Needs: apt-get, apt-cache, dpkg, cpio, gzip, readelf (binutils)
+# (xz/zstd only if the kernel ships compressed modules). The init script is the file `init` next to this script.
 #
 # The guest also gets static binaries built from this workspace with cargo
 # (`-C target-feature=+crt-static -C strip=symbols`, `--target x86_64-unknown-linux-gnu`, release, in their own
@@ -28,6 +32,8 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 WORKSPACE="$(cd "$HERE/../.." && pwd)"
+# The sqlite3 CLI and the packages holding what it links against.
+SQLITE_PKGS="sqlite3 libsqlite3-0 libreadline8 libtinfo6 zlib1g libc6"
 MODULES="${WEFT_GUEST_MODULES:-virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport virtio_balloon af_packet}"
 
 log() { echo "build-guest: $*" >&2; }
@@ -45,16 +51,19 @@ field() {
         cur == p && $1 == f { sub("^" f " *", ""); print; exit }' <<<"$1"
 }
 
-# Prints "kernel=<pkg>=<ver>" and "busybox=busybox-static=<ver>".
+# Prints "kernel=<pkg>=<ver>", "busybox=busybox-static=<ver>" and "sqlite=<pkg>=<ver>" per
+# package of SQLITE_PKGS.
 # One apt-cache call in the common case: every test process runs this to compute the cache key.
 resolve_once() {
-    local info kpkg kver bver dep
+    local info kpkg kver bver dep p v
     if [ -n "${WEFT_GUEST_KERNEL_PKG:-}" ]; then
         kpkg="$WEFT_GUEST_KERNEL_PKG"
-        info="$(apt-cache show --no-all-versions "$kpkg" busybox-static 2>/dev/null)" || return 1
+        # shellcheck disable=SC2086 # the list is split on purpose
+        info="$(apt-cache show --no-all-versions "$kpkg" busybox-static $SQLITE_PKGS 2>/dev/null)" || return 1
         kver="$(field "$info" "$kpkg" Version)"
     else
-        info="$(apt-cache show --no-all-versions linux-image-cloud-amd64 busybox-static 2>/dev/null)" || return 1
+        # shellcheck disable=SC2086
+        info="$(apt-cache show --no-all-versions linux-image-cloud-amd64 busybox-static $SQLITE_PKGS 2>/dev/null)" || return 1
         # e.g. "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)"
         dep="$(field "$info" linux-image-cloud-amd64 Depends)"
         kpkg="$(sed -n 's/^\(linux-image-6\.1\.0-[^ ,]*-cloud-amd64\).*/\1/p' <<<"$dep")"
@@ -66,6 +75,11 @@ resolve_once() {
     [ -n "$kver" ] && [ -n "$bver" ] || return 1
     echo "kernel=$kpkg=$kver"
     echo "busybox=busybox-static=$bver"
+    for p in $SQLITE_PKGS; do
+        v="$(field "$info" "$p" Version)"
+        [ -n "$v" ] || return 1
+        echo "sqlite=$p=$v"
+    done
     echo "dpa-sources=$(dpa_sources_hash)"
 }
 
@@ -101,7 +115,7 @@ resolve() {
         apt-get update -qq >&2 || die "apt-get update failed"
         resolve_once && return
     fi
-    die "cannot resolve the guest kernel (linux-image-cloud-amd64 -> linux-image-6.1.0-*-cloud-amd64) or busybox-static from apt; run 'apt-get update' or set WEFT_GUEST_KERNEL_PKG"
+    die "cannot resolve the guest kernel (linux-image-cloud-amd64 -> linux-image-6.1.0-*-cloud-amd64), busybox-static or $SQLITE_PKGS from apt; run 'apt-get update' or set WEFT_GUEST_KERNEL_PKG"
 }
 
 if [ "${1:-}" = "--resolve" ]; then
@@ -116,6 +130,7 @@ OUT="$(cd "$OUT" && pwd)"
 RESOLVED="$(resolve)"
 KPKG_SPEC="$(sed -n 's/^kernel=//p' <<<"$RESOLVED")"   # name=version
 BPKG_SPEC="$(sed -n 's/^busybox=//p' <<<"$RESOLVED")"
+mapfile -t SPKG_SPECS < <(sed -n 's/^sqlite=//p' <<<"$RESOLVED")
 
 WORK="$(mktemp -d -t weft-guest.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
@@ -123,13 +138,15 @@ trap 'rm -rf "$WORK"' EXIT
 chmod 755 "$WORK"
 cd "$WORK"
 
-log "downloading $KPKG_SPEC $BPKG_SPEC"
-apt-get download -q -o APT::Sandbox::User=root "$KPKG_SPEC" "$BPKG_SPEC" >&2 || die "apt-get download failed"
-mkdir -p kpkg bpkg
+log "downloading $KPKG_SPEC $BPKG_SPEC ${SPKG_SPECS[*]}"
+apt-get download -q -o APT::Sandbox::User=root "$KPKG_SPEC" "$BPKG_SPEC" "${SPKG_SPECS[@]}" >&2 ||
+    die "apt-get download failed"
+mkdir -p kpkg bpkg spkg
 for deb in ./*.deb; do
     case "$(dpkg-deb -f "$deb" Package)" in
         busybox-static) dpkg -x "$deb" bpkg ;;
-        *) dpkg -x "$deb" kpkg ;;
+        linux-image-*) dpkg -x "$deb" kpkg ;;
+        *) dpkg -x "$deb" spkg ;;
     esac
 done
 
@@ -151,6 +168,34 @@ for b in weft-dpa weft-dpa-workload weft-blkread; do
     install -m 0755 "$GUEST_BIN/$b" "$ROOT/usr/bin/$b"
 done
 mkdir -p "$ROOT/var/lib"
+
+# Debian's sqlite3 CLI: the binary, the libraries its NEEDED entries name (transitively,
+# found in the extracted packages) and the loader its PT_INTERP names.
+[ -x spkg/usr/bin/sqlite3 ] || die "no /usr/bin/sqlite3 in the sqlite3 package"
+install -m 0755 spkg/usr/bin/sqlite3 "$ROOT/usr/bin/sqlite3"
+mkdir -p "$ROOT/lib/x86_64-linux-gnu" "$ROOT/lib64"
+declare -A STAGED_LIB=()
+stage_libs() {
+    local lib src
+    for lib in $(readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+        [ -z "${STAGED_LIB[$lib]:-}" ] || continue
+        STAGED_LIB[$lib]=1
+        src=""
+        for d in spkg/lib/x86_64-linux-gnu spkg/usr/lib/x86_64-linux-gnu; do
+            if [ -e "$d/$lib" ]; then
+                src="$d/$lib"
+                break
+            fi
+        done
+        [ -n "$src" ] || die "sqlite3 needs $lib, which none of $SQLITE_PKGS holds"
+        cp -L "$src" "$ROOT/lib/x86_64-linux-gnu/$lib"
+        stage_libs "$ROOT/lib/x86_64-linux-gnu/$lib"
+    done
+}
+stage_libs "$ROOT/usr/bin/sqlite3"
+INTERP="$(readelf -l spkg/usr/bin/sqlite3 | sed -n 's/.*Requesting program interpreter: \(.*\)\]/\1/p')"
+[ "$INTERP" = /lib64/ld-linux-x86-64.so.2 ] || die "unexpected loader $INTERP for sqlite3"
+cp -L spkg/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 "$ROOT/lib64/ld-linux-x86-64.so.2"
 
 # Index every module file of the kernel by module name (dashes are underscores to the kernel).
 declare -A MODFILE=()
@@ -214,6 +259,10 @@ cp "$VMLINUZ" "$OUT/vmlinuz"
     echo "# weft test guest, built by integration/assets/build-guest.sh"
     echo "kernel-package: ${KPKG_SPEC/=/ }"
     echo "busybox-package: ${BPKG_SPEC/=/ }"
+    for spec in "${SPKG_SPECS[@]}"; do
+        echo "sqlite3-package: ${spec/=/ }"
+    done
+    echo "sqlite3-libraries: ${!STAGED_LIB[*]}"
     echo "dpa-sources: $(sed -n 's/^dpa-sources=//p' <<<"$RESOLVED")"
     echo "kernel-release: $KREL"
     echo "module-load-order: ${ORDER[*]}"

@@ -63,6 +63,9 @@ pub struct Capture {
     by_wd: HashMap<WatchDescriptor, PathBuf>,
     by_dir: HashMap<PathBuf, WatchDescriptor>,
     dbs: BTreeMap<String, DbSource>,
+    /// Removed SQLite sources whose triggers are still to be dropped (the agent writes
+    /// only when the database is quiet).
+    leaving: BTreeMap<String, Db>,
     files: BTreeMap<String, FileSource>,
     hup: Arc<AtomicBool>,
     last_rescan: Instant,
@@ -106,6 +109,7 @@ impl Capture {
             by_wd: HashMap::new(),
             by_dir: HashMap::new(),
             dbs: BTreeMap::new(),
+            leaving: BTreeMap::new(),
             files: BTreeMap::new(),
             hup,
             last_rescan: Instant::now(),
@@ -164,6 +168,7 @@ impl Capture {
             }
         }
         self.trim_capture_tables();
+        self.drop_leaving_triggers();
         let full = self.spool.is_full();
         if full != self.full {
             self.full = full;
@@ -234,7 +239,14 @@ impl Capture {
         src.dirty = false;
         loop {
             let mut mark = self.spool.sqlite_mark(name).unwrap_or_default();
-            let mut drained = src.db.drain(mark.mark, batch)?;
+            let mut drained = match src.db.drain(mark.mark, batch) {
+                Ok(d) => d,
+                Err(e) if e.is_busy() => {
+                    src.dirty = true;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             if drained.instance != mark.instance {
                 if !mark.instance.is_empty() {
                     tracing::warn!(source = name, "the database's capture table is new (the file was replaced): draining it from the start");
@@ -242,7 +254,7 @@ impl Capture {
                 mark = SqliteMark {
                     instance: drained.instance.clone(),
                     mark: 0,
-                    epoch: 0,
+                    end: 0,
                     tx: 0,
                 };
                 drained = src.db.drain(0, batch)?;
@@ -251,18 +263,16 @@ impl Capture {
             if n == 0 {
                 return Ok(());
             }
-            // Move the epoch on first, so the next application transaction gets a
-            // new tx id as early as possible.
-            if drained.rows.iter().any(|r| r.epoch == drained.epoch) {
-                src.db.bump_epoch(drained.epoch)?;
-            }
             let mut next_tx = self.spool.next_tx();
             let mut entries = Vec::with_capacity(n);
             for r in drained.rows {
-                if mark.tx == 0 || r.epoch != mark.epoch {
+                // Rows up to the end of the window the current tx id covers are the
+                // rest of its transactions (a batch cut them); later rows are whole
+                // transactions committed since, up to this read's end.
+                if mark.tx == 0 || r.id > mark.end {
                     mark.tx = next_tx;
                     next_tx += 1;
-                    mark.epoch = r.epoch;
+                    mark.end = drained.end;
                 }
                 mark.mark = r.id;
                 let (key, old, new) = match r.op {
@@ -329,6 +339,17 @@ impl Capture {
             }
         }
         Ok(())
+    }
+
+    /// Drops the triggers of removed sources once their databases allow it.
+    fn drop_leaving_triggers(&mut self) {
+        self.leaving.retain(|name, db| match db.uninstall() {
+            Ok(done) => !done,
+            Err(e) => {
+                tracing::warn!(source = %name, "{}", error_chain(&e));
+                false
+            }
+        });
     }
 
     /// Deletes capture rows whose entries the host acknowledged.
@@ -518,14 +539,15 @@ impl Capture {
             .cloned()
             .collect();
         for k in gone {
-            if let Some(mut src) = self.dbs.remove(&k) {
-                tracing::info!(source = %k, "SQLite source removed: dropping its triggers");
-                if let Err(e) = src.db.uninstall() {
-                    tracing::warn!(source = %k, "{}", error_chain(&e));
-                }
+            if let Some(src) = self.dbs.remove(&k) {
+                tracing::info!(source = %k, "SQLite source removed: dropping its triggers once the database is quiet");
+                self.leaving.insert(k, src.db);
             }
         }
+        self.drop_leaving_triggers();
         for (k, tables) in want_db {
+            // A source that comes back keeps its triggers.
+            self.leaving.remove(&k);
             match self.dbs.get_mut(&k) {
                 Some(src) => {
                     src.db.set_tables(tables);

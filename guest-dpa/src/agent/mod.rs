@@ -72,6 +72,11 @@ impl Error {
             source,
         }
     }
+
+    /// Whether this is SQLite's "database is busy/locked" (tried again later).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Error::Sqlite { source, .. } if sqlite::is_busy(source))
+    }
 }
 
 /// How the binary was started: flags that override the configuration file.

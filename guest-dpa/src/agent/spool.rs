@@ -36,9 +36,12 @@ pub struct SqliteMark {
     pub instance: String,
     /// The highest capture row id held by the spool.
     pub mark: i64,
-    /// The epoch of the last drained capture row.
-    pub epoch: i64,
-    /// The transaction id given to that epoch.
+    /// The last capture row id of the window of whole transactions that `tx` covers
+    /// (the highest id committed when the window was read). Earlier agents kept the
+    /// trigger epoch in this place (same encoding): such a value starts one extra tx id
+    /// after an upgrade, nothing more.
+    pub end: i64,
+    /// The transaction id given to that window.
     pub tx: u64,
 }
 
@@ -672,7 +675,7 @@ mod tests {
             mark: SqliteMark {
                 instance: "i".into(),
                 mark: m,
-                epoch: 1,
+                end: 1,
                 tx: 1,
             },
         }

@@ -6,22 +6,44 @@
 //! agent drains `_weft_capture` in id order (`AUTOINCREMENT`, so ids are never reused)
 //! and deletes rows only after the host acknowledged their entries.
 //!
-//! Transaction ids. A trigger cannot see transaction boundaries, so the triggers stamp
-//! each row with the value of a counter, `_weft_tx.epoch`, and the agent moves the
-//! counter forward (one `UPDATE`) each time it has drained rows stamped with the current
-//! value. SQLite has one writer at a time and a write transaction holds the write lock
-//! from its first change to its commit, so the agent's bump can never land inside an
-//! application transaction: all changes of one transaction carry the same epoch, and
-//! the entries of one transaction always share one tx id. The converse holds only up
-//! to the agent's reaction time: transactions that commit one after the other before
-//! the agent sees the first (inotify wake-up plus a drain, typically well under a
-//! millisecond to a few milliseconds) share the epoch, and so share a tx id.
+//! The application never fails because of the agent. SQLite reports a busy database at
+//! once, without calling the application's busy handler, when a connection that is
+//! already reading wants to write while another connection holds the write lock (a
+//! `PRAGMA journal_mode=WAL` on a new database, a `BEGIN; SELECT …; UPDATE …`), or when
+//! another connection committed since its read began (`SQLITE_BUSY_SNAPSHOT` in WAL); an
+//! application without a busy timeout gets the same error for every write that meets a
+//! held lock. So the agent:
+//! - does not open a database before it is past its creation (a complete header, and
+//!   WAL mode or a schema, see [`past_creation`]), and installs nothing before the
+//!   database holds a table;
+//! - writes to the application's database only to install or refresh its triggers and
+//!   to delete acknowledged capture rows, only after the database has been quiet (no
+//!   commit by anyone else, no change to the database or `-wal` file) for [`QUIET`],
+//!   only while no other process holds a SQLite lock on it (asked of the kernel with
+//!   `F_GETLK`: a reader holds a read-mark lock for its whole read transaction, so an
+//!   application between its `SELECT` and its `UPDATE` is never overtaken), and never
+//!   with a busy timeout: a busy database is tried again later; the steady-state
+//!   capture path only reads;
+//! - reads in short transactions (one drain batch), never holding a statement or a
+//!   read transaction across polls, so checkpoints and writers are never held up.
+//!
+//! Transaction ids. A trigger cannot see transaction boundaries, but one writer at a
+//! time means a transaction's capture rows are contiguous ids, and a read sees whole
+//! transactions only. Each drain reads, in one read transaction, the rows after the
+//! spool's mark and the highest id committed (`end`): the rows up to `end` that were not
+//! drained before are one or more whole transactions and get one tx id, recorded with
+//! `end` in the spool's mark, so rows of that window read in a later batch keep it. All
+//! changes of one transaction thus share one tx id; transactions that commit one after
+//! the other before the agent sees the first (inotify wake-up plus a drain, typically
+//! well under a millisecond to a few milliseconds) share it too.
 //! `docs/provenance-dpa.md` states this guarantee for users.
 
 use std::collections::BTreeSet;
+use std::io::Read as _;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -35,7 +57,9 @@ use crate::proto::{Entry, Operation};
 pub const CAPTURE_TABLE: &str = "_weft_capture";
 /// The epoch counter table.
 pub const TX_TABLE: &str = "_weft_tx";
-const BUSY: Duration = Duration::from_millis(200);
+/// How long a database must have been quiet before the agent writes to it (installs
+/// triggers, deletes acknowledged capture rows).
+pub const QUIET: Duration = Duration::from_millis(300);
 
 /// One row of the capture table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,8 +87,9 @@ pub struct CaptureRow {
 pub struct Drained {
     /// Committed capture rows after the mark, in id order.
     pub rows: Vec<CaptureRow>,
-    /// The epoch counter's value now.
-    pub epoch: i64,
+    /// The highest capture row id committed when the rows were read (the end of the
+    /// window of whole transactions they belong to).
+    pub end: i64,
     /// The capture table's instance id.
     pub instance: String,
 }
@@ -75,11 +100,52 @@ pub struct Db {
     /// The database path.
     pub source: String,
     tables: Option<Vec<String>>,
+    /// Declared before `probe`: dropped first (see [`LockProbe`]).
     conn: Option<Connection>,
+    probe: LockProbe,
     ino: (u64, u64),
     schema_version: Option<i64>,
     data_version: Option<i64>,
+    /// Whether the capture tables exist in the open database.
+    installed: bool,
+    /// The database and `-wal` files as last seen (size, mtime), to notice writes.
+    files: Option<[(u64, i64, i64); 2]>,
+    /// When someone else last wrote to the database, as far as the agent saw.
+    last_activity: Option<Instant>,
+    quiet: Duration,
 }
+
+/// Descriptors on the database's lock files, to ask the kernel whether another process
+/// holds a SQLite lock right now (`F_GETLK` takes nothing). They live as long as the
+/// connection and are closed only after it: closing a descriptor drops every POSIX lock
+/// this process holds on the file, SQLite's own included.
+#[derive(Debug, Default)]
+struct LockProbe {
+    shm: Option<std::fs::File>,
+    db: Option<std::fs::File>,
+}
+
+/// Whether another process holds a lock on bytes `start..start+len` of `f`.
+fn lock_held(f: &std::fs::File, start: i64, len: i64) -> bool {
+    use nix::libc;
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: start,
+        l_len: len,
+        l_pid: 0,
+    };
+    match nix::fcntl::fcntl(f.as_raw_fd(), nix::fcntl::FcntlArg::F_GETLK(&mut fl)) {
+        Ok(_) => fl.l_type != libc::F_UNLCK as libc::c_short,
+        Err(_) => true,
+    }
+}
+
+/// SQLite's lock bytes: in the WAL index (`-shm`) the write, checkpoint, recovery and
+/// five read-mark locks (a reader holds one for its whole read transaction); in the
+/// database file of a rollback-journal database the pending, reserved and shared locks.
+const SHM_LOCKS: (i64, i64) = (120, 8);
+const DB_LOCKS: (i64, i64) = (0x4000_0000, 512);
 
 const NOW_US: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
 
@@ -171,9 +237,38 @@ fn trigger_sqls(t: &TableInfo) -> [String; 3] {
     ]
 }
 
-fn is_busy(e: &rusqlite::Error) -> bool {
+pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+}
+
+/// Whether the file at `path` is a SQLite database past its creation: its 100-byte
+/// header is complete, and it is in WAL mode (readers never stand in a writer's way) or
+/// holds a schema (its schema cookie moved). A new database is a file of 0 bytes until
+/// the application's first statement, and that statement (often `PRAGMA
+/// journal_mode=WAL`) needs the database to itself: a reader's lock at that moment fails
+/// it at once, busy timeout or not.
+///
+/// Only call this while the agent has no connection to this file: closing a file
+/// descriptor drops every POSIX lock the process holds on the file, SQLite's included.
+pub fn past_creation(path: &Path) -> bool {
+    let mut h = [0u8; 100];
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    if f.read_exact(&mut h).is_err() || &h[..16] != b"SQLite format 3\0" {
+        return false;
+    }
+    let wal = h[18] == 2 && h[19] == 2;
+    let cookie = u32::from_be_bytes([h[40], h[41], h[42], h[43]]);
+    wal || cookie != 0
+}
+
+/// Size and modification time of a file, zeros when it is missing.
+fn file_stamp(path: &Path) -> (u64, i64, i64) {
+    std::fs::metadata(path)
+        .map(|m| (m.size(), m.mtime(), m.mtime_nsec()))
+        .unwrap_or((0, 0, 0))
 }
 
 impl Db {
@@ -183,10 +278,21 @@ impl Db {
             source,
             tables,
             conn: None,
+            probe: LockProbe::default(),
             ino: (0, 0),
             schema_version: None,
             data_version: None,
+            installed: false,
+            files: None,
+            last_activity: None,
+            quiet: QUIET,
         }
+    }
+
+    /// Changes how long the database must be quiet before the agent writes to it
+    /// (tests).
+    pub fn set_quiet(&mut self, quiet: Duration) {
+        self.quiet = quiet;
     }
 
     /// Changes the captured tables (a configuration reload); triggers follow at the
@@ -198,23 +304,90 @@ impl Db {
         }
     }
 
-    /// Opens the database when it exists (never creates it) and installs or refreshes
-    /// the capture triggers when its schema changed. `Ok(false)`: not there yet, or
-    /// locked for now; try again later.
+    /// Notes a write by someone else when the database or `-wal` file changed.
+    fn observe_files(&mut self) {
+        let wal = format!("{}-wal", self.source);
+        let now = [
+            file_stamp(Path::new(&self.source)),
+            file_stamp(Path::new(&wal)),
+        ];
+        if self.files != Some(now) {
+            self.files = Some(now);
+            self.last_activity = Some(Instant::now());
+        }
+    }
+
+    /// Whether nobody else wrote to the database for the quiet period (as far as the
+    /// agent's polls saw).
+    pub fn quiet(&self) -> bool {
+        self.last_activity.is_none_or(|t| t.elapsed() >= self.quiet)
+    }
+
+    /// Whether another process is inside a transaction on the database right now (it
+    /// holds a SQLite lock): a write of the agent's would then fail its next statement,
+    /// or its commit (`SQLITE_BUSY_SNAPSHOT` after a read that began before).
+    fn others_in_transaction(&mut self) -> bool {
+        if self.conn.is_none() {
+            return true;
+        }
+        let shm = format!("{}-shm", self.source);
+        if self.probe.shm.is_none() && Path::new(&shm).exists() {
+            self.probe.shm = std::fs::File::open(&shm).ok();
+        }
+        if let Some(f) = &self.probe.shm {
+            return lock_held(f, SHM_LOCKS.0, SHM_LOCKS.1);
+        }
+        if self.probe.db.is_none() {
+            self.probe.db = std::fs::File::open(&self.source).ok();
+        }
+        match &self.probe.db {
+            Some(f) => lock_held(f, DB_LOCKS.0, DB_LOCKS.1),
+            None => true,
+        }
+    }
+
+    /// Whether the agent may write to the database now: it has been quiet, and nobody
+    /// else is inside a transaction.
+    pub fn may_write(&mut self) -> bool {
+        self.quiet() && !self.others_in_transaction()
+    }
+
+    /// Closes the connection, then the lock probes (in this order, see [`LockProbe`]).
+    fn close(&mut self) {
+        self.conn = None;
+        self.probe = LockProbe::default();
+        self.installed = false;
+    }
+
+    /// Opens the database once it is past its creation (never creates it) and, once it
+    /// holds a table and has been quiet, installs or refreshes the capture triggers when
+    /// its schema changed. `Ok(true)`: the capture tables are there to drain;
+    /// `Ok(false)`: not yet (no file, still being created, not installed yet, or busy);
+    /// try again later.
     pub fn ensure(&mut self) -> Result<bool, Error> {
-        let path = Path::new(&self.source);
+        let source = self.source.clone();
+        let path = Path::new(&source);
         let Ok(meta) = std::fs::metadata(path) else {
-            self.conn = None;
+            self.close();
             return Ok(false);
         };
+        self.observe_files();
         let ino = (meta.dev(), meta.ino());
         if self.conn.is_none() || ino != self.ino {
+            self.close();
+            // No connection of ours is open on this file now (see `past_creation`).
+            if !past_creation(path) {
+                return Ok(false);
+            }
             let conn = Connection::open_with_flags(
                 path,
                 OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .map_err(|e| Error::sqlite(format!("cannot open {}", self.source), e))?;
-            conn.busy_timeout(BUSY)
+            // Never wait for a lock: a busy database is tried again at the next poll,
+            // and a lock the agent got after waiting would meet the application's next
+            // statement.
+            conn.busy_timeout(Duration::ZERO)
                 .map_err(|e| Error::sqlite("cannot set a busy timeout", e))?;
             self.conn = Some(conn);
             self.ino = ino;
@@ -224,24 +397,54 @@ impl Db {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(false);
         };
-        let sv: i64 = conn
-            .query_row("PRAGMA schema_version", [], |r| r.get(0))
-            .map_err(|e| {
-                Error::sqlite(
+        let sv: i64 = match conn.query_row("PRAGMA schema_version", [], |r| r.get(0)) {
+            Ok(v) => v,
+            Err(e) if is_busy(&e) => return Ok(self.installed),
+            Err(e) => {
+                return Err(Error::sqlite(
                     format!("cannot read the schema version of {}", self.source),
                     e,
-                )
-            })?;
+                ))
+            }
+        };
         if self.schema_version == Some(sv) {
-            return Ok(true);
+            return Ok(self.installed);
         }
+        let needed = match install_needed(conn, self.tables.as_deref()) {
+            Ok(n) => n,
+            Err(e) if is_busy(&e) => return Ok(self.installed),
+            Err(e) => {
+                return Err(Error::sqlite(
+                    format!("cannot read the schema of {}", self.source),
+                    e,
+                ))
+            }
+        };
+        match needed {
+            Needed::NoTables => return Ok(false),
+            Needed::Nothing => {
+                self.installed = true;
+                self.schema_version = Some(sv);
+                return Ok(true);
+            }
+            Needed::Install { capture_tables } => {
+                self.installed = capture_tables;
+                if !self.may_write() {
+                    return Ok(self.installed);
+                }
+            }
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(false);
+        };
+        let started = Instant::now();
         match install(conn, self.tables.as_deref()) {
             Ok(n) => {
                 if n > 0 {
-                    tracing::info!(source = %self.source, tables = n, "capture triggers installed");
+                    tracing::info!(source = %self.source, tables = n, us = started.elapsed().as_micros() as u64, "capture triggers installed");
                 }
             }
-            Err(e) if is_busy(&e) => return Ok(false),
+            Err(e) if is_busy(&e) => return Ok(self.installed),
             Err(e) => {
                 return Err(Error::sqlite(
                     format!("cannot install capture triggers in {}", self.source),
@@ -249,6 +452,7 @@ impl Db {
                 ))
             }
         }
+        self.installed = true;
         let sv: i64 = conn
             .query_row("PRAGMA schema_version", [], |r| r.get(0))
             .map_err(|e| Error::sqlite("cannot read the schema version", e))?;
@@ -263,15 +467,20 @@ impl Db {
         let Some(conn) = self.conn.as_ref() else {
             return Ok(false);
         };
-        let dv: i64 = conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
-            .map_err(|e| {
-                Error::sqlite(
+        let dv: i64 = match conn.query_row("PRAGMA data_version", [], |r| r.get(0)) {
+            Ok(v) => v,
+            Err(e) if is_busy(&e) => return Ok(true),
+            Err(e) => {
+                return Err(Error::sqlite(
                     format!("cannot read the data version of {}", self.source),
                     e,
-                )
-            })?;
+                ))
+            }
+        };
         let changed = self.data_version != Some(dv);
+        if changed && self.data_version.is_some() {
+            self.last_activity = Some(Instant::now());
+        }
         self.data_version = Some(dv);
         Ok(changed)
     }
@@ -281,7 +490,8 @@ impl Db {
         self.data_version = None;
     }
 
-    /// Committed capture rows after `after`, at most `max`, in id order.
+    /// Committed capture rows after `after`, at most `max`, in id order, read in one
+    /// short read transaction (never a write).
     pub fn drain(&mut self, after: i64, max: usize) -> Result<Drained, Error> {
         let source = self.source.clone();
         let Some(conn) = self.conn.as_mut() else {
@@ -289,11 +499,18 @@ impl Db {
         };
         let ctx = |e| Error::sqlite(format!("cannot read the capture table of {source}"), e);
         let tx = conn.transaction().map_err(ctx)?;
-        let (epoch, instance): (i64, String) = tx
+        let instance: String = tx
             .query_row(
-                &format!("SELECT epoch, instance FROM {TX_TABLE} WHERE id=1"),
+                &format!("SELECT instance FROM {TX_TABLE} WHERE id=1"),
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| r.get(0),
+            )
+            .map_err(ctx)?;
+        let end: i64 = tx
+            .query_row(
+                &format!("SELECT COALESCE(max(id), 0) FROM {CAPTURE_TABLE}"),
+                [],
+                |r| r.get(0),
             )
             .map_err(ctx)?;
         let mut rows = Vec::new();
@@ -333,37 +550,27 @@ impl Db {
         tx.commit().map_err(ctx)?;
         Ok(Drained {
             rows,
-            epoch,
+            end,
             instance,
         })
     }
 
-    /// Moves the epoch on from `epoch` (so later transactions get a new tx id).
-    /// Returns false when the database was busy; the next drain tries again.
-    pub fn bump_epoch(&mut self, epoch: i64) -> Result<bool, Error> {
-        let Some(conn) = self.conn.as_ref() else {
-            return Ok(false);
-        };
-        match conn.execute(
-            &format!("UPDATE {TX_TABLE} SET epoch = epoch + 1 WHERE id = 1 AND epoch = ?1"),
-            [epoch],
-        ) {
-            Ok(_) => Ok(true),
-            Err(e) if is_busy(&e) => Ok(false),
-            Err(e) => Err(Error::sqlite(
-                format!("cannot move the epoch of {}", self.source),
-                e,
-            )),
-        }
-    }
-
-    /// Deletes capture rows up to `id` (their entries are acknowledged).
+    /// Deletes capture rows up to `id` (their entries are acknowledged), once the
+    /// database is quiet. Returns false when it was not done (not quiet, or busy); a
+    /// later call tries again.
     pub fn delete_upto(&mut self, id: i64) -> Result<bool, Error> {
+        if !self.may_write() {
+            return Ok(false);
+        }
         let Some(conn) = self.conn.as_ref() else {
             return Ok(false);
         };
+        let started = Instant::now();
         match conn.execute(&format!("DELETE FROM {CAPTURE_TABLE} WHERE id <= ?1"), [id]) {
-            Ok(_) => Ok(true),
+            Ok(n) => {
+                tracing::debug!(source = %self.source, rows = n, us = started.elapsed().as_micros() as u64, "acknowledged capture rows deleted");
+                Ok(true)
+            }
             Err(e) if is_busy(&e) => Ok(false),
             Err(e) => Err(Error::sqlite(
                 format!("cannot trim the capture table of {}", self.source),
@@ -372,11 +579,21 @@ impl Db {
         }
     }
 
-    /// Drops the capture triggers (the source left the configuration). The capture
-    /// table stays; its rows are drained if the source comes back.
-    pub fn uninstall(&mut self) -> Result<(), Error> {
+    /// Drops the capture triggers (the source left the configuration), under the same
+    /// rule as the agent's other writes (quiet, nobody in a transaction). The capture
+    /// table stays; its rows are drained if the source comes back. `Ok(false)`: not
+    /// now; call again later.
+    pub fn uninstall(&mut self) -> Result<bool, Error> {
+        if self.conn.is_none() {
+            return Ok(true);
+        }
+        self.observe_files();
+        let _ = self.changed()?;
+        if !self.may_write() {
+            return Ok(false);
+        }
         let Some(conn) = self.conn.as_mut() else {
-            return Ok(());
+            return Ok(true);
         };
         let res = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -385,12 +602,14 @@ impl Db {
             }
             tx.commit()
         })();
-        res.map_err(|e| {
-            Error::sqlite(
+        match res {
+            Ok(()) => Ok(true),
+            Err(e) if is_busy(&e) => Ok(false),
+            Err(e) => Err(Error::sqlite(
                 format!("cannot remove the capture triggers of {}", self.source),
                 e,
-            )
-        })
+            )),
+        }
     }
 }
 
@@ -406,6 +625,95 @@ fn weft_triggers(conn: &Connection, table: Option<&str>) -> rusqlite::Result<Vec
     Ok(names)
 }
 
+/// The user tables to capture: `(name, CREATE TABLE statement)`, by name.
+fn capture_targets(
+    conn: &Connection,
+    wanted: Option<&[String]>,
+) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare(
+        "SELECT name, sql FROM sqlite_master WHERE type='table' \
+         AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_weft\\_%' ESCAPE '\\' \
+         AND sql NOT LIKE 'CREATE VIRTUAL%' ORDER BY name",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let tables: Vec<(String, String)> = rows.collect::<rusqlite::Result<_>>()?;
+    Ok(tables
+        .into_iter()
+        .filter(|(n, _)| wanted.is_none_or(|w| w.iter().any(|t| t == n)))
+        .collect())
+}
+
+/// The agent's triggers: `(name, table)`.
+fn existing_triggers(conn: &Connection) -> rusqlite::Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare(
+        "SELECT name, tbl_name FROM sqlite_master WHERE type='trigger' AND name LIKE '\\_weft\\_%' ESCAPE '\\'",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Whether table `name`'s triggers are exactly the ones the agent would install.
+fn triggers_current(conn: &Connection, info: &TableInfo) -> rusqlite::Result<bool> {
+    let want = trigger_sqls(info);
+    for (n, w) in trigger_names(&info.name).iter().zip(&want) {
+        let sql: Option<String> = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE type='trigger' AND name=?1",
+                [n],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if sql.as_deref() != Some(w.as_str()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// What [`install`] would have to do, found by reading only.
+#[derive(Debug, PartialEq, Eq)]
+enum Needed {
+    /// The database holds no table to capture yet: it is not past its creation.
+    NoTables,
+    /// Everything is in place.
+    Nothing,
+    /// A write is needed; `capture_tables`: the capture tables exist already.
+    Install { capture_tables: bool },
+}
+
+/// Reads (never writes) what [`install`] would change, so the agent takes the write
+/// lock only when something is to be done.
+fn install_needed(conn: &Connection, wanted: Option<&[String]>) -> rusqlite::Result<Needed> {
+    let targets = capture_targets(conn, wanted)?;
+    if targets.is_empty() {
+        return Ok(Needed::NoTables);
+    }
+    let capture_tables: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type='table' AND name IN (?1, ?2)",
+        [CAPTURE_TABLE, TX_TABLE],
+        |r| r.get(0),
+    )?;
+    let capture_tables = capture_tables == 2;
+    let install = Needed::Install { capture_tables };
+    if !capture_tables {
+        return Ok(install);
+    }
+    let names: BTreeSet<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
+    if existing_triggers(conn)?
+        .iter()
+        .any(|(_, t)| !names.contains(t.as_str()))
+    {
+        return Ok(install);
+    }
+    for (name, sql) in &targets {
+        let info = table_info(conn, name, sql.clone())?;
+        if !triggers_current(conn, &info)? {
+            return Ok(install);
+        }
+    }
+    Ok(Needed::Nothing)
+}
+
 /// Installs or refreshes the capture in one write transaction; returns how many tables
 /// got new triggers.
 fn install(conn: &mut Connection, wanted: Option<&[String]>) -> rusqlite::Result<usize> {
@@ -416,29 +724,10 @@ fn install(conn: &mut Connection, wanted: Option<&[String]>) -> rusqlite::Result
          CREATE TABLE IF NOT EXISTS {TX_TABLE}(id INTEGER PRIMARY KEY CHECK (id = 1), epoch INTEGER NOT NULL, instance TEXT NOT NULL);
          INSERT OR IGNORE INTO {TX_TABLE}(id, epoch, instance) VALUES (1, 1, lower(hex(randomblob(8))));"
     ))?;
-    let tables: Vec<(String, String)> = {
-        let mut stmt = tx.prepare(
-            "SELECT name, sql FROM sqlite_master WHERE type='table' \
-             AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT LIKE '\\_weft\\_%' ESCAPE '\\' \
-             AND sql NOT LIKE 'CREATE VIRTUAL%' ORDER BY name",
-        )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    let targets: Vec<(String, String)> = tables
-        .into_iter()
-        .filter(|(n, _)| wanted.is_none_or(|w| w.iter().any(|t| t == n)))
-        .collect();
+    let targets = capture_targets(&tx, wanted)?;
     let target_names: BTreeSet<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
     // Triggers on tables no longer captured go.
-    let mut stmt_all = tx.prepare(
-        "SELECT name, tbl_name FROM sqlite_master WHERE type='trigger' AND name LIKE '\\_weft\\_%' ESCAPE '\\'",
-    )?;
-    let existing: Vec<(String, String)> = stmt_all
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    drop(stmt_all);
-    for (name, tbl) in &existing {
+    for (name, tbl) in &existing_triggers(&tx)? {
         if !target_names.contains(tbl.as_str()) {
             tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {}", quote_ident(name)))?;
         }
@@ -511,6 +800,11 @@ fn install(conn: &mut Connection, wanted: Option<&[String]>) -> rusqlite::Result
         }
         tx.execute_batch(&bump)?;
         installed += 1;
+    }
+    if installed > 0 {
+        // Later application rows carry an epoch of their own (the install's rows are
+        // one transaction of the agent's).
+        tx.execute_batch(&bump)?;
     }
     tx.commit()?;
     Ok(installed)
@@ -736,6 +1030,7 @@ mod tests {
     fn triggers_capture_rows_and_a_baseline() {
         let (_dir, path, conn) = db();
         let mut d = Db::new(path, None);
+        d.set_quiet(Duration::ZERO);
         assert!(d.ensure().unwrap());
         conn.execute_batch(
             "BEGIN; UPDATE customers SET name='Bob' WHERE id=1; INSERT INTO notes VALUES ('n''1');
@@ -784,6 +1079,7 @@ mod tests {
     fn reals_keep_every_bit() {
         let (_dir, path, conn) = db();
         let mut d = Db::new(path, Some(vec!["customers".into()]));
+        d.set_quiet(Duration::ZERO);
         assert!(d.ensure().unwrap());
         conn.execute_batch("UPDATE customers SET score = 6.36 + 1.25, photo = 0.1 + 0.2")
             .unwrap();

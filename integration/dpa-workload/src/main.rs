@@ -17,6 +17,15 @@
 //! time_us=<t> changes=<c>` and `weft-dpa-workload: done changes=<c>`. When DIR holds
 //! a `final` checkpoint already (a guest booted again) it prints `weft-dpa-workload:
 //! already done` and changes nothing.
+//!
+//! With `--writer DB` it is instead an application with NO busy timeout: it creates
+//! `DB` (`PRAGMA journal_mode=WAL`, `synchronous=NORMAL`, table `items`), optionally
+//! waits for the capture triggers (`--wait-capture`), then makes `--count` row writes
+//! (inserts, updates, deletes; a third as single statements, the rest in deferred
+//! transactions of two to eight writes that read first, `BEGIN; SELECT …; UPDATE …`),
+//! never retrying. It counts every statement that fails and prints `weft-dpa-workload:
+//! writer writes=N errors=E inserts=I updates=U deletes=D ms=T` (committed row changes),
+//! after up to five `weft-dpa-workload: writer error: …` lines.
 
 use std::fs;
 use std::io::Write;
@@ -25,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 
 /// Makes deterministic SQLite, JSON and key-value changes for provenance tests.
@@ -33,8 +42,12 @@ use serde_json::{json, Value};
 #[command(name = "weft-dpa-workload", version)]
 struct Args {
     /// The directory holding app.db, settings.json, app.env, flags/ and checkpoints/.
-    #[arg(long)]
-    dir: PathBuf,
+    #[arg(long, required_unless_present = "writer")]
+    dir: Option<PathBuf>,
+    /// Instead of the workload: write `--count` row changes to this database with no
+    /// busy timeout, counting errors.
+    #[arg(long, conflicts_with = "dir")]
+    writer: Option<PathBuf>,
     /// The seed of the change sequence.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -118,8 +131,8 @@ impl Work {
         let db = Connection::open(dir.join("app.db"))?;
         db.busy_timeout(Duration::from_secs(30))?;
         // Switching to WAL needs the database to itself, and SQLite reports a busy
-        // database at once (without its busy handler) when the DPA has it open at that
-        // moment: retry for a while, as an application starting next to the DPA must.
+        // database at once (without its busy handler) when another connection holds a
+        // lock at that moment: retry for a while.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let setup = db.execute_batch(
@@ -431,12 +444,201 @@ fn wait_capture(db: &Connection) -> anyhow::Result<()> {
     }
 }
 
+/// What the no-busy-timeout writer did.
+#[derive(Debug, Default)]
+struct WriterReport {
+    writes: u64,
+    errors: u64,
+    messages: Vec<String>,
+    inserts: u64,
+    updates: u64,
+    deletes: u64,
+}
+
+impl WriterReport {
+    fn error(&mut self, what: &str, e: &rusqlite::Error) {
+        self.errors += 1;
+        if self.messages.len() < 5 {
+            self.messages.push(format!("{what}: {e}"));
+        }
+    }
+}
+
+/// The application with no busy timeout (`--writer`); see the crate docs.
+fn writer(path: &Path, count: u64, seed: u64, wait: bool) -> anyhow::Result<WriterReport> {
+    let db = Connection::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // rusqlite sets a 5 s busy timeout on open; this application has none.
+    db.busy_timeout(Duration::ZERO)?;
+    let mut rep = WriterReport::default();
+    // Its first start: create the database. A failure is an error; the writer tries
+    // again (it needs its table), counting each failure.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match db.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+             CREATE TABLE IF NOT EXISTS items(id INTEGER PRIMARY KEY, name TEXT NOT NULL, qty INTEGER NOT NULL, note BLOB);",
+        ) {
+            Ok(()) => break,
+            Err(e) => {
+                rep.error("create", &e);
+                if Instant::now() > deadline {
+                    bail!("cannot create {}: {e}", path.display());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    if wait {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let n: i64 = db.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type='trigger' AND name='_weft_ins_items'",
+                [],
+                |r| r.get(0),
+            )?;
+            if n == 1 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("no capture trigger on items after 60 s (is weft-dpa running with this database?)");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let mut rng = Rng(seed);
+    let mut next_id: i64 = db.query_row("SELECT COALESCE(max(id), 0) + 1 FROM items", [], |r| {
+        r.get(0)
+    })?;
+    // One write: (inserts, updates, deletes) it made.
+    let write =
+        |db: &Connection, rng: &mut Rng, next_id: &mut i64| -> rusqlite::Result<(u64, u64, u64)> {
+            let op = rng.below(10);
+            let probe = rng.below(*next_id as u64) as i64;
+            let victim: Option<i64> = if op >= 5 {
+                db.query_row(
+                    "SELECT id FROM items WHERE id >= ?1 ORDER BY id LIMIT 1",
+                    [probe],
+                    |r| r.get(0),
+                )
+                .optional()?
+            } else {
+                None
+            };
+            Ok(match (op, victim) {
+                (5..=7, Some(id)) => {
+                    let n = db.execute(
+                        "UPDATE items SET qty = qty + 1, name = ?2 WHERE id = ?1",
+                        params![id, rng.word()],
+                    )?;
+                    (0, n as u64, 0)
+                }
+                (8..=9, Some(id)) => {
+                    let n = db.execute("DELETE FROM items WHERE id = ?1", [id])?;
+                    (0, 0, n as u64)
+                }
+                _ => {
+                    let id = *next_id;
+                    *next_id += 1;
+                    let note: Option<Vec<u8>> = rng.chance(30).then(|| vec![id as u8; 8]);
+                    let n = db.execute(
+                        "INSERT INTO items(id, name, qty, note) VALUES (?1, ?2, ?3, ?4)",
+                        params![id, rng.word(), rng.below(100) as i64, note],
+                    )?;
+                    (n as u64, 0, 0)
+                }
+            })
+        };
+    while rep.writes < count {
+        if rng.below(3) == 0 {
+            rep.writes += 1;
+            match write(&db, &mut rng, &mut next_id) {
+                Ok((i, u, d)) => {
+                    rep.inserts += i;
+                    rep.updates += u;
+                    rep.deletes += d;
+                }
+                Err(e) => rep.error("write", &e),
+            }
+            continue;
+        }
+        // A deferred transaction that reads before it writes: it needs the write lock
+        // while already reading, where SQLite reports a busy database at once.
+        let n = (rng.below(7) + 2).min(count - rep.writes);
+        if let Err(e) = db.execute_batch("BEGIN") {
+            rep.error("BEGIN", &e);
+            continue;
+        }
+        let mut made = (0, 0, 0);
+        let read: rusqlite::Result<i64> = db.query_row(
+            "SELECT count(*) FROM items WHERE id > ?1",
+            [next_id - 50],
+            |r| r.get(0),
+        );
+        let mut failed = match read {
+            Ok(_) => false,
+            Err(e) => {
+                rep.error("read in a transaction", &e);
+                true
+            }
+        };
+        for _ in 0..n {
+            if failed {
+                break;
+            }
+            rep.writes += 1;
+            match write(&db, &mut rng, &mut next_id) {
+                Ok((i, u, d)) => made = (made.0 + i, made.1 + u, made.2 + d),
+                Err(e) => {
+                    rep.error("write in a transaction", &e);
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if failed {
+            db.execute_batch("ROLLBACK").ok();
+            continue;
+        }
+        match db.execute_batch("COMMIT") {
+            Ok(()) => {
+                rep.inserts += made.0;
+                rep.updates += made.1;
+                rep.deletes += made.2;
+            }
+            Err(e) => {
+                rep.error("COMMIT", &e);
+                db.execute_batch("ROLLBACK").ok();
+            }
+        }
+    }
+    Ok(rep)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.writer {
+        let started = Instant::now();
+        let rep = writer(path, args.count, args.seed, args.wait_capture)?;
+        for m in &rep.messages {
+            println!("weft-dpa-workload: writer error: {m}");
+        }
+        println!(
+            "weft-dpa-workload: writer writes={} errors={} inserts={} updates={} deletes={} ms={}",
+            rep.writes,
+            rep.errors,
+            rep.inserts,
+            rep.updates,
+            rep.deletes,
+            started.elapsed().as_millis()
+        );
+        return Ok(());
+    }
+    let Some(dir) = args.dir.clone() else {
+        bail!("--dir or --writer is needed");
+    };
     // A guest that boots again after a complete run keeps its state: the run is not
     // repeated (the same seed would make the same, now conflicting, changes).
-    if args
-        .dir
+    if dir
         .join("checkpoints")
         .join("final")
         .join("meta.json")
@@ -445,7 +647,7 @@ fn main() -> anyhow::Result<()> {
         println!("weft-dpa-workload: already done");
         return Ok(());
     }
-    let mut w = Work::open(&args.dir, args.seed)?;
+    let mut w = Work::open(&dir, args.seed)?;
     if args.wait_capture {
         wait_capture(&w.db)?;
     }
