@@ -29,5 +29,6 @@ pub mod replay_base;
 pub mod retention;
 pub mod snapshots;
 pub mod sync;
+pub mod testpoints;
 pub mod weavenet;
 pub mod weaves;

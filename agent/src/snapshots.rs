@@ -356,6 +356,7 @@ impl Snapshots {
             Some(qmp) => (qmp, None),
             None => {
                 let daemon = self.open_offline(env, disk).await?;
+                crate::testpoints::point("snapshot.offline").await;
                 (daemon.qmp().clone(), Some(daemon))
             }
         };
@@ -595,6 +596,7 @@ impl Snapshots {
                 return Err(e);
             }
         };
+        crate::testpoints::point("snapshot.pulled").await;
         let name = index_name(env, &resource, id);
         let digest = pull::digest_of(&map);
         let size = map.disk_size;
@@ -671,6 +673,7 @@ impl Snapshots {
                 Ok(()) | Err(weft_blockdev::store::Error::IndexNotFound { .. }) => {}
                 Err(e) => return Err(store_err(e)),
             }
+            crate::testpoints::point("snapshot.delete").await;
         }
         self.manager.catalog().delete_snapshot(id).await?;
         Ok(())
@@ -989,6 +992,7 @@ async fn restore_raw(
         .map_err(|e| io("cannot create", e))?;
     file.set_len(map.disk_size)
         .map_err(|e| io("cannot size", e))?;
+    crate::testpoints::point("restore.partial").await;
     let file = Arc::new(file);
     progress.1.store(map.data_bytes(), Ordering::Relaxed);
     let report = |done: u64, _total: u64| progress.0.store(done, Ordering::Relaxed);

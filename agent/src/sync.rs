@@ -443,6 +443,7 @@ pub async fn sync(
         let _ = d.qmp.execute_raw("cont", None).await;
         return Err(qemu(e));
     }
+    crate::testpoints::point("sync.paused").await;
     let result = run(snapshots, &mut s, &mut d, req).await;
     s.unexport().await;
     d.unexport().await;

@@ -391,6 +391,7 @@ impl Weaves {
                 req.live,
             )
             .await;
+        crate::testpoints::point("weave.assembled").await;
         let (config, source, taken_at, chosen) = match made {
             Ok(v) => v,
             Err(e) => {
