@@ -27,6 +27,9 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// The HTTP API socket; defaults to `<run_dir>/weftd.sock`.
     pub socket: Option<PathBuf>,
+    /// The group of the API socket (0660) and its directory (0750); weftd's own
+    /// group (root's) when absent.
+    pub socket_group: Option<String>,
     /// The QEMU system emulator to launch.
     pub qemu_binary: PathBuf,
     /// Accelerator for environments that do not choose one: `tcg` (default, works
@@ -176,6 +179,7 @@ impl Default for Config {
             data_dir: DEFAULT_DATA_DIR.into(),
             run_dir: DEFAULT_RUN_DIR.into(),
             socket: None,
+            socket_group: None,
             qemu_binary: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
             qemu_start_timeout_secs: 30,

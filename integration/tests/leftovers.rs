@@ -118,7 +118,13 @@ fn processes(rig: &Rig, what: &str) -> Vec<u32> {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
         let zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
             .unwrap_or(false);
         if !zombie && cmdline.contains(&dir) && cmdline.contains(what) {
             out.push(pid);
@@ -208,7 +214,10 @@ async fn qemu_gc_never_frees_the_chunks_of_a_running_snapshot() -> anyhow::Resul
         .context("snapshot id")?;
     let verify: serde_json::Value = rig
         .client()
-        .post(&format!("/v1/snapshots/{id}/verify"), &serde_json::json!({}))
+        .post(
+            &format!("/v1/snapshots/{id}/verify"),
+            &serde_json::json!({}),
+        )
         .await?;
     ensure!(
         verify["ok"] == true,
@@ -221,13 +230,16 @@ async fn qemu_gc_never_frees_the_chunks_of_a_running_snapshot() -> anyhow::Resul
 /// `snapshot delete` interrupted between its two steps: never a catalog row whose
 /// block map is gone; the block map left without a row is removed on restart.
 #[tokio::test]
-async fn qemu_snapshot_delete_killed_midway_leaves_no_row_without_its_index(
-) -> anyhow::Result<()> {
+async fn qemu_snapshot_delete_killed_midway_leaves_no_row_without_its_index() -> anyhow::Result<()>
+{
     let mut rig = Rig::new()?;
     start_crashing_at(&mut rig, "snapshot.delete").await?;
     stopped_env(&rig, "ld").await?;
     let s = rig.snapshot("ld", "disk:vda").await?;
-    let index = s.index_name.clone().context("a disk snapshot has a block map")?;
+    let index = s
+        .index_name
+        .clone()
+        .context("a disk snapshot has a block map")?;
     let _ = rig.weft(&["snapshot", "delete", &s.id.to_string()]);
     wait_crashed(&mut rig).await?;
     start(&mut rig, &[]).await?;
@@ -286,7 +298,8 @@ async fn qemu_failed_live_weave_create_leaves_no_index_in_use() -> anyhow::Resul
 
 /// A weave base whose restore died with weftd leaves no `.partial` behind it (which
 /// would refuse every later weave from that snapshot), and the base goes with the
-/// last weave that uses it.
+/// last weave that uses it. While the weave runs, the state directories hold only
+/// private files (see [`check_private`]).
 #[tokio::test]
 async fn qemu_weave_base_partial_is_cleaned_and_the_base_goes_with_its_last_weave(
 ) -> anyhow::Result<()> {
@@ -294,7 +307,7 @@ async fn qemu_weave_base_partial_is_cleaned_and_the_base_goes_with_its_last_weav
     let conf = rig.path("weftd.toml");
     std::fs::write(
         &conf,
-        "[net]\nfirst_slot = 196\nlast_slot = 197\n",
+        "socket_group = \"daemon\"\n[net]\nfirst_slot = 196\nlast_slot = 197\n",
     )?;
     rig.config = Some(conf);
     start(&mut rig, &[]).await?;
@@ -302,7 +315,15 @@ async fn qemu_weave_base_partial_is_cleaned_and_the_base_goes_with_its_last_weav
     let s = rig.snapshot("lb", "all").await?;
     rig.kill_weftd();
     start_crashing_at(&mut rig, "restore.partial").await?;
-    let create = ["weave", "create", "lb", "--snapshot", &s.id.to_string(), "--name", "lbw"];
+    let create = [
+        "weave",
+        "create",
+        "lb",
+        "--snapshot",
+        &s.id.to_string(),
+        "--name",
+        "lbw",
+    ];
     let _ = rig.weft(&create);
     wait_crashed(&mut rig).await?;
     let bases = rig.path("data/bases");
@@ -324,6 +345,9 @@ async fn qemu_weave_base_partial_is_cleaned_and_the_base_goes_with_its_last_weav
         "one base: {:?}",
         files_in(&bases)
     );
+    // With a snapshot, a restored base and a running weave made, nothing is readable
+    // by others.
+    check_private(&rig, "daemon")?;
     rig.weft_ok(&["weave", "delete", "lbw"])?;
     ensure!(
         files_in(&bases).is_empty(),
@@ -397,24 +421,17 @@ fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
 }
 
 /// weftd killed while `weave sync` holds both QEMUs paused: the next weftd resumes them.
-/// Before the sync, with an environment, a weave and a snapshot made, the state
-/// directories are checked to hold only private files.
 #[tokio::test]
 async fn qemu_guests_paused_by_a_killed_sync_are_resumed_on_restart() -> anyhow::Result<()> {
     let mut rig = Rig::new()?;
     let conf = rig.path("weftd.toml");
-    std::fs::write(
-        &conf,
-        "socket_group = \"daemon\"\n[net]\nfirst_slot = 198\nlast_slot = 199\n",
-    )?;
+    std::fs::write(&conf, "[net]\nfirst_slot = 198\nlast_slot = 199\n")?;
     rig.config = Some(conf);
     start_crashing_at(&mut rig, "sync.paused").await?;
     let disk = qcow2_data_disk(&rig, "ls")?;
     rig.boot("ls", &[&disk]).await?;
     rig.weft_ok(&["weave", "create", "ls", "--name", "lsw"])?;
     rig.serial("lsw").wait_for("WEFT-READY", BOOT).await?;
-    rig.snapshot("ls", "all").await?;
-    check_private(&rig, "daemon")?;
     let _ = rig.weft(&["weave", "sync", "lsw", "ls", "--volume", "vda"]);
     wait_crashed(&mut rig).await?;
     start(&mut rig, &[]).await?;
