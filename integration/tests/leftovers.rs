@@ -38,9 +38,15 @@ async fn start(rig: &mut Rig, vars: &[(&str, String)]) -> anyhow::Result<()> {
     }
     rig.weftd = Some(cmd.stdout(log.try_clone()?).stderr(log).spawn()?);
     let client = rig.client();
+    let weftd = rig.weftd.as_mut().context("weftd")?;
     wait_until(SHORT, "weftd to answer", || {
         let client = client.clone();
+        // A weftd that refused to start (bad configuration) fails the test at once.
+        let exited = weftd.try_wait().map(|s| s.map(|s| s.to_string()));
         async move {
+            if let Some(status) = exited? {
+                anyhow::bail!("weftd exited at start ({status}); see its log");
+            }
             Ok(client
                 .get::<serde_json::Value>("/v1/status")
                 .await
@@ -428,10 +434,10 @@ async fn qemu_guests_paused_by_a_killed_sync_are_resumed_on_restart() -> anyhow:
     std::fs::write(&conf, "[net]\nfirst_slot = 198\nlast_slot = 199\n")?;
     rig.config = Some(conf);
     start_crashing_at(&mut rig, "sync.paused").await?;
-    let disk = qcow2_data_disk(&rig, "ls")?;
-    rig.boot("ls", &[&disk]).await?;
+    // The sync needs both QEMUs running, not their guests booted.
+    stopped_env(&rig, "ls").await?;
+    rig.weft_ok(&["env", "start", "ls"])?;
     rig.weft_ok(&["weave", "create", "ls", "--name", "lsw"])?;
-    rig.serial("lsw").wait_for("WEFT-READY", BOOT).await?;
     let _ = rig.weft(&["weave", "sync", "lsw", "ls", "--volume", "vda"]);
     wait_crashed(&mut rig).await?;
     start(&mut rig, &[]).await?;
