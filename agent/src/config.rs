@@ -333,6 +333,8 @@ mod tests {
         assert_eq!(c.qemu_binary, Path::new("/opt/qemu"));
         assert_eq!(c.accel, Accel::Auto);
         assert!(Config::parse("accel = \"hvf\"", Path::new("a.toml")).is_err());
+        let c = Config::parse("socket_group = \"weft\"", Path::new("a.toml")).unwrap();
+        assert_eq!(c.socket_group.as_deref(), Some("weft"));
     }
 
     #[test]
