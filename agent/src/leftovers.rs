@@ -7,6 +7,9 @@
 //!   to `quit` (which stores its disk's bitmaps), else killed.
 //! - Their work directories (`<run_dir>/backup`, `<run_dir>/restore`) only ever hold
 //!   files of operations under way, and none is at start: they are emptied.
+//! - A restore writes `<output>.partial` and renames it when complete; it names its
+//!   output in `<run_dir>/restore/*.output` while it runs, so that the `.partial` of
+//!   one that died is removed (else it would refuse the next restore to that output).
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -75,6 +78,19 @@ pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
         }
         ended.push(format!("{STORAGE_DAEMON} {pid} ({})", pid_file.display()));
     }
+    for record in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "output"))
+    {
+        if let Ok(output) = std::fs::read(record) {
+            let mut partial = std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&output));
+            partial.push(".partial");
+            let partial = PathBuf::from(partial);
+            if partial.is_absolute() && std::fs::remove_file(&partial).is_ok() {
+                ended.push(format!("the unfinished restore {}", partial.display()));
+            }
+        }
+    }
     for f in files {
         let gone = if f.is_dir() {
             std::fs::remove_dir_all(&f)
@@ -86,6 +102,32 @@ pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
         }
     }
     ended
+}
+
+/// Records in `work` that a restore of snapshot `id` writes `output` (see the module
+/// comment); returns the record, which the restore removes when it ends.
+pub fn record_output(
+    work: &Path,
+    id: i64,
+    output: &Path,
+) -> Result<PathBuf, crate::envs::EnvError> {
+    let internal = |e: std::io::Error| {
+        crate::envs::EnvError::Internal(format!(
+            "cannot record a restore in {}: {e}",
+            work.display()
+        ))
+    };
+    std::fs::create_dir_all(work).map_err(internal)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let record = work.join(format!(
+        "{}.output",
+        crate::names::join(&[&id.to_string(), &stamp.to_string()])
+    ));
+    std::fs::write(&record, output.as_os_str().as_bytes()).map_err(internal)?;
+    Ok(record)
 }
 
 async fn wait_gone(pid: u32, pid_file: &Path, timeout: Duration) -> bool {

@@ -937,12 +937,17 @@ impl Snapshots {
                         "the block map of snapshot {id} does not match its recorded checksum"
                     )));
                 }
+                let work = me.manager.config().run_dir.join("restore");
+                // Names the output for the next weftd, should this one die before the
+                // `.partial` is renamed (see crate::leftovers).
+                let record = crate::leftovers::record_output(&work, id, &output)?;
                 let written = if qcow2 {
-                    let work = me.manager.config().run_dir.join("restore");
-                    restore_qcow2(&me.store, &map, &output, &work, id, &progress).await?
+                    restore_qcow2(&me.store, &map, &output, &work, id, &progress).await
                 } else {
-                    restore_raw(&me.store, &map, &output, &progress).await?
+                    restore_raw(&me.store, &map, &output, &progress).await
                 };
+                let _ = std::fs::remove_file(&record);
+                let written = written?;
                 Ok(json!({"output": output, "bytes": map.disk_size, "bytes_written": written}))
             },
         )
