@@ -143,7 +143,11 @@ impl Snapshots {
         if jobs > 0 {
             info!(jobs, "jobs interrupted by a restart marked failed");
         }
-        self.remove_orphan_indexes().await
+        // Not a reason to refuse to start: the next start tries again.
+        if let Err(e) = self.remove_orphan_indexes().await {
+            warn!(error = %e, "cannot remove block maps that no snapshot lists");
+        }
+        Ok(())
     }
 
     /// Removes snapshot block maps that no complete snapshot lists: written by a
