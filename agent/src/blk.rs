@@ -286,6 +286,7 @@ pub async fn release(config: &Config, vm: &str) {
         return;
     };
     let prefix = crate::names::join(&[vm, ""]);
+    let old_prefix = format!("{vm}-");
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(disk) = name
@@ -293,6 +294,15 @@ pub async fn release(config: &Config, vm: &str) {
             .and_then(|rest| rest.strip_suffix(".pid"))
         {
             stop_one(&socket_path(config, vm, disk)).await;
+        } else if let Some(disk) = name
+            .strip_prefix(&old_prefix)
+            .and_then(|rest| rest.strip_suffix(".pid"))
+        {
+            // Started by a weftd that joined names with '-' (`<vm>-<disk>.sock`),
+            // ambiguous when names share a prefix: only when (vm, disk) has a spec.
+            if spec_path(config, vm, disk).is_file() {
+                stop_one(&dir.join(format!("{vm}-{disk}.sock"))).await;
+            }
         }
     }
 }
