@@ -6,7 +6,8 @@
 //!   by whoever makes the VM (weaves);
 //! - `<data_dir>/blk/V/D.cow/`: its write layer; `<data_dir>/blk/V/D.trace`: its reads;
 //!   `<data_dir>/blk/V/D.assembly`: the chunks read so far, decompressed (a cache);
-//! - `<run_dir>/blk/V-D.sock` (QEMU connects, `reconnect=1`) and `V-D.pid`;
+//! - `<run_dir>/blk/V.D.sock` (QEMU connects, `reconnect=1`) and `V.D.pid` (`.` joins
+//!   the names: no name contains it, see [`crate::names`]);
 //! - `<data_dir>/environments/V/blk-D.log`: its output.
 //!
 //! The processes outlive weftd as QEMU does (own process group, pid files): a weftd
@@ -43,7 +44,10 @@ pub fn spec_path(config: &Config, vm: &str, disk: &str) -> PathBuf {
 
 /// The vhost-user socket of disk `disk` of `vm`.
 pub fn socket_path(config: &Config, vm: &str, disk: &str) -> PathBuf {
-    config.run_dir.join("blk").join(format!("{vm}-{disk}.sock"))
+    config
+        .run_dir
+        .join("blk")
+        .join(format!("{}.sock", crate::names::join(&[vm, disk])))
 }
 
 fn pid_path(socket: &Path) -> PathBuf {
@@ -281,17 +285,23 @@ pub async fn release(config: &Config, vm: &str) {
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return;
     };
-    let prefix = format!("{vm}-");
+    let prefix = crate::names::join(&[vm, ""]);
+    let old_prefix = format!("{vm}-");
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(disk) = name
             .strip_prefix(&prefix)
             .and_then(|rest| rest.strip_suffix(".pid"))
         {
-            // `vm-disk.pid` also matches VM `vm-x` with disk `y` when names share a
-            // prefix: only stop it when the spec of (vm, disk) exists.
+            stop_one(&socket_path(config, vm, disk)).await;
+        } else if let Some(disk) = name
+            .strip_prefix(&old_prefix)
+            .and_then(|rest| rest.strip_suffix(".pid"))
+        {
+            // Started by a weftd that joined names with '-' (`<vm>-<disk>.sock`),
+            // ambiguous when names share a prefix: only when (vm, disk) has a spec.
             if spec_path(config, vm, disk).is_file() {
-                stop_one(&socket_path(config, vm, disk)).await;
+                stop_one(&dir.join(format!("{vm}-{disk}.sock"))).await;
             }
         }
     }
@@ -309,5 +319,23 @@ pub async fn forget(config: &Config, vm: &str) -> Result<(), EnvError> {
             "cannot remove {}: {e}",
             dir.display()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_names_of_different_disks_differ() {
+        let config = Config::default();
+        assert_ne!(
+            socket_path(&config, "a-b", "c"),
+            socket_path(&config, "a", "b-c")
+        );
+        assert_eq!(
+            pid_path(&socket_path(&config, "a-b", "c")),
+            config.run_dir.join("blk/a-b.c.pid")
+        );
     }
 }

@@ -226,14 +226,16 @@ impl Catalog {
 
     /// Removes a snapshot row; children keep pointing at nothing.
     pub async fn delete_snapshot(&self, id: i64) -> Result<bool, CatalogError> {
+        let mut tx = self.pool.begin().await?;
         sqlx::query("UPDATE snapshots SET parent = NULL WHERE parent = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         let done = sqlx::query("DELETE FROM snapshots WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() == 1)
     }
 

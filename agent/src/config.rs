@@ -27,6 +27,9 @@ pub struct Config {
     pub run_dir: PathBuf,
     /// The HTTP API socket; defaults to `<run_dir>/weftd.sock`.
     pub socket: Option<PathBuf>,
+    /// The group of the API socket (0660) and its directory (0750); weftd's own
+    /// group (root's) when absent.
+    pub socket_group: Option<String>,
     /// The QEMU system emulator to launch.
     pub qemu_binary: PathBuf,
     /// Accelerator for environments that do not choose one: `tcg` (default, works
@@ -223,6 +226,7 @@ impl Default for Config {
             data_dir: DEFAULT_DATA_DIR.into(),
             run_dir: DEFAULT_RUN_DIR.into(),
             socket: None,
+            socket_group: None,
             qemu_binary: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
             qemu_start_timeout_secs: 30,
@@ -378,6 +382,8 @@ mod tests {
         assert_eq!(c.qemu_binary, Path::new("/opt/qemu"));
         assert_eq!(c.accel, Accel::Auto);
         assert!(Config::parse("accel = \"hvf\"", Path::new("a.toml")).is_err());
+        let c = Config::parse("socket_group = \"weft\"", Path::new("a.toml")).unwrap();
+        assert_eq!(c.socket_group.as_deref(), Some("weft"));
     }
 
     #[test]

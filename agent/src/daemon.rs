@@ -93,7 +93,46 @@ fn make_dir(path: &Path, mode: u32) -> Result<()> {
         .recursive(true)
         .mode(mode)
         .create(path)
-        .with_context(|| format!("cannot create {}", path.display()))
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    // The umask (077) masked the mode.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set permissions of {}", path.display()))
+}
+
+/// Everything weftd and its children (QEMU, helpers) create is private to root
+/// unless made otherwise on purpose (the API socket and its directory).
+fn private_umask() {
+    // SAFETY: umask only swaps the process's file creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+}
+
+/// The group of the API socket: `socket_group` from weftd.toml, else weftd's own.
+fn socket_gid(config: &Config) -> Result<nix::unistd::Gid> {
+    match &config.socket_group {
+        None => Ok(nix::unistd::getgid()),
+        Some(name) => match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Ok(g.gid),
+            Ok(None) => bail!(
+                "socket_group {name:?} in weftd.toml is not a group on this host: create it or change socket_group"
+            ),
+            Err(e) => bail!("cannot look up socket_group {name:?}: {e}"),
+        },
+    }
+}
+
+/// Makes the API socket's directory 0750 with the socket's group when weftd owns it
+/// (the run directory it made, or systemd's RuntimeDirectory); a directory of
+/// someone else's (or a sticky one such as `/tmp`) is left as it is.
+fn share_socket_dir(dir: &Path, gid: nix::unistd::Gid) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    if meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o1000 != 0 {
+        return Ok(());
+    }
+    nix::unistd::chown(dir, None, Some(gid))
+        .with_context(|| format!("cannot set the group of {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+        .with_context(|| format!("cannot set permissions of {}", dir.display()))
 }
 
 /// Holds an exclusive lock on the data directory so two daemons never share a catalog.
@@ -115,8 +154,9 @@ fn lock_data_dir(data_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>> {
     }
 }
 
-/// Binds the API socket, replacing a stale one left by a daemon that died.
-async fn bind_socket(path: &Path) -> Result<UnixListener> {
+/// Binds the API socket (0660, group `gid`), replacing a stale one left by a daemon
+/// that died.
+async fn bind_socket(path: &Path, gid: nix::unistd::Gid) -> Result<UnixListener> {
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             bail!("another weftd is listening on {}", path.display());
@@ -125,17 +165,15 @@ async fn bind_socket(path: &Path) -> Result<UnixListener> {
             .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
+        make_dir(parent, 0o750)?;
+        share_socket_dir(parent, gid)?;
     }
-    // The socket is created 0660 (umask 0117 while binding): no window in which
-    // others could connect before its mode is set.
-    // SAFETY: umask only swaps the process's file creation mask; it cannot fail.
-    let old = unsafe { libc::umask(0o117) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
+    // Bound under umask 077 (0700, root's only), then given to the group: there is
+    // no moment at which anyone else could connect.
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    nix::unistd::chown(path, None, Some(gid))
+        .with_context(|| format!("cannot set the group of {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("cannot set permissions of {}", path.display()))?;
     Ok(listener)
@@ -173,12 +211,14 @@ impl ShutdownSignals {
 
 /// Runs weftd until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
+    private_umask();
     init_logging(&config.log);
     let mut signals = ShutdownSignals::install()?;
     let started = Instant::now();
+    let gid = socket_gid(&config)?;
     make_dir(&config.data_dir, 0o700)?;
     let _lock = lock_data_dir(&config.data_dir)?;
-    make_dir(&config.run_dir, 0o755)?;
+    make_dir(&config.run_dir, 0o700)?;
     let catalog_path = config.catalog_path();
     let catalog = Catalog::open(&catalog_path)
         .await
@@ -186,7 +226,7 @@ pub async fn run(config: Config) -> Result<()> {
     let socket = config.socket_path();
     // Bind before recovery: a weftd that cannot serve must not touch environments.
     // Requests that arrive meanwhile wait in the listen backlog.
-    let listener = bind_socket(&socket).await?;
+    let listener = bind_socket(&socket, gid).await?;
     let store = match crate::snapshots::open_store(&config) {
         Ok(s) => s,
         Err(e) => {
@@ -212,6 +252,7 @@ pub async fn run(config: Config) -> Result<()> {
     let snapshots = crate::snapshots::Snapshots::new(manager.clone(), store);
     let recovered = async {
         manager.recover().await?;
+        crate::sync::recover(&manager).await?;
         snapshots.recover().await
     };
     if let Err(e) = recovered.await {

@@ -892,11 +892,13 @@ impl Manager {
                 std::fs::create_dir_all(&dir).map_err(|e| {
                     EnvError::Internal(format!("cannot create {}: {e}", dir.display()))
                 })?;
+                let base = crate::names::join(&[name, "commit"]);
                 let paths = LaunchPaths {
-                    qmp_socket: dir.join(format!("{name}-commit.qmp")),
-                    serial_log: dir.join(format!("{name}-commit.serial")),
-                    output_log: dir.join(format!("{name}-commit.log")),
-                    pid_file: None,
+                    qmp_socket: dir.join(format!("{base}.qmp")),
+                    serial_log: dir.join(format!("{base}.serial")),
+                    output_log: dir.join(format!("{base}.log")),
+                    // Found and ended by the next weftd's recovery if this one dies.
+                    pid_file: Some(dir.join(format!("{base}.pid"))),
                 };
                 let process =
                     launch::spawn_storage_daemon(&disks, &paths, &SpawnOptions::default())

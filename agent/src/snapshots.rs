@@ -115,6 +115,16 @@ impl Snapshots {
     pub async fn recover(&self) -> Result<(), EnvError> {
         let catalog = self.manager.catalog();
         let reason = "weftd stopped while it ran";
+        // Storage daemons of snapshots and restores that died with weftd.
+        let run_dir = &self.manager.config().run_dir;
+        for dir in [run_dir.join("backup"), run_dir.join("restore")] {
+            for ended in crate::leftovers::clear_work_dir(&dir).await {
+                warn!(%ended, "ended what an interrupted snapshot or restore left running");
+                catalog
+                    .audit("weftd", "snapshot.recover", None, Some(&ended), "ended")
+                    .await?;
+            }
+        }
         let jobs = catalog.fail_running_jobs(reason).await?;
         for s in catalog.fail_pending_snapshots(reason).await? {
             if let Some(name) = &s.index_name {
@@ -132,6 +142,59 @@ impl Snapshots {
         }
         if jobs > 0 {
             info!(jobs, "jobs interrupted by a restart marked failed");
+        }
+        // Not a reason to refuse to start: the next start tries again.
+        if let Err(e) = self.remove_orphan_indexes().await {
+            warn!(error = %e, "cannot remove block maps that no snapshot lists");
+        }
+        Ok(())
+    }
+
+    /// Removes snapshot block maps that no complete snapshot lists: written by a
+    /// snapshot that died before it completed, or left by a `snapshot delete` that
+    /// died after it removed the row.
+    async fn remove_orphan_indexes(&self) -> Result<(), EnvError> {
+        let listed: std::collections::HashSet<String> = self
+            .manager
+            .catalog()
+            .live_index_names()
+            .await?
+            .into_iter()
+            .collect();
+        // An index under the weaves' old prefix belongs to a weave, not to an
+        // environment called `weaves`, when a weave of that name exists.
+        let weaves: std::collections::HashSet<String> = self
+            .manager
+            .catalog()
+            .weaves(None)
+            .await?
+            .into_iter()
+            .map(|w| w.name)
+            .collect();
+        let store = self.store.clone();
+        let removed = blocking(
+            move || -> Result<Vec<String>, weft_blockdev::store::Error> {
+                let mut removed = Vec::new();
+                for name in store.list_indexes()? {
+                    let weave_owned = name
+                        .strip_prefix(&format!("{}/", crate::names::OLD_WEAVE_INDEXES))
+                        .and_then(|r| r.split('/').next())
+                        .is_some_and(|w| weaves.contains(w));
+                    if crate::leftovers::is_snapshot_index(&name)
+                        && !weave_owned
+                        && !listed.contains(&name)
+                    {
+                        store.remove_index(&name)?;
+                        removed.push(name);
+                    }
+                }
+                Ok(removed)
+            },
+        )
+        .await?
+        .map_err(store_err)?;
+        for name in removed {
+            warn!(index = %name, "removed a block map that no snapshot lists");
         }
         Ok(())
     }
@@ -356,7 +419,8 @@ impl Snapshots {
             Some(qmp) => (qmp, None),
             None => {
                 let daemon = self.open_offline(env, disk).await?;
-                (daemon.qmp().clone(), Some(daemon))
+                crate::testpoints::point("snapshot.offline").await;
+                (daemon.0.qmp().clone(), Some(daemon))
             }
         };
         // The disk's top node now: after a live external snapshot (a weave from now) the
@@ -374,7 +438,7 @@ impl Snapshots {
             }
             Err(e) => Err(e),
         };
-        if let Some(daemon) = daemon {
+        if let Some((daemon, paths)) = daemon {
             // quit stores the bitmaps in the image; a daemon that does not go is killed
             // (and the next snapshot is a full one).
             let _ = qmp.execute_raw("quit", None).await;
@@ -385,6 +449,7 @@ impl Snapshots {
                 warn!(env, disk = %disk.name, "qemu-storage-daemon did not quit; killing it");
                 daemon.kill().await;
             }
+            remove_launch_files(&paths);
         }
         result
     }
@@ -394,16 +459,17 @@ impl Snapshots {
         &self,
         env: &str,
         disk: &DiskConfig,
-    ) -> Result<weft_qmp::launch::QemuProcess, EnvError> {
+    ) -> Result<(weft_qmp::launch::QemuProcess, weft_qmp::launch::LaunchPaths), EnvError> {
         let dir = self.manager.config().run_dir.join("backup");
         std::fs::create_dir_all(&dir)
             .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
-        let base = format!("{env}-{}-offline", disk.name);
+        let base = crate::names::join(&[env, &disk.name, "offline"]);
         let paths = weft_qmp::launch::LaunchPaths {
             qmp_socket: dir.join(format!("{base}.qmp")),
             serial_log: dir.join(format!("{base}.serial")),
             output_log: dir.join(format!("{base}.log")),
-            pid_file: None,
+            // It outlives a weftd that dies: the next one finds it by this file.
+            pid_file: Some(dir.join(format!("{base}.pid"))),
         };
         info!(env, disk = %disk.name, "environment not running: opening its disk in qemu-storage-daemon");
         weft_qmp::launch::spawn_storage_daemon(
@@ -412,7 +478,9 @@ impl Snapshots {
             &weft_qmp::launch::SpawnOptions::default(),
         )
         .await
+        .map(|daemon| (daemon, paths.clone()))
         .map_err(|e| {
+            remove_launch_files(&paths);
             EnvError::Qemu(one_line(&format!(
                 "disk {} of stopped {env:?}: cannot open it in qemu-storage-daemon: {e}",
                 disk.name
@@ -533,6 +601,8 @@ impl Snapshots {
         progress: &(AtomicU64, AtomicU64),
     ) -> Result<(), EnvError> {
         let catalog = self.manager.catalog();
+        // Until its block map is written, gc keeps what this snapshot puts.
+        let _writing = self.store.begin_write();
         let resource = format!("disk:{}", disk.name);
         let checkpoint = format!("{CHECKPOINT_PREFIX}{id}");
         // A raw or qcow2 v2 image cannot store bitmaps: its checkpoint lives only as
@@ -555,8 +625,14 @@ impl Snapshots {
             new_checkpoint: checkpoint,
             persistent,
             since,
-            scratch: work_dir.join(format!("{env}-{id}.fleece.qcow2")),
-            nbd_socket: work_dir.join(format!("{env}-{id}.nbd")),
+            scratch: work_dir.join(format!(
+                "{}.fleece.qcow2",
+                crate::names::join(&[env, &id.to_string()])
+            )),
+            nbd_socket: work_dir.join(format!(
+                "{}.nbd",
+                crate::names::join(&[env, &id.to_string()])
+            )),
             export: disk.name.clone(),
             token: id.to_string(),
         };
@@ -595,6 +671,7 @@ impl Snapshots {
                 return Err(e);
             }
         };
+        crate::testpoints::point("snapshot.pulled").await;
         let name = index_name(env, &resource, id);
         let digest = pull::digest_of(&map);
         let size = map.disk_size;
@@ -665,14 +742,22 @@ impl Snapshots {
                     }
                 )));
             }
+        }
+        // The row goes first: a crash between the two steps leaves a block map that
+        // nothing lists (recovery removes it), never a listed snapshot without one.
+        self.manager.catalog().delete_snapshot(id).await?;
+        if let Some(name) = s.index_name {
+            crate::testpoints::point("snapshot.delete").await;
             let store = self.store.clone();
-            let name = name.clone();
-            match blocking(move || store.remove_index(&name)).await? {
+            let index = name.clone();
+            match blocking(move || store.remove_index(&index)).await? {
                 Ok(()) | Err(weft_blockdev::store::Error::IndexNotFound { .. }) => {}
-                Err(e) => return Err(store_err(e)),
+                Err(e) => {
+                    warn!(snapshot = id, index = %name, error = %e,
+                        "snapshot deleted but its block map stays until the next start of weftd");
+                }
             }
         }
-        self.manager.catalog().delete_snapshot(id).await?;
         Ok(())
     }
 
@@ -856,12 +941,17 @@ impl Snapshots {
                         "the block map of snapshot {id} does not match its recorded checksum"
                     )));
                 }
+                let work = me.manager.config().run_dir.join("restore");
+                // Names the output for the next weftd, should this one die before the
+                // `.partial` is renamed (see crate::leftovers).
+                let record = crate::leftovers::record_output(&work, id, &output)?;
                 let written = if qcow2 {
-                    let work = me.manager.config().run_dir.join("backup");
-                    restore_qcow2(&me.store, &map, &output, &work, id, &progress).await?
+                    restore_qcow2(&me.store, &map, &output, &work, id, &progress).await
                 } else {
-                    restore_raw(&me.store, &map, &output, &progress).await?
+                    restore_raw(&me.store, &map, &output, &progress).await
                 };
+                let _ = std::fs::remove_file(&record);
+                let written = written?;
                 Ok(json!({"output": output, "bytes": map.disk_size, "bytes_written": written}))
             },
         )
@@ -884,12 +974,12 @@ async fn restore_qcow2(
         .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", work.display())))?;
     let partial = PathBuf::from(format!("{}.partial", output.display()));
     let paths = weft_qmp::launch::LaunchPaths {
-        qmp_socket: work.join(format!("restore-{id}.qmp")),
-        serial_log: work.join(format!("restore-{id}.serial")),
-        output_log: work.join(format!("restore-{id}.log")),
-        pid_file: None,
+        qmp_socket: work.join(format!("{id}.qmp")),
+        serial_log: work.join(format!("{id}.serial")),
+        output_log: work.join(format!("{id}.log")),
+        pid_file: Some(work.join(format!("{id}.pid"))),
     };
-    let nbd_socket = work.join(format!("restore-{id}.nbd"));
+    let nbd_socket = work.join(format!("{id}.nbd"));
     let daemon = weft_qmp::launch::spawn_storage_daemon(
         &[],
         &paths,
@@ -957,6 +1047,7 @@ async fn restore_qcow2(
         daemon.kill().await;
     }
     let _ = std::fs::remove_file(&nbd_socket);
+    remove_launch_files(&paths);
     match written {
         Ok(n) => {
             std::fs::rename(&partial, output).map_err(|e| {
@@ -989,6 +1080,7 @@ async fn restore_raw(
         .map_err(|e| io("cannot create", e))?;
     file.set_len(map.disk_size)
         .map_err(|e| io("cannot size", e))?;
+    crate::testpoints::point("restore.partial").await;
     let file = Arc::new(file);
     progress.1.store(map.data_bytes(), Ordering::Relaxed);
     let report = |done: u64, _total: u64| progress.0.store(done, Ordering::Relaxed);
@@ -1008,6 +1100,16 @@ async fn restore_raw(
     file.sync_all().map_err(|e| io("cannot sync", e))?;
     std::fs::rename(&partial, output).map_err(|e| io("cannot rename", e))?;
     Ok(written)
+}
+
+/// Removes the files of a storage daemon that has ended.
+fn remove_launch_files(paths: &weft_qmp::launch::LaunchPaths) {
+    for p in [&paths.qmp_socket, &paths.serial_log, &paths.output_log]
+        .into_iter()
+        .chain(paths.pid_file.as_ref())
+    {
+        let _ = std::fs::remove_file(p);
+    }
 }
 
 fn disk_names(disks: &[DiskConfig]) -> String {

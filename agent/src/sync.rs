@@ -24,6 +24,10 @@
 //! - A guest that has the volume mounted caches its file system; by default DST's guest is
 //!   reset after the copy so that it reads the synced volume afresh (`reset: false` only
 //!   resumes it, for volumes the guest does not cache).
+//! - **Crashes.** Before pausing a QEMU the sync leaves a marker `<run_dir>/sync/<name>.paused`
+//!   (removed once it resumed it). A weftd that starts after one died mid-sync removes
+//!   what the sync had made in each marked QEMU that still runs (exports, NBD server,
+//!   an uncommitted layer) and resumes it ([`recover`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -328,6 +332,76 @@ impl Side {
     }
 }
 
+/// The marker of a QEMU a sync holds paused.
+fn paused_marker(work: &Path, name: &str) -> PathBuf {
+    work.join(format!("{}.paused", crate::names::join(&[name, "sync"])))
+}
+
+/// The layer a sync writes into DST's QEMU.
+fn layer_file(dst: &str) -> String {
+    format!("{}.qcow2", crate::names::join(&[dst, "layer"]))
+}
+
+/// After a restart: every QEMU a sync held paused when weftd died is cleaned of what
+/// the sync made in it and resumed; files of the sync that nothing uses are removed.
+/// Runs before weftd serves, so no sync runs meanwhile.
+pub async fn recover(manager: &Arc<Manager>) -> Result<(), EnvError> {
+    let work = manager.config().run_dir.join("sync");
+    let Ok(entries) = std::fs::read_dir(&work) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(name) = file.strip_suffix(&format!("{}sync.paused", crate::names::SEP)) else {
+            continue;
+        };
+        let detail = match manager.live_qmp(name) {
+            None => "not running any more".to_string(),
+            Some(qmp) => {
+                let layer = work.join(layer_file(name));
+                for (cmd, args) in [
+                    (
+                        "block-export-del",
+                        json!({"id": WRITE_EXPORT, "mode": "hard"}),
+                    ),
+                    (
+                        "block-export-del",
+                        json!({"id": READ_EXPORT, "mode": "hard"}),
+                    ),
+                    ("blockdev-del", json!({"node-name": LAYER})),
+                    ("blockdev-del", json!({"node-name": LAYER_FILE})),
+                ] {
+                    // Most are absent, depending on where the sync was.
+                    let _ = qmp.execute_raw(cmd, Some(args)).await;
+                }
+                let _ = qmp.execute_raw("nbd-server-stop", None).await;
+                // A layer the QEMU still holds (committed into its chain, or not yet
+                // removable) keeps the guest's writes: it stays.
+                let held = qmp
+                    .execute_raw("query-named-block-nodes", None)
+                    .await
+                    .map(|v| v.to_string().contains(&*layer.to_string_lossy()))
+                    .unwrap_or(true);
+                if !held {
+                    let _ = std::fs::remove_file(&layer);
+                }
+                match qmp.execute_raw("cont", None).await {
+                    Ok(_) => "resumed".to_string(),
+                    Err(e) => format!("cannot resume: {}", one_line(&e.to_string())),
+                }
+            }
+        };
+        warn!(env = name, %detail, "a weave sync was interrupted by a restart");
+        manager
+            .catalog()
+            .audit("weftd", "sync.recover", Some(name), Some(&detail), "ok")
+            .await?;
+        let _ = std::fs::remove_file(e.path());
+        let _ = std::fs::remove_file(work.join(format!("{name}.nbd")));
+    }
+    Ok(())
+}
+
 /// Changed extents of one export: allocated at a depth in `1..=above` (the layers
 /// above the common base).
 async fn changed(nbd: &NbdClient, above: usize) -> Result<Ranges, EnvError> {
@@ -442,12 +516,27 @@ pub async fn sync(
         export: false,
     };
 
-    // Paused from here to the end, whatever happens.
-    d.qmp.execute_raw("stop", None).await.map_err(qemu)?;
-    if let Err(e) = s.qmp.execute_raw("stop", None).await {
-        let _ = d.qmp.execute_raw("cont", None).await;
+    // Paused from here to the end, whatever happens; the markers say so to the next
+    // weftd should this one die meanwhile.
+    let (ms, md) = (paused_marker(&work, src), paused_marker(&work, dst));
+    for m in [&ms, &md] {
+        std::fs::write(m, b"")
+            .map_err(|e| EnvError::Internal(format!("cannot write {}: {e}", m.display())))?;
+    }
+    let unmark = || {
+        let _ = std::fs::remove_file(&ms);
+        let _ = std::fs::remove_file(&md);
+    };
+    if let Err(e) = d.qmp.execute_raw("stop", None).await {
+        unmark();
         return Err(qemu(e));
     }
+    if let Err(e) = s.qmp.execute_raw("stop", None).await {
+        let _ = d.qmp.execute_raw("cont", None).await;
+        unmark();
+        return Err(qemu(e));
+    }
+    crate::testpoints::point("sync.paused").await;
     let result = run(snapshots, &mut s, &mut d, req).await;
     s.unexport().await;
     d.unexport().await;
@@ -463,6 +552,7 @@ pub async fn sync(
     if let Err(e) = d.qmp.execute_raw("cont", None).await {
         warn!(env = %dst, error = %e, "sync: cannot resume the destination");
     }
+    unmark();
     let mut report = result?;
     report.reset = reset;
     info!(src, dst, volume = %req.volume, copied = report.copied_bytes,
@@ -609,7 +699,7 @@ async fn copy_into(
     size: u64,
 ) -> Result<(), EnvError> {
     let qemu = |e: weft_qmp::Error| EnvError::Qemu(one_line(&format!("sync into {}: {e}", d.name)));
-    let layer = d.socket.with_file_name(format!("{}-layer.qcow2", d.name));
+    let layer = d.socket.with_file_name(layer_file(&d.name));
     let _ = std::fs::remove_file(&layer);
     backup::create_file_node(&d.qmp, &layer, LAYER_FILE)
         .await

@@ -201,6 +201,30 @@ impl Catalog {
         Ok(())
     }
 
+    /// The disk snapshots whose restored bases weaves use: their disks were made
+    /// whole from one snapshot (a merge's base is the weave's own file).
+    pub async fn base_snapshots_in_use(&self) -> Result<Vec<i64>, CatalogError> {
+        let rows = sqlx::query(
+            "SELECT DISTINCT snapshot FROM weave_sources
+              WHERE resource LIKE 'disk:%' AND part = '' AND snapshot IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get("snapshot").map_err(Into::into))
+            .collect()
+    }
+
+    /// Removes the sources of weaves that have no row (a create that died before it
+    /// recorded its weave); only at start, when no create runs.
+    pub async fn remove_orphan_weave_sources(&self) -> Result<u64, CatalogError> {
+        let done =
+            sqlx::query("DELETE FROM weave_sources WHERE weave NOT IN (SELECT name FROM weaves)")
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Where each resource of `weave` came from.
     pub async fn weave_sources(&self, weave: &str) -> Result<Vec<SourceRow>, CatalogError> {
         let rows = sqlx::query(
@@ -292,6 +316,9 @@ pub struct Weaves {
     dhcp: Arc<crate::dhcp::Servers>,
     /// Network slots held by creates in progress (their rows do not exist yet).
     held_slots: std::sync::Mutex<std::collections::HashSet<u8>>,
+    /// Held while a weave is put on a shared base and while unused bases are removed,
+    /// so that no base goes from under a weave being made.
+    bases_lock: tokio::sync::Mutex<()>,
 }
 
 /// A network slot held for one create; released when dropped.
@@ -317,6 +344,7 @@ impl Weaves {
             snapshots,
             dhcp: crate::dhcp::Servers::new(),
             held_slots: std::sync::Mutex::new(std::collections::HashSet::new()),
+            bases_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -428,6 +456,7 @@ impl Weaves {
                 req.live,
             )
             .await;
+        crate::testpoints::point("weave.assembled").await;
         let (config, source, taken_at, chosen) = match made {
             Ok(v) => v,
             Err(e) => {
@@ -677,7 +706,9 @@ impl Weaves {
             return Ok((weave_taps(config), source_text, instant, chosen));
         }
         // Materialised: a base per disk (restored once; a merge's is the weave's own),
-        // and the weave's own overlay on it.
+        // and the weave's own overlay on it. Its sources, recorded above, keep the
+        // bases it uses from being removed once the lock is released.
+        let _bases = self.bases_lock.lock().await;
         for (disk, from) in config.disks.iter_mut().zip(overlays_from) {
             let (base, size) = match from {
                 DiskFrom::Snapshot(snap) => (self.base_of(&snap).await?, snap.size.unwrap_or(0)),
@@ -708,13 +739,37 @@ impl Weaves {
         mut config: VmConfig,
         froms: Vec<DiskFrom>,
     ) -> Result<VmConfig, EnvError> {
-        let settings = self.manager.config();
-        let store = self.snapshots.store().clone();
-        let dir = crate::blk::vm_dir(settings, name);
+        let dir = crate::blk::vm_dir(self.manager.config(), name);
         // A fresh start: nothing from an earlier weave of this name.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        let made = self.write_specs(name, &config, froms).await;
+        match made {
+            Ok(served) => {
+                config.disks.clear();
+                config.vhost_user_disks = served;
+                Ok(config)
+            }
+            Err(e) => {
+                // No spec may stay behind: it would pin its snapshot as served.
+                let _ = std::fs::remove_dir_all(&dir);
+                let _ = self.remove_weave_indexes(name).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The specs of `serve_live`, one per disk.
+    async fn write_specs(
+        &self,
+        name: &str,
+        config: &VmConfig,
+        froms: Vec<DiskFrom>,
+    ) -> Result<Vec<weft_qmp::launch::VhostUserDisk>, EnvError> {
+        let settings = self.manager.config();
+        let store = self.snapshots.store().clone();
+        let dir = crate::blk::vm_dir(settings, name);
         let mut served = Vec::new();
         for (disk, from) in config.disks.iter().zip(froms) {
             let index = match from {
@@ -722,7 +777,7 @@ impl Weaves {
                     EnvError::Internal(format!("snapshot {} has no block map", snap.id))
                 })?,
                 DiskFrom::Merged(map) => {
-                    let index = format!("weaves/{name}/{}", disk.name);
+                    let index = format!("{}{}", crate::names::weave_index_prefix(name), disk.name);
                     let (st, idx) = (store.clone(), index.clone());
                     tokio::task::spawn_blocking(move || st.write_index(&idx, &map))
                         .await
@@ -756,9 +811,7 @@ impl Weaves {
                 queues: 1,
             });
         }
-        config.disks.clear();
-        config.vhost_user_disks = served;
-        Ok(config)
+        Ok(served)
     }
 
     /// Live external snapshots of every disk of a running environment, in one
@@ -1232,7 +1285,7 @@ impl Weaves {
         }
         self.snapshots.restore_into(snap.id, &path).await?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).map_err(|e| {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).map_err(|e| {
             EnvError::Internal(format!("cannot make {} read-only: {e}", path.display()))
         })?;
         Ok(path)
@@ -1263,11 +1316,150 @@ impl Weaves {
             .await
     }
 
+    /// The store indexes weave `name` owns (merges it served live), under the current
+    /// prefix and the old one (unless an environment is called like the old prefix).
+    async fn remove_weave_indexes(&self, name: &str) -> Result<(), EnvError> {
+        let old = self
+            .manager
+            .catalog()
+            .environment(crate::names::OLD_WEAVE_INDEXES)
+            .await?
+            .is_none()
+            .then(|| format!("{}/{name}/", crate::names::OLD_WEAVE_INDEXES));
+        let prefixes: Vec<String> = std::iter::once(crate::names::weave_index_prefix(name))
+            .chain(old)
+            .collect();
+        let store = self.snapshots.store().clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            for idx in store.list_indexes().map_err(|e| e.to_string())? {
+                if prefixes.iter().any(|p| idx.starts_with(p)) {
+                    store.remove_index(&idx).map_err(|e| e.to_string())?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| EnvError::Internal(e.to_string()))?
+        .map_err(EnvError::Internal)
+    }
+
+    /// Removes the restored bases no weave uses any more, and the `.partial` files
+    /// of base restores that never finished (every restore runs under the lock).
+    async fn remove_unused_bases(&self) -> Result<(), EnvError> {
+        let _bases = self.bases_lock.lock().await;
+        let used = self.manager.catalog().base_snapshots_in_use().await?;
+        let Ok(entries) = std::fs::read_dir(self.bases()) else {
+            return Ok(());
+        };
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let unused = match file
+                .strip_prefix("snapshot-")
+                .and_then(|r| r.strip_suffix(".raw"))
+                .and_then(|id| id.parse::<i64>().ok())
+            {
+                Some(id) => !used.contains(&id),
+                None => file.ends_with(".partial"),
+            };
+            if unused {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => info!(base = %file, "removed a weave base no weave uses"),
+                    Err(err) => {
+                        warn!(base = %file, error = %err, "cannot remove an unused weave base")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// At start, before anything runs: what weave creates that died with weftd left
+    /// (files, served-disk specs that would pin snapshots, block maps, sources,
+    /// `.partial` restores) is removed, and so are bases no weave uses.
+    async fn remove_leftovers(&self) -> Result<(), EnvError> {
+        let catalog = self.manager.catalog();
+        let sources = catalog.remove_orphan_weave_sources().await?;
+        if sources > 0 {
+            info!(sources, "removed sources of weaves that were never made");
+        }
+        let weaves: Vec<String> = catalog
+            .weaves(None)
+            .await?
+            .into_iter()
+            .map(|w| w.name)
+            .collect();
+        let mut orphans = std::collections::BTreeSet::new();
+        let data_dir = &self.manager.config().data_dir;
+        for kind in ["weaves", "blk"] {
+            for e in std::fs::read_dir(data_dir.join(kind))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !weaves.contains(&name) && catalog.environment(&name).await?.is_none() {
+                    orphans.insert(name);
+                }
+            }
+        }
+        let store = self.snapshots.store().clone();
+        let indexes = tokio::task::spawn_blocking(move || store.list_indexes())
+            .await
+            .map_err(|e| EnvError::Internal(e.to_string()))?
+            .map_err(|e| EnvError::Internal(e.to_string()))?;
+        for idx in indexes {
+            if let Some(w) = idx
+                .strip_prefix(&format!("{}/", crate::names::WEAVE_INDEXES))
+                .and_then(|r| r.split('/').next())
+            {
+                if !weaves.iter().any(|x| x == w) {
+                    orphans.insert(w.to_string());
+                }
+            }
+        }
+        for name in &orphans {
+            warn!(weave = %name, "removing what a weave create that died with weftd left");
+            crate::blk::forget(self.manager.config(), name).await?;
+            self.remove_weave_indexes(name).await?;
+            let dir = self.dir(name);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(dir = %dir.display(), error = %e, "cannot remove a leftover weave directory");
+                }
+            }
+            catalog
+                .audit(
+                    "weftd",
+                    "weave.recover",
+                    Some(name),
+                    Some("leftovers of an unfinished create removed"),
+                    "ok",
+                )
+                .await?;
+        }
+        // Merged bases restored into a weave's own directory.
+        for w in &weaves {
+            for e in std::fs::read_dir(self.dir(w))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if e.file_name().to_string_lossy().ends_with(".partial") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        self.remove_unused_bases().await
+    }
+
     /// After weftd starts: every weave's namespace, links and NAT rules are repaired or
     /// re-created (after a host reboot they are gone), and its cgroups re-made, so its
     /// QEMU can start again. Failures are logged and audited; they do not stop weftd.
     pub async fn recover(&self) -> Result<(), EnvError> {
         let catalog = self.manager.catalog();
+        if let Err(e) = self.remove_leftovers().await {
+            warn!(error = %e, "cannot remove what unfinished weave creates left");
+        }
         // Namespaces, links, NAT and host ports, with strays this weftd owns removed.
         let reconciled = crate::net::Net::new(catalog).reconcile().await;
         for w in catalog.weaves(None).await? {
@@ -1364,21 +1556,8 @@ impl Weaves {
             problems.push(format!("sources: {e}"));
         }
         // Merges it served live were stored as indexes of its own.
-        let store = self.snapshots.store().clone();
-        let prefix = format!("weaves/{name}/");
-        let removed = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            for idx in store.list_indexes().map_err(|e| e.to_string())? {
-                if idx.starts_with(&prefix) {
-                    store.remove_index(&idx).map_err(|e| e.to_string())?;
-                }
-            }
-            Ok(())
-        })
-        .await;
-        match removed {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => problems.push(format!("merged indexes: {e}")),
-            Err(e) => problems.push(format!("merged indexes: {e}")),
+        if let Err(e) = self.remove_weave_indexes(name).await {
+            problems.push(format!("merged indexes: {e}"));
         }
         if let Err(e) = crate::blk::forget(self.manager.config(), name).await {
             problems.push(e.to_string());
@@ -1388,6 +1567,10 @@ impl Weaves {
             if e.kind() != std::io::ErrorKind::NotFound {
                 problems.push(format!("{}: {e}", dir.display()));
             }
+        }
+        // Its sources are gone: a base no other weave uses goes with it.
+        if let Err(e) = self.remove_unused_bases().await {
+            problems.push(format!("bases: {e}"));
         }
         if problems.is_empty() {
             Ok(())

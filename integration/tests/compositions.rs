@@ -216,7 +216,7 @@ async fn qemu_composition_takes_the_disk_and_the_config_from_different_instants(
     rig.serial("ca2")
         .wait_for(&format!("weft-web: boot after tick {k1}"), BOOT)
         .await?;
-    let socket = rig.path("run/blk/ca2-vda.sock");
+    let socket = rig.path("run/blk/ca2.vda.sock");
     ensure!(
         weft_blk_pids(&socket).len() == 1,
         "no weft-blk serves {}",

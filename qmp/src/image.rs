@@ -29,7 +29,9 @@ pub async fn create_overlay(
         qmp_socket: work.join(format!("mkimg-{token}.qmp")),
         serial_log: work.join(format!("mkimg-{token}.serial")),
         output_log: work.join(format!("mkimg-{token}.log")),
-        pid_file: None,
+        // The daemon outlives a caller that dies; its pid file lets the caller's
+        // successor find and end it.
+        pid_file: Some(work.join(format!("mkimg-{token}.pid"))),
     };
     std::fs::create_dir_all(work)?;
     let daemon = launch::spawn_storage_daemon(&[], &paths, &SpawnOptions::default()).await?;
@@ -42,7 +44,10 @@ pub async fn create_overlay(
     {
         daemon.kill().await;
     }
-    for p in [&paths.serial_log, &paths.output_log] {
+    for p in [&paths.serial_log, &paths.output_log]
+        .into_iter()
+        .chain(paths.pid_file.as_ref())
+    {
         let _ = std::fs::remove_file(p);
     }
     if result.is_err() {

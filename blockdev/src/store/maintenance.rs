@@ -29,6 +29,8 @@ use super::{chunk, ChunkId, ChunkStore, Tier, MAINTENANCE_LOCK};
 
 /// gc removes temp files only when they are older than this (and than the grace).
 const TEMP_MIN_AGE: Duration = Duration::from_secs(3600);
+/// gc keeps chunks touched up to this long before a running writer began.
+const WRITER_MARGIN: Duration = Duration::from_secs(2);
 
 /// When chunks move between tiers. Last access is the latest put or read
 /// recorded in the access log (the chunk file's mtime when the log has none).
@@ -408,15 +410,23 @@ fn require_cold_ok(store: &ChunkStore) -> Result<(), Error> {
 impl ChunkStore {
     /// Mark and sweep. Mark reads every index (any unreadable index aborts the
     /// run: its chunks would be lost) and touches every referenced chunk; sweep
-    /// removes chunks whose mtime is older than (start − `grace`). Safe while
-    /// backups run as long as each backup takes less than `grace`
-    /// ([`super::DEFAULT_GC_GRACE`] is 24 h): every chunk a running backup
-    /// relies on was put or touched after the backup started.
+    /// removes chunks whose mtime is older than (start − `grace`), and never one
+    /// put or touched since a writer registered with [`ChunkStore::begin_write`]
+    /// began. Safe while backups run: a registered backup's chunks stay whatever
+    /// `grace` is; one in another process must take less than `grace`
+    /// ([`super::DEFAULT_GC_GRACE`] is 24 h), as every chunk it relies on was put or
+    /// touched after it started.
     pub fn gc(&self, grace: Duration) -> Result<GcReport, Error> {
         require_cold_ok(self)?;
         let _lock = maintenance_lock(self)?;
         let start = SystemTime::now();
-        let cutoff = start.checked_sub(grace).unwrap_or(UNIX_EPOCH);
+        let mut cutoff = start.checked_sub(grace).unwrap_or(UNIX_EPOCH);
+        // A running writer's chunks are in no index yet: keep all since it began
+        // (less a margin for file systems with coarse timestamps).
+        if let Some(began) = self.oldest_writer() {
+            let floor = began.checked_sub(WRITER_MARGIN).unwrap_or(UNIX_EPOCH);
+            cutoff = cutoff.min(floor);
+        }
         // Temp files live for seconds; never remove one younger than an hour,
         // whatever the grace.
         let temp_cutoff = cutoff.min(start.checked_sub(TEMP_MIN_AGE).unwrap_or(UNIX_EPOCH));
@@ -722,6 +732,27 @@ mod tests {
     fn store(dir: &Path) -> ChunkStore {
         let cfg = StoreConfig::with_chunk_size(64 << 10);
         ChunkStore::create(dir, None, &cfg, None).unwrap()
+    }
+
+    #[test]
+    fn gc_keeps_what_a_running_writer_put_whatever_the_grace() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let writing = s.begin_write();
+        let other = s.begin_write();
+        let id = s
+            .put(b"put by a backup whose block map is not written yet")
+            .unwrap()
+            .id;
+        drop(other);
+        let report = s.gc(Duration::ZERO).unwrap();
+        assert_eq!(report.removed_chunks, 0, "{report:?}");
+        assert!(s.get(&id).is_ok());
+        // The writer ended without an index (it failed): its chunks may go now.
+        drop(writing);
+        std::thread::sleep(Duration::from_millis(50));
+        let report = s.gc(Duration::ZERO).unwrap();
+        assert_eq!(report.removed_chunks, 1, "{report:?}");
     }
 
     #[test]

@@ -235,8 +235,37 @@ pub(crate) struct Inner {
     keys: Option<Keys>,
     indexes: PathBuf,
     access: AccessLog,
+    /// Writers whose chunks are not in an index yet, by token: when each began.
+    writers: std::sync::Mutex<std::collections::BTreeMap<u64, SystemTime>>,
+    /// The next writer token.
+    next_writer: std::sync::atomic::AtomicU64,
     /// Shared lock held while the store is open (see `open`).
     _lock: Flock<File>,
+}
+
+/// A writer registered with [`ChunkStore::begin_write`]; gc keeps what it put until
+/// it is dropped.
+pub struct WriteGuard {
+    inner: Arc<Inner>,
+    token: u64,
+}
+
+impl std::fmt::Debug for WriteGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteGuard")
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        self.inner
+            .writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.token);
+    }
 }
 
 impl std::fmt::Debug for ChunkStore {
@@ -443,6 +472,8 @@ impl ChunkStore {
             chunk_size: meta.chunk_size,
             zstd_level: meta.zstd_level,
             keys,
+            writers: Default::default(),
+            next_writer: Default::default(),
             _lock: lock.0,
         };
         let store = ChunkStore {
@@ -1210,6 +1241,37 @@ fn take_store_lock(root: &Path) -> Result<(Flock<File>, bool), Error> {
 impl ChunkStore {
     pub(crate) fn inner(&self) -> &Inner {
         &self.inner
+    }
+
+    /// Registers a writer (a backup) whose chunks reach an index only when it ends:
+    /// until the guard is dropped, [`ChunkStore::gc`] keeps every chunk put or
+    /// touched since this call, whatever its grace. Covers writers of this process;
+    /// another process that puts chunks must finish within the grace it gives gc.
+    pub fn begin_write(&self) -> WriteGuard {
+        let token = self
+            .inner
+            .next_writer
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token, SystemTime::now());
+        WriteGuard {
+            inner: Arc::clone(&self.inner),
+            token,
+        }
+    }
+
+    /// When the oldest registered writer began, if one runs.
+    pub(crate) fn oldest_writer(&self) -> Option<SystemTime> {
+        self.inner
+            .writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .min()
+            .copied()
     }
 
     /// Remove temp files and restore parked chunks. With `older_than`, only

@@ -1,0 +1,167 @@
+//! What a weftd that died (SIGKILL, power loss) leaves in its work directories, and
+//! how the next one clears it before it serves.
+//!
+//! - **qemu-storage-daemons** (snapshots of stopped environments, qcow2 restores,
+//!   overlays made for weaves) run in their own process group, so they outlive weftd;
+//!   each writes a pid file next to its QMP socket. Each one still running is asked
+//!   to `quit` (which stores its disk's bitmaps), else killed.
+//! - Their work directories (`<run_dir>/backup`, `<run_dir>/restore`) only ever hold
+//!   files of operations under way, and none is at start: they are emptied.
+//! - A restore writes `<output>.partial` and renames it when complete; it names its
+//!   output in `<run_dir>/restore/*.output` while it runs, so that the `.partial` of
+//!   one that died is removed (else it would refuse the next restore to that output).
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::warn;
+use weft_qmp::launch::process_alive;
+
+/// The binary whose processes weftd's pid files in work directories name.
+const STORAGE_DAEMON: &str = "qemu-storage-daemon";
+
+/// Whether `pid` is a qemu-storage-daemon started with `--pidfile <pid_file>`.
+fn is_our_daemon(pid: u32, pid_file: &Path) -> bool {
+    if !process_alive(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let named = args
+        .first()
+        .and_then(|a| Path::new(std::ffi::OsStr::from_bytes(a)).file_name())
+        .is_some_and(|n| n == STORAGE_DAEMON);
+    named && args.contains(&pid_file.as_os_str().as_bytes())
+}
+
+/// Ends every qemu-storage-daemon that a pid file in `dir` names, then empties `dir`.
+/// Returns what was ended, for the log.
+pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
+    let mut ended = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return ended;
+    };
+    let files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    for pid_file in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pid"))
+    {
+        let Some(pid) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !is_our_daemon(pid, pid_file) {
+            continue;
+        }
+        // `quit` closes the image cleanly (persistent bitmaps are stored); a daemon
+        // that does not answer is killed.
+        let qmp_socket = pid_file.with_extension("qmp");
+        if let Ok(qmp) = weft_qmp::Qmp::connect_timeout(&qmp_socket, Duration::from_secs(2)).await {
+            let _ = qmp.execute_raw("quit", None).await;
+        }
+        if !wait_gone(pid, pid_file, Duration::from_secs(10)).await {
+            if let Ok(raw) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(raw),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if !wait_gone(pid, pid_file, Duration::from_secs(5)).await {
+                warn!(pid, file = %pid_file.display(), "a qemu-storage-daemon left by a dead weftd does not exit");
+                continue;
+            }
+        }
+        ended.push(format!("{STORAGE_DAEMON} {pid} ({})", pid_file.display()));
+    }
+    for record in files
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "output"))
+    {
+        if let Ok(output) = std::fs::read(record) {
+            let mut partial = std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&output));
+            partial.push(".partial");
+            let partial = PathBuf::from(partial);
+            if partial.is_absolute() && std::fs::remove_file(&partial).is_ok() {
+                ended.push(format!("the unfinished restore {}", partial.display()));
+            }
+        }
+    }
+    for f in files {
+        let gone = if f.is_dir() {
+            std::fs::remove_dir_all(&f)
+        } else {
+            std::fs::remove_file(&f)
+        };
+        if let Err(e) = gone {
+            warn!(file = %f.display(), error = %e, "cannot remove a leftover work file");
+        }
+    }
+    ended
+}
+
+/// Records in `work` that a restore of snapshot `id` writes `output` (see the module
+/// comment); returns the record, which the restore removes when it ends.
+pub fn record_output(
+    work: &Path,
+    id: i64,
+    output: &Path,
+) -> Result<PathBuf, crate::envs::EnvError> {
+    let internal = |e: std::io::Error| {
+        crate::envs::EnvError::Internal(format!(
+            "cannot record a restore in {}: {e}",
+            work.display()
+        ))
+    };
+    std::fs::create_dir_all(work).map_err(internal)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let record = work.join(format!(
+        "{}.output",
+        crate::names::join(&[&id.to_string(), &stamp.to_string()])
+    ));
+    std::fs::write(&record, output.as_os_str().as_bytes()).map_err(internal)?;
+    Ok(record)
+}
+
+async fn wait_gone(pid: u32, pid_file: &Path, timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while is_our_daemon(pid, pid_file) {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Whether store index `name` is an environment's snapshot block map
+/// (`<env>/disk-<disk>/<10 digits>`, see `snapshots::index_name`).
+pub fn is_snapshot_index(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('/').collect();
+    matches!(parts.as_slice(), [env, resource, id]
+        if crate::envs::check_name(env).is_ok()
+            && resource.starts_with("disk-")
+            && id.len() == 10
+            && id.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_index_names_are_told_apart() {
+        assert!(is_snapshot_index("web/disk-vda/0000000012"));
+        assert!(!is_snapshot_index("_weaves/w1/vda"));
+        assert!(!is_snapshot_index("web/disk-vda/12"));
+        assert!(!is_snapshot_index("web/config/0000000012"));
+        assert!(!is_snapshot_index("imported/thing"));
+    }
+}

@@ -1,0 +1,479 @@
+//! What a weftd killed with SIGKILL leaves, and what the next weftd does with it.
+//!
+//! A real weftd is stopped at a named point (`WEFTD_CRASH_AT`, `WEFTD_HOLD_AT`, see
+//! `agent/src/testpoints.rs`); everything else runs for real: qemu-storage-daemon,
+//! the chunk store, the catalog, weave guests. Most tests need no guest boot: a stopped
+//! environment is snapshotted through qemu-storage-daemon.
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{ensure, Context as _};
+use weft::model::{Job, JobState, Snapshot};
+use weft_integration::{bin_path, guest_assets, make_data_disk, wait_until};
+
+mod common;
+use common::*;
+
+const SHORT: Duration = Duration::from_secs(30);
+
+/// Starts weftd with `vars` in its environment and waits until it answers.
+async fn start(rig: &mut Rig, vars: &[(&str, String)]) -> anyhow::Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(rig.path("weftd.log"))?;
+    let mut cmd = Command::new(bin_path("weftd"));
+    cmd.arg("--data-dir")
+        .arg(rig.path("data"))
+        .arg("--run-dir")
+        .arg(rig.path("run"));
+    if let Some(c) = &rig.config {
+        cmd.arg("--config").arg(c);
+    }
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    rig.weftd = Some(cmd.stdout(log.try_clone()?).stderr(log).spawn()?);
+    let client = rig.client();
+    let weftd = rig.weftd.as_mut().context("weftd")?;
+    wait_until(SHORT, "weftd to answer", || {
+        let client = client.clone();
+        // A weftd that refused to start (bad configuration) fails the test at once.
+        let exited = weftd.try_wait().map(|s| s.map(|s| s.to_string()));
+        async move {
+            if let Some(status) = exited? {
+                anyhow::bail!("weftd exited at start ({status}); see its log");
+            }
+            Ok(client
+                .get::<serde_json::Value>("/v1/status")
+                .await
+                .ok()
+                .map(drop))
+        }
+    })
+    .await
+}
+
+/// Starts weftd so that it kills itself at `point`.
+async fn start_crashing_at(rig: &mut Rig, point: &str) -> anyhow::Result<()> {
+    start(rig, &[("WEFTD_CRASH_AT", point.to_string())]).await
+}
+
+/// Waits until the weftd of `rig` has died (it killed itself at its crash point).
+async fn wait_crashed(rig: &mut Rig) -> anyhow::Result<()> {
+    let mut child = rig.weftd.take().context("weftd is not running")?;
+    let status = wait_until(SHORT, "weftd to kill itself", || {
+        let s = child.try_wait();
+        async move { Ok(s?) }
+    })
+    .await?;
+    ensure!(
+        std::os::unix::process::ExitStatusExt::signal(&status) == Some(9),
+        "weftd should have died of SIGKILL: {status:?}"
+    );
+    Ok(())
+}
+
+/// A stopped environment `name` on a 16 MiB raw disk that boots the test guest when
+/// started.
+async fn stopped_env(rig: &Rig, name: &str) -> anyhow::Result<PathBuf> {
+    let assets = tokio::task::spawn_blocking(guest_assets).await??;
+    let disk = rig.path(&format!("{name}.raw"));
+    make_data_disk(&disk, 16)?;
+    rig.weft_ok(&[
+        "env",
+        "create",
+        name,
+        "--memory",
+        "128M",
+        "--disk",
+        disk.to_str().context("utf-8")?,
+        "--kernel",
+        assets.kernel.to_str().context("utf-8")?,
+        "--initrd",
+        assets.initrd.to_str().context("utf-8")?,
+        "--append",
+        "console=ttyS0 panic=-1 weft.workload=counter",
+        "--no-start",
+    ])?;
+    Ok(disk)
+}
+
+/// Starts a snapshot job of `env` without waiting for it.
+async fn snapshot_job(rig: &Rig, env: &str, resource: &str) -> anyhow::Result<Job> {
+    Ok(rig
+        .client()
+        .post(
+            &format!("/v1/environments/{env}/snapshots"),
+            &serde_json::json!({ "resource": resource }),
+        )
+        .await?)
+}
+
+/// Processes whose command line mentions the test's directory and `what`.
+fn processes(rig: &Rig, what: &str) -> Vec<u32> {
+    let dir = rig.dir.path().to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(false);
+        if !zombie && cmdline.contains(&dir) && cmdline.contains(what) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A snapshot of a stopped environment runs in a qemu-storage-daemon, which outlives
+/// a weftd killed mid-snapshot and holds the disk's write lock. The next weftd ends
+/// it and its files, and the environment can be snapshotted again. Then a restore
+/// killed midway: its `.partial` output is removed by the next weftd.
+#[tokio::test]
+async fn qemu_storage_daemon_left_by_a_killed_weftd_is_ended_on_restart() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    start_crashing_at(&mut rig, "snapshot.offline").await?;
+    stopped_env(&rig, "lq").await?;
+    // weftd may die before it answers.
+    let _ = snapshot_job(&rig, "lq", "disk:vda").await;
+    wait_crashed(&mut rig).await?;
+    let daemons = processes(&rig, "qemu-storage-daemon");
+    ensure!(
+        !daemons.is_empty(),
+        "the storage daemon outlives weftd's SIGKILL"
+    );
+
+    start(&mut rig, &[]).await?;
+    ensure!(
+        processes(&rig, "qemu-storage-daemon").is_empty(),
+        "the storage daemon of the interrupted snapshot still runs after recovery"
+    );
+    let backup = rig.path("run/backup");
+    ensure!(
+        files_in(&backup).is_empty(),
+        "left in {}: {:?}",
+        backup.display(),
+        files_in(&backup)
+    );
+    let jobs: Vec<Job> = rig.client().get("/v1/jobs").await?;
+    ensure!(
+        jobs.len() == 1 && jobs[0].state == JobState::Failed,
+        "{jobs:?}"
+    );
+    // The disk is free again: a new snapshot opens it.
+    let s = rig.snapshot("lq", "disk:vda").await?;
+
+    // A restore killed with weftd leaves no `.partial` that would refuse the next one.
+    rig.kill_weftd();
+    start_crashing_at(&mut rig, "restore.partial").await?;
+    let out = rig.path("out.raw");
+    let out_s = out.to_str().context("utf-8")?;
+    let _ = rig.weft(&["restore", &s.id.to_string(), "--output", out_s]);
+    wait_crashed(&mut rig).await?;
+    let partial = rig.path("out.raw.partial");
+    ensure!(partial.exists(), "the crash point is inside the restore");
+    start(&mut rig, &[]).await?;
+    ensure!(
+        !partial.exists(),
+        "the unfinished restore's .partial is left"
+    );
+    // The CLI follows the job to its end.
+    rig.weft_ok(&["restore", &s.id.to_string(), "--output", out_s])?;
+    ensure!(out.exists() && !partial.exists());
+    rig.passed();
+    Ok(())
+}
+
+/// gc with no grace at all, while a snapshot has put its chunks but not yet written
+/// its block map: the chunks stay, and the snapshot verifies.
+#[tokio::test]
+async fn qemu_gc_never_frees_the_chunks_of_a_running_snapshot() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let hold = rig.path("hold");
+    std::fs::write(&hold, b"")?;
+    start(
+        &mut rig,
+        &[(
+            "WEFTD_HOLD_AT",
+            format!("snapshot.pulled:{}", hold.display()),
+        )],
+    )
+    .await?;
+    stopped_env(&rig, "lg").await?;
+    let job = snapshot_job(&rig, "lg", "disk:vda").await?;
+    let reached = rig.path("hold.reached");
+    wait_until(SHORT, "the snapshot to have pulled its chunks", || async {
+        Ok(reached.exists().then_some(()))
+    })
+    .await?;
+    let report: serde_json::Value = rig
+        .client()
+        .post("/v1/store/gc", &serde_json::json!({ "grace_secs": 0 }))
+        .await?;
+    std::fs::remove_file(&hold)?;
+    let job = rig.wait_job(job.id).await?;
+    let id = job
+        .result
+        .as_ref()
+        .and_then(|r| r["snapshots"][0].as_i64())
+        .context("snapshot id")?;
+    let verify: serde_json::Value = rig
+        .client()
+        .post(
+            &format!("/v1/snapshots/{id}/verify"),
+            &serde_json::json!({}),
+        )
+        .await?;
+    ensure!(
+        verify["ok"] == true,
+        "gc ({report}) freed chunks of the running snapshot: {verify}"
+    );
+    rig.passed();
+    Ok(())
+}
+
+/// `snapshot delete` interrupted between its two steps: never a catalog row whose
+/// block map is gone; the block map left without a row is removed on restart.
+#[tokio::test]
+async fn qemu_snapshot_delete_killed_midway_leaves_no_row_without_its_index() -> anyhow::Result<()>
+{
+    let mut rig = Rig::new()?;
+    start_crashing_at(&mut rig, "snapshot.delete").await?;
+    stopped_env(&rig, "ld").await?;
+    let s = rig.snapshot("ld", "disk:vda").await?;
+    let index = s
+        .index_name
+        .clone()
+        .context("a disk snapshot has a block map")?;
+    let _ = rig.weft(&["snapshot", "delete", &s.id.to_string()]);
+    wait_crashed(&mut rig).await?;
+    start(&mut rig, &[]).await?;
+    let row = rig
+        .client()
+        .get::<Snapshot>(&format!("/v1/snapshots/{}", s.id))
+        .await;
+    ensure!(
+        row.is_err(),
+        "snapshot {} is still listed after its delete: {row:?}",
+        s.id
+    );
+    let file = rig.path(&format!("data/store/indexes/{index}.idx"));
+    let indexes = rig.path("data/store/indexes");
+    ensure!(
+        !file.exists() && !indexes.join(&index).exists(),
+        "the block map {index} of the deleted snapshot is left in the store"
+    );
+    rig.passed();
+    Ok(())
+}
+
+/// A `--live` weave create that dies after its disk specs are written: on restart no
+/// half-made weave serves (and so pins) the snapshot, which can then be deleted.
+#[tokio::test]
+async fn qemu_failed_live_weave_create_leaves_no_index_in_use() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    start(&mut rig, &[]).await?;
+    stopped_env(&rig, "ll").await?;
+    let s = rig.snapshot("ll", "all").await?;
+    rig.kill_weftd();
+    start_crashing_at(&mut rig, "weave.assembled").await?;
+    let _ = rig.weft(&[
+        "weave",
+        "create",
+        "ll",
+        "--snapshot",
+        &s.id.to_string(),
+        "--name",
+        "llw",
+        "--live",
+    ]);
+    wait_crashed(&mut rig).await?;
+    start(&mut rig, &[]).await?;
+    ensure!(
+        !rig.path("data/blk/llw").exists(),
+        "the half-made weave's disk specs are left"
+    );
+    let snaps: Vec<Snapshot> = rig.client().get("/v1/environments/ll/snapshots").await?;
+    for s in snaps.iter().filter(|s| s.index_name.is_some()) {
+        rig.weft_ok(&["snapshot", "delete", &s.id.to_string()])?;
+    }
+    rig.passed();
+    Ok(())
+}
+
+/// A weave base whose restore died with weftd leaves no `.partial` behind it (which
+/// would refuse every later weave from that snapshot), and the base goes with the
+/// last weave that uses it. While the weave runs, the state directories hold only
+/// private files (see [`check_private`]).
+#[tokio::test]
+async fn qemu_weave_base_partial_is_cleaned_and_the_base_goes_with_its_last_weave(
+) -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(
+        &conf,
+        "socket_group = \"daemon\"\n[net]\nfirst_slot = 196\nlast_slot = 197\n",
+    )?;
+    rig.config = Some(conf);
+    start(&mut rig, &[]).await?;
+    stopped_env(&rig, "lb").await?;
+    let s = rig.snapshot("lb", "all").await?;
+    rig.kill_weftd();
+    start_crashing_at(&mut rig, "restore.partial").await?;
+    let create = [
+        "weave",
+        "create",
+        "lb",
+        "--snapshot",
+        &s.id.to_string(),
+        "--name",
+        "lbw",
+    ];
+    let _ = rig.weft(&create);
+    wait_crashed(&mut rig).await?;
+    let bases = rig.path("data/bases");
+    ensure!(
+        files_in(&bases).iter().any(|f| f.ends_with(".partial")),
+        "the crash point is inside the base's restore: {:?}",
+        files_in(&bases)
+    );
+    start(&mut rig, &[]).await?;
+    ensure!(
+        !files_in(&bases).iter().any(|f| f.ends_with(".partial")),
+        "a .partial base is left after recovery: {:?}",
+        files_in(&bases)
+    );
+    rig.weft_ok(&create)?;
+    rig.serial("lbw").wait_for("WEFT-READY", BOOT).await?;
+    ensure!(
+        files_in(&bases).len() == 1,
+        "one base: {:?}",
+        files_in(&bases)
+    );
+    // With a snapshot, a restored base and a running weave made, nothing is readable
+    // by others.
+    check_private(&rig, "daemon")?;
+    rig.weft_ok(&["weave", "delete", "lbw"])?;
+    ensure!(
+        files_in(&bases).is_empty(),
+        "the base outlives its last weave: {:?}",
+        files_in(&bases)
+    );
+    rig.passed();
+    Ok(())
+}
+
+/// Every file weftd, QEMU, the store, the catalog and the provenance log made under
+/// the state directories is private (0600/0700, weave bases 0400) except the API
+/// socket (0660, group `group` from weftd.toml) and its directory (0750, same group).
+fn check_private(rig: &Rig, group: &str) -> anyhow::Result<()> {
+    let gid = nix::unistd::Group::from_name(group)?
+        .context("the group exists")?
+        .gid
+        .as_raw();
+    let bases = rig.path("data/bases");
+    let socket = rig.socket();
+    let run = rig.path("run");
+    let mut wrong = Vec::new();
+    for root in [rig.path("data"), run.clone()] {
+        for (path, meta) in walk(&root) {
+            let mode = meta.permissions().mode() & 0o7777;
+            let want: &[u32] = if path == socket {
+                &[0o660]
+            } else if path == run {
+                &[0o750]
+            } else if meta.is_dir() {
+                &[0o700]
+            } else if meta.file_type().is_socket() {
+                // bind(2) makes a socket 0777 less the umask.
+                &[0o600, 0o700]
+            } else if path.starts_with(&bases) {
+                &[0o400]
+            } else {
+                &[0o600]
+            };
+            if !want.contains(&mode) {
+                wrong.push(format!("{} {mode:o}", path.display()));
+            }
+            if (path == socket || path == run) && meta.gid() != gid {
+                wrong.push(format!("{} group {}", path.display(), meta.gid()));
+            }
+        }
+    }
+    ensure!(wrong.is_empty(), "files not private: {wrong:#?}");
+    Ok(())
+}
+
+/// Every file and directory under `root` (not following symlinks), with `root`.
+fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p).into_iter().flatten().flatten() {
+                stack.push(e.path());
+            }
+        }
+        out.push((p, meta));
+    }
+    out
+}
+
+/// weftd killed while `weave sync` holds both QEMUs paused: the next weftd resumes them.
+#[tokio::test]
+async fn qemu_guests_paused_by_a_killed_sync_are_resumed_on_restart() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(&conf, "[net]\nfirst_slot = 198\nlast_slot = 199\n")?;
+    rig.config = Some(conf);
+    start_crashing_at(&mut rig, "sync.paused").await?;
+    // The sync needs both QEMUs running, not their guests booted.
+    stopped_env(&rig, "ls").await?;
+    rig.weft_ok(&["env", "start", "ls"])?;
+    rig.weft_ok(&["weave", "create", "ls", "--name", "lsw"])?;
+    let _ = rig.weft(&["weave", "sync", "lsw", "ls", "--volume", "vda"]);
+    wait_crashed(&mut rig).await?;
+    start(&mut rig, &[]).await?;
+    for env in ["ls", "lsw"] {
+        let v: serde_json::Value = rig.client().get(&format!("/v1/environments/{env}")).await?;
+        ensure!(
+            v["runstate"] == "running",
+            "{env} is not running after recovery: {}",
+            v["runstate"]
+        );
+    }
+    rig.weft_ok(&["weave", "delete", "lsw"])?;
+    rig.weft_ok(&["env", "delete", "ls"])?;
+    rig.passed();
+    Ok(())
+}
