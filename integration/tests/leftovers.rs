@@ -460,11 +460,13 @@ async fn qemu_guests_paused_by_a_killed_sync_are_resumed_on_restart() -> anyhow:
     // The sync needs both QEMUs running, not their guests booted.
     stopped_env(&rig, "ls").await?;
     rig.weft_ok(&["env", "start", "ls"])?;
+    // A sync copies between two weaves of one environment (never into the environment).
     rig.weft_ok(&["weave", "create", "ls", "--name", "lsw"])?;
-    let _ = rig.weft(&["weave", "sync", "lsw", "ls", "--volume", "vda"]);
+    rig.weft_ok(&["weave", "create", "ls", "--name", "lsv"])?;
+    let _ = rig.weft(&["weave", "sync", "lsw", "lsv", "--volume", "vda"]);
     wait_crashed(&mut rig).await?;
     start(&mut rig, &[]).await?;
-    for env in ["ls", "lsw"] {
+    for env in ["lsw", "lsv"] {
         let v: serde_json::Value = rig.client().get(&format!("/v1/environments/{env}")).await?;
         ensure!(
             v["runstate"] == "running",
@@ -473,6 +475,7 @@ async fn qemu_guests_paused_by_a_killed_sync_are_resumed_on_restart() -> anyhow:
         );
     }
     rig.weft_ok(&["weave", "delete", "lsw"])?;
+    rig.weft_ok(&["weave", "delete", "lsv"])?;
     rig.weft_ok(&["env", "delete", "ls"])?;
     rig.passed();
     Ok(())
