@@ -1786,4 +1786,56 @@ mod tests {
             .unwrap();
         assert_eq!((id, name.as_str(), b), (7, "Bob", vec![0, 255]));
     }
+    #[tokio::test]
+    async fn a_row_sqlite_refuses_is_skipped_not_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::default();
+        let db = "/data/app.db";
+        s.apply(&e(
+            DataType::Sqlite,
+            Operation::Schema,
+            db,
+            "t",
+            "",
+            None,
+            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, n INTEGER) STRICT""#),
+        ))
+        .unwrap();
+        for (key, row) in [
+            ("[1]", r#"{"id":1,"n":10}"#),
+            ("[2]", r#"{"id":2,"nope":1}"#),
+            ("[3]", r#"{"id":3,"n":"not a number"}"#),
+            ("[4]", r#"{"id":4,"n\u0000x":1}"#),
+            ("[5]", r#"{}"#),
+            ("[6]", r#"{"id":6,"n":60}"#),
+        ] {
+            s.apply(&e(
+                DataType::Sqlite,
+                Operation::Insert,
+                db,
+                "t",
+                key,
+                None,
+                Some(row),
+            ))
+            .unwrap();
+        }
+        let written = s
+            .write_counted(dir.path())
+            .await
+            .expect("the database is written");
+        assert_eq!(written.rows_skipped, 4);
+        use sqlx::Connection as _;
+        let mut conn = sqlx::SqliteConnection::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("data/app.db").display()
+        ))
+        .await
+        .unwrap();
+        let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT id, n FROM t ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(rows, vec![(1, 10), (6, 60)]);
+    }
 }

@@ -417,3 +417,327 @@ impl Pages for Spilled {
         .map_err(|e| self.fail(e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::provenance::LogOptions;
+
+    const T0: i64 = 1_790_000_000_000_000;
+
+    fn entry(
+        seq: u64,
+        dt: DataType,
+        op: Operation,
+        source: &str,
+        coll: &str,
+        key: &str,
+        new: Option<&str>,
+    ) -> Entry {
+        Entry {
+            seq,
+            guest_time_us: T0 + seq as i64 * 1000,
+            data_type: dt,
+            op,
+            source: source.into(),
+            collection: coll.into(),
+            key: key.into(),
+            old: None,
+            new: new.map(str::to_string),
+            tx: None,
+        }
+    }
+
+    /// A log touching every kind of source, with updates, deletes, refused entries
+    /// and rows SQLite refuses.
+    fn log_of_every_kind(dir: &Path) -> ProvenanceLog {
+        use DataType::{Json, Kv, Sqlite};
+        use Operation::{Delete, Insert, Schema, Update};
+        let log = ProvenanceLog::open(dir.to_path_buf(), LogOptions::default()).unwrap();
+        let mut es = Vec::new();
+        let mut push = |dt, op, source: &str, coll: &str, key: &str, new: Option<&str>| {
+            let seq = es.len() as u64 + 1;
+            es.push(entry(seq, dt, op, source, coll, key, new));
+        };
+        let db = "/data/app.db";
+        push(
+            Sqlite,
+            Schema,
+            db,
+            "t",
+            "",
+            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, n INTEGER) STRICT""#),
+        );
+        push(
+            Sqlite,
+            Schema,
+            db,
+            "u",
+            "",
+            Some(r#""CREATE TABLE u(k TEXT PRIMARY KEY, b BLOB)""#),
+        );
+        push(
+            Sqlite,
+            Schema,
+            db,
+            "bad",
+            "",
+            Some(r#""CREATE TABLE bad(x); DROP TABLE t""#),
+        );
+        for i in 0..600 {
+            let row = format!(r#"{{"id":{i},"v":"row {i}","n":{i}}}"#);
+            push(Sqlite, Insert, db, "t", &format!("[{i}]"), Some(&row));
+            push(
+                Kv,
+                Insert,
+                "/etc/app.env",
+                "",
+                &format!("K{i:04}"),
+                Some(&format!(r#""v{i}""#)),
+            );
+        }
+        push(
+            Sqlite,
+            Insert,
+            db,
+            "u",
+            r#"["a"]"#,
+            Some(r#"{"k":"a","b":{"$blob":"00ff"}}"#),
+        );
+        push(
+            Sqlite,
+            Insert,
+            db,
+            "t",
+            "[9000]",
+            Some(r#"{"id":9000,"nope":1}"#),
+        );
+        push(
+            Sqlite,
+            Insert,
+            db,
+            "t",
+            "[9001]",
+            Some(r#"{"id":9001,"n":"text"}"#),
+        );
+        push(Sqlite, Insert, db, "missing", "[1]", Some(r#"{"id":1}"#));
+        push(Sqlite, Insert, db, "t", "[1]", Some("[1]"));
+        push(Kv, Insert, "/etc/keys/", "", "token", Some(r#""abc""#));
+        push(Kv, Insert, "/etc/keys/", "", "other", Some(r#""def""#));
+        push(
+            Json,
+            Insert,
+            "/etc/app.json",
+            "",
+            "",
+            Some(r#"{"a":{"b":1},"l":[1,2]}"#),
+        );
+        push(Json, Update, "/etc/app.json", "", "/a/b", Some("2"));
+        push(Json, Insert, "/etc/app.json", "", "/no/such", Some("1"));
+        // The window: from here on.
+        for i in (0..600).step_by(7) {
+            let row = format!(r#"{{"id":{i},"v":"new {i}","n":{}}}"#, i * 2);
+            push(Sqlite, Update, db, "t", &format!("[ {i} ]"), Some(&row));
+        }
+        for i in (0..600).step_by(5) {
+            push(Sqlite, Delete, db, "t", &format!("[{i}]"), None);
+            push(Kv, Delete, "/etc/app.env", "", &format!("K{i:04}"), None);
+        }
+        push(
+            Kv,
+            Update,
+            "/etc/app.env",
+            "",
+            "K0001",
+            Some(r#""changed""#),
+        );
+        push(Kv, Update, "/etc/keys/", "", "token", Some(r#""xyz""#));
+        push(Kv, Insert, "/etc/other.env", "", "A", Some(r#""1""#));
+        push(Json, Insert, "/etc/second.json", "", "", Some(r#"[1]"#));
+        push(Kv, Schema, "/etc/app.env", "", "", Some(r#""x""#));
+        for chunk in es.chunks(500) {
+            log.append("vm", T0, chunk).unwrap();
+        }
+        log
+    }
+
+    /// Every file under `dir`: a database as its definitions and rows, others as text.
+    fn tree(dir: &Path) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for f in std::fs::read_dir(&d).unwrap() {
+                let p = f.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let name = p.strip_prefix(dir).unwrap().display().to_string();
+                let text = if name.ends_with(".db") {
+                    dump(&p)
+                } else {
+                    std::fs::read_to_string(&p).unwrap()
+                };
+                out.insert(name, text);
+            }
+        }
+        out
+    }
+
+    fn dump(db: &Path) -> String {
+        let conn = Connection::open(db).unwrap();
+        let mut text = String::new();
+        let tables: Vec<(String, String)> = conn
+            .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for (name, sql) in tables {
+            text += &format!("{sql}\n");
+            let mut st = conn
+                .prepare(&format!("SELECT * FROM \"{name}\" ORDER BY 1"))
+                .unwrap();
+            let n = st.column_count();
+            let mut rows = st.query([]).unwrap();
+            while let Some(r) = rows.next().unwrap() {
+                for i in 0..n {
+                    text += &match r.get_ref(i).unwrap() {
+                        rusqlite::types::ValueRef::Text(t) => {
+                            format!("Text({:?}) ", String::from_utf8_lossy(t))
+                        }
+                        v => format!("{v:?} "),
+                    };
+                }
+                text += "\n";
+            }
+        }
+        text
+    }
+
+    async fn spilled(log: &ProvenanceLog, from: Option<i64>, out: &Path) -> (Summary, Written) {
+        let mut s = Spilled::create(out).unwrap();
+        let summary = s.rebuild(log, "vm", from, i64::MAX).unwrap();
+        let written = s.write_to(out).await.unwrap();
+        (summary, written)
+    }
+
+    #[tokio::test]
+    async fn a_spilled_replay_writes_what_the_in_memory_one_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of_every_kind(&dir.path().join("log"));
+        let window = T0 + 1214 * 1000;
+        for from in [None, Some(window)] {
+            let (a, b) = (dir.path().join("mem"), dir.path().join("disk"));
+            let _ = std::fs::remove_dir_all(&a);
+            let _ = std::fs::remove_dir_all(&b);
+            let (state, mem_summary) = crate::replay::rebuild(&log, "vm", from, i64::MAX).unwrap();
+            let mem_written = state.write_counted(&a).await.unwrap();
+            let (summary, written) = spilled(&log, from, &b).await;
+            assert_eq!(summary, mem_summary, "window {from:?}");
+            assert!(summary.skipped >= 4, "{summary:?}");
+            assert_eq!(written.rows_skipped, mem_written.rows_skipped);
+            let (ta, tb) = (tree(&a), tree(&b));
+            assert_eq!(ta, tb, "window {from:?}");
+            assert!(
+                tb.keys().all(|f| !f.contains("scratch")),
+                "the scratch file is gone"
+            );
+            assert!(tb.contains_key("etc/keys/token"));
+            match from {
+                None => {
+                    assert_eq!(written.rows_skipped, 2);
+                    assert!(tb["data/app.db"].contains("Text(\"row 1\")"));
+                    assert!(tb["etc/app.env"].lines().count() > 400);
+                }
+                Some(_) => {
+                    // Only what the window changed: updated rows, not the untouched ones.
+                    assert!(!tb["data/app.db"].contains("Text(\"row 1\")"));
+                    assert!(tb["data/app.db"].contains("Text(\"new 7\")"));
+                    assert_eq!(tb["etc/app.env"], "K0001=changed\n");
+                    assert!(!tb.contains_key("etc/app.json"));
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spilled_replay_applies_the_log_on_a_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of_every_kind(&dir.path().join("log"));
+        let mut base = State::default();
+        for (i, e) in (0..40).map(|i| {
+            (
+                i,
+                entry(
+                    1,
+                    DataType::Kv,
+                    Operation::Insert,
+                    "/etc/base.env",
+                    "",
+                    &format!("B{i}"),
+                    Some(r#""base""#),
+                ),
+            )
+        }) {
+            let _ = i;
+            base.apply(&e).unwrap();
+        }
+        base.apply(&entry(
+            1,
+            DataType::Sqlite,
+            Operation::Schema,
+            "/data/app.db",
+            "t",
+            "",
+            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, n INTEGER) STRICT""#),
+        ))
+        .unwrap();
+        base.apply(&entry(
+            1,
+            DataType::Sqlite,
+            Operation::Insert,
+            "/data/app.db",
+            "t",
+            "[5000]",
+            Some(r#"{"id":5000,"v":"from the base","n":1}"#),
+        ))
+        .unwrap();
+        base.apply(&entry(
+            1,
+            DataType::Json,
+            Operation::Insert,
+            "/etc/base.json",
+            "",
+            "",
+            Some(r#"{"b":true}"#),
+        ))
+        .unwrap();
+        let query = Query {
+            from_us: Some(T0 + 900 * 1000),
+            ..Default::default()
+        };
+        let (a, b) = (dir.path().join("mem"), dir.path().join("disk"));
+        let mut state = base.clone();
+        let mut mem_summary = Summary::default();
+        log.scan("vm", &query, |r| {
+            state.apply_counted(&r, &mut mem_summary);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        state.write_counted(&a).await.unwrap();
+        let mut s = Spilled::create(&b).unwrap();
+        s.load(base).unwrap();
+        let (summary, _) = s.apply_log(&log, "vm", &query, u64::MAX).unwrap();
+        s.write_to(&b).await.unwrap();
+        drop(s);
+        assert_eq!(summary, mem_summary);
+        let (ta, tb) = (tree(&a), tree(&b));
+        assert_eq!(ta, tb);
+        assert!(tb["data/app.db"].contains("from the base"));
+        assert_eq!(tb["etc/base.env"].lines().count(), 40);
+    }
+}
