@@ -69,7 +69,7 @@ const BUDGET: usize = 24 << 20;
 fn entry(seq: u64) -> Entry {
     let i = seq / 2;
     let filler = format!("{seq:08}").repeat(128);
-    let (data_type, source, collection, key, new) = if seq % 2 == 0 {
+    let (data_type, source, collection, key, new) = if seq.is_multiple_of(2) {
         (
             DataType::Sqlite,
             "/data/app.db",
