@@ -1088,6 +1088,12 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                 for f in &report.files {
                     println!("  wrote {f}");
                 }
+                if report.rows_skipped > 0 {
+                    println!(
+                        "  {} rows left out: their tables refused them (weftd's log says why)",
+                        report.rows_skipped
+                    );
+                }
                 if let Some(w) = &report.into {
                     println!("  {w}: {} changes made", report.changes_made);
                 }

@@ -29,6 +29,7 @@ pub mod policies;
 pub mod provenance;
 pub mod replay;
 pub mod replay_base;
+pub mod replay_spill;
 pub mod replay_sql;
 pub mod retention;
 pub mod snapshots;

@@ -71,6 +71,17 @@ pub enum ReplayError {
         /// The error.
         source: std::io::Error,
     },
+    /// Reading the provenance log failed.
+    #[error("reading the provenance log: {0}")]
+    Log(#[from] crate::provenance::ProvenanceError),
+    /// The scratch database of a replay larger than memory failed (disk full?).
+    #[error("the replay's scratch database {path}: {source}")]
+    Scratch {
+        /// The scratch database.
+        path: String,
+        /// The error.
+        source: rusqlite::Error,
+    },
     /// Building a SQLite database failed.
     #[error("SQLite database {path}: {reason}")]
     Sqlite {
@@ -108,10 +119,7 @@ impl State {
 
     /// Applies one entry.
     pub fn apply(&mut self, e: &Entry) -> Result<(), String> {
-        let parse = |v: &Option<String>| -> Result<Value, String> {
-            let text = v.as_deref().ok_or("no value")?;
-            serde_json::from_str(text).map_err(|err| format!("value is not JSON: {err}"))
-        };
+        let parse = parse_value;
         match e.data_type {
             DataType::Sqlite => {
                 let db = self.sqlite.entry(e.source.clone()).or_default();
@@ -189,49 +197,152 @@ impl State {
     /// key-value file (`KEY=value` lines in key order) or directory (a file per key).
     /// Existing files at those paths are replaced. Returns the files written.
     pub async fn write_to(&self, out: &Path) -> Result<Vec<PathBuf>, ReplayError> {
-        let mut written = Vec::new();
-        for (source, db) in &self.sqlite {
-            let path = confined(out, source)?;
-            write_sqlite(&path, db).await?;
-            written.push(path);
-        }
-        for (source, doc) in &self.json {
-            let path = confined(out, source)?;
-            let mut text = serde_json::to_vec_pretty(doc).unwrap_or_default();
-            text.push(b'\n');
-            write_file(&path, &text)?;
-            written.push(path);
-        }
-        for (source, kv) in &self.kv {
-            if let Some(dir) = source.strip_suffix('/') {
-                let dir = confined(out, dir)?;
-                make_dir(&dir)?;
-                for (key, value) in kv {
+        Ok(self.write_counted(out).await?.files)
+    }
+
+    /// [`State::write_to`], also saying how many rows no table would take.
+    pub async fn write_counted(&self, out: &Path) -> Result<Written, ReplayError> {
+        write_state(self, self, out).await
+    }
+}
+
+/// What writing a state out did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    /// The files written.
+    pub files: Vec<PathBuf>,
+    /// Rows left out of their database because SQLite refused them (a column the
+    /// table lacks, a value of the wrong type for a `STRICT` table, a constraint);
+    /// each is logged.
+    pub rows_skipped: u64,
+}
+
+/// Rows and keys fetched a page at a time, in key order, for [`write_state`]: from
+/// memory ([`State`]) or from the scratch database of a spilled replay
+/// ([`crate::replay_spill::Spilled`]).
+pub(crate) trait Pages {
+    /// Up to [`PAGE`] rows of `table` in SQLite source `db`, by key, after `after`.
+    fn row_page(&self, db: &str, table: &str, after: Option<&str>) -> Result<RowPage, ReplayError>;
+
+    /// Up to [`PAGE`] keys of key-value source `store`, by key, after `after`.
+    fn kv_page(
+        &self,
+        store: &str,
+        after: Option<&str>,
+    ) -> Result<Vec<(String, String)>, ReplayError>;
+}
+
+/// A page of rows: each row's key and its columns.
+pub(crate) type RowPage = Vec<(String, Map<String, Value>)>;
+
+/// Rows or keys per page when a state is written out.
+pub(crate) const PAGE: usize = 256;
+
+fn page_of<V: Clone>(map: Option<&BTreeMap<String, V>>, after: Option<&str>) -> Vec<(String, V)> {
+    use std::ops::Bound;
+    let Some(map) = map else {
+        return Vec::new();
+    };
+    let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+    map.range::<str, _>((from, Bound::Unbounded))
+        .take(PAGE)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+impl Pages for State {
+    fn row_page(&self, db: &str, table: &str, after: Option<&str>) -> Result<RowPage, ReplayError> {
+        let rows = self.sqlite.get(db).and_then(|d| d.rows.get(table));
+        Ok(page_of(rows, after))
+    }
+
+    fn kv_page(
+        &self,
+        store: &str,
+        after: Option<&str>,
+    ) -> Result<Vec<(String, String)>, ReplayError> {
+        Ok(page_of(self.kv.get(store), after))
+    }
+}
+
+/// Writes the sources `shape` names (SQLite definitions, JSON documents, key-value
+/// sources) under `out`, the rows and keys read page by page from `pages`: see
+/// [`State::write_to`].
+pub(crate) async fn write_state(
+    shape: &State,
+    pages: &impl Pages,
+    out: &Path,
+) -> Result<Written, ReplayError> {
+    let mut written = Written::default();
+    for (source, db) in &shape.sqlite {
+        let path = confined(out, source)?;
+        written.rows_skipped += write_sqlite(&path, &db.schemas, |table, after| {
+            pages.row_page(source, table, after)
+        })
+        .await?;
+        written.files.push(path);
+    }
+    for (source, doc) in &shape.json {
+        let path = confined(out, source)?;
+        let mut text = serde_json::to_vec_pretty(doc).unwrap_or_default();
+        text.push(b'\n');
+        write_file(&path, &text)?;
+        written.files.push(path);
+    }
+    for source in shape.kv.keys() {
+        if let Some(dir) = source.strip_suffix('/') {
+            let dir = confined(out, dir)?;
+            make_dir(&dir)?;
+            let mut after: Option<String> = None;
+            loop {
+                let page = pages.kv_page(source, after.as_deref())?;
+                for (key, value) in &page {
                     if !is_file_name(key) {
                         return Err(ReplayError::Path(format!("{source}{key}")));
                     }
                     let path = dir.join(key);
                     write_file(&path, value.as_bytes())?;
-                    written.push(path);
+                    written.files.push(path);
                 }
-            } else {
-                let path = confined(out, source)?;
-                // Line by line: the file is never a second copy of the state in memory.
-                write_file_with(&path, |w| {
-                    for (key, value) in kv {
+                match page.into_iter().last() {
+                    Some((key, _)) => after = Some(key),
+                    None => break,
+                }
+            }
+        } else {
+            let path = confined(out, source)?;
+            // Page by page: the file is never a second copy of the state in memory.
+            let mut failed = None;
+            write_file_with(&path, |w| {
+                let mut after: Option<String> = None;
+                loop {
+                    let page = match pages.kv_page(source, after.as_deref()) {
+                        Ok(page) => page,
+                        Err(e) => {
+                            failed = Some(e);
+                            return Err(std::io::Error::other("reading the replayed keys failed"));
+                        }
+                    };
+                    for (key, value) in &page {
                         w.write_all(key.as_bytes())?;
                         w.write_all(b"=")?;
                         w.write_all(value.as_bytes())?;
                         w.write_all(b"\n")?;
                     }
-                    Ok(())
-                })?;
-                written.push(path);
-            }
+                    match page.into_iter().last() {
+                        Some((key, _)) => after = Some(key),
+                        None => return Ok(()),
+                    }
+                }
+            })
+            .map_err(|e| failed.take().unwrap_or(e))?;
+            written.files.push(path);
         }
-        Ok(written)
     }
+    Ok(written)
+}
 
+impl State {
     /// The changes that turn `self` into `target`, as DPA entries (numbered from 1 in
     /// order, times zero: apply mode ignores both), sources in path order. For SQLite
     /// tables absent from `self`, the target's definitions come first.
@@ -535,7 +646,7 @@ pub fn rebuild(
 impl State {
     /// Copies into `self` the item of `state` that `e` changed, as it stands in `state`
     /// (nothing for an item `state` no longer holds).
-    fn take_item(&mut self, state: &State, e: &Entry) {
+    pub(crate) fn take_item(&mut self, state: &State, e: &Entry) {
         match e.data_type {
             DataType::Sqlite => {
                 let Some(db) = state.sqlite.get(&e.source) else {
@@ -630,6 +741,9 @@ pub struct ReplayReport {
     pub applied: u64,
     /// Entries that could not apply.
     pub skipped: u64,
+    /// Rows left out of the databases written under `out` (SQLite refused them).
+    #[serde(default)]
+    pub rows_skipped: u64,
     /// The last sequence number applied.
     pub last_seq: u64,
     /// Files written under `out`.
@@ -648,6 +762,20 @@ pub struct ReplayReport {
     /// The log was applied on the base from this instant (µs since the Unix epoch).
     #[serde(default)]
     pub base_log_from_us: Option<i64>,
+}
+
+impl ReplayReport {
+    fn set(&mut self, summary: &Summary, written: Written) {
+        self.applied = summary.applied;
+        self.skipped = summary.skipped;
+        self.last_seq = summary.last_seq;
+        self.files = written
+            .files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        self.rows_skipped = written.rows_skipped;
+    }
 }
 
 /// Most changes sent to a DPA in one apply request.
@@ -696,48 +824,94 @@ pub async fn run(
         .provenance()
         .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?
         .clone();
-    let mut based = None;
-    let (state, summary) = match req.base {
-        None => {
-            let (log, env) = (log.clone(), env.to_string());
-            tokio::task::spawn_blocking(move || rebuild(&log, &env, from_us, to_us))
-                .await
-                .map_err(|e| EnvError::Internal(e.to_string()))?
-                .map_err(|e| EnvError::Internal(e.to_string()))?
-        }
-        Some(id) => {
-            if req.from.is_some() {
-                return Err(EnvError::BadRequest(
-                    "--base and --from both say where to start: give one".into(),
-                ));
-            }
-            let margin = req.base_margin_secs.unwrap_or(BASE_MARGIN_SECS);
-            let limits = manager.config().replay.base_limits();
-            let (state, summary, found, log_from) =
-                rebuild_on_base(snapshots, &log, env, id, margin, to_us, &limits).await?;
-            based = Some((id, found, log_from));
-            (state, summary)
-        }
+    if req.base.is_some() && req.from.is_some() {
+        return Err(EnvError::BadRequest(
+            "--base and --from both say where to start: give one".into(),
+        ));
+    }
+    let margin = req.base_margin_secs.unwrap_or(BASE_MARGIN_SECS);
+    let limits = manager.config().replay.base_limits();
+    let internal = |e: String| EnvError::Internal(e);
+    // The base (a disk snapshot's application state) and where the log applies from.
+    let based = match req.base {
+        None => None,
+        Some(id) => Some((
+            id,
+            base_of(snapshots, &log, env, id, margin, to_us, &limits).await?,
+        )),
     };
     let mut report = ReplayReport {
         env: env.to_string(),
         to_us,
-        applied: summary.applied,
-        skipped: summary.skipped,
-        last_seq: summary.last_seq,
+        applied: 0,
+        skipped: 0,
+        rows_skipped: 0,
+        last_seq: 0,
         files: Vec::new(),
         into: req.into.clone(),
         changes_made: 0,
         base: based.as_ref().map(|b| b.0),
-        base_found: based.as_ref().map(|b| b.1.clone()).unwrap_or_default(),
-        base_log_from_us: based.as_ref().map(|b| b.2),
+        base_found: based
+            .as_ref()
+            .map(|b| b.1.found.clone())
+            .unwrap_or_default(),
+        base_log_from_us: based.as_ref().map(|b| b.1.log_from),
     };
+    let (log, vm) = (log.clone(), env.to_string());
+    let base_query = move |b: &Base| crate::provenance::Query {
+        from_us: Some(b.log_from),
+        to_us: Some(to_us),
+        ..Default::default()
+    };
+    if let (Some(out), None) = (&req.out, &req.into) {
+        // Written out only: the rows and keys go to disk as the log streams in, so
+        // weftd's memory does not grow with the state (see `replay_spill`).
+        let (out, handle) = (out.clone(), tokio::runtime::Handle::current());
+        let (summary, written) = tokio::task::spawn_blocking(move || {
+            let mut spilled = crate::replay_spill::Spilled::create(&out)?;
+            let summary = match based {
+                None => spilled.rebuild(&log, &vm, from_us, to_us)?,
+                Some((_, base)) => {
+                    let q = base_query(&base);
+                    spilled.load(base.state)?;
+                    spilled.apply_log(&log, &vm, &q, base.seen)?.0
+                }
+            };
+            let written = handle.block_on(spilled.write_to(&out))?;
+            Ok::<_, ReplayError>((summary, written))
+        })
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(e.to_string()))?;
+        report.set(&summary, written);
+        return Ok(report);
+    }
+    let (state, summary) = tokio::task::spawn_blocking(move || match based {
+        None => rebuild(&log, &vm, from_us, to_us),
+        Some((_, base)) => {
+            let q = base_query(&base);
+            let mut state = base.state;
+            let mut summary = Summary::default();
+            log.scan(&vm, &q, |r| {
+                if r.entry.seq > base.seen {
+                    return ControlFlow::Break(());
+                }
+                state.apply_counted(&r, &mut summary);
+                ControlFlow::Continue(())
+            })
+            .map(|()| (state, summary))
+        }
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
+    .map_err(|e| internal(e.to_string()))?;
+    report.set(&summary, Written::default());
     if let Some(out) = &req.out {
-        let files = state
-            .write_to(out)
+        let written = state
+            .write_counted(out)
             .await
-            .map_err(|e| EnvError::Internal(e.to_string()))?;
-        report.files = files.iter().map(|p| p.display().to_string()).collect();
+            .map_err(|e| internal(e.to_string()))?;
+        report.set(&summary, written);
     }
     if let Some(weave) = &req.into {
         if manager.catalog().environment(weave).await?.is_none() {
@@ -898,11 +1072,22 @@ pub fn with_chosen(current: &State, chosen: &[(String, BTreeMap<Item, Value>)]) 
     State::from_items(&items)
 }
 
-/// The state as of `to_us`: the application state inside disk snapshot `id` of `env`,
-/// then the log from `margin_secs` before the snapshot's instant up to `to_us`.
-/// Returns the state, what was applied, where each source was found, and the instant
-/// the log was applied from.
-async fn rebuild_on_base(
+/// The application state inside a disk snapshot, and how the log applies on it.
+struct Base {
+    /// The state the snapshot's file systems hold.
+    state: State,
+    /// Where each source was found (guest path → path in the file system).
+    found: BTreeMap<String, String>,
+    /// The log applies on the base from this instant (the snapshot's, less the margin).
+    log_from: i64,
+    /// ... up to this seq: the last entry whose source the base was read for.
+    seen: u64,
+}
+
+/// The application state inside disk snapshot `id` of `env` (for the sources its log
+/// names up to `to_us`), and where the log applies on it from: `margin_secs` before
+/// the snapshot's instant.
+async fn base_of(
     snapshots: &crate::snapshots::Snapshots,
     log: &crate::provenance::ProvenanceLog,
     env: &str,
@@ -910,7 +1095,7 @@ async fn rebuild_on_base(
     margin_secs: u64,
     to_us: i64,
     limits: &crate::replay_base::BaseLimits,
-) -> Result<(State, Summary, BTreeMap<String, String>, i64), crate::envs::EnvError> {
+) -> Result<Base, crate::envs::EnvError> {
     use crate::envs::EnvError;
     use crate::model::SnapshotState;
     use crate::provenance::service::parse_time;
@@ -948,36 +1133,16 @@ async fn rebuild_on_base(
         .await
         .map_err(|e| EnvError::Internal(e.to_string()))?
         .map_err(|e| EnvError::Internal(e.to_string()))?;
-    let (mut state, found) =
+    let (state, found) =
         crate::replay_base::disks_state(snapshots.store(), vec![map], &sources, limits)
             .await
             .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
-    // The log from the margin on, streamed onto the base, up to the last entry whose
-    // source the base was read for.
-    let (log, vm) = (log.clone(), env.to_string());
-    let (state, summary) = tokio::task::spawn_blocking(move || {
-        let mut summary = Summary::default();
-        log.scan(
-            &vm,
-            &crate::provenance::Query {
-                from_us: Some(log_from),
-                to_us: Some(to_us),
-                ..Default::default()
-            },
-            |r| {
-                if r.entry.seq > seen {
-                    return ControlFlow::Break(());
-                }
-                state.apply_counted(&r, &mut summary);
-                ControlFlow::Continue(())
-            },
-        )
-        .map(|()| (state, summary))
+    Ok(Base {
+        state,
+        found,
+        log_from,
+        seen,
     })
-    .await
-    .map_err(|e| EnvError::Internal(e.to_string()))?
-    .map_err(|e| EnvError::Internal(e.to_string()))?;
-    Ok((state, summary, found, log_from))
 }
 
 fn now_us() -> i64 {
@@ -1035,6 +1200,12 @@ fn diff_maps<V: PartialEq>(
             f(k, None, Some(vb));
         }
     }
+}
+
+/// An entry's value (`old` or `new`) as JSON.
+pub(crate) fn parse_value(v: &Option<String>) -> Result<Value, String> {
+    let text = v.as_deref().ok_or("no value")?;
+    serde_json::from_str(text).map_err(|err| format!("value is not JSON: {err}"))
 }
 
 /// A primary key in one canonical JSON text (so `[1]` and `[ 1 ]` are one row).
@@ -1105,8 +1276,15 @@ fn write_file_with(
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// Builds a SQLite database at `path` (replacing one there) from `db`.
-async fn write_sqlite(path: &Path, db: &SqliteState) -> Result<(), ReplayError> {
+/// Builds a SQLite database at `path` (replacing one there): the tables `schemas`
+/// define (a refused definition leaves its table out), each filled with the rows
+/// `page(table, after)` returns page by page, in large transactions. A row SQLite
+/// refuses is skipped and logged; returns how many were.
+async fn write_sqlite(
+    path: &Path,
+    schemas: &BTreeMap<String, String>,
+    mut page: impl FnMut(&str, Option<&str>) -> Result<RowPage, ReplayError>,
+) -> Result<u64, ReplayError> {
     use sqlx::Connection as _;
     if let Some(parent) = path.parent() {
         make_dir(parent)?;
@@ -1121,60 +1299,104 @@ async fn write_sqlite(path: &Path, db: &SqliteState) -> Result<(), ReplayError> 
         .await
         .map_err(|e| fail(e.to_string()))?;
     let built = async {
-        let mut tx = conn.begin().await?;
-        let mut created = std::collections::BTreeSet::new();
-        for (table, sql) in &db.schemas {
+        let sql_fail = |e: sqlx::Error| fail(e.to_string());
+        let mut tx = conn.begin().await.map_err(sql_fail)?;
+        let mut created = Vec::new();
+        for (table, sql) in schemas {
             match crate::replay_sql::create_table(&mut tx, table, sql).await {
-                Ok(()) => {
-                    created.insert(table);
-                }
+                Ok(()) => created.push(table),
                 Err(refused) => {
                     tracing::warn!(db = %path.display(), %refused, "replay left a table out")
                 }
             }
         }
-        for (table, rows) in &db.rows {
-            if !created.contains(table) {
-                continue;
-            }
-            for row in rows.values() {
-                let cols: Vec<String> = row.keys().map(|c| quote_ident(c)).collect();
-                let marks = vec!["?"; cols.len()].join(", ");
-                let sql = format!(
-                    "INSERT OR REPLACE INTO {} ({}) VALUES ({marks})",
-                    quote_ident(table),
-                    cols.join(", ")
-                );
-                let mut q = sqlx::query(&sql);
-                for v in row.values() {
-                    q = match v {
-                        Value::Null => q.bind(None::<i64>),
-                        Value::Bool(b) => q.bind(i64::from(*b)),
-                        Value::Number(n) => match n.as_i64() {
-                            Some(i) => q.bind(i),
-                            None => q.bind(n.as_f64().unwrap_or(0.0)),
-                        },
-                        Value::String(s) => q.bind(s.clone()),
-                        Value::Object(o) => match o.get("$blob").and_then(Value::as_str) {
-                            Some(hex) => q.bind(from_hex(hex).unwrap_or_default()),
-                            None => q.bind(v.to_string()),
-                        },
-                        Value::Array(_) => q.bind(v.to_string()),
-                    };
+        let (mut skipped, mut in_tx) = (0u64, 0usize);
+        for table in created {
+            let mut after: Option<String> = None;
+            loop {
+                let rows = page(table, after.as_deref())?;
+                for (key, row) in &rows {
+                    if let Err(why) = insert_row(&mut tx, table, row).await {
+                        skipped += 1;
+                        tracing::warn!(
+                            db = %path.display(),
+                            table = ?table,
+                            key = ?key.chars().take(MAX_LABEL).collect::<String>(),
+                            why = ?why,
+                            "replay left a row out"
+                        );
+                    }
+                    in_tx += 1;
                 }
-                q.execute(&mut *tx).await?;
+                if in_tx >= ROWS_PER_TRANSACTION {
+                    tx.commit().await.map_err(sql_fail)?;
+                    tx = conn.begin().await.map_err(sql_fail)?;
+                    in_tx = 0;
+                }
+                match rows.into_iter().last() {
+                    Some((key, _)) => after = Some(key),
+                    None => break,
+                }
             }
         }
-        tx.commit().await
+        tx.commit().await.map_err(sql_fail)?;
+        Ok::<_, ReplayError>(skipped)
     }
     .await;
     let closed = conn.close().await;
-    built.map_err(|e| fail(e.to_string()))?;
+    let skipped = built?;
     closed.map_err(|e| fail(e.to_string()))?;
     std::fs::rename(&tmp, path).map_err(|source| ReplayError::Io {
         what: format!("rename into {}", path.display()),
         source,
-    })
+    })?;
+    Ok(skipped)
+}
+
+/// Rows written to an output database per transaction.
+const ROWS_PER_TRANSACTION: usize = 16 * 1024;
+
+/// Inserts (or replaces) one guest row into `table`; the row's column names are
+/// quoted identifiers and its values bound parameters.
+async fn insert_row(
+    conn: &mut sqlx::SqliteConnection,
+    table: &str,
+    row: &Map<String, Value>,
+) -> Result<(), String> {
+    if row.is_empty() {
+        return Err("the row has no columns".into());
+    }
+    if let Some(bad) = row.keys().find(|c| c.contains('\0')) {
+        return Err(format!("column name {bad:?} holds a NUL"));
+    }
+    let cols: Vec<String> = row.keys().map(|c| quote_ident(c)).collect();
+    let marks = vec!["?"; cols.len()].join(", ");
+    let sql = format!(
+        "INSERT OR REPLACE INTO {} ({}) VALUES ({marks})",
+        quote_ident(table),
+        cols.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for v in row.values() {
+        q = match v {
+            Value::Null => q.bind(None::<i64>),
+            Value::Bool(b) => q.bind(i64::from(*b)),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => q.bind(i),
+                None => q.bind(n.as_f64().unwrap_or(0.0)),
+            },
+            Value::String(s) => q.bind(s.clone()),
+            Value::Object(o) => match o.get("$blob").and_then(Value::as_str) {
+                Some(hex) => q.bind(from_hex(hex).unwrap_or_default()),
+                None => q.bind(v.to_string()),
+            },
+            Value::Array(_) => q.bind(v.to_string()),
+        };
+    }
+    q.execute(&mut *conn)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn quote_ident(name: &str) -> String {
@@ -1563,5 +1785,57 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((id, name.as_str(), b), (7, "Bob", vec![0, 255]));
+    }
+    #[tokio::test]
+    async fn a_row_sqlite_refuses_is_skipped_not_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = State::default();
+        let db = "/data/app.db";
+        s.apply(&e(
+            DataType::Sqlite,
+            Operation::Schema,
+            db,
+            "t",
+            "",
+            None,
+            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, n INTEGER) STRICT""#),
+        ))
+        .unwrap();
+        for (key, row) in [
+            ("[1]", r#"{"id":1,"n":10}"#),
+            ("[2]", r#"{"id":2,"nope":1}"#),
+            ("[3]", r#"{"id":3,"n":"not a number"}"#),
+            ("[4]", r#"{"id":4,"n\u0000x":1}"#),
+            ("[5]", r#"{}"#),
+            ("[6]", r#"{"id":6,"n":60}"#),
+        ] {
+            s.apply(&e(
+                DataType::Sqlite,
+                Operation::Insert,
+                db,
+                "t",
+                key,
+                None,
+                Some(row),
+            ))
+            .unwrap();
+        }
+        let written = s
+            .write_counted(dir.path())
+            .await
+            .expect("the database is written");
+        assert_eq!(written.rows_skipped, 4);
+        use sqlx::Connection as _;
+        let mut conn = sqlx::SqliteConnection::connect(&format!(
+            "sqlite://{}",
+            dir.path().join("data/app.db").display()
+        ))
+        .await
+        .unwrap();
+        let rows: Vec<(i64, i64)> = sqlx::query_as("SELECT id, n FROM t ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(rows, vec![(1, 10), (6, 60)]);
     }
 }

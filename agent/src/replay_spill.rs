@@ -1,0 +1,743 @@
+//! A replay written out (`replay --out`) whatever the size of the state: SQLite rows and
+//! key-value keys are kept in a scratch database on disk as the log streams in, not in
+//! memory, and read back page by page when the output is written.
+//!
+//! [`Spilled`] applies entries like [`State::apply`] does, with the same outcome (the
+//! tests compare both outputs), but holds in memory only what is small per source: the
+//! table definitions (at most 64 KiB each), the JSON documents (a document is replaced
+//! or patched by pointer, so it is rebuilt whole; its size is the guest file's) and the
+//! names of the key-value sources. Rows and keys go into the scratch database, one
+//! SQLite table each, keyed like the in-memory maps; values are bound parameters and
+//! no guest text is ever SQL there. The scratch file lives in the output directory
+//! (same file system as the output, never a tmpfs), is opened without a journal and
+//! deleted when the replay ends; its page cache is [`SCRATCH_CACHE_KIB`].
+//!
+//! Memory for a replay with `--out` is then the log's decoded block, the scratch
+//! database's and the output database's page caches and one page of rows, not the
+//! state. `--into` still rebuilds the state in memory: it compares it with the weave's.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection};
+use serde_json::Value;
+use weft_dpa::{DataType, Entry, Operation};
+
+use crate::provenance::{ProvenanceLog, Query, Record};
+use crate::replay::{
+    canonical_key, parse_value, write_state, Pages, ReplayError, RowPage, State, Summary, Written,
+    PAGE,
+};
+
+/// Page cache of the scratch database, in KiB.
+pub const SCRATCH_CACHE_KIB: i64 = 8 * 1024;
+
+/// Scratch statements per transaction.
+const STATEMENTS_PER_TRANSACTION: usize = 16 * 1024;
+
+/// A replay's state with its rows and keys on disk (see the module documentation).
+pub struct Spilled {
+    /// Definitions, JSON documents and source names; no rows, no keys.
+    mem: State,
+    conn: Connection,
+    /// Only rows and keys marked at least this are written (1 in a `--from` window).
+    min_mark: i64,
+    in_tx: usize,
+    scratch: PathBuf,
+    _file: tempfile::TempPath,
+}
+
+impl Spilled {
+    /// A replay whose scratch database is a new hidden file in `dir` (created if
+    /// missing).
+    pub fn create(dir: &Path) -> Result<Spilled, ReplayError> {
+        std::fs::create_dir_all(dir).map_err(|source| ReplayError::Io {
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
+        let file = tempfile::Builder::new()
+            .prefix(".weft-replay-scratch-")
+            .tempfile_in(dir)
+            .map_err(|source| ReplayError::Io {
+                what: format!("create a scratch file in {}", dir.display()),
+                source,
+            })?
+            .into_temp_path();
+        let scratch = file.to_path_buf();
+        let fail = |source| ReplayError::Scratch {
+            path: scratch.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(&file).map_err(fail)?;
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = OFF;
+             PRAGMA synchronous = OFF;
+             PRAGMA temp_store = FILE;
+             PRAGMA cache_size = -{SCRATCH_CACHE_KIB};
+             CREATE TABLE rows (db TEXT NOT NULL, tbl TEXT NOT NULL, key TEXT NOT NULL,
+                                row TEXT NOT NULL, mark INTEGER NOT NULL DEFAULT 0,
+                                PRIMARY KEY (db, tbl, key));
+             CREATE TABLE kv (store TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                              mark INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (store, key));
+             BEGIN;"
+        ))
+        .map_err(fail)?;
+        Ok(Spilled {
+            mem: State::default(),
+            conn,
+            min_mark: 0,
+            in_tx: 0,
+            scratch,
+            _file: file,
+        })
+    }
+
+    fn fail(&self, source: rusqlite::Error) -> ReplayError {
+        ReplayError::Scratch {
+            path: self.scratch.display().to_string(),
+            source,
+        }
+    }
+
+    /// Takes `base` as the state the log applies on (`replay --base`: a base read off
+    /// a disk is bounded by `[replay] base_max_*`).
+    pub fn load(&mut self, base: State) -> Result<(), ReplayError> {
+        for (source, db) in base.sqlite {
+            let mem = self.mem.sqlite.entry(source.clone()).or_default();
+            mem.schemas.extend(db.schemas);
+            for table in db.rows.keys() {
+                mem.rows.entry(table.clone()).or_default();
+            }
+            for (table, rows) in db.rows {
+                for (key, row) in rows {
+                    self.put_row(&source, &table, &key, &Value::Object(row).to_string())?;
+                }
+            }
+        }
+        for (source, kv) in base.kv {
+            self.mem.kv.entry(source.clone()).or_default();
+            for (key, value) in kv {
+                self.put_kv(&source, &key, &value)?;
+            }
+        }
+        self.mem.json.extend(base.json);
+        Ok(())
+    }
+
+    /// Applies one record, counting it in `summary` as applied or skipped (like
+    /// [`State::apply_counted`]); only a failure of the scratch database is an error.
+    pub fn apply_counted(&mut self, r: &Record, summary: &mut Summary) -> Result<(), ReplayError> {
+        match self.apply(&r.entry)? {
+            Ok(()) => {
+                summary.applied += 1;
+                summary.last_seq = r.entry.seq;
+                summary.last_guest_time_us = Some(r.entry.guest_time_us);
+            }
+            Err(why) => {
+                tracing::warn!(vm = %r.vm, seq = r.entry.seq, %why, "replay skipped an entry");
+                summary.skipped += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one entry: the outer error is the scratch database's, the inner one
+    /// says why the entry does not apply (as [`State::apply`]).
+    fn apply(&mut self, e: &Entry) -> Result<Result<(), String>, ReplayError> {
+        let skip = |why: String| Ok(Err(why));
+        match (e.data_type, e.op) {
+            (DataType::Json, _) | (DataType::Sqlite, Operation::Schema) => Ok(self.mem.apply(e)),
+            (DataType::Sqlite, Operation::Insert | Operation::Update) => {
+                self.mem.sqlite.entry(e.source.clone()).or_default();
+                let row = match parse_value(&e.new) {
+                    Ok(Value::Object(row)) => row,
+                    Ok(_) => return skip("a row is a JSON object".into()),
+                    Err(why) => return skip(why),
+                };
+                let key = match canonical_key(&e.key) {
+                    Ok(key) => key,
+                    Err(why) => return skip(why),
+                };
+                self.put_row(
+                    &e.source,
+                    &e.collection,
+                    &key,
+                    &Value::Object(row).to_string(),
+                )?;
+                Ok(Ok(()))
+            }
+            (DataType::Sqlite, Operation::Delete) => {
+                self.mem.sqlite.entry(e.source.clone()).or_default();
+                let key = match canonical_key(&e.key) {
+                    Ok(key) => key,
+                    Err(why) => return skip(why),
+                };
+                self.run(
+                    "DELETE FROM rows WHERE db = ?1 AND tbl = ?2 AND key = ?3",
+                    params![e.source, e.collection, key],
+                )?;
+                Ok(Ok(()))
+            }
+            (DataType::Kv, op) => {
+                self.mem.kv.entry(e.source.clone()).or_default();
+                match op {
+                    Operation::Insert | Operation::Update => {
+                        let value = match parse_value(&e.new) {
+                            Ok(Value::String(v)) => v,
+                            Ok(_) => return skip("a key-value value is a JSON string".into()),
+                            Err(why) => return skip(why),
+                        };
+                        self.put_kv(&e.source, &e.key, &value)?;
+                    }
+                    Operation::Delete => self.run(
+                        "DELETE FROM kv WHERE store = ?1 AND key = ?2",
+                        params![e.source, e.key],
+                    )?,
+                    Operation::Schema => {
+                        return skip("key-value sources have no schema".into());
+                    }
+                }
+                Ok(Ok(()))
+            }
+        }
+    }
+
+    fn put_row(&mut self, db: &str, table: &str, key: &str, row: &str) -> Result<(), ReplayError> {
+        self.run(
+            "INSERT INTO rows (db, tbl, key, row) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (db, tbl, key) DO UPDATE SET row = excluded.row",
+            params![db, table, key, row],
+        )
+    }
+
+    fn put_kv(&mut self, store: &str, key: &str, value: &str) -> Result<(), ReplayError> {
+        self.run(
+            "INSERT INTO kv (store, key, value) VALUES (?1, ?2, ?3)
+             ON CONFLICT (store, key) DO UPDATE SET value = excluded.value",
+            params![store, key, value],
+        )
+    }
+
+    /// Runs one statement in the current scratch transaction, committing every
+    /// [`STATEMENTS_PER_TRANSACTION`].
+    fn run(&mut self, sql: &str, args: impl rusqlite::Params) -> Result<(), ReplayError> {
+        let done = self
+            .conn
+            .prepare_cached(sql)
+            .and_then(|mut st| st.execute(args));
+        done.map_err(|e| self.fail(e))?;
+        self.in_tx += 1;
+        if self.in_tx >= STATEMENTS_PER_TRANSACTION {
+            self.conn
+                .execute_batch("COMMIT; BEGIN")
+                .map_err(|e| self.fail(e))?;
+            self.in_tx = 0;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds `vm`'s state as of `to_us` from its log, like [`crate::replay::rebuild`]
+    /// (with `from_us`, only the items changed in `[from_us, to_us]` are written).
+    pub fn rebuild(
+        &mut self,
+        log: &ProvenanceLog,
+        vm: &str,
+        from_us: Option<i64>,
+        to_us: i64,
+    ) -> Result<Summary, ReplayError> {
+        let query = Query {
+            to_us: Some(to_us),
+            ..Default::default()
+        };
+        let (summary, seen) = self.apply_log(log, vm, &query, u64::MAX)?;
+        if let Some(from) = from_us {
+            self.keep_window(log, vm, from, to_us, seen)?;
+        }
+        Ok(summary)
+    }
+
+    /// Applies the records of `vm`'s log that `query` selects, up to seq `up_to`;
+    /// returns what was applied and the last seq seen.
+    pub fn apply_log(
+        &mut self,
+        log: &ProvenanceLog,
+        vm: &str,
+        query: &Query,
+        up_to: u64,
+    ) -> Result<(Summary, u64), ReplayError> {
+        let mut summary = Summary::default();
+        let (mut seen, mut failed) = (0, None);
+        log.scan(vm, query, |r| {
+            if r.entry.seq > up_to {
+                return ControlFlow::Break(());
+            }
+            seen = r.entry.seq;
+            match self.apply_counted(&r, &mut summary) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    failed = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((summary, seen)),
+        }
+    }
+
+    /// Keeps only the items changed in `[from_us, to_us]` (up to seq `seen`), as they
+    /// stand: the same items [`crate::replay::rebuild`] keeps for a window.
+    fn keep_window(
+        &mut self,
+        log: &ProvenanceLog,
+        vm: &str,
+        from_us: i64,
+        to_us: i64,
+        seen: u64,
+    ) -> Result<(), ReplayError> {
+        let mut window = State::default();
+        let mut failed = None;
+        log.scan(
+            vm,
+            &Query {
+                from_us: Some(from_us),
+                to_us: Some(to_us),
+                ..Default::default()
+            },
+            |r| {
+                if r.entry.seq > seen {
+                    return ControlFlow::Break(());
+                }
+                window.take_item(&self.mem, &r.entry);
+                match self.mark(&r.entry) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        failed = Some(e);
+                        ControlFlow::Break(())
+                    }
+                }
+            },
+        )?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        self.mem = window;
+        self.min_mark = 1;
+        Ok(())
+    }
+
+    /// Marks the row or key `e` changed as in the window.
+    fn mark(&mut self, e: &Entry) -> Result<(), ReplayError> {
+        match e.data_type {
+            DataType::Sqlite => {
+                if let Ok(key) = canonical_key(&e.key) {
+                    self.run(
+                        "UPDATE rows SET mark = 1 WHERE db = ?1 AND tbl = ?2 AND key = ?3",
+                        params![e.source, e.collection, key],
+                    )?;
+                }
+            }
+            DataType::Kv => self.run(
+                "UPDATE kv SET mark = 1 WHERE store = ?1 AND key = ?2",
+                params![e.source, e.key],
+            )?,
+            DataType::Json => {}
+        }
+        Ok(())
+    }
+
+    /// Writes the state under `out` like [`State::write_to`] (the rows and keys read
+    /// back page by page).
+    pub async fn write_to(&mut self, out: &Path) -> Result<Written, ReplayError> {
+        if self.in_tx > 0 || !self.conn.is_autocommit() {
+            self.conn
+                .execute_batch("COMMIT")
+                .map_err(|e| self.fail(e))?;
+            self.in_tx = 0;
+        }
+        let shape = std::mem::take(&mut self.mem);
+        let written = write_state(&shape, &*self, out).await;
+        self.mem = shape;
+        written
+    }
+}
+
+impl Pages for Spilled {
+    fn row_page(&self, db: &str, table: &str, after: Option<&str>) -> Result<RowPage, ReplayError> {
+        // Two statements, not `?4 IS NULL OR key > ?4`: the key's range must reach the
+        // index, or every page would scan the table from its first row.
+        let sql = match after {
+            Some(_) => {
+                "SELECT key, row FROM rows WHERE db = ?1 AND tbl = ?2 AND mark >= ?3
+                 AND key > ?4 ORDER BY key LIMIT ?5"
+            }
+            None => {
+                "SELECT key, row FROM rows WHERE db = ?1 AND tbl = ?2 AND mark >= ?3
+                 AND ?4 IS NULL ORDER BY key LIMIT ?5"
+            }
+        };
+        let mut st = self.conn.prepare_cached(sql).map_err(|e| self.fail(e))?;
+        let rows = st
+            .query_map(params![db, table, self.min_mark, after, PAGE as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.fail(e))?;
+        // The scratch rows were JSON objects when they went in.
+        Ok(rows
+            .into_iter()
+            .filter_map(|(key, text)| match serde_json::from_str(&text) {
+                Ok(Value::Object(row)) => Some((key, row)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn kv_page(
+        &self,
+        store: &str,
+        after: Option<&str>,
+    ) -> Result<Vec<(String, String)>, ReplayError> {
+        let sql = match after {
+            Some(_) => {
+                "SELECT key, value FROM kv WHERE store = ?1 AND mark >= ?2 AND key > ?3
+                 ORDER BY key LIMIT ?4"
+            }
+            None => {
+                "SELECT key, value FROM kv WHERE store = ?1 AND mark >= ?2 AND ?3 IS NULL
+                 ORDER BY key LIMIT ?4"
+            }
+        };
+        let mut st = self.conn.prepare_cached(sql).map_err(|e| self.fail(e))?;
+        st.query_map(params![store, self.min_mark, after, PAGE as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| self.fail(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::provenance::LogOptions;
+
+    const T0: i64 = 1_790_000_000_000_000;
+
+    fn entry(
+        seq: u64,
+        dt: DataType,
+        op: Operation,
+        source: &str,
+        coll: &str,
+        key: &str,
+        new: Option<&str>,
+    ) -> Entry {
+        Entry {
+            seq,
+            guest_time_us: T0 + seq as i64 * 1000,
+            data_type: dt,
+            op,
+            source: source.into(),
+            collection: coll.into(),
+            key: key.into(),
+            old: None,
+            new: new.map(str::to_string),
+            tx: None,
+        }
+    }
+
+    /// A log touching every kind of source, with updates, deletes, refused entries
+    /// and rows SQLite refuses.
+    fn log_of_every_kind(dir: &Path) -> ProvenanceLog {
+        use DataType::{Json, Kv, Sqlite};
+        use Operation::{Delete, Insert, Schema, Update};
+        let log = ProvenanceLog::open(dir.to_path_buf(), LogOptions::default()).unwrap();
+        let mut es = Vec::new();
+        let mut push = |dt, op, source: &str, coll: &str, key: &str, new: Option<&str>| {
+            let seq = es.len() as u64 + 1;
+            es.push(entry(seq, dt, op, source, coll, key, new));
+        };
+        let db = "/data/app.db";
+        push(
+            Sqlite,
+            Schema,
+            db,
+            "t",
+            "",
+            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, n INTEGER) STRICT""#),
+        );
+        push(
+            Sqlite,
+            Schema,
+            db,
+            "u",
+            "",
+            Some(r#""CREATE TABLE u(k TEXT PRIMARY KEY, b BLOB)""#),
+        );
+        push(
+            Sqlite,
+            Schema,
+            db,
+            "bad",
+            "",
+            Some(r#""CREATE TABLE bad(x); DROP TABLE t""#),
+        );
+        for i in 0..600 {
+            let row = format!(r#"{{"id":{i},"v":"row {i}","n":{i}}}"#);
+            push(Sqlite, Insert, db, "t", &format!("[{i}]"), Some(&row));
+            push(
+                Kv,
+                Insert,
+                "/etc/app.env",
+                "",
+                &format!("K{i:04}"),
+                Some(&format!(r#""v{i}""#)),
+            );
+        }
+        push(
+            Sqlite,
+            Insert,
+            db,
+            "u",
+            r#"["a"]"#,
+            Some(r#"{"k":"a","b":{"$blob":"00ff"}}"#),
+        );
+        push(
+            Sqlite,
+            Insert,
+            db,
+            "t",
+            "[9000]",
+            Some(r#"{"id":9000,"nope":1}"#),
+        );
+        push(
+            Sqlite,
+            Insert,
+            db,
+            "t",
+            "[9001]",
+            Some(r#"{"id":9001,"n":"text"}"#),
+        );
+        push(Sqlite, Insert, db, "missing", "[1]", Some(r#"{"id":1}"#));
+        push(Sqlite, Insert, db, "t", "[1]", Some("[1]"));
+        push(Kv, Insert, "/etc/keys/", "", "token", Some(r#""abc""#));
+        push(Kv, Insert, "/etc/keys/", "", "other", Some(r#""def""#));
+        push(
+            Json,
+            Insert,
+            "/etc/app.json",
+            "",
+            "",
+            Some(r#"{"a":{"b":1},"l":[1,2]}"#),
+        );
+        push(Json, Update, "/etc/app.json", "", "/a/b", Some("2"));
+        push(Json, Insert, "/etc/app.json", "", "/no/such", Some("1"));
+        // The window: from here on.
+        for i in (0..600).step_by(7) {
+            let row = format!(r#"{{"id":{i},"v":"new {i}","n":{}}}"#, i * 2);
+            push(Sqlite, Update, db, "t", &format!("[ {i} ]"), Some(&row));
+        }
+        for i in (0..600).step_by(5) {
+            push(Sqlite, Delete, db, "t", &format!("[{i}]"), None);
+            push(Kv, Delete, "/etc/app.env", "", &format!("K{i:04}"), None);
+        }
+        push(
+            Kv,
+            Update,
+            "/etc/app.env",
+            "",
+            "K0001",
+            Some(r#""changed""#),
+        );
+        push(Kv, Update, "/etc/keys/", "", "token", Some(r#""xyz""#));
+        push(Kv, Insert, "/etc/other.env", "", "A", Some(r#""1""#));
+        push(Json, Insert, "/etc/second.json", "", "", Some(r#"[1]"#));
+        push(Kv, Schema, "/etc/app.env", "", "", Some(r#""x""#));
+        for chunk in es.chunks(500) {
+            log.append("vm", T0, chunk).unwrap();
+        }
+        log
+    }
+
+    /// Every file under `dir`: a database as its definitions and rows, others as text.
+    fn tree(dir: &Path) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for f in std::fs::read_dir(&d).unwrap() {
+                let p = f.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                    continue;
+                }
+                let name = p.strip_prefix(dir).unwrap().display().to_string();
+                let text = if name.ends_with(".db") {
+                    dump(&p)
+                } else {
+                    std::fs::read_to_string(&p).unwrap()
+                };
+                out.insert(name, text);
+            }
+        }
+        out
+    }
+
+    fn dump(db: &Path) -> String {
+        let conn = Connection::open(db).unwrap();
+        let mut text = String::new();
+        let tables: Vec<(String, String)> = conn
+            .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for (name, sql) in tables {
+            text += &format!("{sql}\n");
+            let mut st = conn
+                .prepare(&format!("SELECT * FROM \"{name}\" ORDER BY 1"))
+                .unwrap();
+            let n = st.column_count();
+            let mut rows = st.query([]).unwrap();
+            while let Some(r) = rows.next().unwrap() {
+                for i in 0..n {
+                    text += &match r.get_ref(i).unwrap() {
+                        rusqlite::types::ValueRef::Text(t) => {
+                            format!("Text({:?}) ", String::from_utf8_lossy(t))
+                        }
+                        v => format!("{v:?} "),
+                    };
+                }
+                text += "\n";
+            }
+        }
+        text
+    }
+
+    async fn spilled(log: &ProvenanceLog, from: Option<i64>, out: &Path) -> (Summary, Written) {
+        let mut s = Spilled::create(out).unwrap();
+        let summary = s.rebuild(log, "vm", from, i64::MAX).unwrap();
+        let written = s.write_to(out).await.unwrap();
+        (summary, written)
+    }
+
+    #[tokio::test]
+    async fn a_spilled_replay_writes_what_the_in_memory_one_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of_every_kind(&dir.path().join("log"));
+        let window = T0 + 1214 * 1000;
+        for from in [None, Some(window)] {
+            let (a, b) = (dir.path().join("mem"), dir.path().join("disk"));
+            let _ = std::fs::remove_dir_all(&a);
+            let _ = std::fs::remove_dir_all(&b);
+            let (state, mem_summary) = crate::replay::rebuild(&log, "vm", from, i64::MAX).unwrap();
+            let mem_written = state.write_counted(&a).await.unwrap();
+            let (summary, written) = spilled(&log, from, &b).await;
+            assert_eq!(summary, mem_summary, "window {from:?}");
+            assert!(summary.skipped >= 4, "{summary:?}");
+            assert_eq!(written.rows_skipped, mem_written.rows_skipped);
+            let (ta, tb) = (tree(&a), tree(&b));
+            assert_eq!(ta, tb, "window {from:?}");
+            assert!(
+                tb.keys().all(|f| !f.contains("scratch")),
+                "the scratch file is gone"
+            );
+            assert!(tb.contains_key("etc/keys/token"));
+            match from {
+                None => {
+                    assert_eq!(written.rows_skipped, 2);
+                    assert!(tb["data/app.db"].contains("Text(\"row 1\")"));
+                    assert!(tb["etc/app.env"].lines().count() > 400);
+                }
+                Some(_) => {
+                    // Only what the window changed: updated rows, not the untouched ones.
+                    assert!(!tb["data/app.db"].contains("Text(\"row 1\")"));
+                    assert!(tb["data/app.db"].contains("Text(\"new 7\")"));
+                    assert_eq!(tb["etc/app.env"], "K0001=changed\n");
+                    assert!(!tb.contains_key("etc/app.json"));
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spilled_replay_applies_the_log_on_a_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_of_every_kind(&dir.path().join("log"));
+        let mut base = State::default();
+        for (i, e) in (0..40).map(|i| {
+            (
+                i,
+                entry(
+                    1,
+                    DataType::Kv,
+                    Operation::Insert,
+                    "/etc/base.env",
+                    "",
+                    &format!("B{i}"),
+                    Some(r#""base""#),
+                ),
+            )
+        }) {
+            let _ = i;
+            base.apply(&e).unwrap();
+        }
+        base.apply(&entry(
+            1,
+            DataType::Sqlite,
+            Operation::Schema,
+            "/data/app.db",
+            "t",
+            "",
+            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, n INTEGER) STRICT""#),
+        ))
+        .unwrap();
+        base.apply(&entry(
+            1,
+            DataType::Sqlite,
+            Operation::Insert,
+            "/data/app.db",
+            "t",
+            "[5000]",
+            Some(r#"{"id":5000,"v":"from the base","n":1}"#),
+        ))
+        .unwrap();
+        base.apply(&entry(
+            1,
+            DataType::Json,
+            Operation::Insert,
+            "/etc/base.json",
+            "",
+            "",
+            Some(r#"{"b":true}"#),
+        ))
+        .unwrap();
+        let query = Query {
+            from_us: Some(T0 + 900 * 1000),
+            ..Default::default()
+        };
+        let (a, b) = (dir.path().join("mem"), dir.path().join("disk"));
+        let mut state = base.clone();
+        let mut mem_summary = Summary::default();
+        log.scan("vm", &query, |r| {
+            state.apply_counted(&r, &mut mem_summary);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        state.write_counted(&a).await.unwrap();
+        let mut s = Spilled::create(&b).unwrap();
+        s.load(base).unwrap();
+        let (summary, _) = s.apply_log(&log, "vm", &query, u64::MAX).unwrap();
+        s.write_to(&b).await.unwrap();
+        drop(s);
+        assert_eq!(summary, mem_summary);
+        let (ta, tb) = (tree(&a), tree(&b));
+        assert_eq!(ta, tb);
+        assert!(tb["data/app.db"].contains("from the base"));
+        assert_eq!(tb["etc/base.env"].lines().count(), 40);
+    }
+}
