@@ -93,7 +93,11 @@ async fn qemu_a_weave_guest_gets_its_address_by_dhcp_and_serves_http() -> anyhow
         Duration::from_secs(60),
         &format!("a tick over HTTP on port {port}"),
         // The guest rewrites now.txt every second: a read can find it just truncated.
-        || async move { Ok(http(port, "now.txt").ok().filter(|t| t.starts_with("tick "))) },
+        || async move {
+            Ok(http(port, "now.txt")
+                .ok()
+                .filter(|t| t.starts_with("tick ")))
+        },
     )
     .await?;
     ensure!(
