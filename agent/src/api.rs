@@ -1222,19 +1222,7 @@ async fn weave_start(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    let weaves = state.weaves.clone();
-    env_change(
-        state,
-        peer,
-        headers,
-        name,
-        "weave.start",
-        |m, n| async move {
-            weaves.ensure(&n, "start").await?;
-            m.start(&n).await
-        },
-    )
-    .await
+    weave_run(state, peer, headers, name, true).await
 }
 
 async fn weave_stop(
@@ -1243,18 +1231,31 @@ async fn weave_stop(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
+    weave_run(state, peer, headers, name, false).await
+}
+
+/// Starts or stops a weave's QEMU; refuses an environment that is not a weave.
+async fn weave_run(
+    state: AppState,
+    peer: Peer,
+    headers: HeaderMap,
+    name: String,
+    start: bool,
+) -> Result<Json<EnvironmentView>, EnvError> {
     let weaves = state.weaves.clone();
-    env_change(
-        state,
-        peer,
-        headers,
-        name,
-        "weave.stop",
-        |m, n| async move {
-            weaves.ensure(&n, "stop").await?;
+    let (action, verb) = if start {
+        ("weave.start", "start")
+    } else {
+        ("weave.stop", "stop")
+    };
+    env_change(state, peer, headers, name, action, move |m, n| async move {
+        weaves.ensure(&n, verb).await?;
+        if start {
+            m.start(&n).await
+        } else {
             m.stop(&n).await
-        },
-    )
+        }
+    })
     .await
 }
 

@@ -6,56 +6,14 @@
 //! the size of the state; it is alone in its binary so that no other test allocates
 //! meanwhile. The output must be the in-memory replay's, row for row.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use weft::provenance::{LogOptions, ProvenanceLog};
 use weft::replay_spill::Spilled;
 use weft_dpa::{DataType, Entry, Operation};
 
-/// The system allocator, counting the bytes in use and their peak.
-struct Counting;
-
-static IN_USE: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-fn grew(by: usize) {
-    let now = IN_USE.fetch_add(by, Ordering::Relaxed) + by;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-// SAFETY: every call goes to `System` with the caller's layout and pointer unchanged;
-// only the counters are added.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: the caller's contract for `alloc` is passed on as is.
-        let p = unsafe { System.alloc(layout) };
-        if !p.is_null() {
-            grew(layout.size());
-        }
-        p
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` was allocated by `System` (through `alloc`) with `layout`.
-        unsafe { System.dealloc(ptr, layout) };
-        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        // SAFETY: `ptr` and `layout` are the caller's, from this allocator.
-        let p = unsafe { System.realloc(ptr, layout, new_size) };
-        if !p.is_null() {
-            IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
-            grew(new_size);
-        }
-        p
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+#[path = "common/counting.rs"]
+mod counting;
 
 const T0: i64 = 1_790_000_000_000_000;
 /// New rows (and as many new keys) in the state, 1 KiB each.
@@ -161,8 +119,7 @@ fn a_replay_written_out_holds_neither_the_log_nor_the_state() {
         .build()
         .unwrap();
     let disk = dir.path().join("disk");
-    let before = IN_USE.load(Ordering::Relaxed);
-    PEAK.store(before, Ordering::Relaxed);
+    let before = counting::start();
     sqlite_highwater(true);
     let started = std::time::Instant::now();
     let (summary, written) = rt.block_on(async {
@@ -171,7 +128,7 @@ fn a_replay_written_out_holds_neither_the_log_nor_the_state() {
         let written = spilled.write_to(&disk).await.unwrap();
         (summary, written)
     });
-    let heap = PEAK.load(Ordering::Relaxed) - before;
+    let heap = counting::peak_since(before);
     let sqlite = sqlite_highwater(false);
     let secs = started.elapsed().as_secs_f64();
 
