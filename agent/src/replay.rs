@@ -57,6 +57,23 @@ pub struct Summary {
     pub files: Vec<String>,
 }
 
+impl Summary {
+    /// Counts record `r` as applied, or as skipped with one warning saying why.
+    pub fn count(&mut self, r: &Record, outcome: Result<(), String>) {
+        match outcome {
+            Ok(()) => {
+                self.applied += 1;
+                self.last_seq = r.entry.seq;
+                self.last_guest_time_us = Some(r.entry.guest_time_us);
+            }
+            Err(why) => {
+                tracing::warn!(vm = %r.vm, seq = r.entry.seq, %why, "replay skipped an entry");
+                self.skipped += 1;
+            }
+        }
+    }
+}
+
 /// Errors of the replay engine.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -104,17 +121,8 @@ impl State {
 
     /// Applies one record, counting it in `summary` as applied or skipped.
     pub fn apply_counted(&mut self, r: &Record, summary: &mut Summary) {
-        match self.apply(&r.entry) {
-            Ok(()) => {
-                summary.applied += 1;
-                summary.last_seq = r.entry.seq;
-                summary.last_guest_time_us = Some(r.entry.guest_time_us);
-            }
-            Err(why) => {
-                tracing::warn!(vm = %r.vm, seq = r.entry.seq, %why, "replay skipped an entry");
-                summary.skipped += 1;
-            }
-        }
+        let outcome = self.apply(&r.entry);
+        summary.count(r, outcome);
     }
 
     /// Applies one entry.

@@ -127,17 +127,8 @@ impl Spilled {
     /// Applies one record, counting it in `summary` as applied or skipped (like
     /// [`State::apply_counted`]); only a failure of the scratch database is an error.
     pub fn apply_counted(&mut self, r: &Record, summary: &mut Summary) -> Result<(), ReplayError> {
-        match self.apply(&r.entry)? {
-            Ok(()) => {
-                summary.applied += 1;
-                summary.last_seq = r.entry.seq;
-                summary.last_guest_time_us = Some(r.entry.guest_time_us);
-            }
-            Err(why) => {
-                tracing::warn!(vm = %r.vm, seq = r.entry.seq, %why, "replay skipped an entry");
-                summary.skipped += 1;
-            }
-        }
+        let outcome = self.apply(&r.entry)?;
+        summary.count(r, outcome);
         Ok(())
     }
 
