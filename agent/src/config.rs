@@ -46,6 +46,17 @@ pub struct Config {
     pub dpa: crate::dpa::DpaSettings,
     /// The provenance log of guest data changes.
     pub provenance: ProvenanceSettings,
+    /// Disks served by weft-blk.
+    pub blk: BlkSettings,
+}
+
+/// Disks served by weft-blk (`[blk]` in weftd.toml; see docs/weft-blk.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlkSettings {
+    /// What a system call outside weft-blk's seccomp allow-list does: `"kill"` the
+    /// process (default), `"log"` it and let it go ahead, or `"off"` (no filter).
+    pub seccomp: weft_blockdev::blk::seccomp::Mode,
 }
 
 /// The provenance log (`[provenance]` in weftd.toml; see docs/provenance.md).
@@ -185,6 +196,7 @@ impl Default for Config {
             net: NetSettings::default(),
             dpa: crate::dpa::DpaSettings::default(),
             provenance: ProvenanceSettings::default(),
+            blk: BlkSettings::default(),
         }
     }
 }

@@ -142,13 +142,39 @@ async fn the_device_starts_outlives_weftd_and_stops_cleanly() {
         .expect("pid");
     let cmd = cmdline(pid);
     assert!(cmd.contains("--guest-cid 40"), "{cmd}");
-    assert!(cmd.contains(&p.uds.display().to_string()), "{cmd}");
+    assert!(cmd.contains("--uds-path vsock"), "{cmd}");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd"),
+        p.dir
+    );
     assert_eq!(hello_on(&p.listener).await, 0);
     let mode = std::fs::metadata(run.join("vsock"))
         .expect("dir")
         .permissions();
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert_eq!(mode.mode() & 0o777, 0o700);
+    // Confined: the VM's own user (device_id_base + CID), no capabilities,
+    // no_new_privs, seccomp; its directory is that user's, 0700.
+    let want = weft::dpa::DEFAULT_DEVICE_ID_BASE + 40;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .map(|v| v.split_whitespace().map(String::from).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(field("Uid"), vec![want.to_string(); 4], "{status}");
+    assert_eq!(field("Gid"), vec![want.to_string(); 4], "{status}");
+    assert!(field("Groups").is_empty(), "{status}");
+    assert_eq!(field("CapEff"), ["0000000000000000"], "{status}");
+    assert_eq!(field("CapPrm"), ["0000000000000000"], "{status}");
+    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    assert_eq!(field("Seccomp"), ["2"], "{status}");
+    let m = std::fs::metadata(&p.dir).expect("vm dir");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (want, want, 0o700));
+    let m = std::fs::symlink_metadata(&p.listener).expect("listener");
+    assert_eq!(m.uid(), want, "the device's user must reach weftd's listener");
 
     // weftd goes away: the device stays; the next weftd adopts it and listens again.
     drop(host);
