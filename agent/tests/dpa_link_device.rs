@@ -174,7 +174,11 @@ async fn the_device_starts_outlives_weftd_and_stops_cleanly() {
     let m = std::fs::metadata(&p.dir).expect("vm dir");
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (want, want, 0o700));
     let m = std::fs::symlink_metadata(&p.listener).expect("listener");
-    assert_eq!(m.uid(), want, "the device's user must reach weftd's listener");
+    assert_eq!(
+        m.uid(),
+        want,
+        "the device's user must reach weftd's listener"
+    );
 
     // weftd goes away: the device stays; the next weftd adopts it and listens again.
     drop(host);

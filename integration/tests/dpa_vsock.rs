@@ -266,23 +266,44 @@ async fn qemu_a_guest_dpa_connection_reaches_weftd_over_vhost_user_vsock() -> an
     };
     let uid: u32 = field("Uid").first().context("Uid")?.parse()?;
     ensure!(
-        uid >= weft::dpa::DEFAULT_DEVICE_ID_BASE && field("Uid").iter().all(|u| *u == uid.to_string()),
+        uid >= weft::dpa::DEFAULT_DEVICE_ID_BASE
+            && field("Uid").iter().all(|u| *u == uid.to_string()),
         "the vsock device runs as uids {:?}",
         field("Uid")
     );
-    ensure!(field("Gid").iter().all(|g| *g == uid.to_string()), "gids {:?}", field("Gid"));
+    ensure!(
+        field("Gid").iter().all(|g| *g == uid.to_string()),
+        "gids {:?}",
+        field("Gid")
+    );
     ensure!(field("Groups").is_empty(), "groups {:?}", field("Groups"));
     for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
-        ensure!(field(caps) == ["0000000000000000"], "{caps} {:?}", field(caps));
+        ensure!(
+            field(caps) == ["0000000000000000"],
+            "{caps} {:?}",
+            field(caps)
+        );
     }
-    ensure!(field("NoNewPrivs") == ["1"], "NoNewPrivs {:?}", field("NoNewPrivs"));
+    ensure!(
+        field("NoNewPrivs") == ["1"],
+        "NoNewPrivs {:?}",
+        field("NoNewPrivs")
+    );
     ensure!(field("Seccomp") == ["2"], "Seccomp {:?}", field("Seccomp"));
     {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(&vm_dir)?;
-        ensure!(m.uid() == uid && m.mode() & 0o777 == 0o700, "{} is {m:?}", vm_dir.display());
+        ensure!(
+            m.uid() == uid && m.mode() & 0o777 == 0o700,
+            "{} is {m:?}",
+            vm_dir.display()
+        );
         let m = std::fs::metadata(&vsock_dir)?;
-        ensure!(m.uid() == 0 && m.mode() & 0o077 == 0, "{} is {m:?}", vsock_dir.display());
+        ensure!(
+            m.uid() == 0 && m.mode() & 0o077 == 0,
+            "{} is {m:?}",
+            vsock_dir.display()
+        );
     }
 
     // weftd dies and comes back: the device (and the guest's vsock) live on, and the

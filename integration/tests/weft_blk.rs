@@ -82,23 +82,27 @@ impl Blk {
         let log = self.log.clone();
         let pid = self.child.id();
         let exited = &mut self.child;
-        wait_until(Duration::from_secs(20), "weft-blk's socket and seccomp filter", || {
-            // It serves the guest confined: filter mode once it listens.
-            let there = socket.exists()
-                && std::fs::read_to_string(format!("/proc/{pid}/status"))
-                    .is_ok_and(|s| s.lines().any(|l| l == "Seccomp:\t2"));
-            let status = exited.try_wait().ok().flatten();
-            let log = log.clone();
-            async move {
-                if let Some(s) = status {
-                    anyhow::bail!(
-                        "weft-blk exited ({s}): {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
+        wait_until(
+            Duration::from_secs(20),
+            "weft-blk's socket and seccomp filter",
+            || {
+                // It serves the guest confined: filter mode once it listens.
+                let there = socket.exists()
+                    && std::fs::read_to_string(format!("/proc/{pid}/status"))
+                        .is_ok_and(|s| s.lines().any(|l| l == "Seccomp:\t2"));
+                let status = exited.try_wait().ok().flatten();
+                let log = log.clone();
+                async move {
+                    if let Some(s) = status {
+                        anyhow::bail!(
+                            "weft-blk exited ({s}): {}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        );
+                    }
+                    Ok(there.then_some(()))
                 }
-                Ok(there.then_some(()))
-            }
-        })
+            },
+        )
         .await
     }
 

@@ -15,11 +15,11 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use serde::Deserialize;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
+use serde::Deserialize;
 
 /// Who the vsock device runs as (`[dpa] device_user` in weftd.toml).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
@@ -43,7 +43,12 @@ impl TryFrom<String> for DeviceUser {
         Ok(match s.as_str() {
             "per-vm" => DeviceUser::PerVm,
             "root" | "0" => DeviceUser::Root,
-            "" => return Err("dpa.device_user must not be empty: use \"per-vm\", a user name or \"root\"".into()),
+            "" => {
+                return Err(
+                    "dpa.device_user must not be empty: use \"per-vm\", a user name or \"root\""
+                        .into(),
+                )
+            }
             _ => DeviceUser::Named(s),
         })
     }
@@ -356,9 +361,14 @@ mod tests {
         assert!(DeviceUser::PerVm.ids(u32::MAX - 3, 7).is_err());
         assert_eq!(DeviceUser::Root.ids(0, 7), Ok(None));
         assert_eq!(u("root").and_then(|d| d.ids(0, 3)), Ok(None));
-        let nobody = DeviceUser::Named("nobody".into()).ids(0, 3).unwrap().unwrap();
+        let nobody = DeviceUser::Named("nobody".into())
+            .ids(0, 3)
+            .unwrap()
+            .unwrap();
         assert_eq!(nobody.uid, 65534);
-        assert!(DeviceUser::Named("no-such-user-weft".into()).ids(0, 3).is_err());
+        assert!(DeviceUser::Named("no-such-user-weft".into())
+            .ids(0, 3)
+            .is_err());
         assert!(device_filters().is_ok());
     }
 
@@ -403,7 +413,11 @@ open("made-here", "w").write("x")
         }
         let out = cmd.output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let want = format!(
             "ids 2000000007 2000000007 [] {}\ncaps 0000000000000000\n\
              inet 1\nnetlink 1\nunix ok\nunshare -1 1\nptrace -1 1\nsetuid -1 1\n",

@@ -189,6 +189,14 @@ fn is_our_device(pid: u32, p: &VsockPaths) -> bool {
         && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == p.dir)
 }
 
+/// When process `pid` started (clock ticks after boot, `/proc/<pid>/stat` field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    // Fields from the third (state) on; start time is the 22nd overall.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Whether process `pid` listens on a unix socket it bound as `name` (the path as
 /// the process gave it, here relative to its working directory), from its
 /// descriptors and `/proc/net/unix`: no connection is made.
@@ -419,8 +427,7 @@ impl VsockHost {
         // directory (whatever that device's user left in it).
         self.stop_device(&p, None).await;
         remove_dir_quietly(&p.dir);
-        make_vm_dir(&p.dir, ids)
-            .map_err(|e| format!("cannot make {}: {e}", p.dir.display()))?;
+        make_vm_dir(&p.dir, ids).map_err(|e| format!("cannot make {}: {e}", p.dir.display()))?;
         let listener = self.listen_unix(vm, &p, ids)?;
         lock(&self.active).insert(
             vm.to_string(),
@@ -580,9 +587,12 @@ impl VsockHost {
                 .map(|pid| Device { pid, exited: None })
         });
         if let Some(Device { pid, exited }) = device {
+            // Not `is_our_device`: an exiting process loses its working directory
+            // before it is gone. Its start time tells a recycled pid apart.
+            let started = start_time(pid);
             let gone = |exited: &Option<watch::Receiver<bool>>| match exited {
                 Some(rx) => *rx.borrow(),
-                None => !is_our_device(pid, p),
+                None => !launch::process_alive(pid) || start_time(pid) != started,
             };
             for (sig, wait) in [
                 (nix::sys::signal::Signal::SIGTERM, DEVICE_STOP_TIMEOUT),

@@ -167,7 +167,11 @@ fn allow_list(mode: Mode) -> Result<BpfProgram, SeccompError> {
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(
         libc::SYS_clone,
-        vec![rule(vec![cond(0, SeccompCmpOp::MaskedEq(thread), thread)?])?],
+        vec![rule(vec![cond(
+            0,
+            SeccompCmpOp::MaskedEq(thread),
+            thread,
+        )?])?],
     );
     rules.insert(libc::SYS_clone3, Vec::new());
     // prctl: naming threads only.
