@@ -1,5 +1,6 @@
 //! weft-blk confines itself before it serves a guest: the real binary, on a real
-//! chunk store, runs in seccomp filter mode with no_new_privs once it listens, still
+//! chunk store, runs without capabilities and in seccomp filter mode with
+//! no_new_privs once it listens, still
 //! flushes and exits cleanly on SIGTERM under the filter, and is killed (SIGSYS) when
 //! it makes a forbidden system call from inside the real filter (the test-only
 //! `--selftest-forbidden`). `integration/tests/weft_blk.rs` then serves a real guest
@@ -118,6 +119,14 @@ fn weft_blk_serves_under_its_seccomp_filter_and_forbidden_calls_kill_it() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(status_field(child.id(), "NoNewPrivs").as_deref(), Some("1"));
+    // Root without capabilities: no way into root's other processes.
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            status_field(child.id(), caps).as_deref(),
+            Some("0000000000000000"),
+            "{caps}"
+        );
+    }
     assert_eq!(
         status_field(child.id(), "Seccomp_filters").as_deref(),
         Some("2")

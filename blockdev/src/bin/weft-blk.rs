@@ -2,8 +2,9 @@
 //! write layer) to QEMU as a vhost-user-blk device. weftd starts one per served disk;
 //! it can also be run by hand (see `docs/weft-blk.md`).
 //!
-//! Once its files are open and its socket listens, and before it serves QEMU, it
-//! confines itself with a seccomp allow-list (`--seccomp`, `weft_blockdev::blk::seccomp`).
+//! At its start it drops every capability (it stays uid 0, owner of its files); once
+//! its files are open and its socket listens, and before it serves QEMU, it confines
+//! itself with a seccomp allow-list (`--seccomp`, `weft_blockdev::blk::seccomp`).
 //!
 //! Exit codes: 0 after SIGTERM/SIGINT (the write layer flushed), 1 on a runtime
 //! failure (or when the seccomp filter cannot be installed), 2 when the spec or its
@@ -78,6 +79,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Before any thread starts (capabilities are per thread; new ones inherit them).
+    if args.seccomp != seccomp::Mode::Off {
+        if let Err(e) = seccomp::drop_capabilities() {
+            eprintln!("weft-blk: cannot drop capabilities (or run with --seccomp off): {e}");
+            return ExitCode::from(1);
+        }
+    }
     let spec = match DiskSpec::load(&args.spec) {
         Ok(s) => s,
         Err(e) => {

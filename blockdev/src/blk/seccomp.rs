@@ -6,6 +6,9 @@
 //! credentials: any system call outside the list kills the process (`Kill`), or is
 //! logged by the kernel and allowed (`Log`, to find a call the list misses).
 //!
+//! Before any of that, at its start, weft-blk drops every capability
+//! ([`drop_capabilities`]): it stays uid 0, owner of the files it serves.
+//!
 //! What it still may do: read and write files (the chunk store's chunk files are
 //! opened as reads need them, the write layer's journal is rewritten), accept QEMU on
 //! the socket it already listens on, map the guest memory QEMU sends, and start
@@ -224,6 +227,75 @@ pub fn install(mode: Mode) -> Result<(), SeccompError> {
     let list = allow_list(mode)?;
     seccompiler::apply_filter_all_threads(&first).map_err(SeccompError::Install)?;
     seccompiler::apply_filter_all_threads(&list).map_err(SeccompError::Install)?;
+    Ok(())
+}
+
+/// `capset`'s header and data (linux/capability.h, version 3: two 32-bit words).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// Drops every capability of the calling thread: bounding set (when it may), ambient,
+/// effective, permitted and inheritable. weft-blk stays uid 0, so it still reads and
+/// writes root's own files (the store, the write layers: owner permissions need no
+/// capability), but it can no longer override file permissions, trace or open the
+/// memory of root's other processes (`/proc/<pid>/mem` of a process with more
+/// capabilities needs CAP_SYS_PTRACE), or act on anything that needs a capability.
+/// Threads started afterwards inherit this; call it before starting any.
+pub fn drop_capabilities() -> std::io::Result<()> {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if rc < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                // Past the last capability this kernel knows.
+                Some(libc::EINVAL) => break,
+                // Without CAP_SETPCAP (not root): the empty sets below still hold.
+                Some(libc::EPERM) => break,
+                _ => return Err(std::io::Error::last_os_error()),
+            }
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: header and data are valid for the kernel to read (version 3 reads two
+    // data structs); pid 0 is the calling thread.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
