@@ -1,6 +1,7 @@
 //! Feeds an arbitrary disk image, as a guest's disk could hold it, to what
 //! `weft replay --base`, compose data merges and reconciliation do with a disk
-//! snapshot's file system: `ext4_view::Ext4::load`, then
+//! snapshot's file system: `weft::replay_base::load_ext4` (`ext4_view::Ext4::load`
+//! behind a superblock check), then
 //! `weft::replay_base::extract` for the sources a provenance log could name (a JSON
 //! document, a key-value file, a key-value directory, a SQLite database with its
 //! write-ahead log; guest paths with `..`, doubled and trailing slashes).
@@ -11,9 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use ext4_view::Ext4;
 use libfuzzer_sys::fuzz_target;
-use weft::replay_base::{extract, Sources};
+use weft::replay_base::{extract, load_ext4, Sources};
 
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -37,7 +37,7 @@ fn sources() -> Sources {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(fs) = Ext4::load(Box::new(data.to_vec())) else {
+    let Ok(fs) = load_ext4(Box::new(data.to_vec())) else {
         return;
     };
     if let Ok(x) = extract(&fs, &sources(), scratch()) {
