@@ -121,18 +121,28 @@ impl SnapshotDisk {
     }
 }
 
-/// Loads the ext4 file system `reader` holds (from its first byte). A superblock
-/// that `ext4-view` 0.9 panics on is refused first: zero blocks per group makes
-/// `Ext4::load` divide by zero (found by the `ext4_base` fuzz target).
+/// Loads the ext4 file system `reader` holds (from its first byte). Superblocks that
+/// `ext4-view` 0.9 panics on are refused first, as the kernel refuses them (both
+/// found by the `ext4_base` fuzz target): zero blocks per group (a division by zero
+/// in `Ext4::load`), and with the 64-bit feature a group descriptor size outside
+/// 64..=1024 or not a power of two (descriptors read past their end).
 pub fn load_ext4(mut reader: Box<dyn ext4_view::Ext4Read>) -> Result<Ext4, String> {
+    const INCOMPAT_64BIT: u32 = 0x80;
     let mut sb = [0u8; 1024];
     reader
         .read(1024, &mut sb)
         .map_err(|e| format!("the ext4 superblock: {e}"))?;
-    if sb[0x20..0x24] == [0, 0, 0, 0] {
-        return Err(
-            "the ext4 file system is corrupt: its superblock says 0 blocks per group".into(),
-        );
+    let u32_at = |at: usize| u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]]);
+    let corrupt =
+        |what: String| format!("the ext4 file system is corrupt: its superblock says {what}");
+    if u32_at(0x20) == 0 {
+        return Err(corrupt("0 blocks per group".into()));
+    }
+    let desc_size = u16::from_le_bytes([sb[0xfe], sb[0xff]]);
+    if u32_at(0x60) & INCOMPAT_64BIT != 0
+        && (!(64..=1024).contains(&desc_size) || !desc_size.is_power_of_two())
+    {
+        return Err(corrupt(format!("group descriptors of {desc_size} bytes")));
     }
     Ext4::load(reader).map_err(|e| format!("the ext4 file system: {e}"))
 }
