@@ -37,7 +37,7 @@ fn sources() -> Sources {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(fs) = load_ext4(Box::new(data.to_vec())) else {
+    let Ok(fs) = load_ext4(Box::new(data.to_vec()), data.len() as u64) else {
         return;
     };
     if let Ok(x) = extract(&fs, &sources(), scratch()) {
