@@ -172,6 +172,8 @@ async fn start_one(
         .arg(&spec)
         .arg("--socket")
         .arg(socket)
+        .arg("--seccomp")
+        .arg(config.blk.seccomp.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(err))

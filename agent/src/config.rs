@@ -51,6 +51,17 @@ pub struct Config {
     pub provenance: ProvenanceSettings,
     /// Replays (what `--base` may read from a guest's disk).
     pub replay: ReplaySettings,
+    /// Disks served by weft-blk.
+    pub blk: BlkSettings,
+}
+
+/// Disks served by weft-blk (`[blk]` in weftd.toml; see docs/weft-blk.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlkSettings {
+    /// What a system call outside weft-blk's seccomp allow-list does: `"kill"` the
+    /// process (default), `"log"` it and let it go ahead, or `"off"` (no filter).
+    pub seccomp: weft_blockdev::blk::seccomp::Mode,
 }
 
 /// Replays (`[replay]` in weftd.toml; see docs/provenance.md).
@@ -237,6 +248,7 @@ impl Default for Config {
             dpa: crate::dpa::DpaSettings::default(),
             provenance: ProvenanceSettings::default(),
             replay: ReplaySettings::default(),
+            blk: BlkSettings::default(),
         }
     }
 }

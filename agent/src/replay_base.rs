@@ -193,12 +193,67 @@ impl SnapshotDisk {
             let mut magic = [0u8; 2];
             if self.read_at(start + 1080, &mut magic).is_ok() && magic == [0x53, 0xef] {
                 self.offset = start;
-                return Ext4::load(Box::new(self))
-                    .map_err(|e| format!("the ext4 file system: {e}"));
+                let len = self.map.disk_size - start;
+                return load_ext4(Box::new(self), len);
             }
         }
         Err("the snapshot holds no ext4 file system (whole disk or MBR partition)".into())
     }
+}
+
+/// Most block groups a file system read from a snapshot may have: `ext4-view` keeps
+/// all their descriptors in memory (16 bytes each: 16 MiB at most; the usual layout
+/// of 32768 blocks of 4 KiB per group makes that 128 TiB).
+pub const MAX_BLOCK_GROUPS: u64 = 1 << 20;
+
+/// Loads the ext4 file system `reader` holds (from its first byte; `len` bytes).
+/// Superblocks that `ext4-view` 0.9 panics or runs out of memory on are refused
+/// first, as the kernel refuses them (all found by the `ext4_base` fuzz target): zero
+/// blocks per group (a division by zero in `Ext4::load`); with the 64-bit feature, a
+/// group descriptor size outside 64..=1024 or not a power of two (descriptors read
+/// past their end); more blocks than the disk holds, or more than
+/// [`MAX_BLOCK_GROUPS`] groups (their descriptors are allocated at once: a guest's
+/// superblock asked for 12 GiB).
+pub fn load_ext4(mut reader: Box<dyn ext4_view::Ext4Read>, len: u64) -> Result<Ext4, String> {
+    const INCOMPAT_64BIT: u32 = 0x80;
+    let mut sb = [0u8; 1024];
+    reader
+        .read(1024, &mut sb)
+        .map_err(|e| format!("the ext4 superblock: {e}"))?;
+    let u32_at = |at: usize| u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]]);
+    let corrupt =
+        |what: String| format!("the ext4 file system is corrupt: its superblock says {what}");
+    let per_group = u64::from(u32_at(0x20));
+    if per_group == 0 {
+        return Err(corrupt("0 blocks per group".into()));
+    }
+    let is_64bit = u32_at(0x60) & INCOMPAT_64BIT != 0;
+    let desc_size = u16::from_le_bytes([sb[0xfe], sb[0xff]]);
+    if is_64bit && (!(64..=1024).contains(&desc_size) || !desc_size.is_power_of_two()) {
+        return Err(corrupt(format!("group descriptors of {desc_size} bytes")));
+    }
+    let hi = if is_64bit {
+        u64::from(u32_at(0x150))
+    } else {
+        0
+    };
+    let blocks = hi << 32 | u64::from(u32_at(0x04));
+    // 1 KiB << s_log_block_size, up to 64 KiB (ext4-view refuses others itself).
+    let block_size = 1024u64 << u32_at(0x18).min(6);
+    if blocks.saturating_mul(block_size) > len {
+        return Err(corrupt(format!(
+            "{blocks} blocks of {block_size} bytes, more than the disk's {len} bytes"
+        )));
+    }
+    let groups = blocks
+        .saturating_sub(u64::from(u32_at(0x14)))
+        .div_ceil(per_group);
+    if groups > MAX_BLOCK_GROUPS {
+        return Err(corrupt(format!(
+            "{groups} block groups, more than the {MAX_BLOCK_GROUPS} weft reads"
+        )));
+    }
+    Ext4::load(reader).map_err(|e| format!("the ext4 file system: {e}"))
 }
 
 impl ext4_view::Ext4Read for SnapshotDisk {

@@ -142,13 +142,28 @@ async fn the_device_starts_outlives_weftd_and_stops_cleanly() {
         .expect("pid");
     let cmd = cmdline(pid);
     assert!(cmd.contains("--guest-cid 40"), "{cmd}");
-    assert!(cmd.contains(&p.uds.display().to_string()), "{cmd}");
+    assert!(cmd.contains("--uds-path vsock"), "{cmd}");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/cwd")).expect("cwd"),
+        p.dir
+    );
     assert_eq!(hello_on(&p.listener).await, 0);
     let mode = std::fs::metadata(run.join("vsock"))
         .expect("dir")
         .permissions();
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert_eq!(mode.mode() & 0o777, 0o700);
+    // Its directory and weftd's listener in it are the device's user's
+    // (`the_device_runs_as_its_vms_user_without_privileges` checks the process).
+    let want = weft::dpa::DEFAULT_DEVICE_ID_BASE + 40;
+    let m = std::fs::metadata(&p.dir).expect("vm dir");
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (want, want, 0o700));
+    let m = std::fs::symlink_metadata(&p.listener).expect("listener");
+    assert_eq!(
+        m.uid(),
+        want,
+        "the device's user must reach weftd's listener"
+    );
 
     // weftd goes away: the device stays; the next weftd adopts it and listens again.
     drop(host);
@@ -185,6 +200,53 @@ async fn the_device_starts_outlives_weftd_and_stops_cleanly() {
         .map(|e| e.expect("entry").file_name())
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The device as weftd starts it runs as the VM's own user (2000000000 + CID by
+/// default), without capabilities, with no_new_privs and in seccomp filter mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_runs_as_its_vms_user_without_privileges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (data, run) = (dir.path().join("data"), dir.path().join("run"));
+    let host = VsockHost::new(
+        &DpaSettings {
+            first_cid: 50,
+            last_cid: 59,
+            ..settings(VsockMode::VhostUser)
+        },
+        &data,
+        &run,
+        link(dir.path()),
+    );
+    let log = dir.path().join("vsock.log");
+    assert!(
+        host.prepare("vm1", &log).await.is_some(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let pid: u32 = std::fs::read_to_string(host.paths("vm1").pid)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    host.forget("vm1").await;
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .map(|v| v.split_whitespace().map(String::from).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let want = (2_000_000_000u32 + 50).to_string();
+    assert_eq!(field("Uid"), vec![want.clone(); 4], "{status}");
+    assert_eq!(field("Gid"), vec![want; 4], "{status}");
+    assert!(field("Groups").is_empty(), "{status}");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(field(caps), ["0000000000000000"], "{caps}: {status}");
+    }
+    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    assert_eq!(field("Seccomp"), ["2"], "{status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -264,7 +264,7 @@ async fn qemu_hostile_schemas_from_a_dpa_never_run_on_the_host() {
 
     // The hostile guest's connection; any failure is returned, so that the
     // environment is deleted before the test fails.
-    let listener = dir.path().join("run/vsock/hdpa.vsock_5150");
+    let listener = dir.path().join("run/vsock/hdpa/vsock_5150");
     let sent: Result<(), String> = async {
         let mut s = UnixStream::connect(&listener)
             .await

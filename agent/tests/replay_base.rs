@@ -398,3 +398,54 @@ fn a_disk_without_ext4_is_refused_clearly() {
     };
     assert!(err.contains("no ext4 file system"), "{err}");
 }
+
+/// A guest can write any superblock: ones that made `ext4-view` panic or allocate
+/// gigabytes (found by fuzzing) are refused with a message: 0 blocks per group (a
+/// division by zero), 64-bit group descriptors of 16 bytes (read past their end),
+/// more blocks than the disk has (the cap on block groups needs a disk of more than
+/// 1 GiB to reach, so it is not exercised here).
+#[test]
+fn superblocks_that_panicked_ext4_view_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.raw");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-O", "64bit"])
+        .arg(&image)
+        .arg("4M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) must be installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let good = std::fs::read(&image).expect("image");
+    let sb = 1024;
+    let zero_per_group = |b: &mut Vec<u8>| b[sb + 0x20..sb + 0x24].fill(0);
+    let small_descriptors =
+        |b: &mut Vec<u8>| b[sb + 0xfe..sb + 0x100].copy_from_slice(&16u16.to_le_bytes());
+    // 2^32 - 1 blocks, 8 per group: half a billion groups, 8 GiB of descriptors.
+    let huge = |b: &mut Vec<u8>| {
+        b[sb + 0x04..sb + 0x08].copy_from_slice(&u32::MAX.to_le_bytes());
+        b[sb + 0x20..sb + 0x24].copy_from_slice(&8u32.to_le_bytes());
+    };
+    type Damage<'a> = &'a dyn Fn(&mut Vec<u8>);
+    let cases: [(&str, Damage); 3] = [
+        ("0 blocks per group", &zero_per_group),
+        ("group descriptors of 16 bytes", &small_descriptors),
+        ("more than the disk's", &huge),
+    ];
+    for (want, damage) in cases {
+        let mut bytes = good.clone();
+        damage(&mut bytes);
+        std::fs::write(&image, &bytes).expect("write");
+        let sub = dir.path().join(want.replace(' ', "-"));
+        std::fs::create_dir_all(&sub).expect("dir");
+        let store = new_store(&sub);
+        let map = chunk_image(&store, &image);
+        let Err(err) = SnapshotDisk::new(store, map).find_ext4() else {
+            panic!("a superblock with {want} was taken");
+        };
+        assert!(err.contains(want), "{err}");
+    }
+}

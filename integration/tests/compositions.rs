@@ -217,10 +217,14 @@ async fn qemu_composition_takes_the_disk_and_the_config_from_different_instants(
         .wait_for(&format!("weft-web: boot after tick {k1}"), BOOT)
         .await?;
     let socket = rig.path("run/blk/ca2.vda.sock");
+    let pids = weft_blk_pids(&socket);
+    ensure!(pids.len() == 1, "no weft-blk serves {}", socket.display());
+    // As weftd spawns it, it serves the guest under its seccomp filter.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0]))?;
     ensure!(
-        weft_blk_pids(&socket).len() == 1,
-        "no weft-blk serves {}",
-        socket.display()
+        status.lines().any(|l| l == "Seccomp:\t2") && status.lines().any(|l| l == "NoNewPrivs:\t1"),
+        "weft-blk {} is not confined: {status}",
+        pids[0]
     );
     rig.serial("ca2")
         .wait_for(&format!("weft-web: tick {}", (k1 / 5 + 2) * 5), BOOT)

@@ -241,14 +241,70 @@ async fn qemu_a_guest_dpa_connection_reaches_weftd_over_vhost_user_vsock() -> an
     eprintln!("first reply in round {round}: {welcome:?}, ack {upto}");
     ensure!(welcome.acked == 0 && upto == 3, "{welcome:?} ack {upto}");
 
-    // One device process, serving the socket in weftd's vsock directory.
+    // One device process, serving the sockets in the VM's directory in weftd's
+    // vsock directory (its working directory: it is given relative paths).
     let vsock_dir = rig.path("run/vsock");
-    let devices: Vec<_> = processes_naming(&vsock_dir.display().to_string())
+    let vm_dir = vsock_dir.join(ENV);
+    let devices: Vec<_> = processes_naming("vhost-device-vsock")
         .into_iter()
-        .filter(|(_, cmd)| cmd.contains("vhost-device-vsock"))
+        .filter(|(pid, _)| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == vm_dir)
+        })
         .collect();
     ensure!(devices.len() == 1, "{devices:?}");
     let device_pid = devices[0].0;
+
+    // Confined: its own non-root user (per VM, the directory's owner), no
+    // capabilities, no_new_privs, a seccomp filter; and yet the guest got through.
+    let status = std::fs::read_to_string(format!("/proc/{device_pid}/status"))?;
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}:")))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let uid: u32 = field("Uid").first().context("Uid")?.parse()?;
+    ensure!(
+        uid >= weft::dpa::DEFAULT_DEVICE_ID_BASE
+            && field("Uid").iter().all(|u| *u == uid.to_string()),
+        "the vsock device runs as uids {:?}",
+        field("Uid")
+    );
+    ensure!(
+        field("Gid").iter().all(|g| *g == uid.to_string()),
+        "gids {:?}",
+        field("Gid")
+    );
+    ensure!(field("Groups").is_empty(), "groups {:?}", field("Groups"));
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        ensure!(
+            field(caps) == ["0000000000000000"],
+            "{caps} {:?}",
+            field(caps)
+        );
+    }
+    ensure!(
+        field("NoNewPrivs") == ["1"],
+        "NoNewPrivs {:?}",
+        field("NoNewPrivs")
+    );
+    ensure!(field("Seccomp") == ["2"], "Seccomp {:?}", field("Seccomp"));
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&vm_dir)?;
+        ensure!(
+            m.uid() == uid && m.mode() & 0o777 == 0o700,
+            "{} is {m:?}",
+            vm_dir.display()
+        );
+        let m = std::fs::metadata(&vsock_dir)?;
+        ensure!(
+            m.uid() == 0 && m.mode() & 0o077 == 0,
+            "{} is {m:?}",
+            vsock_dir.display()
+        );
+    }
 
     // weftd dies and comes back: the device (and the guest's vsock) live on, and the
     // guest's next connection is served by the new weftd, which holds entries 1-3.

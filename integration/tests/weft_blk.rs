@@ -2,7 +2,8 @@
 //! chunk-store snapshots (each taken with different content) plus the block merge of
 //! two lines of history, reads it whole and writes to it; the guest's view matches the composition computed on the host, its
 //! writes survive a SIGKILL of weft-blk and a restart of QEMU, and a second write
-//! layer over the same snapshots (another weave) does not see them.
+//! layer over the same snapshots (another weave) does not see them. weft-blk serves
+//! under its seccomp filter throughout.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,21 +80,29 @@ impl Blk {
     async fn ready(&mut self) -> anyhow::Result<()> {
         let socket = self.socket.clone();
         let log = self.log.clone();
+        let pid = self.child.id();
         let exited = &mut self.child;
-        wait_until(Duration::from_secs(20), "weft-blk's socket", || {
-            let there = socket.exists();
-            let status = exited.try_wait().ok().flatten();
-            let log = log.clone();
-            async move {
-                if let Some(s) = status {
-                    anyhow::bail!(
-                        "weft-blk exited ({s}): {}",
-                        std::fs::read_to_string(&log).unwrap_or_default()
-                    );
+        wait_until(
+            Duration::from_secs(20),
+            "weft-blk's socket and seccomp filter",
+            || {
+                // It serves the guest confined: filter mode once it listens.
+                let there = socket.exists()
+                    && std::fs::read_to_string(format!("/proc/{pid}/status"))
+                        .is_ok_and(|s| s.lines().any(|l| l == "Seccomp:\t2"));
+                let status = exited.try_wait().ok().flatten();
+                let log = log.clone();
+                async move {
+                    if let Some(s) = status {
+                        anyhow::bail!(
+                            "weft-blk exited ({s}): {}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        );
+                    }
+                    Ok(there.then_some(()))
                 }
-                Ok(there.then_some(()))
-            }
-        })
+            },
+        )
         .await
     }
 

@@ -331,6 +331,17 @@ impl DpaLink {
     /// process connects for each guest connection) and serves them until the
     /// returned task is aborted. Only peers of weftd's own user are served.
     pub fn listen_unix(&self, vm: &str, path: &Path) -> std::io::Result<AbortHandle> {
+        self.listen_unix_for(vm, path, nix::unistd::geteuid().as_raw())
+    }
+
+    /// [`DpaLink::listen_unix`] serving only peers of the user `peer_uid` (the uid
+    /// the VM's device process runs as) or of weftd's own user.
+    pub fn listen_unix_for(
+        &self,
+        vm: &str,
+        path: &Path,
+        peer_uid: u32,
+    ) -> std::io::Result<AbortHandle> {
         match std::fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -345,7 +356,9 @@ impl DpaLink {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => match stream.peer_cred() {
-                        Ok(cred) if cred.uid() == me => link.accept(&vm, stream),
+                        Ok(cred) if cred.uid() == me || cred.uid() == peer_uid => {
+                            link.accept(&vm, stream)
+                        }
                         Ok(cred) => {
                             warn!(
                                 vm,

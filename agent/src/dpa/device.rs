@@ -7,6 +7,12 @@
 //! weftd listens on `<uds-path>_5150` for that VM alone. The device process outlives
 //! weftd like QEMU does (own process group, a pid file); a restarted weftd adopts it
 //! and listens again. It is stopped when its VM stops or is deleted.
+//!
+//! The device handles the guest's virtqueues, so it is confined ([`super::confine`]):
+//! it runs as its own user (by default one per VM), without capabilities, with
+//! no_new_privs and a seccomp filter, in `<run_dir>/vsock/<vm>/`, a directory of
+//! that user holding only the VM's three sockets; the rest of `<run_dir>/vsock` (pid
+//! files, other VMs) stays root's.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -20,6 +26,7 @@ use tracing::{debug, info, warn};
 use weft_qmp::launch::{self, VsockDevice};
 
 use super::cids::CidTable;
+use super::confine::{DeviceUser, Ids, Jail};
 use super::vsock::VsockListener;
 use super::{DpaLink, DpaSettings, VsockMode, DPA_PORT};
 
@@ -37,10 +44,13 @@ const DEVICE_KILL_TIMEOUT: Duration = Duration::from_secs(15);
 /// The device's name on its process's command line (to recognise it after a restart).
 const DEVICE_NAME: &str = "vhost-device-vsock";
 
-/// The files of one VM's vhost-user vsock device, all in weftd's `<run_dir>/vsock`
-/// (mode 0700: only weftd's user can reach the guests' sockets).
+/// The files of one VM's vhost-user vsock device: its sockets in the VM's own
+/// directory `<run_dir>/vsock/<vm>/` (mode 0700, owned by the device's user), its
+/// pid file in `<run_dir>/vsock` (mode 0700, weftd's only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockPaths {
+    /// The VM's directory: the device's working directory, holding its sockets.
+    pub dir: PathBuf,
     /// The vhost-user socket QEMU connects to.
     pub vhost: PathBuf,
     /// The device's `--uds-path`: host-initiated connections go here.
@@ -49,19 +59,26 @@ pub struct VsockPaths {
     pub listener: PathBuf,
     /// The device process's pid.
     pub pid: PathBuf,
+    /// Where weftd binds the listener before moving it into `dir` (in weftd's own
+    /// directory, so that it is never chmod-ed where the device's user can swap it).
+    listener_tmp: PathBuf,
 }
+
+/// The device's socket names, relative to its directory (as the device binds them).
+const VHOST_NAME: &str = "vhost";
+const UDS_NAME: &str = "vsock";
 
 impl VsockPaths {
     /// The paths of `vm` under `dir`.
     pub fn new(dir: &Path, vm: &str) -> VsockPaths {
-        let uds = dir.join(format!("{vm}.vsock"));
-        let mut listener = uds.clone().into_os_string();
-        listener.push(format!("_{DPA_PORT}"));
+        let vm_dir = dir.join(vm);
         VsockPaths {
-            vhost: dir.join(format!("{vm}.vhost")),
-            listener: listener.into(),
-            uds,
+            vhost: vm_dir.join(VHOST_NAME),
+            uds: vm_dir.join(UDS_NAME),
+            listener: vm_dir.join(format!("{UDS_NAME}_{DPA_PORT}")),
             pid: dir.join(format!("{vm}.vsock.pid")),
+            listener_tmp: dir.join(format!("{vm}.listen.tmp")),
+            dir: vm_dir,
         }
     }
 
@@ -76,6 +93,14 @@ enum Resolved {
     Off,
     Kernel,
     VhostUser { binary: PathBuf },
+}
+
+/// How device processes are confined.
+#[derive(Debug, Clone)]
+struct Confinement {
+    user: DeviceUser,
+    id_base: u32,
+    seccomp: bool,
 }
 
 /// A running device process.
@@ -95,6 +120,7 @@ struct Active {
 /// Gives VMs their vsock device and listens for their DPAs; see the module docs.
 pub struct VsockHost {
     mode: Resolved,
+    confinement: Confinement,
     dir: PathBuf,
     cids: Option<CidTable>,
     link: DpaLink,
@@ -148,9 +174,10 @@ pub(crate) fn unix_listening(path: &Path) -> bool {
     })
 }
 
-/// Whether `pid` is a `vhost-device-vsock` serving `vhost` (its command line names
-/// both), so that a recycled pid is never taken for it.
-fn is_our_device(pid: u32, vhost: &Path) -> bool {
+/// Whether `pid` is a `vhost-device-vsock` serving the VM of `p` (its command line
+/// names the device, its working directory is the VM's), so that a recycled pid is
+/// never taken for it.
+fn is_our_device(pid: u32, p: &VsockPaths) -> bool {
     if !launch::process_alive(pid) {
         return false;
     }
@@ -158,7 +185,54 @@ fn is_our_device(pid: u32, vhost: &Path) -> bool {
         return false;
     };
     let has = |needle: &[u8]| cmdline.windows(needle.len()).any(|w| w == needle);
-    has(DEVICE_NAME.as_bytes()) && has(vhost.as_os_str().as_encoded_bytes())
+    has(DEVICE_NAME.as_bytes())
+        && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == p.dir)
+}
+
+/// When process `pid` started (clock ticks after boot, `/proc/<pid>/stat` field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    // Fields from the third (state) on; start time is the 22nd overall.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether process `pid` listens on a unix socket it bound as `name` (the path as
+/// the process gave it, here relative to its working directory), from its
+/// descriptors and `/proc/net/unix`: no connection is made.
+fn process_listening(pid: u32, name: &str) -> bool {
+    const SO_ACCEPTCON: u32 = 0x0001_0000;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let inodes: std::collections::HashSet<String> = fds
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() >= 8
+            && f[7..].join(" ") == name
+            && inodes.contains(f[6])
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
+    })
+}
+
+/// The ids owning `dir` (the device's, for a VM directory weftd made).
+fn owner_of(dir: &Path) -> Option<Ids> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir).ok()?;
+    Some(Ids {
+        uid: m.uid(),
+        gid: m.gid(),
+    })
 }
 
 fn read_pid(path: &Path) -> Option<u32> {
@@ -169,6 +243,25 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     if let Ok(pid) = i32::try_from(pid) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
+}
+
+/// Removes a VM's directory and what is in it (symbolic links are removed, never
+/// followed).
+fn remove_dir_quietly(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(path = %dir.display(), error = %e, "cannot remove");
+        }
+    }
+}
+
+/// Makes a VM's directory, 0700, owned by the device's user (root's when None).
+fn make_vm_dir(dir: &Path, ids: Option<Ids>) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+    if let Some(i) = ids {
+        std::os::unix::fs::lchown(dir, Some(i.uid), Some(i.gid))?;
+    }
+    Ok(())
 }
 
 fn remove_quietly(path: &Path) {
@@ -237,6 +330,11 @@ impl VsockHost {
         }
         let host = Arc::new(VsockHost {
             mode,
+            confinement: Confinement {
+                user: settings.device_user.clone(),
+                id_base: settings.device_id_base,
+                seccomp: settings.device_seccomp,
+            },
             dir,
             cids,
             link,
@@ -323,12 +421,14 @@ impl VsockHost {
                 long.display()
             ));
         }
-        // A device left from an earlier run of this VM goes first.
+        let c = &self.confinement;
+        let ids = c.user.ids(c.id_base, cid)?;
+        // A device left from an earlier run of this VM goes first, and so does its
+        // directory (whatever that device's user left in it).
         self.stop_device(&p, None).await;
-        for s in p.sockets() {
-            remove_quietly(s);
-        }
-        let listener = self.listen_unix(vm, &p.listener)?;
+        remove_dir_quietly(&p.dir);
+        make_vm_dir(&p.dir, ids).map_err(|e| format!("cannot make {}: {e}", p.dir.display()))?;
+        let listener = self.listen_unix(vm, &p, ids)?;
         lock(&self.active).insert(
             vm.to_string(),
             Active {
@@ -344,20 +444,33 @@ impl VsockHost {
         let err = out
             .try_clone()
             .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
-        let mut child = tokio::process::Command::new(binary)
-            .arg("--guest-cid")
-            .arg(cid.to_string())
-            .arg("--socket")
-            .arg(&p.vhost)
-            .arg("--uds-path")
-            .arg(&p.uds)
+        // Paths relative to its directory: its user needs no access to the parents.
+        let args: Vec<std::ffi::OsString> = vec![
+            "--guest-cid".into(),
+            cid.to_string().into(),
+            "--socket".into(),
+            VHOST_NAME.into(),
+            "--uds-path".into(),
+            UDS_NAME.into(),
+        ];
+        let jail = Jail::new(binary, &args, &p.dir, ids, c.seccomp)
+            .map_err(|e| format!("cannot prepare {}: {e}", binary.display()))?;
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.args(&args)
+            .current_dir(&p.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
             // Its own process group: a signal aimed at weftd's group misses it, and it
             // outlives weftd as QEMU does.
             .process_group(0)
-            .kill_on_drop(false)
+            .kill_on_drop(false);
+        // SAFETY: `enter` makes only async-signal-safe system calls on memory the
+        // jail prepared before the fork, as a pre_exec hook requires.
+        unsafe {
+            cmd.pre_exec(move || jail.enter());
+        }
+        let mut child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
         let pid = child.id().unwrap_or(0);
@@ -384,7 +497,7 @@ impl VsockHost {
                 let tail: String = tail.lines().rev().take(3).collect::<Vec<_>>().join("; ");
                 return Err(format!("{DEVICE_NAME} exited at start: {tail}"));
             }
-            if unix_listening(&p.vhost) {
+            if process_listening(pid, VHOST_NAME) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -400,16 +513,41 @@ impl VsockHost {
             vm,
             cid,
             pid,
+            uid = ids.map_or(0, |i| i.uid),
+            seccomp = c.seccomp,
             ms = started.elapsed().as_millis() as u64,
             "vsock device ready"
         );
         Ok(VsockDevice::VhostUser { socket: p.vhost })
     }
 
-    fn listen_unix(&self, vm: &str, path: &Path) -> Result<tokio::task::AbortHandle, String> {
-        self.link
-            .listen_unix(vm, path)
-            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))
+    /// Listens for `vm`'s DPA on `p.listener`, for connections of the device's user
+    /// (`ids`, root when None). Bound and given to that user in weftd's directory,
+    /// then moved into the VM's: nothing is changed by path where the device's user
+    /// could swap the file.
+    fn listen_unix(
+        &self,
+        vm: &str,
+        p: &VsockPaths,
+        ids: Option<Ids>,
+    ) -> Result<tokio::task::AbortHandle, String> {
+        let peer = ids.map_or(0, |i| i.uid);
+        let tmp = &p.listener_tmp;
+        let task = self
+            .link
+            .listen_unix_for(vm, tmp, peer)
+            .map_err(|e| format!("cannot listen on {}: {e}", tmp.display()))?;
+        let moved = ids
+            .map_or(Ok(()), |i| {
+                std::os::unix::fs::lchown(tmp, Some(i.uid), Some(i.gid))
+            })
+            .and_then(|()| std::fs::rename(tmp, &p.listener));
+        if let Err(e) = moved {
+            task.abort();
+            remove_quietly(tmp);
+            return Err(format!("cannot listen on {}: {e}", p.listener.display()));
+        }
+        Ok(task)
     }
 
     fn listen_kernel(self: &Arc<Self>) -> std::io::Result<()> {
@@ -445,13 +583,16 @@ impl VsockHost {
     async fn stop_device(&self, p: &VsockPaths, known: Option<Device>) {
         let device = known.or_else(|| {
             read_pid(&p.pid)
-                .filter(|pid| is_our_device(*pid, &p.vhost))
+                .filter(|pid| is_our_device(*pid, p))
                 .map(|pid| Device { pid, exited: None })
         });
         if let Some(Device { pid, exited }) = device {
+            // Not `is_our_device`: an exiting process loses its working directory
+            // before it is gone. Its start time tells a recycled pid apart.
+            let started = start_time(pid);
             let gone = |exited: &Option<watch::Receiver<bool>>| match exited {
                 Some(rx) => *rx.borrow(),
-                None => !is_our_device(pid, &p.vhost),
+                None => !launch::process_alive(pid) || start_time(pid) != started,
             };
             for (sig, wait) in [
                 (nix::sys::signal::Signal::SIGTERM, DEVICE_STOP_TIMEOUT),
@@ -486,9 +627,8 @@ impl VsockHost {
         self.link.disconnect(vm);
         let p = self.paths(vm);
         self.stop_device(&p, device).await;
-        for s in p.sockets() {
-            remove_quietly(s);
-        }
+        remove_dir_quietly(&p.dir);
+        remove_quietly(&p.listener_tmp);
     }
 
     /// [`VsockHost::release`], and gives the VM's CID back (the VM was deleted).
@@ -506,9 +646,10 @@ impl VsockHost {
     /// process and listens for its DPA again (kernel mode: accepts its CID again).
     pub async fn reattach(&self, vm: &str) {
         let p = self.paths(vm);
-        if let Some(pid) = read_pid(&p.pid).filter(|pid| is_our_device(*pid, &p.vhost)) {
-            remove_quietly(&p.listener);
-            match self.listen_unix(vm, &p.listener) {
+        if let Some(pid) = read_pid(&p.pid).filter(|pid| is_our_device(*pid, &p)) {
+            // The directory's owner is the device's user (weftd made it so).
+            let ids = owner_of(&p.dir).filter(|i| i.uid != 0);
+            match self.listen_unix(vm, &p, ids) {
                 Ok(listener) => {
                     lock(&self.active).insert(
                         vm.to_string(),
@@ -531,9 +672,7 @@ impl VsockHost {
                 "the VM's vsock device is gone; its DPA can reach weftd again once the VM restarts"
             );
             remove_quietly(&p.pid);
-            for s in p.sockets() {
-                remove_quietly(s);
-            }
+            remove_dir_quietly(&p.dir);
             return;
         }
         if self.mode == Resolved::Kernel && self.cid(vm).is_some() {
@@ -564,10 +703,14 @@ mod tests {
     #[test]
     fn paths_follow_the_device_naming() {
         let p = VsockPaths::new(Path::new("/run/weft/vsock"), "web-1");
-        assert_eq!(p.vhost, Path::new("/run/weft/vsock/web-1.vhost"));
-        assert_eq!(p.uds, Path::new("/run/weft/vsock/web-1.vsock"));
+        assert_eq!(p.dir, Path::new("/run/weft/vsock/web-1"));
+        assert_eq!(p.vhost, Path::new("/run/weft/vsock/web-1/vhost"));
+        assert_eq!(p.uds, Path::new("/run/weft/vsock/web-1/vsock"));
         // vhost-device-vsock connects to <uds-path>_<port> for a guest's connection.
-        assert_eq!(p.listener, Path::new("/run/weft/vsock/web-1.vsock_5150"));
+        assert_eq!(p.listener, Path::new("/run/weft/vsock/web-1/vsock_5150"));
+        // weftd's own files stay out of the device's directory.
+        assert_eq!(p.pid, Path::new("/run/weft/vsock/web-1.vsock.pid"));
+        assert!(!p.listener_tmp.starts_with(&p.dir));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! the host side for operators.
 
 mod cids;
+pub mod confine;
 mod conn;
 pub(crate) mod device;
 pub mod rate;
@@ -28,6 +29,7 @@ use serde::Deserialize;
 pub use weft_dpa::proto::{self, Applied, Entry, DPA_PORT};
 
 pub use cids::{CidError, CidTable};
+pub use confine::DeviceUser;
 pub use conn::{ApplyError, DpaLink, VmStats};
 pub use device::{VsockHost, VsockPaths};
 
@@ -64,6 +66,11 @@ impl EntrySink for ProvenanceLog {
         ProvenanceLog::last_seq(self, vm)
     }
 }
+
+/// Default first id of the per-VM device users: well above the ids distributions
+/// hand out (below 60000) and the usual subordinate ranges of containers, and below
+/// 2^31 (some tools take ids as signed).
+pub const DEFAULT_DEVICE_ID_BASE: u32 = 2_000_000_000;
 
 /// How guests' vsock devices are provided (`[dpa] vsock` in weftd.toml).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -107,6 +114,15 @@ pub struct DpaSettings {
     pub quota_pause_secs: u64,
     /// Seconds an apply (replay into a weave) waits for the guest's answer.
     pub apply_timeout_secs: u64,
+    /// Who `vhost-device-vsock` runs as: `"per-vm"` (uid and gid
+    /// `device_id_base + CID`, the default), a user name or uid, or `"root"`.
+    pub device_user: DeviceUser,
+    /// First id of the range per-VM device users take (`device_id_base + CID`):
+    /// no user or group of the host may have an id in it.
+    pub device_id_base: u32,
+    /// Start `vhost-device-vsock` under a seccomp filter that refuses what it never
+    /// needs (ptrace, namespaces, mounts, non-unix sockets, modules, …).
+    pub device_seccomp: bool,
 }
 
 impl Default for DpaSettings {
@@ -121,6 +137,9 @@ impl Default for DpaSettings {
             hello_timeout_secs: 10,
             quota_pause_secs: 30,
             apply_timeout_secs: 60,
+            device_user: DeviceUser::PerVm,
+            device_id_base: DEFAULT_DEVICE_ID_BASE,
+            device_seccomp: true,
         }
     }
 }
@@ -134,6 +153,20 @@ impl DpaSettings {
                 self.first_cid,
                 self.last_cid,
                 u32::MAX - 1
+            ));
+        }
+        if self.device_user == DeviceUser::PerVm
+            && (self.device_id_base < 65536
+                || self
+                    .device_id_base
+                    .checked_add(self.last_cid)
+                    .is_none_or(|id| id >= i32::MAX as u32))
+        {
+            return Err(format!(
+                "dpa.device_id_base ({}) + dpa.last_cid ({}) must stay within 65536..{}: pick an id range no host user or group has",
+                self.device_id_base,
+                self.last_cid,
+                i32::MAX
             ));
         }
         if self.hello_timeout_secs == 0 || self.apply_timeout_secs == 0 {

@@ -9,10 +9,12 @@
 //! - [`backend`]: the `vhost-user-backend` glue (features, config space, queues,
 //!   EVENT_IDX) and the serve loop that outlives QEMU reconnecting.
 //! - [`spec`]: the JSON disk spec weftd writes for each served disk.
+//! - [`seccomp`]: the system calls weft-blk may make once it serves a guest.
 
 pub mod backend;
 pub mod disk;
 pub mod request;
+pub mod seccomp;
 pub mod spec;
 pub mod trace;
 
