@@ -1317,13 +1317,43 @@ async fn replay(
     let snapshots = state.snapshots.clone();
     let env = name.clone();
     let detail = serde_json::to_string(&req).ok();
+    let actor = actor(&peer, &headers);
+    let audit = state.clone();
+    let forced_by = actor.clone();
     let report = change(
         &state,
-        actor(&peer, &headers),
+        actor,
         "provenance.replay",
         name,
         detail,
-        async move { crate::replay::run(&manager, &snapshots, &env, &req).await },
+        async move {
+            // A push forced into something that is not one of the environment's weaves
+            // gets a record of its own, on the target, with its outcome.
+            let forced = match (&req.into, req.force) {
+                (Some(into), true) => crate::replay::not_a_weave_of(&manager, &env, into)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|why| (into.clone(), why)),
+                _ => None,
+            };
+            let result = crate::replay::run(&manager, &snapshots, &env, &req).await;
+            match forced {
+                Some((into, why)) => {
+                    let detail = format!("state of {env:?} pushed with --force: {why}");
+                    audited(
+                        &audit,
+                        &forced_by,
+                        "provenance.replay.force",
+                        &into,
+                        Some(detail),
+                        result,
+                    )
+                    .await
+                }
+                None => result,
+            }
+        },
     )
     .await?;
     Ok(Json(report))

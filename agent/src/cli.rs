@@ -116,6 +116,10 @@ pub enum Command {
         /// makes (and records) the changes needed to reach it.
         #[arg(long)]
         into: Option<String>,
+        /// With --into: push even though WEAVE is not a weave of ENV (another
+        /// environment, its weave, ENV itself). Recorded in the audit log.
+        #[arg(long, requires = "into")]
+        force: bool,
         /// Start from the application files inside this disk snapshot (an id from
         /// `weft snapshot list`), then apply the log from shortly before it to --to.
         #[arg(long, conflicts_with = "from")]
@@ -1058,6 +1062,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
             from,
             out,
             into,
+            force,
             base,
             base_margin,
         } => {
@@ -1066,6 +1071,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                 from,
                 out: absolute_opt(out).map_err(CliError::Usage)?,
                 into,
+                force,
                 base,
                 base_margin_secs: base_margin,
             };

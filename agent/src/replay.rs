@@ -721,9 +721,14 @@ pub struct ReplayRequest {
     /// Write the state as files under this absolute directory on the host.
     #[serde(default)]
     pub out: Option<PathBuf>,
-    /// Push the state into this running weave's guest through its DPA.
+    /// Push the state into this running weave's guest through its DPA. Only a weave
+    /// of the replayed environment is accepted, unless `force` is set.
     #[serde(default)]
     pub into: Option<String>,
+    /// Push into `into` even though it is not a weave of the replayed environment
+    /// (recorded in the audit log as `provenance.replay.force`, target the weave).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
     /// Start from the application state inside this disk snapshot of the environment
     /// and apply the log from shortly before it (see `base_margin_secs`) up to `to`.
     #[serde(default)]
@@ -786,6 +791,33 @@ impl ReplayReport {
     }
 }
 
+/// Why `into` is not a weave of `env` (its parent in the catalog), or `None` when
+/// it is one. A replay pushes an environment's state only into its own weaves
+/// unless forced: anything else (the environment itself, another environment or
+/// its weave, an attached guest) would have its data overwritten by a state that
+/// never was its own. An `into` that does not exist is `NotFound`.
+pub async fn not_a_weave_of(
+    manager: &crate::envs::Manager,
+    env: &str,
+    into: &str,
+) -> Result<Option<String>, crate::envs::EnvError> {
+    let catalog = manager.catalog();
+    if catalog.environment(into).await?.is_none() {
+        return Err(crate::envs::EnvError::NotFound(into.to_string()));
+    }
+    Ok(match catalog.weave(into).await? {
+        Some(w) if w.parent == env => None,
+        Some(w) => Some(format!(
+            "{into:?} is a weave of {:?}, not of {env:?}",
+            w.parent
+        )),
+        None if into == env => Some(format!("{into:?} is the replayed environment itself")),
+        None => Some(format!(
+            "{into:?} is an environment, not a weave of {env:?}"
+        )),
+    })
+}
+
 /// Most changes sent to a DPA in one apply request.
 const APPLY_CHUNK: usize = 512;
 
@@ -805,6 +837,20 @@ pub async fn run(
         return Err(EnvError::BadRequest(
             "say where the state goes: --out DIR or --into WEAVE".into(),
         ));
+    }
+    if req.force && req.into.is_none() {
+        return Err(EnvError::BadRequest(
+            "--force only applies to --into WEAVE".into(),
+        ));
+    }
+    if let Some(into) = &req.into {
+        if let Some(why) = not_a_weave_of(manager, env, into).await? {
+            if !req.force {
+                return Err(EnvError::Conflict(format!(
+                    "replay pushes only into weaves of {env:?}: {why}; give --force to push anyway (audited)"
+                )));
+            }
+        }
     }
     let to_us = if req.to == "now" {
         now_us()

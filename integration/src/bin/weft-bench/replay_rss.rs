@@ -126,6 +126,7 @@ async fn run_case(case: &'static str, mib: u64, keys: u64) -> Result<Run> {
             from: None,
             out: Some(out.clone()),
             into: None,
+            force: false,
             base: None,
             base_margin_secs: None,
         };
