@@ -256,6 +256,67 @@ fn valid_machine(machine: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// Whether `id` can name a QEMU device or backend: 1 to 32 of `A-Z a-z 0-9 _ -`
+/// (QEMU ids start with a letter).
+pub fn valid_device_id(id: &str) -> bool {
+    (1..=32).contains(&id.len())
+        && id.as_bytes()[0].is_ascii_alphabetic()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `name` is a valid Linux interface name that is also safe in a QEMU option
+/// value: 1 to 15 bytes of printable ASCII, none of `/ : , =` or whitespace, and not
+/// `.` or `..`.
+pub fn valid_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b':' | b',' | b'='))
+}
+
+/// Whether `mac` is a unicast MAC address written as exactly six pairs of hex digits
+/// separated by `:` (a multicast address, low bit of the first octet set, or all
+/// zeros is refused).
+pub fn valid_mac(mac: &str) -> bool {
+    let octets: Vec<&str> = mac.split(':').collect();
+    octets.len() == 6
+        && octets
+            .iter()
+            .all(|o| o.len() == 2 && o.bytes().all(|b| b.is_ascii_hexdigit()))
+        && u8::from_str_radix(octets[0], 16).is_ok_and(|b| b & 1 == 0)
+        && octets.iter().any(|o| *o != "00")
+}
+
+impl NicConfig {
+    /// Checks the id, tap and MAC before any of them is put into QEMU's `-netdev` and
+    /// `-device` options (where a `,` would add options of the caller's choosing).
+    pub fn validate(&self) -> Result<(), Error> {
+        if !valid_device_id(&self.id) {
+            return Err(Error::InvalidConfig(format!(
+                "NIC id {:?} must be 1 to 32 characters of A-Z, a-z, 0-9, '_' and '-', starting with a letter",
+                self.id
+            )));
+        }
+        if !valid_ifname(&self.tap) {
+            return Err(Error::InvalidConfig(format!(
+                "NIC {} tap {:?} must be an interface name of 1 to 15 printable characters without '/', ':', ',', '=' or spaces",
+                self.id, self.tap
+            )));
+        }
+        if !valid_mac(&self.mac) {
+            return Err(Error::InvalidConfig(format!(
+                "NIC {} MAC {:?} must be six hex pairs separated by ':' (a unicast address, e.g. 52:54:00:12:34:56)",
+                self.id, self.mac
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl VmConfig {
     /// Whether a device needs guest memory shared with another process (vhost-user):
     /// then the command line shares it even if [`VmConfig::shared_memory`] is off.
@@ -357,6 +418,19 @@ impl VmConfig {
                         disk.path.display()
                     ))
                 }
+            }
+        }
+        let (mut ids, mut taps) = (
+            std::collections::HashSet::new(),
+            std::collections::HashSet::new(),
+        );
+        for nic in &self.nics {
+            nic.validate()?;
+            if !ids.insert(&nic.id) {
+                return bad(format!("NIC id {:?} is used twice", nic.id));
+            }
+            if !taps.insert(&nic.tap) {
+                return bad(format!("tap {:?} is used by two NICs", nic.tap));
             }
         }
         for disk in &self.vhost_user_disks {
@@ -1266,6 +1340,94 @@ mod tests {
         assert!(old.nics.is_empty());
         // ... and get the balloon device.
         assert!(old.balloon);
+    }
+
+    #[test]
+    fn nic_validation_refuses_qemu_option_injection() {
+        let nic = |id: &str, tap: &str, mac: &str| NicConfig {
+            id: id.into(),
+            tap: tap.into(),
+            mac: mac.into(),
+        };
+        nic("net0", "weft-tap0", "52:54:00:12:34:56")
+            .validate()
+            .expect("valid");
+        nic("Net_1-a", "tap.x@1", "02:AB:cd:00:00:01")
+            .validate()
+            .expect("valid");
+        for mac in [
+            "52:54:00:12:34:56,romfile=/etc/hostname",
+            "52:54:00:12:34",
+            "52:54:00:12:34:56:78",
+            "52-54-00-12-34-56",
+            "52:54:00:12:34:5g",
+            "525:4:00:12:34:56",
+            "+2:54:00:12:34:56",
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "00:00:00:00:00:00",
+            "",
+        ] {
+            assert!(
+                nic("net0", "tap0", mac).validate().is_err(),
+                "MAC {mac:?} was accepted"
+            );
+        }
+        for tap in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "tap0,script=/x",
+            "tap=1",
+            "tap 0",
+            "tap\t0",
+            "eth0:1",
+            "sixteen-bytes-xx",
+            "tāp",
+        ] {
+            assert!(
+                nic("net0", tap, "52:54:00:12:34:56").validate().is_err(),
+                "tap {tap:?} was accepted"
+            );
+        }
+        for id in [
+            "",
+            "0net",
+            "net0,romfile=/x",
+            "net.0",
+            "n e t",
+            &"n".repeat(33),
+        ] {
+            assert!(
+                nic(id, "tap0", "52:54:00:12:34:56").validate().is_err(),
+                "id {id:?} was accepted"
+            );
+        }
+        // Twice the same id or tap in one configuration.
+        let twice = |a: NicConfig, b: NicConfig| VmConfig {
+            nics: vec![a, b],
+            ..VmConfig::default()
+        };
+        let mac = "52:54:00:12:34:56";
+        assert!(twice(nic("net0", "t0", mac), nic("net0", "t1", mac))
+            .validate()
+            .is_err());
+        assert!(twice(nic("net0", "t0", mac), nic("net1", "t0", mac))
+            .validate()
+            .is_err());
+        twice(nic("net0", "t0", mac), nic("net1", "t1", mac))
+            .validate()
+            .expect("valid");
+        let bad = VmConfig {
+            nics: vec![nic(
+                "net0",
+                "tap0",
+                "52:54:00:12:34:56,romfile=/etc/hostname",
+            )],
+            ..VmConfig::default()
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]
