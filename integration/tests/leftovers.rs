@@ -7,12 +7,11 @@
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use weft::model::{Job, JobState, Snapshot};
-use weft_integration::{bin_path, guest_assets, make_data_disk, wait_until};
+use weft_integration::{guest_assets, make_data_disk, wait_until};
 
 mod common;
 use common::*;
@@ -21,40 +20,7 @@ const SHORT: Duration = Duration::from_secs(30);
 
 /// Starts weftd with `vars` in its environment and waits until it answers.
 async fn start(rig: &mut Rig, vars: &[(&str, String)]) -> anyhow::Result<()> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(rig.path("weftd.log"))?;
-    let mut cmd = Command::new(bin_path("weftd"));
-    cmd.arg("--data-dir")
-        .arg(rig.path("data"))
-        .arg("--run-dir")
-        .arg(rig.path("run"));
-    if let Some(c) = &rig.config {
-        cmd.arg("--config").arg(c);
-    }
-    for (k, v) in vars {
-        cmd.env(k, v);
-    }
-    rig.weftd = Some(cmd.stdout(log.try_clone()?).stderr(log).spawn()?);
-    let client = rig.client();
-    let weftd = rig.weftd.as_mut().context("weftd")?;
-    wait_until(SHORT, "weftd to answer", || {
-        let client = client.clone();
-        // A weftd that refused to start (bad configuration) fails the test at once.
-        let exited = weftd.try_wait().map(|s| s.map(|s| s.to_string()));
-        async move {
-            if let Some(status) = exited? {
-                anyhow::bail!("weftd exited at start ({status}); see its log");
-            }
-            Ok(client
-                .get::<serde_json::Value>("/v1/status")
-                .await
-                .ok()
-                .map(drop))
-        }
-    })
-    .await
+    rig.start_weftd_with(vars).await
 }
 
 /// Starts weftd so that it kills itself at `point`.

@@ -64,6 +64,12 @@ impl Rig {
     }
 
     pub async fn start_weftd(&mut self) -> anyhow::Result<()> {
+        self.start_weftd_with(&[]).await
+    }
+
+    /// Starts weftd with `vars` in its environment and waits until it answers; a weftd
+    /// that exits at start (a bad configuration) fails the test at once.
+    pub async fn start_weftd_with(&mut self, vars: &[(&str, String)]) -> anyhow::Result<()> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -76,11 +82,19 @@ impl Rig {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
         self.weftd = Some(cmd.stdout(log.try_clone()?).stderr(log).spawn()?);
         let client = self.client();
-        wait_until(Duration::from_secs(20), "weftd to answer", || {
+        let weftd = self.weftd.as_mut().context("weftd")?;
+        wait_until(Duration::from_secs(30), "weftd to answer", || {
             let client = client.clone();
+            let exited = weftd.try_wait().map(|s| s.map(|s| s.to_string()));
             async move {
+                if let Some(status) = exited? {
+                    anyhow::bail!("weftd exited at start ({status}); see its log");
+                }
                 Ok(client
                     .get::<serde_json::Value>("/v1/status")
                     .await
