@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::connect_info::{ConnectInfo, Connected};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::handler::Handler;
-use axum::http::{HeaderMap, Method, StatusCode};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
@@ -24,6 +25,7 @@ use crate::model::{
     Job, NetSetup, PruneRequest, RestoreRequest, Snapshot, Status, UnexposeRequest,
 };
 use crate::policies::{Policy, SetPolicy};
+use crate::roles::{Accounts, Actor, Role, Roles};
 use crate::snapshots::Snapshots;
 use crate::weaves::{CreateWeave, Weave, Weaves};
 
@@ -47,20 +49,32 @@ pub struct AppState {
     pub compositions: Arc<crate::compositions::Compositions>,
     /// When weftd started.
     pub started: Instant,
+    /// Who may call which route.
+    pub access: Arc<Access>,
 }
 
-/// One route: method, path (axum syntax) and handler.
+/// One route: method, path (axum syntax), the role it needs, and handler.
 pub struct Route {
     /// HTTP method.
     pub method: Method,
     /// Path with `{param}` captures, as in OpenAPI.
     pub path: &'static str,
+    /// The lowest role that may call it (`x-weft-role` in the OpenAPI document).
+    pub role: Role,
+    /// What it does in a refusal's words, e.g. `env delete`.
+    pub what: &'static str,
     /// The handler.
     pub handler: MethodRouter<AppState>,
 }
 
 /// Binds `handler` to exactly `method`, so the table cannot disagree with the router.
-fn route<H, T>(method: Method, path: &'static str, handler: H) -> Route
+fn route<H, T>(
+    method: Method,
+    path: &'static str,
+    role: Role,
+    what: &'static str,
+    handler: H,
+) -> Route
 where
     H: Handler<T, AppState>,
     T: 'static,
@@ -70,132 +84,438 @@ where
     Route {
         method,
         path,
+        role,
+        what,
         handler: on(filter, handler),
     }
 }
 
-/// Every route weftd serves.
+/// Every route weftd serves, with the role each needs. Some handlers need more for
+/// some bodies (they call [`Actor::require`]): `env create` of an attached VM, weave
+/// create, compose apply and weave egress with egress `all`, replay with `--out` or
+/// `--force`; docs/security.md has the table and the reasons.
 pub fn routes() -> Vec<Route> {
+    use Method as M;
+    use Role::{Admin, Operator, Reader};
     vec![
-        route(Method::GET, "/v1/status", status),
-        route(Method::GET, "/v1/openapi.json", openapi),
-        route(Method::GET, "/v1/environments", list_envs),
-        route(Method::POST, "/v1/environments", create_env),
-        route(Method::GET, "/v1/environments/{name}", show_env),
-        route(Method::DELETE, "/v1/environments/{name}", delete_env),
-        route(Method::POST, "/v1/environments/{name}/start", start_env),
-        route(Method::POST, "/v1/environments/{name}/stop", stop_env),
-        route(Method::POST, "/v1/environments/{name}/pause", pause_env),
-        route(Method::POST, "/v1/environments/{name}/resume", resume_env),
-        route(Method::GET, "/v1/environments/{name}/net", show_net),
-        route(Method::PUT, "/v1/environments/{name}/net", set_net_plan),
+        route(M::GET, "/v1/status", Reader, "status", status),
+        route(M::GET, "/v1/openapi.json", Reader, "openapi", openapi),
+        route(M::GET, "/v1/whoami", Reader, "whoami", whoami),
+        route(M::GET, "/v1/environments", Reader, "env list", list_envs),
         route(
-            Method::POST,
+            M::POST,
+            "/v1/environments",
+            Operator,
+            "env create",
+            create_env,
+        ),
+        route(
+            M::GET,
+            "/v1/environments/{name}",
+            Reader,
+            "env show",
+            show_env,
+        ),
+        route(
+            M::DELETE,
+            "/v1/environments/{name}",
+            Operator,
+            "env delete",
+            delete_env,
+        ),
+        route(
+            M::POST,
+            "/v1/environments/{name}/start",
+            Operator,
+            "env start",
+            start_env,
+        ),
+        route(
+            M::POST,
+            "/v1/environments/{name}/stop",
+            Operator,
+            "env stop",
+            stop_env,
+        ),
+        route(
+            M::POST,
+            "/v1/environments/{name}/pause",
+            Operator,
+            "env pause",
+            pause_env,
+        ),
+        route(
+            M::POST,
+            "/v1/environments/{name}/resume",
+            Operator,
+            "env resume",
+            resume_env,
+        ),
+        route(
+            M::GET,
+            "/v1/environments/{name}/net",
+            Reader,
+            "env net",
+            show_net,
+        ),
+        route(
+            M::PUT,
+            "/v1/environments/{name}/net",
+            Admin,
+            "env net --guest",
+            set_net_plan,
+        ),
+        route(
+            M::POST,
             "/v1/environments/{name}/config",
+            Operator,
+            "env set",
             set_env_config,
         ),
-        route(Method::POST, "/v1/environments/{name}/expose", expose_env),
         route(
-            Method::POST,
+            M::POST,
+            "/v1/environments/{name}/expose",
+            Admin,
+            "env expose",
+            expose_env,
+        ),
+        route(
+            M::POST,
             "/v1/environments/{name}/unexpose",
+            Admin,
+            "env unexpose",
             unexpose_env,
         ),
         route(
-            Method::POST,
+            M::POST,
             "/v1/environments/{name}/activate",
+            Operator,
+            "env activate",
             activate_env,
         ),
-        route(Method::GET, "/v1/audit", audit_log),
-        route(Method::GET, "/v1/audit/verify", audit_verify),
+        route(M::GET, "/v1/audit", Reader, "audit", audit_log),
         route(
-            Method::POST,
+            M::GET,
+            "/v1/audit/verify",
+            Reader,
+            "audit verify",
+            audit_verify,
+        ),
+        route(
+            M::POST,
             "/v1/environments/{name}/snapshots",
+            Operator,
+            "snapshot create",
             create_snapshot,
         ),
         route(
-            Method::GET,
+            M::GET,
             "/v1/environments/{name}/snapshots",
+            Reader,
+            "snapshot list",
             list_snapshots,
         ),
         route(
-            Method::POST,
+            M::POST,
             "/v1/environments/{name}/snapshots/prune",
+            Operator,
+            "snapshot prune",
             prune_snapshots,
         ),
-        route(Method::GET, "/v1/snapshots/{id}", show_snapshot),
-        route(Method::DELETE, "/v1/snapshots/{id}", delete_snapshot),
-        route(Method::POST, "/v1/snapshots/{id}/verify", verify_snapshot),
-        route(Method::POST, "/v1/snapshots/{id}/restore", restore_snapshot),
-        route(Method::PUT, "/v1/environments/{name}/policies", set_policy),
-        route(Method::GET, "/v1/policies", list_policies),
         route(
-            Method::DELETE,
+            M::GET,
+            "/v1/snapshots/{id}",
+            Reader,
+            "snapshot show",
+            show_snapshot,
+        ),
+        route(
+            M::DELETE,
+            "/v1/snapshots/{id}",
+            Operator,
+            "snapshot delete",
+            delete_snapshot,
+        ),
+        route(
+            M::POST,
+            "/v1/snapshots/{id}/verify",
+            Operator,
+            "snapshot verify",
+            verify_snapshot,
+        ),
+        route(
+            M::POST,
+            "/v1/snapshots/{id}/restore",
+            Admin,
+            "restore",
+            restore_snapshot,
+        ),
+        route(
+            M::PUT,
+            "/v1/environments/{name}/policies",
+            Operator,
+            "policy set",
+            set_policy,
+        ),
+        route(M::GET, "/v1/policies", Reader, "policy list", list_policies),
+        route(
+            M::DELETE,
             "/v1/environments/{name}/policies/{resource}",
+            Operator,
+            "policy delete",
             delete_policy,
         ),
-        route(Method::POST, "/v1/environments/{name}/weaves", create_weave),
-        route(Method::GET, "/v1/environments/{name}/weaves", list_weaves),
-        route(Method::GET, "/v1/weaves/{name}", show_weave),
-        route(Method::GET, "/v1/weaves/{name}/sources", weave_sources),
-        route(Method::GET, "/v1/compositions", list_compositions),
-        route(Method::POST, "/v1/compositions", create_composition),
-        route(Method::GET, "/v1/compositions/{name}", show_composition),
         route(
-            Method::DELETE,
+            M::POST,
+            "/v1/environments/{name}/weaves",
+            Operator,
+            "weave create",
+            create_weave,
+        ),
+        route(
+            M::GET,
+            "/v1/environments/{name}/weaves",
+            Reader,
+            "weave list",
+            list_weaves,
+        ),
+        route(
+            M::GET,
+            "/v1/weaves/{name}",
+            Reader,
+            "weave show",
+            show_weave,
+        ),
+        route(
+            M::GET,
+            "/v1/weaves/{name}/sources",
+            Reader,
+            "weave sources",
+            weave_sources,
+        ),
+        route(
+            M::GET,
+            "/v1/compositions",
+            Reader,
+            "compose list",
+            list_compositions,
+        ),
+        route(
+            M::POST,
+            "/v1/compositions",
+            Operator,
+            "compose create",
+            create_composition,
+        ),
+        route(
+            M::GET,
             "/v1/compositions/{name}",
+            Reader,
+            "compose plan",
+            show_composition,
+        ),
+        route(
+            M::DELETE,
+            "/v1/compositions/{name}",
+            Operator,
+            "compose delete",
             delete_composition,
         ),
         route(
-            Method::GET,
+            M::GET,
             "/v1/compositions/{name}/conflicts",
+            Reader,
+            "compose conflicts",
             composition_conflicts,
         ),
         route(
-            Method::POST,
+            M::POST,
             "/v1/compositions/{name}/resolve",
+            Operator,
+            "compose resolve",
             resolve_composition,
         ),
         route(
-            Method::POST,
+            M::POST,
             "/v1/compositions/{name}/apply",
+            Operator,
+            "compose apply",
             apply_composition,
         ),
-        route(Method::DELETE, "/v1/weaves/{name}", delete_weave),
-        route(Method::POST, "/v1/weaves/{name}/limits", weave_limits),
-        route(Method::POST, "/v1/weaves/{name}/egress", weave_egress),
-        route(Method::POST, "/v1/weaves/{name}/sync", weave_sync),
-        route(Method::POST, "/v1/weaves/{name}/route", weave_route),
-        route(Method::POST, "/v1/weaves/{name}/activate", weave_activate),
-        route(Method::POST, "/v1/weaves/{name}/start", weave_start),
-        route(Method::POST, "/v1/weaves/{name}/stop", weave_stop),
         route(
-            Method::GET,
+            M::DELETE,
+            "/v1/weaves/{name}",
+            Operator,
+            "weave delete",
+            delete_weave,
+        ),
+        route(
+            M::POST,
+            "/v1/weaves/{name}/limits",
+            Operator,
+            "weave limits",
+            weave_limits,
+        ),
+        route(
+            M::POST,
+            "/v1/weaves/{name}/egress",
+            Operator,
+            "weave egress",
+            weave_egress,
+        ),
+        route(
+            M::POST,
+            "/v1/weaves/{name}/sync",
+            Operator,
+            "weave sync",
+            weave_sync,
+        ),
+        route(
+            M::POST,
+            "/v1/weaves/{name}/route",
+            Admin,
+            "weave route",
+            weave_route,
+        ),
+        route(
+            M::POST,
+            "/v1/weaves/{name}/activate",
+            Operator,
+            "weave activate",
+            weave_activate,
+        ),
+        route(
+            M::POST,
+            "/v1/weaves/{name}/start",
+            Operator,
+            "weave start",
+            weave_start,
+        ),
+        route(
+            M::POST,
+            "/v1/weaves/{name}/stop",
+            Operator,
+            "weave stop",
+            weave_stop,
+        ),
+        route(
+            M::GET,
             "/v1/environments/{name}/provenance",
+            Reader,
+            "provenance",
             provenance_records,
         ),
-        route(Method::POST, "/v1/environments/{name}/replay", replay),
-        route(Method::GET, "/v1/jobs", list_jobs),
-        route(Method::GET, "/v1/jobs/{id}", show_job),
-        route(Method::GET, "/v1/store", store_stats),
-        route(Method::POST, "/v1/store/verify", store_verify),
-        route(Method::POST, "/v1/store/gc", store_gc),
-        route(Method::POST, "/v1/store/tier", store_tier),
+        route(
+            M::POST,
+            "/v1/environments/{name}/replay",
+            Operator,
+            "replay",
+            replay,
+        ),
+        route(M::GET, "/v1/jobs", Reader, "job list", list_jobs),
+        route(M::GET, "/v1/jobs/{id}", Reader, "job show", show_job),
+        route(M::GET, "/v1/store", Reader, "store stats", store_stats),
+        route(
+            M::POST,
+            "/v1/store/verify",
+            Admin,
+            "store verify",
+            store_verify,
+        ),
+        route(M::POST, "/v1/store/gc", Admin, "store gc", store_gc),
+        route(M::POST, "/v1/store/tier", Admin, "store tier", store_tier),
     ]
 }
 
-/// The router over [`routes`].
+/// What the gate of one route checks.
+#[derive(Clone)]
+struct Gate {
+    state: AppState,
+    need: Role,
+    what: &'static str,
+}
+
+/// A refusal in a response, for the gate to audit.
+#[derive(Debug, Clone)]
+struct Refused(String);
+
+/// Runs before every handler: identifies the caller (its [`Actor`] is put in the
+/// request), refuses it unless it holds the route's role, and writes every refusal
+/// (its own, or one a handler made through [`Actor::require`]) to the audit log.
+async fn gate(State(gate): State<Gate>, mut req: Request, next: Next) -> Response {
+    let cred = req
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .and_then(|ConnectInfo(p)| p.cred);
+    let claimed = req
+        .headers()
+        .get(ACTOR_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let access = gate.state.access.clone();
+    // The user and group database may be remote (NSS): not on the runtime's threads.
+    let actor = tokio::task::spawn_blocking(move || {
+        access
+            .roles
+            .identify(access.accounts.as_ref(), cred, claimed.as_deref())
+    })
+    .await
+    .unwrap_or_else(|_| Roles::default().identify(&crate::roles::SystemAccounts, None, None));
+    let target = format!("{} {}", req.method(), req.uri().path());
+    let response = match actor.require(gate.need, gate.what) {
+        Err(refused) => refused.into_response(),
+        Ok(()) => {
+            req.extensions_mut().insert(actor.clone());
+            next.run(req).await
+        }
+    };
+    if let Some(Refused(why)) = response.extensions().get::<Refused>() {
+        tracing::warn!(actor = %actor.name(), target, "{why}");
+        if let Err(e) = gate
+            .state
+            .manager
+            .catalog()
+            .audit(
+                &actor.name(),
+                "api.forbidden",
+                Some(&target),
+                Some(why),
+                "forbidden",
+            )
+            .await
+        {
+            tracing::error!(error = %e, target, "cannot write a refusal to the audit log");
+        }
+    }
+    response
+}
+
+/// The router over [`routes`], each behind its gate.
 pub fn router(state: AppState) -> Router {
+    let gated = |need: Role, what: &'static str| {
+        axum::middleware::from_fn_with_state(
+            Gate {
+                state: state.clone(),
+                need,
+                what,
+            },
+            gate,
+        )
+    };
     let mut router = Router::new();
     for r in routes() {
-        router = router.route(r.path, r.handler);
+        router = router.route(r.path, r.handler.route_layer(gated(r.role, r.what)));
     }
+    // Unknown routes too: a caller without a role learns nothing, not even which exist.
+    let fallback = axum::routing::any(|| async {
+        error_response(
+            StatusCode::NOT_FOUND,
+            "no such API route; see /v1/openapi.json".into(),
+        )
+    })
+    .route_layer(gated(Role::Reader, "the API"));
     router
-        .fallback(|| async {
-            error_response(
-                StatusCode::NOT_FOUND,
-                "no such API route; see /v1/openapi.json".into(),
-            )
-        })
+        .fallback_service(fallback.with_state(state.clone()))
         .with_state(state)
 }
 
@@ -211,50 +531,54 @@ pub async fn serve(
         .await
 }
 
-/// The user on the other end of the API socket (SO_PEERCRED).
+/// The process on the other end of the API socket: its uid and gid (SO_PEERCRED).
 #[derive(Debug, Clone)]
 pub struct Peer {
-    uid: Option<u32>,
+    cred: Option<(u32, u32)>,
 }
 
 impl Connected<axum::serve::IncomingStream<'_, UnixListener>> for Peer {
     fn connect_info(stream: axum::serve::IncomingStream<'_, UnixListener>) -> Self {
         Peer {
-            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+            cred: stream.io().peer_cred().ok().map(|c| (c.uid(), c.gid())),
         }
     }
 }
 
-impl Peer {
-    fn user(&self) -> String {
-        match self.uid {
-            Some(uid) => match nix::unistd::User::from_uid(uid.into()) {
-                Ok(Some(user)) => user.name,
-                _ => format!("uid {uid}"),
-            },
-            None => "unknown".into(),
-        }
-    }
+/// Who holds which role, and the user database that names peers.
+pub struct Access {
+    /// `[roles]` of weftd.toml, resolved.
+    pub roles: Roles,
+    /// The user and group database.
+    pub accounts: Box<dyn Accounts>,
 }
 
-/// The actor recorded in the audit log: the socket peer, and who it says it acts for.
-fn actor(peer: &Peer, headers: &HeaderMap) -> String {
-    let user = peer.user();
-    // Only plain characters: a claim cannot forge the "(via user)" part.
-    let claimed = headers
-        .get(ACTOR_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| {
-            s.chars()
-                .filter(|c| c.is_ascii_alphanumeric() || "._@:-".contains(*c))
-                .take(64)
-                .collect::<String>()
-        })
-        .filter(|s| !s.is_empty());
-    match claimed {
-        Some(c) if c != user => format!("{c} (via {user})"),
-        _ => user,
-    }
+async fn whoami(
+    State(state): State<AppState>,
+    actor: Actor,
+) -> Result<Json<crate::roles::Whoami>, EnvError> {
+    let access = state.access.clone();
+    let groups = actor.groups.clone();
+    let names = tokio::task::spawn_blocking(move || {
+        groups
+            .iter()
+            .map(|g| {
+                access
+                    .accounts
+                    .group_name(*g)
+                    .unwrap_or_else(|| g.to_string())
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| EnvError::Internal(format!("whoami failed: {e}")))?;
+    Ok(Json(crate::roles::Whoami {
+        uid: actor.uid,
+        user: actor.user.clone(),
+        groups: names,
+        role: actor.role,
+        actor: actor.name(),
+    }))
 }
 
 fn error_response(status: StatusCode, error: String) -> Response {
@@ -269,8 +593,14 @@ impl IntoResponse for EnvError {
             EnvError::BadRequest(_) => StatusCode::BAD_REQUEST,
             EnvError::Qemu(_) => StatusCode::BAD_GATEWAY,
             EnvError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            EnvError::Forbidden(_) => StatusCode::FORBIDDEN,
         };
-        error_response(status, one_line(&self.to_string()))
+        let message = one_line(&self.to_string());
+        let mut response = error_response(status, message.clone());
+        if status == StatusCode::FORBIDDEN {
+            response.extensions_mut().insert(Refused(message));
+        }
+        response
     }
 }
 
@@ -395,8 +725,7 @@ async fn view(state: &AppState, env: Environment) -> EnvironmentView {
 
 async fn create_env(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     body: Result<Json<CreateEnvironment>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), EnvError> {
     let req = match body {
@@ -408,13 +737,18 @@ async fn create_env(
             )))
         }
     };
+    if matches!(req, CreateEnvironment::Attached { .. }) {
+        // weftd (root) would drive a VM someone else started, through a socket path of
+        // the caller's choosing.
+        actor.require(Role::Admin, "env attach")?;
+    }
     let (CreateEnvironment::Managed { name, .. } | CreateEnvironment::Attached { name, .. }) = &req;
     let name = name.clone();
     let detail = serde_json::to_string(&req).ok();
     let manager = state.manager.clone();
     let env = change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "env.create",
         name,
         detail,
@@ -427,8 +761,7 @@ async fn create_env(
 /// A change to one environment that answers with the environment.
 async fn env_change<F, Fut>(
     state: AppState,
-    peer: Peer,
-    headers: HeaderMap,
+    actor: Actor,
     name: String,
     action: &'static str,
     op: F,
@@ -438,25 +771,19 @@ where
     Fut: std::future::Future<Output = Result<Environment, EnvError>> + Send + 'static,
 {
     let (manager, target) = (state.manager.clone(), name.clone());
-    let env = change(
-        &state,
-        actor(&peer, &headers),
-        action,
-        name,
-        None,
-        async move { op(manager, target).await },
-    )
+    let env = change(&state, actor.name(), action, name, None, async move {
+        op(manager, target).await
+    })
     .await?;
     Ok(Json(view(&state, env).await))
 }
 
 async fn start_env(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    env_change(state, peer, headers, name, "env.start", |m, n| async move {
+    env_change(state, actor, name, "env.start", |m, n| async move {
         let env = m.start(&n).await?;
         // QEMU made the tap anew: its published ports' host-local clients need it again.
         crate::net::Net::new(m.catalog()).after_env_start(&n).await;
@@ -467,11 +794,10 @@ async fn start_env(
 
 async fn stop_env(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    env_change(state, peer, headers, name, "env.stop", |m, n| async move {
+    env_change(state, actor, name, "env.stop", |m, n| async move {
         m.stop(&n).await
     })
     .await
@@ -479,11 +805,10 @@ async fn stop_env(
 
 async fn pause_env(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    env_change(state, peer, headers, name, "env.pause", |m, n| async move {
+    env_change(state, actor, name, "env.pause", |m, n| async move {
         m.pause(&n, true).await
     })
     .await
@@ -491,40 +816,26 @@ async fn pause_env(
 
 async fn resume_env(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    env_change(
-        state,
-        peer,
-        headers,
-        name,
-        "env.resume",
-        |m, n| async move { m.pause(&n, false).await },
-    )
+    env_change(state, actor, name, "env.resume", |m, n| async move {
+        m.pause(&n, false).await
+    })
     .await
 }
 
 async fn delete_env(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<StatusCode, EnvError> {
     let (manager, target) = (state.manager.clone(), name.clone());
-    change(
-        &state,
-        actor(&peer, &headers),
-        "env.delete",
-        name,
-        None,
-        async move {
-            manager.delete(&target).await?;
-            // Its host ports went with its rows: their routes go too.
-            crate::net::Net::new(manager.catalog()).sweep_ports().await
-        },
-    )
+    change(&state, actor.name(), "env.delete", name, None, async move {
+        manager.delete(&target).await?;
+        // Its host ports went with its rows: their routes go too.
+        crate::net::Net::new(manager.catalog()).sweep_ports().await
+    })
     .await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -558,13 +869,12 @@ fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Resul
 
 async fn create_snapshot(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<CreateSnapshot>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Job>), EnvError> {
     let req = body(req)?;
-    let actor = actor(&peer, &headers);
+    let actor = actor.name();
     let snapshots = state.snapshots.clone();
     let (target, who) = (name.clone(), actor.clone());
     let detail = serde_json::to_string(&req).ok();
@@ -629,8 +939,7 @@ async fn list_snapshots(
 
 async fn prune_snapshots(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<PruneRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, EnvError> {
@@ -640,7 +949,7 @@ async fn prune_snapshots(
     let detail = serde_json::to_string(&req).ok();
     let report = change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "snapshot.prune",
         name,
         detail,
@@ -671,15 +980,14 @@ async fn show_snapshot(
 
 async fn delete_snapshot(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(id): Path<String>,
 ) -> Result<StatusCode, EnvError> {
     let n = snapshot_id(&id)?;
     let snapshots = state.snapshots.clone();
     change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "snapshot.delete",
         id,
         None,
@@ -698,14 +1006,13 @@ async fn verify_snapshot(
 
 async fn restore_snapshot(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(id): Path<String>,
     req: Result<Json<RestoreRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Job>), EnvError> {
     let req = body(req)?;
     let n = snapshot_id(&id)?;
-    let actor = actor(&peer, &headers);
+    let actor = actor.name();
     let snapshots = state.snapshots.clone();
     let who = actor.clone();
     let detail = serde_json::to_string(&req).ok();
@@ -720,8 +1027,7 @@ async fn restore_snapshot(
 
 async fn set_policy(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<SetPolicy>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Policy>, EnvError> {
@@ -743,7 +1049,7 @@ async fn set_policy(
     let detail = serde_json::to_string(&req).ok();
     let policy = change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "policy.set",
         name,
         detail,
@@ -771,15 +1077,14 @@ async fn list_policies(
 
 async fn delete_policy(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path((name, resource)): Path<(String, String)>,
 ) -> Result<StatusCode, EnvError> {
     let catalog = state.manager.catalog().clone();
     let (env, res) = (name.clone(), resource.clone());
     change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "policy.delete",
         name,
         Some(resource),
@@ -797,18 +1102,18 @@ async fn delete_policy(
 
 async fn create_weave(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<CreateWeave>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Weave>), EnvError> {
     let req = body(req)?;
+    require_egress(&actor, req.egress, "weave create --egress all")?;
     let weaves = state.weaves.clone();
     let parent = name.clone();
     let detail = serde_json::to_string(&req).ok();
     let weave = change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "weave.create",
         name,
         detail,
@@ -849,8 +1154,7 @@ async fn list_compositions(
 
 async fn create_composition(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     req: Result<
         Json<crate::compositions::CreateComposition>,
         axum::extract::rejection::JsonRejection,
@@ -858,7 +1162,7 @@ async fn create_composition(
 ) -> Result<(StatusCode, Json<crate::compositions::CompositionView>), EnvError> {
     let req = body(req)?;
     let comps = state.compositions.clone();
-    let who = actor(&peer, &headers);
+    let who = actor.name();
     let target = req.name.clone();
     let detail = serde_json::to_string(&req).ok();
     let by = who.clone();
@@ -878,15 +1182,14 @@ async fn show_composition(
 
 async fn delete_composition(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<StatusCode, EnvError> {
     let comps = state.compositions.clone();
     let target = name.clone();
     change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "compose.delete",
         target,
         None,
@@ -905,14 +1208,13 @@ async fn composition_conflicts(
 
 async fn resolve_composition(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::compositions::ResolveRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Vec<crate::compose::Conflict>>, EnvError> {
     let req = body(req)?;
     let comps = state.compositions.clone();
-    let who = actor(&peer, &headers);
+    let who = actor.name();
     let detail = serde_json::to_string(&req).ok();
     let (by, target) = (who.clone(), name.clone());
     let out = change(&state, who, "compose.resolve", target, detail, async move {
@@ -939,18 +1241,18 @@ pub struct ApplyComposition {
 
 async fn apply_composition(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<ApplyComposition>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<Weave>), EnvError> {
     let req = body(req)?;
+    require_egress(&actor, req.egress, "compose apply --egress all")?;
     let comp = state.compositions.get(&name).await?;
     let weaves = state.weaves.clone();
     let detail = serde_json::to_string(&req).ok();
     let weave = change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "compose.apply",
         name.clone(),
         detail,
@@ -974,15 +1276,14 @@ async fn apply_composition(
 
 async fn delete_weave(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<StatusCode, EnvError> {
     let weaves = state.weaves.clone();
     let target = name.clone();
     change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "weave.delete",
         name,
         None,
@@ -1006,8 +1307,7 @@ async fn show_net(
 /// A change to an environment's `net` resource that answers with its setup.
 async fn net_change<F, Fut>(
     state: AppState,
-    peer: Peer,
-    headers: HeaderMap,
+    actor: Actor,
     name: String,
     action: &'static str,
     detail: Option<String>,
@@ -1018,7 +1318,7 @@ where
     Fut: std::future::Future<Output = Result<NetSetup, EnvError>> + Send + 'static,
 {
     let net = crate::net::Net::new(state.manager.catalog());
-    let actor = actor(&peer, &headers);
+    let actor = actor.name();
     let (target, who) = (name.clone(), actor.clone());
     let setup = change(&state, actor, action, name, detail, async move {
         op(net, target, who).await
@@ -1041,8 +1341,7 @@ pub struct SetConfig {
 
 async fn set_env_config(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<SetConfig>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
@@ -1052,7 +1351,7 @@ async fn set_env_config(
     let target = name.clone();
     let env = change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "env.config",
         target,
         detail,
@@ -1064,8 +1363,7 @@ async fn set_env_config(
 
 async fn set_net_plan(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<GuestPlan>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<NetSetup>, EnvError> {
@@ -1073,8 +1371,7 @@ async fn set_net_plan(
     let detail = serde_json::to_string(&plan).ok();
     net_change(
         state,
-        peer,
-        headers,
+        actor,
         name,
         "env.net",
         detail,
@@ -1085,8 +1382,7 @@ async fn set_net_plan(
 
 async fn expose_env(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<ExposeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<NetSetup>, EnvError> {
@@ -1094,8 +1390,7 @@ async fn expose_env(
     let detail = serde_json::to_string(&req).ok();
     net_change(
         state,
-        peer,
-        headers,
+        actor,
         name,
         "env.expose",
         detail,
@@ -1106,8 +1401,7 @@ async fn expose_env(
 
 async fn unexpose_env(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<UnexposeRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<NetSetup>, EnvError> {
@@ -1115,8 +1409,7 @@ async fn unexpose_env(
     let detail = serde_json::to_string(&req).ok();
     net_change(
         state,
-        peer,
-        headers,
+        actor,
         name,
         "env.unexpose",
         detail,
@@ -1127,14 +1420,12 @@ async fn unexpose_env(
 
 async fn activate_env(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<Json<NetSetup>, EnvError> {
     net_change(
         state,
-        peer,
-        headers,
+        actor,
         name,
         "env.activate",
         None,
@@ -1154,8 +1445,7 @@ pub struct RouteRequest {
 
 async fn weave_route(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<RouteRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Weave>, EnvError> {
@@ -1163,7 +1453,7 @@ async fn weave_route(
     let weaves = state.weaves.clone();
     let target = name.clone();
     let detail = serde_json::to_string(&req).ok();
-    let actor = actor(&peer, &headers);
+    let actor = actor.name();
     let who = actor.clone();
     let weave = change(&state, actor, "weave.route", name, detail, async move {
         weaves
@@ -1181,13 +1471,12 @@ async fn weave_route(
 
 async fn weave_activate(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, EnvError> {
     let weaves = state.weaves.clone();
     let target = name.clone();
-    let actor = actor(&peer, &headers);
+    let actor = actor.name();
     let who = actor.clone();
     let report = change(&state, actor, "weave.activate", name, None, async move {
         weaves.activate(&target, &who).await
@@ -1198,16 +1487,15 @@ async fn weave_activate(
 
 async fn weave_egress(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::model::EgressRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<NetSetup>, EnvError> {
     let req = body(req)?;
+    require_egress(&actor, req.egress, "weave egress all")?;
     net_change(
         state,
-        peer,
-        headers,
+        actor,
         name,
         "weave.egress",
         serde_json::to_string(&req).ok(),
@@ -1216,29 +1504,34 @@ async fn weave_egress(
     .await
 }
 
+/// Egress `all` opens the host and the operator's networks to a guest: an admin's call.
+fn require_egress(actor: &Actor, egress: crate::model::Egress, what: &str) -> Result<(), EnvError> {
+    match egress {
+        crate::model::Egress::All => actor.require(Role::Admin, what),
+        crate::model::Egress::None | crate::model::Egress::Internet => Ok(()),
+    }
+}
+
 async fn weave_start(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    weave_run(state, peer, headers, name, true).await
+    weave_run(state, actor, name, true).await
 }
 
 async fn weave_stop(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
 ) -> Result<Json<EnvironmentView>, EnvError> {
-    weave_run(state, peer, headers, name, false).await
+    weave_run(state, actor, name, false).await
 }
 
 /// Starts or stops a weave's QEMU; refuses an environment that is not a weave.
 async fn weave_run(
     state: AppState,
-    peer: Peer,
-    headers: HeaderMap,
+    actor: Actor,
     name: String,
     start: bool,
 ) -> Result<Json<EnvironmentView>, EnvError> {
@@ -1248,7 +1541,7 @@ async fn weave_run(
     } else {
         ("weave.stop", "stop")
     };
-    env_change(state, peer, headers, name, action, move |m, n| async move {
+    env_change(state, actor, name, action, move |m, n| async move {
         weaves.ensure(&n, verb).await?;
         if start {
             m.start(&n).await
@@ -1261,8 +1554,7 @@ async fn weave_run(
 
 async fn weave_limits(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::cgroups::Limits>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Weave>, EnvError> {
@@ -1272,7 +1564,7 @@ async fn weave_limits(
     let detail = serde_json::to_string(&limits).ok();
     let weave = change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "weave.limits",
         name,
         detail,
@@ -1284,8 +1576,7 @@ async fn weave_limits(
 
 async fn weave_sync(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::sync::SyncRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<crate::sync::SyncReport>, EnvError> {
@@ -1295,7 +1586,7 @@ async fn weave_sync(
     let detail = serde_json::to_string(&req).ok();
     let report = change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "weave.sync",
         name,
         detail,
@@ -1307,17 +1598,24 @@ async fn weave_sync(
 
 async fn replay(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::replay::ReplayRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<crate::replay::ReplayReport>, EnvError> {
     let req = body(req)?;
+    // Into a weave of the environment is an operator's; files written on the host,
+    // or a push into anything else, are an admin's.
+    if req.out.is_some() {
+        actor.require(Role::Admin, "replay --out")?;
+    }
+    if req.force {
+        actor.require(Role::Admin, "replay --force")?;
+    }
     let manager = state.manager.clone();
     let snapshots = state.snapshots.clone();
     let env = name.clone();
     let detail = serde_json::to_string(&req).ok();
-    let actor = actor(&peer, &headers);
+    let actor = actor.name();
     let audit = state.clone();
     let forced_by = actor.clone();
     let report = change(
@@ -1426,15 +1724,14 @@ pub struct GcRequest {
 
 async fn store_gc(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     req: Result<Json<GcRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, EnvError> {
     let grace = std::time::Duration::from_secs(body(req)?.grace_secs.unwrap_or(24 * 3600 + 300));
     let st = state.clone();
     change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "store.gc",
         "store".into(),
         Some(format!("grace {}s", grace.as_secs())),
@@ -1458,8 +1755,7 @@ pub struct TierRequest {
 
 async fn store_tier(
     State(state): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    headers: HeaderMap,
+    actor: Actor,
     req: Result<Json<TierRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, EnvError> {
     let req = body(req)?;
@@ -1481,7 +1777,7 @@ async fn store_tier(
     let detail = serde_json::to_string(&req).ok();
     change(
         &state,
-        actor(&peer, &headers),
+        actor.name(),
         "store.tier",
         "store".into(),
         detail,
@@ -1493,16 +1789,18 @@ async fn store_tier(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
-    fn documented() -> BTreeSet<(String, String)> {
+    /// Every documented operation with its `x-weft-role` (empty when it has none).
+    fn documented() -> BTreeMap<(String, String), String> {
         let doc: serde_json::Value =
             serde_json::from_str(OPENAPI).expect("docs/openapi.json is JSON");
-        let mut out = BTreeSet::new();
+        let mut out = BTreeMap::new();
         for (path, item) in doc["paths"].as_object().expect("paths") {
-            for method in item.as_object().expect("path item").keys() {
+            for (method, op) in item.as_object().expect("path item") {
                 if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
-                    out.insert((method.to_uppercase(), path.clone()));
+                    let role = op["x-weft-role"].as_str().unwrap_or_default().to_string();
+                    out.insert((method.to_uppercase(), path.clone()), role);
                 }
             }
         }
@@ -1510,14 +1808,21 @@ mod tests {
     }
 
     #[test]
-    fn openapi_documents_exactly_the_served_routes() {
-        let served: BTreeSet<(String, String)> = routes()
+    fn openapi_documents_exactly_the_served_routes_and_their_roles() {
+        let served: BTreeMap<(String, String), String> = routes()
             .iter()
-            .map(|r| (r.method.to_string(), r.path.to_string()))
+            .map(|r| {
+                (
+                    (r.method.to_string(), r.path.to_string()),
+                    r.role.to_string(),
+                )
+            })
             .collect();
         let documented = documented();
-        let undocumented: Vec<_> = served.difference(&documented).collect();
-        let unserved: Vec<_> = documented.difference(&served).collect();
+        let served_keys: BTreeSet<_> = served.keys().collect();
+        let documented_keys: BTreeSet<_> = documented.keys().collect();
+        let undocumented: Vec<_> = served_keys.difference(&documented_keys).collect();
+        let unserved: Vec<_> = documented_keys.difference(&served_keys).collect();
         assert!(
             undocumented.is_empty(),
             "routes served but not in docs/openapi.json: {undocumented:?}"
@@ -1526,18 +1831,33 @@ mod tests {
             unserved.is_empty(),
             "routes in docs/openapi.json that weftd does not serve: {unserved:?}"
         );
+        let wrong: Vec<_> = served
+            .iter()
+            .filter(|(k, role)| documented[*k] != **role)
+            .map(|(k, role)| {
+                format!(
+                    "{} {}: x-weft-role {:?}, served as {role}",
+                    k.0, k.1, documented[k]
+                )
+            })
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "docs/openapi.json's x-weft-role differs from the route table: {wrong:#?}"
+        );
     }
 
     #[test]
-    fn actor_combines_peer_and_claim() {
-        let peer = Peer { uid: Some(0) };
-        let mut h = HeaderMap::new();
-        assert_eq!(actor(&peer, &h), "root");
-        h.insert(ACTOR_HEADER, "ci-bot".parse().unwrap());
-        assert_eq!(actor(&peer, &h), "ci-bot (via root)");
-        h.insert(ACTOR_HEADER, "root".parse().unwrap());
-        assert_eq!(actor(&peer, &h), "root");
-        h.insert(ACTOR_HEADER, "eve (via root)".parse().unwrap());
-        assert_eq!(actor(&peer, &h), "eveviaroot (via root)");
+    fn every_get_is_for_readers_and_every_change_needs_more() {
+        for r in routes() {
+            assert_eq!(
+                r.method == Method::GET,
+                r.role == Role::Reader,
+                "{} {} needs {}",
+                r.method,
+                r.path,
+                r.role
+            );
+        }
     }
 }

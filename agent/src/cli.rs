@@ -53,6 +53,9 @@ fn default_socket() -> PathBuf {
 pub enum Command {
     /// Show weftd's version, uptime and environment counts.
     Status,
+    /// Show who weftd sees on its socket: user, uid, groups, and the role they hold
+    /// (reader, operator or admin; see [roles] in weftd.toml).
+    Whoami,
     /// Manage environments (VMs weft records).
     #[command(subcommand)]
     Env(EnvCommand),
@@ -980,6 +983,27 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                 match &s.kvm_detail {
                     None => println!("kvm:          usable"),
                     Some(why) => println!("kvm:          not usable: {why}"),
+                }
+            }
+        }
+        Command::Whoami => {
+            let w: crate::roles::Whoami = client.get("/v1/whoami").await?;
+            if json {
+                print_json(&w);
+            } else {
+                match w.uid {
+                    Some(uid) if w.user != format!("uid {uid}") => {
+                        println!("user:   {} (uid {uid})", w.user)
+                    }
+                    _ => println!("user:   {}", w.user),
+                }
+                println!("groups: {}", w.groups.join(", "));
+                println!(
+                    "role:   {}",
+                    w.role.map_or("none".to_string(), |r| r.to_string())
+                );
+                if w.actor != w.user {
+                    println!("actor:  {}", w.actor);
                 }
             }
         }

@@ -53,6 +53,8 @@ pub struct Config {
     pub replay: ReplaySettings,
     /// Disks served by weft-blk.
     pub blk: BlkSettings,
+    /// Who may call the API, with which role (root is always `admin`).
+    pub roles: crate::roles::RolesSettings,
 }
 
 /// Disks served by weft-blk (`[blk]` in weftd.toml; see docs/weft-blk.md).
@@ -249,6 +251,7 @@ impl Default for Config {
             provenance: ProvenanceSettings::default(),
             replay: ReplaySettings::default(),
             blk: BlkSettings::default(),
+            roles: crate::roles::RolesSettings::default(),
         }
     }
 }
@@ -330,6 +333,7 @@ impl Config {
         self.dpa.check().map_err(ConfigError::Invalid)?;
         self.provenance.check().map_err(ConfigError::Invalid)?;
         self.replay.check().map_err(ConfigError::Invalid)?;
+        self.roles.check().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 
@@ -427,6 +431,24 @@ mod tests {
         );
         let e = Config::parse("[replay]\nbase_max_files = 0", Path::new("a.toml")).unwrap_err();
         assert!(e.to_string().contains("base_max_files"), "{e}");
+    }
+
+    #[test]
+    fn roles_are_read_and_their_names_checked() {
+        let c = Config::parse(
+            "[roles]\nadmin = [\"@wheel\", \"alice\"]\noperator = [\"@weft-operators\"]\nreader = [\"@weft\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.roles.admin, ["@wheel", "alice"]);
+        assert_eq!(c.roles.operator, ["@weft-operators"]);
+        assert_eq!(c.roles.reader, ["@weft"]);
+        let e = Config::parse("[roles]\nreader = [\"@\"]", Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("roles.reader"), "{e}");
+        let e = Config::parse("[roles]\nowner = [\"bob\"]", Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("owner"), "{e}");
+        let e = Config::parse("[roles]\nreader = \"bob\"", Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("a.toml"), "{e}");
     }
 
     #[test]

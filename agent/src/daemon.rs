@@ -216,6 +216,8 @@ pub async fn run(config: Config) -> Result<()> {
     let mut signals = ShutdownSignals::install()?;
     let started = Instant::now();
     let gid = socket_gid(&config)?;
+    let roles = crate::roles::Roles::resolve(&config.roles, &crate::roles::SystemAccounts)
+        .map_err(anyhow::Error::msg)?;
     make_dir(&config.data_dir, 0o700)?;
     let _lock = lock_data_dir(&config.data_dir)?;
     make_dir(&config.run_dir, 0o700)?;
@@ -280,6 +282,10 @@ pub async fn run(config: Config) -> Result<()> {
         weaves,
         compositions,
         started,
+        access: std::sync::Arc::new(api::Access {
+            roles,
+            accounts: Box::new(crate::roles::SystemAccounts),
+        }),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(api::serve(listener, state, async {

@@ -48,6 +48,9 @@ pub enum EnvError {
     /// Anything else (catalog, file system).
     #[error("{0}")]
     Internal(String),
+    /// The caller's role does not allow the request (see `roles.rs`).
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl From<CatalogError> for EnvError {

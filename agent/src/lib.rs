@@ -32,6 +32,7 @@ pub mod replay_base;
 pub mod replay_spill;
 pub mod replay_sql;
 pub mod retention;
+pub mod roles;
 pub mod snapshots;
 pub mod sync;
 pub mod testpoints;
