@@ -513,7 +513,7 @@ pub fn router(state: AppState) -> Router {
             "no such API route; see /v1/openapi.json".into(),
         )
     })
-    .route_layer(gated(Role::Reader, "the API"));
+    .layer(gated(Role::Reader, "the API"));
     router
         .fallback_service(fallback.with_state(state.clone()))
         .with_state(state)

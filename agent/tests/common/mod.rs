@@ -1,4 +1,6 @@
 //! A weftd started for a test, with the `weft` CLI pointed at it.
+// Shared by several test files; each uses only part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -30,10 +32,19 @@ impl Drop for Weftd {
 impl Weftd {
     /// Starts weftd and waits until it answers.
     pub async fn start(dir: &Path) -> Weftd {
+        Weftd::start_with(dir, None).await
+    }
+
+    /// Starts weftd with a configuration file and waits until it answers.
+    pub async fn start_with(dir: &Path, config: Option<&Path>) -> Weftd {
         let log = dir.join("weftd.log");
         let out = std::fs::File::create(&log).unwrap();
         let socket = dir.join("run/weftd.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_weftd"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftd"));
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let child = cmd
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--run-dir")
