@@ -460,8 +460,10 @@ async fn gate(State(gate): State<Gate>, mut req: Request, next: Next) -> Respons
             .identify(access.accounts.as_ref(), cred, claimed.as_deref())
     })
     .await
-    .unwrap_or_else(|_| Roles::default().identify(&crate::roles::SystemAccounts, None, None));
-    let target = format!("{} {}", req.method(), req.uri().path());
+    .unwrap_or_else(|_| Actor::unknown(None));
+    // The path is the caller's text: bounded before it reaches the audit log.
+    let path: String = req.uri().path().chars().take(256).collect();
+    let target = format!("{} {path}", req.method());
     let response = match actor.require(gate.need, gate.what) {
         Err(refused) => refused.into_response(),
         Ok(()) => {
@@ -470,22 +472,28 @@ async fn gate(State(gate): State<Gate>, mut req: Request, next: Next) -> Respons
         }
     };
     if let Some(Refused(why)) = response.extensions().get::<Refused>() {
-        tracing::warn!(actor = %actor.name(), target, "{why}");
-        if let Err(e) = gate
-            .state
-            .manager
-            .catalog()
-            .audit(
-                &actor.name(),
-                "api.forbidden",
-                Some(&target),
-                Some(why),
-                "forbidden",
-            )
-            .await
-        {
-            tracing::error!(error = %e, target, "cannot write a refusal to the audit log");
-        }
+        let (catalog, who, why) = (
+            gate.state.manager.catalog().clone(),
+            actor.name(),
+            why.clone(),
+        );
+        tracing::warn!(actor = %who, target, "{why}");
+        // In a task of its own: a caller that hangs up cannot cut its record short.
+        let record = tokio::spawn(async move {
+            let written = catalog
+                .audit(
+                    &who,
+                    "api.forbidden",
+                    Some(&target),
+                    Some(&why),
+                    "forbidden",
+                )
+                .await;
+            if let Err(e) = written {
+                tracing::error!(error = %e, target, "cannot write a refusal to the audit log");
+            }
+        });
+        let _ = record.await;
     }
     response
 }
@@ -519,13 +527,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves `app` (the [`router`]) on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
-    state: AppState,
+    app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(state).into_make_service_with_connect_info::<Peer>();
+    let app = app.into_make_service_with_connect_info::<Peer>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

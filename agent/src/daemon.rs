@@ -288,7 +288,10 @@ pub async fn run(config: Config) -> Result<()> {
         }),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::serve(listener, state, async {
+    // Built here, not in the server's task: a route table axum refuses stops weftd
+    // instead of leaving it "ready" with nothing answering.
+    let app = api::router(state);
+    let server = tokio::spawn(api::serve(listener, app, async {
         let _ = stop_rx.await;
     }));
     signals.recv().await;

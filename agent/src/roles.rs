@@ -216,14 +216,7 @@ impl Roles {
     ) -> Actor {
         let claimed = claimed.and_then(sanitize_claim);
         let Some((uid, gid)) = cred else {
-            return Actor {
-                uid: None,
-                gid: None,
-                groups: Vec::new(),
-                user: "unknown".into(),
-                role: None,
-                claimed,
-            };
+            return Actor::unknown(claimed);
         };
         let name = accounts.user_name(uid);
         let mut groups = match &name {
@@ -273,6 +266,18 @@ pub struct Actor {
 }
 
 impl Actor {
+    /// A peer the kernel did not name: it holds no role.
+    pub fn unknown(claimed: Option<String>) -> Actor {
+        Actor {
+            uid: None,
+            gid: None,
+            groups: Vec::new(),
+            user: "unknown".into(),
+            role: None,
+            claimed,
+        }
+    }
+
     /// The actor of audit records: the user, or `claim (via user)`.
     pub fn name(&self) -> String {
         match &self.claimed {
