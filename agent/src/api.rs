@@ -596,7 +596,7 @@ fn error_response(status: StatusCode, error: String) -> Response {
 impl IntoResponse for EnvError {
     fn into_response(self) -> Response {
         let status = match &self {
-            EnvError::NotFound(_) => StatusCode::NOT_FOUND,
+            EnvError::NotFound(_) | EnvError::Missing(_) => StatusCode::NOT_FOUND,
             EnvError::Duplicate(_) | EnvError::Conflict(_) => StatusCode::CONFLICT,
             EnvError::BadRequest(_) => StatusCode::BAD_REQUEST,
             EnvError::Qemu(_) => StatusCode::BAD_GATEWAY,
@@ -1100,7 +1100,7 @@ async fn delete_policy(
             if catalog.delete_policy(&env, &res).await? {
                 Ok(())
             } else {
-                Err(EnvError::NotFound(format!("policy for {res} of {env}")))
+                Err(EnvError::Missing(format!("no policy for {res} of {env} (see `weft policy list`)")))
             }
         },
     )

@@ -33,6 +33,10 @@ pub enum EnvError {
     /// No environment has that name.
     #[error("no environment named {0:?} (see `weft env list`)")]
     NotFound(String),
+    /// Something other than an environment (a snapshot, weave, job, composition, policy)
+    /// does not exist; the text says what, in full.
+    #[error("{0}")]
+    Missing(String),
     /// The name is taken.
     #[error("an environment named {0:?} already exists")]
     Duplicate(String),

@@ -570,7 +570,7 @@ impl Net {
         self.catalog
             .weave(name)
             .await?
-            .ok_or_else(|| EnvError::NotFound(format!("weave {name}")))
+            .ok_or_else(|| EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)")))
     }
 
     /// The kernel route of a host port of `env` (its target now).
@@ -1917,7 +1917,7 @@ mod tests {
             .set_egress("web", Egress::All, "alice")
             .await
             .unwrap_err();
-        assert!(matches!(e, EnvError::NotFound(_)), "{e}");
+        assert!(matches!(e, EnvError::Missing(_)), "{e}");
         // A kernel failure changes nothing.
         rec.fail_nth_mutation(1);
         assert!(net.set_egress("e1", Egress::All, "alice").await.is_err());

@@ -206,7 +206,7 @@ impl Snapshots {
             .catalog()
             .job(id)
             .await?
-            .ok_or_else(|| EnvError::NotFound(format!("job {id}")))?;
+            .ok_or_else(|| EnvError::Missing(format!("no job {id} (see `weft job list`)")))?;
         if job.state == JobState::Running {
             if let Some(p) = self.lock_progress().get(&id) {
                 job.done_bytes = p.0.load(Ordering::Relaxed);
@@ -718,7 +718,7 @@ impl Snapshots {
             .catalog()
             .snapshot(id)
             .await?
-            .ok_or_else(|| EnvError::NotFound(format!("snapshot {id}")))
+            .ok_or_else(|| EnvError::Missing(format!("no snapshot {id} (see `weft snapshot list ENV`)")))
     }
 
     /// Deletes a snapshot that no other snapshot builds on; its chunks go at the next gc.
@@ -772,6 +772,9 @@ impl Snapshots {
         dry_run: bool,
     ) -> Result<serde_json::Value, EnvError> {
         let all = self.list(env, &SnapshotFilter::default()).await?;
+        if all.is_empty() && self.manager.catalog().environment(env).await?.is_none() {
+            return Err(EnvError::NotFound(env.to_string()));
+        }
         let mut resources: Vec<&str> = all.iter().map(|s| s.resource.as_str()).collect();
         resources.sort_unstable();
         resources.dedup();

@@ -398,7 +398,7 @@ impl Weaves {
             .catalog()
             .weave(name)
             .await?
-            .ok_or_else(|| EnvError::NotFound(format!("weave {name}")))?;
+            .ok_or_else(|| EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)")))?;
         w.env = self.manager.catalog().environment(name).await?;
         w.balloon = crate::balloon::of_weave(&self.manager, name).await;
         Ok(w)
@@ -1519,7 +1519,7 @@ impl Weaves {
                     EnvKind::Attached => "an attached",
                 }
             )),
-            None => EnvError::NotFound(format!("weave {name}")),
+            None => EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)")),
         })
     }
 
