@@ -65,12 +65,17 @@ pub enum Command {
     Restore {
         /// Snapshot id (see `weft snapshot list ENV`).
         snapshot: i64,
-        /// The image to write; must not exist.
+        /// The image to write, inside one of weftd's `export_dirs` (`<data_dir>/exports`
+        /// by default); written 0600, never through a symlink; must not exist.
         #[arg(long)]
         output: PathBuf,
         /// Image format: raw (sparse) or qcow2 (zero chunks stay unallocated).
         #[arg(long, default_value = "raw")]
         format: String,
+        /// Replace the file at --output if it is a regular file (never a symlink or
+        /// directory).
+        #[arg(long)]
+        force: bool,
         /// Return at once with the job id instead of following its progress.
         #[arg(long)]
         detach: bool,
@@ -110,6 +115,9 @@ pub enum Command {
         from: Option<String>,
         /// Write the state under this directory, mirroring the guest's paths (a
         /// SQLite database per database, the JSON documents, the key-value files).
+        /// It must be inside one of weftd's `export_dirs` (`<data_dir>/exports` by
+        /// default); files are written 0600, never through a symlink, and replace
+        /// regular files of an earlier replay.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Push the state into this running weave's guest through its DPA, which
@@ -1037,6 +1045,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
             snapshot,
             output,
             format,
+            force,
             detach,
         } => {
             let output = std::path::absolute(&output)
@@ -1047,6 +1056,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                     &RestoreRequest {
                         output,
                         format: Some(format),
+                        force,
                     },
                 )
                 .await?;
