@@ -224,8 +224,10 @@ impl ImageDirs {
     /// Symlinks are followed only as far as they stay inside.
     pub fn resolve(&self, what: &str, path: &Path) -> Result<PathBuf, ConfineError> {
         let given = lexical(what, path)?;
-        let canonical = std::fs::canonicalize(&given)
-            .map_err(|e| ConfineError::Refused(format!("{what} {}: {e}", given.display())))?;
+        let canonical = std::fs::canonicalize(&given).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => refusal(what, &given, Errno::ENOENT),
+            _ => ConfineError::Refused(format!("{what} {}: {e}", given.display())),
+        })?;
         let split = self.dirs.split(what, &canonical, true).map_err(|e| {
             if canonical == given {
                 return e;
@@ -315,7 +317,7 @@ fn refusal(what: &str, path: &Path, e: Errno) -> ConfineError {
             "a symlink (or a non-directory) is on the way; weft never follows symlinks there"
                 .to_string()
         }
-        Errno::ENOENT => "no such file or directory".to_string(),
+        Errno::ENOENT => "it does not exist".to_string(),
         e => e.desc().to_lowercase(),
     };
     ConfineError::Refused(format!("{what} {}: {why}", path.display()))

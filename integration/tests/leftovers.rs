@@ -118,7 +118,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 /// A snapshot of a stopped environment runs in a qemu-storage-daemon, which outlives
 /// a weftd killed mid-snapshot and holds the disk's write lock. The next weftd ends
 /// it and its files, and the environment can be snapshotted again. Then a restore
-/// killed midway: its `.partial` output is removed by the next weftd.
+/// killed midway: its temporary file is removed by the next weftd.
 #[tokio::test]
 async fn qemu_storage_daemon_left_by_a_killed_weftd_is_ended_on_restart() -> anyhow::Result<()> {
     let mut rig = Rig::new()?;
@@ -153,23 +153,33 @@ async fn qemu_storage_daemon_left_by_a_killed_weftd_is_ended_on_restart() -> any
     // The disk is free again: a new snapshot opens it.
     let s = rig.snapshot("lq", "disk:vda").await?;
 
-    // A restore killed with weftd leaves no `.partial` that would refuse the next one.
+    // A restore killed with weftd leaves no temporary file beside its output.
     rig.kill_weftd();
     start_crashing_at(&mut rig, "restore.partial").await?;
     let out = rig.path("out.raw");
     let out_s = out.to_str().context("utf-8")?;
     let _ = rig.weft(&["restore", &s.id.to_string(), "--output", out_s]);
     wait_crashed(&mut rig).await?;
-    let partial = rig.path("out.raw.partial");
-    ensure!(partial.exists(), "the crash point is inside the restore");
+    let temps = |rig: &Rig| -> Vec<String> {
+        files_in(rig.dir.path())
+            .into_iter()
+            .filter(|f| f.starts_with(".weft-tmp-"))
+            .collect()
+    };
+    ensure!(
+        temps(&rig).len() == 1 && !out.exists(),
+        "the crash point is inside the restore: {:?}",
+        temps(&rig)
+    );
     start(&mut rig, &[]).await?;
     ensure!(
-        !partial.exists(),
-        "the unfinished restore's .partial is left"
+        temps(&rig).is_empty(),
+        "the unfinished restore's temporary file is left: {:?}",
+        temps(&rig)
     );
     // The CLI follows the job to its end.
     rig.weft_ok(&["restore", &s.id.to_string(), "--output", out_s])?;
-    ensure!(out.exists() && !partial.exists());
+    ensure!(out.exists() && temps(&rig).is_empty());
     rig.passed();
     Ok(())
 }
