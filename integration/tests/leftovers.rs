@@ -365,7 +365,9 @@ async fn qemu_weave_base_partial_is_cleaned_and_the_base_goes_with_its_last_weav
 
 /// Every file weftd, QEMU, the store, the catalog and the provenance log made under
 /// the state directories is private (0600/0700, weave bases 0400) except the API
-/// socket (0660, group `group` from weftd.toml) and its directory (0750, same group).
+/// socket (0660, group `group` from weftd.toml) and its directory (0750, same group),
+/// and the default image and export directories (0750, root's group: an operator may
+/// give them to a group).
 fn check_private(rig: &Rig, group: &str) -> anyhow::Result<()> {
     let gid = nix::unistd::Group::from_name(group)?
         .context("the group exists")?
@@ -378,9 +380,10 @@ fn check_private(rig: &Rig, group: &str) -> anyhow::Result<()> {
     for root in [rig.path("data"), run.clone()] {
         for (path, meta) in walk(&root) {
             let mode = meta.permissions().mode() & 0o7777;
+            let shared = [run.clone(), rig.path("data/images"), rig.path("data/exports")];
             let want: &[u32] = if path == socket {
                 &[0o660]
-            } else if path == run {
+            } else if shared.contains(&path) {
                 &[0o750]
             } else if meta.is_dir() {
                 &[0o700]
