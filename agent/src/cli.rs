@@ -239,7 +239,8 @@ pub enum EnvCommand {
     Attach {
         /// Name of the new environment.
         name: String,
-        /// The VM's QMP socket.
+        /// The VM's QMP socket: the socket itself (not a symlink), outside weftd's run
+        /// and data directories.
         #[arg(long)]
         qmp: PathBuf,
     },
@@ -713,6 +714,8 @@ pub struct CreateArgs {
     /// Name: 1-32 characters from a-z, 0-9, '-', '_'.
     pub name: String,
     /// A disk: PATH[,name=vda][,format=raw|qcow2][,readonly]. Repeat for more disks.
+    /// Images (disks, kernel, initrd) must be inside one of weftd's `image_dirs`
+    /// (`<data_dir>/images` by default).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// Guest memory: 512M, 1G, or MiB as a plain number.

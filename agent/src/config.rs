@@ -335,7 +335,10 @@ impl Config {
                 self.net.first_slot, self.net.last_slot
             )));
         }
-        for (key, dirs) in [("image_dirs", &self.image_dirs), ("export_dirs", &self.export_dirs)] {
+        for (key, dirs) in [
+            ("image_dirs", &self.image_dirs),
+            ("export_dirs", &self.export_dirs),
+        ] {
             if let Some(d) = dirs.iter().find(|d| !d.is_absolute()) {
                 return Err(ConfigError::Invalid(format!(
                     "{key}: {} is not an absolute path",

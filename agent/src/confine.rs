@@ -214,7 +214,12 @@ impl ImageDirs {
     /// `<data_dir>/images` and `image_dirs` of `config`.
     pub fn new(config: &Config) -> ImageDirs {
         ImageDirs {
-            dirs: Dirs::new(config, "image_dirs", config.images_dir(), &config.image_dirs),
+            dirs: Dirs::new(
+                config,
+                "image_dirs",
+                config.images_dir(),
+                &config.image_dirs,
+            ),
             data_dir: config.data_dir.clone(),
         }
     }
@@ -262,13 +267,8 @@ impl ImageDirs {
         }
         let root = open_dir(&split.root)
             .map_err(|e| io_err(format!("cannot open {}", split.root.display()), e))?;
-        let fd = open_beneath(
-            root.as_fd(),
-            &split.rel,
-            OFlag::O_PATH,
-            Mode::empty(),
-        )
-        .map_err(|e| refusal(what, path, e))?;
+        let fd = open_beneath(root.as_fd(), &split.rel, OFlag::O_PATH, Mode::empty())
+            .map_err(|e| refusal(what, path, e))?;
         let st = nix::sys::stat::fstat(fd.as_raw_fd())
             .map_err(|e| io_err(format!("cannot stat {}", path.display()), e))?;
         let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
@@ -365,7 +365,12 @@ impl ExportDirs {
 
     /// Starts file `path` (the value of option `what`), whose directory must exist
     /// inside an export directory.
-    pub fn create(&self, what: &str, path: &Path, replace: Replace) -> Result<Pending, ConfineError> {
+    pub fn create(
+        &self,
+        what: &str,
+        path: &Path,
+        replace: Replace,
+    ) -> Result<Pending, ConfineError> {
         let path = lexical(what, path)?;
         let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
             return Err(ConfineError::Refused(format!(
@@ -517,8 +522,16 @@ impl OutDir {
             .commit(),
             Err(Errno::EXDEV) => {
                 let pending = self.create(name, replace)?;
-                io::copy(&mut src, &mut &*pending.file)
-                    .map_err(|e| io_err(format!("cannot copy {} to {}", from.display(), pending.path().display()), e))?;
+                io::copy(&mut src, &mut &*pending.file).map_err(|e| {
+                    io_err(
+                        format!(
+                            "cannot copy {} to {}",
+                            from.display(),
+                            pending.path().display()
+                        ),
+                        e,
+                    )
+                })?;
                 let _ = std::fs::remove_file(from);
                 pending.commit()
             }
@@ -550,7 +563,12 @@ fn temp_name() -> Result<OsString, ConfineError> {
     let mut bytes = [0u8; 8];
     ring::rand::SystemRandom::new()
         .fill(&mut bytes)
-        .map_err(|_| io_err("cannot draw a random name", io::Error::other("no randomness")))?;
+        .map_err(|_| {
+            io_err(
+                "cannot draw a random name",
+                io::Error::other("no randomness"),
+            )
+        })?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     Ok(OsString::from(format!("{TEMP_PREFIX}{hex}")))
 }
@@ -619,11 +637,9 @@ impl Pending {
             Err(Errno::EEXIST) => {
                 return Err(match self.dir.check_target(&self.name, Replace::Never) {
                     Err(e) => e,
-                    Ok(()) => ConfineError::Exists(format!(
-                        "{} {} exists",
-                        self.dir.what,
-                        path.display()
-                    )),
+                    Ok(()) => {
+                        ConfineError::Exists(format!("{} {} exists", self.dir.what, path.display()))
+                    }
                 })
             }
             Err(e) => return Err(io_err(format!("cannot rename into {}", path.display()), e)),
@@ -725,7 +741,12 @@ fn dup(fd: &OwnedFd) -> io::Result<OwnedFd> {
 }
 
 /// Opens `rel` (plain names) below `dir`, never following a symlink nor leaving `dir`.
-fn open_beneath(dir: BorrowedFd<'_>, rel: &Path, flags: OFlag, mode: Mode) -> Result<OwnedFd, Errno> {
+fn open_beneath(
+    dir: BorrowedFd<'_>,
+    rel: &Path,
+    flags: OFlag,
+    mode: Mode,
+) -> Result<OwnedFd, Errno> {
     if force_walk() {
         return open_walk(dir, rel, flags, mode);
     }
@@ -767,14 +788,9 @@ fn open_walk(dir: BorrowedFd<'_>, rel: &Path, flags: OFlag, mode: Mode) -> Resul
         })
         .collect::<Result<_, _>>()?;
     let Some((last, dirs)) = parts.split_last() else {
-        return nix::fcntl::openat(
-            Some(dir.as_raw_fd()),
-            ".",
-            flags | OFlag::O_CLOEXEC,
-            mode,
-        )
-        // SAFETY: openat returned a new descriptor that nothing else owns.
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        return nix::fcntl::openat(Some(dir.as_raw_fd()), ".", flags | OFlag::O_CLOEXEC, mode)
+            // SAFETY: openat returned a new descriptor that nothing else owns.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
     };
     let mut cur: Option<OwnedFd> = None;
     for part in dirs {
@@ -859,8 +875,7 @@ mod tests {
     fn scene() -> Scene {
         let tmp = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(tmp.path()).unwrap();
-        let (images, exports, outside) =
-            (root.join("img"), root.join("exp"), root.join("outside"));
+        let (images, exports, outside) = (root.join("img"), root.join("exp"), root.join("outside"));
         for d in [&images, &exports, &outside] {
             std::fs::create_dir_all(d).unwrap();
         }
@@ -979,7 +994,10 @@ mod tests {
                 e.create("--output", &s.exports.join("sub/x.img"), Replace::Never),
                 "symlink",
             );
-            refused(e.open_dir("--out", &s.exports.join("sub/deeper"), true), "symlink");
+            refused(
+                e.open_dir("--out", &s.exports.join("sub/deeper"), true),
+                "symlink",
+            );
             refused(
                 e.create("--output", &s.exports.join("../outside/x"), Replace::Never),
                 "`..`",
@@ -1002,7 +1020,10 @@ mod tests {
         p.commit().unwrap();
         let meta = std::fs::metadata(s.exports.join("ok.img")).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-        assert_eq!(std::fs::read(s.exports.join("ok.img")).unwrap(), b"restored");
+        assert_eq!(
+            std::fs::read(s.exports.join("ok.img")).unwrap(),
+            b"restored"
+        );
         // Taken: refused unless a regular file may be replaced.
         assert!(matches!(
             e.create("--output", &s.exports.join("ok.img"), Replace::Never),
@@ -1015,7 +1036,10 @@ mod tests {
         p.commit().unwrap();
         assert_eq!(std::fs::read(s.exports.join("ok.img")).unwrap(), b"again");
         // Dropped uncommitted: nothing left.
-        drop(e.create("--output", &s.exports.join("gone.img"), Replace::Never).unwrap());
+        drop(
+            e.create("--output", &s.exports.join("gone.img"), Replace::Never)
+                .unwrap(),
+        );
         let names: Vec<_> = std::fs::read_dir(&s.exports)
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -1065,7 +1089,11 @@ mod tests {
                 export_dirs: vec![s.config.data_dir.parent().unwrap().to_path_buf()],
                 ..s.config.clone()
             })
-            .create("--output", &s.config.data_dir.join("catalog.db"), Replace::RegularFile),
+            .create(
+                "--output",
+                &s.config.data_dir.join("catalog.db"),
+                Replace::RegularFile,
+            ),
             "weftd's own directory",
         );
     }

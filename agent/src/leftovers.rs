@@ -105,11 +105,7 @@ pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
 
 /// Records in `work` that a restore of snapshot `id` writes temporary file `temp` (see
 /// the module comment); returns the record, which the restore removes when it ends.
-pub fn record_output(
-    work: &Path,
-    id: i64,
-    temp: &Path,
-) -> Result<PathBuf, crate::envs::EnvError> {
+pub fn record_output(work: &Path, id: i64, temp: &Path) -> Result<PathBuf, crate::envs::EnvError> {
     let internal = |e: std::io::Error| {
         crate::envs::EnvError::Internal(format!(
             "cannot record a restore in {}: {e}",

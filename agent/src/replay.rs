@@ -1427,9 +1427,7 @@ async fn write_sqlite(
     use sqlx::Connection as _;
     let path = dir.path().join(name);
     let path = path.as_path();
-    let n = out
-        .built
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = out.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = out.work().join(format!("{n}.db"));
     let fail = |reason: String| ReplayError::Sqlite {
         path: path.display().to_string(),

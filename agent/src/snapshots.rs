@@ -917,11 +917,8 @@ impl Snapshots {
         };
         // The file is made (0600, under a temporary name) before the job starts, so a
         // refused path is the request's answer.
-        let pending = crate::confine::ExportDirs::new(self.manager.config()).create(
-            "--output",
-            output,
-            replace,
-        )?;
+        let pending = crate::confine::ExportDirs::new(self.manager.config())
+            .create("--output", output, replace)?;
         let output = pending.path();
         let checksum = s.checksum.clone();
         self.spawn_job(
@@ -943,8 +940,7 @@ impl Snapshots {
                 // before it is renamed (see crate::leftovers).
                 let record = crate::leftovers::record_output(&work, id, &pending.temp_path())?;
                 let written = if qcow2 {
-                    restore_qcow2(&me.store, &map, &pending.proc_path(), &work, id, &progress)
-                        .await
+                    restore_qcow2(&me.store, &map, &pending.proc_path(), &work, id, &progress).await
                 } else {
                     let file = Arc::clone(pending.file());
                     file.set_len(map.disk_size).map_err(|e| {

@@ -81,7 +81,10 @@ fn s(p: &Path) -> &str {
 /// `out` failed with one line on stderr that contains `want`; returns the line.
 fn refused(out: &Output, want: &str) -> String {
     let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert!(!out.status.success(), "expected a refusal ({want}), got success");
+    assert!(
+        !out.status.success(),
+        "expected a refusal ({want}), got success"
+    );
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.lines().count(), 1, "one line: {err:?}");
     assert!(err.contains(want), "{err:?} lacks {want:?}");
@@ -145,7 +148,10 @@ async fn images_come_only_from_image_dirs_and_attach_only_from_outside_weftd() {
     symlink(&secret, &escape).unwrap();
     refused(&create("o2", &["--disk", &spec(&escape)]), "leads to");
     let dotdot = format!("{}/../outside/secret.img", scene.images.display());
-    refused(&create("o3", &["--disk", &format!("{dotdot},format=raw")]), "`..`");
+    refused(
+        &create("o3", &["--disk", &format!("{dotdot},format=raw")]),
+        "`..`",
+    );
     refused(
         &create("o4", &["--disk", &spec(&disk), "--kernel", s(&secret)]),
         "kernel",
@@ -155,7 +161,14 @@ async fn images_come_only_from_image_dirs_and_attach_only_from_outside_weftd() {
     refused(
         &create(
             "o5",
-            &["--disk", &spec(&disk), "--kernel", s(&kernel), "--initrd", s(&escape)],
+            &[
+                "--disk",
+                &spec(&disk),
+                "--kernel",
+                s(&kernel),
+                "--initrd",
+                s(&escape),
+            ],
         ),
         "initrd",
     );
@@ -163,7 +176,13 @@ async fn images_come_only_from_image_dirs_and_attach_only_from_outside_weftd() {
     refused(
         &create(
             "o6",
-            &["--disk", &format!("{},format=raw", scene.root.join("data/catalog.db").display())],
+            &[
+                "--disk",
+                &format!(
+                    "{},format=raw",
+                    scene.root.join("data/catalog.db").display()
+                ),
+            ],
         ),
         "image_dirs",
     );
@@ -181,20 +200,32 @@ async fn images_come_only_from_image_dirs_and_attach_only_from_outside_weftd() {
 
     // Attach: weftd's own socket, a symlink to it, a regular file.
     let own = scene.root.join("run/weftd.sock");
-    refused(&w.cli(&["env", "attach", "a1", "--qmp", s(&own)]), "weftd's own directory");
+    refused(
+        &w.cli(&["env", "attach", "a1", "--qmp", s(&own)]),
+        "weftd's own directory",
+    );
     let sock_link = scene.outside.join("vm.qmp");
     symlink(&own, &sock_link).unwrap();
-    refused(&w.cli(&["env", "attach", "a2", "--qmp", s(&sock_link)]), "symlink");
-    refused(&w.cli(&["env", "attach", "a3", "--qmp", s(&secret)]), "not a unix socket");
+    refused(
+        &w.cli(&["env", "attach", "a2", "--qmp", s(&sock_link)]),
+        "symlink",
+    );
+    refused(
+        &w.cli(&["env", "attach", "a3", "--qmp", s(&secret)]),
+        "not a unix socket",
+    );
 
-    let names: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&ok(&w.cli(&[
-        "--json", "env", "list",
-    ])))
-    .unwrap()
-    .iter()
-    .map(|e| e["name"].as_str().unwrap_or_default().to_string())
-    .collect();
-    assert_eq!(names, vec!["inside", "swap"], "refused creates record nothing");
+    let names: Vec<String> =
+        serde_json::from_str::<Vec<serde_json::Value>>(&ok(&w.cli(&["--json", "env", "list"])))
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+    assert_eq!(
+        names,
+        vec!["inside", "swap"],
+        "refused creates record nothing"
+    );
 }
 
 async fn wait_job(w: &Weftd, id: i64) -> Job {
@@ -217,10 +248,17 @@ async fn qemu_restores_write_only_inside_export_dirs_and_never_through_symlinks(
     let scene = Scene::new();
     let w = scene.weftd().await;
     let disk = scene.images.join("d.raw");
-    let content: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let content: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     std::fs::write(&disk, &content).unwrap();
     ok(&w.cli(&[
-        "env", "create", "r", "--no-start", "--disk", &format!("{},format=raw", disk.display()),
+        "env",
+        "create",
+        "r",
+        "--no-start",
+        "--disk",
+        &format!("{},format=raw", disk.display()),
     ]));
     let client = weft::client::Client::new(&w.socket);
     let job: Job = client
@@ -248,24 +286,46 @@ async fn qemu_restores_write_only_inside_export_dirs_and_never_through_symlinks(
     symlink(&scene.outside, scene.exports.join("sub")).unwrap();
     let before = scene.outside_tree();
     refused(&restore(&scene.exports.join("out.img"), &[]), "symlink");
-    refused(&restore(&scene.exports.join("out.img"), &["--force"]), "symlink");
-    refused(&restore(&scene.exports.join("sub/x.img"), &[]), "symlink");
-    refused(&restore(&scene.exports.join("sub/x.img"), &["--format", "qcow2"]), "symlink");
     refused(
-        &restore(Path::new(&format!("{}/../outside/y.img", scene.exports.display())), &[]),
+        &restore(&scene.exports.join("out.img"), &["--force"]),
+        "symlink",
+    );
+    refused(&restore(&scene.exports.join("sub/x.img"), &[]), "symlink");
+    refused(
+        &restore(&scene.exports.join("sub/x.img"), &["--format", "qcow2"]),
+        "symlink",
+    );
+    refused(
+        &restore(
+            Path::new(&format!("{}/../outside/y.img", scene.exports.display())),
+            &[],
+        ),
         "`..`",
     );
-    let e = refused(&restore(&scene.outside.join("z.img"), &[]), "export_dirs = [");
+    let e = refused(
+        &restore(&scene.outside.join("z.img"), &[]),
+        "export_dirs = [",
+    );
     assert!(e.contains(s(&scene.exports)), "{e}");
-    refused(&restore(&scene.root.join("data/catalog.db"), &["--force"]), "export_dirs");
-    refused(&restore(&scene.exports.join("no/such/dir.img"), &[]), "does not exist");
+    refused(
+        &restore(&scene.root.join("data/catalog.db"), &["--force"]),
+        "export_dirs",
+    );
+    refused(
+        &restore(&scene.exports.join("no/such/dir.img"), &[]),
+        "does not exist",
+    );
     assert_eq!(scene.outside_tree(), before, "nothing written outside");
     assert!(!victim.exists());
 
     // Inside: byte-exact, 0600, no temporary file left; taken names need --force.
     let raw = scene.exports.join("ok.img");
     ok(&restore(&raw, &[]));
-    assert_eq!(std::fs::read(&raw).unwrap(), content, "the restore is byte-exact");
+    assert_eq!(
+        std::fs::read(&raw).unwrap(),
+        content,
+        "the restore is byte-exact"
+    );
     assert_eq!(mode(&raw), 0o600);
     refused(&restore(&raw, &[]), "exists");
     std::fs::write(&raw, b"stale").unwrap();
@@ -280,16 +340,32 @@ async fn qemu_restores_write_only_inside_export_dirs_and_never_through_symlinks(
         .arg(&qcow2)
         .output()
         .unwrap();
-    assert!(cmp.status.success(), "{}", String::from_utf8_lossy(&cmp.stdout));
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
     // The default export directory works without any configuration.
     let default = scene.root.join("data/exports/d.img");
     ok(&restore(&default, &[]));
     assert_eq!(mode(&default), 0o600);
-    assert!(temps(&scene.exports).is_empty(), "{:?}", temps(&scene.exports));
+    assert!(
+        temps(&scene.exports).is_empty(),
+        "{:?}",
+        temps(&scene.exports)
+    );
     assert_eq!(scene.outside_tree(), before, "nothing written outside");
 }
 
-fn entry(seq: u64, data_type: DataType, op: Operation, source: &str, collection: &str, key: &str, new: &str) -> Entry {
+fn entry(
+    seq: u64,
+    data_type: DataType,
+    op: Operation,
+    source: &str,
+    collection: &str,
+    key: &str,
+    new: &str,
+) -> Entry {
     Entry {
         seq,
         guest_time_us: 1_790_000_000_000_000 + seq as i64 * 1_000_000,
@@ -323,15 +399,48 @@ async fn replays_write_only_inside_export_dirs_and_never_through_symlinks() {
         .unwrap();
     catalog.close().await;
     let log = ProvenanceLog::open(data.join("provenance"), LogOptions::default()).unwrap();
-    let schema = serde_json::to_string("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)").unwrap();
+    let schema =
+        serde_json::to_string("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)").unwrap();
     log.append(
         "web",
         1,
         &[
-            entry(1, DataType::Sqlite, Operation::Schema, "/data/app.db", "t", "", &schema),
-            entry(2, DataType::Sqlite, Operation::Insert, "/data/app.db", "t", "[1]", r#"{"id":1,"name":"Ann"}"#),
-            entry(3, DataType::Json, Operation::Insert, "/etc/app/settings.json", "", "", r#"{"beta":true}"#),
-            entry(4, DataType::Kv, Operation::Insert, "/etc/app.env", "", "A", r#""1""#),
+            entry(
+                1,
+                DataType::Sqlite,
+                Operation::Schema,
+                "/data/app.db",
+                "t",
+                "",
+                &schema,
+            ),
+            entry(
+                2,
+                DataType::Sqlite,
+                Operation::Insert,
+                "/data/app.db",
+                "t",
+                "[1]",
+                r#"{"id":1,"name":"Ann"}"#,
+            ),
+            entry(
+                3,
+                DataType::Json,
+                Operation::Insert,
+                "/etc/app/settings.json",
+                "",
+                "",
+                r#"{"beta":true}"#,
+            ),
+            entry(
+                4,
+                DataType::Kv,
+                Operation::Insert,
+                "/etc/app.env",
+                "",
+                "A",
+                r#""1""#,
+            ),
         ],
     )
     .unwrap();
@@ -353,7 +462,10 @@ async fn replays_write_only_inside_export_dirs_and_never_through_symlinks() {
     refused(&replay(&r2), "symlink");
     refused(&replay(&scene.outside.join("r")), "export_dirs = [");
     refused(
-        &replay(Path::new(&format!("{}/../outside/r", scene.exports.display()))),
+        &replay(Path::new(&format!(
+            "{}/../outside/r",
+            scene.exports.display()
+        ))),
         "`..`",
     );
     symlink(&scene.outside, scene.exports.join("away")).unwrap();
@@ -369,7 +481,10 @@ async fn replays_write_only_inside_export_dirs_and_never_through_symlinks() {
             assert_eq!(mode(&r3.join(f)), 0o600, "{f}");
         }
         assert_eq!(mode(&r3.join("etc/app")), 0o700);
-        assert_eq!(std::fs::read_to_string(r3.join("etc/app.env")).unwrap(), "A=1\n");
+        assert_eq!(
+            std::fs::read_to_string(r3.join("etc/app.env")).unwrap(),
+            "A=1\n"
+        );
         let doc: serde_json::Value =
             serde_json::from_slice(&std::fs::read(r3.join("etc/app/settings.json")).unwrap())
                 .unwrap();

@@ -380,7 +380,11 @@ fn check_private(rig: &Rig, group: &str) -> anyhow::Result<()> {
     for root in [rig.path("data"), run.clone()] {
         for (path, meta) in walk(&root) {
             let mode = meta.permissions().mode() & 0o7777;
-            let shared = [run.clone(), rig.path("data/images"), rig.path("data/exports")];
+            let shared = [
+                run.clone(),
+                rig.path("data/images"),
+                rig.path("data/exports"),
+            ];
             let want: &[u32] = if path == socket {
                 &[0o660]
             } else if shared.contains(&path) {

@@ -479,7 +479,10 @@ impl Rig {
     async fn start_weftd(&mut self) -> Result<()> {
         let log = File::create(self.dir.join("weftd.log"))?;
         let config = self.dir.join("weftd.toml");
-        fs::write(&config, weft_integration::confined_dirs_toml(&[self.dir.as_path()]))?;
+        fs::write(
+            &config,
+            weft_integration::confined_dirs_toml(&[self.dir.as_path()]),
+        )?;
         let child = Command::new(bin("weftd")?)
             .arg("--data-dir")
             .arg(self.dir.join("data"))
