@@ -31,9 +31,15 @@ start() {
     assets=$("$top/target/debug/weft-guest-assets")
     echo "==> guest assets: $assets"
 
-    echo "==> starting weftd (data: $demo/data, socket: $sock, log: $demo/weftd.log)"
+    # weftd takes images only from image_dirs and writes restores and replays only
+    # into export_dirs: here the guest assets and the demo's own directory.
+    cat >"$demo/weftd.toml" <<EOT
+image_dirs = ["$assets", "$demo"]
+export_dirs = ["$demo"]
+EOT
+    echo "==> starting weftd (data: $demo/data, socket: $sock, config: $demo/weftd.toml, log: $demo/weftd.log)"
     # Own session: closing the terminal or Ctrl-C after the demo leaves weftd running.
-    setsid "$top/target/debug/weftd" --data-dir "$demo/data" --run-dir "$demo/run" \
+    setsid "$top/target/debug/weftd" --config "$demo/weftd.toml" --data-dir "$demo/data" --run-dir "$demo/run" \
         </dev/null >"$demo/weftd.log" 2>&1 &
     echo $! > "$demo/weftd.pid"
     if ! wait_for 20 "weftd to answer" weft status; then cat "$demo/weftd.log" >&2; exit 1; fi
@@ -96,7 +102,7 @@ The demo environment and its weave "past" run under weftd. Try:
   target/debug/weft --socket $sock env stop demo
   target/debug/weft --socket $sock env start demo
   target/debug/weft --socket $sock snapshot create demo
-  target/debug/weft --socket $sock restore $disk_snapshot --output /tmp/demo-vda.img
+  target/debug/weft --socket $sock restore $disk_snapshot --output $demo/demo-vda.img
   target/debug/weft --socket $sock provenance query demo --table customers --limit 10
   tail -f $serial
 Stop everything and remove ./.weft-demo with: make demo-stop

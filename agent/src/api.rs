@@ -1026,7 +1026,7 @@ async fn restore_snapshot(
     let detail = serde_json::to_string(&req).ok();
     let job = change(&state, actor, "snapshot.restore", id, detail, async move {
         snapshots
-            .restore(n, &req.output, req.format.as_deref(), &who)
+            .restore(n, &req.output, req.format.as_deref(), req.force, &who)
             .await
     })
     .await?;

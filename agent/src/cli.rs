@@ -68,12 +68,17 @@ pub enum Command {
     Restore {
         /// Snapshot id (see `weft snapshot list ENV`).
         snapshot: i64,
-        /// The image to write; must not exist.
+        /// The image to write, inside one of weftd's `export_dirs` (`<data_dir>/exports`
+        /// by default); written 0600, never through a symlink; must not exist.
         #[arg(long)]
         output: PathBuf,
         /// Image format: raw (sparse) or qcow2 (zero chunks stay unallocated).
         #[arg(long, default_value = "raw")]
         format: String,
+        /// Replace the file at --output if it is a regular file (never a symlink or
+        /// directory).
+        #[arg(long)]
+        force: bool,
         /// Return at once with the job id instead of following its progress.
         #[arg(long)]
         detach: bool,
@@ -113,6 +118,9 @@ pub enum Command {
         from: Option<String>,
         /// Write the state under this directory, mirroring the guest's paths (a
         /// SQLite database per database, the JSON documents, the key-value files).
+        /// It must be inside one of weftd's `export_dirs` (`<data_dir>/exports` by
+        /// default); files are written 0600, never through a symlink, and replace
+        /// regular files of an earlier replay.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Push the state into this running weave's guest through its DPA, which
@@ -234,7 +242,8 @@ pub enum EnvCommand {
     Attach {
         /// Name of the new environment.
         name: String,
-        /// The VM's QMP socket.
+        /// The VM's QMP socket: the socket itself (not a symlink), outside weftd's run
+        /// and data directories.
         #[arg(long)]
         qmp: PathBuf,
     },
@@ -708,6 +717,8 @@ pub struct CreateArgs {
     /// Name: 1-32 characters from a-z, 0-9, '-', '_'.
     pub name: String,
     /// A disk: PATH[,name=vda][,format=raw|qcow2][,readonly]. Repeat for more disks.
+    /// Images (disks, kernel, initrd) must be inside one of weftd's `image_dirs`
+    /// (`<data_dir>/images` by default).
     #[arg(long = "disk", value_name = "SPEC")]
     pub disks: Vec<String>,
     /// Guest memory: 512M, 1G, or MiB as a plain number.
@@ -1061,6 +1072,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
             snapshot,
             output,
             format,
+            force,
             detach,
         } => {
             let output = std::path::absolute(&output)
@@ -1071,6 +1083,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                     &RestoreRequest {
                         output,
                         format: Some(format),
+                        force,
                     },
                 )
                 .await?;

@@ -41,6 +41,12 @@ pub struct Config {
     pub stop_timeout_secs: u64,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` wins).
     pub log: String,
+    /// Directories the disks, kernels and initrds of new environments must be in,
+    /// besides `<data_dir>/images` (see `crate::confine`).
+    pub image_dirs: Vec<PathBuf>,
+    /// Directories `restore --output` and `replay --out` may write into, besides
+    /// `<data_dir>/exports`.
+    pub export_dirs: Vec<PathBuf>,
     /// The chunk store that holds disk snapshots.
     pub store: StoreSettings,
     /// Weave networking.
@@ -245,6 +251,8 @@ impl Default for Config {
             qemu_start_timeout_secs: 30,
             stop_timeout_secs: 15,
             log: "info".into(),
+            image_dirs: Vec::new(),
+            export_dirs: Vec::new(),
             store: StoreSettings::default(),
             net: NetSettings::default(),
             dpa: crate::dpa::DpaSettings::default(),
@@ -330,6 +338,17 @@ impl Config {
                 self.net.first_slot, self.net.last_slot
             )));
         }
+        for (key, dirs) in [
+            ("image_dirs", &self.image_dirs),
+            ("export_dirs", &self.export_dirs),
+        ] {
+            if let Some(d) = dirs.iter().find(|d| !d.is_absolute()) {
+                return Err(ConfigError::Invalid(format!(
+                    "{key}: {} is not an absolute path",
+                    d.display()
+                )));
+            }
+        }
         self.dpa.check().map_err(ConfigError::Invalid)?;
         self.provenance.check().map_err(ConfigError::Invalid)?;
         self.replay.check().map_err(ConfigError::Invalid)?;
@@ -366,6 +385,22 @@ impl Config {
             .key_file
             .clone()
             .unwrap_or_else(|| self.data_dir.join("store.key"))
+    }
+
+    /// The image directory that always exists (`<data_dir>/images`).
+    pub fn images_dir(&self) -> PathBuf {
+        self.data_dir.join("images")
+    }
+
+    /// The export directory that always exists (`<data_dir>/exports`).
+    pub fn exports_dir(&self) -> PathBuf {
+        self.data_dir.join("exports")
+    }
+
+    /// weftd's private scratch directory on the data file system (replays build their
+    /// SQLite files here before moving them into an export directory); emptied at start.
+    pub fn work_dir(&self) -> PathBuf {
+        self.data_dir.join("work")
     }
 
     /// The SQLite catalog file.
@@ -449,6 +484,31 @@ mod tests {
         assert!(e.to_string().contains("owner"), "{e}");
         let e = Config::parse("[roles]\nreader = \"bob\"", Path::new("a.toml")).unwrap_err();
         assert!(e.to_string().contains("a.toml"), "{e}");
+    }
+
+    #[test]
+    fn image_and_export_dirs_are_read_and_must_be_absolute() {
+        let c = Config::parse(
+            "data_dir = \"/srv/weft\"\nimage_dirs = [\"/srv/images\", \"/boot\"]\nexport_dirs = [\"/srv/restore\"]\n",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.image_dirs,
+            vec![PathBuf::from("/srv/images"), PathBuf::from("/boot")]
+        );
+        assert_eq!(c.export_dirs, vec![PathBuf::from("/srv/restore")]);
+        assert_eq!(c.images_dir(), Path::new("/srv/weft/images"));
+        assert_eq!(c.exports_dir(), Path::new("/srv/weft/exports"));
+        let d = Config::default();
+        assert!(d.image_dirs.is_empty() && d.export_dirs.is_empty());
+        let e = Config::parse("export_dirs = [\"out\"]", Path::new("a.toml")).unwrap_err();
+        assert!(
+            e.to_string().contains("export_dirs") && e.to_string().contains("absolute"),
+            "{e}"
+        );
+        let e = Config::parse("image_dirs = \"/srv/images\"", Path::new("a.toml")).unwrap_err();
+        assert!(e.to_string().contains("image_dirs"), "{e}");
     }
 
     #[test]

@@ -221,6 +221,24 @@ pub async fn run(config: Config) -> Result<()> {
     make_dir(&config.data_dir, 0o700)?;
     let _lock = lock_data_dir(&config.data_dir)?;
     make_dir(&config.run_dir, 0o700)?;
+    // The directories callers' images come from and outputs go to (see crate::confine).
+    make_dir(&config.images_dir(), 0o750)?;
+    make_dir(&config.exports_dir(), 0o750)?;
+    for (key, dirs) in [
+        ("image_dirs", &config.image_dirs),
+        ("export_dirs", &config.export_dirs),
+    ] {
+        for dir in dirs.iter().filter(|d| !d.is_dir()) {
+            warn!(key, dir = %dir.display(), "a directory listed in weftd.toml does not exist; nothing in it can be used until it does");
+        }
+    }
+    // Replays' scratch files: whatever is there was left by a weftd that died.
+    let work = config.work_dir();
+    if work.exists() {
+        std::fs::remove_dir_all(&work)
+            .with_context(|| format!("cannot empty {}", work.display()))?;
+    }
+    make_dir(&work, 0o700)?;
     let catalog_path = config.catalog_path();
     let catalog = Catalog::open(&catalog_path)
         .await

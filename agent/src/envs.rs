@@ -6,6 +6,7 @@
 //! operation either completes or leaves the catalog and the host as they were.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -362,6 +363,17 @@ impl Manager {
                 if self.catalog.environment(&name).await?.is_some() {
                     return Err(EnvError::Duplicate(name));
                 }
+                // Images come from image_dirs; the canonical path is what is recorded.
+                let images = crate::confine::ImageDirs::new(&self.config);
+                let disks = disks
+                    .into_iter()
+                    .map(|mut d| {
+                        d.path = images.resolve("disk", &d.path)?;
+                        Ok(d)
+                    })
+                    .collect::<Result<Vec<_>, crate::confine::ConfineError>>()?;
+                let kernel = kernel.map(|k| images.resolve("kernel", &k)).transpose()?;
+                let initrd = initrd.map(|i| images.resolve("initrd", &i)).transpose()?;
                 let mut config = vm_config(disks, memory_mib, cpus, kernel, initrd, append)?;
                 config.nics = nics;
                 config
@@ -408,8 +420,8 @@ impl Manager {
                 if self.catalog.environment(&name).await?.is_some() {
                     return Err(EnvError::Duplicate(name));
                 }
-                self.check_attachable(&qmp_socket).await?;
-                let qmp = connect_attached(&qmp_socket).await?;
+                let qmp_socket = self.check_attachable(&qmp_socket).await?;
+                let qmp = connect_attached(&self.config, &qmp_socket).await?;
                 self.catalog
                     .insert_environment(&NewEnvironment {
                         name: &name,
@@ -507,6 +519,11 @@ impl Manager {
         if let Err(e) = crate::blk::prepare(&self.config, name, &config).await {
             self.release_vsock(name).await;
             return Err(e);
+        }
+        // Checked again as QEMU is about to open them: a file may have been swapped.
+        if let Err(e) = crate::confine::check_launch(&self.config, &config) {
+            self.release_vsock(name).await;
+            return Err(e.into());
         }
         let config = &config;
         let process = match launch::spawn(config, &paths, &opts).await {
@@ -657,7 +674,7 @@ impl Manager {
             return Err(EnvError::Conflict(format!("{name:?} is already running")));
         }
         if env.kind == EnvKind::Attached {
-            let qmp = connect_attached(&env.qmp_socket).await.map_err(|e| {
+            let qmp = connect_attached(&self.config, &env.qmp_socket).await.map_err(|e| {
                 EnvError::Conflict(format!(
                     "{name:?} is attached and its owner runs it: start the VM there (e.g. `virsh start`) first; {e}"
                 ))
@@ -907,6 +924,7 @@ impl Manager {
                     // Found and ended by the next weftd's recovery if this one dies.
                     pid_file: Some(dir.join(format!("{base}.pid"))),
                 };
+                crate::confine::check_disks(&self.config, &disks)?;
                 let process =
                     launch::spawn_storage_daemon(&disks, &paths, &SpawnOptions::default())
                         .await
@@ -1070,7 +1088,16 @@ impl Manager {
             },
             EnvKind::Attached => None,
         };
-        let qmp = match Qmp::connect_timeout(&env.qmp_socket, Duration::from_secs(5)).await {
+        let connected = match env.kind {
+            // An attached socket is checked again, as at attach.
+            EnvKind::Attached => connect_attached(&self.config, &env.qmp_socket)
+                .await
+                .map_err(|e| e.to_string()),
+            EnvKind::Managed => Qmp::connect_timeout(&env.qmp_socket, Duration::from_secs(5))
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        let qmp = match connected {
             Ok(qmp) => qmp,
             Err(e) => {
                 let reason = format!(
@@ -1099,26 +1126,17 @@ impl Manager {
 
     /// Refuses QMP sockets weftd must not attach to: relative paths, sockets of the
     /// environments weftd launches, and sockets another environment already uses.
-    async fn check_attachable(&self, socket: &Path) -> Result<(), EnvError> {
-        if !socket.is_absolute() {
-            return Err(EnvError::BadRequest(format!(
-                "QMP socket {} is a relative path; give an absolute one",
-                socket.display()
-            )));
-        }
-        check_socket_path(socket)?;
-        if socket.starts_with(&self.config.run_dir) {
-            return Err(EnvError::BadRequest(format!(
-                "{} is in weftd's run directory: it belongs to an environment weftd launches",
-                socket.display()
-            )));
-        }
+    /// The real path of the QMP socket an attach names: a socket outside weftd's own
+    /// directories (see [`crate::confine::attach_socket`]) no environment uses yet.
+    async fn check_attachable(&self, socket: &Path) -> Result<PathBuf, EnvError> {
+        let (_, real) = crate::confine::attach_socket(&self.config, socket)?;
+        check_socket_path(&real)?;
         if let Some(other) = self
             .catalog
             .environments()
             .await?
             .into_iter()
-            .find(|e| e.qmp_socket == socket)
+            .find(|e| e.qmp_socket == real || e.qmp_socket == socket)
         {
             return Err(EnvError::Conflict(format!(
                 "environment {:?} already uses the QMP socket {}",
@@ -1126,7 +1144,7 @@ impl Manager {
                 socket.display()
             )));
         }
-        Ok(())
+        Ok(real)
     }
 
     /// Lets every QEMU launched by this weftd outlive it (graceful shutdown).
@@ -1159,25 +1177,12 @@ async fn query_runstate(qmp: &Qmp) -> Option<String> {
     reply.get("status")?.as_str().map(str::to_string)
 }
 
-async fn connect_attached(socket: &Path) -> Result<Qmp, EnvError> {
-    match std::fs::metadata(socket) {
-        Err(e) => {
-            return Err(EnvError::BadRequest(format!(
-                "cannot use QMP socket {}: {e}",
-                socket.display()
-            )))
-        }
-        Ok(m) => {
-            use std::os::unix::fs::FileTypeExt;
-            if !m.file_type().is_socket() {
-                return Err(EnvError::BadRequest(format!(
-                    "{} is not a unix socket; pass the path of the VM's QMP socket (-qmp unix:PATH,server=on,wait=off)",
-                    socket.display()
-                )));
-            }
-        }
-    }
-    Qmp::connect_timeout(socket, Duration::from_secs(5))
+async fn connect_attached(config: &Config, socket: &Path) -> Result<Qmp, EnvError> {
+    // Connected through the descriptor of the socket that was checked, so a name
+    // swapped after the check cannot redirect the connection.
+    let (fd, _) = crate::confine::attach_socket(config, socket)?;
+    let via = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    Qmp::connect_timeout(&via, Duration::from_secs(5))
         .await
         .map_err(|e| {
             EnvError::BadRequest(format!(

@@ -7,9 +7,10 @@
 //!   to `quit` (which stores its disk's bitmaps), else killed.
 //! - Their work directories (`<run_dir>/backup`, `<run_dir>/restore`) only ever hold
 //!   files of operations under way, and none is at start: they are emptied.
-//! - A restore writes `<output>.partial` and renames it when complete; it names its
-//!   output in `<run_dir>/restore/*.output` while it runs, so that the `.partial` of
-//!   one that died is removed (else it would refuse the next restore to that output).
+//! - A restore writes a temporary file (`.weft-tmp-<random>`, see `crate::confine`)
+//!   beside its output and renames it when complete; it names that file in
+//!   `<run_dir>/restore/*.output` while it runs, so that the file of one that died is
+//!   removed.
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -82,12 +83,10 @@ pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "output"))
     {
-        if let Ok(output) = std::fs::read(record) {
-            let mut partial = std::ffi::OsString::from(std::ffi::OsStr::from_bytes(&output));
-            partial.push(".partial");
-            let partial = PathBuf::from(partial);
-            if partial.is_absolute() && std::fs::remove_file(&partial).is_ok() {
-                ended.push(format!("the unfinished restore {}", partial.display()));
+        if let Ok(temp) = std::fs::read(record) {
+            let temp = Path::new(std::ffi::OsStr::from_bytes(&temp));
+            if crate::confine::remove_leftover(temp) {
+                ended.push(format!("the unfinished restore {}", temp.display()));
             }
         }
     }
@@ -104,13 +103,9 @@ pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
     ended
 }
 
-/// Records in `work` that a restore of snapshot `id` writes `output` (see the module
-/// comment); returns the record, which the restore removes when it ends.
-pub fn record_output(
-    work: &Path,
-    id: i64,
-    output: &Path,
-) -> Result<PathBuf, crate::envs::EnvError> {
+/// Records in `work` that a restore of snapshot `id` writes temporary file `temp` (see
+/// the module comment); returns the record, which the restore removes when it ends.
+pub fn record_output(work: &Path, id: i64, temp: &Path) -> Result<PathBuf, crate::envs::EnvError> {
     let internal = |e: std::io::Error| {
         crate::envs::EnvError::Internal(format!(
             "cannot record a restore in {}: {e}",
@@ -126,7 +121,7 @@ pub fn record_output(
         "{}.output",
         crate::names::join(&[&id.to_string(), &stamp.to_string()])
     ));
-    std::fs::write(&record, output.as_os_str().as_bytes()).map_err(internal)?;
+    std::fs::write(&record, temp.as_os_str().as_bytes()).map_err(internal)?;
     Ok(record)
 }
 

@@ -16,6 +16,7 @@ pub mod client;
 pub mod compose;
 pub mod compositions;
 pub mod config;
+pub mod confine;
 pub mod daemon;
 pub mod dhcp;
 pub mod dpa;

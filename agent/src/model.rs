@@ -480,11 +480,14 @@ pub struct PruneRequest {
 /// Body of `POST /v1/snapshots/{id}/restore`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreRequest {
-    /// Where to write the image (must not exist).
+    /// Where to write the image: inside `export_dirs`, and not existing unless `force`.
     pub output: PathBuf,
     /// `raw` (default).
     #[serde(default)]
     pub format: Option<String>,
+    /// Replace a regular file at `output` (never a symlink or directory).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
 }
 
 /// A long operation with progress.

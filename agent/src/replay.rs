@@ -107,6 +107,90 @@ pub enum ReplayError {
         /// What went wrong.
         reason: String,
     },
+    /// An output path was refused, or writing it failed (see [`crate::confine`]).
+    #[error(transparent)]
+    Confine(#[from] crate::confine::ConfineError),
+}
+
+impl From<ReplayError> for crate::envs::EnvError {
+    fn from(e: ReplayError) -> Self {
+        match e {
+            ReplayError::Confine(c) => c.into(),
+            e => crate::envs::EnvError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Where a replay writes a state: a directory opened below an export directory
+/// ([`crate::confine::ExportDirs::open_dir`]), into which every file is created or
+/// moved without following symlinks, and a private scratch directory of weftd's where
+/// SQLite databases are built (SQLite opens files by name, so it never opens one in a
+/// directory a caller can change) before they are moved in.
+pub struct Output {
+    dir: crate::confine::OutDir,
+    work: tempfile::TempDir,
+    built: std::sync::atomic::AtomicU64,
+}
+
+impl Output {
+    /// `dir`, with a scratch directory of its own under `work_root`.
+    pub fn new(dir: crate::confine::OutDir, work_root: &Path) -> Result<Output, ReplayError> {
+        let work = tempfile::Builder::new()
+            .prefix("replay-")
+            .tempdir_in(work_root)
+            .map_err(|source| ReplayError::Io {
+                what: format!("create a scratch directory in {}", work_root.display()),
+                source,
+            })?;
+        Ok(Output {
+            dir,
+            work,
+            built: Default::default(),
+        })
+    }
+
+    /// Directory `out` taken as it is (created if missing), with its scratch directory
+    /// inside it: for tools and tests; weftd's API confines `--out` with [`Output::new`].
+    pub fn unconfined(out: &Path) -> Result<Output, ReplayError> {
+        let dir = crate::confine::OutDir::open_unconfined(out)?;
+        let work = tempfile::Builder::new()
+            .prefix(".weft-work-")
+            .tempdir_in(out)
+            .map_err(|source| ReplayError::Io {
+                what: format!("create a scratch directory in {}", out.display()),
+                source,
+            })?;
+        Ok(Output {
+            dir,
+            work,
+            built: Default::default(),
+        })
+    }
+
+    /// The output directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The private scratch directory.
+    pub fn work(&self) -> &Path {
+        self.work.path()
+    }
+
+    /// The directory (created below the output directory) and file name of `rel`.
+    fn place_of<'a>(
+        &self,
+        rel: &'a Path,
+    ) -> Result<(crate::confine::OutDir, &'a std::ffi::OsStr), ReplayError> {
+        let name = rel
+            .file_name()
+            .ok_or_else(|| ReplayError::Path(rel.display().to_string()))?;
+        let dir = match rel.parent() {
+            Some(p) if !p.as_os_str().is_empty() => self.dir.subdir(p)?,
+            _ => self.dir.clone(),
+        };
+        Ok((dir, name))
+    }
 }
 
 impl State {
@@ -203,13 +287,19 @@ impl State {
     /// `<out>/data/app.db`): a SQLite database per SQLite source (tables from their
     /// definitions, rows in key order), each JSON document (pretty-printed), each
     /// key-value file (`KEY=value` lines in key order) or directory (a file per key).
-    /// Existing files at those paths are replaced. Returns the files written.
+    /// Existing regular files at those paths are replaced; symlinks are never followed
+    /// nor replaced. Returns the files written.
     pub async fn write_to(&self, out: &Path) -> Result<Vec<PathBuf>, ReplayError> {
         Ok(self.write_counted(out).await?.files)
     }
 
     /// [`State::write_to`], also saying how many rows no table would take.
     pub async fn write_counted(&self, out: &Path) -> Result<Written, ReplayError> {
+        self.write_into(&Output::unconfined(out)?).await
+    }
+
+    /// [`State::write_counted`] into an [`Output`].
+    pub async fn write_into(&self, out: &Output) -> Result<Written, ReplayError> {
         write_state(self, self, out).await
     }
 }
@@ -279,28 +369,30 @@ impl Pages for State {
 pub(crate) async fn write_state(
     shape: &State,
     pages: &impl Pages,
-    out: &Path,
+    out: &Output,
 ) -> Result<Written, ReplayError> {
     let mut written = Written::default();
     for (source, db) in &shape.sqlite {
-        let path = confined(out, source)?;
-        written.rows_skipped += write_sqlite(&path, &db.schemas, |table, after| {
+        let rel = confined(source)?;
+        let (dir, name) = out.place_of(&rel)?;
+        written.rows_skipped += write_sqlite(out, &dir, name, &db.schemas, |table, after| {
             pages.row_page(source, table, after)
         })
         .await?;
-        written.files.push(path);
+        written.files.push(out.path().join(&rel));
     }
     for (source, doc) in &shape.json {
-        let path = confined(out, source)?;
+        let rel = confined(source)?;
+        let (dir, name) = out.place_of(&rel)?;
         let mut text = serde_json::to_vec_pretty(doc).unwrap_or_default();
         text.push(b'\n');
-        write_file(&path, &text)?;
-        written.files.push(path);
+        write_file(&dir, name, &text)?;
+        written.files.push(out.path().join(&rel));
     }
     for source in shape.kv.keys() {
         if let Some(dir) = source.strip_suffix('/') {
-            let dir = confined(out, dir)?;
-            make_dir(&dir)?;
+            let rel = confined(dir)?;
+            let dir = out.dir.subdir(&rel)?;
             let mut after: Option<String> = None;
             loop {
                 let page = pages.kv_page(source, after.as_deref())?;
@@ -308,9 +400,8 @@ pub(crate) async fn write_state(
                     if !is_file_name(key) {
                         return Err(ReplayError::Path(format!("{source}{key}")));
                     }
-                    let path = dir.join(key);
-                    write_file(&path, value.as_bytes())?;
-                    written.files.push(path);
+                    write_file(&dir, key.as_ref(), value.as_bytes())?;
+                    written.files.push(dir.path().join(key));
                 }
                 match page.into_iter().last() {
                     Some((key, _)) => after = Some(key),
@@ -318,10 +409,11 @@ pub(crate) async fn write_state(
                 }
             }
         } else {
-            let path = confined(out, source)?;
+            let rel = confined(source)?;
+            let (dir, name) = out.place_of(&rel)?;
             // Page by page: the file is never a second copy of the state in memory.
             let mut failed = None;
-            write_file_with(&path, |w| {
+            write_file_with(&dir, name, |w| {
                 let mut after: Option<String> = None;
                 loop {
                     let page = match pages.kv_page(source, after.as_deref()) {
@@ -344,7 +436,7 @@ pub(crate) async fn write_state(
                 }
             })
             .map_err(|e| failed.take().unwrap_or(e))?;
-            written.files.push(path);
+            written.files.push(out.path().join(&rel));
         }
     }
     Ok(written)
@@ -866,14 +958,6 @@ pub async fn run(
     if from_us.is_some_and(|f| f > to_us) {
         return Err(EnvError::BadRequest("--from is after --to".into()));
     }
-    if let Some(out) = &req.out {
-        if !out.is_absolute() {
-            return Err(EnvError::BadRequest(format!(
-                "--out {} must be an absolute path",
-                out.display()
-            )));
-        }
-    }
     let log = manager
         .provenance()
         .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?
@@ -883,6 +967,16 @@ pub async fn run(
             "--base and --from both say where to start: give one".into(),
         ));
     }
+    // The output directory, opened (and made) below an export directory before any
+    // work: a refused path is the request's answer.
+    let output = match &req.out {
+        None => None,
+        Some(out) => {
+            let config = manager.config();
+            let dir = crate::confine::ExportDirs::new(config).open_dir("--out", out, true)?;
+            Some(std::sync::Arc::new(Output::new(dir, &config.work_dir())?))
+        }
+    };
     let margin = req.base_margin_secs.unwrap_or(BASE_MARGIN_SECS);
     let limits = manager.config().replay.base_limits();
     let internal = |e: String| EnvError::Internal(e);
@@ -917,12 +1011,12 @@ pub async fn run(
         to_us: Some(to_us),
         ..Default::default()
     };
-    if let (Some(out), None) = (&req.out, &req.into) {
+    if let (Some(out), None) = (&output, &req.into) {
         // Written out only: the rows and keys go to disk as the log streams in, so
         // weftd's memory does not grow with the state (see `replay_spill`).
         let (out, handle) = (out.clone(), tokio::runtime::Handle::current());
         let (summary, written) = tokio::task::spawn_blocking(move || {
-            let mut spilled = crate::replay_spill::Spilled::create(&out)?;
+            let mut spilled = crate::replay_spill::Spilled::create(out.work())?;
             let summary = match based {
                 None => spilled.rebuild(&log, &vm, from_us, to_us)?,
                 Some((_, base)) => {
@@ -935,8 +1029,7 @@ pub async fn run(
             Ok::<_, ReplayError>((summary, written))
         })
         .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(|e| internal(e.to_string()))?;
+        .map_err(|e| internal(e.to_string()))??;
         report.set(&summary, written);
         return Ok(report);
     }
@@ -960,11 +1053,8 @@ pub async fn run(
     .map_err(|e| internal(e.to_string()))?
     .map_err(|e| internal(e.to_string()))?;
     report.set(&summary, Written::default());
-    if let Some(out) = &req.out {
-        let written = state
-            .write_counted(out)
-            .await
-            .map_err(|e| internal(e.to_string()))?;
+    if let Some(out) = &output {
+        let written = state.write_into(out).await?;
         report.set(&summary, written);
     }
     if let Some(weave) = &req.into {
@@ -1271,22 +1361,19 @@ pub(crate) fn canonical_key(key: &str) -> Result<String, String> {
     Ok(v.to_string())
 }
 
-/// `guest` (an absolute guest path) placed under `out`; `..` and other escapes refused.
-fn confined(out: &Path, guest: &str) -> Result<PathBuf, ReplayError> {
+/// `guest` (an absolute guest path) as a path relative to the output directory; `..`
+/// and other escapes refused.
+fn confined(guest: &str) -> Result<PathBuf, ReplayError> {
     let rel = Path::new(guest);
-    let mut path = out.to_path_buf();
-    let mut parts = 0;
+    let mut path = PathBuf::new();
     for c in rel.components() {
         match c {
             Component::RootDir => {}
-            Component::Normal(p) => {
-                path.push(p);
-                parts += 1;
-            }
+            Component::Normal(p) => path.push(p),
             _ => return Err(ReplayError::Path(guest.to_string())),
         }
     }
-    if parts == 0 {
+    if path.as_os_str().is_empty() {
         return Err(ReplayError::Path(guest.to_string()));
     }
     Ok(path)
@@ -1296,55 +1383,52 @@ fn is_file_name(key: &str) -> bool {
     !key.is_empty() && key != "." && key != ".." && !key.contains('/') && !key.contains('\0')
 }
 
-fn make_dir(dir: &Path) -> Result<(), ReplayError> {
-    std::fs::create_dir_all(dir).map_err(|source| ReplayError::Io {
-        what: format!("create {}", dir.display()),
-        source,
-    })
+/// Writes `bytes` to `name` in `dir` through a temporary file and a rename, fsynced.
+fn write_file(
+    dir: &crate::confine::OutDir,
+    name: &std::ffi::OsStr,
+    bytes: &[u8],
+) -> Result<(), ReplayError> {
+    write_file_with(dir, name, |w| w.write_all(bytes))
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, fsynced.
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReplayError> {
-    write_file_with(path, |w| w.write_all(bytes))
-}
-
-/// Writes what `fill` writes (buffered) to `path` through a temporary file and a
-/// rename, fsynced.
+/// Writes what `fill` writes (buffered) to `name` in `dir` through a temporary file
+/// (0600) and a rename, fsynced; a regular file there is replaced, a symlink refused.
 fn write_file_with(
-    path: &Path,
+    dir: &crate::confine::OutDir,
+    name: &std::ffi::OsStr,
     fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> Result<(), ReplayError> {
-    if let Some(parent) = path.parent() {
-        make_dir(parent)?;
-    }
+    let pending = dir.create(name, crate::confine::Replace::RegularFile)?;
     let io = |source| ReplayError::Io {
-        what: format!("write {}", path.display()),
+        what: format!("write {}", pending.path().display()),
         source,
     };
-    let tmp = path.with_extension("weft-replay-tmp");
-    let f = std::fs::File::create(&tmp).map_err(io)?;
-    let mut w = std::io::BufWriter::new(f);
+    let mut w = std::io::BufWriter::new(&**pending.file());
     fill(&mut w).map_err(io)?;
-    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    std::io::Write::flush(&mut w).map_err(io)?;
+    drop(w);
+    pending.commit()?;
+    Ok(())
 }
 
-/// Builds a SQLite database at `path` (replacing one there): the tables `schemas`
-/// define (a refused definition leaves its table out), each filled with the rows
-/// `page(table, after)` returns page by page, in large transactions. A row SQLite
-/// refuses is skipped and logged; returns how many were.
+/// Builds a SQLite database as `name` in `dir` (replacing a regular file there): the
+/// tables `schemas` define (a refused definition leaves its table out), each filled
+/// with the rows `page(table, after)` returns page by page, in large transactions. A
+/// row SQLite refuses is skipped and logged; returns how many were. The database is
+/// built in `out`'s scratch directory and then moved in.
 async fn write_sqlite(
-    path: &Path,
+    out: &Output,
+    dir: &crate::confine::OutDir,
+    name: &std::ffi::OsStr,
     schemas: &BTreeMap<String, String>,
     mut page: impl FnMut(&str, Option<&str>) -> Result<RowPage, ReplayError>,
 ) -> Result<u64, ReplayError> {
     use sqlx::Connection as _;
-    if let Some(parent) = path.parent() {
-        make_dir(parent)?;
-    }
-    let tmp = path.with_extension("weft-replay-tmp");
-    let _ = std::fs::remove_file(&tmp);
+    let path = dir.path().join(name);
+    let path = path.as_path();
+    let n = out.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = out.work().join(format!("{n}.db"));
     let fail = |reason: String| ReplayError::Sqlite {
         path: path.display().to_string(),
         reason,
@@ -1400,10 +1484,7 @@ async fn write_sqlite(
     let closed = conn.close().await;
     let skipped = built?;
     closed.map_err(|e| fail(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|source| ReplayError::Io {
-        what: format!("rename into {}", path.display()),
-        source,
-    })?;
+    dir.place(&tmp, name, crate::confine::Replace::RegularFile)?;
     Ok(skipped)
 }
 
@@ -1749,13 +1830,12 @@ mod tests {
 
     #[test]
     fn paths_stay_under_the_output_directory() {
-        let out = Path::new("/tmp/out");
         assert_eq!(
-            confined(out, "/data/app.db").unwrap(),
-            PathBuf::from("/tmp/out/data/app.db")
+            confined("/data/app.db").unwrap(),
+            PathBuf::from("data/app.db")
         );
-        assert!(confined(out, "/data/../../etc/passwd").is_err());
-        assert!(confined(out, "/").is_err());
+        assert!(confined("/data/../../etc/passwd").is_err());
+        assert!(confined("/").is_err());
     }
 
     #[tokio::test]

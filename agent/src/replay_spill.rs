@@ -8,9 +8,10 @@
 //! or patched by pointer, so it is rebuilt whole; its size is the guest file's) and the
 //! names of the key-value sources. Rows and keys go into the scratch database, one
 //! SQLite table each, keyed like the in-memory maps; values are bound parameters and
-//! no guest text is ever SQL there. The scratch file lives in the output directory
-//! (same file system as the output, never a tmpfs), is opened without a journal and
-//! deleted when the replay ends; its page cache is [`SCRATCH_CACHE_KIB`].
+//! no guest text is ever SQL there. The scratch file lives in weftd's private work
+//! directory (`<data_dir>/work`, on the data file system, never a tmpfs; a weftd that
+//! dies leaves it there and the next one empties the directory), is opened without a
+//! journal and deleted when the replay ends; its page cache is [`SCRATCH_CACHE_KIB`].
 //!
 //! Memory for a replay with `--out` is then the log's decoded block, the scratch
 //! database's and the output database's page caches and one page of rows, not the
@@ -25,8 +26,8 @@ use weft_dpa::{DataType, Entry, Operation};
 
 use crate::provenance::{ProvenanceLog, Query, Record};
 use crate::replay::{
-    canonical_key, parse_value, write_state, Pages, ReplayError, RowPage, State, Summary, Written,
-    PAGE,
+    canonical_key, parse_value, write_state, Output, Pages, ReplayError, RowPage, State, Summary,
+    Written, PAGE,
 };
 
 /// Page cache of the scratch database, in KiB.
@@ -338,9 +339,9 @@ impl Spilled {
         Ok(())
     }
 
-    /// Writes the state under `out` like [`State::write_to`] (the rows and keys read
+    /// Writes the state into `out` like [`State::write_into`] (the rows and keys read
     /// back page by page).
-    pub async fn write_to(&mut self, out: &Path) -> Result<Written, ReplayError> {
+    pub async fn write_to(&mut self, out: &Output) -> Result<Written, ReplayError> {
         if self.in_tx > 0 || !self.conn.is_autocommit() {
             self.conn
                 .execute_batch("COMMIT")
@@ -610,9 +611,10 @@ mod tests {
     }
 
     async fn spilled(log: &ProvenanceLog, from: Option<i64>, out: &Path) -> (Summary, Written) {
-        let mut s = Spilled::create(out).unwrap();
+        let output = Output::unconfined(out).unwrap();
+        let mut s = Spilled::create(output.work()).unwrap();
         let summary = s.rebuild(log, "vm", from, i64::MAX).unwrap();
-        let written = s.write_to(out).await.unwrap();
+        let written = s.write_to(&output).await.unwrap();
         (summary, written)
     }
 
@@ -720,11 +722,13 @@ mod tests {
         })
         .unwrap();
         state.write_counted(&a).await.unwrap();
-        let mut s = Spilled::create(&b).unwrap();
+        let output = Output::unconfined(&b).unwrap();
+        let mut s = Spilled::create(output.work()).unwrap();
         s.load(base).unwrap();
         let (summary, _) = s.apply_log(&log, "vm", &query, u64::MAX).unwrap();
-        s.write_to(&b).await.unwrap();
+        s.write_to(&output).await.unwrap();
         drop(s);
+        drop(output);
         assert_eq!(summary, mem_summary);
         let (ta, tb) = (tree(&a), tree(&b));
         assert_eq!(ta, tb);

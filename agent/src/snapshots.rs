@@ -471,6 +471,7 @@ impl Snapshots {
             // It outlives a weftd that dies: the next one finds it by this file.
             pid_file: Some(dir.join(format!("{base}.pid"))),
         };
+        crate::confine::check_disks(self.manager.config(), std::slice::from_ref(disk))?;
         info!(env, disk = %disk.name, "environment not running: opening its disk in qemu-storage-daemon");
         weft_qmp::launch::spawn_storage_daemon(
             std::slice::from_ref(disk),
@@ -879,12 +880,15 @@ impl Snapshots {
             .map(drop)
     }
 
-    /// Restores a disk snapshot into a new raw image at `output` as a job.
+    /// Restores a disk snapshot into a new image at `output` as a job. `output` must be
+    /// inside `export_dirs` (see [`crate::confine`]); an existing file there is refused
+    /// unless `force` is set, and then only a regular file is replaced.
     pub async fn restore(
         self: &Arc<Self>,
         id: i64,
         output: &Path,
         format: Option<&str>,
+        force: bool,
         actor: &str,
     ) -> Result<Job, EnvError> {
         let s = self.get(id).await?;
@@ -909,26 +913,16 @@ impl Snapshots {
                 )))
             }
         };
-        if !output.is_absolute() {
-            return Err(EnvError::BadRequest(format!(
-                "{} is a relative path",
-                output.display()
-            )));
-        }
-        if output.exists() {
-            return Err(EnvError::Conflict(format!(
-                "{} exists; restore never overwrites a file",
-                output.display()
-            )));
-        }
-        let parent_ok = output.parent().is_some_and(Path::is_dir);
-        if !parent_ok {
-            return Err(EnvError::BadRequest(format!(
-                "the directory of {} does not exist",
-                output.display()
-            )));
-        }
-        let output = output.to_owned();
+        let replace = if force {
+            crate::confine::Replace::RegularFile
+        } else {
+            crate::confine::Replace::Never
+        };
+        // The file is made (0600, under a temporary name) before the job starts, so a
+        // refused path is the request's answer.
+        let pending = crate::confine::ExportDirs::new(self.manager.config())
+            .create("--output", output, replace)?;
+        let output = pending.path();
         let checksum = s.checksum.clone();
         self.spawn_job(
             "restore",
@@ -945,13 +939,25 @@ impl Snapshots {
                     )));
                 }
                 let work = me.manager.config().run_dir.join("restore");
-                // Names the output for the next weftd, should this one die before the
-                // `.partial` is renamed (see crate::leftovers).
-                let record = crate::leftovers::record_output(&work, id, &output)?;
+                // Names the temporary file for the next weftd, should this one die
+                // before it is renamed (see crate::leftovers).
+                let record = crate::leftovers::record_output(&work, id, &pending.temp_path())?;
                 let written = if qcow2 {
-                    restore_qcow2(&me.store, &map, &output, &work, id, &progress).await
+                    restore_qcow2(&me.store, &map, &pending.proc_path(), &work, id, &progress).await
                 } else {
-                    restore_raw(&me.store, &map, &output, &progress).await
+                    let file = Arc::clone(pending.file());
+                    file.set_len(map.disk_size).map_err(|e| {
+                        EnvError::Internal(format!("cannot size {}: {e}", output.display()))
+                    })?;
+                    crate::testpoints::point("restore.partial").await;
+                    restore_raw_file(&me.store, &map, file, &progress).await
+                };
+                let written = match written {
+                    Ok(n) => blocking(move || pending.commit())
+                        .await?
+                        .map(|()| n)
+                        .map_err(EnvError::from),
+                    Err(e) => Err(e),
                 };
                 let _ = std::fs::remove_file(&record);
                 let written = written?;
@@ -962,20 +968,20 @@ impl Snapshots {
     }
 }
 
-/// Writes `map` as a qcow2 image. QEMU writes the format: a qemu-storage-daemon creates
-/// the image, exports it writable over NBD, and only the data chunks are written
-/// (zero chunks stay unallocated). Into `<output>.partial`, then renamed.
+/// Writes `map` as a qcow2 image at `target`, a path QEMU opens (for a restore, the
+/// weftd descriptor of the file made in the export directory). QEMU writes the format:
+/// a qemu-storage-daemon creates the image, exports it writable over NBD, and only the
+/// data chunks are written (zero chunks stay unallocated).
 async fn restore_qcow2(
     store: &ChunkStore,
     map: &BlockMap,
-    output: &Path,
+    target: &Path,
     work: &Path,
     id: i64,
     progress: &(AtomicU64, AtomicU64),
 ) -> Result<u64, EnvError> {
     std::fs::create_dir_all(work)
         .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", work.display())))?;
-    let partial = PathBuf::from(format!("{}.partial", output.display()));
     let paths = weft_qmp::launch::LaunchPaths {
         qmp_socket: work.join(format!("{id}.qmp")),
         serial_log: work.join(format!("{id}.serial")),
@@ -993,7 +999,7 @@ async fn restore_qcow2(
     let qmp = daemon.qmp().clone();
     let written = async {
         let qemu = |e: weft_qmp::Error| EnvError::Qemu(one_line(&format!("qcow2 restore: {e}")));
-        backup::create_file_node(&qmp, &partial, "out-file").await.map_err(qemu)?;
+        backup::create_file_node(&qmp, target, "out-file").await.map_err(qemu)?;
         backup::create_qcow2_node(&qmp, "out-file", "out", map.disk_size, None)
             .await
             .map_err(qemu)?;
@@ -1051,21 +1057,11 @@ async fn restore_qcow2(
     }
     let _ = std::fs::remove_file(&nbd_socket);
     remove_launch_files(&paths);
-    match written {
-        Ok(n) => {
-            std::fs::rename(&partial, output).map_err(|e| {
-                EnvError::Internal(format!("cannot rename {}: {e}", partial.display()))
-            })?;
-            Ok(n)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(e)
-        }
-    }
+    written
 }
 
-/// Writes `map` as a sparse raw image: into `<output>.partial`, then renamed.
+/// Writes `map` as a sparse raw image of weft's own (a weave's base): into
+/// `<output>.partial`, then renamed.
 async fn restore_raw(
     store: &ChunkStore,
     map: &BlockMap,
@@ -1085,14 +1081,7 @@ async fn restore_raw(
         .map_err(|e| io("cannot size", e))?;
     crate::testpoints::point("restore.partial").await;
     let file = Arc::new(file);
-    progress.1.store(map.data_bytes(), Ordering::Relaxed);
-    let report = |done: u64, _total: u64| progress.0.store(done, Ordering::Relaxed);
-    let result = weft_blockdev::restore::restore_into_file(store, map, Arc::clone(&file), &report)
-        .await
-        .map_err(|e| match e {
-            weft_blockdev::restore::Error::Store(e) => store_err(e),
-            e => EnvError::Internal(e.to_string()),
-        });
+    let result = restore_raw_file(store, map, Arc::clone(&file), progress).await;
     let written = match result {
         Ok(w) => w,
         Err(e) => {
@@ -1103,6 +1092,23 @@ async fn restore_raw(
     file.sync_all().map_err(|e| io("cannot sync", e))?;
     std::fs::rename(&partial, output).map_err(|e| io("cannot rename", e))?;
     Ok(written)
+}
+
+/// Writes the data chunks of `map` into `file` (already sized), in parallel.
+async fn restore_raw_file(
+    store: &ChunkStore,
+    map: &BlockMap,
+    file: Arc<std::fs::File>,
+    progress: &(AtomicU64, AtomicU64),
+) -> Result<u64, EnvError> {
+    progress.1.store(map.data_bytes(), Ordering::Relaxed);
+    let report = |done: u64, _total: u64| progress.0.store(done, Ordering::Relaxed);
+    weft_blockdev::restore::restore_into_file(store, map, file, &report)
+        .await
+        .map_err(|e| match e {
+            weft_blockdev::restore::Error::Store(e) => store_err(e),
+            e => EnvError::Internal(e.to_string()),
+        })
 }
 
 /// Removes the files of a storage daemon that has ended.

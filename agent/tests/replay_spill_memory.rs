@@ -123,9 +123,10 @@ fn a_replay_written_out_holds_neither_the_log_nor_the_state() {
     sqlite_highwater(true);
     let started = std::time::Instant::now();
     let (summary, written) = rt.block_on(async {
-        let mut spilled = Spilled::create(&disk).unwrap();
+        let output = weft::replay::Output::unconfined(&disk).unwrap();
+        let mut spilled = Spilled::create(output.work()).unwrap();
         let summary = spilled.rebuild(&log, "vm", None, i64::MAX).unwrap();
-        let written = spilled.write_to(&disk).await.unwrap();
+        let written = spilled.write_to(&output).await.unwrap();
         (summary, written)
     });
     let heap = counting::peak_since(before);

@@ -87,9 +87,9 @@ fn as_user(user: &str, program: &Path, args: &[&str]) -> Output {
 async fn start(dir: &Path) -> Weftd {
     ensure_accounts();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
-    let config = dir.join("weftd.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-    Weftd::start_with(dir, Some(&config)).await
+    let quoted = serde_json::to_string(&dir.to_string_lossy()).unwrap();
+    let config = format!("image_dirs = [{quoted}]\nexport_dirs = [{quoted}]\n{CONFIG}");
+    Weftd::start_with(dir, &config).await
 }
 
 /// One request as `user` through curl: (HTTP status, body).

@@ -17,6 +17,6 @@ mod wait;
 pub use assets::{guest_assets, GuestAssets};
 pub use disk::{make_data_disk, read_ext4_file, xorshift_fill};
 pub use guest::{Guest, GuestOpts, DATA_DISK_NAME};
-pub use paths::{bin_path, target_dir};
+pub use paths::{bin_path, confined_dirs_toml, target_dir};
 pub use serial::SerialLog;
 pub use wait::wait_until;

@@ -66,3 +66,23 @@ pub fn bin_path(name: &str) -> PathBuf {
     );
     path
 }
+
+/// The top-level lines of a weftd.toml that let a test's or a benchmark's weftd take
+/// images from `dirs` and from where the guest kernel and initramfs are built, and
+/// write outputs (restores, replays) into `dirs`: weftd confines the host paths API
+/// callers name to `image_dirs` and `export_dirs` (see docs/security.md). Put them
+/// before any `[table]`.
+pub fn confined_dirs_toml(dirs: &[&Path]) -> String {
+    let quote = |p: &Path| serde_json::to_string(&p.to_string_lossy()).unwrap_or_default();
+    let mut images: Vec<PathBuf> = dirs.iter().map(|d| d.to_path_buf()).collect();
+    images.push(target_dir().join("guest-assets"));
+    if let Some(dir) = std::env::var_os("WEFT_GUEST_ASSETS").filter(|d| !d.is_empty()) {
+        images.push(PathBuf::from(dir));
+    }
+    let list = |ps: &mut dyn Iterator<Item = &Path>| ps.map(quote).collect::<Vec<_>>().join(", ");
+    format!(
+        "image_dirs = [{}]\nexport_dirs = [{}]\n",
+        list(&mut images.iter().map(PathBuf::as_path)),
+        list(&mut dirs.iter().copied())
+    )
+}

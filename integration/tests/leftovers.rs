@@ -118,7 +118,7 @@ fn files_in(dir: &Path) -> Vec<String> {
 /// A snapshot of a stopped environment runs in a qemu-storage-daemon, which outlives
 /// a weftd killed mid-snapshot and holds the disk's write lock. The next weftd ends
 /// it and its files, and the environment can be snapshotted again. Then a restore
-/// killed midway: its `.partial` output is removed by the next weftd.
+/// killed midway: its temporary file is removed by the next weftd.
 #[tokio::test]
 async fn qemu_storage_daemon_left_by_a_killed_weftd_is_ended_on_restart() -> anyhow::Result<()> {
     let mut rig = Rig::new()?;
@@ -153,23 +153,33 @@ async fn qemu_storage_daemon_left_by_a_killed_weftd_is_ended_on_restart() -> any
     // The disk is free again: a new snapshot opens it.
     let s = rig.snapshot("lq", "disk:vda").await?;
 
-    // A restore killed with weftd leaves no `.partial` that would refuse the next one.
+    // A restore killed with weftd leaves no temporary file beside its output.
     rig.kill_weftd();
     start_crashing_at(&mut rig, "restore.partial").await?;
     let out = rig.path("out.raw");
     let out_s = out.to_str().context("utf-8")?;
     let _ = rig.weft(&["restore", &s.id.to_string(), "--output", out_s]);
     wait_crashed(&mut rig).await?;
-    let partial = rig.path("out.raw.partial");
-    ensure!(partial.exists(), "the crash point is inside the restore");
+    let temps = |rig: &Rig| -> Vec<String> {
+        files_in(rig.dir.path())
+            .into_iter()
+            .filter(|f| f.starts_with(".weft-tmp-"))
+            .collect()
+    };
+    ensure!(
+        temps(&rig).len() == 1 && !out.exists(),
+        "the crash point is inside the restore: {:?}",
+        temps(&rig)
+    );
     start(&mut rig, &[]).await?;
     ensure!(
-        !partial.exists(),
-        "the unfinished restore's .partial is left"
+        temps(&rig).is_empty(),
+        "the unfinished restore's temporary file is left: {:?}",
+        temps(&rig)
     );
     // The CLI follows the job to its end.
     rig.weft_ok(&["restore", &s.id.to_string(), "--output", out_s])?;
-    ensure!(out.exists() && !partial.exists());
+    ensure!(out.exists() && temps(&rig).is_empty());
     rig.passed();
     Ok(())
 }
@@ -355,7 +365,9 @@ async fn qemu_weave_base_partial_is_cleaned_and_the_base_goes_with_its_last_weav
 
 /// Every file weftd, QEMU, the store, the catalog and the provenance log made under
 /// the state directories is private (0600/0700, weave bases 0400) except the API
-/// socket (0660, group `group` from weftd.toml) and its directory (0750, same group).
+/// socket (0660, group `group` from weftd.toml) and its directory (0750, same group),
+/// and the default image and export directories (0750, root's group: an operator may
+/// give them to a group).
 fn check_private(rig: &Rig, group: &str) -> anyhow::Result<()> {
     let gid = nix::unistd::Group::from_name(group)?
         .context("the group exists")?
@@ -368,9 +380,14 @@ fn check_private(rig: &Rig, group: &str) -> anyhow::Result<()> {
     for root in [rig.path("data"), run.clone()] {
         for (path, meta) in walk(&root) {
             let mode = meta.permissions().mode() & 0o7777;
+            let shared = [
+                run.clone(),
+                rig.path("data/images"),
+                rig.path("data/exports"),
+            ];
             let want: &[u32] = if path == socket {
                 &[0o660]
-            } else if path == run {
+            } else if shared.contains(&path) {
                 &[0o750]
             } else if meta.is_dir() {
                 &[0o700]

@@ -12,7 +12,9 @@ use anyhow::{bail, Context as _};
 use weft::api::EnvironmentView;
 use weft::client::{Client, ClientError};
 use weft::model::{AuditEntry, CreateEnvironment, DiskRequest, EnvState};
-use weft_integration::{bin_path, guest_assets, make_data_disk, wait_until, SerialLog};
+use weft_integration::{
+    bin_path, confined_dirs_toml, guest_assets, make_data_disk, wait_until, SerialLog,
+};
 
 const BOOT: Duration = Duration::from_secs(90);
 const SHORT: Duration = Duration::from_secs(20);
@@ -66,11 +68,16 @@ impl Weftd {
             .create(true)
             .append(true)
             .open(self.log())?;
+        // Images and outputs live in the test's directory (weftd confines them).
+        let config = self.dir.path().join("weftd.toml");
+        std::fs::write(&config, confined_dirs_toml(&[self.dir.path()]))?;
         let child = Command::new(bin_path("weftd"))
             .arg("--data-dir")
             .arg(self.data())
             .arg("--run-dir")
             .arg(self.run())
+            .arg("--config")
+            .arg(&config)
             .args(&self.extra)
             .env("RUST_LOG", "weft=debug,info")
             .stdout(log.try_clone()?)

@@ -30,25 +30,33 @@ impl Drop for Weftd {
 }
 
 impl Weftd {
-    /// Starts weftd and waits until it answers.
+    /// Starts weftd and waits until it answers. Images and outputs live in `dir`
+    /// (weftd confines the host paths callers name to `image_dirs` and `export_dirs`).
+    #[allow(dead_code)] // not every test binary that shares this module calls it
     pub async fn start(dir: &Path) -> Weftd {
-        Weftd::start_with(dir, None).await
+        let quoted = serde_json::to_string(&dir.to_string_lossy()).unwrap();
+        Weftd::start_with(
+            dir,
+            &format!("image_dirs = [{quoted}]\nexport_dirs = [{quoted}]\n"),
+        )
+        .await
     }
 
-    /// Starts weftd with a configuration file and waits until it answers.
-    pub async fn start_with(dir: &Path, config: Option<&Path>) -> Weftd {
+    /// Starts weftd with `config` as its weftd.toml and waits until it answers.
+    pub async fn start_with(dir: &Path, config: &str) -> Weftd {
         let log = dir.join("weftd.log");
         let out = std::fs::File::create(&log).unwrap();
         let socket = dir.join("run/weftd.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weftd"));
-        if let Some(c) = config {
-            cmd.arg("--config").arg(c);
-        }
-        let child = cmd
+        let config_path = dir.join("weftd.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let config = config_path;
+        let child = Command::new(env!("CARGO_BIN_EXE_weftd"))
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--run-dir")
             .arg(dir.join("run"))
+            .arg("--config")
+            .arg(&config)
             .env("RUST_LOG", "weft=debug,info")
             .stdout(out.try_clone().unwrap())
             .stderr(out)

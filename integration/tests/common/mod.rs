@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context as _};
 use weft::client::Client;
 use weft::model::{Job, JobState, Snapshot};
-use weft_integration::{bin_path, guest_assets, make_data_disk, wait_until, SerialLog};
+use weft_integration::{
+    bin_path, confined_dirs_toml, guest_assets, make_data_disk, wait_until, SerialLog,
+};
 
 pub const MIB: u64 = 1024 * 1024;
 pub const BOOT: Duration = Duration::from_secs(90);
@@ -79,9 +81,18 @@ impl Rig {
             .arg(self.path("data"))
             .arg("--run-dir")
             .arg(self.path("run"));
-        if let Some(c) = &self.config {
-            cmd.arg("--config").arg(c);
-        }
+        // The test's own config (if any) after the rig's confined directories: images
+        // and outputs live in the rig's directory, the guest in the asset cache.
+        let own = match &self.config {
+            Some(c) => std::fs::read_to_string(c)?,
+            None => String::new(),
+        };
+        let config = self.path("weftd.rig.toml");
+        std::fs::write(
+            &config,
+            format!("{}{own}", confined_dirs_toml(&[self.dir.path()])),
+        )?;
+        cmd.arg("--config").arg(&config);
         for (k, v) in vars {
             cmd.env(k, v);
         }

@@ -223,11 +223,15 @@ struct Weftd {
 impl Weftd {
     async fn start(dir: &Path) -> Result<Weftd> {
         let log = File::create(dir.join("weftd.log"))?;
+        let config = dir.join("weftd.toml");
+        std::fs::write(&config, weft_integration::confined_dirs_toml(&[dir]))?;
         let child = Command::new(super::weave::bin("weftd")?)
             .arg("--data-dir")
             .arg(dir.join("data"))
             .arg("--run-dir")
             .arg(dir.join("run"))
+            .arg("--config")
+            .arg(&config)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -478,11 +478,18 @@ impl Rig {
 
     async fn start_weftd(&mut self) -> Result<()> {
         let log = File::create(self.dir.join("weftd.log"))?;
+        let config = self.dir.join("weftd.toml");
+        fs::write(
+            &config,
+            weft_integration::confined_dirs_toml(&[self.dir.as_path()]),
+        )?;
         let child = Command::new(bin("weftd")?)
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .arg("--run-dir")
             .arg(self.dir.join("run"))
+            .arg("--config")
+            .arg(&config)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
