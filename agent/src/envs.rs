@@ -13,9 +13,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-use weft_qmp::launch::{
-    self, Accel, DiskConfig, DiskFormat, LaunchPaths, QemuProcess, SpawnOptions, VmConfig,
-};
+use weft_qmp::launch::{self, Accel, DiskConfig, LaunchPaths, QemuProcess, SpawnOptions, VmConfig};
 use weft_qmp::Qmp;
 
 use crate::catalog::{Catalog, CatalogError, NewEnvironment};
@@ -494,6 +492,7 @@ impl Manager {
         };
         // The vsock device is decided at each launch (never stored with the config).
         let mut config = config.clone();
+        crate::images::pin_backing(&mut config, &self.config.data_dir)?;
         if let Some(host) = self.vsock.get() {
             config.vsock = host.prepare(name, &dir.join("vsock.log")).await;
         }
@@ -870,12 +869,15 @@ impl Manager {
         let config = self.row(name).await?.config.ok_or_else(|| {
             EnvError::Internal(format!("{name:?} has no stored VM configuration"))
         })?;
-        let disks: Vec<DiskConfig> = config
+        let mut disks: Vec<DiskConfig> = config
             .disks
             .iter()
             .filter(|d| overlays.iter().any(|o| o.disk == d.name))
             .cloned()
             .collect();
+        for disk in disks.iter_mut() {
+            crate::images::pin_disk(disk, &self.config.data_dir)?;
+        }
         let mut daemon = None;
         let mut resume = false;
         let qmp = match live {
@@ -932,8 +934,13 @@ impl Manager {
                 // The user's image holds everything now: the configuration names it
                 // before any overlay file goes.
                 if let Some(d) = committed.disks.iter_mut().find(|d| d.name == disk.name) {
-                    d.path.clone_from(&origin);
-                    d.format = format;
+                    // What lies below the user's image stays below it.
+                    *d = disk.rebased_to(&origin).unwrap_or_else(|| DiskConfig {
+                        path: origin.clone(),
+                        format,
+                        backing: Vec::new(),
+                        ..disk.clone()
+                    });
                 }
                 self.catalog
                     .forget_overlays(name, &mine, Some(&committed))
@@ -1233,29 +1240,11 @@ fn vm_config(
     }
     let mut out = Vec::with_capacity(disks.len());
     for (i, d) in disks.into_iter().enumerate() {
-        let name = match d.name {
+        let name = match d.name.clone() {
             Some(n) => n,
             None => default_disk_name(i)?,
         };
-        let path = absolute(&d.path)?;
-        let format = match d.format.as_deref() {
-            Some("raw") => DiskFormat::Raw,
-            Some("qcow2") => DiskFormat::Qcow2,
-            Some(other) => {
-                return Err(EnvError::BadRequest(format!(
-                    "disk {}: unknown format {other:?}; use raw or qcow2",
-                    path.display()
-                )))
-            }
-            None => DiskFormat::detect(&path)
-                .map_err(|e| EnvError::BadRequest(format!("disk {}: {e}", path.display())))?,
-        };
-        out.push(DiskConfig {
-            name,
-            path,
-            format,
-            read_only: d.read_only,
-        });
+        out.push(crate::images::disk_from_request(name, d)?);
     }
     let config = VmConfig {
         memory_mib: memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
@@ -1380,6 +1369,7 @@ mod tests {
             name: None,
             format: None,
             read_only: false,
+            backing: None,
         }
     }
 
@@ -1404,7 +1394,7 @@ mod tests {
         assert_eq!(c.memory_mib, DEFAULT_MEMORY_MIB);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.disks[0].name, "vda");
-        assert_eq!(c.disks[0].format, DiskFormat::Raw);
+        assert_eq!(c.disks[0].format, weft_qmp::launch::DiskFormat::Raw);
         assert_eq!(c.disks[0].path, disk_path);
     }
 }

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod dhcp;
 pub mod dpa;
 pub mod envs;
+pub mod images;
 pub mod leftovers;
 pub mod model;
 pub mod names;

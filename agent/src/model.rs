@@ -108,6 +108,11 @@ pub struct DiskRequest {
     /// Attach read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// The backing file of a qcow2 image whose header names one: the same file, given
+    /// explicitly (a raw image, or a qcow2 without a backing of its own). A qcow2 that
+    /// names a backing file is refused without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
 }
 
 /// Body of `POST /v1/environments`.

@@ -119,6 +119,7 @@ impl Guest {
             path: data_disk.clone(),
             format: data_disk_format,
             read_only: false,
+            backing: Vec::new(),
         }];
         disks.extend(opts.extra_disks);
         let mut append = format!(
