@@ -483,12 +483,35 @@ impl Manager {
         } else {
             (None, Vec::new())
         };
+        let qemu_user =
+            crate::qemu_user::QemuUser::of(&self.config).map_err(EnvError::BadRequest)?;
+        if let Some(user) = &qemu_user {
+            // Where the running QEMU makes files for weftd once it is that user: the
+            // environment's new overlays, backup scratch images and NBD sockets, sync
+            // layers.
+            let (data, run) = (&self.config.data_dir, &self.config.run_dir);
+            for (root, d) in [
+                (data, dir.clone()),
+                (run, run.join("backup")),
+                (run, run.join("sync")),
+            ] {
+                user.give_dir(root, &d).map_err(|e| {
+                    EnvError::Internal(format!(
+                        "cannot give {} to qemu_user {}: {e}",
+                        d.display(),
+                        user.spec
+                    ))
+                })?;
+            }
+        }
         let opts = SpawnOptions {
             binary: self.config.qemu_binary.clone(),
             ready_timeout: Duration::from_secs(self.config.qemu_start_timeout_secs),
             detached: false,
             netns,
             cgroups,
+            sandbox: self.config.qemu_sandbox,
+            run_as: qemu_user.map(|u| u.spec),
         };
         // The vsock device is decided at each launch (never stored with the config).
         let mut config = config.clone();
@@ -856,7 +879,7 @@ impl Manager {
     /// running environment is resumed and keeps running.
     async fn give_back_overlays(&self, env: &Environment) -> Result<(), EnvError> {
         let name = env.name.as_str();
-        let live = self.runtime_qmp(name);
+        let mut live = self.runtime_qmp(name);
         if live.is_none() && self.orphan_pid(env).is_some() {
             // A QEMU that does not answer may still write: it goes first.
             self.stop_locked(name).await?;
@@ -865,6 +888,13 @@ impl Manager {
         let overlays = self.catalog.env_overlays(name).await?;
         if overlays.is_empty() {
             return Ok(());
+        }
+        if live.is_some() && self.config.qemu_user.is_some() {
+            // A QEMU that dropped to qemu_user cannot reopen the user's image for
+            // writing: it stops (the environment is being deleted), and the commit
+            // runs in a qemu-storage-daemon, as for a stopped environment.
+            self.stop_locked(name).await?;
+            live = None;
         }
         let config = self.row(name).await?.config.ok_or_else(|| {
             EnvError::Internal(format!("{name:?} has no stored VM configuration"))

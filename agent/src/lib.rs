@@ -28,6 +28,7 @@ pub mod net;
 pub mod overlays;
 pub mod policies;
 pub mod provenance;
+pub mod qemu_user;
 pub mod replay;
 pub mod replay_base;
 pub mod replay_spill;

@@ -448,6 +448,15 @@ impl Weaves {
         let dir = self.dir(&name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        // A weave from now gets its overlays from the environment's running QEMU.
+        if let Some(user) =
+            crate::qemu_user::QemuUser::of(self.manager.config()).map_err(EnvError::BadRequest)?
+        {
+            user.give_dir(&self.manager.config().data_dir, &dir)
+                .map_err(|e| {
+                    EnvError::Internal(format!("cannot give {} to qemu_user: {e}", dir.display()))
+                })?;
+        }
         let made = self
             .assemble(
                 &env,

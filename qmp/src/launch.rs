@@ -812,6 +812,13 @@ pub struct SpawnOptions {
     /// Run QEMU in these cgroup directories (one per hierarchy: a v2 group, or v1
     /// groups of the cpu and memory controllers on hybrid hosts); they must exist.
     pub cgroups: Vec<PathBuf>,
+    /// QEMU's own seccomp filter ([`sandbox_args`]): obsolete calls, privilege changes,
+    /// `fork`/`exec` and resource control denied. [`spawn`] only (qemu-storage-daemon
+    /// 7.2 has no `-sandbox`).
+    pub sandbox: bool,
+    /// Drop to this user (a name, or `uid:gid`) with QEMU's `-runas` once QEMU has
+    /// opened its devices, disks and sockets and before the guest runs. [`spawn`] only.
+    pub run_as: Option<String>,
 }
 
 impl Default for SpawnOptions {
@@ -822,8 +829,57 @@ impl Default for SpawnOptions {
             detached: false,
             netns: None,
             cgroups: Vec::new(),
+            sandbox: false,
+            run_as: None,
         }
     }
+}
+
+/// Whether `user` can be given to QEMU's `-runas`: a user name (`[a-z_][a-z0-9_-]*`,
+/// at most 32 characters, optionally ending in `$`) or `uid:gid` in digits. Nothing else
+/// reaches the command line.
+pub fn valid_run_as(user: &str) -> bool {
+    let name = |s: &str| {
+        let s = s.strip_suffix('$').unwrap_or(s);
+        (1..=32).contains(&s.len())
+            && s.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    let digits = |s: &str| (1..=10).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    match user.split_once(':') {
+        Some((u, g)) => digits(u) && digits(g),
+        None => name(user),
+    }
+}
+
+/// The hardening arguments of `opts` (appended by [`spawn`]):
+/// `-sandbox on,obsolete=deny,elevateprivileges=…,spawn=deny,resourcecontrol=deny`
+/// and `-runas USER`. QEMU 7.2 installs its filter before it drops to the `-runas`
+/// user, so with `run_as` the privilege changes that drop needs stay allowed
+/// (`elevateprivileges=allow`); once dropped, QEMU has no capabilities, runs with
+/// `no_new_privs`, and cannot execute a set-uid program (`spawn=deny`), so those calls
+/// give it nothing.
+pub fn sandbox_args(opts: &SpawnOptions) -> Vec<String> {
+    let mut args = Vec::new();
+    if opts.sandbox {
+        let elevate = if opts.run_as.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
+        args.push("-sandbox".to_string());
+        args.push(format!(
+            "on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
+        ));
+    }
+    if let Some(user) = &opts.run_as {
+        args.push("-runas".to_string());
+        args.push(user.clone());
+    }
+    args
 }
 
 /// How a QEMU process ended.
@@ -1144,7 +1200,16 @@ pub async fn spawn(
         })?;
     }
     config.accel = config.accel.resolve();
-    spawn_args(command_line(&config, paths), paths, opts).await
+    if let Some(user) = &opts.run_as {
+        if !valid_run_as(user) {
+            return Err(Error::InvalidConfig(format!(
+                "QEMU user {user:?} must be a user name or uid:gid"
+            )));
+        }
+    }
+    let mut args = command_line(&config, paths);
+    args.extend(sandbox_args(opts));
+    spawn_args(args, paths, opts).await
 }
 
 /// Starts a QEMU binary with `args` under supervision and waits for its QMP monitor.
@@ -2060,6 +2125,51 @@ mod tests {
         std::fs::write(&r, [0u8; 512]).expect("write");
         assert_eq!(DiskFormat::detect(&r).expect("detect"), DiskFormat::Raw);
         assert!(DiskFormat::detect(&dir.path().join("none")).is_err());
+    }
+
+    #[test]
+    fn sandbox_and_run_as_arguments() {
+        assert!(sandbox_args(&SpawnOptions::default()).is_empty());
+        let sandboxed = SpawnOptions {
+            sandbox: true,
+            ..SpawnOptions::default()
+        };
+        assert_eq!(
+            sandbox_args(&sandboxed),
+            vec![
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ]
+        );
+        let dropped = SpawnOptions {
+            run_as: Some("weft-qemu".into()),
+            ..sandboxed
+        };
+        assert_eq!(
+            sandbox_args(&dropped),
+            vec![
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+                "-runas",
+                "weft-qemu"
+            ]
+        );
+        for ok in ["weft-qemu", "qemu", "_q1", "107:107", "machine$"] {
+            assert!(valid_run_as(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Qemu",
+            "a,b",
+            "1:",
+            ":1",
+            "-x",
+            "a b",
+            "root:0",
+            &"a".repeat(33),
+        ] {
+            assert!(!valid_run_as(bad), "{bad}");
+        }
     }
 
     #[test]
