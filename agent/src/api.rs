@@ -399,15 +399,7 @@ async fn create_env(
     headers: HeaderMap,
     body: Result<Json<CreateEnvironment>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), EnvError> {
-    let req = match body {
-        Ok(Json(req)) => req,
-        Err(e) => {
-            return Err(EnvError::BadRequest(format!(
-                "bad request body: {}",
-                e.body_text()
-            )))
-        }
-    };
+    let req = self::body(body)?;
     let (CreateEnvironment::Managed { name, .. } | CreateEnvironment::Attached { name, .. }) = &req;
     let name = name.clone();
     let detail = serde_json::to_string(&req).ok();
@@ -550,10 +542,10 @@ async fn audit_verify(
     Ok(Json(state.manager.catalog().verify_audit().await?))
 }
 
-/// Parses a JSON body, turning a bad one into a one-line 400.
+/// Parses a JSON body, turning a bad one (unknown fields included) into a one-line 400.
 fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, EnvError> {
     b.map(|Json(v)| v)
-        .map_err(|e| EnvError::BadRequest(format!("bad request body: {}", e.body_text())))
+        .map_err(|e| EnvError::BadRequest(crate::strict::body_error(&e.body_text())))
 }
 
 async fn create_snapshot(
@@ -1067,9 +1059,9 @@ async fn set_net_plan(
     ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     Path(name): Path<String>,
-    req: Result<Json<GuestPlan>, axum::extract::rejection::JsonRejection>,
+    req: Result<Json<crate::strict::Strict<GuestPlan>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<NetSetup>, EnvError> {
-    let plan = body(req)?;
+    let plan = body(req)?.0;
     let detail = serde_json::to_string(&plan).ok();
     net_change(
         state,
@@ -1145,6 +1137,7 @@ async fn activate_env(
 
 /// Body of `POST /v1/weaves/{name}/route`.
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct RouteRequest {
     /// Port of the guest.
     pub guest_port: u16,
@@ -1418,6 +1411,7 @@ async fn store_verify(State(state): State<AppState>) -> Result<Json<serde_json::
 
 /// Body of `POST /v1/store/gc`.
 #[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct GcRequest {
     /// Keep unreferenced chunks younger than this many seconds (default 24 h 5 min):
     /// it must exceed the longest backup, which may be writing chunks not yet in an index.
@@ -1445,6 +1439,7 @@ async fn store_gc(
 
 /// Body of `POST /v1/store/tier` (every field optional; defaults in the store's docs).
 #[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TierRequest {
     /// Move a chunk to the cold tier after this many seconds without a read.
     pub cold_after_secs: Option<u64>,

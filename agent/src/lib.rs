@@ -35,6 +35,7 @@ pub mod replay_spill;
 pub mod replay_sql;
 pub mod retention;
 pub mod snapshots;
+pub mod strict;
 pub mod sync;
 pub mod testpoints;
 pub mod weavenet;

@@ -48,6 +48,7 @@ pub enum Source {
 
 /// Body of `POST /v1/environments/{name}/weaves`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateWeave {
     /// Name (1-10 characters from a-z, 0-9, '-'); `w<index>` when absent.
     #[serde(default)]
