@@ -523,6 +523,18 @@ impl Manager {
             self.release_vsock(name).await;
             return Err(e);
         }
+        if !weave {
+            // The taps QEMU is about to create in the root namespace are weft's; taps
+            // that exist already are not (weft changes no setting of theirs).
+            let taps: Vec<String> = config.nics.iter().map(|n| n.tap.clone()).collect();
+            if let Err(e) = crate::net::Net::new(&self.catalog)
+                .claim_taps(name, &taps)
+                .await
+            {
+                self.release_vsock(name).await;
+                return Err(e);
+            }
+        }
         let config = &config;
         let process = match launch::spawn(config, &paths, &opts).await {
             Ok(process) => process,
