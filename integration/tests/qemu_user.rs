@@ -1,5 +1,5 @@
 //! weftd's QEMU drops to `qemu_user` (`-runas`) under its seccomp filter: the guest
-//! boots, QEMU's uid is the user's, and what a running QEMU does for weftd after the
+//! boots (vhost-user vsock, memfd memory), QEMU's uid is the user's, and what a running QEMU does for weftd after the
 //! drop still works: a disk snapshot (scratch image and NBD socket made by QEMU), a
 //! weave from now (overlays made by QEMU), and deleting the environment (its overlays
 //! committed back into the image the test gave).
@@ -78,6 +78,12 @@ async fn qemu_guest_runs_as_qemu_user_under_the_sandbox() -> anyhow::Result<()> 
         seccomp == "Seccomp:\t2",
         "QEMU is not sandboxed: {seccomp:?}"
     );
+    // Its vsock is vhost-user (weftd's default with vhost-device-vsock), on memfd memory.
+    let cmdline =
+        String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline"))?).replace('\0', " ");
+    for device in ["vhost-user-vsock-pci", "memory-backend-memfd"] {
+        ensure!(cmdline.contains(device), "{device} missing: {cmdline}");
+    }
     let ps = Command::new("ps")
         .args(["-o", "user=", "-p", &pid.to_string()])
         .output()?;
