@@ -53,7 +53,12 @@ pub fn check_host_image(what: &str, path: &Path) -> Result<(), EnvError> {
 }
 
 fn probe(what: &str, path: &Path) -> Result<Probe, EnvError> {
-    qcow2::probe(path).map_err(|e| EnvError::BadRequest(format!("{what}: {e}")))
+    qcow2::probe(path).map_err(|e| match &e {
+        qcow2::ProbeError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            EnvError::BadRequest(format!("{what}: {} does not exist", path.display()))
+        }
+        _ => EnvError::BadRequest(format!("{what}: {e}")),
+    })
 }
 
 fn refuse(what: &str, path: &Path, header: &qcow2::Header) -> Result<(), EnvError> {

@@ -237,10 +237,10 @@ async fn qemu_env_start_pins_the_backing_chain() {
         .iter()
         .find(|n| n["node-name"] == "vda-fmt")
         .expect("format node");
-    assert_eq!(fmt["backing"], "vda-b0-fmt", "{nodes:?}");
+    assert_eq!(fmt["backing"], "vda-b0", "{nodes:?}");
     let base = nodes
         .iter()
-        .find(|n| n["node-name"] == "vda-b0-fmt")
+        .find(|n| n["node-name"] == "vda-b0")
         .expect("backing node");
     assert_eq!(
         (&base["driver"], &base["read-only"]),

@@ -108,7 +108,8 @@ pub struct DiskConfig {
     #[serde(default)]
     pub read_only: bool,
     /// The images below `path`, top first: QEMU opens exactly these, each as a node of
-    /// its own (`<name>-b<i>-file`, `<name>-b<i>-fmt`), and never a file an image's
+    /// its own (`<name>-b<i>f` for the file, `<name>-b<i>` for the format: no longer than
+    /// `<name>-file` for the first ten, as QEMU's node names are at most 31 characters), and never a file an image's
     /// header names. The lowest qcow2 of the chain (or `path` itself when this is empty)
     /// gets `"backing": null`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -582,8 +583,8 @@ fn blockdev_json(disk: &DiskConfig) -> Vec<String> {
     let mut below: Option<String> = None;
     for (i, b) in disk.backing.iter().enumerate().rev() {
         let (file_node, fmt_node) = (
-            format!("{}-b{i}-file", disk.name),
-            format!("{}-b{i}-fmt", disk.name),
+            format!("{}-b{i}f", disk.name),
+            format!("{}-b{i}", disk.name),
         );
         let file = serde_json::json!({
             "driver": file_driver(&b.path),
@@ -1855,12 +1856,12 @@ mod tests {
         assert_eq!(
             nodes,
             vec![
-                serde_json::json!({"driver": "file", "node-name": "vda-b1-file", "filename": "/img/base.raw", "auto-read-only": true}),
-                serde_json::json!({"driver": "raw", "node-name": "vda-b1-fmt", "file": "vda-b1-file", "read-only": true}),
-                serde_json::json!({"driver": "file", "node-name": "vda-b0-file", "filename": "/d/mid.qcow2", "auto-read-only": true}),
-                serde_json::json!({"driver": "qcow2", "node-name": "vda-b0-fmt", "file": "vda-b0-file", "read-only": true, "backing": "vda-b1-fmt"}),
+                serde_json::json!({"driver": "file", "node-name": "vda-b1f", "filename": "/img/base.raw", "auto-read-only": true}),
+                serde_json::json!({"driver": "raw", "node-name": "vda-b1", "file": "vda-b1f", "read-only": true}),
+                serde_json::json!({"driver": "file", "node-name": "vda-b0f", "filename": "/d/mid.qcow2", "auto-read-only": true}),
+                serde_json::json!({"driver": "qcow2", "node-name": "vda-b0", "file": "vda-b0f", "read-only": true, "backing": "vda-b1"}),
                 serde_json::json!({"driver": "file", "node-name": "vda-file", "filename": "/d/top.qcow2", "read-only": false}),
-                serde_json::json!({"driver": "qcow2", "node-name": "vda-fmt", "file": "vda-file", "read-only": false, "backing": "vda-b0-fmt"}),
+                serde_json::json!({"driver": "qcow2", "node-name": "vda-fmt", "file": "vda-file", "read-only": false, "backing": "vda-b0"}),
             ]
         );
         // The storage daemon opens the same nodes.
