@@ -736,15 +736,7 @@ async fn create_env(
     actor: Actor,
     body: Result<Json<CreateEnvironment>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<EnvironmentView>), EnvError> {
-    let req = match body {
-        Ok(Json(req)) => req,
-        Err(e) => {
-            return Err(EnvError::BadRequest(format!(
-                "bad request body: {}",
-                e.body_text()
-            )))
-        }
-    };
+    let req = self::body(body)?;
     if matches!(req, CreateEnvironment::Attached { .. }) {
         // weftd (root) would drive a VM someone else started, through a socket path of
         // the caller's choosing.
@@ -869,10 +861,10 @@ async fn audit_verify(
     Ok(Json(state.manager.catalog().verify_audit().await?))
 }
 
-/// Parses a JSON body, turning a bad one into a one-line 400.
+/// Parses a JSON body, turning a bad one (unknown fields included) into a one-line 400.
 fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, EnvError> {
     b.map(|Json(v)| v)
-        .map_err(|e| EnvError::BadRequest(format!("bad request body: {}", e.body_text())))
+        .map_err(|e| EnvError::BadRequest(crate::strict::body_error(&e.body_text())))
 }
 
 async fn create_snapshot(
@@ -1373,9 +1365,9 @@ async fn set_net_plan(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-    req: Result<Json<GuestPlan>, axum::extract::rejection::JsonRejection>,
+    req: Result<Json<crate::strict::Strict<GuestPlan>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<NetSetup>, EnvError> {
-    let plan = body(req)?;
+    let plan = body(req)?.0;
     let detail = serde_json::to_string(&plan).ok();
     net_change(
         state,
@@ -1444,6 +1436,7 @@ async fn activate_env(
 
 /// Body of `POST /v1/weaves/{name}/route`.
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct RouteRequest {
     /// Port of the guest.
     pub guest_port: u16,
@@ -1724,6 +1717,7 @@ async fn store_verify(State(state): State<AppState>) -> Result<Json<serde_json::
 
 /// Body of `POST /v1/store/gc`.
 #[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct GcRequest {
     /// Keep unreferenced chunks younger than this many seconds (default 24 h 5 min):
     /// it must exceed the longest backup, which may be writing chunks not yet in an index.
@@ -1750,6 +1744,7 @@ async fn store_gc(
 
 /// Body of `POST /v1/store/tier` (every field optional; defaults in the store's docs).
 #[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TierRequest {
     /// Move a chunk to the cold tier after this many seconds without a read.
     pub cold_after_secs: Option<u64>,

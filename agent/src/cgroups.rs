@@ -20,6 +20,7 @@ pub struct Groups {
 
 /// Resource limits of a weave.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Limits {
     /// CPU time as a percentage of one CPU (150 = one and a half CPUs); none = unlimited.
     pub cpu_percent: Option<u32>,

@@ -852,11 +852,14 @@ pub fn parse_nic(
     })
 }
 
-/// Parses `PATH[,name=vda][,format=raw|qcow2][,readonly]`; relative paths are made absolute.
+/// Parses `PATH[,name=vda][,format=raw|qcow2][,backing=FILE][,readonly]`; relative paths
+/// are made absolute.
 pub fn parse_disk(spec: &str) -> Result<DiskRequest, String> {
     let mut parts = spec.split(',');
     let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| {
-        format!("--disk {spec:?}: expected PATH[,name=vda][,format=raw|qcow2][,readonly]")
+        format!(
+            "--disk {spec:?}: expected PATH[,name=vda][,format=raw|qcow2][,backing=FILE][,readonly]"
+        )
     })?;
     let path = std::path::absolute(path).map_err(|e| format!("--disk {path}: {e}"))?;
     let mut disk = DiskRequest {
@@ -864,16 +867,21 @@ pub fn parse_disk(spec: &str) -> Result<DiskRequest, String> {
         name: None,
         format: None,
         read_only: false,
+        backing: None,
     };
     for opt in parts {
         match opt.split_once('=').unwrap_or((opt, "")) {
             ("name", v) if !v.is_empty() => disk.name = Some(v.to_string()),
             ("format", v) if !v.is_empty() => disk.format = Some(v.to_string()),
+            ("backing", v) if !v.is_empty() => {
+                disk.backing =
+                    Some(std::path::absolute(v).map_err(|e| format!("--disk backing {v}: {e}"))?)
+            }
             ("readonly", "" | "on" | "true" | "yes") => disk.read_only = true,
             ("readonly", "off" | "false" | "no") => disk.read_only = false,
             _ => {
                 return Err(format!(
-                    "--disk {spec:?}: unknown option {opt:?}; known: name=, format=, readonly"
+                    "--disk {spec:?}: unknown option {opt:?}; known: name=, format=, backing=, readonly"
                 ))
             }
         }
@@ -2536,6 +2544,10 @@ mod tests {
         assert!(!d.read_only);
         assert!(parse_disk("").is_err());
         assert!(parse_disk("/a.img,size=3").is_err());
+        let d = parse_disk("/a.qcow2,backing=base.raw").unwrap();
+        assert!(d
+            .backing
+            .is_some_and(|b| b.is_absolute() && b.ends_with("base.raw")));
     }
 
     #[test]

@@ -37,6 +37,12 @@ pub struct Config {
     pub accel: Accel,
     /// Seconds to wait for a newly launched QEMU to answer on QMP.
     pub qemu_start_timeout_secs: u64,
+    /// Run QEMU under its own seccomp filter (`-sandbox on,obsolete=deny,
+    /// elevateprivileges=deny,spawn=deny,resourcecontrol=deny`); off only for debugging.
+    pub qemu_sandbox: bool,
+    /// An unprivileged user QEMU drops to (`-runas`) once it has opened its devices,
+    /// disks and sockets; QEMU stays root when absent.
+    pub qemu_user: Option<String>,
     /// Seconds to wait for QEMU to exit after `quit` before it is killed.
     pub stop_timeout_secs: u64,
     /// Log filter in `tracing_subscriber::EnvFilter` syntax (`RUST_LOG` wins).
@@ -249,6 +255,8 @@ impl Default for Config {
             qemu_binary: "qemu-system-x86_64".into(),
             accel: Accel::Tcg,
             qemu_start_timeout_secs: 30,
+            qemu_sandbox: true,
+            qemu_user: None,
             stop_timeout_secs: 15,
             log: "info".into(),
             image_dirs: Vec::new(),
@@ -348,6 +356,9 @@ impl Config {
                     d.display()
                 )));
             }
+        }
+        if let Some(user) = &self.qemu_user {
+            crate::qemu_user::QemuUser::resolve(user).map_err(ConfigError::Invalid)?;
         }
         self.dpa.check().map_err(ConfigError::Invalid)?;
         self.provenance.check().map_err(ConfigError::Invalid)?;
@@ -509,6 +520,32 @@ mod tests {
         );
         let e = Config::parse("image_dirs = \"/srv/images\"", Path::new("a.toml")).unwrap_err();
         assert!(e.to_string().contains("image_dirs"), "{e}");
+    }
+
+    #[test]
+    fn qemu_sandbox_and_user_are_read() {
+        let c = Config::parse("", Path::new("a.toml")).unwrap();
+        assert!(c.qemu_sandbox);
+        assert_eq!(c.qemu_user, None);
+        let c = Config::parse(
+            "qemu_sandbox = false\nqemu_user = \"nobody\"",
+            Path::new("a.toml"),
+        )
+        .unwrap();
+        assert!(!c.qemu_sandbox);
+        assert_eq!(c.qemu_user.as_deref(), Some("nobody"));
+        let c = Config::parse("qemu_user = \"65534:65534\"", Path::new("a.toml")).unwrap();
+        assert_eq!(c.qemu_user.as_deref(), Some("65534:65534"));
+        for bad in [
+            "qemu_user = \"no-such-user-here\"",
+            "qemu_user = \"a,b\"",
+            "qemu_user = \"root\"",
+            "qemu_user = \"0:0\"",
+            "qemu_sandbox = \"yes\"",
+        ] {
+            let e = Config::parse(bad, Path::new("a.toml")).unwrap_err();
+            assert!(e.to_string().contains("qemu_"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -14,9 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-use weft_qmp::launch::{
-    self, Accel, DiskConfig, DiskFormat, LaunchPaths, QemuProcess, SpawnOptions, VmConfig,
-};
+use weft_qmp::launch::{self, Accel, DiskConfig, LaunchPaths, QemuProcess, SpawnOptions, VmConfig};
 use weft_qmp::Qmp;
 
 use crate::catalog::{Catalog, CatalogError, NewEnvironment};
@@ -369,6 +367,9 @@ impl Manager {
                     .into_iter()
                     .map(|mut d| {
                         d.path = images.resolve("disk", &d.path)?;
+                        if let Some(b) = &d.backing {
+                            d.backing = Some(images.resolve("disk backing", b)?);
+                        }
                         Ok(d)
                     })
                     .collect::<Result<Vec<_>, crate::confine::ConfineError>>()?;
@@ -504,15 +505,39 @@ impl Manager {
         } else {
             (None, Vec::new())
         };
+        let qemu_user =
+            crate::qemu_user::QemuUser::of(&self.config).map_err(EnvError::BadRequest)?;
+        if let Some(user) = &qemu_user {
+            // Where the running QEMU makes files for weftd once it is that user: the
+            // environment's new overlays, backup scratch images and NBD sockets, sync
+            // layers.
+            let (data, run) = (&self.config.data_dir, &self.config.run_dir);
+            for (root, d) in [
+                (data, dir.clone()),
+                (run, run.join("backup")),
+                (run, run.join("sync")),
+            ] {
+                user.give_dir(root, &d).map_err(|e| {
+                    EnvError::Internal(format!(
+                        "cannot give {} to qemu_user {}: {e}",
+                        d.display(),
+                        user.spec
+                    ))
+                })?;
+            }
+        }
         let opts = SpawnOptions {
             binary: self.config.qemu_binary.clone(),
             ready_timeout: Duration::from_secs(self.config.qemu_start_timeout_secs),
             detached: false,
             netns,
             cgroups,
+            sandbox: self.config.qemu_sandbox,
+            run_as: qemu_user.map(|u| u.spec),
         };
         // The vsock device is decided at each launch (never stored with the config).
         let mut config = config.clone();
+        crate::images::pin_backing(&mut config, &self.config.data_dir)?;
         if let Some(host) = self.vsock.get() {
             config.vsock = host.prepare(name, &dir.join("vsock.log")).await;
         }
@@ -524,6 +549,18 @@ impl Manager {
         if let Err(e) = crate::confine::check_launch(&self.config, &config) {
             self.release_vsock(name).await;
             return Err(e.into());
+        }
+        if !weave {
+            // The taps QEMU is about to create in the root namespace are weft's; taps
+            // that exist already are not (weft changes no setting of theirs).
+            let taps: Vec<String> = config.nics.iter().map(|n| n.tap.clone()).collect();
+            if let Err(e) = crate::net::Net::new(&self.catalog)
+                .claim_taps(name, &taps)
+                .await
+            {
+                self.release_vsock(name).await;
+                return Err(e);
+            }
         }
         let config = &config;
         let process = match launch::spawn(config, &paths, &opts).await {
@@ -881,7 +918,7 @@ impl Manager {
     /// running environment is resumed and keeps running.
     async fn give_back_overlays(&self, env: &Environment) -> Result<(), EnvError> {
         let name = env.name.as_str();
-        let live = self.runtime_qmp(name);
+        let mut live = self.runtime_qmp(name);
         if live.is_none() && self.orphan_pid(env).is_some() {
             // A QEMU that does not answer may still write: it goes first.
             self.stop_locked(name).await?;
@@ -891,15 +928,25 @@ impl Manager {
         if overlays.is_empty() {
             return Ok(());
         }
+        if live.is_some() && self.config.qemu_user.is_some() {
+            // A QEMU that dropped to qemu_user cannot reopen the user's image for
+            // writing: it stops (the environment is being deleted), and the commit
+            // runs in a qemu-storage-daemon, as for a stopped environment.
+            self.stop_locked(name).await?;
+            live = None;
+        }
         let config = self.row(name).await?.config.ok_or_else(|| {
             EnvError::Internal(format!("{name:?} has no stored VM configuration"))
         })?;
-        let disks: Vec<DiskConfig> = config
+        let mut disks: Vec<DiskConfig> = config
             .disks
             .iter()
             .filter(|d| overlays.iter().any(|o| o.disk == d.name))
             .cloned()
             .collect();
+        for disk in disks.iter_mut() {
+            crate::images::pin_disk(disk, &self.config.data_dir)?;
+        }
         let mut daemon = None;
         let mut resume = false;
         let qmp = match live {
@@ -957,8 +1004,13 @@ impl Manager {
                 // The user's image holds everything now: the configuration names it
                 // before any overlay file goes.
                 if let Some(d) = committed.disks.iter_mut().find(|d| d.name == disk.name) {
-                    d.path.clone_from(&origin);
-                    d.format = format;
+                    // What lies below the user's image stays below it.
+                    *d = disk.rebased_to(&origin).unwrap_or_else(|| DiskConfig {
+                        path: origin.clone(),
+                        format,
+                        backing: Vec::new(),
+                        ..disk.clone()
+                    });
                 }
                 self.catalog
                     .forget_overlays(name, &mine, Some(&committed))
@@ -1245,29 +1297,11 @@ fn vm_config(
     }
     let mut out = Vec::with_capacity(disks.len());
     for (i, d) in disks.into_iter().enumerate() {
-        let name = match d.name {
+        let name = match d.name.clone() {
             Some(n) => n,
             None => default_disk_name(i)?,
         };
-        let path = absolute(&d.path)?;
-        let format = match d.format.as_deref() {
-            Some("raw") => DiskFormat::Raw,
-            Some("qcow2") => DiskFormat::Qcow2,
-            Some(other) => {
-                return Err(EnvError::BadRequest(format!(
-                    "disk {}: unknown format {other:?}; use raw or qcow2",
-                    path.display()
-                )))
-            }
-            None => DiskFormat::detect(&path)
-                .map_err(|e| EnvError::BadRequest(format!("disk {}: {e}", path.display())))?,
-        };
-        out.push(DiskConfig {
-            name,
-            path,
-            format,
-            read_only: d.read_only,
-        });
+        out.push(crate::images::disk_from_request(name, d)?);
     }
     let config = VmConfig {
         memory_mib: memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
@@ -1392,6 +1426,7 @@ mod tests {
             name: None,
             format: None,
             read_only: false,
+            backing: None,
         }
     }
 
@@ -1416,7 +1451,7 @@ mod tests {
         assert_eq!(c.memory_mib, DEFAULT_MEMORY_MIB);
         assert_eq!(c.cpus, 2);
         assert_eq!(c.disks[0].name, "vda");
-        assert_eq!(c.disks[0].format, DiskFormat::Raw);
+        assert_eq!(c.disks[0].format, weft_qmp::launch::DiskFormat::Raw);
         assert_eq!(c.disks[0].path, disk_path);
     }
 }

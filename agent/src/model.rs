@@ -96,6 +96,7 @@ pub struct EnvFiles {
 
 /// Disk of a new managed environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskRequest {
     /// Image file (raw or qcow2; detected when `format` is absent).
     pub path: PathBuf,
@@ -108,11 +109,16 @@ pub struct DiskRequest {
     /// Attach read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// The backing file of a qcow2 image whose header names one: the same file, given
+    /// explicitly (a raw image, or a qcow2 without a backing of its own). A qcow2 that
+    /// names a backing file is refused without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
 }
 
 /// Body of `POST /v1/environments`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CreateEnvironment {
     /// weftd launches and supervises QEMU.
     Managed {
@@ -139,7 +145,7 @@ pub enum CreateEnvironment {
         #[serde(default)]
         append: Option<String>,
         /// Network cards on tap devices (weaves keep the MAC, on a tap in their namespace).
-        #[serde(default)]
+        #[serde(default, deserialize_with = "crate::strict::each")]
         nics: Vec<weft_qmp::launch::NicConfig>,
         /// Record only; do not launch QEMU now.
         #[serde(default)]
@@ -424,6 +430,7 @@ impl std::str::FromStr for Egress {
 
 /// Body of `POST /v1/weaves/{name}/egress`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EgressRequest {
     /// The new policy.
     pub egress: Egress,
@@ -431,6 +438,7 @@ pub struct EgressRequest {
 
 /// Body of `POST /v1/environments/{name}/expose`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ExposeRequest {
     /// Port of the guest.
     pub guest_port: u16,
@@ -444,6 +452,7 @@ pub struct ExposeRequest {
 
 /// Body of `POST /v1/environments/{name}/unexpose`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UnexposeRequest {
     /// Port on the host.
     pub host_port: u16,
@@ -451,6 +460,7 @@ pub struct UnexposeRequest {
 
 /// Body of `POST /v1/environments/{name}/snapshots`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
     /// `all` (default), `config`, `net` or `disk:<name>`.
     #[serde(default)]
@@ -465,12 +475,13 @@ pub struct CreateSnapshot {
 
 /// Body of `POST /v1/environments/{name}/snapshots/prune`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PruneRequest {
     /// Only this resource; every resource when absent.
     #[serde(default)]
     pub resource: Option<String>,
     /// What to keep.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::strict::fields")]
     pub keep: crate::retention::Keep,
     /// Report what would be removed without removing it.
     #[serde(default)]
@@ -479,6 +490,7 @@ pub struct PruneRequest {
 
 /// Body of `POST /v1/snapshots/{id}/restore`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
     /// Where to write the image: inside `export_dirs`, and not existing unless `force`.
     pub output: PathBuf,

@@ -360,6 +360,41 @@ impl Catalog {
         Ok(owned)
     }
 
+    /// The taps `env`'s QEMU made (table `env_taps`).
+    async fn env_taps(&self, env: &str) -> Result<BTreeSet<String>, CatalogError> {
+        let rows = sqlx::query("SELECT name FROM env_taps WHERE env = ?")
+            .bind(env)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("name")?)).collect()
+    }
+
+    /// Records which of `env`'s taps its QEMU makes (`ours`) and forgets any record of
+    /// the others (they exist already: someone else's), in one transaction.
+    async fn set_env_taps(
+        &self,
+        env: &str,
+        ours: &[&String],
+        theirs: &[&String],
+    ) -> Result<(), CatalogError> {
+        let mut tx = self.pool.begin().await?;
+        for t in theirs {
+            sqlx::query("DELETE FROM env_taps WHERE name = ?")
+                .bind(t.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        for t in ours {
+            sqlx::query("INSERT OR REPLACE INTO env_taps (name, env) VALUES (?, ?)")
+                .bind(t.as_str())
+                .bind(env)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn own_net(&self, items: &[(&str, String)]) -> Result<(), CatalogError> {
         let mut tx = self.pool.begin().await?;
         for (kind, name) in items {
@@ -460,6 +495,9 @@ fn kernel_err(what: &str, e: weft_netns::Error) -> EnvError {
             "host port {port} is already routed to {to} by someone else (another weftd on this host?); pick another --host-port"
         )),
         weft_netns::Error::InvalidPlan(why) => EnvError::BadRequest(format!("{what}: {why}")),
+        e @ (weft_netns::Error::ForeignLink(_) | weft_netns::Error::InvalidLink(_)) => {
+            EnvError::Conflict(one_line(&format!("{what}: {e}; let weftd start the environment on a tap that does not exist yet, or publish the port through a weave")))
+        }
         other => EnvError::Internal(one_line(&format!("{what}: {}", ErrorChain(&other)))),
     }
 }
@@ -597,15 +635,45 @@ impl Net {
         })
     }
 
-    /// The taps of an environment's NICs (in the root namespace).
-    async fn taps(&self, env: &str) -> Result<Vec<String>, EnvError> {
-        Ok(self
-            .catalog
-            .environment(env)
-            .await?
-            .and_then(|e| e.config)
-            .map(|c| c.nics.into_iter().map(|n| n.tap).collect())
+    /// The taps of an environment's NICs (in the root namespace), each with whether
+    /// weft made it: its QEMU, started by weftd, created it and still runs (a tap QEMU
+    /// creates goes when QEMU ends).
+    async fn taps(&self, env: &str) -> Result<Vec<HostLink>, EnvError> {
+        let Some(e) = self.catalog.environment(env).await? else {
+            return Ok(Vec::new());
+        };
+        let running = e.state == crate::model::EnvState::Running;
+        let ours = self.catalog.env_taps(env).await?;
+        Ok(e.config
+            .map(|c| {
+                c.nics
+                    .into_iter()
+                    .map(|n| HostLink {
+                        ours: running && ours.contains(&n.tap),
+                        name: n.tap,
+                    })
+                    .collect()
+            })
             .unwrap_or_default())
+    }
+
+    /// Before weftd starts `env`'s QEMU on `taps` in the root namespace: a tap that does
+    /// not exist yet is created by that QEMU and recorded as weft's; one that exists
+    /// already is someone else's, and no record says otherwise.
+    pub async fn claim_taps(&self, env: &str, taps: &[String]) -> Result<(), EnvError> {
+        if taps.is_empty() {
+            return Ok(());
+        }
+        let present = self
+            .kernel(|ops| ops.list_links(None))
+            .await
+            .map_err(|e| kernel_err("list links", e))?;
+        let (theirs, ours): (Vec<&String>, Vec<&String>) =
+            taps.iter().partition(|t| present.contains(t));
+        if !theirs.is_empty() {
+            info!(env, taps = ?theirs, "taps exist before QEMU starts: they are not weft's, and weft changes none of their settings");
+        }
+        Ok(self.catalog.set_env_taps(env, &ours, &theirs).await?)
     }
 
     /// An environment's network setup.
@@ -1412,15 +1480,28 @@ fn forwarding_for(ops: &dyn NetOps, egress: Egress) -> weft_netns::Result<()> {
     }
 }
 
+/// A link of the root namespace that a VM's NIC uses, and whether weft made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HostLink {
+    name: String,
+    ours: bool,
+}
+
 /// `route_localnet` on each of `links` that exists in the root namespace (a stopped
-/// environment's tap may not).
-fn allow_host_clients(ops: &dyn NetOps, links: &[String]) -> weft_netns::Result<()> {
+/// environment's tap may not). A link that exists but that weft did not make is
+/// refused before any is changed: its name comes from a caller's NIC and may be any
+/// of the host's links.
+fn allow_host_clients(ops: &dyn NetOps, links: &[HostLink]) -> weft_netns::Result<()> {
     if links.is_empty() {
         return Ok(());
     }
     let present = ops.list_links(None)?;
-    for link in links.iter().filter(|l| present.contains(l)) {
-        weft_netns::allow_host_clients(ops, link)?;
+    let present: Vec<&HostLink> = links.iter().filter(|l| present.contains(&l.name)).collect();
+    if let Some(foreign) = present.iter().find(|l| !l.ours) {
+        return Err(weft_netns::Error::ForeignLink(foreign.name.clone()));
+    }
+    for link in present {
+        weft_netns::allow_host_clients(ops, &link.name)?;
     }
     Ok(())
 }
@@ -1485,15 +1566,78 @@ mod tests {
         let catalog = Catalog::open_in_memory().await.unwrap();
         add_env(&catalog, "web", "tweb").await;
         let rec = Arc::new(Recorder::new());
+        let net = Net::with_ops(&catalog, rec.clone());
+        // weftd starts web's QEMU, which makes its tap: weft's.
+        net.claim_taps("web", &["tweb".to_string()]).await.unwrap();
         rec.create_netns("operator").unwrap();
         rec.create_veth(
             &LinkEnd::root("tweb"),
             &LinkEnd::in_netns("operator", "eth0"),
         )
         .unwrap();
+        catalog
+            .set_state("web", EnvState::Running, Some(1), None)
+            .await
+            .unwrap();
         rec.clear_calls();
-        let net = Net::with_ops(&catalog, rec.clone());
         (catalog, rec, net)
+    }
+
+    #[tokio::test]
+    async fn route_localnet_only_on_taps_weft_made() {
+        let (catalog, rec, net) = rig().await;
+        // An environment whose NIC names a link that existed before its QEMU started
+        // (the host's uplink, say): publishing its port changes nothing of that link.
+        add_env(&catalog, "ops", "eth9").await;
+        rec.create_veth(
+            &LinkEnd::root("eth9"),
+            &LinkEnd::in_netns("operator", "eth1"),
+        )
+        .unwrap();
+        net.claim_taps("ops", &["eth9".to_string()]).await.unwrap();
+        catalog
+            .set_state("ops", EnvState::Running, Some(2), None)
+            .await
+            .unwrap();
+        rec.clear_calls();
+        let e = net
+            .expose("ops", &expose(80, P1), "alice")
+            .await
+            .unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, EnvError::Conflict(_)), "{e:?}");
+        assert!(text.contains("\"eth9\" was not made by weft"), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+        assert!(!rec
+            .mutations()
+            .iter()
+            .any(|c| matches!(c, Call::SetSysctl { key, .. } if key.contains("route_localnet"))));
+        // Nothing of the refused port stays: no route, no record, no ownership.
+        assert!(weft_netns::list_routes(rec.as_ref()).unwrap().is_empty());
+        assert!(net.setup("ops").await.unwrap().ports.is_empty());
+        assert!(!catalog.owned_net().await.unwrap().ports.contains(&P1));
+
+        // weft's own tap, but its environment stopped: a link of that name now is not
+        // the tap weft's QEMU made (that one went with QEMU).
+        catalog
+            .set_state("web", EnvState::Stopped, None, None)
+            .await
+            .unwrap();
+        let e = net
+            .expose("web", &expose(80, P2), "alice")
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("\"tweb\" was not made by weft"),
+            "{e}"
+        );
+        // Running again on a tap its QEMU made: allowed.
+        net.claim_taps("web", &["tweb2".to_string()]).await.unwrap();
+        assert!(catalog.env_taps("web").await.unwrap().contains("tweb2"));
+        assert!(catalog.env_taps("web").await.unwrap().contains("tweb"));
+        // A tap that exists when weftd starts the QEMU loses its record.
+        net.claim_taps("web", &["tweb".to_string()]).await.unwrap();
+        assert!(!catalog.env_taps("web").await.unwrap().contains("tweb"));
     }
 
     fn expose(guest_port: u16, host_port: u16) -> ExposeRequest {

@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde_json::json;
 use sqlx::Row;
 use tracing::{info, warn};
-use weft_qmp::launch::{DiskFormat, VmConfig};
+use weft_qmp::launch::{DiskConfig, DiskFormat, VmConfig};
 use weft_qmp::{backup, Qmp};
 
 use crate::catalog::{now, Catalog, CatalogError};
@@ -243,6 +243,31 @@ fn qcow2_backing(path: &Path) -> Option<PathBuf> {
     String::from_utf8(name).ok().map(PathBuf::from)
 }
 
+/// `disk` with overlay `o` as its top, over the image `o` was made on and what the
+/// configuration has below that image. An overlay on an image the configuration does
+/// not know gets no recorded chain: the next start reads it from the headers weft wrote
+/// ([`crate::images::pin_backing`]).
+fn over(disk: &DiskConfig, o: &Overlay) -> DiskConfig {
+    let below = canonical(&o.below);
+    if canonical(&disk.path) == below {
+        return disk.under(&o.path);
+    }
+    match disk
+        .backing
+        .iter()
+        .find(|b| canonical(&b.path) == below)
+        .and_then(|b| disk.rebased_to(&b.path))
+    {
+        Some(base) => base.under(&o.path),
+        None => DiskConfig {
+            path: o.path.clone(),
+            format: DiskFormat::Qcow2,
+            backing: Vec::new(),
+            ..disk.clone()
+        },
+    }
+}
+
 /// Settles `env`'s pending overlays (and active ones a finished commit left behind)
 /// against what its QEMU runs on: `qmp` when it runs, `None` when no QEMU of it runs
 /// (never call it with `None` while a QEMU that does not answer may still run).
@@ -283,8 +308,14 @@ pub async fn settle(
                 let ours = |o: &&Overlay| files.contains(&canonical(&o.path));
                 if mine.iter().any(|o| o.active) && !mine.iter().any(ours) && *top == origin {
                     // A commit finished: QEMU runs on the user's image again.
-                    disk.path = mine[0].origin.clone();
-                    disk.format = mine[0].origin_format;
+                    *disk = disk
+                        .rebased_to(&mine[0].origin)
+                        .unwrap_or_else(|| DiskConfig {
+                            path: mine[0].origin.clone(),
+                            format: mine[0].origin_format,
+                            backing: Vec::new(),
+                            ..disk.clone()
+                        });
                     changed = true;
                     forget.extend(mine.iter().map(|o| o.path.clone()));
                     done.push(format!(
@@ -316,8 +347,7 @@ pub async fn settle(
                 }
                 if let Some(o) = mine.iter().find(|o| canonical(&o.path) == *top) {
                     if disk.path != o.path {
-                        disk.path = o.path.clone();
-                        disk.format = DiskFormat::Qcow2;
+                        *disk = over(disk, o);
                         changed = true;
                     }
                 }
@@ -329,8 +359,7 @@ pub async fn settle(
                     let complete = qcow2_backing(&o.path)
                         .is_some_and(|b| canonical(&b) == canonical(&o.below));
                     if complete && canonical(&disk.path) == canonical(&o.below) {
-                        disk.path = o.path.clone();
-                        disk.format = DiskFormat::Qcow2;
+                        *disk = over(disk, o);
                         changed = true;
                         adopt.push(o.path.clone());
                         done.push(format!(

@@ -50,6 +50,7 @@ pub struct Policy {
 
 /// Body of `PUT /v1/environments/{name}/policies`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SetPolicy {
     /// `all`, `config` or `disk:<name>`.
     pub resource: String,
@@ -59,7 +60,7 @@ pub struct SetPolicy {
     #[serde(default)]
     pub category: Option<String>,
     /// Retention applied after each run.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::strict::fields")]
     pub keep: Keep,
 }
 

@@ -804,6 +804,7 @@ fn sources_of_log(
 
 /// A replay asked of weftd (`POST /v1/environments/{name}/replay`).
 #[derive(Debug, Clone, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReplayRequest {
     /// The instant (guest time, RFC 3339) to rebuild, or `now`.
     pub to: String,

@@ -473,8 +473,10 @@ impl Snapshots {
         };
         crate::confine::check_disks(self.manager.config(), std::slice::from_ref(disk))?;
         info!(env, disk = %disk.name, "environment not running: opening its disk in qemu-storage-daemon");
+        let mut disk = disk.clone();
+        crate::images::pin_disk(&mut disk, &self.manager.config().data_dir)?;
         weft_qmp::launch::spawn_storage_daemon(
-            std::slice::from_ref(disk),
+            std::slice::from_ref(&disk),
             &paths,
             &weft_qmp::launch::SpawnOptions::default(),
         )

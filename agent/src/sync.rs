@@ -72,6 +72,7 @@ pub enum Prefer {
 
 /// Body of `POST /v1/weaves/{src}/sync`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SyncRequest {
     /// The weave (or its environment) that receives the blocks.
     pub dst: String,

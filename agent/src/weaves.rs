@@ -48,6 +48,7 @@ pub enum Source {
 
 /// Body of `POST /v1/environments/{name}/weaves`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CreateWeave {
     /// Name (1-10 characters from a-z, 0-9, '-'); `w<index>` when absent.
     #[serde(default)]
@@ -448,6 +449,15 @@ impl Weaves {
         let dir = self.dir(&name);
         std::fs::create_dir_all(&dir)
             .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+        // A weave from now gets its overlays from the environment's running QEMU.
+        if let Some(user) =
+            crate::qemu_user::QemuUser::of(self.manager.config()).map_err(EnvError::BadRequest)?
+        {
+            user.give_dir(&self.manager.config().data_dir, &dir)
+                .map_err(|e| {
+                    EnvError::Internal(format!("cannot give {} to qemu_user: {e}", dir.display()))
+                })?;
+        }
         let made = self
             .assemble(
                 &env,
@@ -639,11 +649,7 @@ impl Weaves {
             Source::Now => {
                 // The environment's QEMU made the weave's overlays with its own new tops.
                 let mut config = current.clone();
-                let overlays = self.branch_now(env, &current, &dir).await?;
-                for (disk, (overlay, _, _)) in config.disks.iter_mut().zip(overlays) {
-                    disk.path = overlay;
-                    disk.format = DiskFormat::Qcow2;
-                }
+                config.disks = self.branch_now(env, &current, &dir).await?;
                 let at = now();
                 let rows: Vec<SourceRow> = config
                     .disks
@@ -723,8 +729,12 @@ impl Weaves {
             image::create_overlay(&overlay, &base, DiskFormat::Raw, size, &self.work())
                 .await
                 .map_err(|e| EnvError::Qemu(one_line(&format!("overlay of {}: {e}", disk.name))))?;
-            disk.path = overlay;
-            disk.format = DiskFormat::Qcow2;
+            // The overlay on its raw base, and nothing that the configuration of the
+            // instant had below its disks.
+            disk.path = base;
+            disk.format = DiskFormat::Raw;
+            disk.backing.clear();
+            *disk = disk.under(&overlay);
         }
         Ok((weave_taps(config), source_text, instant, chosen))
     }
@@ -816,13 +826,13 @@ impl Weaves {
 
     /// Live external snapshots of every disk of a running environment, in one
     /// transaction, and the weave's overlay of each disk (in `weave_dir`) on the
-    /// now-frozen base; returns the weave's overlays (path, format, size).
+    /// now-frozen base; returns the weave's disks (its overlays, with their chains).
     async fn branch_now(
         &self,
         env: &Environment,
         config: &VmConfig,
         weave_dir: &Path,
-    ) -> Result<Vec<(PathBuf, DiskFormat, u64)>, EnvError> {
+    ) -> Result<Vec<weft_qmp::launch::DiskConfig>, EnvError> {
         let _lock = self.manager.lock_env(&env.name).await;
         let qmp = self.manager.live_qmp(&env.name).ok_or_else(|| {
             EnvError::Conflict(format!(
@@ -846,6 +856,9 @@ impl Weaves {
         let mut added: Vec<(String, PathBuf)> = Vec::new();
         let mut pending = Vec::new();
         let mut new_config = config.clone();
+        // Complete chains (a configuration stored before they were recorded has none):
+        // the new tops and the weave's overlays record everything below them.
+        crate::images::pin_backing(&mut new_config, &self.manager.config().data_dir)?;
         let catalog = self.manager.catalog();
         let prepared = async {
             for disk in new_config.disks.iter_mut() {
@@ -877,7 +890,7 @@ impl Weaves {
                     last.0.clone_from(&node);
                 }
                 actions.push(json!({"type": "blockdev-snapshot", "data": {"node": root, "overlay": node}}));
-                bases.push((mine, DiskFormat::Qcow2, size));
+                bases.push(disk.under(&mine));
                 let (origin, origin_format) =
                     crate::overlays::origin_of(catalog, &env.name, disk).await?;
                 pending.push(crate::overlays::Overlay {
@@ -889,8 +902,7 @@ impl Weaves {
                     origin_format,
                     active: false,
                 });
-                disk.path = top;
-                disk.format = DiskFormat::Qcow2;
+                *disk = disk.under(&top);
             }
             // Recorded before QEMU switches: a crash from here on finds them (recovery
             // settles them against query-block), and `env delete` commits them down.

@@ -1,7 +1,8 @@
 //! Block-device plumbing for weft: the NBD client that pulls backups out of QEMU
 //! ([`nbd`]), the deduplicating, compressed, optionally encrypted chunk store
 //! ([`store`]), snapshot block maps, the layered image reader ([`layers`]), the private
-//! copy-on-write layer ([`cow`]) and the `weft-blk` vhost-user-blk backend ([`blk`]).
+//! copy-on-write layer ([`cow`]), the qcow2 header reader ([`qcow2`]) and the `weft-blk`
+//! vhost-user-blk backend ([`blk`]).
 //!
 //! Each module has its own error type (carrying path, offset and operation);
 //! [`Error`] wraps them for callers that handle both.
@@ -12,6 +13,7 @@ pub mod layers;
 pub mod nbd;
 pub mod par;
 pub mod pull;
+pub mod qcow2;
 pub mod restore;
 pub mod store;
 

@@ -119,6 +119,7 @@ impl Guest {
             path: data_disk.clone(),
             format: data_disk_format,
             read_only: false,
+            backing: Vec::new(),
         }];
         disks.extend(opts.extra_disks);
         let mut append = format!(
@@ -155,6 +156,8 @@ impl Guest {
             binary: qemu_binary(),
             ready_timeout: Duration::from_secs(30),
             netns: opts.netns.clone(),
+            // Under QEMU's seccomp filter, as weftd runs its guests.
+            sandbox: true,
             ..SpawnOptions::default()
         };
         let serial = SerialLog::new(paths.serial_log.clone());

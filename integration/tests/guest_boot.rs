@@ -32,6 +32,12 @@ async fn qemu_guest_boots_and_runs_workload() -> anyhow::Result<()> {
     let status = guest.qmp().execute_raw("query-status", None).await?;
     assert_eq!(status["status"], "running", "{status}");
     assert_eq!(status["running"], true, "{status}");
+    // It booted and runs under QEMU's seccomp filter (-sandbox on), as weftd's guests do.
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", guest.process().pid()))?;
+    assert!(
+        proc_status.lines().any(|l| l == "Seccomp:\t2"),
+        "{proc_status}"
+    );
 
     let disk = guest.data_disk().to_path_buf();
     let (exit, _dir) = guest.shutdown_keep_dir().await?;

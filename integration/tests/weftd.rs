@@ -150,6 +150,7 @@ impl Weftd {
                 name: Some("vda".into()),
                 format: None,
                 read_only: false,
+                backing: None,
             }],
             memory_mib: Some(256),
             cpus: Some(1),

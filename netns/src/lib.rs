@@ -76,6 +76,29 @@ pub enum Error {
     /// `switch` was asked to move a port that has no route.
     #[error("host port {0} is not routed: route or publish it before switching it")]
     NotRouted(u16),
+    /// A name cannot be an interface name, or would not name one link in a sysctl path.
+    #[error("invalid interface name {0:?}: use 1-15 printable characters without '/', ':' or spaces, not '.', '..', 'all' or 'default'")]
+    InvalidLink(String),
+    /// A link weft did not make: weft changes no setting of it.
+    #[error("link {0:?} was not made by weft (it existed before weft started the VM on it): weft sets route_localnet only on its own links")]
+    ForeignLink(String),
+}
+
+/// Checks an interface name the way the kernel does (`dev_valid_name`: 1 to 15 bytes,
+/// not `.` or `..`, no `/`, `:` or whitespace), keeps it to printable ASCII, and refuses
+/// `all` and `default`, which in `/proc/sys/net/*/conf/` name every link and new links.
+/// Every name that reaches a sysctl path passes here.
+pub fn check_link_name(name: &str) -> Result<()> {
+    let ok = (1..=15).contains(&name.len())
+        && !matches!(name, "." | ".." | "all" | "default")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'/' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidLink(name.to_string()))
+    }
 }
 
 impl Error {
@@ -126,5 +149,31 @@ mod tests {
         assert!(namespace_name("UPPER").is_err());
         assert!(namespace_name("much-too-long-name").is_err());
         assert!(namespace_name("a/b").is_err());
+    }
+
+    #[test]
+    fn link_names_follow_the_kernel_and_stay_out_of_sysctl_directories() {
+        for ok in ["tap0", "wh7", "weft-tap0", "a", "eth0.100", "x_y-z@1"] {
+            check_link_name(ok).unwrap();
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "all",
+            "default",
+            "a/b",
+            "../all",
+            "a:b",
+            "a b",
+            "tab\t",
+            "sixteen-chars-xx",
+            "é",
+        ] {
+            assert!(
+                matches!(check_link_name(bad), Err(Error::InvalidLink(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

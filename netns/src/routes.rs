@@ -470,8 +470,11 @@ pub fn enable_host_forwarding(ops: &dyn NetOps) -> Result<()> {
 /// Let host-local connections (`127.0.0.1:PORT`) that a route DNATs leave
 /// through `link` of the root namespace (`route_localnet` on that link only).
 /// [`crate::WeaveNet::create`] does it for `wh<index>`; for an address target
-/// the caller does it for the link that reaches the address (e.g. a VM's tap).
+/// the caller does it for the link that reaches the address (e.g. a VM's tap), and
+/// only for a link weft made. `link` must be a plain interface name
+/// ([`crate::check_link_name`]): it becomes part of a path under `/proc/sys`.
 pub fn allow_host_clients(ops: &dyn NetOps, link: &str) -> Result<()> {
+    crate::check_link_name(link)?;
     ops.set_sysctl(None, &format!("net/ipv4/conf/{link}/route_localnet"), "1")
 }
 
@@ -816,5 +819,26 @@ mod tests {
                 value: "1".into()
             })
         );
+        // A name that would leave conf/<link>/, or name every link, writes nothing.
+        let before = rec.mutations().len();
+        for bad in [
+            "all",
+            "default",
+            "../../ip_forward",
+            "a/b",
+            "..",
+            "",
+            "tap 7",
+            "sixteen-chars-xx",
+        ] {
+            assert!(
+                matches!(
+                    allow_host_clients(&rec, bad),
+                    Err(crate::Error::InvalidLink(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(rec.mutations().len(), before);
     }
 }

@@ -269,7 +269,7 @@ impl WeaveNet {
         ops.add_address(None, &wh, host)?;
         ops.set_link_up(None, &wh)?;
         // Lets the host's own connections to 127.0.0.1:PORT be DNATed out of this link.
-        ops.set_sysctl(None, &format!("net/ipv4/conf/{wh}/route_localnet"), "1")?;
+        crate::allow_host_clients(ops, &wh)?;
 
         ops.add_address(ns, &wn, inner)?;
         ops.set_link_up(ns, &wn)?;

@@ -840,3 +840,33 @@ fn netns_the_filter_isolates_a_weave_by_default_and_follows_its_egress() {
     drop(cleanup);
     assert_nothing_left(&[210, 211], &[routed]);
 }
+
+/// A name that would reach another file under /proc/sys (`all` sets every link, `..`
+/// leaves conf/) is refused before the kernel is touched; a real link's own
+/// `route_localnet` is set.
+#[test]
+fn netns_route_localnet_names_are_checked_against_the_real_proc() {
+    let _g = serial();
+    let k = Kernel::new();
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let all = "/proc/sys/net/ipv4/conf/all/route_localnet";
+    let before = read(all);
+    for bad in ["all", "default", "../all", "lo/../all", ".."] {
+        let e = allow_host_clients(&k, bad).unwrap_err();
+        assert!(matches!(e, weft_netns::Error::InvalidLink(_)), "{bad}: {e}");
+    }
+    assert_eq!(read(all), before, "conf/all was changed");
+    // A link made from outside, as a tap would be.
+    let link = format!("wrl{}", std::process::id() % 100_000);
+    let peer = format!("{link}p");
+    sh(
+        "ip",
+        &["link", "add", &link, "type", "veth", "peer", "name", &peer],
+    );
+    let set = allow_host_clients(&k, &link);
+    let value = read(&format!("/proc/sys/net/ipv4/conf/{link}/route_localnet"));
+    sh("ip", &["link", "del", &link]);
+    set.unwrap();
+    assert_eq!(value.trim(), "1");
+    assert_eq!(read(all), before, "conf/all was changed");
+}

@@ -278,7 +278,8 @@ pub async fn create_file_node(qmp: &Qmp, path: &Path, file_node: &str) -> Result
 }
 
 /// Formats the open file node `file_node` as an empty qcow2 of `size` bytes and opens
-/// it as node `node`, with `backing` (a node name) as its backing node if given.
+/// it as node `node`, with `backing` (a node name) as its backing node if given, and
+/// with `"backing": null` if not (QEMU opens nothing on its own).
 pub async fn create_qcow2_node(
     qmp: &Qmp,
     file_node: &str,
@@ -292,10 +293,7 @@ pub async fn create_qcow2_node(
         json!({"driver": "qcow2", "file": file_node, "size": size}),
     )
     .await?;
-    let mut add = json!({"driver": "qcow2", "node-name": node, "file": file_node});
-    if let Some(b) = backing {
-        add["backing"] = json!(b);
-    }
+    let add = json!({"driver": "qcow2", "node-name": node, "file": file_node, "backing": backing});
     qmp.execute_raw("blockdev-add", Some(add)).await.map(drop)
 }
 

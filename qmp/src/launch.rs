@@ -107,6 +107,22 @@ pub struct DiskConfig {
     /// Attach read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// The images below `path`, top first: QEMU opens exactly these, each as a node of
+    /// its own (`<name>-b<i>f` for the file, `<name>-b<i>` for the format: no longer than
+    /// `<name>-file` for the first ten, as QEMU's node names are at most 31 characters), and never a file an image's
+    /// header names. The lowest qcow2 of the chain (or `path` itself when this is empty)
+    /// gets `"backing": null`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing: Vec<BackingImage>,
+}
+
+/// One image of a disk's backing chain ([`DiskConfig::backing`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackingImage {
+    /// The image file or block device.
+    pub path: PathBuf,
+    /// Its format (a raw image ends the chain).
+    pub format: DiskFormat,
 }
 
 impl DiskConfig {
@@ -118,6 +134,34 @@ impl DiskConfig {
     /// The node name of the format node the device is attached to.
     pub fn format_node(&self) -> String {
         format!("{}-fmt", self.name)
+    }
+
+    /// The image below this disk's top, with its chain: what `path` becomes when the
+    /// overlays above an image of the chain go (a commit). `None` if `image` is not in
+    /// the chain.
+    pub fn rebased_to(&self, image: &Path) -> Option<DiskConfig> {
+        let i = self.backing.iter().position(|b| b.path == image)?;
+        Some(DiskConfig {
+            path: self.backing[i].path.clone(),
+            format: self.backing[i].format,
+            backing: self.backing[i + 1..].to_vec(),
+            ..self.clone()
+        })
+    }
+
+    /// This disk with a new top `overlay` (qcow2) over what was its top.
+    pub fn under(&self, overlay: &Path) -> DiskConfig {
+        let mut backing = vec![BackingImage {
+            path: self.path.clone(),
+            format: self.format,
+        }];
+        backing.extend(self.backing.iter().cloned());
+        DiskConfig {
+            path: overlay.to_path_buf(),
+            format: DiskFormat::Qcow2,
+            backing,
+            ..self.clone()
+        }
     }
 }
 
@@ -402,6 +446,7 @@ impl VmConfig {
         };
         for disk in &self.disks {
             check_name(&disk.name)?;
+            check_chain(disk)?;
             match std::fs::metadata(&disk.path) {
                 Ok(m) if m.is_file() || m.file_type().is_block_device() => {}
                 Ok(_) => {
@@ -453,6 +498,40 @@ impl VmConfig {
     }
 }
 
+/// The most images below a disk's top ([`DiskConfig::backing`]).
+pub const MAX_BACKING_CHAIN: usize = 64;
+
+/// A disk's chain: formats that can have a backing above the ones below, and a bound.
+fn check_chain(disk: &DiskConfig) -> Result<(), Error> {
+    let bad = |msg: String| Err(Error::InvalidConfig(msg));
+    if disk.backing.len() > MAX_BACKING_CHAIN {
+        return bad(format!(
+            "disk {} has {} backing images; at most {MAX_BACKING_CHAIN}",
+            disk.name,
+            disk.backing.len()
+        ));
+    }
+    let mut above = disk.format;
+    for b in &disk.backing {
+        if above == DiskFormat::Raw {
+            return bad(format!(
+                "disk {}: a raw image cannot have a backing image ({})",
+                disk.name,
+                b.path.display()
+            ));
+        }
+        if !b.path.is_absolute() {
+            return bad(format!(
+                "disk {}: backing image {} is not an absolute path",
+                disk.name,
+                b.path.display()
+            ));
+        }
+        above = b.format;
+    }
+    Ok(())
+}
+
 /// Where a QEMU process puts its sockets and logs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchPaths {
@@ -481,26 +560,69 @@ fn accel_name(accel: Accel) -> &'static str {
     }
 }
 
-/// The two `-blockdev` values (file node, format node) of a disk, in JSON syntax (no
-/// escaping trouble with commas or '=' in paths). A block device needs QEMU's
-/// `host_device` driver rather than `file`.
-fn blockdev_json(disk: &DiskConfig) -> [String; 2] {
-    let is_blk = std::fs::metadata(&disk.path)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
+/// The `-blockdev` values of a disk, in JSON syntax (no escaping trouble with commas or
+/// '=' in paths): a file node and a format node per image, the lowest image of the
+/// chain first, the disk's own (`<name>-file`, `<name>-fmt`) last. The driver of every
+/// node is named (no format probing), and every qcow2 node names its backing node, or
+/// `null`, so QEMU never opens a file named by an image's header. Images below the top
+/// are opened read-only (their file nodes with `auto-read-only`, so that a commit can
+/// reopen them for writing). A block device needs QEMU's `host_device` driver rather
+/// than `file`.
+fn blockdev_json(disk: &DiskConfig) -> Vec<String> {
+    let file_driver = |path: &Path| {
+        let is_blk = std::fs::metadata(path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        if is_blk {
+            "host_device"
+        } else {
+            "file"
+        }
+    };
+    let mut out = Vec::with_capacity(2 * (disk.backing.len() + 1));
+    let mut below: Option<String> = None;
+    for (i, b) in disk.backing.iter().enumerate().rev() {
+        let (file_node, fmt_node) = (
+            format!("{}-b{i}f", disk.name),
+            format!("{}-b{i}", disk.name),
+        );
+        let file = serde_json::json!({
+            "driver": file_driver(&b.path),
+            "node-name": file_node,
+            "filename": b.path.to_string_lossy(),
+            "auto-read-only": true,
+        });
+        let mut fmt = serde_json::json!({
+            "driver": b.format.driver(),
+            "node-name": fmt_node,
+            "file": file_node,
+            "read-only": true,
+        });
+        if b.format == DiskFormat::Qcow2 {
+            fmt["backing"] = below.map_or(serde_json::Value::Null, serde_json::Value::from);
+        }
+        out.push(file.to_string());
+        out.push(fmt.to_string());
+        below = Some(fmt_node);
+    }
     let file = serde_json::json!({
-        "driver": if is_blk { "host_device" } else { "file" },
+        "driver": file_driver(&disk.path),
         "node-name": disk.file_node(),
         "filename": disk.path.to_string_lossy(),
         "read-only": disk.read_only,
     });
-    let fmt = serde_json::json!({
+    let mut fmt = serde_json::json!({
         "driver": disk.format.driver(),
         "node-name": disk.format_node(),
         "file": disk.file_node(),
         "read-only": disk.read_only,
     });
-    [file.to_string(), fmt.to_string()]
+    if disk.format == DiskFormat::Qcow2 {
+        fmt["backing"] = below.map_or(serde_json::Value::Null, serde_json::Value::from);
+    }
+    out.push(file.to_string());
+    out.push(fmt.to_string());
+    out
 }
 
 /// The `qemu-storage-daemon` arguments that open `disks` under the same node names
@@ -582,9 +704,9 @@ pub fn command_line(config: &VmConfig, paths: &LaunchPaths) -> Vec<String> {
         push("-numa", "node,memdev=mem".into());
     }
     for disk in &config.disks {
-        let [file, fmt] = blockdev_json(disk);
-        push("-blockdev", file);
-        push("-blockdev", fmt);
+        for node in blockdev_json(disk) {
+            push("-blockdev", node);
+        }
         push(
             "-device",
             format!(
@@ -691,6 +813,13 @@ pub struct SpawnOptions {
     /// Run QEMU in these cgroup directories (one per hierarchy: a v2 group, or v1
     /// groups of the cpu and memory controllers on hybrid hosts); they must exist.
     pub cgroups: Vec<PathBuf>,
+    /// QEMU's own seccomp filter ([`sandbox_args`]): obsolete calls, privilege changes,
+    /// `fork`/`exec` and resource control denied. [`spawn`] only (qemu-storage-daemon
+    /// 7.2 has no `-sandbox`).
+    pub sandbox: bool,
+    /// Drop to this user (a name, or `uid:gid`) with QEMU's `-runas` once QEMU has
+    /// opened its devices, disks and sockets and before the guest runs. [`spawn`] only.
+    pub run_as: Option<String>,
 }
 
 impl Default for SpawnOptions {
@@ -701,8 +830,57 @@ impl Default for SpawnOptions {
             detached: false,
             netns: None,
             cgroups: Vec::new(),
+            sandbox: false,
+            run_as: None,
         }
     }
+}
+
+/// Whether `user` can be given to QEMU's `-runas`: a user name (`[a-z_][a-z0-9_-]*`,
+/// at most 32 characters, optionally ending in `$`) or `uid:gid` in digits. Nothing else
+/// reaches the command line.
+pub fn valid_run_as(user: &str) -> bool {
+    let name = |s: &str| {
+        let s = s.strip_suffix('$').unwrap_or(s);
+        (1..=32).contains(&s.len())
+            && s.bytes()
+                .next()
+                .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    let digits = |s: &str| (1..=10).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+    match user.split_once(':') {
+        Some((u, g)) => digits(u) && digits(g),
+        None => name(user),
+    }
+}
+
+/// The hardening arguments of `opts` (appended by [`spawn`]):
+/// `-sandbox on,obsolete=deny,elevateprivileges=…,spawn=deny,resourcecontrol=deny`
+/// and `-runas USER`. QEMU 7.2 installs its filter before it drops to the `-runas`
+/// user, so with `run_as` the privilege changes that drop needs stay allowed
+/// (`elevateprivileges=allow`); once dropped, QEMU has no capabilities, runs with
+/// `no_new_privs`, and cannot execute a set-uid program (`spawn=deny`), so those calls
+/// give it nothing.
+pub fn sandbox_args(opts: &SpawnOptions) -> Vec<String> {
+    let mut args = Vec::new();
+    if opts.sandbox {
+        let elevate = if opts.run_as.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
+        args.push("-sandbox".to_string());
+        args.push(format!(
+            "on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
+        ));
+    }
+    if let Some(user) = &opts.run_as {
+        args.push("-runas".to_string());
+        args.push(user.clone());
+    }
+    args
 }
 
 /// How a QEMU process ended.
@@ -1023,7 +1201,16 @@ pub async fn spawn(
         })?;
     }
     config.accel = config.accel.resolve();
-    spawn_args(command_line(&config, paths), paths, opts).await
+    if let Some(user) = &opts.run_as {
+        if !valid_run_as(user) {
+            return Err(Error::InvalidConfig(format!(
+                "QEMU user {user:?} must be a user name or uid:gid"
+            )));
+        }
+    }
+    let mut args = command_line(&config, paths);
+    args.extend(sandbox_args(opts));
+    spawn_args(args, paths, opts).await
 }
 
 /// Starts a QEMU binary with `args` under supervision and waits for its QMP monitor.
@@ -1586,12 +1773,14 @@ mod tests {
                     path: "/images/a,b.qcow2".into(),
                     format: DiskFormat::Qcow2,
                     read_only: false,
+                    backing: Vec::new(),
                 },
                 DiskConfig {
                     name: "vdb".into(),
                     path: "/images/data.raw".into(),
                     format: DiskFormat::Raw,
                     read_only: true,
+                    backing: Vec::new(),
                 },
             ],
             ..VmConfig::default()
@@ -1625,7 +1814,7 @@ mod tests {
             blockdevs,
             vec![
                 serde_json::json!({"driver": "file", "node-name": "vda-file", "filename": "/images/a,b.qcow2", "read-only": false}),
-                serde_json::json!({"driver": "qcow2", "node-name": "vda-fmt", "file": "vda-file", "read-only": false}),
+                serde_json::json!({"driver": "qcow2", "node-name": "vda-fmt", "file": "vda-file", "read-only": false, "backing": null}),
                 serde_json::json!({"driver": "file", "node-name": "vdb-file", "filename": "/images/data.raw", "read-only": true}),
                 serde_json::json!({"driver": "raw", "node-name": "vdb-fmt", "file": "vdb-file", "read-only": true}),
             ]
@@ -1633,6 +1822,78 @@ mod tests {
         // Disk nodes come before the devices that use them.
         let pos = |s: &str| args.iter().position(|a| a == s).expect("present");
         assert!(pos("-blockdev") < pos("-device"));
+    }
+
+    /// Every node of a chain is named, lowest first; each qcow2 names its backing node
+    /// or null, so QEMU opens nothing an image's header names.
+    #[test]
+    fn command_line_pins_backing_chains() {
+        let top = DiskConfig {
+            name: "vda".into(),
+            path: "/d/top.qcow2".into(),
+            format: DiskFormat::Qcow2,
+            read_only: false,
+            backing: vec![
+                BackingImage {
+                    path: "/d/mid.qcow2".into(),
+                    format: DiskFormat::Qcow2,
+                },
+                BackingImage {
+                    path: "/img/base.raw".into(),
+                    format: DiskFormat::Raw,
+                },
+            ],
+        };
+        let cfg = VmConfig {
+            disks: vec![top.clone()],
+            ..VmConfig::default()
+        };
+        let nodes: Vec<serde_json::Value> = command_line(&cfg, &paths())
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1]).expect("json"))
+            .collect();
+        assert_eq!(
+            nodes,
+            vec![
+                serde_json::json!({"driver": "file", "node-name": "vda-b1f", "filename": "/img/base.raw", "auto-read-only": true}),
+                serde_json::json!({"driver": "raw", "node-name": "vda-b1", "file": "vda-b1f", "read-only": true}),
+                serde_json::json!({"driver": "file", "node-name": "vda-b0f", "filename": "/d/mid.qcow2", "auto-read-only": true}),
+                serde_json::json!({"driver": "qcow2", "node-name": "vda-b0", "file": "vda-b0f", "read-only": true, "backing": "vda-b1"}),
+                serde_json::json!({"driver": "file", "node-name": "vda-file", "filename": "/d/top.qcow2", "read-only": false}),
+                serde_json::json!({"driver": "qcow2", "node-name": "vda-fmt", "file": "vda-file", "read-only": false, "backing": "vda-b0"}),
+            ]
+        );
+        // The storage daemon opens the same nodes.
+        let daemon = storage_daemon_command_line(std::slice::from_ref(&top), &paths());
+        assert_eq!(daemon.iter().filter(|a| *a == "--blockdev").count(), 6);
+        // Rebasing after a commit keeps what lies below; a new top goes over all.
+        let committed = top.rebased_to(Path::new("/d/mid.qcow2")).expect("in chain");
+        assert_eq!(committed.path, Path::new("/d/mid.qcow2"));
+        assert_eq!(committed.backing, top.backing[1..].to_vec());
+        assert!(top.rebased_to(Path::new("/elsewhere")).is_none());
+        let over = top.under(Path::new("/d/new.qcow2"));
+        assert_eq!(over.backing.len(), 3);
+        assert_eq!(over.backing[0].path, Path::new("/d/top.qcow2"));
+        // A raw image cannot have a backing; chains are bounded and absolute.
+        let bad = |d: DiskConfig| check_chain(&d).unwrap_err().to_string();
+        let raw_top = DiskConfig {
+            format: DiskFormat::Raw,
+            ..top.clone()
+        };
+        assert!(bad(raw_top).contains("raw image cannot"));
+        let mut relative = top.clone();
+        relative.backing[0].path = "mid.qcow2".into();
+        assert!(bad(relative).contains("absolute"));
+        let mut long = top.clone();
+        long.backing = vec![top.backing[0].clone(); MAX_BACKING_CHAIN + 1];
+        assert!(bad(long).contains("at most"));
+        // Stored without the field: no chain, and it is not written when empty.
+        let old: DiskConfig = serde_json::from_str(r#"{"name":"vda","path":"/x"}"#).expect("reads");
+        assert!(old.backing.is_empty());
+        assert!(!serde_json::to_string(&old)
+            .expect("ser")
+            .contains("backing"));
     }
 
     fn disk_file(dir: &Path, name: &str) -> PathBuf {
@@ -1654,12 +1915,14 @@ mod tests {
                     path: disk_file(dir.path(), "a.raw"),
                     format: DiskFormat::Raw,
                     read_only: false,
+                    backing: Vec::new(),
                 },
                 DiskConfig {
                     name: "data_1-x".into(),
                     path: disk_file(dir.path(), "b.raw"),
                     format: DiskFormat::Raw,
                     read_only: true,
+                    backing: Vec::new(),
                 },
             ],
             ..VmConfig::default()
@@ -1677,6 +1940,7 @@ mod tests {
             path: path.to_owned(),
             format: DiskFormat::Raw,
             read_only: false,
+            backing: Vec::new(),
         };
         let cases: Vec<(&str, VmConfig)> = vec![
             (
@@ -1822,6 +2086,7 @@ mod tests {
                 path: "/d.qcow2".into(),
                 format: DiskFormat::Qcow2,
                 read_only: true,
+                backing: Vec::new(),
             }],
             ..VmConfig::default()
         };
@@ -1861,6 +2126,51 @@ mod tests {
         std::fs::write(&r, [0u8; 512]).expect("write");
         assert_eq!(DiskFormat::detect(&r).expect("detect"), DiskFormat::Raw);
         assert!(DiskFormat::detect(&dir.path().join("none")).is_err());
+    }
+
+    #[test]
+    fn sandbox_and_run_as_arguments() {
+        assert!(sandbox_args(&SpawnOptions::default()).is_empty());
+        let sandboxed = SpawnOptions {
+            sandbox: true,
+            ..SpawnOptions::default()
+        };
+        assert_eq!(
+            sandbox_args(&sandboxed),
+            vec![
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ]
+        );
+        let dropped = SpawnOptions {
+            run_as: Some("weft-qemu".into()),
+            ..sandboxed
+        };
+        assert_eq!(
+            sandbox_args(&dropped),
+            vec![
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
+                "-runas",
+                "weft-qemu"
+            ]
+        );
+        for ok in ["weft-qemu", "qemu", "_q1", "107:107", "machine$"] {
+            assert!(valid_run_as(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "Qemu",
+            "a,b",
+            "1:",
+            ":1",
+            "-x",
+            "a b",
+            "root:0",
+            &"a".repeat(33),
+        ] {
+            assert!(!valid_run_as(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -37,6 +37,7 @@ impl Vm {
                 path: disk,
                 format: DiskFormat::Qcow2,
                 read_only: false,
+                backing: Vec::new(),
             }],
             ..VmConfig::default()
         };

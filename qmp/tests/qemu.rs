@@ -44,6 +44,7 @@ impl Vm {
                 path: disk,
                 format: DiskFormat::Raw,
                 read_only: false,
+                backing: Vec::new(),
             }],
             ..VmConfig::default()
         };

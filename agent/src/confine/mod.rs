@@ -308,6 +308,9 @@ pub fn check_disks(
     let images = ImageDirs::new(config);
     for d in disks {
         images.recheck(&format!("disk {}", d.name), &d.path)?;
+        for b in &d.backing {
+            images.recheck(&format!("disk {} backing", d.name), &b.path)?;
+        }
     }
     Ok(())
 }

@@ -332,6 +332,7 @@ async fn start_vm(work: &Path, disk: &Path, pids: &mut Pids) -> Result<QemuProce
             path: disk.to_path_buf(),
             format: DiskFormat::Qcow2,
             read_only: false,
+            backing: Vec::new(),
         }],
         ..VmConfig::default()
     };

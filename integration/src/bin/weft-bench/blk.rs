@@ -237,6 +237,7 @@ async fn one(backend: Backend, dir: &Path, top: &Path, work: &Path) -> Result<(f
             path: top.to_path_buf(),
             format: DiskFormat::Qcow2,
             read_only: true,
+            backing: Vec::new(),
         }),
         _ => opts.vhost_user_disks.push(VhostUserDisk {
             name: "vdb".into(),

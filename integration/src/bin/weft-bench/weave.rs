@@ -291,6 +291,7 @@ async fn breakdown(
                 detached: false,
                 netns: Some(netns.clone()),
                 cgroups: Vec::new(),
+                ..SpawnOptions::default()
             };
             let t = Instant::now();
             let spawned = launch::spawn(&vm, &paths, &opts).await;
