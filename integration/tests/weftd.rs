@@ -515,9 +515,12 @@ async fn qemu_bad_input_is_refused_in_one_line_and_leaves_nothing() -> anyhow::R
         1,
         "missing.img",
     );
-    // QEMU dying at start: a raw file declared qcow2.
+    // A raw file declared qcow2: weftd reads the header itself, QEMU never sees it.
     let spec = format!("{disk_arg},format=qcow2");
     let out = w.cli(&["env", "create", "dies", "--disk", &spec, "--memory", "64M"]);
+    assert_one_line_failure(&out, 1, "has no qcow2 header");
+    // QEMU dying at start: more guest memory than the host can set up.
+    let out = w.cli(&["env", "create", "dies", "--disk", &disk_arg, "--memory", "4T"]);
     assert_one_line_failure(&out, 1, "cannot start QEMU");
     // A socket that is not QMP.
     let not_qmp = w.dir.path().join("not-qmp.sock");
