@@ -135,29 +135,26 @@ pub struct Output {
 impl Output {
     /// `dir`, with a scratch directory of its own under `work_root`.
     pub fn new(dir: crate::confine::OutDir, work_root: &Path) -> Result<Output, ReplayError> {
-        let work = tempfile::Builder::new()
-            .prefix("replay-")
-            .tempdir_in(work_root)
-            .map_err(|source| ReplayError::Io {
-                what: format!("create a scratch directory in {}", work_root.display()),
-                source,
-            })?;
-        Ok(Output {
-            dir,
-            work,
-            built: Default::default(),
-        })
+        Output::with_scratch(dir, work_root, "replay-")
     }
 
     /// Directory `out` taken as it is (created if missing), with its scratch directory
     /// inside it: for tools and tests; weftd's API confines `--out` with [`Output::new`].
     pub fn unconfined(out: &Path) -> Result<Output, ReplayError> {
         let dir = crate::confine::OutDir::open_unconfined(out)?;
+        Output::with_scratch(dir, out, ".weft-work-")
+    }
+
+    fn with_scratch(
+        dir: crate::confine::OutDir,
+        parent: &Path,
+        prefix: &str,
+    ) -> Result<Output, ReplayError> {
         let work = tempfile::Builder::new()
-            .prefix(".weft-work-")
-            .tempdir_in(out)
+            .prefix(prefix)
+            .tempdir_in(parent)
             .map_err(|source| ReplayError::Io {
-                what: format!("create a scratch directory in {}", out.display()),
+                what: format!("create a scratch directory in {}", parent.display()),
                 source,
             })?;
         Ok(Output {
