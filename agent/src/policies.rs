@@ -375,6 +375,6 @@ mod tests {
             let t = next_run(now, Duration::from_secs(wait));
             assert_eq!(t, "9999-12-31T23:59:59.000000Z");
         }
-        assert!(next_run(now, Duration::from_secs(MAX_EVERY_SECS)) < "2200".to_string());
+        assert!(next_run(now, Duration::from_secs(MAX_EVERY_SECS)).as_str() < "2200");
     }
 }
