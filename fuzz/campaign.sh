@@ -99,13 +99,13 @@ cpu_of() {
 }
 
 # Extra libFuzzer flags of a target: disk images are capped so the corpus stays small
-# (its seeds are 96 KiB images). Targets that open SQLite through sqlx do not check
+# (its seeds are 64 KiB images). Targets that open SQLite through sqlx do not check
 # leaks: sqlx's connection thread ends after `close` returns, and LeakSanitizer, which
 # looks after each input, can see its thread-locals not yet freed (a leak that no rerun
 # of the input shows).
 flags_of() {
     case "$1" in
-    ext4_base) echo "-max_len=98304" ;;
+    ext4_base) echo "-max_len=65536" ;;
     schema_sql | sqlite_base) echo "-detect_leaks=0" ;;
     esac
 }

@@ -240,14 +240,16 @@ printf '{"feature":{"dark":true},"n":[1,2,3]}\n' >"$tree/etc/app.json"
 printf 'MODE=on\n# comment\nNAME="weft"\n' >"$tree/etc/app.env"
 printf 'on\n' >"$tree/etc/app.d/MODE"
 printf '{"deep":1}\n' >"$tree/a/b/c/d/e/f/doc.json"
-# 96 KiB each: fuzzing copies the whole image per run, and the campaign caps inputs at
-# 96 KiB for this target.
-mkfs.ext4 -q -F -b 1024 -N 32 -m 0 -O ^has_journal,^resize_inode -E root_owner=0:0 \
-    -d "$tree" "$work/small.ext4" 96K
-seed ext4_base mkfs-96k <"$work/small.ext4"
-mkfs.ext4 -q -F -b 1024 -N 32 -m 0 -O 64bit,metadata_csum,^has_journal,^resize_inode \
-    -E root_owner=0:0 -d "$tree" "$work/64bit.ext4" 96K
-seed ext4_base mkfs-96k-64bit-csum <"$work/64bit.ext4"
+# 64 KiB each (the campaign caps this target's inputs there): fuzzing copies the whole
+# image per run, and the corpus holds many. The files are made full size first, as a
+# disk is (mkfs.ext4 alone leaves the unused tail out).
+for v in "^has_journal,^resize_inode,^flex_bg:mkfs-64k" \
+    "64bit,metadata_csum,^has_journal,^resize_inode,^flex_bg:mkfs-64k-64bit-csum"; do
+    rm -f "$work/img.ext4"
+    truncate -s 64K "$work/img.ext4"
+    mkfs.ext4 -q -F -b 1024 -N 32 -m 0 -O "${v%%:*}" -E root_owner=0:0 -d "$tree" "$work/img.ext4"
+    seed ext4_base "${v##*:}" <"$work/img.ext4"
+done
 
 # --- sqlite_base: databases the sqlite3 CLI wrote (rollback journal and WAL;
 # a table with a rowid, one WITHOUT ROWID, an index, a trigger and a view).
