@@ -6,7 +6,7 @@ DEMO_SOCKET := $(DEMO_DIR)/run/weftd.sock
 WEFT := $(CURDIR)/target/debug/weft --socket $(DEMO_SOCKET)
 PREFIX ?= /usr/local
 
-.PHONY: all build toolchain deps tools vsock-device assets fmt clippy test demo demo-stop install clean bench
+.PHONY: all build toolchain deps tools vsock-device assets fmt clippy test demo demo-stop install clean bench fuzz-campaign
 
 all: build
 
@@ -83,3 +83,8 @@ install: toolchain
 clean:
 	$(CARGO) clean
 	rm -rf $(DEMO_DIR)
+
+## fuzz-campaign: every cargo-fuzz target until it has 30 CPU-minutes, two at a time, at
+## nice 19 (resumes; results in fuzz/campaign.tsv; FUZZ_ARGS="--budget 120" for a short run)
+fuzz-campaign:
+	bash fuzz/campaign.sh $(FUZZ_ARGS)

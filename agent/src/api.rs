@@ -1032,17 +1032,7 @@ async fn set_policy(
     req: Result<Json<SetPolicy>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Policy>, EnvError> {
     let req = body(req)?;
-    if req.every_secs == 0 {
-        return Err(EnvError::BadRequest("--every must be at least 1s".into()));
-    }
-    if !(["all", "config", "net"].contains(&req.resource.as_str())
-        || req.resource.starts_with("disk:"))
-    {
-        return Err(EnvError::BadRequest(format!(
-            "unknown resource {:?}: use all, config, net or disk:<name>",
-            req.resource
-        )));
-    }
+    req.check().map_err(EnvError::BadRequest)?;
     state.manager.show(&name).await?;
     let catalog = state.manager.catalog().clone();
     let target = name.clone();

@@ -115,6 +115,21 @@ fn instant(what: &str, t: &str) -> Result<String, RulesError> {
         .map_err(|e| RulesError(format!("{what} {t:?} is not an RFC 3339 time: {e}")))
 }
 
+/// A parser's message as one line: it can quote the rules' text (a field name, a
+/// line of the file), so line breaks and other control characters are escaped.
+fn one_line(msg: &str) -> String {
+    let msg = msg.trim_end();
+    let mut out = String::with_capacity(msg.len());
+    for c in msg.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn check_text(what: &str, s: &str) -> Result<(), RulesError> {
     if s.is_empty() || s.len() > MAX_TEXT || s.chars().any(char::is_control) {
         return Err(RulesError(format!(
@@ -187,9 +202,19 @@ impl Rules {
             )));
         }
         let rules: Rules = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text).map_err(|e| RulesError(format!("rules (JSON): {e}")))?
+            serde_json::from_str(text)
+                .map_err(|e| RulesError(format!("rules (JSON): {}", one_line(&e.to_string()))))?
         } else {
-            toml::from_str(text).map_err(|e| RulesError(format!("rules (TOML): {e}")))?
+            toml::from_str(text).map_err(|e: toml::de::Error| {
+                // toml's own message spans several lines (it quotes the file).
+                let at = e.span().map_or(String::new(), |s| {
+                    let before = &text.as_bytes()[..s.start.min(text.len())];
+                    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+                    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+                    format!(" at line {line}, column {column}")
+                });
+                RulesError(format!("rules (TOML){at}: {}", one_line(e.message())))
+            })?
         };
         rules.checked()
     }
@@ -203,11 +228,13 @@ impl Rules {
             self.at = Some(instant("at", t)?);
         }
         for (i, r) in self.rules.iter_mut().enumerate() {
+            // The name labels the rule's errors: it is checked first.
+            if let Some(n) = &r.name {
+                check_text("name", n)
+                    .map_err(|e| RulesError(format!("rule {}: {}", i + 1, e.0)))?;
+            }
             let label = r.name.clone().unwrap_or_else(|| format!("rule {}", i + 1));
             let bad = |m: String| RulesError(format!("{label}: {m}"));
-            if let Some(n) = &r.name {
-                check_text("name", n).map_err(|e| bad(e.0))?;
-            }
             if r.resources.is_empty() || r.resources.len() > MAX_PATTERNS {
                 return Err(bad(format!("resources: give 1 to {MAX_PATTERNS} patterns")));
             }
@@ -1196,6 +1223,36 @@ until = "yesterday""#,
             assert!(e.contains(needle), "{text}: {e}");
         }
         assert!(Rules::parse(&"#".repeat(MAX_RULES_BYTES + 1)).is_err());
+    }
+
+    /// Refusals are one line, whatever the file holds (found by the rules_toml fuzz
+    /// target: toml quotes the file over several lines, and a rule's name labels its
+    /// errors).
+    #[test]
+    fn refusals_are_one_line() {
+        for (text, needle) in [
+            (
+                "[[rule]]\nresources = [\"config\", \"con\0fig\"]\n",
+                "at line 2, column",
+            ),
+            ("conflict = \n", "at line 1, column"),
+            (
+                "[[rule]]\nname = \"a\\nb\"\nresources = [\"config\"]\n",
+                "rule 1: name",
+            ),
+            (
+                "[[rule]]\nresources = [\"config\"]\n\"a\\nb\" = 1\n",
+                "unknown field",
+            ),
+            (
+                r#"{"rule": [{"resources": ["config"], "a\nb": 1}]}"#,
+                "unknown field",
+            ),
+        ] {
+            let e = Rules::parse(text).unwrap_err().0;
+            assert!(!e.contains('\n') && !e.contains('\r'), "{text:?}: {e}");
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
     }
 
     #[test]

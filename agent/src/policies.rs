@@ -23,6 +23,13 @@ use crate::snapshots::Snapshots;
 /// First retry delay after a failed run.
 const FIRST_RETRY: Duration = Duration::from_secs(30);
 
+/// Longest interval of a policy (100 years): its next run must be a time weftd can
+/// write, and RFC 3339 ends with the year 9999.
+pub const MAX_EVERY_SECS: u64 = 100 * 365 * 86_400;
+
+/// The last instant RFC 3339 can write (9999-12-31T23:59:59Z).
+const LAST_INSTANT_SECS: u64 = 253_402_300_799;
+
 /// A snapshot policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
@@ -64,8 +71,46 @@ pub struct SetPolicy {
     pub keep: Keep,
 }
 
+impl SetPolicy {
+    /// Checks a policy as the API takes it: a known resource and an interval of 1 s
+    /// to [`MAX_EVERY_SECS`]; the error is one line for the operator.
+    pub fn check(&self) -> Result<(), String> {
+        if self.every_secs == 0 {
+            return Err("--every must be at least 1s".into());
+        }
+        if self.every_secs > MAX_EVERY_SECS {
+            return Err(format!(
+                "--every {}s is more than 100 years ({MAX_EVERY_SECS}s)",
+                self.every_secs
+            ));
+        }
+        if !(["all", "config", "net"].contains(&self.resource.as_str())
+            || self.resource.starts_with("disk:"))
+        {
+            return Err(format!(
+                "unknown resource {:?}: use all, config, net or disk:<name>",
+                self.resource
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// When a policy runs next, `wait` after `t`, as the catalog stores it (RFC 3339).
+pub fn next_run(t: SystemTime, wait: Duration) -> String {
+    rfc3339(after(t, wait))
+}
+
+/// `wait` after `t`, or the last instant RFC 3339 can write if that is later (an
+/// addition past what `SystemTime` holds would panic).
+fn after(t: SystemTime, wait: Duration) -> SystemTime {
+    let last = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_INSTANT_SECS);
+    t.checked_add(wait).map_or(last, |n| n.min(last))
+}
+
 fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_micros(t).to_string()
+    let last = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_INSTANT_SECS);
+    humantime::format_rfc3339_micros(t.clamp(SystemTime::UNIX_EPOCH, last)).to_string()
 }
 
 fn policy_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Policy, CatalogError> {
@@ -95,7 +140,7 @@ impl Catalog {
             name: env.to_string(),
             reason: e.to_string(),
         })?;
-        let next = rfc3339(SystemTime::now() + Duration::from_secs(p.every_secs));
+        let next = next_run(SystemTime::now(), Duration::from_secs(p.every_secs));
         sqlx::query(
             "INSERT INTO policies (env, resource, every_secs, category, keep, next_run) VALUES (?, ?, ?, ?, ?, ?)
              ON CONFLICT (env, resource) DO UPDATE SET every_secs = excluded.every_secs,
@@ -205,7 +250,7 @@ async fn run(snapshots: &Arc<Snapshots>, policy: &Policy) {
     let outcome = run_once(snapshots, policy, &actor).await;
     let every = Duration::from_secs(policy.every_secs);
     let (result, failures, next) = match &outcome {
-        Ok(summary) => (format!("ok: {summary}"), 0, SystemTime::now() + every),
+        Ok(summary) => (format!("ok: {summary}"), 0, after(SystemTime::now(), every)),
         Err(e) => {
             let failures = policy.failures.saturating_add(1);
             let backoff = FIRST_RETRY
@@ -214,7 +259,7 @@ async fn run(snapshots: &Arc<Snapshots>, policy: &Policy) {
             (
                 format!("error: {}", one_line(&e.to_string())),
                 failures,
-                SystemTime::now() + backoff,
+                after(SystemTime::now(), backoff),
             )
         }
     };
@@ -290,4 +335,47 @@ async fn run_once(
         summary.push_str(&format!(", pruned {removed}"));
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(resource: &str, every_secs: u64) -> SetPolicy {
+        SetPolicy {
+            resource: resource.into(),
+            every_secs,
+            category: None,
+            keep: Keep::default(),
+        }
+    }
+
+    #[test]
+    fn intervals_past_what_a_next_run_can_hold_are_refused() {
+        assert!(policy("disk:vda", 900).check().is_ok());
+        assert!(policy("all", MAX_EVERY_SECS).check().is_ok());
+        for (p, needle) in [
+            (policy("config", 0), "at least 1s"),
+            (policy("config", MAX_EVERY_SECS + 1), "more than 100 years"),
+            (policy("config", u64::MAX), "more than 100 years"),
+            (policy("disks", 60), "unknown resource"),
+        ] {
+            let e = p.check().unwrap_err();
+            assert!(e.contains(needle) && !e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_next_run_is_always_a_time_rfc_3339_writes() {
+        let now = SystemTime::now();
+        let soon = after(now, Duration::from_secs(60));
+        assert_eq!(soon.duration_since(now).unwrap(), Duration::from_secs(60));
+        // Before this, `now + every` panicked for u64::MAX seconds, and formatting
+        // panicked for anything after the year 9999.
+        for wait in [u64::MAX, 1 << 40, MAX_EVERY_SECS * 100] {
+            let t = next_run(now, Duration::from_secs(wait));
+            assert_eq!(t, "9999-12-31T23:59:59.000000Z");
+        }
+        assert!(next_run(now, Duration::from_secs(MAX_EVERY_SECS)).as_str() < "2200");
+    }
 }

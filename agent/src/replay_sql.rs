@@ -313,6 +313,28 @@ fn denial(
     )
 }
 
+/// Longest SQLite message kept in a refusal, in characters.
+const MAX_MESSAGE: usize = 200;
+
+/// A SQLite message as one line: it can quote the guest's text (`near "…": syntax
+/// error`), newlines included, so control characters are escaped and it is cut to
+/// [`MAX_MESSAGE`] characters.
+fn one_line(msg: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in msg.chars().enumerate() {
+        if i == MAX_MESSAGE {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// SAFETY (for callers): `p` is NULL or a NUL-terminated string that lives for the call.
 unsafe fn text<'a>(p: *const c_char) -> Option<&'a str> {
     if p.is_null() {
@@ -375,9 +397,7 @@ unsafe fn create_on(
     };
     let errmsg = || {
         // SAFETY: `db` is open; the message is copied before any other call on it.
-        unsafe { text(ffi::sqlite3_errmsg(db)) }
-            .unwrap_or("unknown error")
-            .to_string()
+        one_line(unsafe { text(ffi::sqlite3_errmsg(db)) }.unwrap_or("unknown error"))
     };
     // SAFETY: `policy` lives until the authorizer is removed at the end of this
     // function, on every path.
@@ -519,6 +539,12 @@ mod tests {
         let big = format!("CREATE TABLE x(a){}", " ".repeat(MAX_SCHEMA_BYTES));
         assert!(refused("x", &big).contains("bytes"));
         assert!(refused("x", "CREATE TABLE x(").contains("SQLite"));
+        // SQLite quotes the text near a syntax error: a guest's newline stays escaped
+        // (found by the schema_sql fuzz target).
+        let e = refused("p", "ATTACH DAT '/x\nforged: a second line' AS p");
+        assert!(!e.contains('\n') && e.contains("/x\\nforged"), "{e}");
+        let e = refused("p", &format!("ATTACH DAT '{}' AS p", "y".repeat(1000)));
+        assert!(e.chars().count() < MAX_MESSAGE + 100, "{e}");
     }
 
     #[tokio::test]

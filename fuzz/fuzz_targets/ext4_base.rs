@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use weft::replay_base::{extract, load_ext4, Sources};
+use weft::replay_base::{extract, load_ext4, BaseLimits, Sources};
 
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -40,10 +40,26 @@ fuzz_target!(|data: &[u8]| {
     let Ok(fs) = load_ext4(Box::new(data.to_vec()), data.len() as u64) else {
         return;
     };
-    if let Ok(x) = extract(&fs, &sources(), scratch()) {
+    // Smaller than weftd's defaults so that a sparse file claiming gigabytes is cut
+    // off quickly; the same code enforces either.
+    let limits = BaseLimits {
+        max_file_bytes: 4 << 20,
+        max_total_bytes: 16 << 20,
+        max_files: 1000,
+    };
+    if let Ok(x) = extract(&fs, &sources(), scratch(), &limits) {
         // Every source found was found at an absolute path inside the image.
         for (src, at) in &x.found {
             assert!(at.starts_with('/'), "{src} found at {at}");
+        }
+        // A database copied out stays within the limit on one file.
+        for copy in x.sqlite.values() {
+            let len = std::fs::metadata(copy).map(|m| m.len()).unwrap_or(0);
+            assert!(
+                len <= limits.max_file_bytes,
+                "{} is {len} bytes",
+                copy.display()
+            );
         }
     }
 });

@@ -56,7 +56,11 @@ fuzz_target!(|data: &[u8]| {
         Ok(ReplyOutput::Done) => {
             assert!(cmd != Command::Read && cmd != Command::BlockStatus);
         }
-        Err(ReplyError::Server { errno, message, error_offset }) => {
+        Err(ReplyError::Server {
+            errno,
+            message,
+            error_offset,
+        }) => {
             assert!(message.chars().count() <= 4096);
             assert!(message.chars().all(|c| !c.is_control()));
             let _ = errno;

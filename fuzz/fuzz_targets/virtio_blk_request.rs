@@ -25,7 +25,10 @@ struct MemDisk(Mutex<Vec<u8>>);
 
 impl MemDisk {
     fn check(&self, offset: u64, len: u64) {
-        assert!(offset + len <= DISK as u64, "access past the disk: {offset}+{len}");
+        assert!(
+            offset + len <= DISK as u64,
+            "access past the disk: {offset}+{len}"
+        );
     }
 }
 
@@ -71,8 +74,11 @@ fuzz_target!(|data: &[u8]| {
     };
     let payload = &data[1 + n * 12..];
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
-    mem.write_slice(&payload[..payload.len().min(MEM - 0x10000)], GuestAddress(0x10000))
-        .unwrap();
+    mem.write_slice(
+        &payload[..payload.len().min(MEM - 0x10000)],
+        GuestAddress(0x10000),
+    )
+    .unwrap();
     let raw: Vec<RawDescriptor> = descs
         .chunks_exact(12)
         .map(|d| {
@@ -103,7 +109,11 @@ fuzz_target!(|data: &[u8]| {
         .sum();
     let dev = MemDisk(Mutex::new(vec![0x5a; DISK]));
     let out = process(chain, &dev);
-    assert!(u64::from(out.used) <= writable, "used {} > writable {writable}", out.used);
+    assert!(
+        u64::from(out.used) <= writable,
+        "used {} > writable {writable}",
+        out.used
+    );
     if let Some(s) = out.status {
         assert!([S_OK, S_IOERR, S_UNSUPP].contains(&s), "status {s}");
     }
