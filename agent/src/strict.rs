@@ -128,15 +128,38 @@ pub fn body_error(text: &str) -> String {
         .strip_suffix(" at line 1 column 0")
         .unwrap_or(&text)
         .to_string();
-    format!(
-        "invalid request body: {}",
-        text.split_whitespace().collect::<Vec<_>>().join(" ")
-    )
+    // The caller's own text (a key, a value) is quoted back: one line, no control
+    // characters, bounded.
+    let mut line: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .filter(|c| !c.is_control())
+        .collect();
+    if line.chars().count() > MAX_REASON {
+        line = line.chars().take(MAX_REASON).collect::<String>() + "…";
+    }
+    format!("invalid request body: {line}")
 }
+
+/// The longest reason [`body_error`] quotes back, in characters.
+const MAX_REASON: usize = 300;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_errors_are_one_bounded_line() {
+        let key = format!("a\nb\u{7}{}", "x".repeat(5000));
+        let text = format!("unknown field `{key}`, expected `name`");
+        let e = body_error(&text);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(!e.chars().any(|c| c.is_control()), "{e:?}");
+        assert!(e.chars().count() < MAX_REASON + 40, "{}", e.len());
+        assert!(e.starts_with("invalid request body: unknown field \"a b"), "{e}");
+    }
     use crate::model::GuestPlan;
     use crate::retention::Keep;
     use weft_qmp::launch::NicConfig;
