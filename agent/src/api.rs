@@ -1082,7 +1082,9 @@ async fn delete_policy(
             if catalog.delete_policy(&env, &res).await? {
                 Ok(())
             } else {
-                Err(EnvError::Missing(format!("no policy for {res} of {env} (see `weft policy list`)")))
+                Err(EnvError::Missing(format!(
+                    "no policy for {res} of {env} (see `weft policy list`)"
+                )))
             }
         },
     )

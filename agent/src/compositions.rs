@@ -287,7 +287,9 @@ impl Compositions {
     /// One composition.
     pub async fn get(&self, name: &str) -> Result<Composition, EnvError> {
         self.catalog().composition(name).await?.ok_or_else(|| {
-            EnvError::Missing(format!("no composition named {name:?} (see `weft compose list`)"))
+            EnvError::Missing(format!(
+                "no composition named {name:?} (see `weft compose list`)"
+            ))
         })
     }
 

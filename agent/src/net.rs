@@ -605,10 +605,9 @@ impl Net {
     }
 
     async fn weave(&self, name: &str) -> Result<Weave, EnvError> {
-        self.catalog
-            .weave(name)
-            .await?
-            .ok_or_else(|| EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)")))
+        self.catalog.weave(name).await?.ok_or_else(|| {
+            EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)"))
+        })
     }
 
     /// The kernel route of a host port of `env` (its target now).

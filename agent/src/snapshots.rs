@@ -717,11 +717,9 @@ impl Snapshots {
 
     /// One snapshot.
     pub async fn get(&self, id: i64) -> Result<Snapshot, EnvError> {
-        self.manager
-            .catalog()
-            .snapshot(id)
-            .await?
-            .ok_or_else(|| EnvError::Missing(format!("no snapshot {id} (see `weft snapshot list ENV`)")))
+        self.manager.catalog().snapshot(id).await?.ok_or_else(|| {
+            EnvError::Missing(format!("no snapshot {id} (see `weft snapshot list ENV`)"))
+        })
     }
 
     /// Deletes a snapshot that no other snapshot builds on; its chunks go at the next gc.

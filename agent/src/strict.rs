@@ -158,7 +158,10 @@ mod tests {
         assert_eq!(e.lines().count(), 1, "{e}");
         assert!(!e.chars().any(|c| c.is_control()), "{e:?}");
         assert!(e.chars().count() < MAX_REASON + 40, "{}", e.len());
-        assert!(e.starts_with("invalid request body: unknown field \"a b"), "{e}");
+        assert!(
+            e.starts_with("invalid request body: unknown field \"a b"),
+            "{e}"
+        );
     }
     use crate::model::GuestPlan;
     use crate::retention::Keep;

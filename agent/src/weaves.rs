@@ -394,12 +394,9 @@ impl Weaves {
 
     /// A weave with its environment record.
     pub async fn show(&self, name: &str) -> Result<Weave, EnvError> {
-        let mut w = self
-            .manager
-            .catalog()
-            .weave(name)
-            .await?
-            .ok_or_else(|| EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)")))?;
+        let mut w = self.manager.catalog().weave(name).await?.ok_or_else(|| {
+            EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)"))
+        })?;
         w.env = self.manager.catalog().environment(name).await?;
         w.balloon = crate::balloon::of_weave(&self.manager, name).await;
         Ok(w)

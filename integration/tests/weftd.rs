@@ -520,7 +520,9 @@ async fn qemu_bad_input_is_refused_in_one_line_and_leaves_nothing() -> anyhow::R
     let out = w.cli(&["env", "create", "dies", "--disk", &spec, "--memory", "64M"]);
     assert_one_line_failure(&out, 1, "has no qcow2 header");
     // QEMU dying at start: more guest memory than the host can set up.
-    let out = w.cli(&["env", "create", "dies", "--disk", &disk_arg, "--memory", "4T"]);
+    let out = w.cli(&[
+        "env", "create", "dies", "--disk", &disk_arg, "--memory", "4T",
+    ]);
     assert_one_line_failure(&out, 1, "cannot start QEMU");
     // A socket that is not QMP.
     let not_qmp = w.dir.path().join("not-qmp.sock");
