@@ -1418,9 +1418,26 @@ impl Weaves {
             }
         }
         for name in &orphans {
-            warn!(weave = %name, "removing what a weave create that died with weftd left");
+            warn!(weave = %name, "removing what a weave create or delete that died with weftd left");
             crate::blk::forget(self.manager.config(), name).await?;
             self.remove_weave_indexes(name).await?;
+            // A create that died after starting the guest's vsock device, or a delete
+            // that died after the environment row went, leaves the device, the CID,
+            // the cgroups and the log: `remove` makes them in that order.
+            if let Some(host) = self.manager.vsock() {
+                host.forget(name).await;
+            }
+            let groups = cgroups::groups(name);
+            let removed =
+                tokio::task::spawn_blocking(move || groups.remove(Duration::from_secs(10)))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            if let Err(e) = removed {
+                warn!(weave = %name, error = %e, "cannot remove a leftover weave's cgroups");
+            }
+            if let Err(e) = self.manager.remove_provenance(name).await {
+                warn!(weave = %name, error = %e, "cannot remove a leftover weave's provenance log");
+            }
             let dir = self.dir(name);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -1533,6 +1550,9 @@ impl Weaves {
                 problems.push(e.to_string());
             }
         }
+        // The rows are gone (with the environment's): what follows is found again by
+        // its directory if weftd dies here (`remove_leftovers`).
+        crate::testpoints::point("weave.delete").await;
         // Its thread holds the namespace: stop it before the namespace goes.
         self.dhcp.stop(name).await;
         if let Some(w) = &weave {

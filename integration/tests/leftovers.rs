@@ -291,6 +291,52 @@ async fn qemu_failed_live_weave_create_leaves_no_index_in_use() -> anyhow::Resul
     Ok(())
 }
 
+/// A weave delete that dies once the weave's rows are gone (its QEMU stopped): the
+/// next weftd removes the rest, cgroups included, which it used to leave.
+#[tokio::test]
+async fn qemu_weave_delete_killed_midway_leaves_no_cgroup() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(&conf, "[net]\nfirst_slot = 194\nlast_slot = 195\n")?;
+    rig.config = Some(conf);
+    start(&mut rig, &[]).await?;
+    stopped_env(&rig, "lk").await?;
+    let s = rig.snapshot("lk", "all").await?;
+    let name = "lkdel";
+    rig.weft_ok(&[
+        "weave",
+        "create",
+        "lk",
+        "--snapshot",
+        &s.id.to_string(),
+        "--name",
+        name,
+    ])?;
+    rig.kill_weftd();
+    start_crashing_at(&mut rig, "weave.delete").await?;
+    let _ = rig.weft(&["weave", "delete", name]);
+    wait_crashed(&mut rig).await?;
+    let groups = weft::cgroups::groups(name).dirs();
+    ensure!(
+        groups.iter().any(|d| d.exists()),
+        "the crash point is before the cgroups go: {groups:?}"
+    );
+    start(&mut rig, &[]).await?;
+    let left: Vec<_> = groups.iter().filter(|d| d.exists()).collect();
+    ensure!(left.is_empty(), "cgroups left after recovery: {left:?}");
+    ensure!(
+        !rig.path(&format!("data/weaves/{name}")).exists(),
+        "the weave's directory is left"
+    );
+    ensure!(
+        !Path::new(&format!("/run/netns/weft-{name}")).exists(),
+        "the weave's namespace is left"
+    );
+    rig.weft_ok(&["env", "delete", "lk"])?;
+    rig.passed();
+    Ok(())
+}
+
 /// A weave base whose restore died with weftd leaves no `.partial` behind it (which
 /// would refuse every later weave from that snapshot), and the base goes with the
 /// last weave that uses it. While the weave runs, the state directories hold only
