@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::SystemTime;
 
-use sqlx::Connection as _;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::Connection as _;
 use sqlx::{Row, SqlitePool};
 use weft_qmp::launch::VmConfig;
 
@@ -50,10 +50,7 @@ fn db_message(e: &sqlx::Error) -> String {
     }
     let files = FILES.lock().map(|f| f.clone()).unwrap_or_default();
     match files.as_slice() {
-        [one] => format!(
-            "catalog {}: no space left on device ({e})",
-            one.display()
-        ),
+        [one] => format!("catalog {}: no space left on device ({e})", one.display()),
         _ => format!("catalog: no space left on device ({e})"),
     }
 }

@@ -337,6 +337,101 @@ async fn qemu_weave_delete_killed_midway_leaves_no_cgroup() -> anyhow::Result<()
     Ok(())
 }
 
+/// vhost-device-vsock processes working in the test's directory (they are given
+/// relative paths).
+fn vsock_devices(rig: &Rig) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("vhost-device-vsock")
+                && std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|cwd| cwd.starts_with(rig.dir.path()))
+        })
+        .collect()
+}
+
+/// weftd killed after starting an environment's vsock device and before writing its
+/// pid file: the next weftd still ends the device (it is found by its directory).
+#[tokio::test]
+async fn qemu_vsock_device_started_by_a_killed_weftd_is_ended_on_restart() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(&conf, "[dpa]\nvsock = \"vhost-user\"\n")?;
+    rig.config = Some(conf);
+    start(&mut rig, &[]).await?;
+    stopped_env(&rig, "lv").await?;
+    rig.kill_weftd();
+    start_crashing_at(&mut rig, "vsock.spawned").await?;
+    let _ = rig.weft(&["env", "start", "lv"]);
+    wait_crashed(&mut rig).await?;
+    ensure!(
+        !vsock_devices(&rig).is_empty(),
+        "the crash point is after the device started"
+    );
+    start(&mut rig, &[]).await?;
+    ensure!(
+        vsock_devices(&rig).is_empty(),
+        "a vsock device outlives recovery: {:?}",
+        vsock_devices(&rig)
+    );
+    // The environment starts again, with a device of its own.
+    rig.weft_ok(&["env", "start", "lv"])?;
+    ensure!(vsock_devices(&rig).len() == 1, "{:?}", vsock_devices(&rig));
+    rig.weft_ok(&["env", "delete", "lv"])?;
+    ensure!(vsock_devices(&rig).is_empty());
+    rig.passed();
+    Ok(())
+}
+
+/// weftd killed after starting a live weave's weft-blk and before writing its pid
+/// file: the next weftd still ends it (found by its socket).
+#[tokio::test]
+async fn qemu_weft_blk_started_by_a_killed_weftd_is_ended_on_restart() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(&conf, "[net]\nfirst_slot = 192\nlast_slot = 193\n")?;
+    rig.config = Some(conf);
+    start(&mut rig, &[]).await?;
+    stopped_env(&rig, "lx").await?;
+    let s = rig.snapshot("lx", "all").await?;
+    rig.kill_weftd();
+    start_crashing_at(&mut rig, "blk.spawned").await?;
+    let _ = rig.weft(&[
+        "weave",
+        "create",
+        "lx",
+        "--snapshot",
+        &s.id.to_string(),
+        "--name",
+        "lxblk",
+        "--live",
+    ]);
+    wait_crashed(&mut rig).await?;
+    ensure!(
+        !processes(&rig, "weft-blk").is_empty(),
+        "the crash point is after weft-blk started"
+    );
+    start(&mut rig, &[]).await?;
+    ensure!(
+        processes(&rig, "weft-blk").is_empty(),
+        "a weft-blk outlives recovery: {:?}",
+        processes(&rig, "weft-blk")
+    );
+    let weaves: Vec<serde_json::Value> = rig.client().get("/v1/environments/lx/weaves").await?;
+    for w in weaves {
+        if let Some(name) = w["name"].as_str() {
+            rig.weft_ok(&["weave", "delete", name])?;
+        }
+    }
+    rig.weft_ok(&["env", "delete", "lx"])?;
+    rig.passed();
+    Ok(())
+}
+
 /// A weave base whose restore died with weftd leaves no `.partial` behind it (which
 /// would refuse every later weave from that snapshot), and the base goes with the
 /// last weave that uses it. While the weave runs, the state directories hold only
