@@ -1180,6 +1180,19 @@ async fn connect_attached(socket: &Path) -> Result<Qmp, EnvError> {
         })
 }
 
+/// An error with its causes, `top: cause: cause` (library errors keep the OS error,
+/// such as a full disk, in their source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Joins the lines of a message (QEMU's output can span several) into one.
 pub fn one_line(text: &str) -> String {
     text.lines()
@@ -1322,6 +1335,20 @@ async fn wait_pid_gone(pid: u32, timeout: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_names_the_os_error() {
+        let e = crate::provenance::ProvenanceError::Io {
+            op: "write",
+            path: "/d/provenance/web/seg-1.log".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let text = error_chain(&e);
+        assert!(
+            text.starts_with("cannot write /d/provenance/web/seg-1.log: No space left on device"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn names_are_checked() {

@@ -46,7 +46,13 @@ struct Meta<'a> {
 #[derive(Default)]
 struct Progress {
     running: Mutex<HashMap<i64, Arc<(AtomicU64, AtomicU64)>>>,
+    /// Jobs that ended while the catalog could not record it (a full disk): shown as
+    /// they ended, not as the catalog's `running`, until the record is written.
+    unrecorded: Mutex<HashMap<i64, Job>>,
 }
+
+/// How often a job's end that could not be recorded is tried again.
+const RECORD_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Snapshots, restores and jobs.
 pub struct Snapshots {
@@ -208,12 +214,34 @@ impl Snapshots {
             .await?
             .ok_or_else(|| EnvError::NotFound(format!("job {id}")))?;
         if job.state == JobState::Running {
+            if let Some(ended) = self.lock_unrecorded().get(&id) {
+                return Ok(ended.clone());
+            }
             if let Some(p) = self.lock_progress().get(&id) {
                 job.done_bytes = p.0.load(Ordering::Relaxed);
                 job.total_bytes = p.1.load(Ordering::Relaxed);
             }
         }
         Ok(job)
+    }
+
+    /// The newest `limit` jobs, as [`Snapshots::job`] shows each.
+    pub async fn jobs(&self, limit: u32) -> Result<Vec<Job>, EnvError> {
+        let mut jobs = self.manager.catalog().jobs(limit).await?;
+        let unrecorded = self.lock_unrecorded();
+        for job in jobs.iter_mut().filter(|j| j.state == JobState::Running) {
+            if let Some(ended) = unrecorded.get(&job.id) {
+                *job = ended.clone();
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn lock_unrecorded(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Job>> {
+        self.progress
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_progress(
@@ -250,20 +278,37 @@ impl Snapshots {
                 progress.1.load(Ordering::Relaxed),
             );
             let message = outcome.as_ref().err().map(|e| one_line(&e.to_string()));
-            let recorded = match &outcome {
-                Ok(v) => catalog.finish_job(id, Ok(v), done, total).await,
-                Err(_) => {
-                    catalog
-                        .finish_job(id, Err(message.as_deref().unwrap_or("failed")), done, total)
-                        .await
-                }
+            let ended = match &outcome {
+                Ok(v) => Ok(v),
+                Err(_) => Err(message.as_deref().unwrap_or("failed")),
             };
-            if let Err(e) = recorded {
-                warn!(job = id, error = %e, "cannot record the end of a job");
-            }
             match &message {
                 None => info!(job = id, %kind, %target, "job succeeded"),
                 Some(m) => warn!(job = id, %kind, %target, error = %m, "job failed"),
+            }
+            if let Err(e) = catalog.finish_job(id, ended, done, total).await {
+                // Callers following the job must still see it end: keep its end here
+                // and write it once the catalog can take it.
+                warn!(job = id, error = %e, "cannot record the end of a job yet; retrying every {}s", RECORD_RETRY.as_secs());
+                if let Ok(Some(mut job)) = catalog.job(id).await {
+                    job.state = if ended.is_ok() {
+                        JobState::Succeeded
+                    } else {
+                        JobState::Failed
+                    };
+                    job.finished_at = Some(crate::catalog::now());
+                    job.result = ended.ok().cloned();
+                    job.error = ended.err().map(str::to_string);
+                    job.done_bytes = done;
+                    job.total_bytes = total;
+                    me.lock_unrecorded().insert(id, job);
+                }
+                me.lock_progress().remove(&id);
+                while catalog.finish_job(id, ended, done, total).await.is_err() {
+                    tokio::time::sleep(RECORD_RETRY).await;
+                }
+                info!(job = id, "the end of the job is recorded");
+                me.lock_unrecorded().remove(&id);
             }
             me.lock_progress().remove(&id);
         });
@@ -1088,6 +1133,10 @@ async fn restore_raw(
         .await
         .map_err(|e| match e {
             weft_blockdev::restore::Error::Store(e) => store_err(e),
+            // Which file: a full disk is then a one-line answer to "where".
+            e @ weft_blockdev::restore::Error::Write { .. } => {
+                EnvError::Internal(format!("{}: {e}", partial.display()))
+            }
             e => EnvError::Internal(e.to_string()),
         });
     let written = match result {
