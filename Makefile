@@ -6,7 +6,7 @@ DEMO_SOCKET := $(DEMO_DIR)/run/weftd.sock
 WEFT := $(CURDIR)/target/debug/weft --socket $(DEMO_SOCKET)
 PREFIX ?= /usr/local
 
-.PHONY: all build toolchain deps tools vsock-device assets fmt clippy test demo demo-stop install clean bench
+.PHONY: all build toolchain deps tools vsock-device assets fmt clippy test demo demo-stop install clean bench reliability
 
 all: build
 
@@ -70,6 +70,21 @@ bench:
 	$(CARGO) build --release -p weft-blockdev --bin weft-blk && $(CARGO) run --release -p weft-integration --bin weft-bench -- blk --rounds 5
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- compose --rounds 10
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- provenance --rounds 5
+
+## reliability: the crash and disk-full campaign, outside `make test` (about 20 minutes
+## on 2 cores); figures in docs/reliability.md. SEED=N replays a run, KILLS=N sets the
+## number of kills (50). Both parts run; the target fails if either found a problem.
+KILLS ?= 50
+reliability:
+	$(MAKE) deps
+	$(MAKE) tools
+	$(MAKE) assets
+	$(CARGO) build -p weft-integration --bin weft-reliability
+	rc=0; \
+	$(CARGO) run -q -p weft-integration --bin weft-reliability -- kills --kills $(KILLS) $(if $(SEED),--seed $(SEED)) || rc=1; \
+	$(CARGO) run -q -p weft-integration --bin weft-reliability -- disk-full $(if $(SEED),--seed $(SEED)) || rc=1; \
+	exit $$rc
+	# $(MAKE) fuzz-campaign
 
 install: toolchain
 	$(CARGO) build --release -p weft --bins -p weft-blockdev --bin weft-blk
