@@ -55,6 +55,44 @@ fn db_message(e: &sqlx::Error) -> String {
     }
 }
 
+/// Inserts a new environment row on `conn` (inside a caller's transaction, or not);
+/// fails with [`CatalogError::Duplicate`] if the name is taken.
+pub(crate) async fn insert_environment_in(
+    conn: &mut sqlx::SqliteConnection,
+    new: &NewEnvironment<'_>,
+) -> Result<(), CatalogError> {
+    let config = new
+        .config
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| CatalogError::Corrupt {
+            name: new.name.to_string(),
+            reason: e.to_string(),
+        })?;
+    let now = now();
+    let result = sqlx::query(
+        "INSERT INTO environments (name, kind, config, qmp_socket, state, pid, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(new.name)
+    .bind(new.kind.as_str())
+    .bind(config)
+    .bind(new.qmp_socket.to_string_lossy().into_owned())
+    .bind(new.state.as_str())
+    .bind(new.pid.map(i64::from))
+    .bind(&now)
+    .bind(&now)
+    .execute(conn)
+    .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(CatalogError::Duplicate(new.name.to_string()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// RFC 3339 timestamp of now, in UTC with microseconds.
 pub fn now() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
@@ -146,36 +184,7 @@ impl Catalog {
 
     /// Inserts a new environment; fails with [`CatalogError::Duplicate`] if the name is taken.
     pub async fn insert_environment(&self, new: &NewEnvironment<'_>) -> Result<(), CatalogError> {
-        let config = new
-            .config
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| CatalogError::Corrupt {
-                name: new.name.to_string(),
-                reason: e.to_string(),
-            })?;
-        let now = now();
-        let result = sqlx::query(
-            "INSERT INTO environments (name, kind, config, qmp_socket, state, pid, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(new.name)
-        .bind(new.kind.as_str())
-        .bind(config)
-        .bind(new.qmp_socket.to_string_lossy().into_owned())
-        .bind(new.state.as_str())
-        .bind(new.pid.map(i64::from))
-        .bind(&now)
-        .bind(&now)
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(CatalogError::Duplicate(new.name.to_string()))
-            }
-            Err(e) => Err(e.into()),
-        }
+        insert_environment_in(&mut *self.pool.acquire().await?, new).await
     }
 
     /// Records a state change; `last_exit` is kept unless a new one is given.

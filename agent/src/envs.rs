@@ -419,12 +419,14 @@ impl Manager {
         }
     }
 
-    /// Records a managed environment with a complete VM configuration, stopped (weaves).
-    pub(crate) async fn insert_stopped(
+    /// Records a weave and its managed environment, stopped, with a complete VM
+    /// configuration, in one transaction.
+    pub(crate) async fn insert_stopped_weave(
         &self,
-        name: &str,
+        weave: &crate::weaves::Weave,
         config: &VmConfig,
     ) -> Result<(), EnvError> {
+        let name = weave.name.as_str();
         let _op = self.lock_env(name).await;
         config
             .validate()
@@ -432,14 +434,17 @@ impl Manager {
         let socket = self.qmp_socket_path(name);
         check_socket_path(&socket)?;
         self.catalog
-            .insert_environment(&NewEnvironment {
-                name,
-                kind: EnvKind::Managed,
-                config: Some(config),
-                qmp_socket: &socket,
-                state: EnvState::Stopped,
-                pid: None,
-            })
+            .insert_weave(
+                weave,
+                &NewEnvironment {
+                    name,
+                    kind: EnvKind::Managed,
+                    config: Some(config),
+                    qmp_socket: &socket,
+                    state: EnvState::Stopped,
+                    pid: None,
+                },
+            )
             .await?;
         Ok(())
     }

@@ -249,8 +249,16 @@ impl Catalog {
 }
 
 impl Catalog {
-    /// Records a weave (its environment row must exist).
-    pub async fn insert_weave(&self, w: &Weave) -> Result<(), CatalogError> {
+    /// Inserts a weave's environment row and its weave row in one transaction: a weftd
+    /// that dies in between never leaves the environment without the weave (which
+    /// would outlive recovery as a plain stopped environment on the weave's overlays).
+    pub async fn insert_weave(
+        &self,
+        w: &Weave,
+        env: &crate::catalog::NewEnvironment<'_>,
+    ) -> Result<(), CatalogError> {
+        let mut tx = self.pool.begin().await?;
+        crate::catalog::insert_environment_in(&mut tx, env).await?;
         sqlx::query(
             "INSERT INTO weaves (name, parent, source, taken_at, net_index, created_at) VALUES (?, ?, ?, ?, ?, ?)",
         )
@@ -260,8 +268,9 @@ impl Catalog {
         .bind(&w.taken_at)
         .bind(i64::from(w.net_index))
         .bind(&w.created_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -482,8 +491,7 @@ impl Weaves {
         };
         // Nothing half-created: any failure from here removes what was made.
         let result = async {
-            self.manager.insert_stopped(&name, &config).await?;
-            catalog.insert_weave(&weave).await?;
+            self.manager.insert_stopped_weave(&weave, &config).await?;
             let groups = cgroups::groups(&name);
             groups.create().map_err(|e| {
                 EnvError::Internal(format!("cannot create the cgroups of {name}: {e}"))

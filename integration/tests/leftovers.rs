@@ -337,6 +337,33 @@ async fn qemu_weave_delete_killed_midway_leaves_no_cgroup() -> anyhow::Result<()
     Ok(())
 }
 
+/// A snapshot of a running environment killed with weftd after its pull leaves a
+/// backup job, an NBD export and fleece nodes in QEMU. The next weftd removes them at
+/// start: a weave from now (which needs the disk) works at once, without waiting for
+/// the next snapshot to clean up.
+#[tokio::test]
+async fn qemu_backup_left_in_qemu_by_a_killed_weftd_is_removed_on_restart() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(&conf, "[net]\nfirst_slot = 190\nlast_slot = 191\n")?;
+    rig.config = Some(conf);
+    start_crashing_at(&mut rig, "snapshot.pulled").await?;
+    // The backup needs QEMU running, not its guest booted.
+    stopped_env(&rig, "lq2").await?;
+    rig.weft_ok(&["env", "start", "lq2"])?;
+    let _ = snapshot_job(&rig, "lq2", "disk:vda").await;
+    wait_crashed(&mut rig).await?;
+    start(&mut rig, &[]).await?;
+    rig.weft_ok(&["weave", "create", "lq2", "--name", "lq2w"])
+        .context("a weave from now right after recovery")?;
+    rig.weft_ok(&["weave", "delete", "lq2w"])?;
+    // And the next snapshot is a clean one.
+    rig.snapshot("lq2", "disk:vda").await?;
+    rig.weft_ok(&["env", "delete", "lq2"])?;
+    rig.passed();
+    Ok(())
+}
+
 /// vhost-device-vsock processes working in the test's directory (they are given
 /// relative paths).
 fn vsock_devices(rig: &Rig) -> Vec<u32> {

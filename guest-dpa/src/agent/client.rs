@@ -282,6 +282,10 @@ fn session(
     waker.wake();
     tracing::info!(endpoint = %endpoint, acked, resend_from = acked + 1, next_seq = spool.next_seq(), "connected to the host");
     let mut sent = acked;
+    // When the oldest entry in flight went out, or the last ack came: a host that
+    // vanished without closing the stream (a transport that lost the close) is taken
+    // for dead after `ack_timeout_ms`, and the connection made again.
+    let mut waiting_since = Instant::now();
     // Entries captured while no host was connected waited for the connection: only
     // those captured from now on measure the commit-to-host latency.
     let mut latency = Latency::new(spool.next_seq());
@@ -293,6 +297,7 @@ fn session(
                     let upto = upto.min(sent);
                     if upto > acked {
                         acked = upto;
+                        waiting_since = Instant::now();
                         spool.ack(acked)?;
                         waker.wake();
                         latency.acked(acked);
@@ -333,10 +338,28 @@ fn session(
                 }
             }
         }
-        let (batch, window) = {
+        let (batch, window, ack_timeout) = {
             let c = config.read().unwrap_or_else(|p| p.into_inner());
-            (c.batch_entries, c.max_in_flight)
+            (
+                c.batch_entries,
+                c.max_in_flight,
+                Duration::from_millis(c.ack_timeout_ms),
+            )
         };
+        if sent > acked && waiting_since.elapsed() > ack_timeout {
+            return Err(Error::io(
+                format!(
+                    "no ack from the host for {}s with entries {}..={} in flight",
+                    waiting_since.elapsed().as_secs(),
+                    acked + 1,
+                    sent
+                ),
+                std::io::ErrorKind::TimedOut.into(),
+            ));
+        }
+        if sent == acked {
+            waiting_since = Instant::now();
+        }
         while sent - acked < window {
             let room = (window - (sent - acked)).min(batch as u64) as usize;
             let entries = spool.read_from(sent + 1, room)?;
