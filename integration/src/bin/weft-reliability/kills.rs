@@ -121,6 +121,8 @@ struct Campaign {
     calibrated: BTreeMap<(Kind, u64), Duration>,
     tally: BTreeMap<Kind, Tally>,
     failures: Vec<String>,
+    /// What the checks after the previous round found.
+    last_failures: std::collections::BTreeSet<String>,
     recoveries: Vec<Duration>,
 }
 
@@ -149,6 +151,7 @@ pub async fn run(options: &Options) -> Result<bool> {
         calibrated: BTreeMap::new(),
         tally: BTreeMap::new(),
         failures: Vec::new(),
+        last_failures: Default::default(),
         recoveries: Vec::new(),
     };
     let result = campaign.run_all(options).await;
@@ -440,12 +443,25 @@ impl Campaign {
             )
         })?;
         self.recoveries.push(recovery);
-        let failures = self.check(round, Some(d.older)).await;
+        let mut failures = self.check(round, Some(d.older)).await;
+        // An operation that ended before the kill must have succeeded.
+        if let Some(o) = output.as_ref().filter(|o| !inside && !o.status.success()) {
+            let err = String::from_utf8_lossy(&o.stderr);
+            failures.push(format!(
+                "the operation failed by itself before the kill: {}",
+                err.lines().last().unwrap_or("").trim()
+            ));
+        }
+        // A problem already found after the round before is not this kill's doing.
+        let (fresh, still): (Vec<String>, Vec<String>) = failures
+            .into_iter()
+            .partition(|f| !self.last_failures.contains(f));
+        self.last_failures = fresh.iter().chain(still.iter()).cloned().collect();
         let tally = self.tally.entry(d.kind).or_default();
         tally.kills += 1;
         tally.inside += u32::from(inside);
         tally.points_ms.push(point.as_millis() as u64);
-        if failures.is_empty() {
+        if fresh.is_empty() {
             tally.survived += 1;
         }
         let op_result = output
@@ -458,15 +474,20 @@ impl Campaign {
                 }
             })
             .unwrap_or_else(|| "burst".into());
+        let verdict = match (fresh.len(), still.len()) {
+            (0, 0) => "ok".to_string(),
+            (0, n) => format!("ok ({n} earlier problem(s) persist)"),
+            (f, 0) => format!("{f} FAILED"),
+            (f, n) => format!("{f} FAILED ({n} earlier problem(s) persist)"),
+        };
         println!(
-            "round {round:>3}: {label:<50} kill at {:>5} ms ({}); {op_result}; weftd back in {} ms; {} ({:.1} s)",
+            "round {round:>3}: {label:<50} kill at {:>5} ms ({}); {op_result}; weftd back in {} ms; {verdict} ({:.1} s)",
             point.as_millis(),
             if inside { "inside" } else { "after it ended" },
             recovery.as_millis(),
-            if failures.is_empty() { "ok".to_string() } else { format!("{} FAILED", failures.len()) },
             t.elapsed().as_secs_f64()
         );
-        for f in failures {
+        for f in fresh {
             self.fail(round, label, &f);
         }
         Ok(())
