@@ -119,6 +119,8 @@ struct Campaign {
     seed: u64,
     /// Mean duration of each kind's variants.
     calibrated: BTreeMap<(Kind, u64), Duration>,
+    /// How long a `weft` command takes to reach weftd.
+    cli_overhead: Duration,
     tally: BTreeMap<Kind, Tally>,
     failures: Vec<String>,
     /// What the checks after the previous round found.
@@ -149,6 +151,7 @@ pub async fn run(options: &Options) -> Result<bool> {
         ledger: Ledger::default(),
         seed,
         calibrated: BTreeMap::new(),
+        cli_overhead: Duration::ZERO,
         tally: BTreeMap::new(),
         failures: Vec::new(),
         last_failures: Default::default(),
@@ -238,6 +241,21 @@ impl Campaign {
     /// Runs every variant of every kind of operation twice to its end and keeps the
     /// mean duration: kill points are fractions of it.
     async fn calibrate(&mut self) -> Result<()> {
+        // What a `weft` command costs before its request reaches weftd: the median of
+        // five `weft status` (start-up, connection, one small request).
+        let mut status = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            self.world.weft_ok(&["status"])?;
+            status.push(t.elapsed());
+        }
+        status.sort();
+        self.cli_overhead = status[2];
+        println!(
+            "calibration: {:<50}          {:>6} ms",
+            "a weft command reaching weftd (weft status)",
+            self.cli_overhead.as_millis()
+        );
         let mut rng = Rng::new(self.seed ^ 0xca11_b8a7e);
         for kind in KINDS {
             for variant in 0..kind.variants() {
@@ -433,8 +451,15 @@ impl Campaign {
             .get(&(d.kind, d.variant % d.kind.variants()))
             .copied()
             .unwrap_or_default();
-        // Inside the operation: 2%..95% of its usual duration.
-        let point = duration.mul_f64(0.02 + 0.93 * d.point);
+        // Inside the operation: from when its request reaches weftd (the CLI's own
+        // start-up and connection take `cli_overhead`) to 95% of its usual duration.
+        let point = match d.kind {
+            Kind::DpaBurst => duration.mul_f64(0.95 * d.point),
+            _ => {
+                let work = duration.saturating_sub(self.cli_overhead);
+                self.cli_overhead + work.mul_f64(0.95 * d.point)
+            }
+        };
         let (inside, output) = self.kill_during(op, point).await?;
         let recovery = self.world.start_weftd().await.with_context(|| {
             format!(
