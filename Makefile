@@ -6,7 +6,7 @@ DEMO_SOCKET := $(DEMO_DIR)/run/weftd.sock
 WEFT := $(CURDIR)/target/debug/weft --socket $(DEMO_SOCKET)
 PREFIX ?= /usr/local
 
-.PHONY: all build toolchain deps tools vsock-device assets fmt clippy test demo demo-stop install clean bench fuzz-campaign
+.PHONY: all build toolchain deps tools vsock-device assets fmt clippy test demo demo-stop install clean bench fuzz-campaign reliability
 
 all: build
 
@@ -70,6 +70,23 @@ bench:
 	$(CARGO) build --release -p weft-blockdev --bin weft-blk && $(CARGO) run --release -p weft-integration --bin weft-bench -- blk --rounds 5
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- compose --rounds 10
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- provenance --rounds 5
+
+## reliability: the crash, disk-full and fuzz campaign, outside `make test` (kills and
+## disk full: about 20 minutes on 2 cores; fuzzing: 30 CPU-minutes per target, resumed
+## where the last run stopped); figures in docs/reliability.md. SEED=N replays a run,
+## KILLS=N sets the number of kills (50). Every part runs; the target fails if any found
+## a problem.
+KILLS ?= 50
+reliability:
+	$(MAKE) deps
+	$(MAKE) tools
+	$(MAKE) assets
+	$(CARGO) build -p weft-integration --bin weft-reliability
+	rc=0; \
+	$(CARGO) run -q -p weft-integration --bin weft-reliability -- kills --kills $(KILLS) $(if $(SEED),--seed $(SEED)) || rc=1; \
+	$(CARGO) run -q -p weft-integration --bin weft-reliability -- disk-full $(if $(SEED),--seed $(SEED)) || rc=1; \
+	$(MAKE) fuzz-campaign || rc=1; \
+	exit $$rc
 
 install: toolchain
 	$(CARGO) build --release -p weft --bins -p weft-blockdev --bin weft-blk

@@ -1669,7 +1669,7 @@ async fn list_jobs(
     Query(q): Query<AuditQuery>,
 ) -> Result<Json<Vec<Job>>, EnvError> {
     let limit = q.limit.unwrap_or(50).min(10_000);
-    Ok(Json(state.manager.catalog().jobs(limit).await?))
+    Ok(Json(state.snapshots.jobs(limit).await?))
 }
 
 async fn show_job(

@@ -77,6 +77,15 @@ fn is_ours(pid: u32, socket: &Path) -> bool {
     has(BINARY.as_bytes()) && has(socket.as_os_str().as_encoded_bytes())
 }
 
+/// The weft-blk serving `socket`, found among all processes.
+fn serving(socket: &Path) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| is_ours(*pid, socket))
+}
+
 fn read_pid(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -123,7 +132,11 @@ async fn start_one(
 ) -> Result<bool, EnvError> {
     let socket = &disk.socket;
     let pid_file = pid_path(socket);
-    if let Some(pid) = read_pid(&pid_file).filter(|p| is_ours(*p, socket)) {
+    let pid = read_pid(&pid_file)
+        .filter(|p| is_ours(*p, socket))
+        // A weftd that died between starting it and writing its pid file.
+        .or_else(|| serving(socket));
+    if let Some(pid) = pid {
         if crate::dpa::device::unix_listening(socket) {
             return Ok(false);
         }
@@ -183,6 +196,8 @@ async fn start_one(
         .spawn()
         .map_err(|e| EnvError::Internal(format!("cannot start {}: {e}", binary.display())))?;
     let pid = child.id().unwrap_or(0);
+    // Dying here leaves a weft-blk with no pid file: `stop_one` finds it by its socket.
+    crate::testpoints::point("blk.spawned").await;
     std::fs::write(&pid_file, format!("{pid}\n"))
         .map_err(|e| EnvError::Internal(format!("cannot write {}: {e}", pid_file.display())))?;
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -222,7 +237,11 @@ async fn start_one(
 /// Stops the weft-blk serving `socket` (SIGTERM, then SIGKILL) and removes its files.
 async fn stop_one(socket: &Path) {
     let pid_file = pid_path(socket);
-    if let Some(pid) = read_pid(&pid_file).filter(|p| is_ours(*p, socket)) {
+    let pid = read_pid(&pid_file)
+        .filter(|p| is_ours(*p, socket))
+        // A weftd that died between starting it and writing its pid file.
+        .or_else(|| serving(socket));
+    if let Some(pid) = pid {
         for (sig, wait) in [
             (nix::sys::signal::Signal::SIGTERM, STOP_TIMEOUT),
             (nix::sys::signal::Signal::SIGKILL, Duration::from_secs(10)),
@@ -284,18 +303,28 @@ pub fn users_of(config: &Config, index: &str) -> Vec<String> {
 /// Stops every weft-blk of `vm` (its QEMU is gone).
 pub async fn release(config: &Config, vm: &str) {
     let dir = config.run_dir.join("blk");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return;
-    };
     let prefix = crate::names::join(&[vm, ""]);
     let old_prefix = format!("{vm}-");
-    for e in entries.flatten() {
+    // Every disk with a spec (written before its weft-blk starts), whether or not a
+    // pid file was written for it.
+    let mut disks: std::collections::BTreeSet<String> = std::fs::read_dir(vm_dir(config, vm))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".json")
+                .map(str::to_string)
+        })
+        .collect();
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(disk) = name
             .strip_prefix(&prefix)
             .and_then(|rest| rest.strip_suffix(".pid"))
         {
-            stop_one(&socket_path(config, vm, disk)).await;
+            disks.insert(disk.to_string());
         } else if let Some(disk) = name
             .strip_prefix(&old_prefix)
             .and_then(|rest| rest.strip_suffix(".pid"))
@@ -306,6 +335,9 @@ pub async fn release(config: &Config, vm: &str) {
                 stop_one(&dir.join(format!("{vm}-{disk}.sock"))).await;
             }
         }
+    }
+    for disk in &disks {
+        stop_one(&socket_path(config, vm, disk)).await;
     }
 }
 

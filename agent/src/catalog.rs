@@ -9,6 +9,7 @@ use std::str::FromStr;
 use std::time::SystemTime;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::Connection as _;
 use sqlx::{Row, SqlitePool};
 use weft_qmp::launch::VmConfig;
 
@@ -18,7 +19,7 @@ use crate::model::{EnvKind, EnvState, Environment};
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// The database failed.
-    #[error("catalog: {0}")]
+    #[error("{}", db_message(.0))]
     Db(#[from] sqlx::Error),
     /// A migration failed.
     #[error("catalog migration: {0}")]
@@ -34,6 +35,62 @@ pub enum CatalogError {
     /// A name is taken.
     #[error("an environment named {0:?} already exists")]
     Duplicate(String),
+}
+
+/// The catalog files this process opened. SQLite's message for a full disk ("database
+/// or disk is full") names no file; weftd opens one catalog, and names it.
+static FILES: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// A database error for the operator: a full disk says so, and where.
+fn db_message(e: &sqlx::Error) -> String {
+    // SQLITE_FULL.
+    let full = matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("13"));
+    if !full {
+        return format!("catalog: {e}");
+    }
+    let files = FILES.lock().map(|f| f.clone()).unwrap_or_default();
+    match files.as_slice() {
+        [one] => format!("catalog {}: no space left on device ({e})", one.display()),
+        _ => format!("catalog: no space left on device ({e})"),
+    }
+}
+
+/// Inserts a new environment row on `conn` (inside a caller's transaction, or not);
+/// fails with [`CatalogError::Duplicate`] if the name is taken.
+pub(crate) async fn insert_environment_in(
+    conn: &mut sqlx::SqliteConnection,
+    new: &NewEnvironment<'_>,
+) -> Result<(), CatalogError> {
+    let config = new
+        .config
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| CatalogError::Corrupt {
+            name: new.name.to_string(),
+            reason: e.to_string(),
+        })?;
+    let now = now();
+    let result = sqlx::query(
+        "INSERT INTO environments (name, kind, config, qmp_socket, state, pid, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(new.name)
+    .bind(new.kind.as_str())
+    .bind(config)
+    .bind(new.qmp_socket.to_string_lossy().into_owned())
+    .bind(new.state.as_str())
+    .bind(new.pid.map(i64::from))
+    .bind(&now)
+    .bind(&now)
+    .execute(conn)
+    .await;
+    match result {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            Err(CatalogError::Duplicate(new.name.to_string()))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// RFC 3339 timestamp of now, in UTC with microseconds.
@@ -80,9 +137,25 @@ impl Catalog {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    // SQLite rolls a transaction back by itself on a full disk
+                    // (SQLITE_FULL, SQLITE_IOERR); sqlx's own ROLLBACK then fails and it
+                    // keeps counting the connection inside the transaction, refusing every
+                    // later BEGIN on it. The ping runs after that queued rollback; a
+                    // connection still counted inside is closed instead of pooled.
+                    conn.ping().await?;
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
+        if let Ok(mut files) = FILES.lock() {
+            if !files.iter().any(|f| f == path) {
+                files.push(path.to_path_buf());
+            }
+        }
         let mut head = path.as_os_str().to_owned();
         head.push(".audit-head");
         let catalog = Catalog {
@@ -111,36 +184,7 @@ impl Catalog {
 
     /// Inserts a new environment; fails with [`CatalogError::Duplicate`] if the name is taken.
     pub async fn insert_environment(&self, new: &NewEnvironment<'_>) -> Result<(), CatalogError> {
-        let config = new
-            .config
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| CatalogError::Corrupt {
-                name: new.name.to_string(),
-                reason: e.to_string(),
-            })?;
-        let now = now();
-        let result = sqlx::query(
-            "INSERT INTO environments (name, kind, config, qmp_socket, state, pid, created_at, updated_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(new.name)
-        .bind(new.kind.as_str())
-        .bind(config)
-        .bind(new.qmp_socket.to_string_lossy().into_owned())
-        .bind(new.state.as_str())
-        .bind(new.pid.map(i64::from))
-        .bind(&now)
-        .bind(&now)
-        .execute(&self.pool)
-        .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(CatalogError::Duplicate(new.name.to_string()))
-            }
-            Err(e) => Err(e.into()),
-        }
+        insert_environment_in(&mut *self.pool.acquire().await?, new).await
     }
 
     /// Records a state change; `last_exit` is kept unless a new one is given.
@@ -287,5 +331,82 @@ mod tests {
         let mut new = attached("m", Path::new("/s"));
         new.kind = EnvKind::Managed;
         assert!(c.insert_environment(&new).await.is_err());
+    }
+
+    /// A tmpfs of `size` mounted on a new directory, unmounted on drop (tests run as
+    /// root).
+    struct SmallFs {
+        point: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl SmallFs {
+        fn mount(size: &str) -> SmallFs {
+            let dir = tempfile::tempdir().unwrap();
+            let point = dir.path().join("fs");
+            std::fs::create_dir(&point).unwrap();
+            let out = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&point)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "mount a tmpfs: {out:?}");
+            SmallFs { point, _dir: dir }
+        }
+
+        /// Writes a file until the file system is full; returns it.
+        fn fill(&self) -> std::path::PathBuf {
+            use std::io::Write as _;
+            let path = self.point.join("filler");
+            let mut f = std::fs::File::create(&path).unwrap();
+            while f.write_all(&[1u8; 4096]).is_ok() {}
+            path
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(&self.point)
+                .status();
+        }
+    }
+
+    /// On a full disk SQLite rolls a transaction back by itself and sqlx's ROLLBACK
+    /// fails; the connection must not go back to the pool still counted inside the
+    /// transaction (every later BEGIN on it failed, until weftd restarted). The error
+    /// names the lack of space and the catalog's file.
+    #[tokio::test]
+    async fn a_full_disk_fails_cleanly_and_the_catalog_works_once_space_is_back() {
+        let fs = SmallFs::mount("2m");
+        let file = fs.point.join("catalog.db");
+        let c = Catalog::open(&file).await.unwrap();
+        let filler = fs.fill();
+        let detail = "x".repeat(3000);
+        let mut failures = Vec::new();
+        for i in 0..20 {
+            if let Err(e) = c
+                .audit("t", "fill", Some(&i.to_string()), Some(&detail), "ok")
+                .await
+            {
+                failures.push(e.to_string());
+            }
+        }
+        assert!(!failures.is_empty(), "the disk never filled");
+        // The file is named when it is the only catalog this process opened.
+        let one = FILES.lock().map(|f| f.len() == 1).unwrap_or(false);
+        for f in &failures {
+            assert!(
+                f.contains("no space left on device") && (!one || f.contains("catalog.db")),
+                "{f}"
+            );
+        }
+        std::fs::remove_file(filler).unwrap();
+        for i in 0..12 {
+            c.audit("t", "after", Some(&i.to_string()), None, "ok")
+                .await
+                .unwrap_or_else(|e| panic!("audit {i} once space is back: {e}"));
+        }
+        c.pool.close().await;
     }
 }

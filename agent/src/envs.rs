@@ -439,12 +439,14 @@ impl Manager {
         }
     }
 
-    /// Records a managed environment with a complete VM configuration, stopped (weaves).
-    pub(crate) async fn insert_stopped(
+    /// Records a weave and its managed environment, stopped, with a complete VM
+    /// configuration, in one transaction.
+    pub(crate) async fn insert_stopped_weave(
         &self,
-        name: &str,
+        weave: &crate::weaves::Weave,
         config: &VmConfig,
     ) -> Result<(), EnvError> {
+        let name = weave.name.as_str();
         let _op = self.lock_env(name).await;
         config
             .validate()
@@ -452,14 +454,17 @@ impl Manager {
         let socket = self.qmp_socket_path(name);
         check_socket_path(&socket)?;
         self.catalog
-            .insert_environment(&NewEnvironment {
-                name,
-                kind: EnvKind::Managed,
-                config: Some(config),
-                qmp_socket: &socket,
-                state: EnvState::Stopped,
-                pid: None,
-            })
+            .insert_weave(
+                weave,
+                &NewEnvironment {
+                    name,
+                    kind: EnvKind::Managed,
+                    config: Some(config),
+                    qmp_socket: &socket,
+                    state: EnvState::Stopped,
+                    pid: None,
+                },
+            )
             .await?;
         Ok(())
     }
@@ -1244,6 +1249,19 @@ async fn connect_attached(config: &Config, socket: &Path) -> Result<Qmp, EnvErro
         })
 }
 
+/// An error with its causes, `top: cause: cause` (library errors keep the OS error,
+/// such as a full disk, in their source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Joins the lines of a message (QEMU's output can span several) into one.
 pub fn one_line(text: &str) -> String {
     text.lines()
@@ -1368,6 +1386,20 @@ async fn wait_pid_gone(pid: u32, timeout: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_chain_names_the_os_error() {
+        let e = crate::provenance::ProvenanceError::Io {
+            op: "write",
+            path: "/d/provenance/web/seg-1.log".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let text = error_chain(&e);
+        assert!(
+            text.starts_with("cannot write /d/provenance/web/seg-1.log: No space left on device"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn names_are_checked() {

@@ -96,8 +96,13 @@ pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
         } else {
             std::fs::remove_file(&f)
         };
-        if let Err(e) = gone {
-            warn!(file = %f.display(), error = %e, "cannot remove a leftover work file");
+        match gone {
+            // A daemon that quit above removed its own files.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                warn!(file = %f.display(), error = %e, "cannot remove a leftover work file")
+            }
+            Ok(()) => {}
         }
     }
     ended

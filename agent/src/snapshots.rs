@@ -46,7 +46,13 @@ struct Meta<'a> {
 #[derive(Default)]
 struct Progress {
     running: Mutex<HashMap<i64, Arc<(AtomicU64, AtomicU64)>>>,
+    /// Jobs that ended while the catalog could not record it (a full disk): shown as
+    /// they ended, not as the catalog's `running`, until the record is written.
+    unrecorded: Mutex<HashMap<i64, Job>>,
 }
+
+/// How often a job's end that could not be recorded is tried again.
+const RECORD_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Snapshots, restores and jobs.
 pub struct Snapshots {
@@ -126,9 +132,13 @@ impl Snapshots {
             }
         }
         let jobs = catalog.fail_running_jobs(reason).await?;
+        let mut interrupted = std::collections::BTreeSet::new();
         for s in catalog.fail_pending_snapshots(reason).await? {
             if let Some(name) = &s.index_name {
                 let _ = self.store.remove_index(name);
+            }
+            if let Some(disk) = s.resource.strip_prefix("disk:") {
+                interrupted.insert((s.env.clone(), disk.to_string()));
             }
             catalog
                 .audit(
@@ -143,11 +153,81 @@ impl Snapshots {
         if jobs > 0 {
             info!(jobs, "jobs interrupted by a restart marked failed");
         }
+        for (env, disk) in interrupted {
+            self.clean_interrupted_backup(&env, &disk).await;
+        }
         // Not a reason to refuse to start: the next start tries again.
         if let Err(e) = self.remove_orphan_indexes().await {
             warn!(error = %e, "cannot remove block maps that no snapshot lists");
         }
         Ok(())
+    }
+
+    /// Removes what a snapshot of a running environment that died with weftd left in
+    /// its QEMU (backup job, NBD export, fleece nodes, temporary bitmaps): until then
+    /// the disk is busy for anything else, a weave from now among them. The checkpoint
+    /// of the last complete snapshot stays. Failures are logged: the next snapshot
+    /// cleans again.
+    async fn clean_interrupted_backup(&self, env: &str, disk: &str) {
+        let Some(qmp) = self.manager.live_qmp(env) else {
+            return;
+        };
+        let catalog = self.manager.catalog();
+        let keep = match catalog.latest_snapshot(env, &format!("disk:{disk}")).await {
+            Ok(s) => s.and_then(|s| s.checkpoint),
+            Err(e) => {
+                warn!(env, disk, error = %e, "cannot read the disk's last snapshot; its QEMU is cleaned at its next snapshot");
+                return;
+            }
+        };
+        let cleaned = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            let mut removed = Vec::new();
+            // The device's top node is the backup's filter while the job runs; once the
+            // job is gone the bitmaps are on the node below: a second pass finds it.
+            for pass in 0..2 {
+                let node = backup::device_root_node(&qmp, disk).await?;
+                match backup::clean_leftovers(&qmp, &node, CHECKPOINT_PREFIX, keep.as_deref()).await
+                {
+                    Ok(r) => {
+                        removed.extend(r);
+                        break;
+                    }
+                    // The filter went with the job: what the first pass removed
+                    // before it failed on the filter's node.
+                    Err(_) if pass == 0 => {
+                        removed.push("the backup job, its export and fleece nodes".into())
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(removed)
+        })
+        .await;
+        match cleaned {
+            Ok(Ok(removed)) if removed.is_empty() => {}
+            Ok(Ok(removed)) => {
+                let detail = format!("disk {disk}: {}", removed.join(", "));
+                warn!(env, %detail, "removed what an interrupted snapshot left in QEMU");
+                let _ = catalog
+                    .audit(
+                        "weftd",
+                        "snapshot.recover",
+                        Some(env),
+                        Some(&detail),
+                        "ended",
+                    )
+                    .await;
+            }
+            Ok(Err(e)) => {
+                warn!(env, disk, error = %e, "cannot clean what an interrupted snapshot left in QEMU")
+            }
+            Err(_) => {
+                warn!(
+                    env,
+                    disk, "QEMU did not answer while cleaning an interrupted snapshot"
+                )
+            }
+        }
     }
 
     /// Removes snapshot block maps that no complete snapshot lists: written by a
@@ -208,12 +288,34 @@ impl Snapshots {
             .await?
             .ok_or_else(|| EnvError::Missing(format!("no job {id} (see `weft job list`)")))?;
         if job.state == JobState::Running {
+            if let Some(ended) = self.lock_unrecorded().get(&id) {
+                return Ok(ended.clone());
+            }
             if let Some(p) = self.lock_progress().get(&id) {
                 job.done_bytes = p.0.load(Ordering::Relaxed);
                 job.total_bytes = p.1.load(Ordering::Relaxed);
             }
         }
         Ok(job)
+    }
+
+    /// The newest `limit` jobs, as [`Snapshots::job`] shows each.
+    pub async fn jobs(&self, limit: u32) -> Result<Vec<Job>, EnvError> {
+        let mut jobs = self.manager.catalog().jobs(limit).await?;
+        let unrecorded = self.lock_unrecorded();
+        for job in jobs.iter_mut().filter(|j| j.state == JobState::Running) {
+            if let Some(ended) = unrecorded.get(&job.id) {
+                *job = ended.clone();
+            }
+        }
+        Ok(jobs)
+    }
+
+    fn lock_unrecorded(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Job>> {
+        self.progress
+            .unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_progress(
@@ -250,20 +352,37 @@ impl Snapshots {
                 progress.1.load(Ordering::Relaxed),
             );
             let message = outcome.as_ref().err().map(|e| one_line(&e.to_string()));
-            let recorded = match &outcome {
-                Ok(v) => catalog.finish_job(id, Ok(v), done, total).await,
-                Err(_) => {
-                    catalog
-                        .finish_job(id, Err(message.as_deref().unwrap_or("failed")), done, total)
-                        .await
-                }
+            let ended = match &outcome {
+                Ok(v) => Ok(v),
+                Err(_) => Err(message.as_deref().unwrap_or("failed")),
             };
-            if let Err(e) = recorded {
-                warn!(job = id, error = %e, "cannot record the end of a job");
-            }
             match &message {
                 None => info!(job = id, %kind, %target, "job succeeded"),
                 Some(m) => warn!(job = id, %kind, %target, error = %m, "job failed"),
+            }
+            if let Err(e) = catalog.finish_job(id, ended, done, total).await {
+                // Callers following the job must still see it end: keep its end here
+                // and write it once the catalog can take it.
+                warn!(job = id, error = %e, "cannot record the end of a job yet; retrying every {}s", RECORD_RETRY.as_secs());
+                if let Ok(Some(mut job)) = catalog.job(id).await {
+                    job.state = if ended.is_ok() {
+                        JobState::Succeeded
+                    } else {
+                        JobState::Failed
+                    };
+                    job.finished_at = Some(crate::catalog::now());
+                    job.result = ended.ok().cloned();
+                    job.error = ended.err().map(str::to_string);
+                    job.done_bytes = done;
+                    job.total_bytes = total;
+                    me.lock_unrecorded().insert(id, job);
+                }
+                me.lock_progress().remove(&id);
+                while catalog.finish_job(id, ended, done, total).await.is_err() {
+                    tokio::time::sleep(RECORD_RETRY).await;
+                }
+                info!(job = id, "the end of the job is recorded");
+                me.lock_unrecorded().remove(&id);
             }
             me.lock_progress().remove(&id);
         });
@@ -950,7 +1069,7 @@ impl Snapshots {
                         EnvError::Internal(format!("cannot size {}: {e}", output.display()))
                     })?;
                     crate::testpoints::point("restore.partial").await;
-                    restore_raw_file(&me.store, &map, file, &progress).await
+                    restore_raw_file(&me.store, &map, file, &progress, &pending.temp_path()).await
                 };
                 let written = match written {
                     Ok(n) => blocking(move || pending.commit())
@@ -1081,7 +1200,7 @@ async fn restore_raw(
         .map_err(|e| io("cannot size", e))?;
     crate::testpoints::point("restore.partial").await;
     let file = Arc::new(file);
-    let result = restore_raw_file(store, map, Arc::clone(&file), progress).await;
+    let result = restore_raw_file(store, map, Arc::clone(&file), progress, &partial).await;
     let written = match result {
         Ok(w) => w,
         Err(e) => {
@@ -1100,6 +1219,7 @@ async fn restore_raw_file(
     map: &BlockMap,
     file: Arc<std::fs::File>,
     progress: &(AtomicU64, AtomicU64),
+    path: &Path,
 ) -> Result<u64, EnvError> {
     progress.1.store(map.data_bytes(), Ordering::Relaxed);
     let report = |done: u64, _total: u64| progress.0.store(done, Ordering::Relaxed);
@@ -1107,6 +1227,10 @@ async fn restore_raw_file(
         .await
         .map_err(|e| match e {
             weft_blockdev::restore::Error::Store(e) => store_err(e),
+            // Which file: a full disk is then a one-line answer to "where".
+            e @ weft_blockdev::restore::Error::Write { .. } => {
+                EnvError::Internal(format!("{}: {e}", path.display()))
+            }
             e => EnvError::Internal(e.to_string()),
         })
 }

@@ -250,8 +250,16 @@ impl Catalog {
 }
 
 impl Catalog {
-    /// Records a weave (its environment row must exist).
-    pub async fn insert_weave(&self, w: &Weave) -> Result<(), CatalogError> {
+    /// Inserts a weave's environment row and its weave row in one transaction: a weftd
+    /// that dies in between never leaves the environment without the weave (which
+    /// would outlive recovery as a plain stopped environment on the weave's overlays).
+    pub async fn insert_weave(
+        &self,
+        w: &Weave,
+        env: &crate::catalog::NewEnvironment<'_>,
+    ) -> Result<(), CatalogError> {
+        let mut tx = self.pool.begin().await?;
+        crate::catalog::insert_environment_in(&mut tx, env).await?;
         sqlx::query(
             "INSERT INTO weaves (name, parent, source, taken_at, net_index, created_at) VALUES (?, ?, ?, ?, ?, ?)",
         )
@@ -261,8 +269,9 @@ impl Catalog {
         .bind(&w.taken_at)
         .bind(i64::from(w.net_index))
         .bind(&w.created_at)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -489,8 +498,7 @@ impl Weaves {
         };
         // Nothing half-created: any failure from here removes what was made.
         let result = async {
-            self.manager.insert_stopped(&name, &config).await?;
-            catalog.insert_weave(&weave).await?;
+            self.manager.insert_stopped_weave(&weave, &config).await?;
             let groups = cgroups::groups(&name);
             groups.create().map_err(|e| {
                 EnvError::Internal(format!("cannot create the cgroups of {name}: {e}"))
@@ -1427,9 +1435,26 @@ impl Weaves {
             }
         }
         for name in &orphans {
-            warn!(weave = %name, "removing what a weave create that died with weftd left");
+            warn!(weave = %name, "removing what a weave create or delete that died with weftd left");
             crate::blk::forget(self.manager.config(), name).await?;
             self.remove_weave_indexes(name).await?;
+            // A create that died after starting the guest's vsock device, or a delete
+            // that died after the environment row went, leaves the device, the CID,
+            // the cgroups and the log: `remove` makes them in that order.
+            if let Some(host) = self.manager.vsock() {
+                host.forget(name).await;
+            }
+            let groups = cgroups::groups(name);
+            let removed =
+                tokio::task::spawn_blocking(move || groups.remove(Duration::from_secs(10)))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            if let Err(e) = removed {
+                warn!(weave = %name, error = %e, "cannot remove a leftover weave's cgroups");
+            }
+            if let Err(e) = self.manager.remove_provenance(name).await {
+                warn!(weave = %name, error = %e, "cannot remove a leftover weave's provenance log");
+            }
             let dir = self.dir(name);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -1542,6 +1567,9 @@ impl Weaves {
                 problems.push(e.to_string());
             }
         }
+        // The rows are gone (with the environment's): what follows is found again by
+        // its directory if weftd dies here (`remove_leftovers`).
+        crate::testpoints::point("weave.delete").await;
         // Its thread holds the namespace: stop it before the namespace goes.
         self.dhcp.stop(name).await;
         if let Some(w) = &weave {

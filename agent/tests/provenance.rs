@@ -282,6 +282,48 @@ fn a_torn_tail_is_cut_on_reopen() {
     assert_eq!(all[150].host_time_us, T0 + 9);
 }
 
+/// A `Write` into a shared buffer, to read what was logged.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The zeros allocated ahead of the open segment's data are there after every stop or
+/// crash: reopening cuts them without calling them a torn tail (which would tell the
+/// operator at every restart that a crash tore data).
+#[test]
+fn space_allocated_ahead_is_cut_without_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("p");
+    let log = ProvenanceLog::open(root.clone(), LogOptions::default()).unwrap();
+    log.append("web", T0, &entries(1, 100)).unwrap();
+    drop(log);
+    let seg = segment_files(&root.join("web")).pop().unwrap();
+    let bytes = std::fs::read(&seg).unwrap();
+    assert_eq!(bytes.last(), Some(&0), "space is allocated ahead");
+
+    let out = Captured::default();
+    let writer = out.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let log = ProvenanceLog::open(root.clone(), LogOptions::default()).unwrap();
+        assert_eq!(log.last_seq("web").unwrap(), 100);
+    });
+    let logged = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+    assert!(logged.is_empty(), "reopening warned: {logged}");
+}
+
 #[test]
 fn a_flipped_bit_inside_a_record_is_never_returned() {
     let dir = tempfile::tempdir().unwrap();

@@ -215,6 +215,26 @@ fn a_dropped_connection_resends_from_the_hosts_position() {
     });
 }
 
+/// A host that stops answering without closing the connection (a transport that lost
+/// the close, as a vsock device can after weftd's SIGKILL) is given up after
+/// `ack_timeout_ms`: the agent connects again and resends what was not acknowledged.
+#[test]
+fn a_host_that_goes_silent_is_left_and_the_entries_resent() {
+    let s = Setup::new(
+        "poll_interval_ms = 20\nbatch_entries = 16\nack_timeout_ms = 500\n[[kv]]\npath = \"@DIR@/app.env\"\n",
+        |d| {
+            let text: String = (0..100).map(|i| format!("K{i}=v{i}\n")).collect();
+            std::fs::write(d.join("app.env"), text).unwrap();
+        },
+    );
+    s.host.with(|h| h.stall_after_batches = Some(2));
+    s.host.wait("all keys", T, |h| h.last() >= 100);
+    s.host.with(|h| {
+        assert!(h.connections >= 2, "the agent connected again");
+        assert_eq!(h.entries.len(), 100);
+    });
+}
+
 #[test]
 fn json_writes_become_pointer_changes_and_bad_json_waits() {
     let s = Setup::new(

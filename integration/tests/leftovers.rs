@@ -301,6 +301,174 @@ async fn qemu_failed_live_weave_create_leaves_no_index_in_use() -> anyhow::Resul
     Ok(())
 }
 
+/// A weave delete that dies once the weave's rows are gone (its QEMU stopped): the
+/// next weftd removes the rest, cgroups included, which it used to leave.
+#[tokio::test]
+async fn qemu_weave_delete_killed_midway_leaves_no_cgroup() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(&conf, "[net]\nfirst_slot = 194\nlast_slot = 195\n")?;
+    rig.config = Some(conf);
+    start(&mut rig, &[]).await?;
+    stopped_env(&rig, "lk").await?;
+    let s = rig.snapshot("lk", "all").await?;
+    let name = "lkdel";
+    rig.weft_ok(&[
+        "weave",
+        "create",
+        "lk",
+        "--snapshot",
+        &s.id.to_string(),
+        "--name",
+        name,
+    ])?;
+    rig.kill_weftd();
+    start_crashing_at(&mut rig, "weave.delete").await?;
+    let _ = rig.weft(&["weave", "delete", name]);
+    wait_crashed(&mut rig).await?;
+    let groups = weft::cgroups::groups(name).dirs();
+    ensure!(
+        groups.iter().any(|d| d.exists()),
+        "the crash point is before the cgroups go: {groups:?}"
+    );
+    start(&mut rig, &[]).await?;
+    let left: Vec<_> = groups.iter().filter(|d| d.exists()).collect();
+    ensure!(left.is_empty(), "cgroups left after recovery: {left:?}");
+    ensure!(
+        !rig.path(&format!("data/weaves/{name}")).exists(),
+        "the weave's directory is left"
+    );
+    ensure!(
+        !Path::new(&format!("/run/netns/weft-{name}")).exists(),
+        "the weave's namespace is left"
+    );
+    rig.weft_ok(&["env", "delete", "lk"])?;
+    rig.passed();
+    Ok(())
+}
+
+/// A snapshot of a running environment killed with weftd after its pull leaves a
+/// backup job, an NBD export and fleece nodes in QEMU. The next weftd removes them at
+/// start: a weave from now (which needs the disk) works at once, without waiting for
+/// the next snapshot to clean up.
+#[tokio::test]
+async fn qemu_backup_left_in_qemu_by_a_killed_weftd_is_removed_on_restart() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(&conf, "[net]\nfirst_slot = 190\nlast_slot = 191\n")?;
+    rig.config = Some(conf);
+    start_crashing_at(&mut rig, "snapshot.pulled").await?;
+    // The backup needs QEMU running, not its guest booted.
+    stopped_env(&rig, "lq2").await?;
+    rig.weft_ok(&["env", "start", "lq2"])?;
+    let _ = snapshot_job(&rig, "lq2", "disk:vda").await;
+    wait_crashed(&mut rig).await?;
+    start(&mut rig, &[]).await?;
+    rig.weft_ok(&["weave", "create", "lq2", "--name", "lq2w"])
+        .context("a weave from now right after recovery")?;
+    rig.weft_ok(&["weave", "delete", "lq2w"])?;
+    // And the next snapshot is a clean one.
+    rig.snapshot("lq2", "disk:vda").await?;
+    rig.weft_ok(&["env", "delete", "lq2"])?;
+    rig.passed();
+    Ok(())
+}
+
+/// vhost-device-vsock processes working in the test's directory (they are given
+/// relative paths).
+fn vsock_devices(rig: &Rig) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("vhost-device-vsock")
+                && std::fs::read_link(format!("/proc/{pid}/cwd"))
+                    .is_ok_and(|cwd| cwd.starts_with(rig.dir.path()))
+        })
+        .collect()
+}
+
+/// weftd killed after starting an environment's vsock device and before writing its
+/// pid file: the next weftd still ends the device (it is found by its directory).
+#[tokio::test]
+async fn qemu_vsock_device_started_by_a_killed_weftd_is_ended_on_restart() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(&conf, "[dpa]\nvsock = \"vhost-user\"\n")?;
+    rig.config = Some(conf);
+    start(&mut rig, &[]).await?;
+    stopped_env(&rig, "lv").await?;
+    rig.kill_weftd();
+    start_crashing_at(&mut rig, "vsock.spawned").await?;
+    let _ = rig.weft(&["env", "start", "lv"]);
+    wait_crashed(&mut rig).await?;
+    ensure!(
+        !vsock_devices(&rig).is_empty(),
+        "the crash point is after the device started"
+    );
+    start(&mut rig, &[]).await?;
+    ensure!(
+        vsock_devices(&rig).is_empty(),
+        "a vsock device outlives recovery: {:?}",
+        vsock_devices(&rig)
+    );
+    // The environment starts again, with a device of its own.
+    rig.weft_ok(&["env", "start", "lv"])?;
+    ensure!(vsock_devices(&rig).len() == 1, "{:?}", vsock_devices(&rig));
+    rig.weft_ok(&["env", "delete", "lv"])?;
+    ensure!(vsock_devices(&rig).is_empty());
+    rig.passed();
+    Ok(())
+}
+
+/// weftd killed after starting a live weave's weft-blk and before writing its pid
+/// file: the next weftd still ends it (found by its socket).
+#[tokio::test]
+async fn qemu_weft_blk_started_by_a_killed_weftd_is_ended_on_restart() -> anyhow::Result<()> {
+    let mut rig = Rig::new()?;
+    let conf = rig.path("weftd.toml");
+    std::fs::write(&conf, "[net]\nfirst_slot = 192\nlast_slot = 193\n")?;
+    rig.config = Some(conf);
+    start(&mut rig, &[]).await?;
+    stopped_env(&rig, "lx").await?;
+    let s = rig.snapshot("lx", "all").await?;
+    rig.kill_weftd();
+    start_crashing_at(&mut rig, "blk.spawned").await?;
+    let _ = rig.weft(&[
+        "weave",
+        "create",
+        "lx",
+        "--snapshot",
+        &s.id.to_string(),
+        "--name",
+        "lxblk",
+        "--live",
+    ]);
+    wait_crashed(&mut rig).await?;
+    ensure!(
+        !processes(&rig, "weft-blk").is_empty(),
+        "the crash point is after weft-blk started"
+    );
+    start(&mut rig, &[]).await?;
+    ensure!(
+        processes(&rig, "weft-blk").is_empty(),
+        "a weft-blk outlives recovery: {:?}",
+        processes(&rig, "weft-blk")
+    );
+    let weaves: Vec<serde_json::Value> = rig.client().get("/v1/environments/lx/weaves").await?;
+    for w in weaves {
+        if let Some(name) = w["name"].as_str() {
+            rig.weft_ok(&["weave", "delete", name])?;
+        }
+    }
+    rig.weft_ok(&["env", "delete", "lx"])?;
+    rig.passed();
+    Ok(())
+}
+
 /// A weave base whose restore died with weftd leaves no `.partial` behind it (which
 /// would refuse every later weave from that snapshot), and the base goes with the
 /// last weave that uses it. While the weave runs, the state directories hold only

@@ -635,7 +635,7 @@ impl ConnCtx {
         tokio::task::spawn_blocking(move || sink.last_seq(&vm))
             .await
             .map_err(|e| ConnError::Log(e.to_string()))?
-            .map_err(|e| ConnError::Log(e.to_string()))
+            .map_err(|e| ConnError::Log(crate::envs::error_chain(&e)))
     }
 
     /// Appends `entries` (after the VM's rate allows them) and acknowledges them.
@@ -684,7 +684,8 @@ impl ConnCtx {
                     ));
                     tokio::time::sleep(pause.max(Duration::from_millis(100))).await;
                 }
-                Err(e) => return Err(ConnError::Log(e.to_string())),
+                // With its cause: "cannot write <segment>: No space left on device".
+                Err(e) => return Err(ConnError::Log(crate::envs::error_chain(&e))),
             }
         }
     }

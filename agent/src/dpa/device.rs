@@ -189,6 +189,16 @@ fn is_our_device(pid: u32, p: &VsockPaths) -> bool {
         && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == p.dir)
 }
 
+/// The device process serving `p` whatever its pid file says: the one working in the
+/// VM's directory (weftd makes one per VM and starts the device in it).
+fn device_in(p: &VsockPaths) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| is_our_device(*pid, p))
+}
+
 /// When process `pid` started (clock ticks after boot, `/proc/<pid>/stat` field 22).
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -474,6 +484,9 @@ impl VsockHost {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
         let pid = child.id().unwrap_or(0);
+        // Dying here leaves a device with no pid file: `stop_device` finds it by its
+        // working directory.
+        crate::testpoints::point("vsock.spawned").await;
         let (exit_tx, exit_rx) = watch::channel(false);
         let log_path = log.to_owned();
         tokio::spawn(async move {
@@ -584,6 +597,8 @@ impl VsockHost {
         let device = known.or_else(|| {
             read_pid(&p.pid)
                 .filter(|pid| is_our_device(*pid, p))
+                // A weftd that died between starting it and writing its pid file.
+                .or_else(|| device_in(p))
                 .map(|pid| Device { pid, exited: None })
         });
         if let Some(Device { pid, exited }) = device {

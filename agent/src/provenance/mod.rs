@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use cache::BlockCache;
 use filter::Field;
@@ -964,7 +964,9 @@ impl Shard {
         let scan = segment::scan(&path)?;
         if let Some(reason) = &scan.stopped {
             if scan.zero_tail {
-                // Space allocated ahead of appends: not data, cut without a word.
+                // Space allocated ahead of appends (every open segment has some after
+                // a stop or a crash): not data, cut without a word.
+                debug!(path = %path.display(), cut = len - scan.valid_len, "provenance segment: space allocated ahead cut off");
             } else if !is_last {
                 // Sealed segments were fsynced whole before the next one began: this
                 // is damage, not a crash. Reads of it fail; nothing is cut.
@@ -972,8 +974,7 @@ impl Shard {
                     path: path.clone(),
                     reason: reason.clone(),
                 });
-            }
-            if scan.valid_after {
+            } else if scan.valid_after {
                 // Not a torn tail: keep the bytes for inspection before cutting.
                 let keep = path.with_extension(format!("log.damaged-{}", scan.valid_len));
                 let bytes = std::fs::read(&path).map_err(io("read", &path))?;

@@ -152,14 +152,7 @@ pub fn env_error(e: ProvenanceError) -> EnvError {
         | ProvenanceError::Branch(_) => EnvError::Conflict(text),
         ProvenanceError::Io { .. } | ProvenanceError::Corrupt { .. } => {
             // The cause chain names the file and the OS error.
-            let mut chain = text;
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                chain.push_str(": ");
-                chain.push_str(&s.to_string());
-                source = s.source();
-            }
-            EnvError::Internal(one_line(&chain))
+            EnvError::Internal(one_line(&crate::envs::error_chain(&e)))
         }
     }
 }

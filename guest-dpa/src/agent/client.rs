@@ -116,6 +116,12 @@ pub(crate) fn run(
     loop {
         let started = Instant::now();
         let res = session(&endpoint, &spool, &config, &waker);
+        if started.elapsed() > Duration::from_secs(10) {
+            // A session that worked for a while starts the backoff (and the count of
+            // failures in a row, whose first is a warning) over.
+            backoff = BACKOFF_MIN;
+            failures = 0;
+        }
         if let Err(e) = res {
             let chain = error_chain(&e);
             if failures == 0 {
@@ -124,10 +130,6 @@ pub(crate) fn run(
                 tracing::debug!(endpoint = %endpoint, failures, "connection to the host: {chain}");
             }
             failures += 1;
-        }
-        if started.elapsed() > Duration::from_secs(10) {
-            // A session that worked for a while starts the backoff over.
-            backoff = BACKOFF_MIN;
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -158,6 +160,29 @@ fn send(stream: &mut UnixStream, msg: &Message) -> Result<(), Error> {
     stream
         .write_all(&proto::encode(msg))
         .map_err(|e| Error::io("cannot send to the host", e))
+}
+
+/// Sends `msg` by `deadline`: a stream nobody reads any more (its transport's buffer
+/// full) fails then, whatever bits of it the transport still takes (each partial write
+/// would start a socket timeout over).
+fn send_by(stream: &mut UnixStream, msg: &Message, deadline: Instant) -> std::io::Result<()> {
+    let bytes = proto::encode(msg);
+    let mut off = 0;
+    while off < bytes.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
+        match stream.write(&bytes[off..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // Other messages keep the session's own timeout.
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))
 }
 
 fn reader(mut stream: UnixStream, queue: Queue, spool: Arc<Spool>) {
@@ -282,6 +307,10 @@ fn session(
     waker.wake();
     tracing::info!(endpoint = %endpoint, acked, resend_from = acked + 1, next_seq = spool.next_seq(), "connected to the host");
     let mut sent = acked;
+    // When the oldest entry in flight went out, or the last ack came: a host that
+    // vanished without closing the stream (a transport that lost the close) is taken
+    // for dead after `ack_timeout_ms`, and the connection made again.
+    let mut waiting_since = Instant::now();
     // Entries captured while no host was connected waited for the connection: only
     // those captured from now on measure the commit-to-host latency.
     let mut latency = Latency::new(spool.next_seq());
@@ -293,6 +322,7 @@ fn session(
                     let upto = upto.min(sent);
                     if upto > acked {
                         acked = upto;
+                        waiting_since = Instant::now();
                         spool.ack(acked)?;
                         waker.wake();
                         latency.acked(acked);
@@ -333,10 +363,31 @@ fn session(
                 }
             }
         }
-        let (batch, window) = {
+        let (batch, window, ack_timeout) = {
             let c = config.read().unwrap_or_else(|p| p.into_inner());
-            (c.batch_entries, c.max_in_flight)
+            (
+                c.batch_entries,
+                c.max_in_flight,
+                Duration::from_millis(c.ack_timeout_ms),
+            )
         };
+        let no_ack = |waiting_since: Instant, acked: u64, sent: u64| {
+            Error::io(
+                format!(
+                    "no ack from the host for {}s with entries {}..={} in flight",
+                    waiting_since.elapsed().as_secs(),
+                    acked + 1,
+                    sent
+                ),
+                std::io::ErrorKind::TimedOut.into(),
+            )
+        };
+        if sent > acked && waiting_since.elapsed() > ack_timeout {
+            return Err(no_ack(waiting_since, acked, sent));
+        }
+        if sent == acked {
+            waiting_since = Instant::now();
+        }
         while sent - acked < window {
             let room = (window - (sent - acked)).min(batch as u64) as usize;
             let entries = spool.read_from(sent + 1, room)?;
@@ -351,7 +402,19 @@ fn session(
                 )));
             }
             latency.sent(&entries);
-            send(&mut stream, &Message::Batch(entries))?;
+            // A write into a stream nobody reads any more blocks once the transport's
+            // buffer is full: it may block only until the ack deadline.
+            let mut deadline = Instant::now() + WRITE_TIMEOUT;
+            if sent > acked {
+                deadline = deadline.min(waiting_since + ack_timeout);
+            }
+            match send_by(&mut stream, &Message::Batch(entries), deadline) {
+                Ok(()) => {}
+                Err(_) if sent > acked && waiting_since.elapsed() >= ack_timeout => {
+                    return Err(no_ack(waiting_since, acked, sent));
+                }
+                Err(e) => return Err(Error::io("cannot send to the host", e)),
+            }
             sent = last;
         }
         spool.notify.wait(seen, Duration::from_secs(1));

@@ -51,6 +51,10 @@ pub struct Config {
     /// Most entries sent and not yet acknowledged (default 8192).
     #[serde(default = "default_in_flight")]
     pub max_in_flight: u64,
+    /// With entries in flight and no ack for this long, the connection is taken for
+    /// dead and made again (a host that vanished without closing it).
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_ms: u64,
     /// SQLite databases.
     #[serde(default)]
     pub sqlite: Vec<SqliteSource>,
@@ -126,6 +130,9 @@ fn default_batch() -> usize {
 fn default_in_flight() -> u64 {
     8192
 }
+fn default_ack_timeout() -> u64 {
+    60_000
+}
 
 impl Default for Config {
     fn default() -> Self {
@@ -138,6 +145,7 @@ impl Default for Config {
             rescan_interval_ms: default_rescan(),
             batch_entries: default_batch(),
             max_in_flight: default_in_flight(),
+            ack_timeout_ms: default_ack_timeout(),
             sqlite: Vec::new(),
             json: Vec::new(),
             kv: Vec::new(),
@@ -187,6 +195,9 @@ impl Config {
         }
         if self.poll_interval_ms == 0 {
             return bad("poll_interval_ms must be at least 1".into());
+        }
+        if self.ack_timeout_ms < 100 {
+            return bad("ack_timeout_ms must be at least 100".into());
         }
         super::client::Endpoint::parse(&self.connect)?;
         let mut seen = BTreeSet::new();
@@ -264,6 +275,13 @@ mod tests {
         );
         assert_eq!(c.kv[0].format, KvFormat::Env);
         assert_eq!(c.kv[1].format, KvFormat::Dir);
+        assert_eq!(c.ack_timeout_ms, 60_000);
+        assert_eq!(
+            Config::parse("ack_timeout_ms = 2500")
+                .unwrap()
+                .ack_timeout_ms,
+            2500
+        );
     }
 
     #[test]
@@ -277,6 +295,7 @@ mod tests {
             ("colour = 1", "unknown field"),
             ("connect = \"tcp:1\"", "connect"),
             ("batch_entries = 100000", "batch_entries"),
+            ("ack_timeout_ms = 5", "ack_timeout_ms"),
         ] {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(why), "{text}: {err}");

@@ -30,6 +30,9 @@ pub struct HostState {
     pub errors: Vec<String>,
     /// Close the next connection after this many batches, without acknowledging them.
     pub drop_after_batches: Option<usize>,
+    /// Go silent on the next connection after this many batches: read and drop what
+    /// comes, answer nothing, never close (a host that vanished without a word).
+    pub stall_after_batches: Option<usize>,
     /// Apply requests to send.
     pub outbox: Vec<Apply>,
     /// Answers to apply requests.
@@ -108,10 +111,10 @@ fn serve(mut conn: UnixStream, st: Arc<Mutex<HostState>>) {
     let mut dec = proto::Decoder::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut batches = 0usize;
-    let drop_after = {
+    let (drop_after, stall_after) = {
         let mut s = st.lock().unwrap();
         s.connections += 1;
-        s.drop_after_batches.take()
+        (s.drop_after_batches.take(), s.stall_after_batches.take())
     };
     loop {
         match conn.read(&mut buf) {
@@ -153,6 +156,23 @@ fn serve(mut conn: UnixStream, st: Arc<Mutex<HostState>>) {
                         batches += 1;
                         if drop_after.is_some_and(|n| batches > n) {
                             return;
+                        }
+                        if stall_after.is_some_and(|n| batches > n) {
+                            drop(s);
+                            // Until the agent gives up on this connection.
+                            loop {
+                                match conn.read(&mut buf) {
+                                    Ok(0) => return,
+                                    Ok(_) => {}
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => return,
+                                }
+                            }
                         }
                         let now = Instant::now();
                         for e in entries {

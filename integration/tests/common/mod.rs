@@ -309,13 +309,16 @@ impl Drop for Rig {
             );
         }
         self.kill_weftd();
-        // Whatever QEMU this test started mentions its directory.
+        // Whatever QEMU (or helper) this test started mentions its directory, or works
+        // in it (vhost-device-vsock is given paths relative to its own directory).
         let needle = self.dir.path().to_string_lossy().into_owned();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
                 continue;
             };
-            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let works_here = std::fs::read_link(entry.path().join("cwd"))
+                .is_ok_and(|cwd| cwd.starts_with(self.dir.path()));
+            if String::from_utf8_lossy(&cmdline).contains(&needle) || works_here {
                 if let Some(pid) = entry
                     .file_name()
                     .to_str()

@@ -1,0 +1,653 @@
+//! The world a campaign runs in: a private weftd on one data directory (restarted after
+//! every kill), the `weft` CLI and API client pointed at it, and the guests.
+//!
+//! - `rldpa` runs the test guest's `script` workload with the DPA: `/data/run.sh`
+//!   ([`RUN_SH`]) commits numbered rows to a SQLite table, one a second, then a burst of
+//!   300, over and over, and prints what it committed; its DPA streams them to weftd over
+//!   vhost-user vsock. Its qcow2 disk gets incremental snapshots.
+//! - `rlcold` is a stopped environment on a raw disk: a 16 MiB ext4 (the counter
+//!   workload, for the weaves made from it) followed by 32 MiB of seeded random bytes
+//!   that the campaign changes between rounds. Its snapshots are taken through a
+//!   qemu-storage-daemon and are always full (a raw image keeps no checkpoint).
+//!
+//! Images, kernel and initramfs live in `<data>/images`, restores go to
+//! `<data>/exports`: inside the data directory, which is where weftd accepts host paths
+//! by default.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use weft::client::Client;
+use weft::model::Snapshot;
+use weft_integration::{bin_path, guest_assets, wait_until, SerialLog};
+
+use crate::Rng;
+
+/// The DPA environment.
+pub const DPA_ENV: &str = "rldpa";
+/// The stopped environment with full snapshots.
+pub const COLD_ENV: &str = "rlcold";
+/// The composition over `rlcold`.
+pub const COMPOSITION: &str = "rlmix";
+/// Weave names start with this (namespaces `weft-rl…`, cgroups `weft/rl…`).
+pub const WEAVE_PREFIX: &str = "rl";
+/// The weave network slots this weftd hands out (clear of the test suite's).
+pub const SLOTS: std::ops::RangeInclusive<u8> = 180..=189;
+
+const MIB: u64 = 1 << 20;
+/// `rlcold`: its file system, then the random region the campaign changes.
+const COLD_FS_MIB: u64 = 16;
+const COLD_MIB: u64 = 48;
+const DPA_DISK_MIB: u64 = 32;
+const BOOT: Duration = Duration::from_secs(120);
+
+/// The guest workload: numbered rows in `/data/rel/app.db`, table `items` (`n` is the
+/// primary key, so a row cannot be committed twice). Every cycle: 2 MiB of new bytes in
+/// `/data/bulk` (so incremental snapshots have something to read), ten rows a second
+/// apart, then a burst of `$1` rows (default 300) as fast as SQLite commits them, each
+/// its own transaction, or all in one with `$3` = `tx`; `$2` random bytes (hex) pad
+/// every burst row (default none). A failed statement is not counted: the count is
+/// re-read from the table. Console lines: `weft-rel: row N`, `weft-rel: burst K begin
+/// after N`, `weft-rel: burst K end rows=N`.
+pub const RUN_SH: &str = r#"burst=${1:-300}
+pad=${2:-0}
+db=/data/rel/app.db
+mkdir -p /data/rel
+q() { sqlite3 -bail -cmd ".timeout 10000" "$db" "$@"; }
+until q "PRAGMA journal_mode=WAL; CREATE TABLE IF NOT EXISTS items (n INTEGER PRIMARY KEY, kind TEXT, pad TEXT)" >/dev/null; do sleep 1; done
+last() { until m=$(q "SELECT coalesce(max(n), 0) FROM items"); do sleep 1; done; echo "$m"; }
+padding="''"
+[ "$pad" -gt 0 ] && padding="hex(randomblob($pad))"
+n=$(last)
+b=0
+while true; do
+    dd if=/dev/urandom of=/data/bulk bs=64k count=32 conv=fsync 2>/dev/null
+    i=0
+    while [ $i -lt 10 ]; do
+        if q "INSERT INTO items VALUES ($((n + 1)), 'trickle', '')"; then
+            n=$((n + 1))
+            echo "weft-rel: row $n"
+        else
+            n=$(last)
+        fi
+        i=$((i + 1))
+        sleep 1
+    done
+    b=$((b + 1))
+    echo "weft-rel: burst $b begin after $n"
+    {
+        [ "$3" = tx ] && echo "BEGIN;"
+        seq $((n + 1)) $((n + burst)) | sed "s/.*/INSERT INTO items VALUES (&, 'burst', $padding);/"
+        [ "$3" = tx ] && echo "COMMIT;"
+    } | q
+    n=$(last)
+    echo "weft-rel: burst $b end rows=$n"
+done
+"#;
+
+/// The guest DPA's configuration: the workload's database, the spool on the data disk.
+const DPA_TOML: &str = r#"spool_dir = "/data/.weft-dpa"
+[[sqlite]]
+path = "/data/rel/app.db"
+"#;
+
+/// The composition: the oldest and the newest disk snapshot of `rlcold`, merged slot by
+/// slot (the newer side wins), so an apply restores a merged base (or serves it live).
+const RULES: &str = r#"conflict = "merge-by-timestamp"
+
+[[rule]]
+name = "oldest disk"
+resources = ["disk:*"]
+strategy = "earliest"
+
+[[rule]]
+name = "newest disk"
+resources = ["disk:*"]
+strategy = "latest"
+"#;
+
+/// A weftd run by the campaign, and everything needed to talk to it.
+pub struct World {
+    /// The work directory.
+    pub dir: PathBuf,
+    /// weftd's data directory.
+    pub data: PathBuf,
+    /// weftd's run directory.
+    pub run: PathBuf,
+    config: PathBuf,
+    weftd: Option<Child>,
+    log: PathBuf,
+    /// Restarts so far.
+    pub starts: u32,
+}
+
+impl World {
+    /// A world in `dir` whose data directory is `data` (created when missing);
+    /// `extra_config` is appended to weftd.toml.
+    pub fn new(dir: &Path, data: &Path, extra_config: &str) -> Result<World> {
+        let run = dir.join("run");
+        for d in [dir, data, &run] {
+            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
+        let config = dir.join("weftd.toml");
+        let slots = format!(
+            "[net]\nfirst_slot = {}\nlast_slot = {}\n\n[dpa]\nvsock = \"vhost-user\"\n",
+            SLOTS.start(),
+            SLOTS.end()
+        );
+        std::fs::write(&config, format!("{slots}{extra_config}"))?;
+        Ok(World {
+            dir: dir.to_path_buf(),
+            data: data.to_path_buf(),
+            run,
+            config,
+            weftd: None,
+            log: dir.join("weftd.log"),
+            starts: 0,
+        })
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.run.join("weftd.sock")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(self.socket())
+    }
+
+    pub fn images(&self) -> PathBuf {
+        self.data.join("images")
+    }
+
+    pub fn exports(&self) -> PathBuf {
+        self.data.join("exports")
+    }
+
+    pub fn weftd_log(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn weftd_pid(&self) -> Option<u32> {
+        self.weftd.as_ref().map(Child::id)
+    }
+
+    /// Starts weftd and waits until it answers; a weftd that exits at start fails.
+    pub async fn start_weftd(&mut self) -> Result<Duration> {
+        ensure!(self.weftd.is_none(), "weftd already runs");
+        let t = Instant::now();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new(bin_path("weftd"));
+        cmd.arg("--data-dir")
+            .arg(&self.data)
+            .arg("--run-dir")
+            .arg(&self.run)
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.weftd = Some(cmd.spawn().context("start weftd")?);
+        self.starts += 1;
+        let client = self.client();
+        let weftd = self.weftd.as_mut().context("weftd")?;
+        wait_until(Duration::from_secs(60), "weftd to answer", || {
+            let client = client.clone();
+            let exited = weftd.try_wait().map(|s| s.map(|s| s.to_string()));
+            async move {
+                if let Some(status) = exited? {
+                    bail!("weftd exited at start ({status}); see its log");
+                }
+                Ok(client
+                    .get::<serde_json::Value>("/v1/status")
+                    .await
+                    .ok()
+                    .map(drop))
+            }
+        })
+        .await?;
+        Ok(t.elapsed())
+    }
+
+    /// SIGKILL to weftd alone (not its process group: QEMU, weft-blk and the vsock
+    /// devices run in groups of their own anyway), and waits for it.
+    pub fn kill_weftd(&mut self) -> Result<()> {
+        let mut child = self.weftd.take().context("weftd is not running")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).context("SIGKILL weftd")?;
+        let status = child.wait()?;
+        ensure!(
+            std::os::unix::process::ExitStatusExt::signal(&status) == Some(9),
+            "weftd ended otherwise than by SIGKILL: {status}"
+        );
+        Ok(())
+    }
+
+    /// Whether weftd still runs.
+    pub fn weftd_alive(&mut self) -> bool {
+        self.weftd
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Stops weftd with SIGTERM (it leaves running QEMUs running), waiting up to 30 s.
+    pub fn stop_weftd(&mut self) {
+        let Some(mut child) = self.weftd.take() else {
+            return;
+        };
+        if let Ok(raw) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(raw),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Kills every process (but this one) whose command line names the work directory
+    /// or that runs in it; what it killed, for the report (after a teardown: nothing).
+    pub fn kill_strays(&self) -> Vec<String> {
+        let dir = self.dir.to_string_lossy().into_owned();
+        let mine = this_and_ancestors();
+        let mut killed = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            if mine.contains(&(pid as u32)) {
+                continue;
+            }
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
+            if cmdline.trim().is_empty() || !(cmdline.contains(&dir) || cwd.starts_with(&self.dir))
+            {
+                continue;
+            }
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            killed.push(format!("stray process {pid} killed: {}", cmdline.trim()));
+        }
+        killed
+    }
+
+    fn weft_cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin_path("weft"));
+        cmd.arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `weft ARGS` to its end.
+    pub fn weft(&self, args: &[&str]) -> Result<Output> {
+        self.weft_cmd(args)
+            .output()
+            .with_context(|| format!("run weft {args:?}"))
+    }
+
+    /// Runs `weft ARGS`; its stdout, or an error with its stderr.
+    pub fn weft_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.weft(args)?;
+        ensure!(
+            out.status.success(),
+            "weft {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts `weft ARGS` without waiting (its output is collected when it ends).
+    pub fn spawn_weft(&self, args: &[&str]) -> Result<Child> {
+        self.weft_cmd(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start weft {args:?}"))
+    }
+
+    /// `weft --json ARGS`, parsed.
+    pub fn weft_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.weft_ok(&all)?;
+        serde_json::from_str(&out).with_context(|| format!("weft {args:?} printed {out:?}"))
+    }
+
+    pub fn serial(&self, env: &str) -> SerialLog {
+        SerialLog::new(self.data.join("environments").join(env).join("serial.log"))
+    }
+
+    /// Every snapshot of `env`, pending and failed ones included.
+    pub fn snapshots(&self, env: &str) -> Result<Vec<Snapshot>> {
+        self.weft_json(&["snapshot", "list", env, "--all"])
+    }
+
+    /// Copies the guest kernel and initramfs into the images directory.
+    pub async fn install_assets(&self) -> Result<(PathBuf, PathBuf)> {
+        let assets = tokio::task::spawn_blocking(guest_assets).await??;
+        let images = self.images();
+        std::fs::create_dir_all(&images)?;
+        let kernel = images.join("vmlinuz");
+        let initrd = images.join("initramfs.img");
+        std::fs::copy(&assets.kernel, &kernel)?;
+        std::fs::copy(&assets.initrd, &initrd)?;
+        Ok((kernel, initrd))
+    }
+
+    /// Creates `rldpa` and waits until its DPA has delivered the first burst. Its disk
+    /// is qcow2, or with `preallocated` a raw image whose every block is allocated (on a
+    /// file system that fills up, the guest's writes then never need new blocks).
+    /// `workload_args` go to [`RUN_SH`] (comma-separated).
+    pub async fn create_dpa_env(
+        &self,
+        kernel: &Path,
+        initrd: &Path,
+        preallocated: bool,
+        workload_args: &str,
+    ) -> Result<PathBuf> {
+        let root = self.dir.join("rldpa-root");
+        std::fs::create_dir_all(&root)?;
+        std::fs::write(root.join("run.sh"), RUN_SH)?;
+        std::fs::write(root.join("weft-dpa.toml"), DPA_TOML)?;
+        let raw = if preallocated {
+            self.images().join("rldpa-vda.raw")
+        } else {
+            self.dir.join("rldpa-vda.raw")
+        };
+        {
+            let mut f = std::fs::File::create(&raw)?;
+            if preallocated {
+                let zeros = vec![0u8; MIB as usize];
+                for _ in 0..DPA_DISK_MIB {
+                    f.write_all(&zeros)?;
+                }
+                f.sync_all()?;
+            } else {
+                f.set_len(DPA_DISK_MIB * MIB)?;
+            }
+        }
+        sh(Command::new("mkfs.ext4")
+            .args([
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0,nodiscard",
+                "-d",
+            ])
+            .arg(&root)
+            .arg(&raw))?;
+        let disk = if preallocated {
+            raw
+        } else {
+            let qcow2 = self.images().join("rldpa-vda.qcow2");
+            sh(Command::new("qemu-img")
+                .args(["convert", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(&qcow2))?;
+            std::fs::remove_file(&raw)?;
+            qcow2
+        };
+        self.create_env(
+            DPA_ENV,
+            &disk,
+            kernel,
+            initrd,
+            "256M",
+            &format!("weft.workload=script weft.workload_args={workload_args} weft.dpa=1"),
+            false,
+        )?;
+        let serial = self.serial(DPA_ENV);
+        serial.wait_for("WEFT-READY", BOOT).await?;
+        serial.wait_for("weft-rel: burst 1 end", BOOT).await?;
+        Ok(disk)
+    }
+
+    /// Creates the stopped `rlcold` on a new raw disk.
+    pub fn create_cold_env(&self, kernel: &Path, initrd: &Path, seed: u64) -> Result<PathBuf> {
+        let disk = self.images().join("rlcold-vda.raw");
+        {
+            let f = std::fs::File::create(&disk)?;
+            f.set_len(COLD_MIB * MIB)?;
+        }
+        sh(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&disk)
+            .arg(format!("{COLD_FS_MIB}M")))?;
+        let mut bulk = vec![0u8; ((COLD_MIB - COLD_FS_MIB) * MIB) as usize];
+        weft_integration::xorshift_fill(&mut bulk, seed | 1);
+        let mut f = std::fs::OpenOptions::new().write(true).open(&disk)?;
+        f.seek(SeekFrom::Start(COLD_FS_MIB * MIB))?;
+        f.write_all(&bulk)?;
+        f.sync_all()?;
+        self.create_env(
+            COLD_ENV,
+            &disk,
+            kernel,
+            initrd,
+            "128M",
+            "weft.workload=counter",
+            true,
+        )?;
+        Ok(disk)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create_env(
+        &self,
+        name: &str,
+        disk: &Path,
+        kernel: &Path,
+        initrd: &Path,
+        memory: &str,
+        append: &str,
+        stopped: bool,
+    ) -> Result<()> {
+        let append = format!("console=ttyS0 panic=-1 {append}");
+        let mut args = vec![
+            "env",
+            "create",
+            name,
+            "--memory",
+            memory,
+            "--disk",
+            utf8(disk)?,
+            "--kernel",
+            utf8(kernel)?,
+            "--initrd",
+            utf8(initrd)?,
+            "--append",
+            &append,
+        ];
+        if stopped {
+            args.push("--no-start");
+        }
+        self.weft_ok(&args).map(drop)
+    }
+
+    /// Creates the composition over `rlcold`.
+    pub fn create_composition(&self) -> Result<()> {
+        let rules = self.dir.join("rlmix.toml");
+        std::fs::write(&rules, RULES)?;
+        self.weft_ok(&[
+            "compose",
+            "create",
+            COMPOSITION,
+            "--env",
+            COLD_ENV,
+            "--rules",
+            utf8(&rules)?,
+        ])
+        .map(drop)
+    }
+}
+
+/// Changes 1 to 8 seeded 64 KiB blocks of `rlcold`'s random region (the environment is
+/// stopped and no process has its image open between rounds).
+pub fn mutate_cold(disk: &Path, rng: &mut Rng) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).open(disk)?;
+    let blocks = (COLD_MIB - COLD_FS_MIB) * MIB / (64 * 1024);
+    let n = 1 + rng.next_u64() % 8;
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..n {
+        let block = rng.next_u64() % blocks;
+        weft_integration::xorshift_fill(&mut buf, rng.next_u64() | 1);
+        f.seek(SeekFrom::Start(COLD_FS_MIB * MIB + block * 64 * 1024))?;
+        f.write_all(&buf)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// This process and its ancestors (whose command lines may name the work directory).
+pub fn this_and_ancestors() -> Vec<u32> {
+    let mut out = vec![std::process::id()];
+    while let Some(&pid) = out.last() {
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        if ppid <= 1 || out.contains(&ppid) {
+            break;
+        }
+        out.push(ppid);
+    }
+    out
+}
+
+/// Rewrites the first 12 MiB of `rlcold`'s random region (three store chunks that no
+/// snapshot holds yet).
+pub fn scramble_cold(disk: &Path, seed: u64) -> Result<()> {
+    let mut bulk = vec![0u8; (12 * MIB) as usize];
+    weft_integration::xorshift_fill(&mut bulk, seed | 1);
+    let mut f = std::fs::OpenOptions::new().write(true).open(disk)?;
+    f.seek(SeekFrom::Start(COLD_FS_MIB * MIB))?;
+    f.write_all(&bulk)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    Ok(hex(ctx.finish().as_ref()))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn utf8(p: &Path) -> Result<&str> {
+    p.to_str()
+        .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+/// Runs a host tool, failing with its output.
+pub fn sh(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("run {:?}", cmd.get_program()))?;
+    ensure!(
+        out.status.success(),
+        "{:?} {:?} failed: {}{}",
+        cmd.get_program(),
+        cmd.get_args().collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(out)
+}
+
+/// What the guest's console says it committed: the highest row number.
+pub fn committed_rows(serial: &str) -> u64 {
+    serial
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            if let Some(n) = l.strip_prefix("weft-rel: row ") {
+                return n.trim().parse().ok();
+            }
+            l.strip_prefix("weft-rel: burst ")
+                .and_then(|r| r.split_once(" end rows="))
+                .and_then(|(_, n)| n.trim().parse().ok())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Bursts the console shows: number → (begun, ended).
+pub fn bursts(serial: &str) -> BTreeMap<u64, (bool, bool)> {
+    let mut out = BTreeMap::new();
+    for l in serial.lines() {
+        let Some(rest) = l.trim().strip_prefix("weft-rel: burst ") else {
+            continue;
+        };
+        let Some((k, what)) = rest.split_once(' ') else {
+            continue;
+        };
+        let Ok(k) = k.parse::<u64>() else {
+            continue;
+        };
+        let e = out.entry(k).or_insert((false, false));
+        if what.starts_with("begin") {
+            e.0 = true;
+        } else if what.starts_with("end") {
+            e.1 = true;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_are_read() {
+        let text = "weft-rel: row 1\nnoise\nweft-rel: row 2\r\nweft-rel: burst 1 begin after 2\n\
+                    weft-rel: burst 1 end rows=302\nweft-rel: row 303\nweft-rel: burst 2 begin after 303\n";
+        assert_eq!(committed_rows(text), 303);
+        let b = bursts(text);
+        assert_eq!(b.get(&1), Some(&(true, true)));
+        assert_eq!(b.get(&2), Some(&(true, false)));
+        assert_eq!(committed_rows(""), 0);
+    }
+}
