@@ -3,8 +3,6 @@
 //! from `docs/openapi.json` (which a unit test keeps equal to the route table); their
 //! number is checked against the handlers in `api.rs` that read a body.
 
-// The rig's CLI helper is not used here.
-#[allow(dead_code)]
 mod common;
 use common::Weftd;
 
