@@ -71,7 +71,7 @@ bench:
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- compose --rounds 10
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- provenance --rounds 5
 
-## reliability: the crash and disk-full campaign, outside `make test` (about 20 minutes
+## reliability: the crash and disk-full campaign, outside `make test` (about 10 minutes
 ## on 2 cores); figures in docs/reliability.md. SEED=N replays a run, KILLS=N sets the
 ## number of kills (50). Both parts run; the target fails if either found a problem.
 KILLS ?= 50
