@@ -72,7 +72,7 @@ bench:
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- provenance --rounds 5
 
 ## reliability: the crash, disk-full and fuzz campaign, outside `make test` (kills and
-## disk full: about 20 minutes on 2 cores; fuzzing: 30 CPU-minutes per target, resumed
+## disk full: about 10 minutes on 2 cores; fuzzing: 30 CPU-minutes per target, resumed
 ## where the last run stopped); figures in docs/reliability.md. SEED=N replays a run,
 ## KILLS=N sets the number of kills (50). Every part runs; the target fails if any found
 ## a problem.
