@@ -143,6 +143,22 @@ fn parse(args: &[String]) -> Result<(String, Options), String> {
     Ok((command, options))
 }
 
+/// A new work directory of its own, under `parent` (`--dir`) or the system's temporary
+/// directory. Always a fresh one: the campaign ends every process whose command line
+/// names it, so it must name nothing else (`--dir /tmp` must not reach other programs).
+fn work_dir(parent: Option<&std::path::Path>, prefix: &str) -> anyhow::Result<PathBuf> {
+    let mut b = tempfile::Builder::new();
+    b.prefix(prefix);
+    let dir = match parent {
+        Some(p) => {
+            std::fs::create_dir_all(p)?;
+            b.tempdir_in(p)?
+        }
+        None => b.tempdir()?,
+    };
+    Ok(dir.keep())
+}
+
 /// A seed from the kernel's random pool (the time, if that cannot be read).
 fn random_seed() -> u64 {
     let mut b = [0u8; 8];
