@@ -143,6 +143,25 @@ fn parse(args: &[String]) -> Result<(String, Options), String> {
     Ok((command, options))
 }
 
+/// The work directory: `--dir` if it is new or empty (the campaign ends every process
+/// that names it, so it must be the campaign's own), else a new temporary one.
+pub fn work_dir(options: &Options, prefix: &str) -> anyhow::Result<PathBuf> {
+    match &options.dir {
+        Some(d) => {
+            let used = std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some());
+            if used {
+                anyhow::bail!(
+                    "--dir {} is not empty: give a new or empty directory (every process naming it is ended at the end)",
+                    d.display()
+                );
+            }
+            std::fs::create_dir_all(d)?;
+            Ok(std::path::absolute(d)?)
+        }
+        None => Ok(tempfile::Builder::new().prefix(prefix).tempdir()?.keep()),
+    }
+}
+
 /// A seed from the kernel's random pool (the time, if that cannot be read).
 fn random_seed() -> u64 {
     let mut b = [0u8; 8];

@@ -177,13 +177,7 @@ pub async fn run(options: &Options) -> Result<bool> {
         "weft-reliability disk-full: seed {seed} (replay: weft-reliability disk-full --seed {seed} --size-mib {})",
         options.size_mib
     );
-    let dir = match &options.dir {
-        Some(d) => d.clone(),
-        None => tempfile::Builder::new()
-            .prefix("weft-rel-full")
-            .tempdir()?
-            .keep(),
-    };
+    let dir = crate::work_dir(options, "weft-rel-full")?;
     println!("work directory: {}", dir.display());
     let mount = Mount::new(&dir.join("fs.img"), &dir.join("mnt"), options.size_mib)?;
     // Small segments: appends then need new blocks every MiB, not every 64.

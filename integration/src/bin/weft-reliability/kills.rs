@@ -134,13 +134,7 @@ pub async fn run(options: &Options) -> Result<bool> {
         "weft-reliability kills: seed {seed} (replay: weft-reliability kills --seed {seed} --kills {})",
         options.kills
     );
-    let dir = match &options.dir {
-        Some(d) => d.clone(),
-        None => tempfile::Builder::new()
-            .prefix("weft-rel-kills")
-            .tempdir()?
-            .keep(),
-    };
+    let dir = crate::work_dir(options, "weft-rel-kills")?;
     println!("work directory: {}", dir.display());
     let mut world = World::new(&dir, &dir.join("data"), "")?;
     world.start_weftd().await?;
