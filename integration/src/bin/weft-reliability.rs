@@ -152,7 +152,7 @@ fn work_dir(parent: Option<&std::path::Path>, prefix: &str) -> anyhow::Result<Pa
     let dir = match parent {
         Some(p) => {
             std::fs::create_dir_all(p)?;
-            b.tempdir_in(p)?
+            b.tempdir_in(std::path::absolute(p)?)?
         }
         None => b.tempdir()?,
     };

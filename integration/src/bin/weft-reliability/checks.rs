@@ -436,7 +436,9 @@ fn our_processes(world: &World) -> Vec<Proc> {
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
         let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
-        let mentions = args.iter().any(|a| a.contains(&dir) || a.contains(&data))
+        let mentions = args
+            .iter()
+            .any(|a| crate::world::names_path(a, &dir) || crate::world::names_path(a, &data))
             || cwd.starts_with(&world.dir)
             || cwd.starts_with(&world.data);
         if !mentions {

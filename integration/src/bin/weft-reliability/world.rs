@@ -278,7 +278,8 @@ impl World {
             let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
-            if cmdline.trim().is_empty() || !(cmdline.contains(&dir) || cwd.starts_with(&self.dir))
+            if cmdline.trim().is_empty()
+                || !(names_path(&cmdline, &dir) || cwd.starts_with(&self.dir))
             {
                 continue;
             }
@@ -521,6 +522,17 @@ pub fn mutate_cold(disk: &Path, rng: &mut Rng) -> Result<()> {
     Ok(())
 }
 
+/// Whether `text` names `dir` or a path under it (not merely a longer name that starts
+/// the same, such as `<dir>2`).
+pub fn names_path(text: &str, dir: &str) -> bool {
+    text.match_indices(dir).any(|(i, _)| {
+        matches!(
+            text[i + dir.len()..].chars().next(),
+            None | Some('/') | Some(' ') | Some('"') | Some(',') | Some('\0')
+        )
+    })
+}
+
 /// This process and its ancestors (whose command lines may name the work directory).
 pub fn this_and_ancestors() -> Vec<u32> {
     let mut out = vec![std::process::id()];
@@ -639,6 +651,15 @@ pub fn bursts(serial: &str) -> BTreeMap<u64, (bool, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_is_named_only_as_itself_or_a_parent() {
+        assert!(names_path("qemu -pidfile /t/w/run/x.pid", "/t/w"));
+        assert!(names_path("/t/w", "/t/w"));
+        assert!(names_path("a=/t/w b", "/t/w"));
+        assert!(!names_path("qemu /t/w2/run", "/t/w"));
+        assert!(!names_path("nothing", "/t/w"));
+    }
 
     #[test]
     fn console_lines_are_read() {
