@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
 use crate::catalog_snapshots::SnapshotFilter;
-use crate::envs::{one_line, EnvError, Manager};
+use crate::envs::Manager;
+use crate::error::{ApiError, one_line};
 use crate::model::{
-    ApiError, AuditEntry, CreateEnvironment, CreateSnapshot, Environment, ExposeRequest, GuestPlan,
+    ErrorBody, AuditEntry, CreateEnvironment, CreateSnapshot, Environment, ExposeRequest, GuestPlan,
     Job, NetSetup, PruneRequest, RestoreRequest, Snapshot, Status, UnexposeRequest,
 };
 use crate::policies::{Policy, SetPolicy};
@@ -564,7 +565,7 @@ pub struct Access {
 async fn whoami(
     State(state): State<AppState>,
     actor: Actor,
-) -> Result<Json<crate::roles::Whoami>, EnvError> {
+) -> Result<Json<crate::roles::Whoami>, ApiError> {
     let access = state.access.clone();
     let groups = actor.groups.clone();
     let names = tokio::task::spawn_blocking(move || {
@@ -579,7 +580,7 @@ async fn whoami(
             .collect::<Vec<_>>()
     })
     .await
-    .map_err(|e| EnvError::Internal(format!("whoami failed: {e}")))?;
+    .map_err(|e| ApiError::Internal(format!("whoami failed: {e}")))?;
     Ok(Json(crate::roles::Whoami {
         uid: actor.uid,
         user: actor.user.clone(),
@@ -590,18 +591,18 @@ async fn whoami(
 }
 
 fn error_response(status: StatusCode, error: String) -> Response {
-    (status, Json(ApiError { error })).into_response()
+    (status, Json(ErrorBody { error })).into_response()
 }
 
-impl IntoResponse for EnvError {
+impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            EnvError::NotFound(_) | EnvError::Missing(_) => StatusCode::NOT_FOUND,
-            EnvError::Duplicate(_) | EnvError::Conflict(_) => StatusCode::CONFLICT,
-            EnvError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            EnvError::Qemu(_) => StatusCode::BAD_GATEWAY,
-            EnvError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            EnvError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) | ApiError::Missing(_) => StatusCode::NOT_FOUND,
+            ApiError::Duplicate(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Qemu(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         };
         let message = one_line(&self.to_string());
         let mut response = error_response(status, message.clone());
@@ -619,8 +620,8 @@ async fn audited<T>(
     action: &str,
     target: &str,
     detail: Option<String>,
-    result: Result<T, EnvError>,
-) -> Result<T, EnvError> {
+    result: Result<T, ApiError>,
+) -> Result<T, ApiError> {
     let outcome = match &result {
         Ok(_) => "ok".to_string(),
         Err(e) => format!("error: {}", one_line(&e.to_string())),
@@ -633,7 +634,7 @@ async fn audited<T>(
     {
         tracing::error!(error = %e, action, target, "cannot write the audit log");
         if result.is_ok() {
-            return Err(EnvError::Internal(format!(
+            return Err(ApiError::Internal(format!(
                 "the change was made but the audit log could not be written: {e}"
             )));
         }
@@ -655,7 +656,7 @@ pub struct EnvironmentView {
     pub runstate: Option<String>,
 }
 
-async fn status(State(state): State<AppState>) -> Result<Json<Status>, EnvError> {
+async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
     let (environments, running) = state.manager.counts().await?;
     let config = state.manager.config();
     let kvm = weft_qmp::launch::kvm_probe();
@@ -681,7 +682,7 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-async fn list_envs(State(state): State<AppState>) -> Result<Json<Vec<EnvironmentView>>, EnvError> {
+async fn list_envs(State(state): State<AppState>) -> Result<Json<Vec<EnvironmentView>>, ApiError> {
     let list = state.manager.list().await?;
     Ok(Json(
         list.into_iter()
@@ -693,7 +694,7 @@ async fn list_envs(State(state): State<AppState>) -> Result<Json<Vec<Environment
 async fn show_env(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<EnvironmentView>, EnvError> {
+) -> Result<Json<EnvironmentView>, ApiError> {
     let (env, runstate) = state.manager.show(&name).await?;
     Ok(Json(EnvironmentView { env, runstate }))
 }
@@ -707,10 +708,10 @@ async fn change<T, F>(
     target: String,
     detail: Option<String>,
     op: F,
-) -> Result<T, EnvError>
+) -> Result<T, ApiError>
 where
     T: Send + 'static,
-    F: std::future::Future<Output = Result<T, EnvError>> + Send + 'static,
+    F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 {
     let state = state.clone();
     let task = tokio::spawn(async move {
@@ -718,7 +719,7 @@ where
         audited(&state, &actor, action, &target, detail, result).await
     });
     task.await
-        .map_err(|e| EnvError::Internal(format!("{action} failed: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("{action} failed: {e}")))?
 }
 
 async fn view(state: &AppState, env: Environment) -> EnvironmentView {
@@ -735,7 +736,7 @@ async fn create_env(
     State(state): State<AppState>,
     actor: Actor,
     body: Result<Json<CreateEnvironment>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<EnvironmentView>), EnvError> {
+) -> Result<(StatusCode, Json<EnvironmentView>), ApiError> {
     let req = self::body(body)?;
     if matches!(req, CreateEnvironment::Attached { .. }) {
         // weftd (root) would drive a VM someone else started, through a socket path of
@@ -765,10 +766,10 @@ async fn env_change<F, Fut>(
     name: String,
     action: &'static str,
     op: F,
-) -> Result<Json<EnvironmentView>, EnvError>
+) -> Result<Json<EnvironmentView>, ApiError>
 where
     F: FnOnce(Arc<Manager>, String) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<Environment, EnvError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<Environment, ApiError>> + Send + 'static,
 {
     let (manager, target) = (state.manager.clone(), name.clone());
     let env = change(&state, actor.name(), action, name, None, async move {
@@ -782,7 +783,7 @@ async fn start_env(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<Json<EnvironmentView>, EnvError> {
+) -> Result<Json<EnvironmentView>, ApiError> {
     env_change(state, actor, name, "env.start", |m, n| async move {
         let env = m.start(&n).await?;
         // QEMU made the tap anew: its published ports' host-local clients need it again.
@@ -796,7 +797,7 @@ async fn stop_env(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<Json<EnvironmentView>, EnvError> {
+) -> Result<Json<EnvironmentView>, ApiError> {
     env_change(state, actor, name, "env.stop", |m, n| async move {
         m.stop(&n).await
     })
@@ -807,7 +808,7 @@ async fn pause_env(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<Json<EnvironmentView>, EnvError> {
+) -> Result<Json<EnvironmentView>, ApiError> {
     env_change(state, actor, name, "env.pause", |m, n| async move {
         m.pause(&n, true).await
     })
@@ -818,7 +819,7 @@ async fn resume_env(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<Json<EnvironmentView>, EnvError> {
+) -> Result<Json<EnvironmentView>, ApiError> {
     env_change(state, actor, name, "env.resume", |m, n| async move {
         m.pause(&n, false).await
     })
@@ -829,7 +830,7 @@ async fn delete_env(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<StatusCode, EnvError> {
+) -> Result<StatusCode, ApiError> {
     let (manager, target) = (state.manager.clone(), name.clone());
     change(&state, actor.name(), "env.delete", name, None, async move {
         manager.delete(&target).await?;
@@ -850,21 +851,21 @@ pub struct AuditQuery {
 async fn audit_log(
     State(state): State<AppState>,
     Query(q): Query<AuditQuery>,
-) -> Result<Json<Vec<AuditEntry>>, EnvError> {
+) -> Result<Json<Vec<AuditEntry>>, ApiError> {
     let limit = q.limit.unwrap_or(50).min(10_000);
     Ok(Json(state.manager.catalog().audit_log(limit).await?))
 }
 
 async fn audit_verify(
     State(state): State<AppState>,
-) -> Result<Json<crate::audit::AuditVerify>, EnvError> {
+) -> Result<Json<crate::audit::AuditVerify>, ApiError> {
     Ok(Json(state.manager.catalog().verify_audit().await?))
 }
 
 /// Parses a JSON body, turning a bad one (unknown fields included) into a one-line 400.
-fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, EnvError> {
+fn body<T>(b: Result<Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
     b.map(|Json(v)| v)
-        .map_err(|e| EnvError::BadRequest(crate::strict::body_error(&e.body_text())))
+        .map_err(|e| ApiError::BadRequest(crate::strict::body_error(&e.body_text())))
 }
 
 async fn create_snapshot(
@@ -872,7 +873,7 @@ async fn create_snapshot(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<CreateSnapshot>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<Job>), EnvError> {
+) -> Result<(StatusCode, Json<Job>), ApiError> {
     let req = body(req)?;
     let actor = actor.name();
     let snapshots = state.snapshots.clone();
@@ -909,12 +910,12 @@ pub struct SnapshotQuery {
     pub all: bool,
 }
 
-fn rfc3339(field: &str, v: Option<String>) -> Result<Option<String>, EnvError> {
+fn rfc3339(field: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
     v.map(|t| {
         humantime::parse_rfc3339_weak(&t)
             .map(|st| humantime::format_rfc3339_micros(st).to_string())
             .map_err(|e| {
-                EnvError::BadRequest(format!(
+                ApiError::BadRequest(format!(
                     "--{field} {t:?}: {e}; use e.g. 2026-11-22T10:00:00Z"
                 ))
             })
@@ -926,7 +927,7 @@ async fn list_snapshots(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<SnapshotQuery>,
-) -> Result<Json<Vec<Snapshot>>, EnvError> {
+) -> Result<Json<Vec<Snapshot>>, ApiError> {
     let filter = SnapshotFilter {
         resource: q.resource,
         since: rfc3339("since", q.since)?,
@@ -942,7 +943,7 @@ async fn prune_snapshots(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<PruneRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<serde_json::Value>, EnvError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let req = body(req)?;
     let snapshots = state.snapshots.clone();
     let target = name.clone();
@@ -963,9 +964,9 @@ async fn prune_snapshots(
     Ok(Json(report))
 }
 
-fn snapshot_id(id: &str) -> Result<i64, EnvError> {
+fn snapshot_id(id: &str) -> Result<i64, ApiError> {
     id.parse().map_err(|_| {
-        EnvError::BadRequest(format!(
+        ApiError::BadRequest(format!(
             "{id:?} is not a snapshot id (see `weft snapshot list ENV`)"
         ))
     })
@@ -974,7 +975,7 @@ fn snapshot_id(id: &str) -> Result<i64, EnvError> {
 async fn show_snapshot(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Snapshot>, EnvError> {
+) -> Result<Json<Snapshot>, ApiError> {
     Ok(Json(state.snapshots.get(snapshot_id(&id)?).await?))
 }
 
@@ -982,7 +983,7 @@ async fn delete_snapshot(
     State(state): State<AppState>,
     actor: Actor,
     Path(id): Path<String>,
-) -> Result<StatusCode, EnvError> {
+) -> Result<StatusCode, ApiError> {
     let n = snapshot_id(&id)?;
     let snapshots = state.snapshots.clone();
     change(
@@ -1000,7 +1001,7 @@ async fn delete_snapshot(
 async fn verify_snapshot(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<serde_json::Value>, EnvError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     Ok(Json(state.snapshots.verify(snapshot_id(&id)?).await?))
 }
 
@@ -1009,7 +1010,7 @@ async fn restore_snapshot(
     actor: Actor,
     Path(id): Path<String>,
     req: Result<Json<RestoreRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<Job>), EnvError> {
+) -> Result<(StatusCode, Json<Job>), ApiError> {
     let req = body(req)?;
     let n = snapshot_id(&id)?;
     let actor = actor.name();
@@ -1030,9 +1031,9 @@ async fn set_policy(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<SetPolicy>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Policy>, EnvError> {
+) -> Result<Json<Policy>, ApiError> {
     let req = body(req)?;
-    req.check().map_err(EnvError::BadRequest)?;
+    req.check().map_err(ApiError::BadRequest)?;
     state.manager.show(&name).await?;
     let catalog = state.manager.catalog().clone();
     let target = name.clone();
@@ -1059,7 +1060,7 @@ pub struct PolicyQuery {
 async fn list_policies(
     State(state): State<AppState>,
     Query(q): Query<PolicyQuery>,
-) -> Result<Json<Vec<Policy>>, EnvError> {
+) -> Result<Json<Vec<Policy>>, ApiError> {
     Ok(Json(
         state.manager.catalog().policies(q.env.as_deref()).await?,
     ))
@@ -1069,7 +1070,7 @@ async fn delete_policy(
     State(state): State<AppState>,
     actor: Actor,
     Path((name, resource)): Path<(String, String)>,
-) -> Result<StatusCode, EnvError> {
+) -> Result<StatusCode, ApiError> {
     let catalog = state.manager.catalog().clone();
     let (env, res) = (name.clone(), resource.clone());
     change(
@@ -1082,7 +1083,7 @@ async fn delete_policy(
             if catalog.delete_policy(&env, &res).await? {
                 Ok(())
             } else {
-                Err(EnvError::Missing(format!(
+                Err(ApiError::Missing(format!(
                     "no policy for {res} of {env} (see `weft policy list`)"
                 )))
             }
@@ -1097,7 +1098,7 @@ async fn create_weave(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<CreateWeave>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<Weave>), EnvError> {
+) -> Result<(StatusCode, Json<Weave>), ApiError> {
     let req = body(req)?;
     require_egress(&actor, req.egress, "weave create --egress all")?;
     let weaves = state.weaves.clone();
@@ -1118,7 +1119,7 @@ async fn create_weave(
 async fn list_weaves(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Vec<Weave>>, EnvError> {
+) -> Result<Json<Vec<Weave>>, ApiError> {
     state.manager.show(&name).await?;
     Ok(Json(state.weaves.list(&name).await?))
 }
@@ -1126,21 +1127,21 @@ async fn list_weaves(
 async fn show_weave(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Weave>, EnvError> {
+) -> Result<Json<Weave>, ApiError> {
     Ok(Json(state.weaves.show(&name).await?))
 }
 
 async fn weave_sources(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Vec<crate::weaves::SourceRow>>, EnvError> {
+) -> Result<Json<Vec<crate::weaves::SourceRow>>, ApiError> {
     state.weaves.show(&name).await?;
     Ok(Json(state.manager.catalog().weave_sources(&name).await?))
 }
 
 async fn list_compositions(
     State(state): State<AppState>,
-) -> Result<Json<Vec<crate::compositions::Composition>>, EnvError> {
+) -> Result<Json<Vec<crate::compositions::Composition>>, ApiError> {
     Ok(Json(state.compositions.list().await?))
 }
 
@@ -1151,7 +1152,7 @@ async fn create_composition(
         Json<crate::compositions::CreateComposition>,
         axum::extract::rejection::JsonRejection,
     >,
-) -> Result<(StatusCode, Json<crate::compositions::CompositionView>), EnvError> {
+) -> Result<(StatusCode, Json<crate::compositions::CompositionView>), ApiError> {
     let req = body(req)?;
     let comps = state.compositions.clone();
     let who = actor.name();
@@ -1168,7 +1169,7 @@ async fn create_composition(
 async fn show_composition(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<crate::compositions::CompositionView>, EnvError> {
+) -> Result<Json<crate::compositions::CompositionView>, ApiError> {
     Ok(Json(state.compositions.plan(&name).await?))
 }
 
@@ -1176,7 +1177,7 @@ async fn delete_composition(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<StatusCode, EnvError> {
+) -> Result<StatusCode, ApiError> {
     let comps = state.compositions.clone();
     let target = name.clone();
     change(
@@ -1194,7 +1195,7 @@ async fn delete_composition(
 async fn composition_conflicts(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Vec<crate::compose::Conflict>>, EnvError> {
+) -> Result<Json<Vec<crate::compose::Conflict>>, ApiError> {
     Ok(Json(state.compositions.conflicts(&name).await?))
 }
 
@@ -1203,7 +1204,7 @@ async fn resolve_composition(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::compositions::ResolveRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Vec<crate::compose::Conflict>>, EnvError> {
+) -> Result<Json<Vec<crate::compose::Conflict>>, ApiError> {
     let req = body(req)?;
     let comps = state.compositions.clone();
     let who = actor.name();
@@ -1236,7 +1237,7 @@ async fn apply_composition(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<ApplyComposition>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<Weave>), EnvError> {
+) -> Result<(StatusCode, Json<Weave>), ApiError> {
     let req = body(req)?;
     require_egress(&actor, req.egress, "compose apply --egress all")?;
     let comp = state.compositions.get(&name).await?;
@@ -1270,7 +1271,7 @@ async fn delete_weave(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<StatusCode, EnvError> {
+) -> Result<StatusCode, ApiError> {
     let weaves = state.weaves.clone();
     let target = name.clone();
     change(
@@ -1288,7 +1289,7 @@ async fn delete_weave(
 async fn show_net(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<NetSetup>, EnvError> {
+) -> Result<Json<NetSetup>, ApiError> {
     Ok(Json(
         crate::net::Net::new(state.manager.catalog())
             .setup(&name)
@@ -1304,10 +1305,10 @@ async fn net_change<F, Fut>(
     action: &'static str,
     detail: Option<String>,
     op: F,
-) -> Result<Json<NetSetup>, EnvError>
+) -> Result<Json<NetSetup>, ApiError>
 where
     F: FnOnce(crate::net::Net, String, String) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<NetSetup, EnvError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<NetSetup, ApiError>> + Send + 'static,
 {
     let net = crate::net::Net::new(state.manager.catalog());
     let actor = actor.name();
@@ -1336,7 +1337,7 @@ async fn set_env_config(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<SetConfig>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<EnvironmentView>, EnvError> {
+) -> Result<Json<EnvironmentView>, ApiError> {
     let req = body(req)?;
     let detail = serde_json::to_string(&req).ok();
     let manager = state.manager.clone();
@@ -1358,7 +1359,7 @@ async fn set_net_plan(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::strict::Strict<GuestPlan>>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<NetSetup>, EnvError> {
+) -> Result<Json<NetSetup>, ApiError> {
     let plan = body(req)?.0;
     let detail = serde_json::to_string(&plan).ok();
     net_change(
@@ -1377,7 +1378,7 @@ async fn expose_env(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<ExposeRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<NetSetup>, EnvError> {
+) -> Result<Json<NetSetup>, ApiError> {
     let req = body(req)?;
     let detail = serde_json::to_string(&req).ok();
     net_change(
@@ -1396,7 +1397,7 @@ async fn unexpose_env(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<UnexposeRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<NetSetup>, EnvError> {
+) -> Result<Json<NetSetup>, ApiError> {
     let req = body(req)?;
     let detail = serde_json::to_string(&req).ok();
     net_change(
@@ -1414,7 +1415,7 @@ async fn activate_env(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<Json<NetSetup>, EnvError> {
+) -> Result<Json<NetSetup>, ApiError> {
     net_change(
         state,
         actor,
@@ -1441,7 +1442,7 @@ async fn weave_route(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<RouteRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Weave>, EnvError> {
+) -> Result<Json<Weave>, ApiError> {
     let req = body(req)?;
     let weaves = state.weaves.clone();
     let target = name.clone();
@@ -1466,7 +1467,7 @@ async fn weave_activate(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, EnvError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let weaves = state.weaves.clone();
     let target = name.clone();
     let actor = actor.name();
@@ -1483,7 +1484,7 @@ async fn weave_egress(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::model::EgressRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<NetSetup>, EnvError> {
+) -> Result<Json<NetSetup>, ApiError> {
     let req = body(req)?;
     require_egress(&actor, req.egress, "weave egress all")?;
     net_change(
@@ -1498,7 +1499,7 @@ async fn weave_egress(
 }
 
 /// Egress `all` opens the host and the operator's networks to a guest: an admin's call.
-fn require_egress(actor: &Actor, egress: crate::model::Egress, what: &str) -> Result<(), EnvError> {
+fn require_egress(actor: &Actor, egress: crate::model::Egress, what: &str) -> Result<(), ApiError> {
     match egress {
         crate::model::Egress::All => actor.require(Role::Admin, what),
         crate::model::Egress::None | crate::model::Egress::Internet => Ok(()),
@@ -1509,7 +1510,7 @@ async fn weave_start(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<Json<EnvironmentView>, EnvError> {
+) -> Result<Json<EnvironmentView>, ApiError> {
     weave_run(state, actor, name, true).await
 }
 
@@ -1517,7 +1518,7 @@ async fn weave_stop(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-) -> Result<Json<EnvironmentView>, EnvError> {
+) -> Result<Json<EnvironmentView>, ApiError> {
     weave_run(state, actor, name, false).await
 }
 
@@ -1527,7 +1528,7 @@ async fn weave_run(
     actor: Actor,
     name: String,
     start: bool,
-) -> Result<Json<EnvironmentView>, EnvError> {
+) -> Result<Json<EnvironmentView>, ApiError> {
     let weaves = state.weaves.clone();
     let (action, verb) = if start {
         ("weave.start", "start")
@@ -1550,7 +1551,7 @@ async fn weave_limits(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::cgroups::Limits>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Weave>, EnvError> {
+) -> Result<Json<Weave>, ApiError> {
     let limits = body(req)?;
     let weaves = state.weaves.clone();
     let target = name.clone();
@@ -1572,7 +1573,7 @@ async fn weave_sync(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::sync::SyncRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<crate::sync::SyncReport>, EnvError> {
+) -> Result<Json<crate::sync::SyncReport>, ApiError> {
     let req = body(req)?;
     let (manager, snapshots) = (state.manager.clone(), state.snapshots.clone());
     let src = name.clone();
@@ -1594,7 +1595,7 @@ async fn replay(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::replay::ReplayRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<crate::replay::ReplayReport>, EnvError> {
+) -> Result<Json<crate::replay::ReplayReport>, ApiError> {
     let req = body(req)?;
     // Into a weave of the environment is an operator's; files written on the host,
     // or a push into anything else, are an admin's.
@@ -1654,7 +1655,7 @@ async fn provenance_records(
     State(state): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<crate::provenance::service::PageQuery>,
-) -> Result<Response, EnvError> {
+) -> Result<Response, ApiError> {
     // A `Page`, serialised record by record as the log streamed into it.
     let body = crate::provenance::service::page(&state.manager, &name, q).await?;
     Ok((
@@ -1667,7 +1668,7 @@ async fn provenance_records(
 async fn list_jobs(
     State(state): State<AppState>,
     Query(q): Query<AuditQuery>,
-) -> Result<Json<Vec<Job>>, EnvError> {
+) -> Result<Json<Vec<Job>>, ApiError> {
     let limit = q.limit.unwrap_or(50).min(10_000);
     Ok(Json(state.snapshots.jobs(limit).await?))
 }
@@ -1675,10 +1676,10 @@ async fn list_jobs(
 async fn show_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Job>, EnvError> {
+) -> Result<Json<Job>, ApiError> {
     let n: i64 = id
         .parse()
-        .map_err(|_| EnvError::BadRequest(format!("{id:?} is not a job id")))?;
+        .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a job id")))?;
     Ok(Json(state.snapshots.job(n).await?))
 }
 
@@ -1688,22 +1689,22 @@ async fn store_op<T: Serialize + Send + 'static>(
     op: impl FnOnce(&weft_blockdev::store::ChunkStore) -> Result<T, weft_blockdev::store::Error>
         + Send
         + 'static,
-) -> Result<Json<serde_json::Value>, EnvError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let store = state.snapshots.store().clone();
     let report = tokio::task::spawn_blocking(move || op(&store))
         .await
-        .map_err(|e| EnvError::Internal(format!("store task failed: {e}")))?
-        .map_err(|e| EnvError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     serde_json::to_value(report)
         .map(Json)
-        .map_err(|e| EnvError::Internal(e.to_string()))
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-async fn store_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>, EnvError> {
+async fn store_stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     store_op(&state, |s| s.stats()).await
 }
 
-async fn store_verify(State(state): State<AppState>) -> Result<Json<serde_json::Value>, EnvError> {
+async fn store_verify(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     store_op(&state, |s| s.verify()).await
 }
 
@@ -1720,7 +1721,7 @@ async fn store_gc(
     State(state): State<AppState>,
     actor: Actor,
     req: Result<Json<GcRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<serde_json::Value>, EnvError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let grace = std::time::Duration::from_secs(body(req)?.grace_secs.unwrap_or(24 * 3600 + 300));
     let st = state.clone();
     change(
@@ -1752,7 +1753,7 @@ async fn store_tier(
     State(state): State<AppState>,
     actor: Actor,
     req: Result<Json<TierRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<serde_json::Value>, EnvError> {
+) -> Result<Json<serde_json::Value>, ApiError> {
     let req = body(req)?;
     let mut policy = weft_blockdev::store::TierPolicy::default();
     let secs = std::time::Duration::from_secs;

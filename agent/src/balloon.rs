@@ -20,7 +20,8 @@ use weft_qmp::launch::VmConfig;
 use weft_qmp::Qmp;
 
 use crate::cgroups::{self, Limits};
-use crate::envs::{one_line, EnvError, Manager};
+use crate::envs::Manager;
+use crate::error::{ApiError, one_line};
 
 const MIB: u64 = 1024 * 1024;
 /// How long one balloon QMP command may take.
@@ -105,7 +106,7 @@ pub async fn follow_limit(
     manager: &Manager,
     name: &str,
     limit_mib: Option<u64>,
-) -> Result<Option<Balloon>, EnvError> {
+) -> Result<Option<Balloon>, ApiError> {
     let Some(qmp) = manager.live_qmp(name) else {
         return Ok(None);
     };
@@ -123,7 +124,7 @@ pub async fn follow_limit(
     let target = target_mib(limit_mib, config.memory_mib);
     let balloon = set(&qmp, target)
         .await
-        .map_err(|e| EnvError::Qemu(one_line(&format!("balloon of weave {name}: {e}"))))?;
+        .map_err(|e| ApiError::Qemu(one_line(&format!("balloon of weave {name}: {e}"))))?;
     if let Some(b) = balloon {
         info!(
             weave = name,
@@ -144,7 +145,7 @@ pub async fn apply_limits(
     manager: &Manager,
     name: &str,
     limits: &Limits,
-) -> Result<Option<Balloon>, EnvError> {
+) -> Result<Option<Balloon>, ApiError> {
     let groups = cgroups::groups(name);
     let previous = groups.memory_limit_mib();
     let mut balloon = follow_limit(manager, name, limits.memory_mib).await?;
@@ -182,11 +183,11 @@ pub async fn apply_limits(
             };
             match limits.memory_mib {
                 Some(m) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    Err(EnvError::Conflict(one_line(&format!(
+                    Err(ApiError::Conflict(one_line(&format!(
                         "cannot lower the memory limit of weave {name} to {m} MiB: its QEMU uses more that the kernel cannot reclaim ({e}); give a higher --memory{note}"
                     ))))
                 }
-                _ => Err(EnvError::Internal(one_line(&format!(
+                _ => Err(ApiError::Internal(one_line(&format!(
                     "cannot set the limits of weave {name}: {e}{note}"
                 )))),
             }

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use weft_qmp::launch::{self, VhostUserDisk, VmConfig};
 
 use crate::config::Config;
-use crate::envs::EnvError;
+use crate::error::ApiError;
 
 /// Name of the backend binary (next to weftd's own, else in `PATH`).
 pub const BINARY: &str = "weft-blk";
@@ -98,12 +98,12 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
 
 /// Starts a weft-blk for every served disk of `vm` that has none running, and waits
 /// until each listens. On failure, the ones it started are stopped again.
-pub async fn prepare(config: &Config, vm: &str, vm_config: &VmConfig) -> Result<(), EnvError> {
+pub async fn prepare(config: &Config, vm: &str, vm_config: &VmConfig) -> Result<(), ApiError> {
     if vm_config.vhost_user_disks.is_empty() {
         return Ok(());
     }
     let binary = binary().ok_or_else(|| {
-        EnvError::Internal(format!(
+        ApiError::Internal(format!(
             "{vm:?} has disks served by {BINARY}, which is neither beside weftd nor in PATH"
         ))
     })?;
@@ -129,7 +129,7 @@ async fn start_one(
     binary: &Path,
     vm: &str,
     disk: &VhostUserDisk,
-) -> Result<bool, EnvError> {
+) -> Result<bool, ApiError> {
     let socket = &disk.socket;
     let pid_file = pid_path(socket);
     let pid = read_pid(&pid_file)
@@ -145,14 +145,14 @@ async fn start_one(
         stop_one(socket).await;
     }
     if socket.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "the weft-blk socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter run_dir or name",
             socket.display()
         )));
     }
     let spec = spec_path(config, vm, &disk.name);
     if !spec.is_file() {
-        return Err(EnvError::Internal(format!(
+        return Err(ApiError::Internal(format!(
             "disk {} of {vm:?} is served by {BINARY} but has no spec at {}",
             disk.name,
             spec.display()
@@ -160,7 +160,7 @@ async fn start_one(
     }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
-            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
     }
     let log_path = config
         .data_dir
@@ -174,10 +174,10 @@ async fn start_one(
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|e| EnvError::Internal(format!("cannot open {}: {e}", log_path.display())))?;
+        .map_err(|e| ApiError::Internal(format!("cannot open {}: {e}", log_path.display())))?;
     let err = log
         .try_clone()
-        .map_err(|e| EnvError::Internal(format!("cannot open {}: {e}", log_path.display())))?;
+        .map_err(|e| ApiError::Internal(format!("cannot open {}: {e}", log_path.display())))?;
     let _ = std::fs::remove_file(socket);
     let t0 = Instant::now();
     let mut child = tokio::process::Command::new(binary)
@@ -194,19 +194,19 @@ async fn start_one(
         .process_group(0)
         .kill_on_drop(false)
         .spawn()
-        .map_err(|e| EnvError::Internal(format!("cannot start {}: {e}", binary.display())))?;
+        .map_err(|e| ApiError::Internal(format!("cannot start {}: {e}", binary.display())))?;
     let pid = child.id().unwrap_or(0);
     // Dying here leaves a weft-blk with no pid file: `stop_one` finds it by its socket.
     crate::testpoints::point("blk.spawned").await;
     std::fs::write(&pid_file, format!("{pid}\n"))
-        .map_err(|e| EnvError::Internal(format!("cannot write {}: {e}", pid_file.display())))?;
+        .map_err(|e| ApiError::Internal(format!("cannot write {}: {e}", pid_file.display())))?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
             let text = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(3).collect();
             let _ = std::fs::remove_file(&pid_file);
-            return Err(EnvError::Internal(format!(
+            return Err(ApiError::Internal(format!(
                 "{BINARY} for disk {} of {vm:?} exited at start ({status}): {}",
                 disk.name,
                 tail.into_iter().rev().collect::<Vec<_>>().join("; ")
@@ -217,7 +217,7 @@ async fn start_one(
         }
         if Instant::now() >= deadline {
             stop_one(socket).await;
-            return Err(EnvError::Internal(format!(
+            return Err(ApiError::Internal(format!(
                 "{BINARY} for disk {} of {vm:?} did not listen within {}s (see {})",
                 disk.name,
                 READY_TIMEOUT.as_secs(),
@@ -343,13 +343,13 @@ pub async fn release(config: &Config, vm: &str) {
 
 /// Stops every weft-blk of `vm` and removes its specs, write layers and traces (the VM
 /// is deleted).
-pub async fn forget(config: &Config, vm: &str) -> Result<(), EnvError> {
+pub async fn forget(config: &Config, vm: &str) -> Result<(), ApiError> {
     release(config, vm).await;
     let dir = vm_dir(config, vm);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(EnvError::Internal(format!(
+        Err(e) => Err(ApiError::Internal(format!(
             "cannot remove {}: {e}",
             dir.display()
         ))),

@@ -978,7 +978,7 @@ impl From<ClientError> for CliError {
 }
 
 fn env_path(name: &str) -> Result<String, CliError> {
-    crate::envs::check_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    crate::names::check_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(format!("/v1/environments/{name}"))
 }
 
@@ -1764,7 +1764,7 @@ async fn snapshot_command(
 }
 
 fn compose_path(name: &str) -> Result<String, CliError> {
-    crate::envs::check_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    crate::names::check_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(format!("/v1/compositions/{name}"))
 }
 
@@ -2122,7 +2122,7 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
                 Some("dst") => Some(crate::sync::Prefer::Dst),
                 _ => None,
             };
-            crate::envs::check_name(&src).map_err(|e| CliError::Usage(e.to_string()))?;
+            crate::names::check_name(&src).map_err(|e| CliError::Usage(e.to_string()))?;
             let r: crate::sync::SyncReport = client
                 .post(
                     &format!("/v1/weaves/{src}/sync"),

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tokio::net::UnixStream;
 
 use crate::api::ACTOR_HEADER;
-use crate::model::ApiError;
+use crate::model::ErrorBody;
 
 /// Largest response body the client accepts.
 const MAX_BODY: usize = 64 << 20;
@@ -152,7 +152,7 @@ impl Client {
         if status.is_success() {
             return Ok(bytes);
         }
-        let message = serde_json::from_slice::<ApiError>(&bytes)
+        let message = serde_json::from_slice::<ErrorBody>(&bytes)
             .map(|e| e.error)
             .unwrap_or_else(|_| format!("weftd answered {status}"));
         Err(ClientError::Api { status, message })

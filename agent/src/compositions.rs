@@ -13,7 +13,9 @@ use weft_blockdev::store::{BlockMap, ChunkStore};
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::catalog_snapshots::SnapshotFilter;
 use crate::compose::{self, Conflict, MapSource, Plan, PlanInput, Rules};
-use crate::envs::{check_name, EnvError, Manager};
+use crate::envs::Manager;
+use crate::error::ApiError;
+use crate::names::check_name;
 use crate::model::{EnvKind, Snapshot};
 use crate::provenance::ProvenanceLog;
 use crate::replay::Item;
@@ -226,25 +228,25 @@ impl Compositions {
         &self,
         req: CreateComposition,
         actor: &str,
-    ) -> Result<CompositionView, EnvError> {
+    ) -> Result<CompositionView, ApiError> {
         check_name(&req.name)?;
         let rules = req
             .rules
             .checked()
-            .map_err(|e| EnvError::BadRequest(format!("rules: {e}")))?;
+            .map_err(|e| ApiError::BadRequest(format!("rules: {e}")))?;
         let env = self
             .catalog()
             .environment(&req.env)
             .await?
-            .ok_or_else(|| EnvError::NotFound(req.env.clone()))?;
+            .ok_or_else(|| ApiError::NotFound(req.env.clone()))?;
         if env.kind != EnvKind::Managed {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "compositions need a managed environment; {:?} is attached",
                 req.env
             )));
         }
         if self.catalog().composition(&req.name).await?.is_some() {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "a composition named {:?} already exists",
                 req.name
             )));
@@ -258,7 +260,7 @@ impl Compositions {
         };
         let plan = self.compute(&comp, &HashMap::new()).await?;
         let rules_json = serde_json::to_string(&comp.rules)
-            .map_err(|e| EnvError::Internal(format!("rules: {e}")))?;
+            .map_err(|e| ApiError::Internal(format!("rules: {e}")))?;
         sqlx::query(
             "INSERT INTO compositions (name, env, rules, actor, created_at) VALUES (?, ?, ?, ?, ?)",
         )
@@ -280,21 +282,21 @@ impl Compositions {
     }
 
     /// Every composition.
-    pub async fn list(&self) -> Result<Vec<Composition>, EnvError> {
+    pub async fn list(&self) -> Result<Vec<Composition>, ApiError> {
         Ok(self.catalog().compositions().await?)
     }
 
     /// One composition.
-    pub async fn get(&self, name: &str) -> Result<Composition, EnvError> {
+    pub async fn get(&self, name: &str) -> Result<Composition, ApiError> {
         self.catalog().composition(name).await?.ok_or_else(|| {
-            EnvError::Missing(format!(
+            ApiError::Missing(format!(
                 "no composition named {name:?} (see `weft compose list`)"
             ))
         })
     }
 
     /// The recorded resolutions of a composition.
-    async fn resolutions(&self, name: &str) -> Result<HashMap<(String, String), i64>, EnvError> {
+    async fn resolutions(&self, name: &str) -> Result<HashMap<(String, String), i64>, ApiError> {
         Ok(self
             .catalog()
             .composition_conflicts(name)
@@ -305,7 +307,7 @@ impl Compositions {
     }
 
     /// The plan as of now (nothing is written).
-    pub async fn plan(&self, name: &str) -> Result<CompositionView, EnvError> {
+    pub async fn plan(&self, name: &str) -> Result<CompositionView, ApiError> {
         let comp = self.get(name).await?;
         let res = self.resolutions(name).await?;
         let plan = self.compute(&comp, &res).await?;
@@ -319,12 +321,12 @@ impl Compositions {
     pub(crate) async fn inputs(
         &self,
         comp: &Composition,
-    ) -> Result<(Vec<String>, Vec<Snapshot>), EnvError> {
+    ) -> Result<(Vec<String>, Vec<Snapshot>), ApiError> {
         let env = self
             .catalog()
             .environment(&comp.env)
             .await?
-            .ok_or_else(|| EnvError::NotFound(comp.env.clone()))?;
+            .ok_or_else(|| ApiError::NotFound(comp.env.clone()))?;
         let config = env.config.unwrap_or_default();
         let mut resources: Vec<String> = config
             .disks
@@ -353,7 +355,7 @@ impl Compositions {
         &self,
         comp: &Composition,
         resolutions: &HashMap<(String, String), i64>,
-    ) -> Result<Plan, EnvError> {
+    ) -> Result<Plan, ApiError> {
         let (resources, snaps) = self.inputs(comp).await?;
         let rules = comp.rules.clone();
         let res = resolutions.clone();
@@ -370,8 +372,8 @@ impl Compositions {
             )
         })
         .await
-        .map_err(|e| EnvError::Internal(format!("plan task failed: {e}")))?
-        .map_err(|e| EnvError::BadRequest(format!("composition {}: {e}", comp.name)))
+        .map_err(|e| ApiError::Internal(format!("plan task failed: {e}")))?
+        .map_err(|e| ApiError::BadRequest(format!("composition {}: {e}", comp.name)))
     }
 
     /// The merged block map (disks) or JSON (`config`, `net`) of a merged resource.
@@ -380,7 +382,7 @@ impl Compositions {
         comp: &Composition,
         resource: &str,
         sides: &[i64],
-    ) -> Result<compose::Merged, EnvError> {
+    ) -> Result<compose::Merged, ApiError> {
         let (_, snaps) = self.inputs(comp).await?;
         let res = self.resolutions(&comp.name).await?;
         let rules = comp.rules.clone();
@@ -400,8 +402,8 @@ impl Compositions {
             )
         })
         .await
-        .map_err(|e| EnvError::Internal(format!("merge task failed: {e}")))?
-        .map_err(EnvError::BadRequest)
+        .map_err(|e| ApiError::Internal(format!("merge task failed: {e}")))?
+        .map_err(ApiError::BadRequest)
     }
 
     /// The merged application state of a `data:` resource the plan merges.
@@ -411,7 +413,7 @@ impl Compositions {
         resource: &str,
         instants: &[String],
         base: &str,
-    ) -> Result<compose::Merged, EnvError> {
+    ) -> Result<compose::Merged, ApiError> {
         let res = self.resolutions(&comp.name).await?;
         let rules = comp.rules.clone();
         let maps = self.maps(&comp.env);
@@ -421,12 +423,12 @@ impl Compositions {
             compose::merge_data(&rules, &resource, &instants, &base, &res, &maps)
         })
         .await
-        .map_err(|e| EnvError::Internal(format!("merge task failed: {e}")))?
-        .map_err(EnvError::BadRequest)
+        .map_err(|e| ApiError::Internal(format!("merge task failed: {e}")))?
+        .map_err(ApiError::BadRequest)
     }
 
     /// The stored conflicts (resolved and open).
-    pub async fn conflicts(&self, name: &str) -> Result<Vec<Conflict>, EnvError> {
+    pub async fn conflicts(&self, name: &str) -> Result<Vec<Conflict>, ApiError> {
         self.get(name).await?;
         Ok(self.catalog().composition_conflicts(name).await?)
     }
@@ -437,7 +439,7 @@ impl Compositions {
         name: &str,
         req: ResolveRequest,
         actor: &str,
-    ) -> Result<Vec<Conflict>, EnvError> {
+    ) -> Result<Vec<Conflict>, ApiError> {
         self.get(name).await?;
         let all = self.catalog().composition_conflicts(name).await?;
         let chosen: Vec<&Conflict> = match (&req.resource, &req.key, req.all) {
@@ -448,13 +450,13 @@ impl Compositions {
                 .filter(|c| &c.resource == r && &c.key == k)
                 .collect(),
             _ => {
-                return Err(EnvError::BadRequest(
+                return Err(ApiError::BadRequest(
                     "name a conflict (resource and key), a resource, or all".into(),
                 ))
             }
         };
         if chosen.is_empty() {
-            return Err(EnvError::BadRequest(format!(
+            return Err(ApiError::BadRequest(format!(
                 "no such conflict in composition {name} (see `weft compose conflicts {name}`)"
             )));
         }
@@ -472,7 +474,7 @@ impl Compositions {
             let side = match &req.take {
                 Take::Snapshot(id) if c.sides.contains(id) => *id,
                 Take::Snapshot(id) => {
-                    return Err(EnvError::BadRequest(format!(
+                    return Err(ApiError::BadRequest(format!(
                         "snapshot {id} is not a side of conflict {} {} (sides {} and {})",
                         c.resource, c.key, c.sides[0], c.sides[1]
                     )))
@@ -495,7 +497,7 @@ impl Compositions {
                                 id
                             }
                             _ => {
-                                return Err(EnvError::BadRequest(format!(
+                                return Err(ApiError::BadRequest(format!(
                                     "take {other:?}: use older, newer, a snapshot id, or for data: a side's instant"
                                 )))
                             }
@@ -522,7 +524,7 @@ impl Compositions {
     }
 
     /// Deletes a composition (weaves made from it stay).
-    pub async fn delete(&self, name: &str) -> Result<(), EnvError> {
+    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
         self.get(name).await?;
         sqlx::query("DELETE FROM compositions WHERE name = ?")
             .bind(name)
@@ -534,7 +536,7 @@ impl Compositions {
 
     /// The plan apply uses: recomputed with the recorded resolutions; conflicts it
     /// finds that are not recorded yet are recorded; refused while any is open.
-    pub(crate) async fn plan_for_apply(&self, name: &str) -> Result<(Composition, Plan), EnvError> {
+    pub(crate) async fn plan_for_apply(&self, name: &str) -> Result<(Composition, Plan), ApiError> {
         let comp = self.get(name).await?;
         let res = self.resolutions(name).await?;
         let plan = self.compute(&comp, &res).await?;
@@ -550,7 +552,7 @@ impl Compositions {
             .collect();
         if !open.is_empty() {
             let shown = open.iter().take(10).cloned().collect::<Vec<_>>().join("; ");
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "composition {name} has {} open conflict(s): {shown}{}; resolve them with `weft compose resolve {name} …`",
                 open.len(),
                 if open.len() > 10 { "; …" } else { "" }

@@ -17,7 +17,9 @@ use tracing::{info, warn};
 use weft_qmp::launch::{self, Accel, DiskConfig, LaunchPaths, QemuProcess, SpawnOptions, VmConfig};
 use weft_qmp::Qmp;
 
-use crate::catalog::{Catalog, CatalogError, NewEnvironment};
+use crate::catalog::{Catalog, NewEnvironment};
+use crate::error::{one_line, ApiError};
+use crate::names::check_name;
 use crate::config::Config;
 use crate::model::{CreateEnvironment, DiskRequest, EnvFiles, EnvKind, EnvState, Environment};
 
@@ -25,45 +27,6 @@ use crate::model::{CreateEnvironment, DiskRequest, EnvFiles, EnvKind, EnvState, 
 const MAX_SOCKET_PATH: usize = 107;
 /// Default guest memory.
 pub const DEFAULT_MEMORY_MIB: u64 = 512;
-
-/// Why an environment operation failed. Each variant maps to one HTTP status.
-#[derive(Debug, thiserror::Error)]
-pub enum EnvError {
-    /// No environment has that name.
-    #[error("no environment named {0:?} (see `weft env list`)")]
-    NotFound(String),
-    /// Something other than an environment (a snapshot, weave, job, composition, policy)
-    /// does not exist; the text says what, in full.
-    #[error("{0}")]
-    Missing(String),
-    /// The name is taken.
-    #[error("an environment named {0:?} already exists")]
-    Duplicate(String),
-    /// The request itself is wrong.
-    #[error("{0}")]
-    BadRequest(String),
-    /// The environment is in a state that does not allow the operation.
-    #[error("{0}")]
-    Conflict(String),
-    /// QEMU or its QMP socket failed.
-    #[error("{0}")]
-    Qemu(String),
-    /// Anything else (catalog, file system).
-    #[error("{0}")]
-    Internal(String),
-    /// The caller's role does not allow the request (see `roles.rs`).
-    #[error("{0}")]
-    Forbidden(String),
-}
-
-impl From<CatalogError> for EnvError {
-    fn from(e: CatalogError) -> Self {
-        match e {
-            CatalogError::Duplicate(n) => EnvError::Duplicate(n),
-            other => EnvError::Internal(other.to_string()),
-        }
-    }
-}
 
 /// The live side of a running environment.
 struct Runtime {
@@ -126,23 +89,6 @@ enum Recovered {
     Unreachable(String),
 }
 
-/// Checks an environment name: 1–32 characters from `[a-z0-9_-]`, starting with a letter or digit.
-pub fn check_name(name: &str) -> Result<(), EnvError> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(EnvError::BadRequest(format!(
-            "invalid environment name {name:?}: use 1-32 characters from a-z, 0-9, '-' and '_', starting with a letter or digit"
-        )))
-    }
-}
-
 impl Manager {
     /// A manager over `catalog`; call [`Manager::recover`] before serving.
     pub fn new(config: Config, catalog: Catalog) -> Arc<Manager> {
@@ -167,9 +113,9 @@ impl Manager {
 
     /// Holds `name` for one create request, for as long as the hold lives: refused when
     /// another request holds it or an environment (or weave) has it.
-    pub async fn reserve(self: &Arc<Self>, name: &str) -> Result<NameHold, EnvError> {
+    pub async fn reserve(self: &Arc<Self>, name: &str) -> Result<NameHold, ApiError> {
         if !self.lock_reserved().insert(name.to_string()) {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "{name:?} is being created by another request; choose another name"
             )));
         }
@@ -178,7 +124,7 @@ impl Manager {
             name: name.to_string(),
         };
         if self.catalog.environment(name).await?.is_some() {
-            return Err(EnvError::Duplicate(name.to_string()));
+            return Err(ApiError::Duplicate(name.to_string()));
         }
         Ok(hold)
     }
@@ -204,16 +150,16 @@ impl Manager {
     }
 
     /// Removes `name`'s provenance log (its environment or weave is gone).
-    pub async fn remove_provenance(&self, name: &str) -> Result<(), EnvError> {
+    pub async fn remove_provenance(&self, name: &str) -> Result<(), ApiError> {
         let Some(log) = self.provenance.get().cloned() else {
             return Ok(());
         };
         let target = name.to_string();
         tokio::task::spawn_blocking(move || log.remove(&target))
             .await
-            .map_err(|e| EnvError::Internal(format!("provenance task failed: {e}")))?
+            .map_err(|e| ApiError::Internal(format!("provenance task failed: {e}")))?
             .map_err(|e| {
-                EnvError::Internal(one_line(&format!(
+                ApiError::Internal(one_line(&format!(
                     "cannot remove the provenance log of {name}: {e}"
                 )))
             })
@@ -308,7 +254,7 @@ impl Manager {
     }
 
     /// One environment, with its live QMP run state when it runs.
-    pub async fn show(&self, name: &str) -> Result<(Environment, Option<String>), EnvError> {
+    pub async fn show(&self, name: &str) -> Result<(Environment, Option<String>), ApiError> {
         let mut env = self.row(name).await?;
         if env.kind == EnvKind::Managed {
             env.files = Some(self.files(name));
@@ -321,7 +267,7 @@ impl Manager {
     }
 
     /// All environments.
-    pub async fn list(&self) -> Result<Vec<(Environment, Option<String>)>, EnvError> {
+    pub async fn list(&self) -> Result<Vec<(Environment, Option<String>)>, ApiError> {
         let envs = self.catalog.environments().await?;
         // Asked concurrently: one hung QEMU must not make the whole list wait per guest.
         let runstates = futures::future::join_all(envs.iter().map(|env| {
@@ -338,7 +284,7 @@ impl Manager {
     }
 
     /// Creates an environment (and launches it unless asked not to).
-    pub async fn create(self: &Arc<Self>, req: CreateEnvironment) -> Result<Environment, EnvError> {
+    pub async fn create(self: &Arc<Self>, req: CreateEnvironment) -> Result<Environment, ApiError> {
         let (CreateEnvironment::Managed { name, .. } | CreateEnvironment::Attached { name, .. }) =
             &req;
         check_name(name)?;
@@ -359,7 +305,7 @@ impl Manager {
             } => {
                 check_name(&name)?;
                 if self.catalog.environment(&name).await?.is_some() {
-                    return Err(EnvError::Duplicate(name));
+                    return Err(ApiError::Duplicate(name));
                 }
                 // Images come from image_dirs; the canonical path is what is recorded.
                 let images = crate::confine::ImageDirs::new(&self.config);
@@ -379,11 +325,11 @@ impl Manager {
                 config.nics = nics;
                 config
                     .validate()
-                    .map_err(|e| EnvError::BadRequest(e.to_string()))?;
+                    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
                 config.accel = accel.unwrap_or(self.config.accel);
                 if config.accel == Accel::Kvm {
                     launch::kvm_probe().map_err(|reason| {
-                        EnvError::BadRequest(format!(
+                        ApiError::BadRequest(format!(
                             "--accel kvm: KVM is not usable on this host: {reason}; use --accel tcg or auto"
                         ))
                     })?;
@@ -419,7 +365,7 @@ impl Manager {
             CreateEnvironment::Attached { name, qmp_socket } => {
                 check_name(&name)?;
                 if self.catalog.environment(&name).await?.is_some() {
-                    return Err(EnvError::Duplicate(name));
+                    return Err(ApiError::Duplicate(name));
                 }
                 let qmp_socket = self.check_attachable(&qmp_socket).await?;
                 let qmp = connect_attached(&self.config, &qmp_socket).await?;
@@ -445,12 +391,12 @@ impl Manager {
         &self,
         weave: &crate::weaves::Weave,
         config: &VmConfig,
-    ) -> Result<(), EnvError> {
+    ) -> Result<(), ApiError> {
         let name = weave.name.as_str();
         let _op = self.lock_env(name).await;
         config
             .validate()
-            .map_err(|e| EnvError::BadRequest(e.to_string()))?;
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let socket = self.qmp_socket_path(name);
         check_socket_path(&socket)?;
         self.catalog
@@ -475,14 +421,14 @@ impl Manager {
         name: &str,
         config: &VmConfig,
         socket: &Path,
-    ) -> Result<(), EnvError> {
+    ) -> Result<(), ApiError> {
         let files = self.files(name);
         let dir = self.env_dir(name);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         if let Some(parent) = socket.parent() {
             std::fs::create_dir_all(parent).map_err(|e| {
-                EnvError::Internal(format!("cannot create {}: {e}", parent.display()))
+                ApiError::Internal(format!("cannot create {}: {e}", parent.display()))
             })?;
         }
         // Never start a second QEMU beside one that survived an earlier weftd
@@ -492,7 +438,7 @@ impl Manager {
             .and_then(|s| s.trim().parse::<u32>().ok())
             .filter(|pid| serves_socket(*pid, socket))
         {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "QEMU pid {pid} from an earlier run of {name:?} still runs; end it with `weft env stop {name}`"
             )));
         }
@@ -511,7 +457,7 @@ impl Manager {
             (None, Vec::new())
         };
         let qemu_user =
-            crate::qemu_user::QemuUser::of(&self.config).map_err(EnvError::BadRequest)?;
+            crate::qemu_user::QemuUser::of(&self.config).map_err(ApiError::BadRequest)?;
         if let Some(user) = &qemu_user {
             // Where the running QEMU makes files for weftd once it is that user: the
             // environment's new overlays, backup scratch images and NBD sockets, sync
@@ -523,7 +469,7 @@ impl Manager {
                 (run, run.join("sync")),
             ] {
                 user.give_dir(root, &d).map_err(|e| {
-                    EnvError::Internal(format!(
+                    ApiError::Internal(format!(
                         "cannot give {} to qemu_user {}: {e}",
                         d.display(),
                         user.spec
@@ -572,7 +518,7 @@ impl Manager {
             Ok(process) => process,
             Err(e) => {
                 self.release_vsock(name).await;
-                return Err(EnvError::Qemu(one_line(&format!(
+                return Err(ApiError::Qemu(one_line(&format!(
                     "cannot start QEMU for {name:?}: {e}"
                 ))));
             }
@@ -667,11 +613,11 @@ impl Manager {
     }
 
     /// The catalog row of `name`, or NotFound.
-    async fn row(&self, name: &str) -> Result<Environment, EnvError> {
+    async fn row(&self, name: &str) -> Result<Environment, ApiError> {
         self.catalog
             .environment(name)
             .await?
-            .ok_or_else(|| EnvError::NotFound(name.to_string()))
+            .ok_or_else(|| ApiError::NotFound(name.to_string()))
     }
 
     /// Changes a managed environment's memory and vCPUs in its stored configuration;
@@ -682,16 +628,16 @@ impl Manager {
         name: &str,
         memory_mib: Option<u64>,
         cpus: Option<u32>,
-    ) -> Result<Environment, EnvError> {
+    ) -> Result<Environment, ApiError> {
         let _op = self.lock_env(name).await;
         let env = self.row(name).await?;
         let Some(mut config) = env.config.clone().filter(|_| env.kind == EnvKind::Managed) else {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "{name:?} is attached: its owner configures its VM"
             )));
         };
         if memory_mib.is_none() && cpus.is_none() {
-            return Err(EnvError::BadRequest("give --memory, --cpus or both".into()));
+            return Err(ApiError::BadRequest("give --memory, --cpus or both".into()));
         }
         if let Some(m) = memory_mib {
             config.memory_mib = m;
@@ -701,7 +647,7 @@ impl Manager {
         }
         config
             .validate()
-            .map_err(|e| EnvError::BadRequest(one_line(&e.to_string())))?;
+            .map_err(|e| ApiError::BadRequest(one_line(&e.to_string())))?;
         self.catalog.set_config(name, &config).await?;
         self.row(name).await
     }
@@ -709,15 +655,15 @@ impl Manager {
     /// Starts a stopped managed environment.
     /// For an attached environment, connects to its QMP socket again (its owner
     /// starts the VM itself).
-    pub async fn start(self: &Arc<Self>, name: &str) -> Result<Environment, EnvError> {
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<Environment, ApiError> {
         let _op = self.lock_env(name).await;
         let env = self.row(name).await?;
         if env.state != EnvState::Stopped || self.lock_runtimes().contains_key(name) {
-            return Err(EnvError::Conflict(format!("{name:?} is already running")));
+            return Err(ApiError::Conflict(format!("{name:?} is already running")));
         }
         if env.kind == EnvKind::Attached {
             let qmp = connect_attached(&self.config, &env.qmp_socket).await.map_err(|e| {
-                EnvError::Conflict(format!(
+                ApiError::Conflict(format!(
                     "{name:?} is attached and its owner runs it: start the VM there (e.g. `virsh start`) first; {e}"
                 ))
             })?;
@@ -733,11 +679,11 @@ impl Manager {
             crate::overlays::settle(&self.catalog, name, None).await?;
         }
         let config = self.row(name).await?.config.ok_or_else(|| {
-            EnvError::Internal(format!("{name:?} has no stored VM configuration"))
+            ApiError::Internal(format!("{name:?} has no stored VM configuration"))
         })?;
         config
             .validate()
-            .map_err(|e| EnvError::BadRequest(format!("cannot start {name:?}: {e}")))?;
+            .map_err(|e| ApiError::BadRequest(format!("cannot start {name:?}: {e}")))?;
         self.catalog
             .set_state(name, EnvState::Starting, None, None)
             .await?;
@@ -754,30 +700,30 @@ impl Manager {
     /// Pauses (`stop`) or resumes (`cont`) a running environment's vCPUs. QEMU drains
     /// and flushes every disk when it pauses, so a paused VM's images are consistent on
     /// disk (e.g. for `qemu-img -U` readers).
-    pub async fn pause(&self, name: &str, pause: bool) -> Result<Environment, EnvError> {
+    pub async fn pause(&self, name: &str, pause: bool) -> Result<Environment, ApiError> {
         let _op = self.lock_env(name).await;
         if self.catalog.environment(name).await?.is_none() {
-            return Err(EnvError::NotFound(name.to_string()));
+            return Err(ApiError::NotFound(name.to_string()));
         }
         let qmp = self
             .runtime_qmp(name)
-            .ok_or_else(|| EnvError::Conflict(format!("{name:?} is not running")))?;
+            .ok_or_else(|| ApiError::Conflict(format!("{name:?} is not running")))?;
         let command = if pause { "stop" } else { "cont" };
         qmp.execute_raw(command, None)
             .await
-            .map_err(|e| EnvError::Qemu(format!("{command} {name:?}: {e}")))?;
+            .map_err(|e| ApiError::Qemu(format!("{command} {name:?}: {e}")))?;
         Ok(self.show(name).await?.0)
     }
 
     /// Stops an environment: QMP `quit`, then SIGKILL after the stop timeout.
-    pub async fn stop(&self, name: &str) -> Result<Environment, EnvError> {
+    pub async fn stop(&self, name: &str) -> Result<Environment, ApiError> {
         let _op = self.lock_env(name).await;
         self.stop_locked(name).await?;
         self.release_vsock(name).await;
         Ok(self.show(name).await?.0)
     }
 
-    async fn stop_locked(&self, name: &str) -> Result<(), EnvError> {
+    async fn stop_locked(&self, name: &str) -> Result<(), ApiError> {
         let env = self.row(name).await?;
         let runtime = self.lock_runtimes().remove(name);
         let Some(runtime) = runtime else {
@@ -797,7 +743,7 @@ impl Manager {
                 }
             }
             if env.state == EnvState::Stopped {
-                return Err(EnvError::Conflict(format!("{name:?} is not running")));
+                return Err(ApiError::Conflict(format!("{name:?} is not running")));
             }
             // Recorded as running but nothing live: make the record true.
             self.catalog
@@ -863,9 +809,9 @@ impl Manager {
     /// under them (weaves from now) are committed down into them first, so every
     /// write the guest made stays. Refused for a weave (`weft weave delete`) and while
     /// weaves branch from it.
-    pub async fn delete(&self, name: &str) -> Result<(), EnvError> {
+    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
         if let Some(w) = self.catalog.weave(name).await? {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "{name:?} is a weave of {:?}, not an environment: delete it with `weft weave delete {name}`",
                 w.parent
             )));
@@ -874,13 +820,13 @@ impl Manager {
     }
 
     /// Deletes an environment row of either kind (a weave's too, for its own teardown).
-    pub(crate) async fn remove(&self, name: &str) -> Result<(), EnvError> {
+    pub(crate) async fn remove(&self, name: &str) -> Result<(), ApiError> {
         let _op = self.lock_env(name).await;
         let env = self.row(name).await?;
         let weaves = self.catalog.weaves(Some(name)).await?;
         if !weaves.is_empty() {
             let names: Vec<&str> = weaves.iter().map(|w| w.name.as_str()).collect();
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "{name:?} has weaves that branch from it and may read its images ({}): delete them first (`weft weave delete {}`), then delete {name} again (its overlays are then committed into its images)",
                 names.join(", "),
                 names[0]
@@ -921,7 +867,7 @@ impl Manager {
     /// environment's disks are opened in a qemu-storage-daemon. An overlay file is
     /// removed only after its disk is committed and the catalog says so; on failure a
     /// running environment is resumed and keeps running.
-    async fn give_back_overlays(&self, env: &Environment) -> Result<(), EnvError> {
+    async fn give_back_overlays(&self, env: &Environment) -> Result<(), ApiError> {
         let name = env.name.as_str();
         let mut live = self.runtime_qmp(name);
         if live.is_none() && self.orphan_pid(env).is_some() {
@@ -941,7 +887,7 @@ impl Manager {
             live = None;
         }
         let config = self.row(name).await?.config.ok_or_else(|| {
-            EnvError::Internal(format!("{name:?} has no stored VM configuration"))
+            ApiError::Internal(format!("{name:?} has no stored VM configuration"))
         })?;
         let mut disks: Vec<DiskConfig> = config
             .disks
@@ -960,13 +906,13 @@ impl Manager {
                 resume = query_runstate(&qmp).await.as_deref() == Some("running");
                 qmp.execute_raw("stop", None)
                     .await
-                    .map_err(|e| EnvError::Qemu(format!("pausing {name:?} to commit: {e}")))?;
+                    .map_err(|e| ApiError::Qemu(format!("pausing {name:?} to commit: {e}")))?;
                 qmp
             }
             None => {
                 let dir = self.config.run_dir.join("backup");
                 std::fs::create_dir_all(&dir).map_err(|e| {
-                    EnvError::Internal(format!("cannot create {}: {e}", dir.display()))
+                    ApiError::Internal(format!("cannot create {}: {e}", dir.display()))
                 })?;
                 let base = crate::names::join(&[name, "commit"]);
                 let paths = LaunchPaths {
@@ -981,7 +927,7 @@ impl Manager {
                     launch::spawn_storage_daemon(&disks, &paths, &SpawnOptions::default())
                         .await
                         .map_err(|e| {
-                            EnvError::Qemu(one_line(&format!(
+                            ApiError::Qemu(one_line(&format!(
                                 "cannot open the disks of {name:?} to commit them: {e}"
                             )))
                         })?;
@@ -1025,7 +971,7 @@ impl Manager {
                 }
                 info!(env = %name, disk = %disk.name, origin = %origin.display(), "overlays committed into the disk's image");
             }
-            Ok::<(), EnvError>(())
+            Ok::<(), ApiError>(())
         }
         .await;
         match daemon {
@@ -1050,7 +996,7 @@ impl Manager {
     /// Brings the live side in step with the catalog after weftd starts:
     /// environments whose QEMU still runs are re-attached through their QMP
     /// sockets, dead ones are marked stopped. Runs before the API is served.
-    pub async fn recover(self: &Arc<Self>) -> Result<(), EnvError> {
+    pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
         for env in self.catalog.environments().await? {
             if env.state == EnvState::Stopped {
                 // A vsock device left by a weftd that died before ending it.
@@ -1185,7 +1131,7 @@ impl Manager {
     /// environments weftd launches, and sockets another environment already uses.
     /// The real path of the QMP socket an attach names: a socket outside weftd's own
     /// directories (see [`crate::confine::attach_socket`]) no environment uses yet.
-    async fn check_attachable(&self, socket: &Path) -> Result<PathBuf, EnvError> {
+    async fn check_attachable(&self, socket: &Path) -> Result<PathBuf, ApiError> {
         let (_, real) = crate::confine::attach_socket(&self.config, socket)?;
         check_socket_path(&real)?;
         if let Some(other) = self
@@ -1195,7 +1141,7 @@ impl Manager {
             .into_iter()
             .find(|e| e.qmp_socket == real || e.qmp_socket == socket)
         {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "environment {:?} already uses the QMP socket {}",
                 other.name,
                 socket.display()
@@ -1216,7 +1162,7 @@ impl Manager {
     }
 
     /// Number of environments and of running ones.
-    pub async fn counts(&self) -> Result<(u64, u64), EnvError> {
+    pub async fn counts(&self) -> Result<(u64, u64), ApiError> {
         let all = self.catalog.environments().await?;
         let running = all.iter().filter(|e| e.state == EnvState::Running).count();
         Ok((all.len() as u64, running as u64))
@@ -1234,7 +1180,7 @@ async fn query_runstate(qmp: &Qmp) -> Option<String> {
     reply.get("status")?.as_str().map(str::to_string)
 }
 
-async fn connect_attached(config: &Config, socket: &Path) -> Result<Qmp, EnvError> {
+async fn connect_attached(config: &Config, socket: &Path) -> Result<Qmp, ApiError> {
     // Connected through the descriptor of the socket that was checked, so a name
     // swapped after the check cannot redirect the connection.
     let (fd, _) = crate::confine::attach_socket(config, socket)?;
@@ -1242,33 +1188,11 @@ async fn connect_attached(config: &Config, socket: &Path) -> Result<Qmp, EnvErro
     Qmp::connect_timeout(&via, Duration::from_secs(5))
         .await
         .map_err(|e| {
-            EnvError::BadRequest(format!(
+            ApiError::BadRequest(format!(
                 "{} does not answer as a QMP socket: {e}",
                 socket.display()
             ))
         })
-}
-
-/// An error with its causes, `top: cause: cause` (library errors keep the OS error,
-/// such as a full disk, in their source).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// Joins the lines of a message (QEMU's output can span several) into one.
-pub fn one_line(text: &str) -> String {
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// Whether `pid` is a QEMU process serving `socket` (its command line names it),
@@ -1284,9 +1208,9 @@ fn serves_socket(pid: u32, socket: &Path) -> bool {
     cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
-fn check_socket_path(path: &Path) -> Result<(), EnvError> {
+fn check_socket_path(path: &Path) -> Result<(), ApiError> {
     if path.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "the QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter run_dir or environment name",
             path.display()
         )));
@@ -1302,14 +1226,14 @@ fn vm_config(
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     append: Option<String>,
-) -> Result<VmConfig, EnvError> {
+) -> Result<VmConfig, ApiError> {
     if disks.is_empty() && kernel.is_none() {
-        return Err(EnvError::BadRequest(
+        return Err(ApiError::BadRequest(
             "an environment needs at least one --disk (or a --kernel to boot)".into(),
         ));
     }
     if initrd.is_some() && kernel.is_none() || append.is_some() && kernel.is_none() {
-        return Err(EnvError::BadRequest(
+        return Err(ApiError::BadRequest(
             "--initrd and --append need --kernel".into(),
         ));
     }
@@ -1332,23 +1256,23 @@ fn vm_config(
     };
     config
         .validate()
-        .map_err(|e| EnvError::BadRequest(e.to_string()))?;
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok(config)
 }
 
-fn default_disk_name(index: usize) -> Result<String, EnvError> {
+fn default_disk_name(index: usize) -> Result<String, ApiError> {
     let letter = u8::try_from(index)
         .ok()
         .filter(|i| *i < 26)
-        .ok_or_else(|| EnvError::BadRequest("at most 26 disks".into()))?;
+        .ok_or_else(|| ApiError::BadRequest("at most 26 disks".into()))?;
     Ok(format!("vd{}", char::from(b'a' + letter)))
 }
 
-fn absolute(path: &Path) -> Result<PathBuf, EnvError> {
+fn absolute(path: &Path) -> Result<PathBuf, ApiError> {
     if path.is_absolute() {
         return Ok(path.to_owned());
     }
-    Err(EnvError::BadRequest(format!(
+    Err(ApiError::BadRequest(format!(
         "{} is a relative path; weftd needs absolute paths (the CLI makes them absolute for you)",
         path.display()
     )))
@@ -1388,26 +1312,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_error_chain_names_the_os_error() {
-        let e = crate::provenance::ProvenanceError::Io {
-            op: "write",
-            path: "/d/provenance/web/seg-1.log".into(),
-            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-        };
-        let text = error_chain(&e);
-        assert!(
-            text.starts_with("cannot write /d/provenance/web/seg-1.log: No space left on device"),
-            "{text}"
-        );
-    }
-
-    #[test]
     fn names_are_checked() {
         assert!(check_name("web-1").is_ok());
         assert!(check_name("a").is_ok());
         for bad in ["", "-x", "Web", "a/b", "a b", &"x".repeat(33)] {
             assert!(
-                matches!(check_name(bad), Err(EnvError::BadRequest(_))),
+                matches!(check_name(bad), Err(ApiError::BadRequest(_))),
                 "{bad}"
             );
         }
@@ -1420,7 +1330,7 @@ mod tests {
         let first = manager.reserve("web").await.unwrap();
         assert_eq!(first.name(), "web");
         let again = manager.reserve("web").await.err().unwrap();
-        assert!(matches!(again, EnvError::Conflict(_)), "{again}");
+        assert!(matches!(again, ApiError::Conflict(_)), "{again}");
         // Other names are free; the name is free again once the hold is gone.
         let other = manager.reserve("db").await.unwrap();
         drop(first);
@@ -1441,7 +1351,7 @@ mod tests {
             .unwrap();
         for _ in 0..2 {
             let taken = manager.reserve("web").await.err().unwrap();
-            assert!(matches!(taken, EnvError::Duplicate(_)), "{taken}");
+            assert!(matches!(taken, ApiError::Duplicate(_)), "{taken}");
         }
     }
 

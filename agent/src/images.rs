@@ -25,45 +25,45 @@ use std::path::{Path, PathBuf};
 use weft_blockdev::qcow2::{self, Probe};
 use weft_qmp::launch::{BackingImage, DiskConfig, DiskFormat, VmConfig, MAX_BACKING_CHAIN};
 
-use crate::envs::EnvError;
+use crate::error::ApiError;
 use crate::model::DiskRequest;
 
 /// Checks a host path the API names as an image (a disk or a disk's backing file): an
 /// absolute path to a regular file or a block device. Every host image path of a
 /// request passes here before weftd reads it or QEMU opens it: this is where a
 /// confinement of images to configured directories belongs.
-pub fn check_host_image(what: &str, path: &Path) -> Result<(), EnvError> {
+pub fn check_host_image(what: &str, path: &Path) -> Result<(), ApiError> {
     if !path.is_absolute() {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "{what} {} is a relative path; weftd needs absolute paths (the CLI makes them absolute for you)",
             path.display()
         )));
     }
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(()),
-        Ok(_) => Err(EnvError::BadRequest(format!(
+        Ok(_) => Err(ApiError::BadRequest(format!(
             "{what} {} is neither a regular file nor a block device",
             path.display()
         ))),
-        Err(e) => Err(EnvError::BadRequest(format!(
+        Err(e) => Err(ApiError::BadRequest(format!(
             "{what} {}: {e}",
             path.display()
         ))),
     }
 }
 
-fn probe(what: &str, path: &Path) -> Result<Probe, EnvError> {
+fn probe(what: &str, path: &Path) -> Result<Probe, ApiError> {
     qcow2::probe(path).map_err(|e| match &e {
         qcow2::ProbeError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            EnvError::BadRequest(format!("{what}: {} does not exist", path.display()))
+            ApiError::BadRequest(format!("{what}: {} does not exist", path.display()))
         }
-        _ => EnvError::BadRequest(format!("{what}: {e}")),
+        _ => ApiError::BadRequest(format!("{what}: {e}")),
     })
 }
 
-fn refuse(what: &str, path: &Path, header: &qcow2::Header) -> Result<(), EnvError> {
+fn refuse(what: &str, path: &Path, header: &qcow2::Header) -> Result<(), ApiError> {
     match header.refusal() {
-        Some(why) => Err(EnvError::BadRequest(format!(
+        Some(why) => Err(ApiError::BadRequest(format!(
             "{what}: weftd does not open {}: {why}",
             path.display()
         ))),
@@ -71,11 +71,11 @@ fn refuse(what: &str, path: &Path, header: &qcow2::Header) -> Result<(), EnvErro
     }
 }
 
-fn parse_format(what: &str, text: &str) -> Result<DiskFormat, EnvError> {
+fn parse_format(what: &str, text: &str) -> Result<DiskFormat, ApiError> {
     match text {
         "raw" => Ok(DiskFormat::Raw),
         "qcow2" => Ok(DiskFormat::Qcow2),
-        other => Err(EnvError::BadRequest(format!(
+        other => Err(ApiError::BadRequest(format!(
             "{what}: unknown format {other:?}; use raw or qcow2"
         ))),
     }
@@ -92,7 +92,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// The disk a create request asks for, checked: its path, its format (given or read
 /// by weftd), and its backing file (only the one the caller gives, and only if the
 /// image's header names that same file).
-pub fn disk_from_request(name: String, req: DiskRequest) -> Result<DiskConfig, EnvError> {
+pub fn disk_from_request(name: String, req: DiskRequest) -> Result<DiskConfig, ApiError> {
     let what = format!("disk {name}");
     check_host_image(&what, &req.path)?;
     let path = req.path;
@@ -101,7 +101,7 @@ pub fn disk_from_request(name: String, req: DiskRequest) -> Result<DiskConfig, E
         (Some(text), _) => {
             let given = parse_format(&what, text)?;
             if given == DiskFormat::Qcow2 && found == Probe::Raw {
-                return Err(EnvError::BadRequest(format!(
+                return Err(ApiError::BadRequest(format!(
                     "{what}: format qcow2 was given but {} has no qcow2 header; give format=raw if it is a raw image",
                     path.display()
                 )));
@@ -122,7 +122,7 @@ pub fn disk_from_request(name: String, req: DiskRequest) -> Result<DiskConfig, E
     let backing = match (named, req.backing) {
         (None, None) => Vec::new(),
         (None, Some(b)) => {
-            return Err(EnvError::BadRequest(format!(
+            return Err(ApiError::BadRequest(format!(
                 "{what}: backing {} was given but {} {}; drop the backing",
                 b.display(),
                 path.display(),
@@ -134,7 +134,7 @@ pub fn disk_from_request(name: String, req: DiskRequest) -> Result<DiskConfig, E
             )))
         }
         (Some(h), None) => {
-            return Err(EnvError::BadRequest(format!(
+            return Err(ApiError::BadRequest(format!(
                 "{what}: the qcow2 header of {} names the backing file {}; weftd does not let QEMU open files an image names: give it as the disk's backing (--disk PATH,backing=FILE) if you trust it",
                 path.display(),
                 h.backing_name().unwrap_or_default()
@@ -158,11 +158,11 @@ fn checked_backing(
     image: &Path,
     h: &qcow2::Header,
     given: &Path,
-) -> Result<BackingImage, EnvError> {
+) -> Result<BackingImage, ApiError> {
     check_host_image(&format!("{what} backing"), given)?;
     let named = h.backing_path(image);
     if !named.as_deref().is_some_and(|n| same_file(n, given)) {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "{what}: backing {} was given but the header of {} names {}; give the file it names",
             given.display(),
             image.display(),
@@ -170,7 +170,7 @@ fn checked_backing(
         )));
     }
     let recorded = h.backing_format_name().map_err(|name| {
-        EnvError::BadRequest(format!(
+        ApiError::BadRequest(format!(
             "{what}: the header of {} says its backing file is in format {name}; weftd opens raw and qcow2 only",
             image.display()
         ))
@@ -180,7 +180,7 @@ fn checked_backing(
     let format = match (recorded, &found) {
         (Some("raw"), _) => DiskFormat::Raw,
         (Some(_), Probe::Raw) => {
-            return Err(EnvError::BadRequest(format!(
+            return Err(ApiError::BadRequest(format!(
                 "{what_b}: the header of {} says qcow2 but the file has no qcow2 header",
                 image.display()
             )))
@@ -191,7 +191,7 @@ fn checked_backing(
     if let (DiskFormat::Qcow2, Probe::Qcow2(bh)) = (format, &found) {
         refuse(&what_b, given, bh)?;
         if let Some(name) = bh.backing_name() {
-            return Err(EnvError::BadRequest(format!(
+            return Err(ApiError::BadRequest(format!(
                 "{what_b}: it names a backing file of its own ({name}); weftd takes a backing image only without one"
             )));
         }
@@ -208,7 +208,7 @@ fn checked_backing(
 /// made itself (under `data_dir`'s `environments/` or `weaves/`): then the chain is
 /// extended with what its header names, as weft wrote it. Configurations stored before
 /// chains were recorded start this way.
-pub fn pin_backing(config: &mut VmConfig, data_dir: &Path) -> Result<(), EnvError> {
+pub fn pin_backing(config: &mut VmConfig, data_dir: &Path) -> Result<(), ApiError> {
     for disk in config.disks.iter_mut() {
         pin_disk(disk, data_dir)?;
     }
@@ -216,7 +216,7 @@ pub fn pin_backing(config: &mut VmConfig, data_dir: &Path) -> Result<(), EnvErro
 }
 
 /// [`pin_backing`] for one disk.
-pub fn pin_disk(disk: &mut DiskConfig, data_dir: &Path) -> Result<(), EnvError> {
+pub fn pin_disk(disk: &mut DiskConfig, data_dir: &Path) -> Result<(), ApiError> {
     let own: Vec<PathBuf> = ["environments", "weaves"]
         .iter()
         .map(|d| canonical(&data_dir.join(d)))
@@ -242,7 +242,7 @@ pub fn pin_disk(disk: &mut DiskConfig, data_dir: &Path) -> Result<(), EnvError> 
             let h = match probe(&what, &path)? {
                 Probe::Qcow2(h) => h,
                 Probe::Raw => {
-                    return Err(EnvError::BadRequest(format!(
+                    return Err(ApiError::BadRequest(format!(
                         "{what}: {} is configured as qcow2 but has no qcow2 header",
                         path.display()
                     )))
@@ -251,13 +251,13 @@ pub fn pin_disk(disk: &mut DiskConfig, data_dir: &Path) -> Result<(), EnvError> 
             let Some(name) = h.backing_name() else { break };
             let next = h.backing_path(&path).filter(|_| made_by_weft(&path));
             let Some(next) = next else {
-                return Err(EnvError::BadRequest(format!(
+                return Err(ApiError::BadRequest(format!(
                     "{what}: the qcow2 header of {} names the backing file {name}, which the environment's configuration does not give; weftd does not let QEMU open files an image names",
                     path.display()
                 )));
             };
             if disk.backing.len() >= MAX_BACKING_CHAIN {
-                return Err(EnvError::BadRequest(format!(
+                return Err(ApiError::BadRequest(format!(
                     "{what}: its backing chain is longer than {MAX_BACKING_CHAIN} images"
                 )));
             }
@@ -268,7 +268,7 @@ pub fn pin_disk(disk: &mut DiskConfig, data_dir: &Path) -> Result<(), EnvError> 
                     Probe::Qcow2(_) => DiskFormat::Qcow2,
                 },
                 Err(other) => {
-                    return Err(EnvError::BadRequest(format!(
+                    return Err(ApiError::BadRequest(format!(
                         "{what}: {} names a backing file in format {other}; weftd opens raw and qcow2 only",
                         path.display()
                     )))
@@ -319,9 +319,9 @@ mod tests {
         }
     }
 
-    fn refused(r: Result<DiskConfig, EnvError>, needle: &str) {
+    fn refused(r: Result<DiskConfig, ApiError>, needle: &str) {
         match r {
-            Err(EnvError::BadRequest(m)) => {
+            Err(ApiError::BadRequest(m)) => {
                 assert!(m.contains(needle), "{m:?} lacks {needle:?}");
                 assert!(!m.contains('\n'), "{m:?}");
             }
@@ -514,7 +514,7 @@ mod tests {
             ..VmConfig::default()
         };
         match pin_backing(&mut config, &data) {
-            Err(EnvError::BadRequest(m)) => assert!(m.contains("does not give"), "{m}"),
+            Err(ApiError::BadRequest(m)) => assert!(m.contains("does not give"), "{m}"),
             other => panic!("{other:?}"),
         }
     }

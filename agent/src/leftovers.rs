@@ -110,9 +110,9 @@ pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
 
 /// Records in `work` that a restore of snapshot `id` writes temporary file `temp` (see
 /// the module comment); returns the record, which the restore removes when it ends.
-pub fn record_output(work: &Path, id: i64, temp: &Path) -> Result<PathBuf, crate::envs::EnvError> {
+pub fn record_output(work: &Path, id: i64, temp: &Path) -> Result<PathBuf, crate::error::ApiError> {
     let internal = |e: std::io::Error| {
-        crate::envs::EnvError::Internal(format!(
+        crate::error::ApiError::Internal(format!(
             "cannot record a restore in {}: {e}",
             work.display()
         ))
@@ -146,7 +146,7 @@ async fn wait_gone(pid: u32, pid_file: &Path, timeout: Duration) -> bool {
 pub fn is_snapshot_index(name: &str) -> bool {
     let parts: Vec<&str> = name.split('/').collect();
     matches!(parts.as_slice(), [env, resource, id]
-        if crate::envs::check_name(env).is_ok()
+        if crate::names::check_name(env).is_ok()
             && resource.starts_with("disk-")
             && id.len() == 10
             && id.bytes().all(|b| b.is_ascii_digit()))

@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod dhcp;
 pub mod dpa;
 pub mod envs;
+pub mod error;
 pub mod images;
 pub mod leftovers;
 pub mod model;

@@ -209,7 +209,7 @@ pub struct AuditEntry {
 
 /// Error body of every failed request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiError {
+pub struct ErrorBody {
     /// One line saying what was wrong and what to do.
     pub error: String,
 }

@@ -1,11 +1,28 @@
 //! How weftd forms file, socket and store names from the names users choose.
 //!
 //! Environment, weave and disk names are made of `a-z`, `0-9`, `-` and `_` and start
-//! with a letter or digit ([`crate::envs::check_name`], QEMU's disk name check). So:
+//! with a letter or digit ([`crate::names::check_name`], QEMU's disk name check). So:
 //! - parts of one file name are joined with [`SEP`], which no name contains: `a-b` +
 //!   `c` and `a` + `b-c` never give the same file;
 //! - what weft itself names in a namespace that user names also fill starts with `_`,
 //!   which no name starts with: no environment can be called like it.
+
+/// Checks an environment name: 1–32 characters from `[a-z0-9_-]`, starting with a letter or digit.
+pub fn check_name(name: &str) -> Result<(), crate::error::ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::error::ApiError::BadRequest(format!(
+            "invalid environment name {name:?}: use 1-32 characters from a-z, 0-9, '-' and '_', starting with a letter or digit"
+        )))
+    }
+}
 
 /// Joins the parts of a file or socket name.
 pub const SEP: &str = ".";
@@ -31,7 +48,7 @@ pub fn weave_index_prefix(weave: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envs::check_name;
+    use crate::names::check_name;
 
     #[test]
     fn joined_names_are_unambiguous() {

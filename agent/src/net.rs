@@ -29,7 +29,7 @@ use weft_qmp::launch::VmConfig;
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::catalog_snapshots::SnapshotFilter;
-use crate::envs::{one_line, EnvError};
+use crate::error::{ApiError, one_line};
 use crate::model::{Egress, ExposeRequest, GuestPlan, HostPort, NetSetup, SnapshotKind};
 use crate::weaves::Weave;
 
@@ -426,16 +426,16 @@ fn own_port(port: u16) -> (&'static str, String) {
     (OWN_PORT, port.to_string())
 }
 
-fn own_weave(name: &str, index: u8) -> Result<[(&'static str, String); 2], EnvError> {
+fn own_weave(name: &str, index: u8) -> Result<[(&'static str, String); 2], ApiError> {
     let netns =
-        weft_netns::namespace_name(name).map_err(|e| EnvError::BadRequest(e.to_string()))?;
+        weft_netns::namespace_name(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     Ok([(OWN_NETNS, netns), (OWN_INDEX, index.to_string())])
 }
 
 /// Checks host and guest ports.
-fn check_ports(host_port: u16, guest_port: u16) -> Result<(), EnvError> {
+fn check_ports(host_port: u16, guest_port: u16) -> Result<(), ApiError> {
     if host_port == 0 || guest_port == 0 {
-        return Err(EnvError::BadRequest(
+        return Err(ApiError::BadRequest(
             "ports must be 1-65535 (--host-port, --guest-port)".into(),
         ));
     }
@@ -443,14 +443,14 @@ fn check_ports(host_port: u16, guest_port: u16) -> Result<(), EnvError> {
 }
 
 /// An address a published port may lead to.
-fn check_guest_ip(ip: Ipv4Addr) -> Result<(), EnvError> {
+fn check_guest_ip(ip: Ipv4Addr) -> Result<(), ApiError> {
     let reserved = ip.is_unspecified()
         || ip.is_broadcast()
         || ip.is_multicast()
         || ip.is_loopback()
         || weft_netns::LINK_NET.contains(ip);
     if reserved {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "--guest-ip {ip} cannot be a guest address (unspecified, broadcast, multicast, loopback or weft's own {})",
             weft_netns::LINK_NET
         )));
@@ -459,10 +459,10 @@ fn check_guest_ip(ip: Ipv4Addr) -> Result<(), EnvError> {
 }
 
 /// Refuses a host port a process on the host listens on: the DNAT would hide it.
-fn check_free_on_host(port: u16) -> Result<(), EnvError> {
+fn check_free_on_host(port: u16) -> Result<(), ApiError> {
     match std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(EnvError::Conflict(format!(
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(ApiError::Conflict(format!(
             "host port {port} is in use by a process on the host; pick another --host-port"
         ))),
         // Anything else (e.g. a privileged port for an unprivileged test) is not a user error here.
@@ -471,34 +471,34 @@ fn check_free_on_host(port: u16) -> Result<(), EnvError> {
 }
 
 /// Says who has a host port, and how to free it.
-fn taken(owner: &str, p: &HostPort) -> EnvError {
+fn taken(owner: &str, p: &HostPort) -> ApiError {
     let how = format!(
         "remove it first with `weft env unexpose {owner} --host-port {}`",
         p.host_port
     );
     if p.published {
-        EnvError::Conflict(format!(
+        ApiError::Conflict(format!(
             "host port {} is already published by environment {owner} (guest port {}); {how}",
             p.host_port, p.guest_port
         ))
     } else {
-        EnvError::Conflict(format!(
+        ApiError::Conflict(format!(
             "host port {} is already routed to weave {} of {owner} (guest port {}); {how}",
             p.host_port, p.target, p.guest_port
         ))
     }
 }
 
-fn kernel_err(what: &str, e: weft_netns::Error) -> EnvError {
+fn kernel_err(what: &str, e: weft_netns::Error) -> ApiError {
     match e {
-        weft_netns::Error::PortInUse { port, to } => EnvError::Conflict(format!(
+        weft_netns::Error::PortInUse { port, to } => ApiError::Conflict(format!(
             "host port {port} is already routed to {to} by someone else (another weftd on this host?); pick another --host-port"
         )),
-        weft_netns::Error::InvalidPlan(why) => EnvError::BadRequest(format!("{what}: {why}")),
+        weft_netns::Error::InvalidPlan(why) => ApiError::BadRequest(format!("{what}: {why}")),
         e @ (weft_netns::Error::ForeignLink(_) | weft_netns::Error::InvalidLink(_)) => {
-            EnvError::Conflict(one_line(&format!("{what}: {e}; let weftd start the environment on a tap that does not exist yet, or publish the port through a weave")))
+            ApiError::Conflict(one_line(&format!("{what}: {e}; let weftd start the environment on a tap that does not exist yet, or publish the port through a weave")))
         }
-        other => EnvError::Internal(one_line(&format!("{what}: {}", ErrorChain(&other)))),
+        other => ApiError::Internal(one_line(&format!("{what}: {}", ErrorChain(&other)))),
     }
 }
 
@@ -591,12 +591,12 @@ impl Net {
     }
 
     /// An environment that is not a weave.
-    async fn environment(&self, env: &str) -> Result<(), EnvError> {
+    async fn environment(&self, env: &str) -> Result<(), ApiError> {
         if self.catalog.environment(env).await?.is_none() {
-            return Err(EnvError::NotFound(env.to_string()));
+            return Err(ApiError::NotFound(env.to_string()));
         }
         if let Some(w) = self.catalog.weave(env).await? {
-            return Err(EnvError::BadRequest(format!(
+            return Err(ApiError::BadRequest(format!(
                 "{env:?} is a weave of {:?}: its host ports are its environment's (`weft weave route {env}`, `weft weave activate {env}`) and its address plan is the one of its instant",
                 w.parent
             )));
@@ -604,14 +604,14 @@ impl Net {
         Ok(())
     }
 
-    async fn weave(&self, name: &str) -> Result<Weave, EnvError> {
+    async fn weave(&self, name: &str) -> Result<Weave, ApiError> {
         self.catalog.weave(name).await?.ok_or_else(|| {
-            EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)"))
+            ApiError::Missing(format!("no weave named {name:?} (see `weft weave list`)"))
         })
     }
 
     /// The kernel route of a host port of `env` (its target now).
-    async fn resolve(&self, env: &str, port: &HostPort) -> Result<Route, EnvError> {
+    async fn resolve(&self, env: &str, port: &HostPort) -> Result<Route, ApiError> {
         let to = if port.target == env {
             let ip = match port.guest_ip {
                 Some(ip) => ip,
@@ -620,7 +620,7 @@ impl Net {
             Target::Addr(ip)
         } else {
             let w = self.catalog.weave(&port.target).await?.ok_or_else(|| {
-                EnvError::Internal(format!(
+                ApiError::Internal(format!(
                     "host port {} of {env} goes to weave {}, which does not exist",
                     port.host_port, port.target
                 ))
@@ -637,7 +637,7 @@ impl Net {
     /// The taps of an environment's NICs (in the root namespace), each with whether
     /// weft made it: its QEMU, started by weftd, created it and still runs (a tap QEMU
     /// creates goes when QEMU ends).
-    async fn taps(&self, env: &str) -> Result<Vec<HostLink>, EnvError> {
+    async fn taps(&self, env: &str) -> Result<Vec<HostLink>, ApiError> {
         let Some(e) = self.catalog.environment(env).await? else {
             return Ok(Vec::new());
         };
@@ -659,7 +659,7 @@ impl Net {
     /// Before weftd starts `env`'s QEMU on `taps` in the root namespace: a tap that does
     /// not exist yet is created by that QEMU and recorded as weft's; one that exists
     /// already is someone else's, and no record says otherwise.
-    pub async fn claim_taps(&self, env: &str, taps: &[String]) -> Result<(), EnvError> {
+    pub async fn claim_taps(&self, env: &str, taps: &[String]) -> Result<(), ApiError> {
         if taps.is_empty() {
             return Ok(());
         }
@@ -676,9 +676,9 @@ impl Net {
     }
 
     /// An environment's network setup.
-    pub async fn setup(&self, env: &str) -> Result<NetSetup, EnvError> {
+    pub async fn setup(&self, env: &str) -> Result<NetSetup, ApiError> {
         if self.catalog.environment(env).await?.is_none() {
-            return Err(EnvError::NotFound(env.to_string()));
+            return Err(ApiError::NotFound(env.to_string()));
         }
         Ok(self.catalog.net_setup(env).await?)
     }
@@ -691,7 +691,7 @@ impl Net {
         env: &str,
         req: &ExposeRequest,
         actor: &str,
-    ) -> Result<NetSetup, EnvError> {
+    ) -> Result<NetSetup, ApiError> {
         let host_port = req.host_port.unwrap_or(req.guest_port);
         check_ports(host_port, req.guest_port)?;
         if let Some(ip) = req.guest_ip {
@@ -728,7 +728,7 @@ impl Net {
         host_port: u16,
         guest_port: u16,
         actor: &str,
-    ) -> Result<NetSetup, EnvError> {
+    ) -> Result<NetSetup, ApiError> {
         let weave = self.weave(name).await?;
         check_ports(host_port, guest_port)?;
         let _lock = LOCK.lock().await;
@@ -765,7 +765,7 @@ impl Net {
         route: Route,
         note: String,
         actor: &str,
-    ) -> Result<(), EnvError> {
+    ) -> Result<(), ApiError> {
         let host_port = port.host_port;
         let taps = match route.to {
             Target::Addr(_) => self.taps(env).await?,
@@ -818,7 +818,7 @@ impl Net {
         env: &str,
         host_port: u16,
         actor: &str,
-    ) -> Result<NetSetup, EnvError> {
+    ) -> Result<NetSetup, ApiError> {
         self.environment(env).await?;
         let _lock = LOCK.lock().await;
         let ports = self.catalog.host_ports(None).await?;
@@ -831,7 +831,7 @@ impl Net {
                 .filter(|(owner, _)| owner == env)
                 .map(|(_, p)| p.host_port)
                 .collect();
-            return Err(EnvError::BadRequest(format!(
+            return Err(ApiError::BadRequest(format!(
                 "host port {host_port} is not a port of environment {env} (its host ports: {})",
                 ports_text(&mine)
             )));
@@ -869,7 +869,7 @@ impl Net {
         extra: impl FnOnce(&dyn NetOps) -> weft_netns::Result<()> + Send + 'static,
         changes: &[Change],
         record: Option<&Record<'_>>,
-    ) -> Result<(), EnvError> {
+    ) -> Result<(), ApiError> {
         self.kernel(move |ops| {
             weft_netns::set_routes(ops, &routes)?;
             extra(ops)
@@ -893,7 +893,7 @@ impl Net {
         &self,
         name: &str,
         actor: &str,
-    ) -> Result<serde_json::Value, EnvError> {
+    ) -> Result<serde_json::Value, ApiError> {
         let weave = self.weave(name).await?;
         let parent = weave.parent.clone();
         let _lock = LOCK.lock().await;
@@ -906,7 +906,7 @@ impl Net {
             .map(|(_, p)| p)
             .collect();
         if family.is_empty() {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "no host port leads to {parent:?} or its weaves: publish one with `weft env expose {parent}` or route one with `weft weave route {name}`"
             )));
         }
@@ -943,7 +943,7 @@ impl Net {
 
     /// Makes environment `env` itself active again: the ports it published go back to its
     /// guest (in one nftables transaction); ports routed to a weave only stay there.
-    pub async fn activate_env(&self, env: &str, actor: &str) -> Result<NetSetup, EnvError> {
+    pub async fn activate_env(&self, env: &str, actor: &str) -> Result<NetSetup, ApiError> {
         self.environment(env).await?;
         let _lock = LOCK.lock().await;
         let setup = self.catalog.net_setup(env).await?;
@@ -1009,9 +1009,9 @@ impl Net {
         env: &str,
         plan: GuestPlan,
         actor: &str,
-    ) -> Result<NetSetup, EnvError> {
+    ) -> Result<NetSetup, ApiError> {
         weft_netns::check_guest_plan(plan.guest_ip, plan.guest_prefix, plan.gateway)
-            .map_err(|e| EnvError::BadRequest(e.to_string()))?;
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         self.environment(env).await?;
         let _lock = LOCK.lock().await;
         let setup = self.catalog.net_setup(env).await?;
@@ -1054,7 +1054,7 @@ impl Net {
         parent: &str,
         from_now: bool,
         taken_at: &str,
-    ) -> Result<GuestPlan, EnvError> {
+    ) -> Result<GuestPlan, ApiError> {
         if !from_now {
             let filter = SnapshotFilter {
                 resource: Some("net".into()),
@@ -1085,11 +1085,11 @@ impl Net {
         config: &VmConfig,
         chosen: Option<GuestPlan>,
         egress: Egress,
-    ) -> Result<(), EnvError> {
+    ) -> Result<(), ApiError> {
         let plan = match chosen {
             Some(plan) => {
                 weft_netns::check_guest_plan(plan.guest_ip, plan.guest_prefix, plan.gateway)
-                    .map_err(|e| EnvError::BadRequest(format!("the chosen address plan: {e}")))?;
+                    .map_err(|e| ApiError::BadRequest(format!("the chosen address plan: {e}")))?;
                 plan
             }
             None => {
@@ -1135,7 +1135,7 @@ impl Net {
         name: &str,
         egress: Egress,
         actor: &str,
-    ) -> Result<NetSetup, EnvError> {
+    ) -> Result<NetSetup, ApiError> {
         let weave = self.weave(name).await?;
         let _lock = LOCK.lock().await;
         let before = self.catalog.net_setup(name).await?.egress;
@@ -1186,7 +1186,7 @@ impl Net {
     }
 
     async fn delete_weave_locked(&self, name: &str, index: u8, parent: &str) -> Result<(), String> {
-        let text = |e: EnvError| e.to_string();
+        let text = |e: ApiError| e.to_string();
         let family: Vec<HostPort> = self
             .catalog
             .host_ports(None)
@@ -1286,7 +1286,7 @@ impl Net {
 
     /// Removes the routes of owned host ports the catalog no longer has (after an
     /// environment was deleted with its ports).
-    pub async fn sweep_ports(&self) -> Result<(), EnvError> {
+    pub async fn sweep_ports(&self) -> Result<(), ApiError> {
         let _lock = LOCK.lock().await;
         let wanted: BTreeSet<u16> = self
             .catalog
@@ -1339,7 +1339,7 @@ impl Net {
         }
     }
 
-    async fn reconcile_locked(&self) -> Result<ReconcileReport, EnvError> {
+    async fn reconcile_locked(&self) -> Result<ReconcileReport, ApiError> {
         let mut plans = Vec::new();
         let mut any_egress = false;
         let mut own = Vec::new();
@@ -1604,7 +1604,7 @@ mod tests {
             .await
             .unwrap_err();
         let text = e.to_string();
-        assert!(matches!(e, EnvError::Conflict(_)), "{e:?}");
+        assert!(matches!(e, ApiError::Conflict(_)), "{e:?}");
         assert!(text.contains("\"eth9\" was not made by weft"), "{text}");
         assert!(!text.contains('\n'), "{text}");
         assert!(!rec
@@ -1893,7 +1893,7 @@ mod tests {
             ..plan
         };
         let e = net.set_plan("web", bad, "alice").await.unwrap_err();
-        assert!(matches!(e, EnvError::BadRequest(_)), "{e}");
+        assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
         assert!(e.to_string().contains("outside"), "{e}");
 
         net.unexpose("web", P0, "alice").await.unwrap();
@@ -2060,7 +2060,7 @@ mod tests {
             .set_egress("web", Egress::All, "alice")
             .await
             .unwrap_err();
-        assert!(matches!(e, EnvError::Missing(_)), "{e}");
+        assert!(matches!(e, ApiError::Missing(_)), "{e}");
         // A kernel failure changes nothing.
         rec.fail_nth_mutation(1);
         assert!(net.set_egress("e1", Egress::All, "alice").await.is_err());

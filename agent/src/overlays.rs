@@ -25,7 +25,7 @@ use weft_qmp::launch::{DiskConfig, DiskFormat, VmConfig};
 use weft_qmp::{backup, Qmp};
 
 use crate::catalog::{now, Catalog, CatalogError};
-use crate::envs::{one_line, EnvError};
+use crate::error::{ApiError, one_line};
 
 /// How long one commit job may take (a whole disk of guest writes).
 const COMMIT_DEADLINE: Duration = Duration::from_secs(600);
@@ -174,7 +174,7 @@ pub async fn origin_of(
     catalog: &Catalog,
     env: &str,
     disk: &weft_qmp::launch::DiskConfig,
-) -> Result<(PathBuf, DiskFormat), EnvError> {
+) -> Result<(PathBuf, DiskFormat), ApiError> {
     Ok(catalog
         .env_overlays(env)
         .await?
@@ -189,11 +189,11 @@ fn canonical(p: &Path) -> PathBuf {
 }
 
 /// The image files of the backing chain of device `disk`, top first (`query-block`).
-async fn chain(qmp: &Qmp, disk: &str) -> Result<Vec<PathBuf>, EnvError> {
+async fn chain(qmp: &Qmp, disk: &str) -> Result<Vec<PathBuf>, ApiError> {
     let blocks = qmp
         .execute_raw("query-block", None)
         .await
-        .map_err(|e| EnvError::Qemu(one_line(&e.to_string())))?;
+        .map_err(|e| ApiError::Qemu(one_line(&e.to_string())))?;
     let Some(block) = blocks.as_array().and_then(|all| {
         all.iter().find(|b| {
             let qdev = b["qdev"].as_str().unwrap_or("");
@@ -211,7 +211,7 @@ async fn chain(qmp: &Qmp, disk: &str) -> Result<Vec<PathBuf>, EnvError> {
     // Bounded: a hostile or broken answer must not loop.
     while let Some(f) = image["filename"].as_str() {
         if out.len() >= 4096 {
-            return Err(EnvError::Qemu(
+            return Err(ApiError::Qemu(
                 "backing chain longer than 4096 images".into(),
             ));
         }
@@ -277,7 +277,7 @@ pub async fn settle(
     catalog: &Catalog,
     env: &str,
     qmp: Option<&Qmp>,
-) -> Result<Vec<String>, EnvError> {
+) -> Result<Vec<String>, ApiError> {
     let overlays = catalog.env_overlays(env).await?;
     if overlays.is_empty() {
         return Ok(Vec::new());
@@ -407,9 +407,9 @@ pub async fn commit_down(
     origin: &Path,
     origin_format: DiskFormat,
     job: &str,
-) -> Result<(), EnvError> {
+) -> Result<(), ApiError> {
     let qemu = |e: weft_qmp::Error| {
-        EnvError::Qemu(one_line(&format!(
+        ApiError::Qemu(one_line(&format!(
             "committing into {}: {e}",
             origin.display()
         )))
@@ -433,7 +433,7 @@ pub async fn commit_down(
                 .is_some_and(|f| canonical(Path::new(f)) == want)
     })
     .ok_or_else(|| {
-        EnvError::Qemu(format!(
+        ApiError::Qemu(format!(
             "{} is not in the disk's backing chain; nothing was changed",
             origin.display()
         ))
@@ -460,7 +460,7 @@ pub async fn commit_down(
         weft_qmp::BlockJobOutcome::Completed { .. } => Ok(()),
         other => {
             warn!(job, ?other, "commit did not complete");
-            Err(EnvError::Qemu(format!(
+            Err(ApiError::Qemu(format!(
                 "committing into {}: {other:?}; nothing was removed",
                 origin.display()
             )))
@@ -469,10 +469,10 @@ pub async fn commit_down(
 }
 
 /// The root node of device `disk` in a running QEMU.
-pub async fn device_root(qmp: &Qmp, disk: &str) -> Result<String, EnvError> {
+pub async fn device_root(qmp: &Qmp, disk: &str) -> Result<String, ApiError> {
     backup::device_root_node(qmp, disk)
         .await
-        .map_err(|e| EnvError::Qemu(format!("disk {disk}: {e}")))
+        .map_err(|e| ApiError::Qemu(format!("disk {disk}: {e}")))
 }
 
 #[cfg(test)]

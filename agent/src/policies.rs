@@ -15,7 +15,7 @@ use sqlx::Row;
 use tracing::{info, warn};
 
 use crate::catalog::{now, Catalog, CatalogError};
-use crate::envs::{one_line, EnvError};
+use crate::error::{ApiError, one_line};
 use crate::model::JobState;
 use crate::retention::Keep;
 use crate::snapshots::Snapshots;
@@ -295,7 +295,7 @@ async fn run_once(
     snapshots: &Arc<Snapshots>,
     policy: &Policy,
     actor: &str,
-) -> Result<String, EnvError> {
+) -> Result<String, ApiError> {
     let job = snapshots
         .create(
             &policy.env,
@@ -311,7 +311,7 @@ async fn run_once(
         job = snapshots.job(job.id).await?;
     }
     if job.state == JobState::Failed {
-        return Err(EnvError::Internal(format!(
+        return Err(ApiError::Internal(format!(
             "snapshot job {} failed: {}",
             job.id,
             job.error.unwrap_or_default()

@@ -112,11 +112,11 @@ pub enum ReplayError {
     Confine(#[from] crate::confine::ConfineError),
 }
 
-impl From<ReplayError> for crate::envs::EnvError {
+impl From<ReplayError> for crate::error::ApiError {
     fn from(e: ReplayError) -> Self {
         match e {
             ReplayError::Confine(c) => c.into(),
-            e => crate::envs::EnvError::Internal(e.to_string()),
+            e => crate::error::ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -890,10 +890,10 @@ pub async fn not_a_weave_of(
     manager: &crate::envs::Manager,
     env: &str,
     into: &str,
-) -> Result<Option<String>, crate::envs::EnvError> {
+) -> Result<Option<String>, crate::error::ApiError> {
     let catalog = manager.catalog();
     if catalog.environment(into).await?.is_none() {
-        return Err(crate::envs::EnvError::NotFound(into.to_string()));
+        return Err(crate::error::ApiError::NotFound(into.to_string()));
     }
     Ok(match catalog.weave(into).await? {
         Some(w) if w.parent == env => None,
@@ -917,26 +917,26 @@ pub async fn run(
     snapshots: &crate::snapshots::Snapshots,
     env: &str,
     req: &ReplayRequest,
-) -> Result<ReplayReport, crate::envs::EnvError> {
-    use crate::envs::EnvError;
+) -> Result<ReplayReport, crate::error::ApiError> {
+    use crate::error::ApiError;
     use crate::provenance::service::parse_time;
     if manager.catalog().environment(env).await?.is_none() {
-        return Err(EnvError::NotFound(env.to_string()));
+        return Err(ApiError::NotFound(env.to_string()));
     }
     if req.out.is_none() && req.into.is_none() {
-        return Err(EnvError::BadRequest(
+        return Err(ApiError::BadRequest(
             "say where the state goes: --out DIR or --into WEAVE".into(),
         ));
     }
     if req.force && req.into.is_none() {
-        return Err(EnvError::BadRequest(
+        return Err(ApiError::BadRequest(
             "--force only applies to --into WEAVE".into(),
         ));
     }
     if let Some(into) = &req.into {
         if let Some(why) = not_a_weave_of(manager, env, into).await? {
             if !req.force {
-                return Err(EnvError::Conflict(format!(
+                return Err(ApiError::Conflict(format!(
                     "replay pushes only into weaves of {env:?}: {why}; give --force to push anyway (audited)"
                 )));
             }
@@ -945,23 +945,23 @@ pub async fn run(
     let to_us = if req.to == "now" {
         now_us()
     } else {
-        parse_time("to", &req.to).map_err(EnvError::BadRequest)?
+        parse_time("to", &req.to).map_err(ApiError::BadRequest)?
     };
     let from_us = req
         .from
         .as_deref()
         .map(|f| parse_time("from", f))
         .transpose()
-        .map_err(EnvError::BadRequest)?;
+        .map_err(ApiError::BadRequest)?;
     if from_us.is_some_and(|f| f > to_us) {
-        return Err(EnvError::BadRequest("--from is after --to".into()));
+        return Err(ApiError::BadRequest("--from is after --to".into()));
     }
     let log = manager
         .provenance()
-        .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?
+        .ok_or_else(|| ApiError::Conflict("weftd has no provenance log".into()))?
         .clone();
     if req.base.is_some() && req.from.is_some() {
-        return Err(EnvError::BadRequest(
+        return Err(ApiError::BadRequest(
             "--base and --from both say where to start: give one".into(),
         ));
     }
@@ -977,7 +977,7 @@ pub async fn run(
     };
     let margin = req.base_margin_secs.unwrap_or(BASE_MARGIN_SECS);
     let limits = manager.config().replay.base_limits();
-    let internal = |e: String| EnvError::Internal(e);
+    let internal = |e: String| ApiError::Internal(e);
     // The base (a disk snapshot's application state) and where the log applies from.
     let based = match req.base {
         None => None,
@@ -1057,10 +1057,10 @@ pub async fn run(
     }
     if let Some(weave) = &req.into {
         if manager.catalog().environment(weave).await?.is_none() {
-            return Err(EnvError::NotFound(weave.clone()));
+            return Err(ApiError::NotFound(weave.clone()));
         }
         if req.from.is_some() {
-            return Err(EnvError::BadRequest(
+            return Err(ApiError::BadRequest(
                 "--into pushes a whole state: leave out --from".into(),
             ));
         }
@@ -1079,15 +1079,15 @@ pub async fn push_state(
     weave: &str,
     holds: Option<&State>,
     target: impl FnOnce(&State) -> State,
-) -> Result<u64, crate::envs::EnvError> {
-    use crate::envs::EnvError;
+) -> Result<u64, crate::error::ApiError> {
+    use crate::error::ApiError;
     let log = manager
         .provenance()
-        .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?
+        .ok_or_else(|| ApiError::Conflict("weftd has no provenance log".into()))?
         .clone();
     let link = manager
         .vsock()
-        .ok_or_else(|| EnvError::Conflict("weftd has no DPA transport".into()))?
+        .ok_or_else(|| ApiError::Conflict("weftd has no DPA transport".into()))?
         .link()
         .clone();
     let current = match holds {
@@ -1096,8 +1096,8 @@ pub async fn push_state(
             let weave = weave.to_string();
             tokio::task::spawn_blocking(move || rebuild(&log, &weave, None, i64::MAX))
                 .await
-                .map_err(|e| EnvError::Internal(e.to_string()))?
-                .map_err(|e| EnvError::Internal(e.to_string()))?
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| ApiError::Internal(e.to_string()))?
                 .0
         }
     };
@@ -1111,10 +1111,10 @@ pub async fn push_state(
         let applied = link
             .apply(weave, chunk)
             .await
-            .map_err(|e| EnvError::Conflict(e.to_string()))?;
+            .map_err(|e| ApiError::Conflict(e.to_string()))?;
         made += applied.applied;
         if let Some(error) = applied.error {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "the DPA of {weave} stopped after {made} changes: {error}"
             )));
         }
@@ -1147,19 +1147,19 @@ pub async fn chosen_items(
     manager: &crate::envs::Manager,
     parent: &str,
     picks: &[DataPick],
-) -> Result<(Vec<(String, BTreeMap<Item, Value>)>, u64), crate::envs::EnvError> {
-    use crate::envs::EnvError;
+) -> Result<(Vec<(String, BTreeMap<Item, Value>)>, u64), crate::error::ApiError> {
+    use crate::error::ApiError;
     use crate::provenance::service::parse_time;
     let log = manager
         .provenance()
-        .ok_or_else(|| EnvError::Conflict("weftd has no provenance log".into()))?;
+        .ok_or_else(|| ApiError::Conflict("weftd has no provenance log".into()))?;
     let mut out = Vec::new();
     let mut applied = 0;
     for pick in picks {
         match pick {
             DataPick::Instant { pattern, at } => {
                 let log = log.clone();
-                let to_us = parse_time("at", at).map_err(EnvError::BadRequest)?;
+                let to_us = parse_time("at", at).map_err(ApiError::BadRequest)?;
                 let (vm, pat) = (parent.to_string(), pattern.clone());
                 let (items, summary) = tokio::task::spawn_blocking(move || {
                     rebuild(&log, &vm, None, to_us).map(|(state, summary)| {
@@ -1167,8 +1167,8 @@ pub async fn chosen_items(
                     })
                 })
                 .await
-                .map_err(|e| EnvError::Internal(e.to_string()))?
-                .map_err(|e| EnvError::Internal(e.to_string()))?;
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
                 applied += summary.applied;
                 out.push((pattern.clone(), items));
             }
@@ -1237,29 +1237,29 @@ async fn base_of(
     margin_secs: u64,
     to_us: i64,
     limits: &crate::replay_base::BaseLimits,
-) -> Result<Base, crate::envs::EnvError> {
-    use crate::envs::EnvError;
+) -> Result<Base, crate::error::ApiError> {
+    use crate::error::ApiError;
     use crate::model::SnapshotState;
     use crate::provenance::service::parse_time;
     let snap = snapshots.get(id).await?;
     if snap.env != env {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "snapshot {id} is of {}, not of {env}",
             snap.env
         )));
     }
     if !snap.resource.starts_with("disk:") {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "snapshot {id} is of {}: --base takes a disk snapshot",
             snap.resource
         )));
     }
     if snap.state != SnapshotState::Complete {
-        return Err(EnvError::Conflict(format!("snapshot {id} is not complete")));
+        return Err(ApiError::Conflict(format!("snapshot {id} is not complete")));
     }
-    let taken_us = parse_time("taken_at", &snap.taken_at).map_err(EnvError::Internal)?;
+    let taken_us = parse_time("taken_at", &snap.taken_at).map_err(ApiError::Internal)?;
     if to_us < taken_us {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "--to is before base snapshot {id} ({})",
             snap.taken_at
         )));
@@ -1273,12 +1273,12 @@ async fn base_of(
     let (l, vm) = (log.clone(), env.to_string());
     let (sources, seen) = tokio::task::spawn_blocking(move || sources_of_log(&l, &vm, Some(to_us)))
         .await
-        .map_err(|e| EnvError::Internal(e.to_string()))?
-        .map_err(|e| EnvError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let (state, found) =
         crate::replay_base::disks_state(snapshots.store(), vec![map], &sources, limits)
             .await
-            .map_err(|e| EnvError::BadRequest(format!("base snapshot {id}: {e}")))?;
+            .map_err(|e| ApiError::BadRequest(format!("base snapshot {id}: {e}")))?;
     Ok(Base {
         state,
         found,

@@ -14,7 +14,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
 
-use crate::envs::EnvError;
+use crate::error::ApiError;
 
 /// What a caller may do; each role includes the ones below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -298,7 +298,7 @@ impl Actor {
     /// Refuses `what` unless the caller holds `need` (or more). The refusal is one
     /// line, answered with HTTP 403 and written to the audit log by weftd's gate,
     /// whether a route or a handler (for a body that needs more) refuses.
-    pub fn require(&self, need: Role, what: &str) -> Result<(), EnvError> {
+    pub fn require(&self, need: Role, what: &str) -> Result<(), ApiError> {
         if self.role.is_some_and(|r| r >= need) {
             return Ok(());
         }
@@ -306,7 +306,7 @@ impl Actor {
             Some(r) => r.to_string(),
             None => "no role (roles are granted in weftd.toml's [roles])".into(),
         };
-        Err(EnvError::Forbidden(format!(
+        Err(ApiError::Forbidden(format!(
             "forbidden: {what} needs role {need}; {} has {has}",
             self.peer()
         )))
@@ -314,7 +314,7 @@ impl Actor {
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Actor {
-    type Rejection = EnvError;
+    type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         // Only the gate inserts an Actor: a route without one is refused, not served.
@@ -322,7 +322,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
             .extensions
             .get::<Actor>()
             .cloned()
-            .ok_or_else(|| EnvError::Forbidden("forbidden: this route has no role check".into()))
+            .ok_or_else(|| ApiError::Forbidden("forbidden: this route has no role check".into()))
     }
 }
 

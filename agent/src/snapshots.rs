@@ -23,7 +23,8 @@ use weft_qmp::launch::DiskConfig;
 
 use crate::catalog_snapshots::{Completed, NewSnapshot, SnapshotFilter};
 use crate::config::Config;
-use crate::envs::{one_line, EnvError, Manager};
+use crate::envs::Manager;
+use crate::error::{ApiError, one_line};
 use crate::model::{EnvKind, Job, JobState, Snapshot, SnapshotKind, SnapshotState};
 use crate::retention::{self, Keep};
 
@@ -62,10 +63,10 @@ pub struct Snapshots {
 }
 
 /// Opens the chunk store named by the configuration, creating it on first use.
-pub fn open_store(config: &Config) -> Result<ChunkStore, EnvError> {
+pub fn open_store(config: &Config) -> Result<ChunkStore, ApiError> {
     let dir = config.store_dir();
     let key = config.store.encrypt.then(|| config.key_file());
-    let internal = |e: weft_blockdev::store::Error| EnvError::Internal(e.to_string());
+    let internal = |e: weft_blockdev::store::Error| ApiError::Internal(e.to_string());
     if dir.join("store.json").exists() {
         // An existing store decides for itself whether it is encrypted.
         let key_file = config.key_file();
@@ -76,7 +77,7 @@ pub fn open_store(config: &Config) -> Result<ChunkStore, EnvError> {
         .store
         .chunk_kib
         .checked_mul(1024)
-        .ok_or_else(|| EnvError::BadRequest("store.chunk_kib is too large".into()))?;
+        .ok_or_else(|| ApiError::BadRequest("store.chunk_kib is too large".into()))?;
     let store_config = StoreConfig {
         chunk_size,
         encrypted: config.store.encrypt,
@@ -118,7 +119,7 @@ impl Snapshots {
 
     /// After a restart: jobs and snapshots that were under way are marked failed and
     /// the block maps of failed snapshots removed, so nothing partial is visible.
-    pub async fn recover(&self) -> Result<(), EnvError> {
+    pub async fn recover(&self) -> Result<(), ApiError> {
         let catalog = self.manager.catalog();
         let reason = "weftd stopped while it ran";
         // Storage daemons of snapshots and restores that died with weftd.
@@ -233,7 +234,7 @@ impl Snapshots {
     /// Removes snapshot block maps that no complete snapshot lists: written by a
     /// snapshot that died before it completed, or left by a `snapshot delete` that
     /// died after it removed the row.
-    async fn remove_orphan_indexes(&self) -> Result<(), EnvError> {
+    async fn remove_orphan_indexes(&self) -> Result<(), ApiError> {
         let listed: std::collections::HashSet<String> = self
             .manager
             .catalog()
@@ -280,13 +281,13 @@ impl Snapshots {
     }
 
     /// One job, with live progress while it runs.
-    pub async fn job(&self, id: i64) -> Result<Job, EnvError> {
+    pub async fn job(&self, id: i64) -> Result<Job, ApiError> {
         let mut job = self
             .manager
             .catalog()
             .job(id)
             .await?
-            .ok_or_else(|| EnvError::Missing(format!("no job {id} (see `weft job list`)")))?;
+            .ok_or_else(|| ApiError::Missing(format!("no job {id} (see `weft job list`)")))?;
         if job.state == JobState::Running {
             if let Some(ended) = self.lock_unrecorded().get(&id) {
                 return Ok(ended.clone());
@@ -300,7 +301,7 @@ impl Snapshots {
     }
 
     /// The newest `limit` jobs, as [`Snapshots::job`] shows each.
-    pub async fn jobs(&self, limit: u32) -> Result<Vec<Job>, EnvError> {
+    pub async fn jobs(&self, limit: u32) -> Result<Vec<Job>, ApiError> {
         let mut jobs = self.manager.catalog().jobs(limit).await?;
         let unrecorded = self.lock_unrecorded();
         for job in jobs.iter_mut().filter(|j| j.state == JobState::Running) {
@@ -334,10 +335,10 @@ impl Snapshots {
         target: &str,
         actor: &str,
         work: F,
-    ) -> Result<Job, EnvError>
+    ) -> Result<Job, ApiError>
     where
         F: FnOnce(Arc<Snapshots>, Arc<(AtomicU64, AtomicU64)>) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<serde_json::Value, EnvError>> + Send + 'static,
+        Fut: std::future::Future<Output = Result<serde_json::Value, ApiError>> + Send + 'static,
     {
         let catalog = self.manager.catalog().clone();
         let id = catalog.insert_job(kind, target, actor).await?;
@@ -397,15 +398,15 @@ impl Snapshots {
         category: Option<String>,
         note: Option<String>,
         actor: &str,
-    ) -> Result<Job, EnvError> {
+    ) -> Result<Job, ApiError> {
         let (env, _) = self.manager.show(env_name).await?;
         if env.kind == EnvKind::Attached {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "{env_name:?} is attached: weft does not know its disks' node names yet; snapshot a managed environment"
             )));
         }
         let config = env.config.clone().ok_or_else(|| {
-            EnvError::Internal(format!("{env_name:?} has no stored configuration"))
+            ApiError::Internal(format!("{env_name:?} has no stored configuration"))
         })?;
         let resource = resource.unwrap_or("all").to_string();
         // Disks served live by weft-blk are outside QEMU's block layer: no dirty
@@ -424,7 +425,7 @@ impl Snapshots {
                 .collect(),
         };
         if !served_asked.is_empty() {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "{env_name:?} serves disk(s) {} live through weft-blk (a weave made with --live); \
                  snapshots of served disks are not supported yet: snapshot --resource config or net, \
                  or make the weave without --live",
@@ -441,13 +442,13 @@ impl Snapshots {
                     .find(|c| c.name == d)
                     .cloned()
                     .ok_or_else(|| {
-                        EnvError::BadRequest(format!(
+                        ApiError::BadRequest(format!(
                             "{env_name:?} has no disk {d:?}; its disks: {}",
                             disk_names(&config.disks)
                         ))
                     })?],
                 None => {
-                    return Err(EnvError::BadRequest(format!(
+                    return Err(ApiError::BadRequest(format!(
                         "unknown resource {r:?}: use all, config, net or disk:<name>"
                     )))
                 }
@@ -530,7 +531,7 @@ impl Snapshots {
         disk: &DiskConfig,
         meta: &Meta<'_>,
         progress: &(AtomicU64, AtomicU64),
-    ) -> Result<i64, EnvError> {
+    ) -> Result<i64, ApiError> {
         let _lock = self.manager.lock_env(env).await;
         // A running environment is backed up through its QEMU; a stopped one through a
         // qemu-storage-daemon that opens the disk (and its bitmaps) for this snapshot.
@@ -548,7 +549,7 @@ impl Snapshots {
             Some(_) => Ok(disk.format_node()),
             None => backup::device_root_node(&qmp, &disk.name)
                 .await
-                .map_err(|e| EnvError::Qemu(format!("disk {}: {e}", disk.name))),
+                .map_err(|e| ApiError::Qemu(format!("disk {}: {e}", disk.name))),
         };
         let result = match node {
             Ok(node) => {
@@ -578,10 +579,10 @@ impl Snapshots {
         &self,
         env: &str,
         disk: &DiskConfig,
-    ) -> Result<(weft_qmp::launch::QemuProcess, weft_qmp::launch::LaunchPaths), EnvError> {
+    ) -> Result<(weft_qmp::launch::QemuProcess, weft_qmp::launch::LaunchPaths), ApiError> {
         let dir = self.manager.config().run_dir.join("backup");
         std::fs::create_dir_all(&dir)
-            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         let base = crate::names::join(&[env, &disk.name, "offline"]);
         let paths = weft_qmp::launch::LaunchPaths {
             qmp_socket: dir.join(format!("{base}.qmp")),
@@ -603,7 +604,7 @@ impl Snapshots {
         .map(|daemon| (daemon, paths.clone()))
         .map_err(|e| {
             remove_launch_files(&paths);
-            EnvError::Qemu(one_line(&format!(
+            ApiError::Qemu(one_line(&format!(
                 "disk {} of stopped {env:?}: cannot open it in qemu-storage-daemon: {e}",
                 disk.name
             )))
@@ -618,11 +619,11 @@ impl Snapshots {
         meta: &Meta<'_>,
         progress: &(AtomicU64, AtomicU64),
         qmp: &weft_qmp::Qmp,
-    ) -> Result<i64, EnvError> {
+    ) -> Result<i64, ApiError> {
         let qmp = qmp.clone();
         let catalog = self.manager.catalog();
         let resource = format!("disk:{}", disk.name);
-        let qemu = |e: weft_qmp::Error| EnvError::Qemu(format!("disk {}: {e}", disk.name));
+        let qemu = |e: weft_qmp::Error| ApiError::Qemu(format!("disk {}: {e}", disk.name));
 
         // Incremental from the last complete snapshot's checkpoint if QEMU still has it
         // intact; otherwise a full, saying why.
@@ -659,7 +660,7 @@ impl Snapshots {
         let parent_map = match &base {
             Some((p, _)) => {
                 let name = p.index_name.clone().ok_or_else(|| {
-                    EnvError::Internal(format!("snapshot {} has no block map", p.id))
+                    ApiError::Internal(format!("snapshot {} has no block map", p.id))
                 })?;
                 let store = self.store.clone();
                 Some(
@@ -721,7 +722,7 @@ impl Snapshots {
         parent: Option<BlockMap>,
         qmp: &weft_qmp::Qmp,
         progress: &(AtomicU64, AtomicU64),
-    ) -> Result<(), EnvError> {
+    ) -> Result<(), ApiError> {
         let catalog = self.manager.catalog();
         // Until its block map is written, gc keeps what this snapshot puts.
         let _writing = self.store.begin_write();
@@ -729,7 +730,7 @@ impl Snapshots {
         let checkpoint = format!("{CHECKPOINT_PREFIX}{id}");
         // A raw or qcow2 v2 image cannot store bitmaps: its checkpoint lives only as
         // long as QEMU does (a restart means a full snapshot, with that reason).
-        let qemu_err = |e: weft_qmp::Error| EnvError::Qemu(format!("disk {}: {e}", disk.name));
+        let qemu_err = |e: weft_qmp::Error| ApiError::Qemu(format!("disk {}: {e}", disk.name));
         let unsupported = backup::persistent_bitmaps_unsupported(qmp, node)
             .await
             .map_err(qemu_err)?;
@@ -740,7 +741,7 @@ impl Snapshots {
         catalog.set_snapshot_checkpoint(id, &checkpoint).await?;
         let work_dir = self.manager.config().run_dir.join("backup");
         std::fs::create_dir_all(&work_dir).map_err(|e| {
-            EnvError::Internal(format!("cannot create {}: {e}", work_dir.display()))
+            ApiError::Internal(format!("cannot create {}: {e}", work_dir.display()))
         })?;
         let spec = PullBackupSpec {
             node: node.to_string(),
@@ -758,7 +759,7 @@ impl Snapshots {
             export: disk.name.clone(),
             token: id.to_string(),
         };
-        let qemu = |e: weft_qmp::Error| EnvError::Qemu(format!("disk {}: {e}", disk.name));
+        let qemu = |e: weft_qmp::Error| ApiError::Qemu(format!("disk {}: {e}", disk.name));
         let running = backup::start(qmp, spec.clone()).await.map_err(qemu)?;
         let pulled = async {
             let mut contexts = vec!["base:allocation"];
@@ -767,7 +768,7 @@ impl Snapshots {
             }
             let nbd = NbdClient::connect_unix(&spec.nbd_socket, &spec.export, &contexts)
                 .await
-                .map_err(|e| EnvError::Qemu(format!("disk {}: {e}", disk.name)))?;
+                .map_err(|e| ApiError::Qemu(format!("disk {}: {e}", disk.name)))?;
             let kind = match (&running.dirty_context, parent) {
                 (Some(context), Some(parent)) => PullKind::Incremental {
                     context: context.clone(),
@@ -781,9 +782,9 @@ impl Snapshots {
             };
             let (map, stats) = pull::pull(&nbd, Arc::new(self.store.clone()), &kind, &report)
                 .await
-                .map_err(|e| EnvError::Internal(format!("disk {}: {e}", disk.name)))?;
+                .map_err(|e| ApiError::Internal(format!("disk {}: {e}", disk.name)))?;
             let _ = nbd.disconnect().await;
-            Ok::<_, EnvError>((map, stats))
+            Ok::<_, ApiError>((map, stats))
         }
         .await;
         let (map, stats) = match pulled {
@@ -830,29 +831,29 @@ impl Snapshots {
         &self,
         env: &str,
         filter: &SnapshotFilter,
-    ) -> Result<Vec<Snapshot>, EnvError> {
+    ) -> Result<Vec<Snapshot>, ApiError> {
         Ok(self.manager.catalog().snapshots(env, filter).await?)
     }
 
     /// One snapshot.
-    pub async fn get(&self, id: i64) -> Result<Snapshot, EnvError> {
+    pub async fn get(&self, id: i64) -> Result<Snapshot, ApiError> {
         self.manager.catalog().snapshot(id).await?.ok_or_else(|| {
-            EnvError::Missing(format!("no snapshot {id} (see `weft snapshot list ENV`)"))
+            ApiError::Missing(format!("no snapshot {id} (see `weft snapshot list ENV`)"))
         })
     }
 
     /// Deletes a snapshot that no other snapshot builds on; its chunks go at the next gc.
-    pub async fn delete(&self, id: i64) -> Result<(), EnvError> {
+    pub async fn delete(&self, id: i64) -> Result<(), ApiError> {
         let s = self.get(id).await?;
         if s.state == SnapshotState::Pending {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "snapshot {id} is still being taken"
             )));
         }
         if let Some(name) = &s.index_name {
             let users = crate::blk::users_of(self.manager.config(), name);
             if !users.is_empty() {
-                return Err(EnvError::Conflict(format!(
+                return Err(ApiError::Conflict(format!(
                     "snapshot {id} is served live to {}; delete {} first",
                     users.join(", "),
                     if users.len() == 1 {
@@ -890,10 +891,10 @@ impl Snapshots {
         resource: Option<&str>,
         rule: &Keep,
         dry_run: bool,
-    ) -> Result<serde_json::Value, EnvError> {
+    ) -> Result<serde_json::Value, ApiError> {
         let all = self.list(env, &SnapshotFilter::default()).await?;
         if all.is_empty() && self.manager.catalog().environment(env).await?.is_none() {
-            return Err(EnvError::NotFound(env.to_string()));
+            return Err(ApiError::NotFound(env.to_string()));
         }
         let mut resources: Vec<&str> = all.iter().map(|s| s.resource.as_str()).collect();
         resources.sort_unstable();
@@ -936,7 +937,7 @@ impl Snapshots {
     }
 
     /// Reads every chunk of a snapshot back and checks its digest.
-    pub async fn verify(&self, id: i64) -> Result<serde_json::Value, EnvError> {
+    pub async fn verify(&self, id: i64) -> Result<serde_json::Value, ApiError> {
         let s = self.get(id).await?;
         let Some(name) = s.index_name.clone() else {
             return Ok(
@@ -962,18 +963,18 @@ impl Snapshots {
     }
 
     /// The block map of a disk snapshot, checked against its recorded checksum.
-    pub async fn block_map(&self, id: i64) -> Result<BlockMap, EnvError> {
+    pub async fn block_map(&self, id: i64) -> Result<BlockMap, ApiError> {
         let s = self.get(id).await?;
         let name = s
             .index_name
             .clone()
-            .ok_or_else(|| EnvError::BadRequest(format!("snapshot {id} has no disk")))?;
+            .ok_or_else(|| ApiError::BadRequest(format!("snapshot {id} has no disk")))?;
         let store = self.store.clone();
         let map = blocking(move || store.read_index(&name))
             .await?
             .map_err(store_err)?;
         if Some(pull::digest_of(&map)) != s.checksum {
-            return Err(EnvError::Internal(format!(
+            return Err(ApiError::Internal(format!(
                 "the block map of snapshot {id} does not match its recorded checksum"
             )));
         }
@@ -982,7 +983,7 @@ impl Snapshots {
 
     /// Restores a disk snapshot into a new raw image at `output` and waits for it (used
     /// for the shared bases of weaves).
-    pub async fn restore_into(&self, id: i64, output: &Path) -> Result<(), EnvError> {
+    pub async fn restore_into(&self, id: i64, output: &Path) -> Result<(), ApiError> {
         let map = self.block_map(id).await?;
         let progress = (AtomicU64::new(0), AtomicU64::new(0));
         restore_raw(&self.store, &map, output, &progress)
@@ -992,7 +993,7 @@ impl Snapshots {
 
     /// Restores a block map (e.g. a composition's merge of disk snapshots) into a new
     /// raw image at `output` and waits for it.
-    pub async fn restore_map_into(&self, map: &BlockMap, output: &Path) -> Result<(), EnvError> {
+    pub async fn restore_map_into(&self, map: &BlockMap, output: &Path) -> Result<(), ApiError> {
         let progress = (AtomicU64::new(0), AtomicU64::new(0));
         restore_raw(&self.store, map, output, &progress)
             .await
@@ -1009,16 +1010,16 @@ impl Snapshots {
         format: Option<&str>,
         force: bool,
         actor: &str,
-    ) -> Result<Job, EnvError> {
+    ) -> Result<Job, ApiError> {
         let s = self.get(id).await?;
         if s.state != SnapshotState::Complete {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "snapshot {id} is {}, not complete",
                 s.state.as_str()
             )));
         }
         let Some(name) = s.index_name.clone() else {
-            return Err(EnvError::BadRequest(format!(
+            return Err(ApiError::BadRequest(format!(
                 "snapshot {id} is a {} snapshot: it has no disk to restore",
                 s.resource
             )));
@@ -1027,7 +1028,7 @@ impl Snapshots {
             "raw" => false,
             "qcow2" => true,
             other => {
-                return Err(EnvError::BadRequest(format!(
+                return Err(ApiError::BadRequest(format!(
                     "unknown format {other:?}: use raw or qcow2"
                 )))
             }
@@ -1053,7 +1054,7 @@ impl Snapshots {
                     .await?
                     .map_err(store_err)?;
                 if Some(pull::digest_of(&map)) != checksum {
-                    return Err(EnvError::Internal(format!(
+                    return Err(ApiError::Internal(format!(
                         "the block map of snapshot {id} does not match its recorded checksum"
                     )));
                 }
@@ -1066,7 +1067,7 @@ impl Snapshots {
                 } else {
                     let file = Arc::clone(pending.file());
                     file.set_len(map.disk_size).map_err(|e| {
-                        EnvError::Internal(format!("cannot size {}: {e}", output.display()))
+                        ApiError::Internal(format!("cannot size {}: {e}", output.display()))
                     })?;
                     crate::testpoints::point("restore.partial").await;
                     restore_raw_file(&me.store, &map, file, &progress, &pending.temp_path()).await
@@ -1075,7 +1076,7 @@ impl Snapshots {
                     Ok(n) => blocking(move || pending.commit())
                         .await?
                         .map(|()| n)
-                        .map_err(EnvError::from),
+                        .map_err(ApiError::from),
                     Err(e) => Err(e),
                 };
                 let _ = std::fs::remove_file(&record);
@@ -1098,9 +1099,9 @@ async fn restore_qcow2(
     work: &Path,
     id: i64,
     progress: &(AtomicU64, AtomicU64),
-) -> Result<u64, EnvError> {
+) -> Result<u64, ApiError> {
     std::fs::create_dir_all(work)
-        .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", work.display())))?;
+        .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", work.display())))?;
     let paths = weft_qmp::launch::LaunchPaths {
         qmp_socket: work.join(format!("{id}.qmp")),
         serial_log: work.join(format!("{id}.serial")),
@@ -1114,15 +1115,15 @@ async fn restore_qcow2(
         &weft_qmp::launch::SpawnOptions::default(),
     )
     .await
-    .map_err(|e| EnvError::Qemu(one_line(&format!("cannot start qemu-storage-daemon: {e}"))))?;
+    .map_err(|e| ApiError::Qemu(one_line(&format!("cannot start qemu-storage-daemon: {e}"))))?;
     let qmp = daemon.qmp().clone();
     let written = async {
-        let qemu = |e: weft_qmp::Error| EnvError::Qemu(one_line(&format!("qcow2 restore: {e}")));
+        let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&format!("qcow2 restore: {e}")));
         backup::create_file_node(&qmp, target, "out-file").await.map_err(qemu)?;
         backup::create_qcow2_node(&qmp, "out-file", "out", map.disk_size, None)
             .await
             .map_err(qemu)?;
-        let socket = nbd_socket.to_str().ok_or_else(|| EnvError::Internal("socket path is not UTF-8".into()))?;
+        let socket = nbd_socket.to_str().ok_or_else(|| ApiError::Internal("socket path is not UTF-8".into()))?;
         qmp.execute_raw("nbd-server-start", Some(json!({"addr": {"type": "unix", "data": {"path": socket}}})))
             .await
             .map_err(qemu)?;
@@ -1134,7 +1135,7 @@ async fn restore_qcow2(
         .map_err(qemu)?;
         let nbd = NbdClient::connect_unix(&nbd_socket, "out", &[])
             .await
-            .map_err(|e| EnvError::Qemu(format!("qcow2 restore: {e}")))?;
+            .map_err(|e| ApiError::Qemu(format!("qcow2 restore: {e}")))?;
         progress.1.store(map.data_bytes(), Ordering::Relaxed);
         let nbd_ref = &nbd;
         let written = stream::iter(weft_blockdev::restore::data_groups(map))
@@ -1150,10 +1151,10 @@ async fn restore_qcow2(
                         nbd_ref
                             .write(offset + (k * step) as u64, piece)
                             .await
-                            .map_err(|e| EnvError::Qemu(format!("qcow2 restore: write at {offset}: {e}")))?;
+                            .map_err(|e| ApiError::Qemu(format!("qcow2 restore: write at {offset}: {e}")))?;
                     }
                     progress.0.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    Ok::<u64, EnvError>(data.len() as u64)
+                    Ok::<u64, ApiError>(data.len() as u64)
                 }
             })
             .buffer_unordered(weft_blockdev::restore::PARALLEL_GROUPS)
@@ -1161,9 +1162,9 @@ async fn restore_qcow2(
             .await?;
         nbd.flush()
             .await
-            .map_err(|e| EnvError::Qemu(format!("qcow2 restore: flush: {e}")))?;
+            .map_err(|e| ApiError::Qemu(format!("qcow2 restore: flush: {e}")))?;
         let _ = nbd.disconnect().await;
-        Ok::<u64, EnvError>(written)
+        Ok::<u64, ApiError>(written)
     }
     .await;
     // quit closes the image cleanly (QEMU writes its metadata); then the file is final.
@@ -1186,10 +1187,10 @@ async fn restore_raw(
     map: &BlockMap,
     output: &Path,
     progress: &(AtomicU64, AtomicU64),
-) -> Result<u64, EnvError> {
+) -> Result<u64, ApiError> {
     let partial = PathBuf::from(format!("{}.partial", output.display()));
     let io = |what: &str, e: std::io::Error| {
-        EnvError::Internal(format!("{what} {}: {e}", partial.display()))
+        ApiError::Internal(format!("{what} {}: {e}", partial.display()))
     };
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -1220,7 +1221,7 @@ async fn restore_raw_file(
     file: Arc<std::fs::File>,
     progress: &(AtomicU64, AtomicU64),
     path: &Path,
-) -> Result<u64, EnvError> {
+) -> Result<u64, ApiError> {
     progress.1.store(map.data_bytes(), Ordering::Relaxed);
     let report = |done: u64, _total: u64| progress.0.store(done, Ordering::Relaxed);
     weft_blockdev::restore::restore_into_file(store, map, file, &report)
@@ -1229,9 +1230,9 @@ async fn restore_raw_file(
             weft_blockdev::restore::Error::Store(e) => store_err(e),
             // Which file: a full disk is then a one-line answer to "where".
             e @ weft_blockdev::restore::Error::Write { .. } => {
-                EnvError::Internal(format!("{}: {e}", path.display()))
+                ApiError::Internal(format!("{}: {e}", path.display()))
             }
-            e => EnvError::Internal(e.to_string()),
+            e => ApiError::Internal(e.to_string()),
         })
 }
 
@@ -1253,14 +1254,14 @@ fn disk_names(disks: &[DiskConfig]) -> String {
         .join(", ")
 }
 
-fn store_err(e: weft_blockdev::store::Error) -> EnvError {
-    EnvError::Internal(e.to_string())
+fn store_err(e: weft_blockdev::store::Error) -> ApiError {
+    ApiError::Internal(e.to_string())
 }
 
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, EnvError> {
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| EnvError::Internal(format!("store task failed: {e}")))
+        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))
 }

@@ -41,7 +41,8 @@ use weft_blockdev::nbd::NbdClient;
 use weft_blockdev::store::BlockMap;
 use weft_qmp::{backup, Qmp};
 
-use crate::envs::{one_line, EnvError, Manager};
+use crate::envs::Manager;
+use crate::error::{ApiError, one_line};
 use crate::model::EnvKind;
 use crate::snapshots::Snapshots;
 
@@ -204,11 +205,11 @@ pub(crate) fn map_diff(a: &BlockMap, b: &BlockMap) -> Ranges {
 }
 
 /// The image files of a volume's backing chain, top first (`query-block`).
-async fn chain(qmp: &Qmp, volume: &str) -> Result<Vec<String>, EnvError> {
+async fn chain(qmp: &Qmp, volume: &str) -> Result<Vec<String>, ApiError> {
     let blocks = qmp
         .execute_raw("query-block", None)
         .await
-        .map_err(|e| EnvError::Qemu(one_line(&e.to_string())))?;
+        .map_err(|e| ApiError::Qemu(one_line(&e.to_string())))?;
     let block = blocks
         .as_array()
         .and_then(|all| {
@@ -221,13 +222,13 @@ async fn chain(qmp: &Qmp, volume: &str) -> Result<Vec<String>, EnvError> {
                         == Some(volume)
             })
         })
-        .ok_or_else(|| EnvError::BadRequest(format!("no volume {volume:?} with a medium")))?;
+        .ok_or_else(|| ApiError::BadRequest(format!("no volume {volume:?} with a medium")))?;
     let mut out = Vec::new();
     let mut image = &block["inserted"]["image"];
     // Bounded: QEMU's own chains are finite, a hostile answer must not loop.
     while let Some(f) = image["filename"].as_str() {
         if out.len() >= 4096 {
-            return Err(EnvError::Qemu(
+            return Err(ApiError::Qemu(
                 "backing chain longer than 4096 images".into(),
             ));
         }
@@ -235,7 +236,7 @@ async fn chain(qmp: &Qmp, volume: &str) -> Result<Vec<String>, EnvError> {
         image = &image["backing-image"];
     }
     if out.is_empty() {
-        return Err(EnvError::Qemu(format!(
+        return Err(ApiError::Qemu(format!(
             "query-block shows no image for volume {volume:?}"
         )));
     }
@@ -268,13 +269,13 @@ struct Side {
 }
 
 impl Side {
-    async fn export(&mut self) -> Result<NbdClient, EnvError> {
-        let qemu = |e: weft_qmp::Error| EnvError::Qemu(one_line(&e.to_string()));
+    async fn export(&mut self) -> Result<NbdClient, ApiError> {
+        let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&e.to_string()));
         let _ = std::fs::remove_file(&self.socket);
         let path = self
             .socket
             .to_str()
-            .ok_or_else(|| EnvError::Internal("socket path is not UTF-8".into()))?;
+            .ok_or_else(|| ApiError::Internal("socket path is not UTF-8".into()))?;
         self.qmp
             .execute_raw(
                 "nbd-server-start",
@@ -282,7 +283,7 @@ impl Side {
             )
             .await
             .map_err(|e| {
-                EnvError::Conflict(one_line(&format!(
+                ApiError::Conflict(one_line(&format!(
                     "{}: cannot start an NBD server (is a snapshot running?): {e}",
                     self.name
                 )))
@@ -301,7 +302,7 @@ impl Side {
         self.export = true;
         NbdClient::connect_unix(&self.socket, READ_EXPORT, &[DEPTH_CONTEXT])
             .await
-            .map_err(|e| EnvError::Qemu(format!("{}: {e}", self.name)))
+            .map_err(|e| ApiError::Qemu(format!("{}: {e}", self.name)))
     }
 
     async fn del_export(&self, id: &str) -> Result<(), weft_qmp::Error> {
@@ -346,7 +347,7 @@ fn layer_file(dst: &str) -> String {
 /// After a restart: every QEMU a sync held paused when weftd died is cleaned of what
 /// the sync made in it and resumed; files of the sync that nothing uses are removed.
 /// Runs before weftd serves, so no sync runs meanwhile.
-pub async fn recover(manager: &Arc<Manager>) -> Result<(), EnvError> {
+pub async fn recover(manager: &Arc<Manager>) -> Result<(), ApiError> {
     let work = manager.config().run_dir.join("sync");
     let Ok(entries) = std::fs::read_dir(&work) else {
         return Ok(());
@@ -405,11 +406,11 @@ pub async fn recover(manager: &Arc<Manager>) -> Result<(), EnvError> {
 
 /// Changed extents of one export: allocated at a depth in `1..=above` (the layers
 /// above the common base).
-async fn changed(nbd: &NbdClient, above: usize) -> Result<Ranges, EnvError> {
+async fn changed(nbd: &NbdClient, above: usize) -> Result<Ranges, ApiError> {
     let extents = nbd
         .block_status_all(DEPTH_CONTEXT)
         .await
-        .map_err(|e| EnvError::Qemu(e.to_string()))?;
+        .map_err(|e| ApiError::Qemu(e.to_string()))?;
     Ok(normalize(
         extents
             .iter()
@@ -425,10 +426,10 @@ pub async fn sync(
     snapshots: &Arc<Snapshots>,
     src: &str,
     req: &SyncRequest,
-) -> Result<SyncReport, EnvError> {
+) -> Result<SyncReport, ApiError> {
     let dst = req.dst.as_str();
     if src == dst {
-        return Err(EnvError::BadRequest(
+        return Err(ApiError::BadRequest(
             "source and destination are the same".into(),
         ));
     }
@@ -439,15 +440,15 @@ pub async fn sync(
             let env = catalog
                 .environment(&name)
                 .await?
-                .ok_or_else(|| EnvError::NotFound(name.clone()))?;
+                .ok_or_else(|| ApiError::NotFound(name.clone()))?;
             // A weave verb: it writes into weaves only, never into an environment.
             let Some(parent) = catalog.weave(&name).await?.map(|w| w.parent) else {
-                return Err(EnvError::Conflict(format!(
+                return Err(ApiError::Conflict(format!(
                     "{name:?} is an environment, not a weave: weave sync copies between weaves of one environment; nothing was changed"
                 )));
             };
             if env.kind != EnvKind::Managed {
-                return Err(EnvError::BadRequest(format!(
+                return Err(ApiError::BadRequest(format!(
                     "{name:?} is not a managed environment"
                 )));
             }
@@ -456,7 +457,7 @@ pub async fn sync(
                 .as_ref()
                 .is_some_and(|c| c.vhost_user_disks.iter().any(|d| d.name == req.volume));
             if served {
-                return Err(EnvError::Conflict(format!(
+                return Err(ApiError::Conflict(format!(
                     "volume {:?} of {name:?} is served live by weft-blk (a weave made with --live); \
                      weave sync copies between volumes QEMU's block layer holds, so it does not \
                      take served volumes yet: make the weave without --live",
@@ -468,17 +469,17 @@ pub async fn sync(
                 .as_ref()
                 .is_some_and(|c| c.disks.iter().any(|d| d.name == req.volume));
             if !has_disk {
-                return Err(EnvError::BadRequest(format!(
+                return Err(ApiError::BadRequest(format!(
                     "{name:?} has no volume {:?}",
                     req.volume
                 )));
             }
-            Ok::<_, EnvError>(parent)
+            Ok::<_, ApiError>(parent)
         }
     };
     let (fs, fd) = (family(src).await?, family(dst).await?);
     if fs != fd {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "{src:?} and {dst:?} are not weaves of the same environment"
         )));
     }
@@ -489,13 +490,13 @@ pub async fn sync(
     let live = |name: &str| {
         manager
             .live_qmp(name)
-            .ok_or_else(|| EnvError::Conflict(format!("{name:?} is not running: start it first")))
+            .ok_or_else(|| ApiError::Conflict(format!("{name:?} is not running: start it first")))
     };
     let (qs, qd) = (live(src)?, live(dst)?);
     let work = manager.config().run_dir.join("sync");
     std::fs::create_dir_all(&work)
-        .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", work.display())))?;
-    let qemu = |e: weft_qmp::Error| EnvError::Qemu(one_line(&e.to_string()));
+        .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", work.display())))?;
+    let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&e.to_string()));
     let mut s = Side {
         name: src.to_string(),
         root: backup::device_root_node(&qs, &req.volume)
@@ -522,7 +523,7 @@ pub async fn sync(
     let (ms, md) = (paused_marker(&work, src), paused_marker(&work, dst));
     for m in [&ms, &md] {
         std::fs::write(m, b"")
-            .map_err(|e| EnvError::Internal(format!("cannot write {}: {e}", m.display())))?;
+            .map_err(|e| ApiError::Internal(format!("cannot write {}: {e}", m.display())))?;
     }
     let unmark = || {
         let _ = std::fs::remove_file(&ms);
@@ -567,7 +568,7 @@ async fn run(
     s: &mut Side,
     d: &mut Side,
     req: &SyncRequest,
-) -> Result<SyncReport, EnvError> {
+) -> Result<SyncReport, ApiError> {
     let (cs, cd) = (
         chain(&s.qmp, &req.volume).await?,
         chain(&d.qmp, &req.volume).await?,
@@ -575,7 +576,7 @@ async fn run(
     let src_nbd = s.export().await?;
     let dst_nbd = d.export().await?;
     if src_nbd.size() != dst_nbd.size() {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "volume {} is {} bytes in {} and {} bytes in {}",
             req.volume,
             src_nbd.size(),
@@ -601,7 +602,7 @@ async fn run(
             ) {
                 (Some(a), Some(b)) => (a, b),
                 _ => {
-                    return Err(EnvError::Conflict(format!(
+                    return Err(ApiError::Conflict(format!(
                         "{} and {} share no base for volume {}: sync works between weaves \
                          from now, from snapshots, or a weave from now and its environment",
                         s.name, d.name, req.volume
@@ -610,7 +611,7 @@ async fn run(
             };
             let (sa, sb) = (snapshots.get(a).await?, snapshots.get(b).await?);
             if sa.resource != sb.resource {
-                return Err(EnvError::BadRequest(format!(
+                return Err(ApiError::BadRequest(format!(
                     "the bases are snapshots of different disks ({} and {})",
                     sa.resource, sb.resource
                 )));
@@ -648,7 +649,7 @@ async fn run(
             .map(|(o, l)| format!("{o}+{l}"))
             .collect();
         let more = conflicts.len().saturating_sub(SHOWN_CONFLICTS);
-        return Err(EnvError::Conflict(format!(
+        return Err(ApiError::Conflict(format!(
             "{} and {} both changed {} range(s) of {} ({} bytes) since {base}: {}{}; \
              nothing was copied: choose a side with --prefer src|dst",
             s.name,
@@ -698,8 +699,8 @@ async fn copy_into(
     src_nbd: &NbdClient,
     copy: &[(u64, u64)],
     size: u64,
-) -> Result<(), EnvError> {
-    let qemu = |e: weft_qmp::Error| EnvError::Qemu(one_line(&format!("sync into {}: {e}", d.name)));
+) -> Result<(), ApiError> {
+    let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&format!("sync into {}: {e}", d.name)));
     let layer = d.socket.with_file_name(layer_file(&d.name));
     let _ = std::fs::remove_file(&layer);
     backup::create_file_node(&d.qmp, &layer, LAYER_FILE)
@@ -723,7 +724,7 @@ async fn copy_into(
         let written = async {
             let out = NbdClient::connect_unix(&d.socket, WRITE_EXPORT, &[])
                 .await
-                .map_err(|e| EnvError::Qemu(format!("{}: {e}", d.name)))?;
+                .map_err(|e| ApiError::Qemu(format!("{}: {e}", d.name)))?;
             let step = PIECE
                 .min(u64::from(src_nbd.max_request()))
                 .min(u64::from(out.max_request()));
@@ -740,20 +741,20 @@ async fn copy_into(
                     let data = src_nbd
                         .read(o, l as u32)
                         .await
-                        .map_err(|e| EnvError::Qemu(format!("read {o}+{l}: {e}")))?;
+                        .map_err(|e| ApiError::Qemu(format!("read {o}+{l}: {e}")))?;
                     out_ref
                         .write(o, &data)
                         .await
-                        .map_err(|e| EnvError::Qemu(format!("write {o}+{l}: {e}")))
+                        .map_err(|e| ApiError::Qemu(format!("write {o}+{l}: {e}")))
                 })
                 .buffer_unordered(PARALLEL)
                 .try_collect::<Vec<()>>()
                 .await?;
             out.flush()
                 .await
-                .map_err(|e| EnvError::Qemu(format!("flush: {e}")))?;
+                .map_err(|e| ApiError::Qemu(format!("flush: {e}")))?;
             let _ = out.disconnect().await;
-            Ok::<(), EnvError>(())
+            Ok::<(), ApiError>(())
         }
         .await;
         d.del_export(WRITE_EXPORT).await.map_err(qemu)?;
@@ -787,14 +788,14 @@ async fn copy_into(
         match done.await.map_err(qemu)? {
             weft_qmp::BlockJobOutcome::Completed { .. } => {}
             other => {
-                return Err(EnvError::Qemu(format!(
+                return Err(ApiError::Qemu(format!(
                     "committing the synced blocks into {}: {other:?}",
                     d.name
                 )))
             }
         }
         snapshotted = false;
-        Ok::<(), EnvError>(())
+        Ok::<(), ApiError>(())
     }
     .await;
     if snapshotted {

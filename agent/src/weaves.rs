@@ -27,7 +27,9 @@ use weft_qmp::launch::{DiskFormat, VmConfig};
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::cgroups;
-use crate::envs::{check_name, one_line, EnvError, Manager};
+use crate::envs::Manager;
+use crate::error::{ApiError, one_line};
+use crate::names::check_name;
 use crate::model::{EnvKind, Environment, GuestPlan, Snapshot, SnapshotKind};
 use crate::replay::DataPick;
 use crate::snapshots::Snapshots;
@@ -94,10 +96,10 @@ pub fn netns_path(name: &str) -> PathBuf {
 }
 
 /// Checks a weave name: it becomes part of a namespace name (`weft-<name>`).
-pub fn check_weave_name(name: &str) -> Result<(), EnvError> {
+pub fn check_weave_name(name: &str) -> Result<(), ApiError> {
     check_name(name)?;
     if name.len() > 10 || name.contains('_') {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "invalid weave name {name:?}: use 1-10 characters from a-z, 0-9 and '-'"
         )));
     }
@@ -363,7 +365,7 @@ impl Weaves {
     async fn hold_slot(
         &self,
         slots: std::ops::RangeInclusive<u8>,
-    ) -> Result<Option<SlotHold<'_>>, EnvError> {
+    ) -> Result<Option<SlotHold<'_>>, ApiError> {
         let used: Vec<u8> = self
             .manager
             .catalog()
@@ -402,9 +404,9 @@ impl Weaves {
     }
 
     /// A weave with its environment record.
-    pub async fn show(&self, name: &str) -> Result<Weave, EnvError> {
+    pub async fn show(&self, name: &str) -> Result<Weave, ApiError> {
         let mut w = self.manager.catalog().weave(name).await?.ok_or_else(|| {
-            EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)"))
+            ApiError::Missing(format!("no weave named {name:?} (see `weft weave list`)"))
         })?;
         w.env = self.manager.catalog().environment(name).await?;
         w.balloon = crate::balloon::of_weave(&self.manager, name).await;
@@ -412,7 +414,7 @@ impl Weaves {
     }
 
     /// Weaves of an environment.
-    pub async fn list(&self, parent: &str) -> Result<Vec<Weave>, EnvError> {
+    pub async fn list(&self, parent: &str) -> Result<Vec<Weave>, ApiError> {
         let mut out = Vec::new();
         for mut w in self.manager.catalog().weaves(Some(parent)).await? {
             w.env = self.manager.catalog().environment(&w.name).await?;
@@ -426,21 +428,21 @@ impl Weaves {
         self: &Arc<Self>,
         parent: &str,
         req: CreateWeave,
-    ) -> Result<Weave, EnvError> {
+    ) -> Result<Weave, ApiError> {
         let catalog = self.manager.catalog();
         let env = catalog
             .environment(parent)
             .await?
-            .ok_or_else(|| EnvError::NotFound(parent.to_string()))?;
+            .ok_or_else(|| ApiError::NotFound(parent.to_string()))?;
         if env.kind != EnvKind::Managed || catalog.weave(parent).await?.is_some() {
-            return Err(EnvError::Conflict(format!(
+            return Err(ApiError::Conflict(format!(
                 "weaves branch from managed environments; {parent:?} is not one"
             )));
         }
         let slots = self.manager.config().net.slots();
         // The slot is held until its row exists, so concurrent creates take different ones.
         let slot = self.hold_slot(slots.clone()).await?.ok_or_else(|| {
-            EnvError::Conflict(format!(
+            ApiError::Conflict(format!(
                 "all weave network slots ({}-{}, [net] in weftd.toml) are in use",
                 slots.start(),
                 slots.end()
@@ -454,14 +456,14 @@ impl Weaves {
         let _hold = self.manager.reserve(&name).await?;
         let dir = self.dir(&name);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         // A weave from now gets its overlays from the environment's running QEMU.
         if let Some(user) =
-            crate::qemu_user::QemuUser::of(self.manager.config()).map_err(EnvError::BadRequest)?
+            crate::qemu_user::QemuUser::of(self.manager.config()).map_err(ApiError::BadRequest)?
         {
             user.give_dir(&self.manager.config().data_dir, &dir)
                 .map_err(|e| {
-                    EnvError::Internal(format!("cannot give {} to qemu_user: {e}", dir.display()))
+                    ApiError::Internal(format!("cannot give {} to qemu_user: {e}", dir.display()))
                 })?;
         }
         let made = self
@@ -501,7 +503,7 @@ impl Weaves {
             self.manager.insert_stopped_weave(&weave, &config).await?;
             let groups = cgroups::groups(&name);
             groups.create().map_err(|e| {
-                EnvError::Internal(format!("cannot create the cgroups of {name}: {e}"))
+                ApiError::Internal(format!("cannot create the cgroups of {name}: {e}"))
             })?;
             // Its namespace, with the guest plan of its instant (crate::net).
             crate::net::Net::new(catalog)
@@ -510,7 +512,7 @@ impl Weaves {
             self.dhcp
                 .start_for(catalog, &name, &config)
                 .await
-                .map_err(|e| EnvError::Internal(one_line(&format!("DHCP of weave {name}: {e}"))))?;
+                .map_err(|e| ApiError::Internal(one_line(&format!("DHCP of weave {name}: {e}"))))?;
             // Its data history starts with its parent's up to its instant.
             crate::provenance::service::branch_weave(&self.manager, &name, parent, &weave.taken_at)
                 .await?;
@@ -639,16 +641,16 @@ impl Weaves {
         name: &str,
         source: Source,
         live: bool,
-    ) -> Result<(VmConfig, String, String, Chosen), EnvError> {
+    ) -> Result<(VmConfig, String, String, Chosen), ApiError> {
         if live && source == Source::Now {
-            return Err(EnvError::BadRequest(
+            return Err(ApiError::BadRequest(
                 "--live serves history through weft-blk: give --snapshot, --at or a composition (a weave from now shares the running disks already)".into(),
             ));
         }
         let current = env
             .config
             .clone()
-            .ok_or_else(|| EnvError::Internal(format!("{:?} has no configuration", env.name)))?;
+            .ok_or_else(|| ApiError::Internal(format!("{:?} has no configuration", env.name)))?;
         let dir = self.dir(name);
         let (mut config, overlays_from, source_text, instant, chosen) = match source {
             Source::Now => {
@@ -683,7 +685,7 @@ impl Weaves {
             Source::Snapshot(id) => {
                 let s = self.snapshots.get(id).await?;
                 if s.env != env.name {
-                    return Err(EnvError::BadRequest(format!(
+                    return Err(ApiError::BadRequest(format!(
                         "snapshot {id} belongs to {:?}, not {:?}",
                         s.env, env.name
                     )));
@@ -702,7 +704,7 @@ impl Weaves {
             Source::At(t) => {
                 let t = humantime::parse_rfc3339_weak(&t)
                     .map(|st| humantime::format_rfc3339_micros(st).to_string())
-                    .map_err(|e| EnvError::BadRequest(format!("--at {t:?}: {e}")))?;
+                    .map_err(|e| ApiError::BadRequest(format!("--at {t:?}: {e}")))?;
                 let (config, bases) = self.bases_at(env, &current, &t, None, name).await?;
                 (config, bases, format!("at {t}"), t, Chosen::default())
             }
@@ -733,7 +735,7 @@ impl Weaves {
             let overlay = dir.join(format!("{}.qcow2", disk.name));
             image::create_overlay(&overlay, &base, DiskFormat::Raw, size, &self.work())
                 .await
-                .map_err(|e| EnvError::Qemu(one_line(&format!("overlay of {}: {e}", disk.name))))?;
+                .map_err(|e| ApiError::Qemu(one_line(&format!("overlay of {}: {e}", disk.name))))?;
             // The overlay on its raw base, and nothing that the configuration of the
             // instant had below its disks.
             disk.path = base;
@@ -753,12 +755,12 @@ impl Weaves {
         name: &str,
         mut config: VmConfig,
         froms: Vec<DiskFrom>,
-    ) -> Result<VmConfig, EnvError> {
+    ) -> Result<VmConfig, ApiError> {
         let dir = crate::blk::vm_dir(self.manager.config(), name);
         // A fresh start: nothing from an earlier weave of this name.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         let made = self.write_specs(name, &config, froms).await;
         match made {
             Ok(served) => {
@@ -781,7 +783,7 @@ impl Weaves {
         name: &str,
         config: &VmConfig,
         froms: Vec<DiskFrom>,
-    ) -> Result<Vec<weft_qmp::launch::VhostUserDisk>, EnvError> {
+    ) -> Result<Vec<weft_qmp::launch::VhostUserDisk>, ApiError> {
         let settings = self.manager.config();
         let store = self.snapshots.store().clone();
         let dir = crate::blk::vm_dir(settings, name);
@@ -789,15 +791,15 @@ impl Weaves {
         for (disk, from) in config.disks.iter().zip(froms) {
             let index = match from {
                 DiskFrom::Snapshot(snap) => snap.index_name.clone().ok_or_else(|| {
-                    EnvError::Internal(format!("snapshot {} has no block map", snap.id))
+                    ApiError::Internal(format!("snapshot {} has no block map", snap.id))
                 })?,
                 DiskFrom::Merged(map) => {
                     let index = format!("{}{}", crate::names::weave_index_prefix(name), disk.name);
                     let (st, idx) = (store.clone(), index.clone());
                     tokio::task::spawn_blocking(move || st.write_index(&idx, &map))
                         .await
-                        .map_err(|e| EnvError::Internal(format!("index task failed: {e}")))?
-                        .map_err(|e| EnvError::Internal(format!("cannot store the merge: {e}")))?;
+                        .map_err(|e| ApiError::Internal(format!("index task failed: {e}")))?
+                        .map_err(|e| ApiError::Internal(format!("cannot store the merge: {e}")))?;
                     index
                 }
             };
@@ -817,9 +819,9 @@ impl Weaves {
             };
             let path = crate::blk::spec_path(settings, name, &disk.name);
             let bytes = serde_json::to_vec_pretty(&spec)
-                .map_err(|e| EnvError::Internal(format!("disk spec: {e}")))?;
+                .map_err(|e| ApiError::Internal(format!("disk spec: {e}")))?;
             std::fs::write(&path, bytes)
-                .map_err(|e| EnvError::Internal(format!("cannot write {}: {e}", path.display())))?;
+                .map_err(|e| ApiError::Internal(format!("cannot write {}: {e}", path.display())))?;
             served.push(weft_qmp::launch::VhostUserDisk {
                 name: disk.name.clone(),
                 socket: crate::blk::socket_path(settings, name, &disk.name),
@@ -837,15 +839,15 @@ impl Weaves {
         env: &Environment,
         config: &VmConfig,
         weave_dir: &Path,
-    ) -> Result<Vec<weft_qmp::launch::DiskConfig>, EnvError> {
+    ) -> Result<Vec<weft_qmp::launch::DiskConfig>, ApiError> {
         let _lock = self.manager.lock_env(&env.name).await;
         let qmp = self.manager.live_qmp(&env.name).ok_or_else(|| {
-            EnvError::Conflict(format!(
+            ApiError::Conflict(format!(
                 "{:?} is not running: branch from a snapshot (--snapshot ID or --at TIME) instead",
                 env.name
             ))
         })?;
-        let qemu = |e: weft_qmp::Error| EnvError::Qemu(one_line(&e.to_string()));
+        let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&e.to_string()));
         let stamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -883,7 +885,7 @@ impl Weaves {
                 let node = format!("{}-t{stamp}", disk.name);
                 let path = top
                     .to_str()
-                    .ok_or_else(|| EnvError::Internal("path is not UTF-8".into()))?
+                    .ok_or_else(|| ApiError::Internal("path is not UTF-8".into()))?
                     .to_string();
                 qmp.execute_raw(
                     "blockdev-add",
@@ -932,7 +934,7 @@ impl Weaves {
                 Ok(_) => catalog
                     .env_overlays(&env.name)
                     .await
-                    .map_err(EnvError::from),
+                    .map_err(ApiError::from),
                 Err(se) => Err(se),
             };
             match settled {
@@ -967,7 +969,7 @@ impl Weaves {
         t: &str,
         pinned: Option<&Snapshot>,
         weave: &str,
-    ) -> Result<(VmConfig, Vec<DiskFrom>), EnvError> {
+    ) -> Result<(VmConfig, Vec<DiskFrom>), ApiError> {
         let all = self
             .snapshots
             .list(
@@ -1007,14 +1009,14 @@ impl Weaves {
             let snap = match pinned {
                 Some(p) if p.resource == resource => p,
                 _ => at_or_before(&resource).ok_or_else(|| {
-                    EnvError::BadRequest(format!(
+                    ApiError::BadRequest(format!(
                         "disk {} of {:?} has no snapshot at or before {t}",
                         disk.name, env.name
                     ))
                 })?,
             };
             if snap.kind == SnapshotKind::Config {
-                return Err(EnvError::Internal(format!(
+                return Err(ApiError::Internal(format!(
                     "snapshot {} is not a disk snapshot",
                     snap.id
                 )));
@@ -1045,7 +1047,7 @@ impl Weaves {
         current: &VmConfig,
         comp_name: &str,
         weave: &str,
-    ) -> Result<(VmConfig, Vec<DiskFrom>, String, Chosen), EnvError> {
+    ) -> Result<(VmConfig, Vec<DiskFrom>, String, Chosen), ApiError> {
         use crate::compose::Origin;
         let comps = crate::compositions::Compositions::new(
             Arc::clone(&self.manager),
@@ -1053,7 +1055,7 @@ impl Weaves {
         );
         let (comp, plan) = comps.plan_for_apply(comp_name).await?;
         if comp.env != env.name {
-            return Err(EnvError::BadRequest(format!(
+            return Err(ApiError::BadRequest(format!(
                 "composition {comp_name} composes {:?}, not {:?}",
                 comp.env, env.name
             )));
@@ -1082,7 +1084,7 @@ impl Weaves {
                 Some(Origin::Merge { sides, .. }) => {
                     let merged = comps.merged(&comp, &resource, sides).await?;
                     let map = merged.map.ok_or_else(|| {
-                        EnvError::Internal(format!("{resource}: the merge gave no block map"))
+                        ApiError::Internal(format!("{resource}: the merge gave no block map"))
                     })?;
                     // Which snapshot each run of slots came from (F15, per block range).
                     let maps = self.slot_sources(sides, &map).await?;
@@ -1092,7 +1094,7 @@ impl Weaves {
                     bases.push(DiskFrom::Merged(map));
                 }
                 _ => {
-                    return Err(EnvError::BadRequest(format!(
+                    return Err(ApiError::BadRequest(format!(
                         "composition {comp_name}: disk {} has no snapshot to come from",
                         disk.name
                     )))
@@ -1231,13 +1233,13 @@ impl Weaves {
         origin: Option<&crate::compose::Origin>,
         sources: &mut Vec<SourceRow>,
         of: impl FnOnce(Snapshot) -> Option<T>,
-    ) -> Result<Option<T>, EnvError> {
+    ) -> Result<Option<T>, ApiError> {
         use crate::compose::Origin;
         match origin {
             Some(Origin::Snapshot { id, .. }) => {
                 sources.push(SourceRow::snapshot(resource, "", *id));
                 let value = of(self.snapshots.get(*id).await?)
-                    .ok_or_else(|| EnvError::Internal(format!("snapshot {id} holds no {what}")))?;
+                    .ok_or_else(|| ApiError::Internal(format!("snapshot {id} holds no {what}")))?;
                 Ok(Some(value))
             }
             Some(Origin::Merge { sides, .. }) => {
@@ -1251,7 +1253,7 @@ impl Weaves {
                 }
                 let value =
                     serde_json::from_value(merged.value.unwrap_or_default()).map_err(|e| {
-                        EnvError::BadRequest(format!("the merged {what} is not valid: {e}"))
+                        ApiError::BadRequest(format!("the merged {what} is not valid: {e}"))
                     })?;
                 Ok(Some(value))
             }
@@ -1264,7 +1266,7 @@ impl Weaves {
         &self,
         sides: &[i64],
         merged: &weft_blockdev::store::BlockMap,
-    ) -> Result<Vec<(String, i64)>, EnvError> {
+    ) -> Result<Vec<(String, i64)>, ApiError> {
         let mut maps = Vec::new();
         for id in sides {
             maps.push((*id, self.snapshots.block_map(*id).await?));
@@ -1292,10 +1294,10 @@ impl Weaves {
     }
 
     /// The read-only raw base of a disk snapshot, restored once and shared.
-    async fn base_of(&self, snap: &Snapshot) -> Result<PathBuf, EnvError> {
+    async fn base_of(&self, snap: &Snapshot) -> Result<PathBuf, ApiError> {
         let dir = self.bases();
         std::fs::create_dir_all(&dir)
-            .map_err(|e| EnvError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(format!("snapshot-{}.raw", snap.id));
         if path.exists() {
             return Ok(path);
@@ -1303,7 +1305,7 @@ impl Weaves {
         self.snapshots.restore_into(snap.id, &path).await?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).map_err(|e| {
-            EnvError::Internal(format!("cannot make {} read-only: {e}", path.display()))
+            ApiError::Internal(format!("cannot make {} read-only: {e}", path.display()))
         })?;
         Ok(path)
     }
@@ -1316,7 +1318,7 @@ impl Weaves {
         host_port: u16,
         guest_port: u16,
         actor: &str,
-    ) -> Result<Weave, EnvError> {
+    ) -> Result<Weave, ApiError> {
         crate::net::Net::new(self.manager.catalog())
             .route_weave(name, host_port, guest_port, actor)
             .await?;
@@ -1327,7 +1329,7 @@ impl Weaves {
     /// environment (published by it, or routed to any of its weaves) moves to it in one
     /// nftables transaction (new connections go to `name`; established ones finish
     /// where they started). `weft env activate` moves the published ones back.
-    pub async fn activate(&self, name: &str, actor: &str) -> Result<serde_json::Value, EnvError> {
+    pub async fn activate(&self, name: &str, actor: &str) -> Result<serde_json::Value, ApiError> {
         crate::net::Net::new(self.manager.catalog())
             .activate_weave(name, actor)
             .await
@@ -1335,7 +1337,7 @@ impl Weaves {
 
     /// The store indexes weave `name` owns (merges it served live), under the current
     /// prefix and the old one (unless an environment is called like the old prefix).
-    async fn remove_weave_indexes(&self, name: &str) -> Result<(), EnvError> {
+    async fn remove_weave_indexes(&self, name: &str) -> Result<(), ApiError> {
         let old = self
             .manager
             .catalog()
@@ -1356,13 +1358,13 @@ impl Weaves {
             Ok(())
         })
         .await
-        .map_err(|e| EnvError::Internal(e.to_string()))?
-        .map_err(EnvError::Internal)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::Internal)
     }
 
     /// Removes the restored bases no weave uses any more, and the `.partial` files
     /// of base restores that never finished (every restore runs under the lock).
-    async fn remove_unused_bases(&self) -> Result<(), EnvError> {
+    async fn remove_unused_bases(&self) -> Result<(), ApiError> {
         let _bases = self.bases_lock.lock().await;
         let used = self.manager.catalog().base_snapshots_in_use().await?;
         let Ok(entries) = std::fs::read_dir(self.bases()) else {
@@ -1393,7 +1395,7 @@ impl Weaves {
     /// At start, before anything runs: what weave creates that died with weftd left
     /// (files, served-disk specs that would pin snapshots, block maps, sources,
     /// `.partial` restores) is removed, and so are bases no weave uses.
-    async fn remove_leftovers(&self) -> Result<(), EnvError> {
+    async fn remove_leftovers(&self) -> Result<(), ApiError> {
         let catalog = self.manager.catalog();
         let sources = catalog.remove_orphan_weave_sources().await?;
         if sources > 0 {
@@ -1422,8 +1424,8 @@ impl Weaves {
         let store = self.snapshots.store().clone();
         let indexes = tokio::task::spawn_blocking(move || store.list_indexes())
             .await
-            .map_err(|e| EnvError::Internal(e.to_string()))?
-            .map_err(|e| EnvError::Internal(e.to_string()))?;
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         for idx in indexes {
             if let Some(w) = idx
                 .strip_prefix(&format!("{}/", crate::names::WEAVE_INDEXES))
@@ -1489,7 +1491,7 @@ impl Weaves {
     /// After weftd starts: every weave's namespace, links and NAT rules are repaired or
     /// re-created (after a host reboot they are gone), and its cgroups re-made, so its
     /// QEMU can start again. Failures are logged and audited; they do not stop weftd.
-    pub async fn recover(&self) -> Result<(), EnvError> {
+    pub async fn recover(&self) -> Result<(), ApiError> {
         let catalog = self.manager.catalog();
         if let Err(e) = self.remove_leftovers().await {
             warn!(error = %e, "cannot remove what unfinished weave creates left");
@@ -1522,10 +1524,10 @@ impl Weaves {
         &self,
         name: &str,
         limits: &cgroups::Limits,
-    ) -> Result<Weave, EnvError> {
+    ) -> Result<Weave, ApiError> {
         let mut weave = self.show(name).await?;
         if limits.memory_mib.is_some_and(|m| m < 16) {
-            return Err(EnvError::BadRequest("--memory must be at least 16M".into()));
+            return Err(ApiError::BadRequest("--memory must be at least 16M".into()));
         }
         weave.balloon = crate::balloon::apply_limits(&self.manager, name, limits).await?;
         Ok(weave)
@@ -1533,32 +1535,32 @@ impl Weaves {
 
     /// Stops and removes a weave: QEMU, namespace and rules, cgroups, overlays, rows.
     /// Refuses anything that is not a weave (an environment goes with `weft env delete`).
-    pub async fn delete(&self, name: &str) -> Result<(), EnvError> {
+    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
         self.ensure(name, "delete").await?;
         self.remove(name).await
     }
 
     /// Refuses (nothing changed) a `weave VERB` of anything that is not a weave: an
     /// environment is told to use the `env` verb.
-    pub async fn ensure(&self, name: &str, verb: &str) -> Result<(), EnvError> {
+    pub async fn ensure(&self, name: &str, verb: &str) -> Result<(), ApiError> {
         let catalog = self.manager.catalog();
         if catalog.weave(name).await?.is_some() {
             return Ok(());
         }
         Err(match catalog.environment(name).await? {
-            Some(env) => EnvError::Conflict(format!(
+            Some(env) => ApiError::Conflict(format!(
                 "{name:?} is {} environment, not a weave: nothing was changed (`weft env {verb} {name}` acts on an environment)",
                 match env.kind {
                     EnvKind::Managed => "a managed",
                     EnvKind::Attached => "an attached",
                 }
             )),
-            None => EnvError::Missing(format!("no weave named {name:?} (see `weft weave list`)")),
+            None => ApiError::Missing(format!("no weave named {name:?} (see `weft weave list`)")),
         })
     }
 
     /// Removes what a weave (or a create of one that failed) made under `name`.
-    async fn remove(&self, name: &str) -> Result<(), EnvError> {
+    async fn remove(&self, name: &str) -> Result<(), ApiError> {
         let catalog = self.manager.catalog();
         let weave = catalog.weave(name).await?;
         let mut problems = Vec::new();
@@ -1612,7 +1614,7 @@ impl Weaves {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(EnvError::Internal(format!(
+            Err(ApiError::Internal(format!(
                 "weave {name} removed with problems: {}",
                 problems.join("; ")
             )))

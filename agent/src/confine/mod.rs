@@ -67,13 +67,13 @@ pub enum ConfineError {
     },
 }
 
-impl From<ConfineError> for crate::envs::EnvError {
+impl From<ConfineError> for crate::error::ApiError {
     fn from(e: ConfineError) -> Self {
-        use crate::envs::EnvError;
+        use crate::error::ApiError;
         match e {
-            ConfineError::Refused(m) => EnvError::BadRequest(m),
-            ConfineError::Exists(m) => EnvError::Conflict(m),
-            e @ ConfineError::Io { .. } => EnvError::Internal(e.to_string()),
+            ConfineError::Refused(m) => ApiError::BadRequest(m),
+            ConfineError::Exists(m) => ApiError::Conflict(m),
+            e @ ConfineError::Io { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }

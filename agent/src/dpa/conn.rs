@@ -635,7 +635,7 @@ impl ConnCtx {
         tokio::task::spawn_blocking(move || sink.last_seq(&vm))
             .await
             .map_err(|e| ConnError::Log(e.to_string()))?
-            .map_err(|e| ConnError::Log(crate::envs::error_chain(&e)))
+            .map_err(|e| ConnError::Log(crate::error::error_chain(&e)))
     }
 
     /// Appends `entries` (after the VM's rate allows them) and acknowledges them.
@@ -685,7 +685,7 @@ impl ConnCtx {
                     tokio::time::sleep(pause.max(Duration::from_millis(100))).await;
                 }
                 // With its cause: "cannot write <segment>: No space left on device".
-                Err(e) => return Err(ConnError::Log(crate::envs::error_chain(&e))),
+                Err(e) => return Err(ConnError::Log(crate::error::error_chain(&e))),
             }
         }
     }

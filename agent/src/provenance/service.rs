@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::{ProvenanceError, ProvenanceLog, Query, Record};
-use crate::envs::{one_line, EnvError, Manager};
+use crate::envs::Manager;
+use crate::error::{ApiError, one_line};
 
 /// Bytes of a page's JSON when the request does not say.
 pub const DEFAULT_PAGE_BYTES: usize = 4 << 20;
@@ -143,54 +144,54 @@ pub struct Page {
 }
 
 /// The API's status for a log error.
-pub fn env_error(e: ProvenanceError) -> EnvError {
+pub fn env_error(e: ProvenanceError) -> ApiError {
     let text = one_line(&e.to_string());
     match e {
-        ProvenanceError::InvalidName(_) | ProvenanceError::Invalid(_) => EnvError::BadRequest(text),
+        ProvenanceError::InvalidName(_) | ProvenanceError::Invalid(_) => ApiError::BadRequest(text),
         ProvenanceError::Gap { .. }
         | ProvenanceError::Quota { .. }
-        | ProvenanceError::Branch(_) => EnvError::Conflict(text),
+        | ProvenanceError::Branch(_) => ApiError::Conflict(text),
         ProvenanceError::Io { .. } | ProvenanceError::Corrupt { .. } => {
             // The cause chain names the file and the OS error.
-            EnvError::Internal(one_line(&crate::envs::error_chain(&e)))
+            ApiError::Internal(one_line(&crate::error::error_chain(&e)))
         }
     }
 }
 
-fn log_of(manager: &Manager) -> Result<ProvenanceLog, EnvError> {
+fn log_of(manager: &Manager) -> Result<ProvenanceLog, ApiError> {
     manager.provenance().cloned().ok_or_else(|| {
-        EnvError::Conflict("weftd has no provenance log open (see its log for why)".into())
+        ApiError::Conflict("weftd has no provenance log open (see its log for why)".into())
     })
 }
 
 /// Runs a blocking log call off the async threads.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ProvenanceError> + Send + 'static,
-) -> Result<T, EnvError> {
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| EnvError::Internal(format!("provenance task failed: {e}")))?
+        .map_err(|e| ApiError::Internal(format!("provenance task failed: {e}")))?
         .map_err(env_error)
 }
 
 /// One page of `name`'s provenance records: a [`Page`] as the API's JSON, at most
 /// `max_bytes` of it (or one record larger than that).
-pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Vec<u8>, EnvError> {
+pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Vec<u8>, ApiError> {
     manager
         .catalog()
         .environment(name)
         .await?
-        .ok_or_else(|| EnvError::NotFound(name.to_string()))?;
+        .ok_or_else(|| ApiError::NotFound(name.to_string()))?;
     let log = log_of(manager)?;
     if q.tail.is_some() && q.after_seq.is_some() {
-        return Err(EnvError::BadRequest(
+        return Err(ApiError::BadRequest(
             "give either tail or after_seq, not both".into(),
         ));
     }
     let limit = q.limit.unwrap_or(usize::MAX);
     let budget = q.max_bytes.unwrap_or(DEFAULT_PAGE_BYTES);
     if !(MIN_PAGE_BYTES..=MAX_PAGE_BYTES).contains(&budget) {
-        return Err(EnvError::BadRequest(format!(
+        return Err(ApiError::BadRequest(format!(
             "max_bytes {budget} is out of range: give {MIN_PAGE_BYTES} to {MAX_PAGE_BYTES}"
         )));
     }
@@ -200,13 +201,13 @@ pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Vec<u8>
             .as_deref()
             .map(|t| parse_time("from", t))
             .transpose()
-            .map_err(EnvError::BadRequest)?,
+            .map_err(ApiError::BadRequest)?,
         to_us: q
             .to
             .as_deref()
             .map(|t| parse_time("to", t))
             .transpose()
-            .map_err(EnvError::BadRequest)?,
+            .map_err(ApiError::BadRequest)?,
         after_seq: q.after_seq,
         key: q.key,
         collection: q.table,
@@ -270,11 +271,11 @@ pub async fn branch_weave(
     weave: &str,
     parent: &str,
     taken_at: &str,
-) -> Result<(), EnvError> {
+) -> Result<(), ApiError> {
     let Some(log) = manager.provenance().cloned() else {
         return Ok(());
     };
-    let until_us = parse_time("at", taken_at).map_err(EnvError::Internal)?;
+    let until_us = parse_time("at", taken_at).map_err(ApiError::Internal)?;
     let (weave, parent) = (weave.to_string(), parent.to_string());
     blocking(move || log.branch(&weave, &parent, until_us)).await
 }
