@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-use weft_qmp::launch::{self, Accel, DiskConfig, LaunchPaths, QemuProcess, SpawnOptions, VmConfig};
+use weft_qmp::launch::{
+    self, Accel, DiskConfig, LaunchPaths, QemuProcess, SpawnOptions, Validate, VmConfig,
+};
 use weft_qmp::Qmp;
 
 use crate::catalog::{Catalog, NewEnvironment};

@@ -476,7 +476,7 @@ async fn qemu_storage_daemon_blockdev_create_job() {
     .expect("blockdev-create");
     done.await.expect("job succeeded");
     assert_eq!(
-        DiskFormat::detect(&image).expect("detect"),
+        weft_qmp::launch::detect_format(&image).expect("detect"),
         DiskFormat::Qcow2
     );
     // wait_job dismissed it.
