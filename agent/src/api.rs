@@ -15,20 +15,27 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::UnixListener;
 
 use crate::catalog_snapshots::SnapshotFilter;
 use crate::envs::Manager;
-use crate::error::{ApiError, one_line};
+use crate::error::{one_line, ApiError};
 use crate::model::{
-    ErrorBody, AuditEntry, CreateEnvironment, CreateSnapshot, Environment, ExposeRequest, GuestPlan,
-    Job, NetSetup, PruneRequest, RestoreRequest, Snapshot, Status, UnexposeRequest,
+    AuditEntry, CreateEnvironment, CreateSnapshot, Environment, ErrorBody, ExposeRequest,
+    GuestPlan, Job, NetSetup, PruneRequest, RestoreRequest, Snapshot, Status, UnexposeRequest,
 };
 use crate::policies::{Policy, SetPolicy};
 use crate::roles::{Accounts, Actor, Role, Roles};
 use crate::snapshots::Snapshots;
 use crate::weaves::{CreateWeave, Weave, Weaves};
+pub use weft_api::audit::AuditQuery;
+pub use weft_api::composition::ApplyComposition;
+pub use weft_api::env::{EnvironmentView, SetConfig};
+pub use weft_api::net::RouteRequest;
+pub use weft_api::policy::PolicyQuery;
+pub use weft_api::snapshot::SnapshotQuery;
+pub use weft_api::store::{GcRequest, TierRequest};
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -646,16 +653,6 @@ async fn audited<T>(
     result
 }
 
-/// An environment with its live run state.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct EnvironmentView {
-    /// The catalog record.
-    #[serde(flatten)]
-    pub env: Environment,
-    /// QEMU's run state from QMP `query-status` (`running`, `paused`, …) when connected.
-    pub runstate: Option<String>,
-}
-
 async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
     let (environments, running) = state.manager.counts().await?;
     let config = state.manager.config();
@@ -841,13 +838,6 @@ async fn delete_env(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Query of `GET /v1/audit`.
-#[derive(Debug, Deserialize)]
-pub struct AuditQuery {
-    /// How many of the newest records to return (default 50, at most 10000).
-    pub limit: Option<u32>,
-}
-
 async fn audit_log(
     State(state): State<AppState>,
     Query(q): Query<AuditQuery>,
@@ -892,22 +882,6 @@ async fn create_snapshot(
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(job)))
-}
-
-/// Query of `GET /v1/environments/{name}/snapshots`.
-#[derive(Debug, Deserialize)]
-pub struct SnapshotQuery {
-    /// Only this resource (`config`, `disk:vda`).
-    pub resource: Option<String>,
-    /// Taken at or after this RFC 3339 time.
-    pub since: Option<String>,
-    /// Taken at or before this RFC 3339 time.
-    pub until: Option<String>,
-    /// Only this category.
-    pub category: Option<String>,
-    /// Include pending and failed snapshots.
-    #[serde(default)]
-    pub all: bool,
 }
 
 fn rfc3339(field: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
@@ -1048,13 +1022,6 @@ async fn set_policy(
     )
     .await?;
     Ok(Json(policy))
-}
-
-/// Query of `GET /v1/policies`.
-#[derive(Debug, Deserialize)]
-pub struct PolicyQuery {
-    /// Only this environment's policies.
-    pub env: Option<String>,
 }
 
 async fn list_policies(
@@ -1217,21 +1184,6 @@ async fn resolve_composition(
     Ok(Json(out))
 }
 
-/// Body of `POST /v1/compositions/{name}/apply`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApplyComposition {
-    /// Name of the new weave (default `w<index>`).
-    #[serde(default)]
-    pub weave: Option<String>,
-    /// Serve its disks live through weft-blk instead of restoring them first.
-    #[serde(default)]
-    pub live: bool,
-    /// What the weave's guest may open connections to (default: none).
-    #[serde(default)]
-    pub egress: crate::model::Egress,
-}
-
 async fn apply_composition(
     State(state): State<AppState>,
     actor: Actor,
@@ -1318,18 +1270,6 @@ where
     })
     .await?;
     Ok(Json(setup))
-}
-
-/// Body of `POST /v1/environments/{name}/config`: what to change (the rest stays).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetConfig {
-    /// Guest memory in MiB.
-    #[serde(default)]
-    pub memory_mib: Option<u64>,
-    /// vCPUs.
-    #[serde(default)]
-    pub cpus: Option<u32>,
 }
 
 async fn set_env_config(
@@ -1425,16 +1365,6 @@ async fn activate_env(
         |net, env, who| async move { net.activate_env(&env, &who).await },
     )
     .await
-}
-
-/// Body of `POST /v1/weaves/{name}/route`.
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteRequest {
-    /// Port of the guest.
-    pub guest_port: u16,
-    /// Port on the host (default: the guest port).
-    pub host_port: Option<u16>,
 }
 
 async fn weave_route(
@@ -1708,15 +1638,6 @@ async fn store_verify(State(state): State<AppState>) -> Result<Json<serde_json::
     store_op(&state, |s| s.verify()).await
 }
 
-/// Body of `POST /v1/store/gc`.
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct GcRequest {
-    /// Keep unreferenced chunks younger than this many seconds (default 24 h 5 min):
-    /// it must exceed the longest backup, which may be writing chunks not yet in an index.
-    pub grace_secs: Option<u64>,
-}
-
 async fn store_gc(
     State(state): State<AppState>,
     actor: Actor,
@@ -1733,20 +1654,6 @@ async fn store_gc(
         async move { store_op(&st, move |s| s.gc(grace)).await },
     )
     .await
-}
-
-/// Body of `POST /v1/store/tier` (every field optional; defaults in the store's docs).
-#[derive(Debug, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TierRequest {
-    /// Move a chunk to the cold tier after this many seconds without a read.
-    pub cold_after_secs: Option<u64>,
-    /// A chunk read at least this often counts as frequently read …
-    pub frequent_reads: Option<u32>,
-    /// … and goes cold only after this many seconds without a read.
-    pub frequent_cold_after_secs: Option<u64>,
-    /// Move a cold chunk back after this many reads from the cold tier.
-    pub promote_after_cold_reads: Option<u32>,
 }
 
 async fn store_tier(

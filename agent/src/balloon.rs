@@ -21,7 +21,7 @@ use weft_qmp::Qmp;
 
 use crate::cgroups::{self, Limits};
 use crate::envs::Manager;
-use crate::error::{ApiError, one_line};
+use crate::error::{one_line, ApiError};
 
 const MIB: u64 = 1024 * 1024;
 /// How long one balloon QMP command may take.

@@ -20,10 +20,10 @@ use weft_qmp::launch::{
 use weft_qmp::Qmp;
 
 use crate::catalog::{Catalog, NewEnvironment};
-use crate::error::{one_line, ApiError};
-use crate::names::check_name;
 use crate::config::Config;
+use crate::error::{one_line, ApiError};
 use crate::model::{CreateEnvironment, DiskRequest, EnvFiles, EnvKind, EnvState, Environment};
+use crate::names::check_name;
 
 /// Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;

@@ -25,7 +25,7 @@ use weft_qmp::launch::{DiskConfig, DiskFormat, VmConfig};
 use weft_qmp::{backup, Qmp};
 
 use crate::catalog::{now, Catalog, CatalogError};
-use crate::error::{ApiError, one_line};
+use crate::error::{one_line, ApiError};
 
 /// How long one commit job may take (a whole disk of guest writes).
 const COMMIT_DEADLINE: Duration = Duration::from_secs(600);

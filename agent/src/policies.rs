@@ -15,7 +15,7 @@ use sqlx::Row;
 use tracing::{info, warn};
 
 use crate::catalog::{now, Catalog, CatalogError};
-use crate::error::{ApiError, one_line};
+use crate::error::{one_line, ApiError};
 use crate::model::JobState;
 use crate::retention::Keep;
 use crate::snapshots::Snapshots;

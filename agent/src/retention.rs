@@ -9,34 +9,7 @@
 use std::collections::HashSet;
 use std::time::UNIX_EPOCH;
 
-use serde::{Deserialize, Serialize};
-
-/// How many snapshots to keep, per rule; a snapshot kept by any rule stays.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Keep {
-    /// The newest N.
-    #[serde(default)]
-    pub last: u32,
-    /// The newest of each of the newest N hours.
-    #[serde(default)]
-    pub hourly: u32,
-    /// The newest of each of the newest N days (UTC).
-    #[serde(default)]
-    pub daily: u32,
-    /// The newest of each of the newest N ISO weeks.
-    #[serde(default)]
-    pub weekly: u32,
-    /// The newest of each of the newest N months.
-    #[serde(default)]
-    pub monthly: u32,
-}
-
-impl Keep {
-    /// Whether no rule is set (a prune with no rule keeps only the newest).
-    pub fn is_empty(&self) -> bool {
-        *self == Keep::default()
-    }
-}
+pub use weft_api::snapshot::Keep;
 
 /// Period keys of an RFC 3339 UTC time: hour, day, ISO week, month.
 fn periods(taken_at: &str) -> Option<[String; 4]> {

@@ -24,7 +24,7 @@ use weft_qmp::launch::DiskConfig;
 use crate::catalog_snapshots::{Completed, NewSnapshot, SnapshotFilter};
 use crate::config::Config;
 use crate::envs::Manager;
-use crate::error::{ApiError, one_line};
+use crate::error::{one_line, ApiError};
 use crate::model::{EnvKind, Job, JobState, Snapshot, SnapshotKind, SnapshotState};
 use crate::retention::{self, Keep};
 

@@ -42,7 +42,7 @@ use weft_blockdev::store::BlockMap;
 use weft_qmp::{backup, Qmp};
 
 use crate::envs::Manager;
-use crate::error::{ApiError, one_line};
+use crate::error::{one_line, ApiError};
 use crate::model::EnvKind;
 use crate::snapshots::Snapshots;
 

@@ -50,7 +50,7 @@ pub fn weave_plan(
         guest_prefix: guest.guest_prefix,
         gateway_ip: guest.gateway,
         guest_link: GuestLink::Tap { name: tap },
-        egress: egress.kernel(),
+        egress: crate::net::kernel_egress(&egress),
     }
 }
 

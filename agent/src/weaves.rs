@@ -28,9 +28,9 @@ use weft_qmp::launch::{DiskFormat, VmConfig};
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::cgroups;
 use crate::envs::Manager;
-use crate::error::{ApiError, one_line};
-use crate::names::check_name;
+use crate::error::{one_line, ApiError};
 use crate::model::{EnvKind, Environment, GuestPlan, Snapshot, SnapshotKind};
+use crate::names::check_name;
 use crate::replay::DataPick;
 use crate::snapshots::Snapshots;
 

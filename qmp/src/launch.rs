@@ -24,7 +24,6 @@ pub use weft_api::vm::{
 
 use crate::{Error, Qmp};
 
-
 /// Checks a configuration before QEMU sees it (QEMU options are built from it).
 pub trait Validate {
     /// `Ok` if QEMU may be given this configuration, else [`Error::InvalidConfig`]
@@ -59,21 +58,9 @@ pub fn detect_format(path: &Path) -> io::Result<DiskFormat> {
     })
 }
 
-
-
-
-
-
-
-
-
-
-
 /// The QEMU device id of the vsock device ([`VmConfig::vsock`]); its chardev, for
 /// vhost-user, is `vsock0-chr`.
 pub const VSOCK_ID: &str = "vsock0";
-
-
 
 /// The device id of the balloon ([`VmConfig::balloon`]).
 pub const BALLOON_ID: &str = "balloon0";

@@ -5,4 +5,44 @@
 //! Plain data with serde, and the pure checks that belong to the data; no I/O, no
 //! async, nothing of the daemon. `docs/openapi.json` documents these types on the wire.
 
+use serde::{Deserialize, Serialize};
+
+/// Declares a string-valued catalog enum with `as_str`/`parse`.
+macro_rules! catalog_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vm])* $variant),+ }
+
+        impl $name {
+            /// The catalog spelling.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// Parses the catalog spelling.
+            pub fn parse(s: &str) -> Option<$name> {
+                match s { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+pub mod audit;
+pub mod composition;
+pub mod env;
+pub mod job;
+pub mod net;
+pub mod policy;
+pub mod snapshot;
+pub mod store;
+pub mod strict;
 pub mod vm;
+
+/// Error body of every failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One line saying what was wrong and what to do.
+    pub error: String,
+}

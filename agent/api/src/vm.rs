@@ -232,7 +232,6 @@ impl Default for VmConfig {
     }
 }
 
-
 impl VmConfig {
     /// Whether a device needs guest memory shared with another process (vhost-user):
     /// then the command line shares it even if [`VmConfig::shared_memory`] is off.

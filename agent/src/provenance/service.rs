@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::{ProvenanceError, ProvenanceLog, Query, Record};
 use crate::envs::Manager;
-use crate::error::{ApiError, one_line};
+use crate::error::{one_line, ApiError};
 
 /// Bytes of a page's JSON when the request does not say.
 pub const DEFAULT_PAGE_BYTES: usize = 4 << 20;

@@ -1,0 +1,32 @@
+//! The audit log as the API shows it.
+
+use serde::{Deserialize, Serialize};
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Sequence number.
+    pub id: i64,
+    /// RFC 3339 time.
+    pub at: String,
+    /// Who asked (peer user of the API socket, or weftd itself).
+    pub actor: String,
+    /// What was asked (`env.create`, `env.stop`, …).
+    pub action: String,
+    /// The object acted on.
+    pub target: Option<String>,
+    /// Details (JSON).
+    pub detail: Option<String>,
+    /// `ok` or `error: <reason>`.
+    pub result: String,
+    /// The entry's hash in the audit chain (hex; see `docs/audit.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Deserialize)]
+pub struct AuditQuery {
+    /// How many of the newest records to return (default 50, at most 10000).
+    pub limit: Option<u32>,
+}
