@@ -17,25 +17,10 @@ use sqlx::Row;
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::model::AuditEntry;
+pub use weft_api::audit::AuditVerify;
 
 const DOMAIN: &[u8] = b"weft-audit-v1\0";
 const ZERO: [u8; 32] = [0; 32];
-
-/// The result of [`Catalog::verify_audit`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditVerify {
-    /// True when every entry matches its hash, links to the one before, and the last
-    /// one is the recorded head.
-    pub ok: bool,
-    /// Entries checked.
-    pub entries: u64,
-    /// The last entry's id and hash (hex), as the database has it.
-    pub last: Option<(i64, String)>,
-    /// The head recorded outside the database, if any.
-    pub head: Option<(i64, String)>,
-    /// What is wrong, one line each (empty when `ok`).
-    pub problems: Vec<String>,
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Head {

@@ -13,7 +13,6 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
 use weft_qmp::launch::VmConfig;
@@ -22,6 +21,7 @@ use weft_qmp::Qmp;
 use crate::cgroups::{self, Limits};
 use crate::envs::Manager;
 use crate::error::{one_line, ApiError};
+pub use weft_api::env::Balloon;
 
 const MIB: u64 = 1024 * 1024;
 /// How long one balloon QMP command may take.
@@ -29,15 +29,6 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a refused (busy) cgroup v1 memory limit waits for the guest to give
 /// memory back through the balloon before it is tried again.
 const SETTLE: Duration = Duration::from_secs(15);
-
-/// A running VM's balloon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Balloon {
-    /// The memory weft asked the guest to keep (the balloon target), MiB.
-    pub target_mib: u64,
-    /// The guest's memory now, as the balloon device reports it (`query-balloon`), MiB.
-    pub actual_mib: u64,
-}
 
 /// The balloon target for a memory limit: the limit, at most the configured memory;
 /// the configured memory without a limit.

@@ -6,6 +6,7 @@
 //! is `weft/<name>` in each hierarchy that has the controller.
 
 use std::path::{Path, PathBuf};
+pub use weft_api::env::Limits;
 
 /// A weave's groups, one per hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,16 +17,6 @@ pub struct Groups {
     pub memory: Option<PathBuf>,
     /// Cgroup v2 layout.
     pub unified: bool,
-}
-
-/// Resource limits of a weave.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// CPU time as a percentage of one CPU (150 = one and a half CPUs); none = unlimited.
-    pub cpu_percent: Option<u32>,
-    /// Memory limit in MiB; none = unlimited.
-    pub memory_mib: Option<u64>,
 }
 
 const ROOT: &str = "/sys/fs/cgroup";

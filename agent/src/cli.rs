@@ -1348,10 +1348,10 @@ fn provenance_line(env: &str, r: &crate::provenance::service::RecordView) -> Str
         format!("{}:{}", r.source, r.collection)
     };
     let change = match r.op {
-        weft_dpa::Operation::Insert => format!("+ {}", short(&r.new)),
-        weft_dpa::Operation::Delete => format!("- {}", short(&r.old)),
-        weft_dpa::Operation::Update => format!("{} → {}", short(&r.old), short(&r.new)),
-        weft_dpa::Operation::Schema => short(&r.new),
+        weft_api::provenance::Operation::Insert => format!("+ {}", short(&r.new)),
+        weft_api::provenance::Operation::Delete => format!("- {}", short(&r.old)),
+        weft_api::provenance::Operation::Update => format!("{} → {}", short(&r.old), short(&r.new)),
+        weft_api::provenance::Operation::Schema => short(&r.new),
     };
     let from = if r.vm != env {
         format!("  (from {})", r.vm)

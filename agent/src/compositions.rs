@@ -5,14 +5,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::Row;
 use weft_blockdev::store::{BlockMap, ChunkStore};
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::catalog_snapshots::SnapshotFilter;
-use crate::compose::{self, Conflict, MapSource, Plan, PlanInput, Rules};
+use crate::compose::{self, Conflict, MapSource, Plan, PlanInput};
 use crate::envs::Manager;
 use crate::error::ApiError;
 use crate::model::{EnvKind, Snapshot};
@@ -20,69 +19,9 @@ use crate::names::check_name;
 use crate::provenance::ProvenanceLog;
 use crate::replay::Item;
 use crate::snapshots::Snapshots;
-
-/// A stored composition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Composition {
-    /// Its name.
-    pub name: String,
-    /// The environment whose history it composes.
-    pub env: String,
-    /// Its rules.
-    pub rules: Rules,
-    /// Who created it.
-    pub actor: String,
-    /// When.
-    pub created_at: String,
-}
-
-/// Body of `POST /v1/compositions`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateComposition {
-    /// Name (as environment names: a-z, 0-9, '-', up to 32).
-    pub name: String,
-    /// The environment.
-    pub env: String,
-    /// The rules (`docs/compositions.md`).
-    pub rules: Rules,
-}
-
-/// A composition with its plan as of now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CompositionView {
-    /// The composition.
-    pub composition: Composition,
-    /// Its plan.
-    pub plan: Plan,
-}
-
-/// Which side a resolution takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Take {
-    /// `"older"` or `"newer"` (by the sides' snapshot instants).
-    Side(String),
-    /// A snapshot id: one of the conflict's two sides.
-    Snapshot(i64),
-}
-
-/// Body of `POST /v1/compositions/{name}/resolve`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResolveRequest {
-    /// The conflict's resource (with `key`), or every conflict of it (without).
-    #[serde(default)]
-    pub resource: Option<String>,
-    /// The conflict's key (`slots A..B` or a JSON pointer).
-    #[serde(default)]
-    pub key: Option<String>,
-    /// Every open conflict of the composition.
-    #[serde(default)]
-    pub all: bool,
-    /// The side to take.
-    pub take: Take,
-}
+pub use weft_api::composition::{
+    Composition, CompositionView, CreateComposition, ResolveRequest, Take,
+};
 
 /// Block maps of disk snapshots, read from the chunk store; application state of the
 /// environment, replayed from its provenance log.

@@ -10,91 +10,20 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use tracing::{info, warn};
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::error::{one_line, ApiError};
 use crate::model::JobState;
-use crate::retention::Keep;
 use crate::snapshots::Snapshots;
+pub use weft_api::policy::{Policy, SetPolicy, MAX_EVERY_SECS};
 
 /// First retry delay after a failed run.
 const FIRST_RETRY: Duration = Duration::from_secs(30);
 
-/// Longest interval of a policy (100 years): its next run must be a time weftd can
-/// write, and RFC 3339 ends with the year 9999.
-pub const MAX_EVERY_SECS: u64 = 100 * 365 * 86_400;
-
 /// The last instant RFC 3339 can write (9999-12-31T23:59:59Z).
 const LAST_INSTANT_SECS: u64 = 253_402_300_799;
-
-/// A snapshot policy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Policy {
-    /// Id.
-    pub id: i64,
-    /// Environment.
-    pub env: String,
-    /// `all`, `config` or `disk:<name>`.
-    pub resource: String,
-    /// Interval in seconds.
-    pub every_secs: u64,
-    /// Category given to the snapshots it takes.
-    pub category: Option<String>,
-    /// Retention applied after each successful run.
-    pub keep: Keep,
-    /// When it runs next (RFC 3339).
-    pub next_run: String,
-    /// When it last ran.
-    pub last_run: Option<String>,
-    /// `ok: …` or `error: …`.
-    pub last_result: Option<String>,
-    /// Consecutive failed runs.
-    pub failures: u32,
-}
-
-/// Body of `PUT /v1/environments/{name}/policies`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetPolicy {
-    /// `all`, `config` or `disk:<name>`.
-    pub resource: String,
-    /// Interval in seconds (at least 1).
-    pub every_secs: u64,
-    /// Category given to the snapshots it takes.
-    #[serde(default)]
-    pub category: Option<String>,
-    /// Retention applied after each run.
-    #[serde(default, deserialize_with = "crate::strict::fields")]
-    pub keep: Keep,
-}
-
-impl SetPolicy {
-    /// Checks a policy as the API takes it: a known resource and an interval of 1 s
-    /// to [`MAX_EVERY_SECS`]; the error is one line for the operator.
-    pub fn check(&self) -> Result<(), String> {
-        if self.every_secs == 0 {
-            return Err("--every must be at least 1s".into());
-        }
-        if self.every_secs > MAX_EVERY_SECS {
-            return Err(format!(
-                "--every {}s is more than 100 years ({MAX_EVERY_SECS}s)",
-                self.every_secs
-            ));
-        }
-        if !(["all", "config", "net"].contains(&self.resource.as_str())
-            || self.resource.starts_with("disk:"))
-        {
-            return Err(format!(
-                "unknown resource {:?}: use all, config, net or disk:<name>",
-                self.resource
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// When a policy runs next, `wait` after `t`, as the catalog stores it (RFC 3339).
 pub fn next_run(t: SystemTime, wait: Duration) -> String {
@@ -340,6 +269,7 @@ async fn run_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::retention::Keep;
 
     fn policy(resource: &str, every_secs: u64) -> SetPolicy {
         SetPolicy {

@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use weft_dpa::{jsonptr, DataType, Entry, Operation};
 
 use crate::provenance::Record;
+pub use weft_api::provenance::{ReplayReport, ReplayRequest};
 
 /// The rows of one SQLite source.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -799,86 +800,20 @@ fn sources_of_log(
     Ok((sources, seen))
 }
 
-/// A replay asked of weftd (`POST /v1/environments/{name}/replay`).
-#[derive(Debug, Clone, serde::Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReplayRequest {
-    /// The instant (guest time, RFC 3339) to rebuild, or `now`.
-    pub to: String,
-    /// Keep only the items changed from this instant on (RFC 3339).
-    #[serde(default)]
-    pub from: Option<String>,
-    /// Write the state as files under this absolute directory on the host.
-    #[serde(default)]
-    pub out: Option<PathBuf>,
-    /// Push the state into this running weave's guest through its DPA. Only a weave
-    /// of the replayed environment is accepted, unless `force` is set.
-    #[serde(default)]
-    pub into: Option<String>,
-    /// Push into `into` even though it is not a weave of the replayed environment
-    /// (recorded in the audit log as `provenance.replay.force`, target the weave).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub force: bool,
-    /// Start from the application state inside this disk snapshot of the environment
-    /// and apply the log from shortly before it (see `base_margin_secs`) up to `to`.
-    #[serde(default)]
-    pub base: Option<i64>,
-    /// How far before the base snapshot's instant the log is applied again (seconds;
-    /// default 120): a disk snapshot lags the guest by what the guest had not yet
-    /// written back, and applying an entry the base already holds changes nothing.
-    #[serde(default)]
-    pub base_margin_secs: Option<u64>,
-}
-
 /// Default of [`ReplayRequest::base_margin_secs`].
 pub const BASE_MARGIN_SECS: u64 = 120;
 
-/// What a replay did.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct ReplayReport {
-    /// The environment whose log was replayed.
-    pub env: String,
-    /// The instant rebuilt (guest time, µs since the Unix epoch).
-    pub to_us: i64,
-    /// Entries applied.
-    pub applied: u64,
-    /// Entries that could not apply.
-    pub skipped: u64,
-    /// Rows left out of the databases written under `out` (SQLite refused them).
-    #[serde(default)]
-    pub rows_skipped: u64,
-    /// The last sequence number applied.
-    pub last_seq: u64,
-    /// Files written under `out`.
-    pub files: Vec<String>,
-    /// The weave the state was pushed into.
-    pub into: Option<String>,
-    /// Changes the weave's DPA made to reach the state.
-    pub changes_made: u64,
-    /// The disk snapshot the state started from.
-    #[serde(default)]
-    pub base: Option<i64>,
-    /// Where each source was found in the base snapshot's file system (guest path →
-    /// path in the file system); sources it lacks start empty.
-    #[serde(default)]
-    pub base_found: BTreeMap<String, String>,
-    /// The log was applied on the base from this instant (µs since the Unix epoch).
-    #[serde(default)]
-    pub base_log_from_us: Option<i64>,
-}
-
-impl ReplayReport {
-    fn set(&mut self, summary: &Summary, written: Written) {
-        self.applied = summary.applied;
-        self.skipped = summary.skipped;
-        self.last_seq = summary.last_seq;
-        self.files = written
-            .files
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        self.rows_skipped = written.rows_skipped;
-    }
+/// Fills a report from what a replay applied and wrote.
+fn set_report(report: &mut ReplayReport, summary: &Summary, written: Written) {
+    report.applied = summary.applied;
+    report.skipped = summary.skipped;
+    report.last_seq = summary.last_seq;
+    report.files = written
+        .files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    report.rows_skipped = written.rows_skipped;
 }
 
 /// Why `into` is not a weave of `env` (its parent in the catalog), or `None` when
@@ -1028,7 +963,7 @@ pub async fn run(
         })
         .await
         .map_err(|e| internal(e.to_string()))??;
-        report.set(&summary, written);
+        set_report(&mut report, &summary, written);
         return Ok(report);
     }
     let (state, summary) = tokio::task::spawn_blocking(move || match based {
@@ -1050,10 +985,10 @@ pub async fn run(
     .await
     .map_err(|e| internal(e.to_string()))?
     .map_err(|e| internal(e.to_string()))?;
-    report.set(&summary, Written::default());
+    set_report(&mut report, &summary, Written::default());
     if let Some(out) = &output {
         let written = state.write_into(out).await?;
-        report.set(&summary, written);
+        set_report(&mut report, &summary, written);
     }
     if let Some(weave) = &req.into {
         if manager.catalog().environment(weave).await?.is_none() {

@@ -8,45 +8,13 @@
 //! names the role each route needs, and one gate there applies it.
 
 use std::collections::BTreeSet;
-use std::fmt;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::error::ApiError;
-
-/// What a caller may do; each role includes the ones below it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Every read (`GET`).
-    Reader,
-    /// The lifecycle of environments, snapshots, weaves, compositions, replay into weaves.
-    Operator,
-    /// Everything, including what changes the host or the whole store.
-    Admin,
-}
-
-impl Role {
-    /// Every role, lowest first.
-    pub const ALL: [Role; 3] = [Role::Reader, Role::Operator, Role::Admin];
-
-    /// The name weftd.toml, the API and the OpenAPI document use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Reader => "reader",
-            Role::Operator => "operator",
-            Role::Admin => "admin",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use weft_api::roles::{Role, Whoami};
 
 /// `[roles]` in weftd.toml: who holds each role, as user names and `@group` names.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
@@ -324,21 +292,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
             .cloned()
             .ok_or_else(|| ApiError::Forbidden("forbidden: this route has no role check".into()))
     }
-}
-
-/// Body of `GET /v1/whoami`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Whoami {
-    /// The socket peer's uid.
-    pub uid: Option<u32>,
-    /// Its user name (`uid N` when it has none).
-    pub user: String,
-    /// Its groups by name (by number when a group has no name).
-    pub groups: Vec<String>,
-    /// Its role; `admin`, `operator` or `reader`.
-    pub role: Option<Role>,
-    /// The actor audit records name (`x-weft-actor (via user)` when a client claims one).
-    pub actor: String,
 }
 
 #[cfg(test)]

@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
 use weft_blockdev::nbd::NbdClient;
@@ -45,6 +44,7 @@ use crate::envs::Manager;
 use crate::error::{one_line, ApiError};
 use crate::model::EnvKind;
 use crate::snapshots::Snapshots;
+pub use weft_api::weave::{Prefer, Range, SyncReport, SyncRequest};
 
 /// The NBD metadata context that reports the backing-chain depth of each extent.
 const DEPTH_CONTEXT: &str = "qemu:allocation-depth";
@@ -60,72 +60,6 @@ const PARALLEL: usize = 8;
 const JOB_DEADLINE: Duration = Duration::from_secs(600);
 /// Conflicting ranges named in an error (the count and bytes are always given).
 const SHOWN_CONFLICTS: usize = 20;
-
-/// Which side wins where both changed the same blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Prefer {
-    /// SRC's blocks are copied over DST's.
-    Src,
-    /// DST keeps its blocks.
-    Dst,
-}
-
-/// Body of `POST /v1/weaves/{src}/sync`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SyncRequest {
-    /// The weave (or its environment) that receives the blocks.
-    pub dst: String,
-    /// The volume (disk name), e.g. `vda`.
-    pub volume: String,
-    /// Who wins conflicting ranges; absent: conflicts refuse the sync.
-    #[serde(default)]
-    pub prefer: Option<Prefer>,
-    /// Reset DST's guest after the copy (default true).
-    #[serde(default = "yes")]
-    pub reset: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// A byte range of the volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Range {
-    /// First byte.
-    pub offset: u64,
-    /// Bytes.
-    pub length: u64,
-}
-
-/// What a sync did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SyncReport {
-    /// Source.
-    pub src: String,
-    /// Destination.
-    pub dst: String,
-    /// The volume.
-    pub volume: String,
-    /// What the two sides were compared against.
-    pub base: String,
-    /// Bytes SRC changed since the base.
-    pub src_changed_bytes: u64,
-    /// Bytes DST changed since the base.
-    pub dst_changed_bytes: u64,
-    /// Ranges both changed.
-    pub conflicts: Vec<Range>,
-    /// Bytes in those ranges.
-    pub conflict_bytes: u64,
-    /// Who won them.
-    pub prefer: Option<Prefer>,
-    /// Bytes copied into DST.
-    pub copied_bytes: u64,
-    /// Whether DST's guest was reset.
-    pub reset: bool,
-}
 
 /// Sorted, merged ranges `(offset, length)`.
 type Ranges = Vec<(u64, u64)>;

@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::Row;
 use tracing::{info, warn};
@@ -33,62 +32,7 @@ use crate::model::{EnvKind, Environment, GuestPlan, Snapshot, SnapshotKind};
 use crate::names::check_name;
 use crate::replay::DataPick;
 use crate::snapshots::Snapshots;
-
-/// Where a weave branches from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    /// The running environment, now.
-    Now,
-    /// The instant of a snapshot.
-    Snapshot(i64),
-    /// A past instant (RFC 3339): the newest snapshot of each resource at or before it.
-    At(String),
-    /// A composition (`weft compose apply`): each resource as its plan chose it.
-    Composition(String),
-}
-
-/// Body of `POST /v1/environments/{name}/weaves`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateWeave {
-    /// Name (1-10 characters from a-z, 0-9, '-'); `w<index>` when absent.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// Where to branch from (default: now).
-    #[serde(default)]
-    pub source: Option<Source>,
-    /// Serve the disks live through weft-blk from the chunk store instead of
-    /// restoring a base first (snapshot, instant or composition sources).
-    #[serde(default)]
-    pub live: bool,
-    /// What the guest may open connections to (default: none).
-    #[serde(default)]
-    pub egress: crate::model::Egress,
-}
-
-/// A weave as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Weave {
-    /// Name (also the name of its environment row).
-    pub name: String,
-    /// The environment it branches from.
-    pub parent: String,
-    /// `now`, `snapshot N` or `at T`.
-    pub source: String,
-    /// The instant its disks show.
-    pub taken_at: String,
-    /// Its network slot (host link 10.231.<index>.0/30).
-    pub net_index: u8,
-    /// When it was made.
-    pub created_at: String,
-    /// Its environment record (state, pid, configuration).
-    pub env: Option<Environment>,
-    /// Its balloon while it runs with one: target (from its memory limit) and the
-    /// guest's memory now.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub balloon: Option<crate::balloon::Balloon>,
-}
+pub use weft_api::weave::{CreateWeave, Source, SourceRow, Weave};
 
 /// The network namespace file a weave's QEMU runs in.
 pub fn netns_path(name: &str) -> PathBuf {
@@ -143,34 +87,14 @@ struct Chosen {
     disks: Vec<weft_blockdev::store::BlockMap>,
 }
 
-/// Where one resource (or one part of it) of a weave came from (F15).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SourceRow {
-    /// The resource.
-    pub resource: String,
-    /// The part (`slots A..B` of a merged disk), empty for the whole resource.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub part: String,
-    /// The snapshot it came from.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub snapshot: Option<i64>,
-    /// Or the instant it was taken at (the running environment, the provenance log).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instant: Option<String>,
-    /// How.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
-}
-
-impl SourceRow {
-    fn snapshot(resource: &str, part: &str, id: i64) -> SourceRow {
-        SourceRow {
-            resource: resource.into(),
-            part: part.into(),
-            snapshot: Some(id),
-            instant: None,
-            detail: None,
-        }
+/// A source row for a resource taken from snapshot `id`.
+fn snapshot_row(resource: &str, part: &str, id: i64) -> SourceRow {
+    SourceRow {
+        resource: resource.into(),
+        part: part.into(),
+        snapshot: Some(id),
+        instant: None,
+        detail: None,
     }
 }
 
@@ -986,7 +910,7 @@ impl Weaves {
         let config = match at_or_before("config").and_then(|s| s.config.clone().map(|c| (s.id, c)))
         {
             Some((id, c)) => {
-                sources.push(SourceRow::snapshot("config", "", id));
+                sources.push(snapshot_row("config", "", id));
                 c
             }
             None => {
@@ -1022,7 +946,7 @@ impl Weaves {
                 )));
             }
             bases.push(DiskFrom::Snapshot(Box::new(snap.clone())));
-            sources.push(SourceRow::snapshot(&resource, "", snap.id));
+            sources.push(snapshot_row(&resource, "", snap.id));
         }
         sources.push(SourceRow {
             resource: "net".into(),
@@ -1078,7 +1002,7 @@ impl Weaves {
             match origin(&resource).map(|c| &c.origin) {
                 Some(Origin::Snapshot { id, .. }) => {
                     let snap = self.snapshots.get(*id).await?;
-                    sources.push(SourceRow::snapshot(&resource, "", *id));
+                    sources.push(snapshot_row(&resource, "", *id));
                     bases.push(DiskFrom::Snapshot(Box::new(snap)));
                 }
                 Some(Origin::Merge { sides, .. }) => {
@@ -1089,7 +1013,7 @@ impl Weaves {
                     // Which snapshot each run of slots came from (F15, per block range).
                     let maps = self.slot_sources(sides, &map).await?;
                     for (range, id) in maps {
-                        sources.push(SourceRow::snapshot(&resource, &range, id));
+                        sources.push(snapshot_row(&resource, &range, id));
                     }
                     bases.push(DiskFrom::Merged(map));
                 }
@@ -1237,7 +1161,7 @@ impl Weaves {
         use crate::compose::Origin;
         match origin {
             Some(Origin::Snapshot { id, .. }) => {
-                sources.push(SourceRow::snapshot(resource, "", *id));
+                sources.push(snapshot_row(resource, "", *id));
                 let value = of(self.snapshots.get(*id).await?)
                     .ok_or_else(|| ApiError::Internal(format!("snapshot {id} holds no {what}")))?;
                 Ok(Some(value))
@@ -1245,11 +1169,7 @@ impl Weaves {
             Some(Origin::Merge { sides, .. }) => {
                 let merged = comps.merged(comp, resource, sides).await?;
                 for id in sides {
-                    sources.push(SourceRow::snapshot(
-                        resource,
-                        &format!("merged from {id}"),
-                        *id,
-                    ));
+                    sources.push(snapshot_row(resource, &format!("merged from {id}"), *id));
                 }
                 let value =
                     serde_json::from_value(merged.value.unwrap_or_default()).map_err(|e| {

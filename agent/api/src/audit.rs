@@ -30,3 +30,19 @@ pub struct AuditQuery {
     /// How many of the newest records to return (default 50, at most 10000).
     pub limit: Option<u32>,
 }
+
+/// The result of [`Catalog::verify_audit`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerify {
+    /// True when every entry matches its hash, links to the one before, and the last
+    /// one is the recorded head.
+    pub ok: bool,
+    /// Entries checked.
+    pub entries: u64,
+    /// The last entry's id and hash (hex), as the database has it.
+    pub last: Option<(i64, String)>,
+    /// The head recorded outside the database, if any.
+    pub head: Option<(i64, String)>,
+    /// What is wrong, one line each (empty when `ok`).
+    pub problems: Vec<String>,
+}

@@ -205,3 +205,22 @@ pub struct SetConfig {
     #[serde(default)]
     pub cpus: Option<u32>,
 }
+
+/// Resource limits of a weave.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// CPU time as a percentage of one CPU (150 = one and a half CPUs); none = unlimited.
+    pub cpu_percent: Option<u32>,
+    /// Memory limit in MiB; none = unlimited.
+    pub memory_mib: Option<u64>,
+}
+
+/// A running VM's balloon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balloon {
+    /// The memory weft asked the guest to keep (the balloon target), MiB.
+    pub target_mib: u64,
+    /// The guest's memory now, as the balloon device reports it (`query-balloon`), MiB.
+    pub actual_mib: u64,
+}

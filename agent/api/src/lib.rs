@@ -35,10 +35,13 @@ pub mod env;
 pub mod job;
 pub mod net;
 pub mod policy;
+pub mod provenance;
+pub mod roles;
 pub mod snapshot;
 pub mod store;
 pub mod strict;
 pub mod vm;
+pub mod weave;
 
 /// Error body of every failed request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

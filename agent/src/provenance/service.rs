@@ -4,12 +4,12 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::{ProvenanceError, ProvenanceLog, Query, Record};
 use crate::envs::Manager;
 use crate::error::{one_line, ApiError};
+pub use weft_api::provenance::{parse_time, Page, PageQuery, RecordView};
 
 /// Bytes of a page's JSON when the request does not say.
 pub const DEFAULT_PAGE_BYTES: usize = 4 << 20;
@@ -24,39 +24,6 @@ const PAGE_TAIL: usize = 72;
 /// How often weftd applies the retention rules.
 pub const RETENTION_PERIOD: Duration = Duration::from_secs(600);
 
-/// One record as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RecordView {
-    /// The VM whose log holds it (for a weave's lineage: its parent).
-    pub vm: String,
-    /// The guest's sequence number.
-    pub seq: u64,
-    /// The guest's clock at capture (RFC 3339).
-    pub guest_time: String,
-    /// The same in µs since the Unix epoch.
-    pub guest_time_us: i64,
-    /// weftd's clock when it received the entry (RFC 3339).
-    pub host_time: String,
-    /// The same in µs since the Unix epoch.
-    pub host_time_us: i64,
-    /// sqlite, json or kv.
-    pub data_type: weft_dpa::DataType,
-    /// insert, update, delete or schema.
-    pub op: weft_dpa::Operation,
-    /// The database, JSON file or key-value source in the guest.
-    pub source: String,
-    /// The SQLite table; empty for json and kv.
-    pub collection: String,
-    /// The row's primary key (JSON array), JSON pointer or key.
-    pub key: String,
-    /// The value before (JSON).
-    pub old: Option<serde_json::Value>,
-    /// The value after (JSON).
-    pub new: Option<serde_json::Value>,
-    /// The application transaction, for SQLite.
-    pub tx: Option<u64>,
-}
-
 /// RFC 3339 with microseconds, or `@<µs>` for an instant outside years 1970-9999 (a
 /// guest's clock is whatever the guest says).
 pub fn format_us(us: i64) -> String {
@@ -67,16 +34,6 @@ pub fn format_us(us: i64) -> String {
         }
         _ => format!("@{us}"),
     }
-}
-
-/// Parses an RFC 3339 instant into µs since the Unix epoch.
-pub fn parse_time(what: &str, t: &str) -> Result<i64, String> {
-    let st = humantime::parse_rfc3339_weak(t)
-        .map_err(|e| format!("--{what} {t:?}: {e}; use e.g. 2026-11-22T10:00:00Z"))?;
-    let d = st
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| format!("--{what} {t:?} is before 1970"))?;
-    i64::try_from(d.as_micros()).map_err(|_| format!("--{what} {t:?} is too far away"))
 }
 
 fn json_value(text: &Option<String>) -> Option<serde_json::Value> {
@@ -94,8 +51,8 @@ impl From<&Record> for RecordView {
             guest_time_us: e.guest_time_us,
             host_time: format_us(r.host_time_us),
             host_time_us: r.host_time_us,
-            data_type: e.data_type,
-            op: e.op,
+            data_type: api_data_type(e.data_type),
+            op: api_operation(e.op),
             source: e.source.clone(),
             collection: e.collection.clone(),
             key: e.key.clone(),
@@ -104,43 +61,6 @@ impl From<&Record> for RecordView {
             tx: e.tx,
         }
     }
-}
-
-/// Query of `GET /v1/environments/{name}/provenance`; every parameter narrows.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PageQuery {
-    /// Only this key (a SQLite primary key as a JSON array, a JSON pointer, a key).
-    pub key: Option<String>,
-    /// Only this SQLite table.
-    pub table: Option<String>,
-    /// Only this source (database, JSON file or key-value source in the guest).
-    pub source: Option<String>,
-    /// Guest time at or after (RFC 3339).
-    pub from: Option<String>,
-    /// Guest time at or before (RFC 3339).
-    pub to: Option<String>,
-    /// Only records after this sequence number (paging, following).
-    pub after_seq: Option<u64>,
-    /// Only the newest N sequence numbers (instead of `after_seq`).
-    pub tail: Option<u64>,
-    /// Most records (default: as many as `max_bytes` holds).
-    pub limit: Option<usize>,
-    /// Most bytes of the page's JSON (default 4 MiB, 1 KiB to 16 MiB). A record larger
-    /// than that on its own comes alone on its page (a record is at most about 3 MiB of
-    /// JSON: the protocol's size limits, escaped).
-    pub max_bytes: Option<usize>,
-}
-
-/// Answer of `GET /v1/environments/{name}/provenance`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Page {
-    /// The matching records, in sequence order, as many as the page's byte budget
-    /// holds.
-    pub records: Vec<RecordView>,
-    /// The environment's highest durable sequence number.
-    pub last_seq: u64,
-    /// Pass as `after_seq` for the next page; absent when nothing more matches.
-    pub next_after_seq: Option<u64>,
 }
 
 /// The API's status for a log error.
@@ -309,6 +229,27 @@ pub fn host_now_us() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// The API's name for a kind of data the DPA sent.
+fn api_data_type(t: weft_dpa::DataType) -> weft_api::provenance::DataType {
+    use weft_api::provenance::DataType as Api;
+    match t {
+        weft_dpa::DataType::Sqlite => Api::Sqlite,
+        weft_dpa::DataType::Json => Api::Json,
+        weft_dpa::DataType::Kv => Api::Kv,
+    }
+}
+
+/// The API's name for an operation the DPA sent.
+fn api_operation(op: weft_dpa::Operation) -> weft_api::provenance::Operation {
+    use weft_api::provenance::Operation as Api;
+    match op {
+        weft_dpa::Operation::Insert => Api::Insert,
+        weft_dpa::Operation::Update => Api::Update,
+        weft_dpa::Operation::Delete => Api::Delete,
+        weft_dpa::Operation::Schema => Api::Schema,
+    }
 }
 
 #[cfg(test)]
