@@ -30,6 +30,7 @@ use crate::roles::{Accounts, Actor, Role, Roles};
 use crate::snapshots::Snapshots;
 use crate::weaves::{CreateWeave, Weave, Weaves};
 pub use weft_api::audit::AuditQuery;
+pub use weft_api::ACTOR_HEADER;
 pub use weft_api::composition::ApplyComposition;
 pub use weft_api::env::{EnvironmentView, SetConfig};
 pub use weft_api::net::RouteRequest;
@@ -39,10 +40,6 @@ pub use weft_api::store::{GcRequest, TierRequest};
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
-
-/// Header a client may set to name the person or process behind a request
-/// (recorded next to the socket peer's user in the audit log).
-pub const ACTOR_HEADER: &str = "x-weft-actor";
 
 /// Shared state of the handlers.
 #[derive(Clone)]

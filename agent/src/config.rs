@@ -12,10 +12,7 @@ use weft_qmp::launch::Accel;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/weft/weftd.toml";
 /// Default directory for the catalog and per-environment files.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/weft";
-/// Default directory for sockets.
-pub const DEFAULT_RUN_DIR: &str = "/run/weft";
-/// Name of the API socket inside the run directory.
-pub const API_SOCKET_NAME: &str = "weftd.sock";
+pub use weft_api::{API_SOCKET_NAME, DEFAULT_RUN_DIR};
 
 /// The daemon's configuration after file and flags are merged.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -7,21 +7,9 @@
 //! - what weft itself names in a namespace that user names also fill starts with `_`,
 //!   which no name starts with: no environment can be called like it.
 
-/// Checks an environment name: 1–32 characters from `[a-z0-9_-]`, starting with a letter or digit.
+/// Checks an environment name: see [`weft_api::names::check_env_name`].
 pub fn check_name(name: &str) -> Result<(), crate::error::ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 32
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(crate::error::ApiError::BadRequest(format!(
-            "invalid environment name {name:?}: use 1-32 characters from a-z, 0-9, '-' and '_', starting with a letter or digit"
-        )))
-    }
+    weft_api::names::check_env_name(name).map_err(crate::error::ApiError::BadRequest)
 }
 
 /// Joins the parts of a file or socket name.

@@ -29,7 +29,6 @@ use crate::cgroups;
 use crate::envs::Manager;
 use crate::error::{one_line, ApiError};
 use crate::model::{EnvKind, Environment, GuestPlan, Snapshot, SnapshotKind};
-use crate::names::check_name;
 use crate::replay::DataPick;
 use crate::snapshots::Snapshots;
 pub use weft_api::weave::{CreateWeave, Source, SourceRow, Weave};
@@ -39,15 +38,9 @@ pub fn netns_path(name: &str) -> PathBuf {
     PathBuf::from(format!("/run/netns/weft-{name}"))
 }
 
-/// Checks a weave name: it becomes part of a namespace name (`weft-<name>`).
+/// Checks a weave name: see [`weft_api::names::check_weave_name`].
 pub fn check_weave_name(name: &str) -> Result<(), ApiError> {
-    check_name(name)?;
-    if name.len() > 10 || name.contains('_') {
-        return Err(ApiError::BadRequest(format!(
-            "invalid weave name {name:?}: use 1-10 characters from a-z, 0-9 and '-'"
-        )));
-    }
-    Ok(())
+    weft_api::names::check_weave_name(name).map_err(ApiError::BadRequest)
 }
 
 fn weave_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Weave, CatalogError> {

@@ -33,6 +33,7 @@ pub mod audit;
 pub mod composition;
 pub mod env;
 pub mod job;
+pub mod names;
 pub mod net;
 pub mod policy;
 pub mod provenance;
@@ -49,3 +50,13 @@ pub struct ErrorBody {
     /// One line saying what was wrong and what to do.
     pub error: String,
 }
+
+/// Header a client may set to name the person or process behind a request
+/// (recorded next to the socket peer's user in the audit log).
+pub const ACTOR_HEADER: &str = "x-weft-actor";
+
+/// Default directory for sockets.
+pub const DEFAULT_RUN_DIR: &str = "/run/weft";
+
+/// Name of the API socket inside the run directory.
+pub const API_SOCKET_NAME: &str = "weftd.sock";
