@@ -30,13 +30,13 @@ use crate::roles::{Accounts, Actor, Role, Roles};
 use crate::snapshots::Snapshots;
 use crate::weaves::{CreateWeave, Weave, Weaves};
 pub use weft_api::audit::AuditQuery;
-pub use weft_api::ACTOR_HEADER;
 pub use weft_api::composition::ApplyComposition;
 pub use weft_api::env::{EnvironmentView, SetConfig};
 pub use weft_api::net::RouteRequest;
 pub use weft_api::policy::PolicyQuery;
 pub use weft_api::snapshot::SnapshotQuery;
 pub use weft_api::store::{GcRequest, TierRequest};
+pub use weft_api::ACTOR_HEADER;
 
 /// The OpenAPI document, served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");

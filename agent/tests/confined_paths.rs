@@ -229,7 +229,7 @@ async fn images_come_only_from_image_dirs_and_attach_only_from_outside_weftd() {
 }
 
 async fn wait_job(w: &Weftd, id: i64) -> Job {
-    let client = weft::client::Client::new(&w.socket);
+    let client = weft_client::Client::new(&w.socket);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let job: Job = client.get(&format!("/v1/jobs/{id}")).await.unwrap();
@@ -260,7 +260,7 @@ async fn qemu_restores_write_only_inside_export_dirs_and_never_through_symlinks(
         "--disk",
         &format!("{},format=raw", disk.display()),
     ]));
-    let client = weft::client::Client::new(&w.socket);
+    let client = weft_client::Client::new(&w.socket);
     let job: Job = client
         .post(
             "/v1/environments/r/snapshots",

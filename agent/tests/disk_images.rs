@@ -8,7 +8,7 @@ use common::Weftd;
 use std::path::Path;
 use std::process::Command;
 
-use weft::client::{Client, ClientError};
+use weft_client::{Client, ClientError};
 
 fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img")

@@ -5,7 +5,7 @@
 mod common;
 use common::Weftd;
 
-use weft::client::{Client, ClientError};
+use weft_client::{Client, ClientError};
 
 #[tokio::test]
 async fn env_create_refuses_nic_values_that_would_inject_qemu_options() {

@@ -5,10 +5,10 @@ mod common;
 use common::Weftd;
 
 use weft::catalog::{Catalog, NewEnvironment};
-use weft::client::{Client, ClientError};
 use weft::model::{EnvKind, EnvState};
 use weft::provenance::service::{Page, RecordView};
 use weft::provenance::{LogOptions, ProvenanceLog};
+use weft_client::{Client, ClientError};
 use weft_dpa::{DataType, Entry, Operation};
 
 const T0: i64 = 1_790_000_000_000_000; // 2026-09-21T...

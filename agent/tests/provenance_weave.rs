@@ -13,9 +13,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use weft::client::Client;
 use weft::provenance::service::{host_now_us, Page, RecordView};
 use weft::provenance::{LogOptions, ProvenanceLog};
+use weft_client::Client;
 use weft_dpa::proto::{encode, Decoder, Hello, Message, PROTOCOL_VERSION};
 use weft_dpa::{DataType, Entry, Operation};
 

@@ -8,8 +8,8 @@ use common::Weftd;
 
 use std::process::{Command, Output};
 
-use weft::client::{Client, ClientError};
 use weft::model::AuditEntry;
+use weft_client::{Client, ClientError};
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

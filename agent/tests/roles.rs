@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use weft::api::routes;
-use weft::client::Client;
 use weft::model::AuditEntry;
 use weft::roles::Role;
+use weft_client::Client;
 
 /// Test users: (name, supplementary groups).
 const USERS: [(&str, &str); 5] = [
@@ -328,7 +328,7 @@ async fn every_route_refuses_or_serves_as_its_role_says() {
 /// The `weft` binary, copied where the test users can run it.
 fn weft_for_users(dir: &Path) -> PathBuf {
     let weft = dir.join("weft");
-    std::fs::copy(env!("CARGO_BIN_EXE_weft"), &weft).unwrap();
+    std::fs::copy(common::weft_cli_path(), &weft).unwrap();
     std::fs::set_permissions(&weft, std::fs::Permissions::from_mode(0o755)).unwrap();
     weft
 }

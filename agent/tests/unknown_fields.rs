@@ -6,7 +6,7 @@
 mod common;
 use common::Weftd;
 
-use weft::client::{Client, ClientError};
+use weft_client::{Client, ClientError};
 
 const OPENAPI: &str = include_str!("../../docs/openapi.json");
 const API_SOURCE: &str = include_str!("../src/api.rs");

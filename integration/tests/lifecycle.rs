@@ -135,7 +135,7 @@ async fn qemu_env_delete_keeps_the_guests_writes_and_verbs_keep_to_their_kind() 
         .find_map(|r| r.err())
         .context("one create must lose")?;
     ensure!(
-        matches!(&lost, weft::client::ClientError::Api { status, .. } if status.as_u16() == 409),
+        matches!(&lost, weft_client::ClientError::Api { status, .. } if status.as_u16() == 409),
         "the loser is told the name is taken: {lost}"
     );
     // The winner is intact: its overlay is there and its guest boots and counts.

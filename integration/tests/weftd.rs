@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use weft::api::EnvironmentView;
-use weft::client::{Client, ClientError};
 use weft::model::{AuditEntry, CreateEnvironment, DiskRequest, EnvState};
+use weft_client::{Client, ClientError};
 use weft_integration::{
     bin_path, confined_dirs_toml, guest_assets, make_data_disk, wait_until, SerialLog,
 };

@@ -8,7 +8,7 @@ use weft::daemon::{self, Flags};
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let flags: Flags = weft::cli::parse_args_or_exit("weftd");
+    let flags: Flags = weft_client::cli::parse_args_or_exit("weftd");
     let config = match flags.resolve() {
         Ok(c) => c,
         Err(e) => {

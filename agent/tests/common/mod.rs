@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use weft::client::{Client, ClientError};
+use weft_client::{Client, ClientError};
 
 /// A weftd on `<dir>/data` and `<dir>/run`; killed on drop, its log printed when the
 /// test panics.
@@ -79,7 +79,7 @@ impl Weftd {
 
     /// Runs `weft` against this weftd.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_weft"))
+        Command::new(weft_cli_path())
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -87,4 +87,16 @@ impl Weftd {
             .output()
             .expect("weft runs")
     }
+}
+
+/// The `weft` CLI (package `weft-client`), built next to `weftd` by
+/// `cargo build --workspace --bins` or a workspace test run.
+pub fn weft_cli_path() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_weftd")).with_file_name("weft");
+    assert!(
+        path.is_file(),
+        "the weft CLI is not built at {}: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
 }

@@ -7,8 +7,8 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use weft::client::Client;
 use weft::model::{Job, JobState, Snapshot};
+use weft_client::Client;
 use weft_integration::{
     bin_path, confined_dirs_toml, guest_assets, make_data_disk, wait_until, SerialLog,
 };

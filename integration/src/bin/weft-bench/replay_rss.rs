@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use weft::catalog::{Catalog, NewEnvironment};
-use weft::client::Client;
 use weft::model::{EnvKind, EnvState};
 use weft::provenance::{LogOptions, ProvenanceLog};
 use weft::replay::{ReplayReport, ReplayRequest};
+use weft_client::Client;
 use weft_dpa::{DataType, Entry, Operation};
 
 use super::bench_dir;

@@ -6,7 +6,7 @@
 //! `--run-dir`, as the end-to-end tests start it). Two environments without a kernel
 //! (QEMU runs SeaBIOS, which finds nothing to boot; guest boot is not part of the
 //! measurement) get one disk each. Every round creates one weave of each (the order
-//! alternates) through `weft::client::Client`, timed until weftd answers (it answers after
+//! alternates) through `weft_client::Client`, timed until weftd answers (it answers after
 //! the weave's QEMU has answered on QMP), then deletes it (not timed). `weftd`, `weft` and
 //! QEMU are killed and the scratch directory removed at the end, also on failure.
 
@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
-use weft::client::Client;
 use weft::model::EnvState;
 use weft::weaves::Weave;
+use weft_client::Client;
 use weft_qmp::image;
 use weft_qmp::launch::{self, DiskFormat, LaunchPaths, SpawnOptions, VmConfig};
 

@@ -21,8 +21,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use weft::client::Client;
 use weft::model::Snapshot;
+use weft_client::Client;
 use weft_integration::{bin_path, guest_assets, wait_until, SerialLog};
 
 use crate::Rng;

@@ -6,18 +6,18 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::api::EnvironmentView;
 use crate::client::{Client, ClientError};
-use crate::config::{API_SOCKET_NAME, DEFAULT_RUN_DIR};
-use crate::model::{
-    AuditEntry, CreateEnvironment, CreateSnapshot, DiskRequest, Egress, EgressRequest,
-    ExposeRequest, GuestPlan, Job, JobState, NetSetup, PruneRequest, RestoreRequest, Snapshot,
-    Status, UnexposeRequest,
-};
-use crate::policies::{Policy, SetPolicy};
-use crate::retention::Keep;
-use crate::weaves::{CreateWeave, Source, Weave};
-use weft_qmp::launch::Accel;
+use weft_api::audit::AuditEntry;
+use weft_api::env::EnvironmentView;
+use weft_api::env::{CreateEnvironment, DiskRequest, Status};
+use weft_api::job::{Job, JobState};
+use weft_api::net::{Egress, EgressRequest, ExposeRequest, GuestPlan, NetSetup, UnexposeRequest};
+use weft_api::policy::{Policy, SetPolicy};
+use weft_api::snapshot::Keep;
+use weft_api::snapshot::{CreateSnapshot, PruneRequest, RestoreRequest, Snapshot};
+use weft_api::vm::Accel;
+use weft_api::weave::{CreateWeave, Source, Weave};
+use weft_api::{API_SOCKET_NAME, DEFAULT_RUN_DIR};
 
 /// Exit code: weftd refused or failed the request.
 pub const EXIT_FAILED: u8 = 1;
@@ -807,11 +807,7 @@ pub fn parse_memory_mib(s: &str) -> Result<u64, String> {
 
 /// Parses `TAP[,mac=MAC]`; the MAC defaults to a stable one derived from the
 /// environment name and the card's position (52:54:00 is QEMU's prefix).
-pub fn parse_nic(
-    index: usize,
-    env: &str,
-    spec: &str,
-) -> Result<weft_qmp::launch::NicConfig, String> {
+pub fn parse_nic(index: usize, env: &str, spec: &str) -> Result<weft_api::vm::NicConfig, String> {
     let mut parts = spec.split(',');
     let tap = parts
         .next()
@@ -845,7 +841,7 @@ pub fn parse_nic(
             }
         }
     }
-    Ok(weft_qmp::launch::NicConfig {
+    Ok(weft_api::vm::NicConfig {
         id: format!("net{index}"),
         tap: tap.to_string(),
         mac,
@@ -978,7 +974,7 @@ impl From<ClientError> for CliError {
 }
 
 fn env_path(name: &str) -> Result<String, CliError> {
-    crate::names::check_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    weft_api::names::check_env_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(format!("/v1/environments/{name}"))
 }
 
@@ -1006,7 +1002,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
             }
         }
         Command::Whoami => {
-            let w: crate::roles::Whoami = client.get("/v1/whoami").await?;
+            let w: weft_api::roles::Whoami = client.get("/v1/whoami").await?;
             if json {
                 print_json(&w);
             } else {
@@ -1030,7 +1026,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
             command: Some(AuditCommand::Verify),
             ..
         } => {
-            let v: crate::audit::AuditVerify = client.get("/v1/audit/verify").await?;
+            let v: weft_api::audit::AuditVerify = client.get("/v1/audit/verify").await?;
             if json {
                 print_json(&v);
             } else if v.ok {
@@ -1111,7 +1107,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
             base,
             base_margin,
         } => {
-            let req = crate::replay::ReplayRequest {
+            let req = weft_api::provenance::ReplayRequest {
                 to,
                 from,
                 out: absolute_opt(out).map_err(CliError::Usage)?,
@@ -1120,7 +1116,7 @@ async fn dispatch(client: &Client, command: Command, json: bool) -> Result<(), C
                 base,
                 base_margin_secs: base_margin,
             };
-            let report: crate::replay::ReplayReport = client
+            let report: weft_api::provenance::ReplayReport = client
                 .post(&format!("{}/replay", env_path(&env)?), &req)
                 .await?;
             if json {
@@ -1231,7 +1227,7 @@ async fn provenance_command(
     cmd: ProvenanceCommand,
     json: bool,
 ) -> Result<(), CliError> {
-    use crate::provenance::service::{parse_time, Page, RecordView};
+    use weft_api::provenance::{parse_time, Page, RecordView};
     let print = |env: &str, records: &[RecordView], lines: bool| {
         if json && lines {
             // JSON lines: one object per change, as they come.
@@ -1333,7 +1329,7 @@ fn provenance_header() -> String {
 }
 
 /// One change on one line: where, which key, and what it became.
-fn provenance_line(env: &str, r: &crate::provenance::service::RecordView) -> String {
+fn provenance_line(env: &str, r: &weft_api::provenance::RecordView) -> String {
     fn short(v: &Option<serde_json::Value>) -> String {
         let text = v.as_ref().map(|v| v.to_string()).unwrap_or_default();
         if text.chars().count() > 60 {
@@ -1492,7 +1488,7 @@ async fn env_command(client: &Client, cmd: EnvCommand, json: bool) -> Result<(),
             let env: EnvironmentView = client
                 .post(
                     &format!("{}/config", env_path(&name)?),
-                    &crate::api::SetConfig {
+                    &weft_api::env::SetConfig {
                         memory_mib: memory,
                         cpus,
                     },
@@ -1764,11 +1760,11 @@ async fn snapshot_command(
 }
 
 fn compose_path(name: &str) -> Result<String, CliError> {
-    crate::names::check_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    weft_api::names::check_env_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(format!("/v1/compositions/{name}"))
 }
 
-fn print_conflicts(list: &[crate::compose::Conflict]) {
+fn print_conflicts(list: &[weft_api::composition::Conflict]) {
     let rows = list
         .iter()
         .map(|c| {
@@ -1796,8 +1792,8 @@ fn print_conflicts(list: &[crate::compose::Conflict]) {
     print_table(&["RESOURCE", "KEY", "SIDE A", "SIDE B", "STATE"], rows);
 }
 
-fn print_plan(view: &crate::compositions::CompositionView) {
-    use crate::compose::Origin;
+fn print_plan(view: &weft_api::composition::CompositionView) {
+    use weft_api::composition::Origin;
     let rows = view
         .plan
         .resources
@@ -1864,13 +1860,13 @@ fn print_plan(view: &crate::compositions::CompositionView) {
 }
 
 async fn compose_command(client: &Client, cmd: ComposeCommand, json: bool) -> Result<(), CliError> {
-    use crate::compositions::{CompositionView, CreateComposition, ResolveRequest, Take};
+    use weft_api::composition::{CompositionView, CreateComposition, ResolveRequest, Take};
     match cmd {
         ComposeCommand::Create { name, env, rules } => {
             let text = std::fs::read_to_string(&rules).map_err(|e| {
                 CliError::Usage(format!("cannot read rules file {}: {e}", rules.display()))
             })?;
-            let parsed = crate::compose::Rules::parse(&text)
+            let parsed = weft_api::composition::Rules::parse(&text)
                 .map_err(|e| CliError::Usage(format!("{}: {e}", rules.display())))?;
             let view: CompositionView = client
                 .post(
@@ -1889,7 +1885,7 @@ async fn compose_command(client: &Client, cmd: ComposeCommand, json: bool) -> Re
             }
         }
         ComposeCommand::List => {
-            let list: Vec<crate::compositions::Composition> =
+            let list: Vec<weft_api::composition::Composition> =
                 client.get("/v1/compositions").await?;
             if json {
                 print_json(&list);
@@ -1918,7 +1914,7 @@ async fn compose_command(client: &Client, cmd: ComposeCommand, json: bool) -> Re
             }
         }
         ComposeCommand::Conflicts { name } => {
-            let list: Vec<crate::compose::Conflict> = client
+            let list: Vec<weft_api::composition::Conflict> = client
                 .get(&format!("{}/conflicts", compose_path(&name)?))
                 .await?;
             if json {
@@ -1944,7 +1940,7 @@ async fn compose_command(client: &Client, cmd: ComposeCommand, json: bool) -> Re
                         .into(),
                 ));
             }
-            let list: Vec<crate::compose::Conflict> = client
+            let list: Vec<weft_api::composition::Conflict> = client
                 .post(
                     &format!("{}/resolve", compose_path(&name)?),
                     &ResolveRequest {
@@ -1970,7 +1966,7 @@ async fn compose_command(client: &Client, cmd: ComposeCommand, json: bool) -> Re
             let w: Weave = client
                 .post(
                     &format!("{}/apply", compose_path(&name)?),
-                    &crate::api::ApplyComposition {
+                    &weft_api::composition::ApplyComposition {
                         weave,
                         live,
                         egress,
@@ -1994,7 +1990,7 @@ async fn compose_command(client: &Client, cmd: ComposeCommand, json: bool) -> Re
 }
 
 fn weave_path(name: &str) -> Result<String, CliError> {
-    crate::weaves::check_weave_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    weft_api::names::check_weave_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(format!("/v1/weaves/{name}"))
 }
 
@@ -2063,7 +2059,7 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
             weave,
             sources: true,
         } => {
-            let rows: Vec<crate::weaves::SourceRow> = client
+            let rows: Vec<weft_api::weave::SourceRow> = client
                 .get(&format!("{}/sources", weave_path(&weave)?))
                 .await?;
             if json {
@@ -2118,15 +2114,15 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
             no_reset,
         } => {
             let prefer = match prefer.as_deref() {
-                Some("src") => Some(crate::sync::Prefer::Src),
-                Some("dst") => Some(crate::sync::Prefer::Dst),
+                Some("src") => Some(weft_api::weave::Prefer::Src),
+                Some("dst") => Some(weft_api::weave::Prefer::Dst),
                 _ => None,
             };
-            crate::names::check_name(&src).map_err(|e| CliError::Usage(e.to_string()))?;
-            let r: crate::sync::SyncReport = client
+            weft_api::names::check_env_name(&src).map_err(|e| CliError::Usage(e.to_string()))?;
+            let r: weft_api::weave::SyncReport = client
                 .post(
                     &format!("/v1/weaves/{src}/sync"),
-                    &crate::sync::SyncRequest {
+                    &weft_api::weave::SyncRequest {
                         dst,
                         volume,
                         prefer,
@@ -2150,8 +2146,8 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
                     r.conflicts.len(),
                     r.conflict_bytes,
                     match r.prefer {
-                        Some(crate::sync::Prefer::Src) => ", src won",
-                        Some(crate::sync::Prefer::Dst) => ", dst kept its own",
+                        Some(weft_api::weave::Prefer::Src) => ", src won",
+                        Some(weft_api::weave::Prefer::Dst) => ", dst kept its own",
                         None => "",
                     },
                     r.base,
@@ -2172,7 +2168,7 @@ async fn weave_command(client: &Client, cmd: WeaveCommand, json: bool) -> Result
             let w: Weave = client
                 .post(
                     &format!("{}/limits", weave_path(&weave)?),
-                    &crate::cgroups::Limits {
+                    &weft_api::env::Limits {
                         cpu_percent: cpu,
                         memory_mib: memory,
                     },

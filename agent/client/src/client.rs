@@ -10,8 +10,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::UnixStream;
 
-use crate::api::ACTOR_HEADER;
-use crate::model::ErrorBody;
+use weft_api::ErrorBody;
+use weft_api::ACTOR_HEADER;
 
 /// Largest response body the client accepts.
 const MAX_BODY: usize = 64 << 20;

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use weft::cli::{self, Cli};
+use weft_client::cli::{self, Cli};
 
 fn main() -> ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes away
