@@ -1,12 +1,12 @@
 //! Feeds arbitrary bytes, as a weave's guest could send them to port 67, to the DHCP
-//! server's packet handling (`weft::dhcp::answer`). It must never panic; whatever it
+//! server's packet handling (`weft_netns::dhcp::answer`). It must never panic; whatever it
 //! answers must be a well-formed reply that offers only the plan's address.
 #![no_main]
 
 use dhcproto::v4::{Message, MessageType, Opcode};
 use dhcproto::{Decodable, Decoder};
 use libfuzzer_sys::fuzz_target;
-use weft::dhcp::{answer, Lease, MAX_PACKET};
+use weft_netns::dhcp::{answer, Lease, MAX_PACKET};
 
 fuzz_target!(|data: &[u8]| {
     let lease = Lease::for_weaves();

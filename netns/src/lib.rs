@@ -2,9 +2,11 @@
 //! addresses through rtnetlink, nftables tables, chains and rules through nftnl,
 //! port routes and the atomic switch-over used by `weave activate`, and the filter
 //! that keeps a weave's guest off the host, other weaves and networks as its egress
-//! policy says ([`set_egress`]).
+//! policy says ([`set_egress`]), and the DHCP server that gives each weave's guest
+//! its address plan ([`dhcp`]).
 //!
-//! Every kernel side effect goes through the narrow [`NetOps`] trait. [`Kernel`]
+//! Every kernel side effect of the network setup goes through the narrow [`NetOps`]
+//! trait (the DHCP server's socket is its own: a thread inside the namespace). [`Kernel`]
 //! is the real implementation; [`Recorder`] is a test double that records the
 //! calls and keeps a small model of the kernel state so the logic on top
 //! ([`WeaveNet`], [`route`], [`switch`], [`set_routes`], [`reconcile`]) is unit-tested
@@ -16,6 +18,7 @@
 
 use std::io;
 
+pub mod dhcp;
 mod filter;
 mod kernel;
 mod nft;

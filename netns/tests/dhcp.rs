@@ -1,18 +1,22 @@
-//! The weave DHCP server against a real client (busybox `udhcpc`) in real namespaces,
+//! The weave DHCP server ([`weft_netns::dhcp`]) against a real client (busybox `udhcpc`) in real namespaces,
 //! without QEMU: a namespace `weft-d230` stands for the weave (the server's side of the
 //! guest link, 192.168.100.1/24 on `wg0`), `weft-g230` for the guest (`eth0`, the
 //! other end of a veth pair). Needs root; named `netns_*` so the tests run one at a
 //! time. Uses weave index 230's names only.
 
 use std::net::UdpSocket;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use weft::dhcp::{Lease, Servers};
+use weft_netns::dhcp::{Lease, Servers};
 
 const WEAVE: &str = "d230";
 const WEAVE_NS: &str = "weft-d230";
 const GUEST_NS: &str = "weft-g230";
+
+fn netns(name: &str) -> PathBuf {
+    Path::new("/run/netns").join(name)
+}
 
 fn sh(cmd: &str, args: &[&str]) -> std::process::Output {
     Command::new(cmd)
@@ -156,28 +160,21 @@ fn send_from_guest(datagrams: Vec<Vec<u8>>) {
     ok("ip", &["-n", GUEST_NS, "addr", "flush", "dev", "eth0"]);
 }
 
-#[tokio::test]
-async fn netns_dhcp_gives_a_real_client_the_weave_plan_and_survives_garbage() {
+#[test]
+fn netns_dhcp_gives_a_real_client_the_weave_plan_and_survives_garbage() {
     let _cleanup = link_up();
     let dir = tempfile::tempdir().expect("tempdir");
     let servers = Servers::new();
     servers
-        .start(WEAVE, "wg0", Lease::for_weaves())
-        .await
+        .start(WEAVE, &netns(WEAVE_NS), "wg0", Lease::for_weaves())
         .expect("server starts");
     assert!(servers.is_running(WEAVE));
     // Starting again keeps the running server.
     servers
-        .start(WEAVE, "wg0", Lease::for_weaves())
-        .await
+        .start(WEAVE, &netns(WEAVE_NS), "wg0", Lease::for_weaves())
         .expect("second start");
 
-    let env = tokio::task::spawn_blocking({
-        let d = dir.path().to_path_buf();
-        move || udhcpc(&d)
-    })
-    .await
-    .expect("udhcpc");
+    let env = udhcpc(dir.path());
     assert_eq!(var(&env, "ip"), Some("192.168.100.2"), "{env}");
     assert_eq!(var(&env, "mask"), Some("24"), "{env}");
     assert_eq!(var(&env, "router"), Some("192.168.100.1"), "{env}");
@@ -199,35 +196,33 @@ async fn netns_dhcp_gives_a_real_client_the_weave_plan_and_survives_garbage() {
         d.extend([99, 130, 83, 99, 53, 1, i % 9, 255]);
         garbage.push(d);
     }
-    tokio::task::spawn_blocking(move || send_from_guest(garbage))
-        .await
-        .expect("send");
+    send_from_guest(garbage);
     assert!(servers.is_running(WEAVE), "the server died of garbage");
-    let env = tokio::task::spawn_blocking({
-        let d = dir.path().to_path_buf();
-        move || udhcpc(&d)
-    })
-    .await
-    .expect("udhcpc");
+    let env = udhcpc(dir.path());
     assert_eq!(var(&env, "ip"), Some("192.168.100.2"), "{env}");
 
     // Stopped: its thread has left the namespace, nothing listens on port 67 there.
-    servers.stop(WEAVE).await;
+    servers.stop(WEAVE);
     assert!(!servers.is_running(WEAVE));
     let listening = ok("ip", &["netns", "exec", WEAVE_NS, "ss", "-Hulnp"]);
     assert!(!listening.contains(":67"), "{listening}");
 
     // A namespace that does not exist: a clear error, nothing running.
     let err = servers
-        .start("nosuch230", "wg0", Lease::for_weaves())
-        .await
-        .expect_err("no namespace");
+        .start(
+            "nosuch230",
+            &netns("weft-nosuch230"),
+            "wg0",
+            Lease::for_weaves(),
+        )
+        .expect_err("no namespace")
+        .to_string();
     assert!(err.contains("/run/netns/weft-nosuch230"), "{err}");
     assert!(!servers.is_running("nosuch230"));
     // A tap that does not exist in the namespace: refused too.
     let err = servers
-        .start(WEAVE, "nosuch0", Lease::for_weaves())
-        .await
-        .expect_err("no tap");
+        .start(WEAVE, &netns(WEAVE_NS), "nosuch0", Lease::for_weaves())
+        .expect_err("no tap")
+        .to_string();
     assert!(err.contains("nosuch0"), "{err}");
 }
