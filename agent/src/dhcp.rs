@@ -8,7 +8,7 @@ use weft_netns::dhcp::Lease;
 use weft_qmp::launch::VmConfig;
 
 use crate::catalog::Catalog;
-use crate::envs::error_chain;
+use crate::error::error_chain;
 use crate::model::GuestPlan;
 
 /// The lease of a guest plan.
