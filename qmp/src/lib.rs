@@ -5,6 +5,7 @@
 //! - [`launch`]: the VM configuration, the QEMU command line built from it, and
 //!   [`launch::spawn`], which starts QEMU and supervises it.
 //! - [`parse_message`]: the parser for what a QMP peer sends (fuzzed in `fuzz/`).
+//! - `fake` (feature `test-util`): a scriptable QEMU stand-in for tests.
 //!
 //! This crate knows nothing of weft's daemon, catalog or environments.
 
@@ -13,6 +14,8 @@
 pub mod backup;
 mod client;
 mod error;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
 pub mod image;
 pub mod launch;
 mod message;
