@@ -244,7 +244,11 @@ mod tests {
                 .reply("balloon", json!({}))
                 .reply("query-balloon", json!({ "actual": actual })),
             None => fake
-                .fail("balloon", "DeviceNotActive", "No balloon device has been activated")
+                .fail(
+                    "balloon",
+                    "DeviceNotActive",
+                    "No balloon device has been activated",
+                )
                 .fail(
                     "query-balloon",
                     "DeviceNotActive",
@@ -285,7 +289,11 @@ mod tests {
     #[tokio::test]
     async fn other_qemu_errors_are_reported_with_the_command() {
         let fake = fake_qemu(Some(256 * MIB));
-        fake.fail("balloon", "GenericError", "Parameter 'value' expects a size");
+        fake.fail(
+            "balloon",
+            "GenericError",
+            "Parameter 'value' expects a size",
+        );
         let qmp = fake.connect().await;
         let err = set(&qmp, 128).await.expect_err("fails");
         assert!(err.starts_with("balloon: "), "{err}");

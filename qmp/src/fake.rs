@@ -503,7 +503,11 @@ mod tests {
     async fn rules_answer_record_and_emit() {
         let fake = FakeQemu::start();
         fake.reply("query-balloon", json!({"actual": 1024}))
-            .fail("balloon", "DeviceNotActive", "No balloon device has been activated")
+            .fail(
+                "balloon",
+                "DeviceNotActive",
+                "No balloon device has been activated",
+            )
             .on("block-commit", |call| {
                 let job = call.arg_str("job-id").to_string();
                 call.event_before("JOB_STATUS_CHANGE", json!({"id": job, "status": "created"}));
