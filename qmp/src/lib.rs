@@ -25,6 +25,7 @@ pub mod fake;
 pub mod image;
 pub mod launch;
 mod message;
+pub mod process;
 
 pub use client::{BlockJobOutcome, Qmp, DEFAULT_CONNECT_TIMEOUT};
 pub use error::Error;
