@@ -1,12 +1,30 @@
-//! Processes weft starts and must find again: QEMU under supervision ([`spawn`],
-//! [`QemuProcess`]), and what `/proc` tells about a pid.
+//! Processes weft starts and must find again:
+//!
+//! - QEMU and `qemu-storage-daemon` as supervised children ([`spawn`],
+//!   [`spawn_storage_daemon`], [`QemuProcess`]);
+//! - helpers that outlive their starter, found by a pid file or among all processes
+//!   and checked against their command line ([`Signature`], [`Helper`]), and stopped
+//!   with SIGTERM, then SIGKILL after a grace period ([`Helper::stop`]);
+//! - what `/proc` tells about a pid ([`process_alive`], [`is_qemu_process`],
+//!   [`start_time`]).
 
 use std::io;
 use std::path::Path;
 
+mod helper;
 mod qemu;
 
+pub use helper::{read_pid_file, Ended, Helper, Signature, Stop};
 pub use qemu::{spawn, spawn_storage_daemon, ExitInfo, QemuProcess, SpawnOptions};
+
+/// When process `pid` started (clock ticks after boot, field 22 of `/proc/<pid>/stat`):
+/// with the pid, it tells a process apart from a later one that got the same pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    // Fields from the third (state) on; the start time is the 22nd overall.
+    after.split_whitespace().nth(19)?.parse().ok()
+}
 
 /// Whether a process with this pid exists and is not a zombie.
 pub fn process_alive(pid: u32) -> bool {
@@ -71,5 +89,8 @@ mod tests {
         // The test binary is not QEMU.
         assert!(!is_qemu_process(me));
         assert!(!is_qemu_process(0));
+        let started = start_time(me).expect("own start time");
+        assert_eq!(start_time(me), Some(started));
+        assert_eq!(start_time(0), None);
     }
 }
