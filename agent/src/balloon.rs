@@ -228,55 +228,32 @@ mod tests {
         assert_eq!(target_mib(Some(256), 256), 256);
     }
 
-    /// A QMP peer standing in for QEMU: answers `balloon` and `query-balloon` like a
-    /// VM with (`Some(actual bytes)`) or without (`None`) a balloon device, and records
-    /// the commands it got.
-    async fn fake_qemu(
-        dir: &std::path::Path,
-        balloon: Option<u64>,
-    ) -> (Qmp, tokio::task::JoinHandle<Vec<serde_json::Value>>) {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let path = dir.join("qmp.sock");
-        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
-        let peer = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
-            let (read, mut write) = stream.into_split();
-            let greeting = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}"#;
-            write
-                .write_all(format!("{greeting}\n").as_bytes())
-                .await
-                .expect("greet");
-            let mut lines = BufReader::new(read).lines();
-            let mut got = Vec::new();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let cmd: serde_json::Value = serde_json::from_str(&line).expect("json");
-                let id = cmd["id"].clone();
-                let reply = match (cmd["execute"].as_str(), balloon) {
-                    (Some("qmp_capabilities"), _) => json!({"return": {}, "id": id}),
-                    (Some("balloon"), Some(_)) => json!({"return": {}, "id": id}),
-                    (Some("query-balloon"), Some(actual)) => {
-                        json!({"return": {"actual": actual}, "id": id})
-                    }
-                    _ => {
-                        json!({"error": {"class": "DeviceNotActive", "desc": "No balloon device has been activated"}, "id": id})
-                    }
-                };
-                got.push(cmd);
-                write
-                    .write_all(format!("{reply}\n").as_bytes())
-                    .await
-                    .expect("reply");
-            }
-            got
-        });
-        let qmp = Qmp::connect(&path).await.expect("connect");
-        (qmp, peer)
+    /// A QEMU with (`Some(actual bytes)`) or without (`None`) a balloon device.
+    fn fake_qemu(balloon: Option<u64>) -> weft_qmp::fake::FakeQemu {
+        let fake = weft_qmp::fake::FakeQemu::start();
+        match balloon {
+            Some(actual) => fake
+                .reply("balloon", json!({}))
+                .reply("query-balloon", json!({ "actual": actual })),
+            None => fake
+                .fail(
+                    "balloon",
+                    "DeviceNotActive",
+                    "No balloon device has been activated",
+                )
+                .fail(
+                    "query-balloon",
+                    "DeviceNotActive",
+                    "No balloon device has been activated",
+                ),
+        };
+        fake
     }
 
     #[tokio::test]
     async fn set_sends_the_target_in_bytes_and_reads_the_guest_back() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (qmp, peer) = fake_qemu(dir.path(), Some(256 * MIB)).await;
+        let fake = fake_qemu(Some(256 * MIB));
+        let qmp = fake.connect().await;
         let b = set(&qmp, 128).await.expect("set");
         assert_eq!(
             b,
@@ -286,20 +263,35 @@ mod tests {
             })
         );
         assert_eq!(actual_mib(&qmp).await.expect("query"), Some(256));
-        drop(qmp);
-        let got = peer.await.expect("peer");
-        let balloon = got
-            .iter()
-            .find(|c| c["execute"] == "balloon")
-            .expect("balloon sent");
-        assert_eq!(balloon["arguments"]["value"], json!(128 * MIB));
+        assert_eq!(fake.args_of("balloon"), [json!({ "value": 128 * MIB })]);
+        assert_eq!(
+            fake.executed(),
+            ["balloon", "query-balloon", "query-balloon"]
+        );
     }
 
     #[tokio::test]
     async fn a_vm_without_a_balloon_device_has_none() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (qmp, _peer) = fake_qemu(dir.path(), None).await;
+        let fake = fake_qemu(None);
+        let qmp = fake.connect().await;
         assert_eq!(set(&qmp, 128).await.expect("set"), None);
         assert_eq!(actual_mib(&qmp).await.expect("query"), None);
+    }
+
+    #[tokio::test]
+    async fn other_qemu_errors_are_reported_with_the_command() {
+        let fake = fake_qemu(Some(256 * MIB));
+        fake.fail(
+            "balloon",
+            "GenericError",
+            "Parameter 'value' expects a size",
+        );
+        let qmp = fake.connect().await;
+        let err = set(&qmp, 128).await.expect_err("fails");
+        assert!(err.starts_with("balloon: "), "{err}");
+        assert!(err.contains("expects a size"), "{err}");
+        fake.reply("query-balloon", json!({ "actual": "lots" }));
+        let err = actual_mib(&qmp).await.expect_err("bad reply");
+        assert!(err.contains("unexpected reply"), "{err}");
     }
 }

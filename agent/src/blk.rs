@@ -18,7 +18,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
-use weft_qmp::launch::{self, VhostUserDisk, VmConfig};
+use weft_qmp::launch::{VhostUserDisk, VmConfig};
+use weft_qmp::process::{Ended, Helper, Signature, Stop};
 
 use crate::config::Config;
 use crate::error::ApiError;
@@ -65,35 +66,12 @@ pub fn binary() -> Option<PathBuf> {
     }
 }
 
-/// Whether `pid` is a weft-blk serving `socket` (not a recycled pid).
-fn is_ours(pid: u32, socket: &Path) -> bool {
-    if !launch::process_alive(pid) {
-        return false;
-    }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let has = |needle: &[u8]| cmdline.windows(needle.len()).any(|w| w == needle);
-    has(BINARY.as_bytes()) && has(socket.as_os_str().as_encoded_bytes())
-}
-
-/// The weft-blk serving `socket`, found among all processes.
-fn serving(socket: &Path) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| is_ours(*pid, socket))
-}
-
-fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn signal(pid: u32, sig: nix::sys::signal::Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-    }
+/// The weft-blk serving `socket`: the one its pid file names if that is a weft-blk
+/// serving `socket` (not a recycled pid), else one found among all processes (a weftd
+/// that died between starting it and writing its pid file).
+fn running(socket: &Path) -> Option<Helper> {
+    let serves = Signature::program(BINARY).arg(socket);
+    Helper::from_pid_file(&pid_path(socket), &serves).or_else(|| Helper::search(&serves))
 }
 
 /// Starts a weft-blk for every served disk of `vm` that has none running, and waits
@@ -132,11 +110,7 @@ async fn start_one(
 ) -> Result<bool, ApiError> {
     let socket = &disk.socket;
     let pid_file = pid_path(socket);
-    let pid = read_pid(&pid_file)
-        .filter(|p| is_ours(*p, socket))
-        // A weftd that died between starting it and writing its pid file.
-        .or_else(|| serving(socket));
-    if let Some(pid) = pid {
+    if let Some(pid) = running(socket).map(|h| h.pid()) {
         if crate::dpa::device::unix_listening(socket) {
             return Ok(false);
         }
@@ -237,26 +211,10 @@ async fn start_one(
 /// Stops the weft-blk serving `socket` (SIGTERM, then SIGKILL) and removes its files.
 async fn stop_one(socket: &Path) {
     let pid_file = pid_path(socket);
-    let pid = read_pid(&pid_file)
-        .filter(|p| is_ours(*p, socket))
-        // A weftd that died between starting it and writing its pid file.
-        .or_else(|| serving(socket));
-    if let Some(pid) = pid {
-        for (sig, wait) in [
-            (nix::sys::signal::Signal::SIGTERM, STOP_TIMEOUT),
-            (nix::sys::signal::Signal::SIGKILL, Duration::from_secs(10)),
-        ] {
-            signal(pid, sig);
-            let deadline = Instant::now() + wait;
-            while is_ours(pid, socket) && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            if !is_ours(pid, socket) {
-                break;
-            }
-        }
-        if is_ours(pid, socket) {
-            warn!(pid, socket = %socket.display(), "weft-blk did not exit after SIGKILL");
+    if let Some(blk) = running(socket) {
+        let how = Stop::term_then_kill(STOP_TIMEOUT, Duration::from_secs(10));
+        if blk.stop(how).await == Ended::Stuck {
+            warn!(pid = blk.pid(), socket = %socket.display(), "weft-blk did not exit after SIGKILL");
         }
     }
     let _ = std::fs::remove_file(&pid_file);
@@ -371,5 +329,64 @@ mod tests {
             pid_path(&socket_path(&config, "a-b", "c")),
             config.run_dir.join("blk/a-b.c.pid")
         );
+    }
+
+    /// A stand-in for weft-blk serving `socket`: `sh` under the name `weft-blk` (a
+    /// link in `dir`), or under its own name, blocked reading its stdin. Returned once
+    /// it runs.
+    fn stand_in(dir: &Path, socket: &Path, named_weft_blk: bool) -> std::process::Child {
+        use std::io::BufRead;
+        let program = if named_weft_blk {
+            let link = dir.join(BINARY);
+            if !link.exists() {
+                std::os::unix::fs::symlink("/bin/sh", &link).expect("link");
+            }
+            link
+        } else {
+            PathBuf::from("/bin/sh")
+        };
+        let mut child = std::process::Command::new(program)
+            .arg("-c")
+            .arg("echo ready; read x")
+            .arg("weft-blk-test")
+            .arg("--socket")
+            .arg(socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready");
+        child
+    }
+
+    #[tokio::test]
+    async fn stop_ends_the_weft_blk_of_its_socket_and_no_other_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("vm.vda.sock");
+        std::fs::write(&socket, b"").expect("socket file");
+        // The pid file names a process that is not weft-blk: it is left alone.
+        let mut other = stand_in(dir.path(), &socket, false);
+        std::fs::write(pid_path(&socket), format!("{}\n", other.id())).expect("pid");
+        assert!(running(&socket).is_none());
+        stop_one(&socket).await;
+        assert_eq!(other.try_wait().expect("try_wait"), None, "not signalled");
+        assert!(!pid_path(&socket).exists() && !socket.exists());
+        // A weft-blk serving another socket is left alone too; the one serving this
+        // socket is stopped, found without a pid file.
+        let elsewhere = dir.path().join("vm.vdb.sock");
+        let mut neighbour = stand_in(dir.path(), &elsewhere, true);
+        let mut blk = stand_in(dir.path(), &socket, true);
+        assert_eq!(running(&socket).map(|h| h.pid()), Some(blk.id()));
+        stop_one(&socket).await;
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(blk.wait().expect("reap").signal(), Some(libc::SIGTERM));
+        assert_eq!(neighbour.try_wait().expect("try_wait"), None);
+        for mut c in [other, neighbour] {
+            c.kill().expect("kill");
+            c.wait().expect("reap");
+        }
     }
 }

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use weft_qmp::launch::{
     self, Accel, DiskConfig, LaunchPaths, QemuProcess, SpawnOptions, Validate, VmConfig,
 };
+use weft_qmp::process::{read_pid_file, Ended, Helper, Signature, Stop};
 use weft_qmp::Qmp;
 
 use crate::catalog::{Catalog, NewEnvironment};
@@ -225,13 +226,16 @@ impl Manager {
     /// catalog or in the pid file, if that process is QEMU serving this environment's
     /// QMP socket.
     fn orphan_pid(&self, env: &Environment) -> Option<u32> {
-        let from_file = std::fs::read_to_string(self.pid_file(&env.name))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok());
+        self.orphan(env).map(|qemu| qemu.pid())
+    }
+
+    /// [`Manager::orphan_pid`]'s process, followed from now on.
+    fn orphan(&self, env: &Environment) -> Option<Helper> {
+        let from_file = read_pid_file(&self.pid_file(&env.name));
         [env.pid, from_file]
             .into_iter()
             .flatten()
-            .find(|pid| serves_socket(*pid, &env.qmp_socket))
+            .find_map(|pid| Helper::find(pid, &serving(&env.qmp_socket)))
     }
 
     fn qmp_socket_path(&self, name: &str) -> PathBuf {
@@ -435,10 +439,8 @@ impl Manager {
         }
         // Never start a second QEMU beside one that survived an earlier weftd
         // (the launcher replaces the socket file, which would orphan it for good).
-        if let Some(pid) = std::fs::read_to_string(self.pid_file(name))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .filter(|pid| serves_socket(*pid, socket))
+        if let Some(pid) =
+            read_pid_file(&self.pid_file(name)).filter(|pid| serving(socket).matches(*pid))
         {
             return Err(ApiError::Conflict(format!(
                 "QEMU pid {pid} from an earlier run of {name:?} still runs; end it with `weft env stop {name}`"
@@ -565,7 +567,7 @@ impl Manager {
                 None => {
                     watched.closed().await;
                     match pid {
-                        Some(pid) => wait_pid_gone(pid, Duration::from_secs(10)).await,
+                        Some(pid) => wait_qemu_gone(pid, Duration::from_secs(10)).await,
                         None => "QMP connection closed".to_string(),
                     }
                 }
@@ -731,9 +733,9 @@ impl Manager {
         let Some(runtime) = runtime else {
             // A QEMU weftd cannot reach over QMP (left by a crash, or its monitor hangs).
             if env.kind == EnvKind::Managed {
-                if let Some(pid) = self.orphan_pid(&env) {
-                    kill_pid(pid);
-                    let gone = wait_pid_gone(pid, Duration::from_secs(5)).await;
+                if let Some(qemu) = self.orphan(&env) {
+                    let pid = qemu.pid();
+                    let gone = kill_qemu(&qemu, Duration::from_secs(5)).await;
                     let how =
                         format!("killed QEMU pid {pid}, which did not answer on QMP ({gone})");
                     let _ = std::fs::remove_file(&env.qmp_socket);
@@ -777,14 +779,14 @@ impl Manager {
                     .is_err()
                     || launch::process_alive(pid)
                 {
-                    let gone = wait_pid_gone(pid, Duration::from_secs(3)).await;
-                    if launch::process_alive(pid) && launch::is_qemu_process(pid) {
-                        kill_pid(pid);
-                        // Wait, so an immediate start does not race the dying QEMU for its images.
-                        wait_pid_gone(pid, Duration::from_secs(5)).await;
-                        format!("killed after not quitting within {}s", timeout.as_secs())
-                    } else {
-                        format!("stopped on request ({gone})")
+                    match Helper::find(pid, &Signature::qemu()) {
+                        Some(qemu) if !qemu.wait_gone(Duration::from_secs(3)).await => {
+                            // Waits, so an immediate start does not race the dying QEMU
+                            // for its images.
+                            kill_qemu(&qemu, Duration::from_secs(5)).await;
+                            format!("killed after not quitting within {}s", timeout.as_secs())
+                        }
+                        _ => "stopped on request (exited)".to_string(),
                     }
                 } else {
                     "stopped on request".to_string()
@@ -1072,24 +1074,24 @@ impl Manager {
 
     async fn reattach(self: &Arc<Self>, env: &Environment) -> Recovered {
         let live = match env.kind {
-            EnvKind::Managed => match self.orphan_pid(env) {
+            EnvKind::Managed => match self.orphan(env) {
                 None if env.state == EnvState::Starting => {
                     return Recovered::Stopped("weftd stopped while QEMU was starting".into())
                 }
                 None => {
                     return Recovered::Stopped("QEMU exited while weftd was not running".into())
                 }
-                Some(pid) if env.state == EnvState::Starting => {
+                Some(qemu) if env.state == EnvState::Starting => {
                     // Nobody was told this launch succeeded: undo it.
-                    kill_pid(pid);
-                    let gone = wait_pid_gone(pid, Duration::from_secs(5)).await;
+                    let pid = qemu.pid();
+                    let gone = kill_qemu(&qemu, Duration::from_secs(5)).await;
                     let _ = std::fs::remove_file(&env.qmp_socket);
                     let _ = std::fs::remove_file(self.pid_file(&env.name));
                     return Recovered::Stopped(format!(
                         "weftd stopped while QEMU was starting; QEMU pid {pid} was killed ({gone})"
                     ));
                 }
-                Some(pid) => Some(pid),
+                Some(qemu) => Some(qemu.pid()),
             },
             EnvKind::Attached => None,
         };
@@ -1197,17 +1199,10 @@ async fn connect_attached(config: &Config, socket: &Path) -> Result<Qmp, ApiErro
         })
 }
 
-/// Whether `pid` is a QEMU process serving `socket` (its command line names it),
-/// so a recycled pid is never taken for our QEMU.
-fn serves_socket(pid: u32, socket: &Path) -> bool {
-    if !launch::process_alive(pid) || !launch::is_qemu_process(pid) {
-        return false;
-    }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let needle = socket.as_os_str().as_encoded_bytes();
-    cmdline.windows(needle.len()).any(|w| w == needle)
+/// A QEMU process serving `socket` (its command line names it), so a recycled pid is
+/// never taken for our QEMU.
+fn serving(socket: &Path) -> Signature {
+    Signature::qemu().containing(socket)
 }
 
 fn check_socket_path(path: &Path) -> Result<(), ApiError> {
@@ -1288,25 +1283,24 @@ fn remove_dir_quietly(dir: &Path) {
     }
 }
 
-fn kill_pid(pid: u32) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+/// Kills QEMU (not our child: found again after a restart) with SIGKILL and waits up
+/// to `wait` until it is gone: "exited", or that it still runs.
+async fn kill_qemu(qemu: &Helper, wait: Duration) -> String {
+    match qemu.stop(Stop::kill(wait)).await {
+        Ended::Stuck => format!("QMP closed but pid {} still runs", qemu.pid()),
+        _ => "exited".to_string(),
     }
 }
 
-/// Waits (polling /proc, as the process is not our child) until `pid` is gone.
-async fn wait_pid_gone(pid: u32, timeout: Duration) -> String {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while launch::process_alive(pid) {
-        if tokio::time::Instant::now() >= deadline {
-            return format!("QMP closed but pid {pid} still runs");
+/// Waits up to `timeout` until QEMU `pid` (not our child) is gone: "exited", or that
+/// it still runs.
+async fn wait_qemu_gone(pid: u32, timeout: Duration) -> String {
+    match Helper::find(pid, &Signature::qemu()) {
+        Some(qemu) if !qemu.wait_gone(timeout).await => {
+            format!("QMP closed but pid {pid} still runs")
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        _ => "exited".to_string(),
     }
-    "exited".to_string()
 }
 
 #[cfg(test)]

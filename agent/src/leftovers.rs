@@ -17,26 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tracing::warn;
-use weft_qmp::launch::process_alive;
+use weft_qmp::process::{Ended, Helper, Signature, Stop};
 
 /// The binary whose processes weftd's pid files in work directories name.
 const STORAGE_DAEMON: &str = "qemu-storage-daemon";
-
-/// Whether `pid` is a qemu-storage-daemon started with `--pidfile <pid_file>`.
-fn is_our_daemon(pid: u32, pid_file: &Path) -> bool {
-    if !process_alive(pid) {
-        return false;
-    }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let named = args
-        .first()
-        .and_then(|a| Path::new(std::ffi::OsStr::from_bytes(a)).file_name())
-        .is_some_and(|n| n == STORAGE_DAEMON);
-    named && args.contains(&pid_file.as_os_str().as_bytes())
-}
 
 /// Ends every qemu-storage-daemon that a pid file in `dir` names, then empties `dir`.
 /// Returns what was ended, for the log.
@@ -50,32 +34,23 @@ pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
         .iter()
         .filter(|p| p.extension().is_some_and(|e| e == "pid"))
     {
-        let Some(pid) = std::fs::read_to_string(pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-        else {
+        // A qemu-storage-daemon started with `--pidfile <pid_file>`, not a recycled pid.
+        let ours = Signature::program(STORAGE_DAEMON).arg(pid_file);
+        let Some(daemon) = Helper::from_pid_file(pid_file, &ours) else {
             continue;
         };
-        if !is_our_daemon(pid, pid_file) {
-            continue;
-        }
+        let pid = daemon.pid();
         // `quit` closes the image cleanly (persistent bitmaps are stored); a daemon
         // that does not answer is killed.
         let qmp_socket = pid_file.with_extension("qmp");
         if let Ok(qmp) = weft_qmp::Qmp::connect_timeout(&qmp_socket, Duration::from_secs(2)).await {
             let _ = qmp.execute_raw("quit", None).await;
         }
-        if !wait_gone(pid, pid_file, Duration::from_secs(10)).await {
-            if let Ok(raw) = i32::try_from(pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(raw),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            if !wait_gone(pid, pid_file, Duration::from_secs(5)).await {
-                warn!(pid, file = %pid_file.display(), "a qemu-storage-daemon left by a dead weftd does not exit");
-                continue;
-            }
+        if !daemon.wait_gone(Duration::from_secs(10)).await
+            && daemon.stop(Stop::kill(Duration::from_secs(5))).await == Ended::Stuck
+        {
+            warn!(pid, file = %pid_file.display(), "a qemu-storage-daemon left by a dead weftd does not exit");
+            continue;
         }
         ended.push(format!("{STORAGE_DAEMON} {pid} ({})", pid_file.display()));
     }
@@ -128,17 +103,6 @@ pub fn record_output(work: &Path, id: i64, temp: &Path) -> Result<PathBuf, crate
     ));
     std::fs::write(&record, temp.as_os_str().as_bytes()).map_err(internal)?;
     Ok(record)
-}
-
-async fn wait_gone(pid: u32, pid_file: &Path, timeout: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while is_our_daemon(pid, pid_file) {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
 }
 
 /// Whether store index `name` is an environment's snapshot block map

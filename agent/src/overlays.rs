@@ -18,11 +18,10 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::json;
 use sqlx::Row;
 use tracing::{info, warn};
 use weft_qmp::launch::{DiskConfig, DiskFormat, VmConfig};
-use weft_qmp::{backup, Qmp};
+use weft_qmp::{backup, block, commit, Qmp};
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::error::{one_line, ApiError};
@@ -190,35 +189,11 @@ fn canonical(p: &Path) -> PathBuf {
 
 /// The image files of the backing chain of device `disk`, top first (`query-block`).
 async fn chain(qmp: &Qmp, disk: &str) -> Result<Vec<PathBuf>, ApiError> {
-    let blocks = qmp
-        .execute_raw("query-block", None)
+    let files = block::device_chain(qmp, disk)
         .await
-        .map_err(|e| ApiError::Qemu(one_line(&e.to_string())))?;
-    let Some(block) = blocks.as_array().and_then(|all| {
-        all.iter().find(|b| {
-            let qdev = b["qdev"].as_str().unwrap_or("");
-            qdev == disk
-                || qdev
-                    .strip_prefix("/machine/peripheral/")
-                    .and_then(|r| r.split('/').next())
-                    == Some(disk)
-        })
-    }) else {
-        return Ok(Vec::new());
-    };
-    let mut out = Vec::new();
-    let mut image = &block["inserted"]["image"];
-    // Bounded: a hostile or broken answer must not loop.
-    while let Some(f) = image["filename"].as_str() {
-        if out.len() >= 4096 {
-            return Err(ApiError::Qemu(
-                "backing chain longer than 4096 images".into(),
-            ));
-        }
-        out.push(canonical(Path::new(f)));
-        image = &image["backing-image"];
-    }
-    Ok(out)
+        .map_err(|e| ApiError::Qemu(one_line(&e.to_string())))?
+        .unwrap_or_default();
+    Ok(files.iter().map(|f| canonical(Path::new(f))).collect())
 }
 
 /// The backing file a qcow2 image's header names, if `path` is a complete qcow2
@@ -414,57 +389,28 @@ pub async fn commit_down(
             origin.display()
         )))
     };
-    let nodes = qmp
-        .execute_raw("query-named-block-nodes", Some(json!({"flat": true})))
+    let base = block::node_of_file(qmp, origin_format.driver(), origin)
         .await
-        .map_err(qemu)?;
-    let want = canonical(origin);
-    let find = |pred: &dyn Fn(&serde_json::Value) -> bool| -> Option<String> {
-        nodes.as_array().and_then(|all| {
-            all.iter()
-                .find(|n| pred(n))
-                .and_then(|n| n["node-name"].as_str().map(str::to_string))
-        })
-    };
-    let base = find(&|n: &serde_json::Value| {
-        n["drv"].as_str() == Some(origin_format.driver())
-            && n["file"]
-                .as_str()
-                .is_some_and(|f| canonical(Path::new(f)) == want)
-    })
-    .ok_or_else(|| {
-        ApiError::Qemu(format!(
-            "{} is not in the disk's backing chain; nothing was changed",
-            origin.display()
-        ))
-    })?;
+        .map_err(qemu)?
+        .ok_or_else(|| {
+            ApiError::Qemu(format!(
+                "{} is not in the disk's backing chain; nothing was changed",
+                origin.display()
+            ))
+        })?;
     if base == root {
         return Ok(());
     }
-    let ready = qmp.wait_event(COMMIT_DEADLINE, {
-        let job = job.to_string();
-        move |e| e.name == "BLOCK_JOB_READY" && e.data["device"] == job.as_str()
-    });
-    qmp.execute_raw(
-        "block-commit",
-        Some(json!({"job-id": job, "device": root, "base-node": base})),
-    )
-    .await
-    .map_err(qemu)?;
-    ready.await.map_err(qemu)?;
-    let done = qmp.wait_block_job(job, COMMIT_DEADLINE);
-    qmp.execute_raw("block-job-complete", Some(json!({"device": job})))
-        .await
-        .map_err(qemu)?;
-    match done.await.map_err(qemu)? {
-        weft_qmp::BlockJobOutcome::Completed { .. } => Ok(()),
-        other => {
-            warn!(job, ?other, "commit did not complete");
-            Err(ApiError::Qemu(format!(
-                "committing into {}: {other:?}; nothing was removed",
+    match commit::active_commit(qmp, job, root, Some(&base), COMMIT_DEADLINE).await {
+        Ok(()) => Ok(()),
+        Err(e @ weft_qmp::Error::BlockJob { .. }) => {
+            warn!(job, error = %e, "commit did not complete");
+            Err(ApiError::Qemu(one_line(&format!(
+                "committing into {}: {e}; nothing was removed",
                 origin.display()
-            )))
+            ))))
         }
+        Err(e) => Err(qemu(e)),
     }
 }
 

@@ -19,6 +19,7 @@ use weft_blockdev::nbd::NbdClient;
 use weft_blockdev::pull::{self, PullKind};
 use weft_blockdev::store::{BlockMap, ChunkStore, StoreConfig};
 use weft_qmp::backup::{self, PullBackupSpec};
+use weft_qmp::export::{self, Export};
 use weft_qmp::launch::DiskConfig;
 
 use crate::catalog_snapshots::{Completed, NewSnapshot, SnapshotFilter};
@@ -1119,20 +1120,21 @@ async fn restore_qcow2(
     let qmp = daemon.qmp().clone();
     let written = async {
         let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&format!("qcow2 restore: {e}")));
-        backup::create_file_node(&qmp, target, "out-file").await.map_err(qemu)?;
+        backup::create_file_node(&qmp, target, "out-file")
+            .await
+            .map_err(qemu)?;
         backup::create_qcow2_node(&qmp, "out-file", "out", map.disk_size, None)
             .await
             .map_err(qemu)?;
-        let socket = nbd_socket.to_str().ok_or_else(|| ApiError::Internal("socket path is not UTF-8".into()))?;
-        qmp.execute_raw("nbd-server-start", Some(json!({"addr": {"type": "unix", "data": {"path": socket}}})))
+        if nbd_socket.to_str().is_none() {
+            return Err(ApiError::Internal("socket path is not UTF-8".into()));
+        }
+        export::start_server(&qmp, &nbd_socket)
             .await
             .map_err(qemu)?;
-        qmp.execute_raw(
-            "block-export-add",
-            Some(json!({"type": "nbd", "id": "out", "node-name": "out", "name": "out", "writable": true})),
-        )
-        .await
-        .map_err(qemu)?;
+        export::add(&qmp, &Export::writable("out", "out", "out"))
+            .await
+            .map_err(qemu)?;
         let nbd = NbdClient::connect_unix(&nbd_socket, "out", &[])
             .await
             .map_err(|e| ApiError::Qemu(format!("qcow2 restore: {e}")))?;
@@ -1151,7 +1153,9 @@ async fn restore_qcow2(
                         nbd_ref
                             .write(offset + (k * step) as u64, piece)
                             .await
-                            .map_err(|e| ApiError::Qemu(format!("qcow2 restore: write at {offset}: {e}")))?;
+                            .map_err(|e| {
+                                ApiError::Qemu(format!("qcow2 restore: write at {offset}: {e}"))
+                            })?;
                     }
                     progress.0.fetch_add(data.len() as u64, Ordering::Relaxed);
                     Ok::<u64, ApiError>(data.len() as u64)

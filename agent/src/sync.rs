@@ -34,11 +34,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt, TryStreamExt};
-use serde_json::json;
 use tracing::{info, warn};
 use weft_blockdev::nbd::NbdClient;
 use weft_blockdev::store::BlockMap;
-use weft_qmp::{backup, Qmp};
+use weft_qmp::export::{self, Export};
+use weft_qmp::{backup, block, commit, Qmp};
 
 use crate::envs::Manager;
 use crate::error::{one_line, ApiError};
@@ -58,6 +58,8 @@ const COMMIT_JOB: &str = "weft-sync-commit";
 const PIECE: u64 = 1 << 20;
 const PARALLEL: usize = 8;
 const JOB_DEADLINE: Duration = Duration::from_secs(600);
+/// How long QEMU may take to remove an export.
+const EXPORT_DEADLINE: Duration = Duration::from_secs(30);
 /// Conflicting ranges named in an error (the count and bytes are always given).
 const SHOWN_CONFLICTS: usize = 20;
 
@@ -140,35 +142,13 @@ pub(crate) fn map_diff(a: &BlockMap, b: &BlockMap) -> Ranges {
 
 /// The image files of a volume's backing chain, top first (`query-block`).
 async fn chain(qmp: &Qmp, volume: &str) -> Result<Vec<String>, ApiError> {
-    let blocks = qmp
-        .execute_raw("query-block", None)
+    let out: Vec<String> = block::device_chain(qmp, volume)
         .await
-        .map_err(|e| ApiError::Qemu(one_line(&e.to_string())))?;
-    let block = blocks
-        .as_array()
-        .and_then(|all| {
-            all.iter().find(|b| {
-                let qdev = b["qdev"].as_str().unwrap_or("");
-                qdev == volume
-                    || qdev
-                        .strip_prefix("/machine/peripheral/")
-                        .and_then(|r| r.split('/').next())
-                        == Some(volume)
-            })
-        })
-        .ok_or_else(|| ApiError::BadRequest(format!("no volume {volume:?} with a medium")))?;
-    let mut out = Vec::new();
-    let mut image = &block["inserted"]["image"];
-    // Bounded: QEMU's own chains are finite, a hostile answer must not loop.
-    while let Some(f) = image["filename"].as_str() {
-        if out.len() >= 4096 {
-            return Err(ApiError::Qemu(
-                "backing chain longer than 4096 images".into(),
-            ));
-        }
-        out.push(canonical(f));
-        image = &image["backing-image"];
-    }
+        .map_err(|e| ApiError::Qemu(one_line(&e.to_string())))?
+        .ok_or_else(|| ApiError::BadRequest(format!("no volume {volume:?} with a medium")))?
+        .iter()
+        .map(|f| canonical(f))
+        .collect();
     if out.is_empty() {
         return Err(ApiError::Qemu(format!(
             "query-block shows no image for volume {volume:?}"
@@ -206,15 +186,10 @@ impl Side {
     async fn export(&mut self) -> Result<NbdClient, ApiError> {
         let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&e.to_string()));
         let _ = std::fs::remove_file(&self.socket);
-        let path = self
-            .socket
-            .to_str()
-            .ok_or_else(|| ApiError::Internal("socket path is not UTF-8".into()))?;
-        self.qmp
-            .execute_raw(
-                "nbd-server-start",
-                Some(json!({"addr": {"type": "unix", "data": {"path": path}}})),
-            )
+        if self.socket.to_str().is_none() {
+            return Err(ApiError::Internal("socket path is not UTF-8".into()));
+        }
+        export::start_server(&self.qmp, &self.socket)
             .await
             .map_err(|e| {
                 ApiError::Conflict(one_line(&format!(
@@ -223,16 +198,11 @@ impl Side {
                 )))
             })?;
         self.server = true;
-        self.qmp
-            .execute_raw(
-                "block-export-add",
-                Some(json!({
-                    "type": "nbd", "id": READ_EXPORT, "node-name": self.root,
-                    "name": READ_EXPORT, "writable": false, "allocation-depth": true
-                })),
-            )
-            .await
-            .map_err(qemu)?;
+        let read = Export {
+            allocation_depth: true,
+            ..Export::read_only(READ_EXPORT, &self.root, READ_EXPORT)
+        };
+        export::add(&self.qmp, &read).await.map_err(qemu)?;
         self.export = true;
         NbdClient::connect_unix(&self.socket, READ_EXPORT, &[DEPTH_CONTEXT])
             .await
@@ -240,14 +210,7 @@ impl Side {
     }
 
     async fn del_export(&self, id: &str) -> Result<(), weft_qmp::Error> {
-        let gone = self.qmp.wait_event(Duration::from_secs(30), {
-            let id = id.to_string();
-            move |e| e.name == "BLOCK_EXPORT_DELETED" && e.data["id"] == id.as_str()
-        });
-        self.qmp
-            .execute_raw("block-export-del", Some(json!({"id": id, "mode": "hard"})))
-            .await?;
-        gone.await.map(drop)
+        export::remove(&self.qmp, id, EXPORT_DEADLINE).await
     }
 
     /// Removes the export and the NBD server (best effort, logged).
@@ -259,7 +222,7 @@ impl Side {
             self.export = false;
         }
         if self.server {
-            if let Err(e) = self.qmp.execute_raw("nbd-server-stop", None).await {
+            if let Err(e) = export::stop_server(&self.qmp).await {
                 warn!(env = %self.name, error = %e, "sync: cannot stop the NBD server");
             }
             self.server = false;
@@ -295,29 +258,17 @@ pub async fn recover(manager: &Arc<Manager>) -> Result<(), ApiError> {
             None => "not running any more".to_string(),
             Some(qmp) => {
                 let layer = work.join(layer_file(name));
-                for (cmd, args) in [
-                    (
-                        "block-export-del",
-                        json!({"id": WRITE_EXPORT, "mode": "hard"}),
-                    ),
-                    (
-                        "block-export-del",
-                        json!({"id": READ_EXPORT, "mode": "hard"}),
-                    ),
-                    ("blockdev-del", json!({"node-name": LAYER})),
-                    ("blockdev-del", json!({"node-name": LAYER_FILE})),
-                ] {
-                    // Most are absent, depending on where the sync was.
-                    let _ = qmp.execute_raw(cmd, Some(args)).await;
+                // Most are absent, depending on where the sync was.
+                for id in [WRITE_EXPORT, READ_EXPORT] {
+                    let _ = export::remove(&qmp, id, EXPORT_DEADLINE).await;
                 }
-                let _ = qmp.execute_raw("nbd-server-stop", None).await;
+                for node in [LAYER, LAYER_FILE] {
+                    let _ = block::delete_node(&qmp, node).await;
+                }
+                let _ = export::stop_server(&qmp).await;
                 // A layer the QEMU still holds (committed into its chain, or not yet
                 // removable) keeps the guest's writes: it stays.
-                let held = qmp
-                    .execute_raw("query-named-block-nodes", None)
-                    .await
-                    .map(|v| v.to_string().contains(&*layer.to_string_lossy()))
-                    .unwrap_or(true);
+                let held = block::file_in_use(&qmp, &layer).await.unwrap_or(true);
                 if !held {
                     let _ = std::fs::remove_file(&layer);
                 }
@@ -645,14 +596,7 @@ async fn copy_into(
         backup::create_qcow2_node(&d.qmp, LAYER_FILE, LAYER, size, None)
             .await
             .map_err(qemu)?;
-        d.qmp
-            .execute_raw(
-                "block-export-add",
-                Some(
-                    json!({"type": "nbd", "id": WRITE_EXPORT, "node-name": LAYER,
-                    "name": WRITE_EXPORT, "writable": true}),
-                ),
-            )
+        export::add(&d.qmp, &Export::writable(WRITE_EXPORT, LAYER, WRITE_EXPORT))
             .await
             .map_err(qemu)?;
         let written = async {
@@ -694,40 +638,18 @@ async fn copy_into(
         d.del_export(WRITE_EXPORT).await.map_err(qemu)?;
         written?;
         // The layer goes on top of DST's volume, then is committed into it.
-        d.qmp
-            .execute_raw(
-                "transaction",
-                Some(json!({"actions": [{"type": "blockdev-snapshot",
-                    "data": {"node": d.root, "overlay": LAYER}}]})),
-            )
+        block::snapshot(&d.qmp, &[(d.root.as_str(), LAYER)])
             .await
             .map_err(qemu)?;
         snapshotted = true;
-        let ready = d.qmp.wait_event(JOB_DEADLINE, |e| {
-            e.name == "BLOCK_JOB_READY" && e.data["device"] == COMMIT_JOB
-        });
-        d.qmp
-            .execute_raw(
-                "block-commit",
-                Some(json!({"job-id": COMMIT_JOB, "device": LAYER})),
-            )
+        commit::active_commit(&d.qmp, COMMIT_JOB, LAYER, None, JOB_DEADLINE)
             .await
-            .map_err(qemu)?;
-        ready.await.map_err(qemu)?;
-        let done = d.qmp.wait_block_job(COMMIT_JOB, JOB_DEADLINE);
-        d.qmp
-            .execute_raw("block-job-complete", Some(json!({"device": COMMIT_JOB})))
-            .await
-            .map_err(qemu)?;
-        match done.await.map_err(qemu)? {
-            weft_qmp::BlockJobOutcome::Completed { .. } => {}
-            other => {
-                return Err(ApiError::Qemu(format!(
-                    "committing the synced blocks into {}: {other:?}",
+            .map_err(|e| {
+                ApiError::Qemu(one_line(&format!(
+                    "committing the synced blocks into {}: {e}",
                     d.name
                 )))
-            }
-        }
+            })?;
         snapshotted = false;
         Ok::<(), ApiError>(())
     }
@@ -739,11 +661,7 @@ async fn copy_into(
         return result;
     }
     for node in [LAYER, LAYER_FILE] {
-        if let Err(e) = d
-            .qmp
-            .execute_raw("blockdev-del", Some(json!({"node-name": node})))
-            .await
-        {
+        if let Err(e) = block::delete_node(&d.qmp, node).await {
             warn!(weave = %d.name, node, error = %e, "sync: cannot remove a node");
         }
     }

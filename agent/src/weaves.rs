@@ -17,12 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::json;
 use sqlx::Row;
 use tracing::{info, warn};
-use weft_qmp::backup;
 use weft_qmp::image;
 use weft_qmp::launch::{DiskFormat, VmConfig};
+use weft_qmp::{backup, block};
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::cgroups;
@@ -775,7 +774,7 @@ impl Weaves {
             .data_dir
             .join("environments")
             .join(&env.name);
-        let mut actions = Vec::new();
+        let mut switches: Vec<(String, String)> = Vec::new();
         let mut bases = Vec::new();
         let mut added: Vec<(String, PathBuf)> = Vec::new();
         let mut pending = Vec::new();
@@ -786,7 +785,9 @@ impl Weaves {
         let catalog = self.manager.catalog();
         let prepared = async {
             for disk in new_config.disks.iter_mut() {
-                let root = backup::device_root_node(&qmp, &disk.name).await.map_err(qemu)?;
+                let root = backup::device_root_node(&qmp, &disk.name)
+                    .await
+                    .map_err(qemu)?;
                 let size = backup::node_size(&qmp, &root).await.map_err(qemu)?;
                 let top = env_dir.join(format!("{}-{stamp}.qcow2", disk.name));
                 // The environment's QEMU makes both overlays itself (no daemon to start):
@@ -800,20 +801,14 @@ impl Weaves {
                     .await
                     .map_err(qemu)?;
                 let node = format!("{}-t{stamp}", disk.name);
-                let path = top
-                    .to_str()
-                    .ok_or_else(|| ApiError::Internal("path is not UTF-8".into()))?
-                    .to_string();
-                qmp.execute_raw(
-                    "blockdev-add",
-                    Some(json!({"driver": "qcow2", "node-name": node, "file": {"driver": "file", "filename": path}, "backing": null})),
-                )
-                .await
-                .map_err(qemu)?;
+                if top.to_str().is_none() {
+                    return Err(ApiError::Internal("path is not UTF-8".into()));
+                }
+                block::open_qcow2(&qmp, &node, &top).await.map_err(qemu)?;
                 if let Some(last) = added.last_mut() {
                     last.0.clone_from(&node);
                 }
-                actions.push(json!({"type": "blockdev-snapshot", "data": {"node": root, "overlay": node}}));
+                switches.push((root, node));
                 bases.push(disk.under(&mine));
                 let (origin, origin_format) =
                     crate::overlays::origin_of(catalog, &env.name, disk).await?;
@@ -831,9 +826,11 @@ impl Weaves {
             // Recorded before QEMU switches: a crash from here on finds them (recovery
             // settles them against query-block), and `env delete` commits them down.
             catalog.record_pending_overlays(&pending).await?;
-            qmp.execute_raw("transaction", Some(json!({ "actions": actions })))
-                .await
-                .map_err(qemu)
+            let pairs: Vec<(&str, &str)> = switches
+                .iter()
+                .map(|(root, node)| (root.as_str(), node.as_str()))
+                .collect();
+            block::snapshot(&qmp, &pairs).await.map_err(qemu)
         }
         .await;
         if let Err(e) = prepared {
@@ -842,9 +839,7 @@ impl Weaves {
             // (the answer was lost, not the switch) is kept, the others removed.
             for (node, _) in added.iter().rev() {
                 if !node.is_empty() {
-                    let _ = qmp
-                        .execute_raw("blockdev-del", Some(json!({"node-name": node})))
-                        .await;
+                    let _ = block::delete_node(&qmp, node).await;
                 }
             }
             let settled = match crate::overlays::settle(catalog, &env.name, Some(&qmp)).await {

@@ -24,7 +24,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tracing::{debug, warn};
 
-use crate::{Error, Qmp};
+use crate::block::{delete_node, find_device};
+use crate::export::{self, Export};
+use crate::{utf8_path as path_str, Error, Qmp};
 
 /// How long one QMP job of the recipe (creating the fleece) may take.
 const JOB_DEADLINE: Duration = Duration::from_secs(60);
@@ -100,18 +102,7 @@ pub async fn bitmaps(qmp: &Qmp, node: &str) -> Result<Vec<BitmapInfo>, Error> {
 /// VM started with.
 pub async fn device_root_node(qmp: &Qmp, qdev_id: &str) -> Result<String, Error> {
     let blocks = qmp.execute_raw("query-block", None).await?;
-    blocks
-        .as_array()
-        .and_then(|all| {
-            all.iter().find(|b| {
-                let qdev = b["qdev"].as_str().unwrap_or("");
-                qdev == qdev_id
-                    || qdev
-                        .strip_prefix("/machine/peripheral/")
-                        .and_then(|r| r.split('/').next())
-                        == Some(qdev_id)
-            })
-        })
+    find_device(&blocks, qdev_id)
         .and_then(|b| b["inserted"]["node-name"].as_str())
         .map(str::to_string)
         .ok_or_else(|| Error::protocol(format!("no block device {qdev_id:?} with a medium")))
@@ -342,26 +333,13 @@ impl PullBackup {
         }
         self.done.push(Step::Job);
 
-        self.qmp
-            .execute_raw(
-                "nbd-server-start",
-                Some(json!({"addr": {"type": "unix", "data": {"path": path_str(&spec.nbd_socket)?}}})),
-            )
-            .await?;
+        export::start_server(&self.qmp, &spec.nbd_socket).await?;
         self.done.push(Step::NbdServer);
-        let mut export = json!({
-            "type": "nbd",
-            "id": spec.export_id(),
-            "node-name": spec.fleece_node(),
-            "name": spec.export,
-            "writable": false,
-        });
+        let mut export = Export::read_only(&spec.export_id(), &spec.fleece_node(), &spec.export);
         if spec.since.is_some() {
-            export["bitmaps"] = json!([spec.temp_bitmap()]);
+            export.bitmaps = vec![spec.temp_bitmap()];
         }
-        self.qmp
-            .execute_raw("block-export-add", Some(export))
-            .await?;
+        export::add(&self.qmp, &export).await?;
         self.done.push(Step::Export);
         Ok(())
     }
@@ -392,28 +370,8 @@ impl PullBackup {
         let spec = self.spec.clone();
         while let Some(step) = self.done.pop() {
             let result = match step {
-                Step::Export => {
-                    let gone = self.qmp.wait_event(JOB_DEADLINE, {
-                        let id = spec.export_id();
-                        move |e| e.name == "BLOCK_EXPORT_DELETED" && e.data["id"] == id.as_str()
-                    });
-                    match self
-                        .qmp
-                        .execute_raw(
-                            "block-export-del",
-                            Some(json!({"id": spec.export_id(), "mode": "hard"})),
-                        )
-                        .await
-                    {
-                        Ok(_) => gone.await.map(drop),
-                        Err(e) => Err(e),
-                    }
-                }
-                Step::NbdServer => self
-                    .qmp
-                    .execute_raw("nbd-server-stop", None)
-                    .await
-                    .map(drop),
+                Step::Export => export::remove(&self.qmp, &spec.export_id(), JOB_DEADLINE).await,
+                Step::NbdServer => export::stop_server(&self.qmp).await,
                 Step::Job => {
                     let ended = self.qmp.wait_block_job(&spec.job(), JOB_DEADLINE);
                     match self
@@ -445,19 +403,8 @@ impl PullBackup {
                     )
                     .await
                     .map(drop),
-                Step::FleeceNode => self
-                    .qmp
-                    .execute_raw(
-                        "blockdev-del",
-                        Some(json!({"node-name": spec.fleece_node()})),
-                    )
-                    .await
-                    .map(drop),
-                Step::FileNode => self
-                    .qmp
-                    .execute_raw("blockdev-del", Some(json!({"node-name": spec.file_node()})))
-                    .await
-                    .map(drop),
+                Step::FleeceNode => delete_node(&self.qmp, &spec.fleece_node()).await,
+                Step::FileNode => delete_node(&self.qmp, &spec.file_node()).await,
                 Step::ScratchFile => match std::fs::remove_file(&spec.scratch) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io(e)),
                     _ => Ok(()),
@@ -469,11 +416,6 @@ impl PullBackup {
             }
         }
     }
-}
-
-fn path_str(path: &Path) -> Result<&str, Error> {
-    path.to_str()
-        .ok_or_else(|| Error::InvalidConfig(format!("{} is not valid UTF-8", path.display())))
 }
 
 /// Removes what an interrupted backup (weftd killed mid-way) left in a running QEMU:
@@ -489,18 +431,12 @@ pub async fn clean_leftovers(
     let mut removed = Vec::new();
     let exports = qmp.execute_raw("query-block-exports", None).await?;
     for id in names_with(&exports, "id", "weft-export-") {
-        let gone = qmp.wait_event(JOB_DEADLINE, {
-            let id = id.clone();
-            move |e| e.name == "BLOCK_EXPORT_DELETED" && e.data["id"] == id.as_str()
-        });
-        qmp.execute_raw("block-export-del", Some(json!({"id": id, "mode": "hard"})))
-            .await?;
-        gone.await?;
+        export::remove(qmp, &id, JOB_DEADLINE).await?;
         removed.push(format!("export {id}"));
     }
     if !removed.is_empty() {
         // Only weft's own backups start the server in a VM weft backs up.
-        if qmp.execute_raw("nbd-server-stop", None).await.is_ok() {
+        if export::stop_server(qmp).await.is_ok() {
             removed.push("nbd server".into());
         }
     }
@@ -522,8 +458,7 @@ pub async fn clean_leftovers(
     let mut fleece: Vec<String> = names_with(&nodes, "node-name", "weft-fleece-");
     fleece.sort_by_key(|n| n.starts_with("weft-fleece-file-"));
     for name in fleece {
-        qmp.execute_raw("blockdev-del", Some(json!({"node-name": name})))
-            .await?;
+        delete_node(qmp, &name).await?;
         removed.push(format!("node {name}"));
     }
     for b in bitmaps(qmp, node).await? {

@@ -292,6 +292,23 @@ pub enum BlockJobOutcome {
     },
 }
 
+impl std::fmt::Display for BlockJobOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlockJobOutcome::Completed { job_type, .. } => write!(f, "completed ({job_type})"),
+            BlockJobOutcome::Failed { job_type, error } => {
+                write!(f, "failed ({job_type}): {error}")
+            }
+            BlockJobOutcome::Cancelled {
+                job_type,
+                offset,
+                len,
+            } => write!(f, "cancelled ({job_type}) at {offset} of {len} bytes"),
+            BlockJobOutcome::Stopped { operation } => write!(f, "stopped on a {operation} error"),
+        }
+    }
+}
+
 impl Qmp {
     /// Connects to the QMP socket at `path`, reads the greeting and negotiates
     /// capabilities, within [`DEFAULT_CONNECT_TIMEOUT`].
@@ -686,7 +703,8 @@ impl Qmp {
     }
 }
 
-fn block_job_outcome(e: &Event, device: &str) -> Option<BlockJobOutcome> {
+/// How the block job `device` ended, if event `e` says it did.
+pub(crate) fn block_job_outcome(e: &Event, device: &str) -> Option<BlockJobOutcome> {
     if e.data_str("device") != Some(device) {
         return None;
     }

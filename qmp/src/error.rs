@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::launch::ExitInfo;
+use crate::BlockJobOutcome;
 
 /// Everything that can go wrong while talking to QEMU or starting it.
 ///
@@ -61,6 +62,15 @@ pub enum Error {
         id: String,
         /// QEMU's error text for the job.
         desc: String,
+    },
+
+    /// A block job ended without completing (failed, cancelled, or stopped on an error).
+    #[error("block job {job} did not complete: {outcome}")]
+    BlockJob {
+        /// The job id.
+        job: String,
+        /// How it ended.
+        outcome: BlockJobOutcome,
     },
 
     /// A [`VmConfig`](crate::launch::VmConfig) was rejected before QEMU was started.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::launch::{self, DiskFormat, LaunchPaths, SpawnOptions};
-use crate::{Error, Qmp};
+use crate::{utf8_path as utf8, Error, Qmp};
 
 /// Creates `path` as an empty qcow2 overlay of `size` bytes whose backing file is
 /// `backing` (recorded by absolute path, with its format). Nothing reads `backing` here,
@@ -121,11 +121,6 @@ async fn create(qmp: &Qmp, id: &str, options: serde_json::Value) -> Result<(), E
     )
     .await?;
     done.await
-}
-
-fn utf8(path: &Path) -> Result<&str, Error> {
-    path.to_str()
-        .ok_or_else(|| Error::InvalidConfig(format!("{} is not valid UTF-8", path.display())))
 }
 
 /// A small stable hash for unique work-file names.

@@ -1,132 +1,15 @@
-//! The QMP client against a scripted fake server: out-of-order replies, malformed lines,
-//! error replies, interleaved events, closing mid-command, missing greetings, oversized
-//! lines, and the job waits.
+//! The QMP client against a scripted QMP peer (`weft_qmp::fake::script`): out-of-order
+//! replies, malformed lines, error replies, interleaved events, closing mid-command,
+//! missing greetings, oversized lines, and the job waits.
 
-use std::future::Future;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixListener;
-use tokio::task::JoinHandle;
+use serde_json::json;
+use weft_qmp::fake::script::{serve, serve_qmp};
+use weft_qmp::fake::GREETING;
 use weft_qmp::{BlockJobOutcome, Error, Qmp, MAX_MESSAGE_LEN};
 
-const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u6"}, "capabilities": ["oob"]}}"#;
 const T: Duration = Duration::from_secs(5);
-
-struct Conn {
-    lines: Lines<BufReader<OwnedReadHalf>>,
-    wr: OwnedWriteHalf,
-}
-
-impl Conn {
-    async fn send(&mut self, line: &str) {
-        self.wr
-            .write_all(line.as_bytes())
-            .await
-            .expect("server write");
-        self.wr.write_all(b"\n").await.expect("server write");
-    }
-
-    async fn send_json(&mut self, v: Value) {
-        self.send(&v.to_string()).await;
-    }
-
-    /// The next command from the client.
-    async fn recv(&mut self) -> Value {
-        let line = self
-            .lines
-            .next_line()
-            .await
-            .expect("server read")
-            .expect("client closed early");
-        serde_json::from_str(&line).expect("client sent json")
-    }
-
-    /// The next command, checking its name; returns its id.
-    async fn expect(&mut self, name: &str) -> (Value, Value) {
-        let cmd = self.recv().await;
-        assert_eq!(cmd["execute"], name, "{cmd}");
-        (
-            cmd["id"].clone(),
-            cmd.get("arguments").cloned().unwrap_or(Value::Null),
-        )
-    }
-
-    async fn reply(&mut self, id: &Value, ret: Value) {
-        self.send_json(json!({"return": ret, "id": id})).await;
-    }
-
-    async fn event(&mut self, name: &str, data: Value) {
-        self.send_json(json!({"event": name, "data": data, "timestamp": {"seconds": 1700000000, "microseconds": 42}}))
-            .await;
-    }
-
-    async fn greet_and_negotiate(&mut self) {
-        self.send(GREETING).await;
-        let (id, _) = self.expect("qmp_capabilities").await;
-        self.reply(&id, json!({})).await;
-    }
-
-    /// Waits until the client closes its side.
-    async fn until_eof(&mut self) {
-        while let Ok(Some(_)) = self.lines.next_line().await {}
-    }
-}
-
-struct Server {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    task: JoinHandle<()>,
-}
-
-impl Server {
-    /// Checks the server script ran to completion without a failed assertion.
-    async fn finish(self) {
-        tokio::time::timeout(T, self.task)
-            .await
-            .expect("server script finished")
-            .expect("server script succeeded");
-    }
-}
-
-fn serve<F, Fut>(script: F) -> Server
-where
-    F: FnOnce(Conn) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("qmp.sock");
-    let listener = UnixListener::bind(&path).expect("bind");
-    let task = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.expect("accept");
-        let (rd, wr) = stream.into_split();
-        script(Conn {
-            lines: BufReader::new(rd).lines(),
-            wr,
-        })
-        .await;
-    });
-    Server {
-        _dir: dir,
-        path,
-        task,
-    }
-}
-
-/// A server that negotiates and then runs `script`.
-fn serve_qmp<F, Fut>(script: F) -> Server
-where
-    F: FnOnce(Conn) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    serve(|mut c| async move {
-        c.greet_and_negotiate().await;
-        script(c).await;
-    })
-}
 
 #[tokio::test]
 async fn greeting_version_and_negotiation() {
@@ -288,7 +171,7 @@ async fn error_reply_keeps_class_and_desc() {
     let server = serve_qmp(|mut c| async move {
         let (id, args) = c.expect("device_del").await;
         assert_eq!(args, json!({"id": "nope"}));
-        c.send_json(json!({"error": {"class": "DeviceNotFound", "desc": "Device 'nope' not found"}, "id": id}))
+        c.error(&id, "DeviceNotFound", "Device 'nope' not found")
             .await;
         c.until_eof().await;
     });
@@ -460,8 +343,7 @@ async fn capabilities_refused_fails_connect() {
     let server = serve(|mut c| async move {
         c.send(GREETING).await;
         let (id, _) = c.expect("qmp_capabilities").await;
-        c.send_json(json!({"error": {"class": "CommandNotFound", "desc": "no"}, "id": id}))
-            .await;
+        c.error(&id, "CommandNotFound", "no").await;
         c.until_eof().await;
     });
     match Qmp::connect(&server.path).await {
@@ -484,8 +366,8 @@ async fn oversized_line_closes_the_connection() {
             "y".repeat(MAX_MESSAGE_LEN)
         );
         // The client may hang up while this is being written.
-        let _ = c.wr.write_all(huge.as_bytes()).await;
-        let _ = c.wr.write_all(b"\n").await;
+        let _ = c.send_raw(huge.as_bytes()).await;
+        let _ = c.send_raw(b"\n").await;
     });
     let qmp = Qmp::connect(&server.path).await.expect("connect");
     let big = qmp.execute_raw("big", None).await.expect("big reply");

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
-use weft_qmp::launch::{self, VsockDevice};
+use weft_qmp::launch::VsockDevice;
+use weft_qmp::process::{Ended, Helper, Signature, Stop};
 
 use super::cids::CidTable;
 use super::confine::{DeviceUser, Ids, Jail};
@@ -105,9 +106,8 @@ struct Confinement {
 
 /// A running device process.
 struct Device {
-    pid: u32,
-    /// Set when this weftd spawned it (and reaps it): true once it exited.
-    exited: Option<watch::Receiver<bool>>,
+    /// Followed by a pidfd since weftd started it or found it.
+    process: Helper,
 }
 
 /// What is live for one VM.
@@ -174,37 +174,11 @@ pub(crate) fn unix_listening(path: &Path) -> bool {
     })
 }
 
-/// Whether `pid` is a `vhost-device-vsock` serving the VM of `p` (its command line
-/// names the device, its working directory is the VM's), so that a recycled pid is
-/// never taken for it.
-fn is_our_device(pid: u32, p: &VsockPaths) -> bool {
-    if !launch::process_alive(pid) {
-        return false;
-    }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let has = |needle: &[u8]| cmdline.windows(needle.len()).any(|w| w == needle);
-    has(DEVICE_NAME.as_bytes())
-        && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == p.dir)
-}
-
-/// The device process serving `p` whatever its pid file says: the one working in the
-/// VM's directory (weftd makes one per VM and starts the device in it).
-fn device_in(p: &VsockPaths) -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|pid| is_our_device(*pid, p))
-}
-
-/// When process `pid` started (clock ticks after boot, `/proc/<pid>/stat` field 22).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
-    // Fields from the third (state) on; start time is the 22nd overall.
-    after.split_whitespace().nth(19)?.parse().ok()
+/// What the command line of `p`'s device process shows: the device's name, and the
+/// VM's directory as its working directory (weftd makes one per VM and starts the
+/// device in it), so that a recycled pid is never taken for it.
+fn device_signature(p: &VsockPaths) -> Signature {
+    Signature::any().containing(DEVICE_NAME).cwd(&p.dir)
 }
 
 /// Whether process `pid` listens on a unix socket it bound as `name` (the path as
@@ -243,16 +217,6 @@ fn owner_of(dir: &Path) -> Option<Ids> {
         uid: m.uid(),
         gid: m.gid(),
     })
-}
-
-fn read_pid(path: &Path) -> Option<u32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn signal(pid: u32, sig: nix::sys::signal::Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-    }
 }
 
 /// Removes a VM's directory and what is in it (symbolic links are removed, never
@@ -487,6 +451,8 @@ impl VsockHost {
         // Dying here leaves a device with no pid file: `stop_device` finds it by its
         // working directory.
         crate::testpoints::point("vsock.spawned").await;
+        // Followed from now on, before anything can reap it.
+        let process = Helper::child(pid);
         let (exit_tx, exit_rx) = watch::channel(false);
         let log_path = log.to_owned();
         tokio::spawn(async move {
@@ -495,10 +461,7 @@ impl VsockHost {
             exit_tx.send_replace(true);
         });
         if let Some(a) = lock(&self.active).get_mut(vm) {
-            a.device = Some(Device {
-                pid,
-                exited: Some(exit_rx.clone()),
-            });
+            a.device = process.map(|process| Device { process });
         }
         if let Err(e) = std::fs::write(&p.pid, format!("{pid}\n")) {
             return Err(format!("cannot write {}: {e}", p.pid.display()));
@@ -594,36 +557,19 @@ impl VsockHost {
     /// Stops `vm`'s device process (SIGTERM, then SIGKILL) if it runs: the one
     /// given, else the one its pid file names, if that is still our device.
     async fn stop_device(&self, p: &VsockPaths, known: Option<Device>) {
-        let device = known.or_else(|| {
-            read_pid(&p.pid)
-                .filter(|pid| is_our_device(*pid, p))
+        let ours = device_signature(p);
+        let device = known.map(|d| d.process).or_else(|| {
+            Helper::from_pid_file(&p.pid, &ours)
                 // A weftd that died between starting it and writing its pid file.
-                .or_else(|| device_in(p))
-                .map(|pid| Device { pid, exited: None })
+                .or_else(|| Helper::search(&ours))
         });
-        if let Some(Device { pid, exited }) = device {
-            // Not `is_our_device`: an exiting process loses its working directory
-            // before it is gone. Its start time tells a recycled pid apart.
-            let started = start_time(pid);
-            let gone = |exited: &Option<watch::Receiver<bool>>| match exited {
-                Some(rx) => *rx.borrow(),
-                None => !launch::process_alive(pid) || start_time(pid) != started,
-            };
-            for (sig, wait) in [
-                (nix::sys::signal::Signal::SIGTERM, DEVICE_STOP_TIMEOUT),
-                (nix::sys::signal::Signal::SIGKILL, DEVICE_KILL_TIMEOUT),
-            ] {
-                if gone(&exited) {
-                    break;
-                }
-                signal(pid, sig);
-                let deadline = Instant::now() + wait;
-                while !gone(&exited) && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-            if !gone(&exited) {
-                warn!(pid, "{DEVICE_NAME} did not exit after SIGKILL");
+        if let Some(device) = device {
+            let how = Stop::term_then_kill(DEVICE_STOP_TIMEOUT, DEVICE_KILL_TIMEOUT);
+            if device.stop(how).await == Ended::Stuck {
+                warn!(
+                    pid = device.pid(),
+                    "{DEVICE_NAME} did not exit after SIGKILL"
+                );
             }
         }
         remove_quietly(&p.pid);
@@ -661,7 +607,8 @@ impl VsockHost {
     /// process and listens for its DPA again (kernel mode: accepts its CID again).
     pub async fn reattach(&self, vm: &str) {
         let p = self.paths(vm);
-        if let Some(pid) = read_pid(&p.pid).filter(|pid| is_our_device(*pid, &p)) {
+        if let Some(process) = Helper::from_pid_file(&p.pid, &device_signature(&p)) {
+            let pid = process.pid();
             // The directory's owner is the device's user (weftd made it so).
             let ids = owner_of(&p.dir).filter(|i| i.uid != 0);
             match self.listen_unix(vm, &p, ids) {
@@ -670,7 +617,7 @@ impl VsockHost {
                         vm.to_string(),
                         Active {
                             listener: Some(listener),
-                            device: Some(Device { pid, exited: None }),
+                            device: Some(Device { process }),
                         },
                     );
                     info!(vm, pid, "vsock device re-attached");
