@@ -750,8 +750,16 @@ mod tests {
         assert!(s.get(&id).is_ok());
         // The writer ended without an index (it failed): its chunks may go now.
         drop(writing);
-        std::thread::sleep(Duration::from_millis(50));
-        let report = s.gc(Duration::ZERO).unwrap();
+        // Once the file system's clock has passed the chunk's mtime (coarse: a few ms).
+        let report =
+            wait_until::wait_until("gc to remove the chunk", Duration::from_secs(10), || {
+                let report = s.gc(Duration::ZERO).unwrap();
+                match report.removed_chunks {
+                    0 => Err(format!("{report:?}")),
+                    _ => Ok(report),
+                }
+            })
+            .unwrap();
         assert_eq!(report.removed_chunks, 1, "{report:?}");
     }
 
