@@ -6,7 +6,7 @@ DEMO_SOCKET := $(DEMO_DIR)/run/weftd.sock
 WEFT := $(CURDIR)/target/debug/weft --socket $(DEMO_SOCKET)
 PREFIX ?= /usr/local
 
-.PHONY: all build toolchain deps tools vsock-device assets fmt clippy test demo demo-stop install clean bench fuzz-campaign reliability
+.PHONY: all build toolchain deps tools vsock-device assets fmt clippy check-layers test demo demo-stop install clean bench fuzz-campaign reliability
 
 all: build
 
@@ -41,6 +41,12 @@ fmt:
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+## check-layers: module cycles, forbidden crate edges, oversized files, unexplained sleeps in
+## tests (scripts/check-layers; not yet part of `make test`: the agent's modules still form
+## a cycle)
+check-layers:
+	python3 scripts/check-layers
+
 ## test: everything CI checks
 # Steps run in order even under make -j: each needs the one before.
 test:
@@ -48,6 +54,7 @@ test:
 	$(MAKE) tools
 	$(MAKE) fmt
 	$(MAKE) clippy
+	bash scripts/test-check-layers
 	$(MAKE) assets
 	$(CARGO) nextest run --workspace --profile ci
 

@@ -10,7 +10,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 stamp=/var/lib/weft-build-deps.stamp
-wanted="v5"
+wanted="v6"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ] && command -v qemu-system-x86_64 >/dev/null; then
     exit 0
 fi
@@ -31,7 +31,7 @@ apt-get install -y -qq --allow-downgrades --no-install-recommends \
     busybox-static cpio e2fsprogs kmod \
     nftables iproute2 libnftnl-dev libmnl-dev \
     sqlite3 socat pkg-config gcc make ca-certificates curl \
-    procps passwd util-linux \
+    procps passwd util-linux python3 \
     systemd >/dev/null
 
 echo "$wanted" > "$stamp"

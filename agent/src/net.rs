@@ -1933,6 +1933,23 @@ mod tests {
         );
     }
 
+    /// A timestamp later than `t` (timestamps have microseconds: two in a row can be equal).
+    fn later_than(t: &str) -> String {
+        wait_until::wait_until(
+            &format!("the clock to pass {t}"),
+            std::time::Duration::from_secs(5),
+            || {
+                let n = now();
+                if n.as_str() > t {
+                    Ok(n)
+                } else {
+                    Err(n)
+                }
+            },
+        )
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn a_weave_from_the_past_gets_the_plan_of_its_instant() {
         let (catalog, rec, net) = rig().await;
@@ -1952,9 +1969,8 @@ mod tests {
             GuestPlan::default()
         );
         net.set_plan("web", old, "alice").await.unwrap();
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        let between = now();
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let between = later_than(&now());
+        later_than(&between);
         net.set_plan("web", new, "alice").await.unwrap();
         assert_eq!(net.plan_at("web", false, &between).await.unwrap(), old);
         assert_eq!(net.plan_at("web", false, &now()).await.unwrap(), new);

@@ -10,7 +10,7 @@ use common::Weftd;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weft::catalog::{Catalog, NewEnvironment};
 use weft::model::{EnvKind, EnvState, Job, JobState};
@@ -230,15 +230,16 @@ async fn images_come_only_from_image_dirs_and_attach_only_from_outside_weftd() {
 
 async fn wait_job(w: &Weftd, id: i64) -> Job {
     let client = weft_client::Client::new(&w.socket);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let job: Job = client.get(&format!("/v1/jobs/{id}")).await.unwrap();
-        if job.state != JobState::Running {
-            return job;
-        }
-        assert!(Instant::now() < deadline, "job {id} still runs");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until::Wait::new(format!("job {id} to end"), Duration::from_secs(60))
+        .until_async(|| async {
+            let job: Job = client.get(&format!("/v1/jobs/{id}")).await.unwrap();
+            match job.state {
+                JobState::Running => Err(format!("{job:?}")),
+                _ => Ok(job),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A snapshot of a stopped environment's disk (a qemu-storage-daemon reads it; no

@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use wait_until::Step;
 
 use weft_blockdev::nbd::{
     proto::NBD_REP_FLAG_ERROR, Error, Extent, NbdClient, NBD_STATE_DIRTY, NBD_STATE_HOLE,
@@ -39,20 +41,18 @@ impl Server {
 
     /// Polls for the socket with a deadline; fails with the server's output.
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if std::os::unix::net::UnixStream::connect(&self.sock).is_ok() {
-                return;
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                panic!("nbd server exited with {st}: {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nbd server not ready: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        let ready =
+            wait_until::wait_until("the nbd server to listen", Duration::from_secs(10), || {
+                if let Err(e) = std::os::unix::net::UnixStream::connect(&self.sock) {
+                    return match self.child.try_wait() {
+                        Ok(Some(st)) => Step::Fail(format!("it exited with {st}")),
+                        _ => Step::Pending(format!("connect: {e}")),
+                    };
+                }
+                Step::Ready(())
+            });
+        if let Err(e) = ready {
+            panic!("{e}; its output: {}", self.log());
         }
     }
 
@@ -525,17 +525,20 @@ async fn qemu_storage_daemon_killed_mid_request_fails_pending_with_disconnected(
         let c = c.clone();
         set.spawn(async move { c.read(i * 65536, 65536).await });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let t = Instant::now();
+    wait_until::Wait::new("four reads in flight", Duration::from_secs(10))
+        .until_async(|| async { (c.in_flight() == 4).then_some(()) })
+        .await
+        .unwrap();
     srv.kill();
-    while let Some(r) = set.join_next().await {
-        let r = r.unwrap().map(|d| d.len());
-        assert!(matches!(r, Err(Error::Disconnected)), "{r:?}");
-    }
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "pending requests hung"
-    );
+    // The server's 5 s latency never ends: anything but an error at once is a hang.
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(r) = set.join_next().await {
+            let r = r.unwrap().map(|d| d.len());
+            assert!(matches!(r, Err(Error::Disconnected)), "{r:?}");
+        }
+    })
+    .await
+    .expect("pending requests hung");
     // And the connection stays dead.
     let r = c.read(0, 512).await.map(|d| d.len());
     assert!(matches!(r, Err(Error::Disconnected)), "{r:?}");

@@ -9,7 +9,9 @@
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use wait_until::{wait_until, Step};
 
 use weft_blockdev::blk::spec::DiskSpec;
 use weft_blockdev::layers::LayerSpec;
@@ -70,14 +72,10 @@ fn start(dir: &Path, spec: &Path, extra: &[&str]) -> (Child, PathBuf) {
 }
 
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "weft-blk did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("weft-blk to exit", Duration::from_secs(20), || {
+        child.try_wait().expect("wait")
+    })
+    .unwrap()
 }
 
 fn status_field(pid: u32, key: &str) -> Option<String> {
@@ -98,26 +96,26 @@ fn weft_blk_serves_under_its_seccomp_filter_and_forbidden_calls_kill_it() {
 
     // As it serves: filter mode, no_new_privs, both filters (clone3 and the list).
     let (mut child, socket) = start(dir.path(), &spec, &[]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "weft-blk exited: {}",
-            log_of(dir.path(), &[])
-        );
-        assert!(Instant::now() < deadline, "weft-blk did not listen");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("weft-blk to listen", Duration::from_secs(20), || {
+        if socket.exists() {
+            return Step::Ready(());
+        }
+        match child.try_wait().expect("wait") {
+            Some(st) => Step::Fail(format!("it exited ({st}): {}", log_of(dir.path(), &[]))),
+            None => Step::Pending("no socket yet".into()),
+        }
+    })
+    .unwrap();
     // The socket appears just before the filter goes on: wait for it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while status_field(child.id(), "Seccomp").as_deref() != Some("2") {
-        assert!(
-            Instant::now() < deadline,
-            "weft-blk listens without a seccomp filter: Seccomp {:?}",
-            status_field(child.id(), "Seccomp")
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(
+        "weft-blk's seccomp filter",
+        Duration::from_secs(5),
+        || match status_field(child.id(), "Seccomp") {
+            Some(mode) if mode == "2" => Ok(()),
+            other => Err(format!("Seccomp {other:?}")),
+        },
+    )
+    .unwrap();
     assert_eq!(status_field(child.id(), "NoNewPrivs").as_deref(), Some("1"));
     // Root without capabilities: no way into root's other processes.
     for caps in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {

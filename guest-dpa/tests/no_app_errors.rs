@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{of_source, Setup};
 use rusqlite::{params, Connection, OptionalExtension};
+use wait_until::{wait_until, Wait};
 use weft_dpa::agent::sqlite;
 use weft_dpa::proto::{Entry, Operation};
 
@@ -21,21 +22,16 @@ fn config() -> String {
 
 /// Waits until the agent watches the test's directory (its debug log says so).
 fn wait_watching(s: &Setup) {
-    let deadline = Instant::now() + T;
     let line = format!("watching dir={}", s.path().display());
-    while !s.agent.log_text().contains(&line) {
-        assert!(
-            Instant::now() < deadline,
-            "the agent never watched the directory"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until("the agent to watch the directory", T, || {
+        s.agent.log_text().contains(&line)
+    })
+    .unwrap();
 }
 
 /// Waits until the agent's insert trigger is on `table`.
 fn wait_trigger(c: &Connection, table: &str) {
-    let deadline = Instant::now() + T;
-    loop {
+    wait_until(&format!("a capture trigger on {table}"), T, || {
         let n: i64 = c
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type='trigger' AND name=?1",
@@ -43,12 +39,9 @@ fn wait_trigger(c: &Connection, table: &str) {
                 |r| r.get(0),
             )
             .unwrap();
-        if n == 1 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no capture trigger on {table}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        n == 1
+    })
+    .unwrap();
 }
 
 fn rows(path: &Path) -> Vec<(i64, String, i64)> {
@@ -207,40 +200,52 @@ fn an_application_without_busy_timeout_never_fails_while_the_agent_captures() {
     let db = s.file("app.db");
     let want = rows(&path);
     let replayed = s.path().join("replayed.db");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let entries = Wait::new(
+        "the host's entries to rebuild the table",
+        Duration::from_secs(60),
+    )
+    .interval(Duration::from_millis(200))
+    .until(|| {
         let entries: Vec<Entry> = s.host.with(|h| of_source(h, &db));
         let _ = std::fs::remove_file(&replayed);
         let refs: Vec<&Entry> = entries.iter().collect();
         sqlite::apply(replayed.to_str().unwrap(), &refs).unwrap();
-        if rows(&replayed) == want {
-            assert!(entries.iter().any(|e| e.op == Operation::Delete));
-            assert!(entries.iter().any(|e| e.op == Operation::Update));
-            break;
+        let got = rows(&replayed);
+        if got == want {
+            Ok(entries)
+        } else {
+            Err(format!(
+                "{} entries rebuild {} of {} rows",
+                entries.len(),
+                got.len(),
+                want.len()
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the host's entries do not rebuild the table"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    })
+    .unwrap();
+    assert!(entries.iter().any(|e| e.op == Operation::Delete));
+    assert!(entries.iter().any(|e| e.op == Operation::Update));
 
     // No read transaction of the agent's holds the WAL: a TRUNCATE checkpoint without a
     // busy timeout goes through (tried a few times: a drain may be reading right then).
-    let mut ok = false;
-    for _ in 0..20 {
+    Wait::new(
+        "a TRUNCATE checkpoint to get through",
+        Duration::from_secs(5),
+    )
+    .interval(Duration::from_millis(50))
+    .until(|| {
         let (busy, log): (i64, i64) = c
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
             .unwrap();
         if busy == 0 && log == 0 {
-            ok = true;
-            break;
+            Ok(())
+        } else {
+            Err(format!("busy {busy}, {log} WAL frames"))
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(ok, "a TRUNCATE checkpoint never got through");
+    })
+    .unwrap();
     // The agent's own writes (their durations are in its log) came only while the
     // application was quiet.
     for l in s.agent.log_text().lines().filter(|l| {
@@ -271,6 +276,7 @@ fn an_application_creating_its_database_under_the_agent_never_fails() {
         let c = Connection::open(&path).unwrap();
         c.busy_timeout(Duration::from_secs(10)).unwrap();
         // An application's start-up work between opening and the first statement.
+        // sleep-ok: the application's pause, a different one each round
         std::thread::sleep(Duration::from_millis(round * 3));
         let first = c.execute_batch(
             "PRAGMA journal_mode=WAL;
@@ -318,6 +324,7 @@ fn an_application_creating_its_database_under_the_agent_never_fails() {
 fn read_then_write(c: &Connection, hold: Duration, write: &str) -> rusqlite::Result<()> {
     c.execute_batch("BEGIN")?;
     c.query_row("SELECT count(*) FROM items", [], |r| r.get::<_, i64>(0))?;
+    // sleep-ok: the application's work inside its read transaction, what the agent must wait out
     std::thread::sleep(hold);
     c.execute_batch(write)?;
     c.execute_batch("COMMIT")
@@ -367,17 +374,16 @@ fn an_application_reading_across_the_quiet_period_is_not_overtaken() {
     )
     .expect("a read-then-write transaction across the agent's trim");
     // Afterwards the agent trims.
-    let deadline = Instant::now() + T;
-    loop {
+    wait_until("the agent to trim the capture rows", T, || {
         let n: i64 = c
             .query_row("SELECT count(*) FROM _weft_capture", [], |r| r.get(0))
             .unwrap();
-        if n == 0 {
-            break;
+        match n {
+            0 => Ok(()),
+            n => Err(format!("{n} capture rows")),
         }
-        assert!(Instant::now() < deadline, "{n} capture rows never trimmed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    })
+    .unwrap();
 }
 
 /// A source removed from the configuration loses its triggers, but not while the
@@ -400,12 +406,16 @@ fn a_removed_source_loses_its_triggers_without_overtaking_the_application() {
     c.query_row("SELECT count(*) FROM items", [], |r| r.get::<_, i64>(0))
         .unwrap();
     common::write_config(s.path(), "poll_interval_ms = 20\n");
+    wait_until("the agent to let the source go", T, || {
+        s.agent.log_text().contains("SQLite source removed")
+    })
+    .unwrap();
+    // sleep-ok: the application's transaction stays open while the agent tries (every 20 ms) to drop the triggers
     std::thread::sleep(Duration::from_secs(1));
     c.execute("INSERT INTO items VALUES (1, 'one', 1)", [])
         .expect("a write in a transaction that began before the source was removed");
     c.execute_batch("COMMIT").unwrap();
-    let deadline = Instant::now() + T;
-    loop {
+    wait_until("the agent to drop its triggers", T, || {
         let n: i64 = c
             .query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type='trigger' AND name LIKE '\\_weft\\_%' ESCAPE '\\'",
@@ -413,10 +423,10 @@ fn a_removed_source_loses_its_triggers_without_overtaking_the_application() {
                 |r| r.get(0),
             )
             .unwrap();
-        if n == 0 {
-            break;
+        match n {
+            0 => Ok(()),
+            n => Err(format!("{n} triggers left")),
         }
-        assert!(Instant::now() < deadline, "{n} triggers left");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    })
+    .unwrap();
 }

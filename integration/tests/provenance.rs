@@ -8,9 +8,10 @@
 //! data of checkpoint 1 (pushed into the weave's guest through its DPA); another merges
 //! checkpoint 2's data with now's key by key, with conflicts prompted and resolved.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
 use weft::provenance::service::Page;
@@ -48,22 +49,61 @@ async fn all_records(rig: &Rig, env: &str) -> anyhow::Result<Page> {
 
 /// The highest sequence number weftd holds for `env`, once it stopped moving for 5 s.
 async fn settled_last_seq(rig: &Rig, env: &str) -> anyhow::Result<u64> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    let mut last = all_last_seq(rig, env).await?;
-    let mut since = std::time::Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = all_last_seq(rig, env).await?;
-        if now != last {
-            (last, since) = (now, std::time::Instant::now());
-        } else if since.elapsed() > Duration::from_secs(5) {
-            return Ok(now);
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the provenance log kept growing (at {last})"
-        );
-    }
+    let seen = Cell::new((all_last_seq(rig, env).await?, Instant::now()));
+    let seen = &seen;
+    wait_until(
+        Duration::from_secs(300),
+        &format!("the provenance log of {env} to stop growing for 5 s"),
+        || async move {
+            let now = all_last_seq(rig, env).await?;
+            let (last, since) = seen.get();
+            if now != last {
+                seen.set((now, Instant::now()));
+                return Ok(None);
+            }
+            Ok((since.elapsed() > Duration::from_secs(5)).then_some(now))
+        },
+    )
+    .await
+}
+
+/// Waits until the guest's DPA has connected to weftd in this boot and weftd holds every
+/// entry its spool had given out by then (the spool's resend is complete).
+async fn spool_delivered(rig: &Rig, env: &str) -> anyhow::Result<u64> {
+    let serial = rig.serial(env);
+    wait_until(
+        Duration::from_secs(120),
+        &format!("{env}'s DPA to connect and deliver its spool"),
+        || async {
+            let text = serial.contents();
+            let Some(next_seq) = text
+                .lines()
+                .filter(|l| l.contains("connected to the host"))
+                .filter_map(|l| {
+                    l.split_once("next_seq=")?
+                        .1
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .max()
+            else {
+                return Ok(None);
+            };
+            let held = all_last_seq(rig, env).await?;
+            Ok((held + 1 >= next_seq).then_some(held))
+        },
+    )
+    .await
+}
+
+/// How often the guest's DPA has reported losing its connection to the host so far.
+fn dpa_connection_losses(rig: &Rig, env: &str) -> usize {
+    rig.serial(env)
+        .contents()
+        .matches("connection to the host: ")
+        .count()
 }
 
 async fn all_last_seq(rig: &Rig, env: &str) -> anyhow::Result<u64> {
@@ -264,8 +304,15 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
         .wait_for("weft-dpa-workload: checkpoint 1", Duration::from_secs(600))
         .await?;
     ensure!(all_last_seq(&rig, "app").await? > 0, "entries arrived");
+    let losses = dpa_connection_losses(&rig, "app");
     rig.kill_weftd();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // weftd comes back once the DPA has seen it gone (and spools what the guest changes).
+    wait_until(
+        Duration::from_secs(60),
+        "the DPA to report the lost connection",
+        || async { Ok((dpa_connection_losses(&rig, "app") > losses).then_some(())) },
+    )
+    .await?;
     rig.start_weftd().await?;
     serial
         .wait_for("weft-dpa-workload: done", Duration::from_secs(900))
@@ -294,7 +341,7 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
     serial
         .wait_for("weft-dpa-workload: already done", Duration::from_secs(300))
         .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    spool_delivered(&rig, "app").await?;
     let page = all_records(&rig, "app").await?;
     let seqs: Vec<u64> = page.records.iter().map(|r| r.seq).collect();
     let n = seqs.len() as u64;
@@ -365,22 +412,24 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
     // checkpoint 1.
     rig.weft_ok(&["weave", "create", "app", "--name", "back"])?;
     let cp1 = rfc3339(checkpoint_time(&text, "1")?);
-    let mut tries = 0;
-    loop {
-        let out = rig.weft(&["replay", "app", "--to", &cp1, "--into", "back"]);
-        if out.status.success() {
-            eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
-            break;
-        }
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        // The weave's guest boots and its DPA connects within a few seconds.
-        ensure!(
-            err.contains("no DPA") && tries < 120,
-            "replay --into: {err}"
-        );
-        tries += 1;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let replayed = wait_until(
+        Duration::from_secs(60),
+        "the weave's DPA to take the replay",
+        || async {
+            let out = rig.weft(&["replay", "app", "--to", &cp1, "--into", "back"]);
+            if out.status.success() {
+                return Ok(Some(
+                    String::from_utf8_lossy(&out.stdout).trim().to_string(),
+                ));
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            // The weave's guest boots and its DPA connects within a few seconds.
+            ensure!(err.contains("no DPA"), "replay --into: {err}");
+            Ok(None)
+        },
+    )
+    .await?;
+    eprintln!("{replayed}");
     let back = rig.path("replay-back");
     let settled = settled_last_seq(&rig, "back").await?;
     ensure!(settled > n, "the weave's DPA recorded the changes it made");

@@ -107,6 +107,7 @@ impl Server {
                         let flag = flag.clone();
                         conns.push(std::thread::spawn(move || serve(stream, &tag, &flag)));
                     }
+                    // sleep-ok: the test server's accept loop, polling its stop flag between tries
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
@@ -160,22 +161,18 @@ struct Client {
 
 impl Client {
     fn connect(addr: SocketAddr) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-                Ok(stream) => {
-                    stream
-                        .set_read_timeout(Some(Duration::from_secs(5)))
-                        .expect("timeout");
-                    let writer = stream.try_clone().expect("clone");
-                    return Client {
-                        reader: BufReader::new(stream),
-                        writer,
-                    };
-                }
-                Err(e) if Instant::now() > deadline => panic!("connect {addr}: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
+        let stream =
+            wait_until::Wait::new(format!("a connection to {addr}"), Duration::from_secs(10))
+                .interval(Duration::from_millis(50))
+                .until(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+                .unwrap_or_else(|e| panic!("{e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let writer = stream.try_clone().expect("clone");
+        Client {
+            reader: BufReader::new(stream),
+            writer,
         }
     }
 

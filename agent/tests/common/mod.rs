@@ -4,8 +4,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use wait_until::{Step, Wait};
 use weft_client::{Client, ClientError};
 
 /// A weftd on `<dir>/data` and `<dir>/run`; killed on drop, its log printed when the
@@ -64,16 +65,16 @@ impl Weftd {
             .expect("weftd starts");
         let weftd = Weftd { child, socket, log };
         let client = Client::new(&weftd.socket);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match client.get::<serde_json::Value>("/v1/status").await {
-                Ok(_) => break,
-                Err(ClientError::Unreachable { .. }) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
+        Wait::new("weftd to answer", Duration::from_secs(30))
+            .until_async(|| async {
+                match client.get::<serde_json::Value>("/v1/status").await {
+                    Ok(_) => Step::Ready(()),
+                    Err(e @ ClientError::Unreachable { .. }) => Step::Pending(e.to_string()),
+                    Err(e) => Step::Fail(e.to_string()),
                 }
-                Err(e) => panic!("weftd does not answer: {e}"),
-            }
-        }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         weftd
     }
 

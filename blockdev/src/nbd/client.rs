@@ -292,6 +292,11 @@ impl NbdClient {
         self.inner.max_request
     }
 
+    /// How many requests await their reply (sent, or queued for the writer).
+    pub fn in_flight(&self) -> usize {
+        self.inner.shared.lock().pending.len()
+    }
+
     /// Reads `len` bytes at `offset` (`len` at most [`NbdClient::max_request`]).
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, Error> {
         self.check(Command::Read, offset, u64::from(len))?;

@@ -748,10 +748,12 @@ mod tests {
         let report = s.gc(Duration::ZERO).unwrap();
         assert_eq!(report.removed_chunks, 0, "{report:?}");
         assert!(s.get(&id).is_ok());
-        // The writer ended without an index (it failed): its chunks may go now.
+        // The writer ended without an index (it failed): its chunks may go now (once the
+        // file system's coarse clock has passed their mtime).
         drop(writing);
-        std::thread::sleep(Duration::from_millis(50));
-        let report = s.gc(Duration::ZERO).unwrap();
+        let gc = || Some(s.gc(Duration::ZERO).unwrap()).filter(|r| r.removed_chunks > 0);
+        let report = wait_until::wait_until("gc to remove it", Duration::from_secs(10), gc);
+        let report = report.unwrap();
         assert_eq!(report.removed_chunks, 1, "{report:?}");
     }
 

@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use wait_until::{Step, Wait};
 use weft_dpa::proto::{self, Applied, Apply, Entry, Message, Welcome};
 
 /// What the host received.
@@ -80,27 +81,23 @@ impl Host {
         f(&mut self.state.lock().unwrap())
     }
 
-    /// Waits until `check` holds on the state, or panics after `timeout`.
+    /// Waits until `check` holds on the state; panics after `timeout`, or at once when
+    /// the host sees a protocol error.
     pub fn wait(&self, what: &str, timeout: Duration, check: impl Fn(&HostState) -> bool) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            {
+        let waited = Wait::new(what, timeout)
+            .interval(Duration::from_millis(5))
+            .until(|| {
                 let s = self.state.lock().unwrap();
-                assert!(
-                    s.errors.is_empty(),
-                    "host saw protocol errors: {:?}",
-                    s.errors
-                );
-                if check(&s) {
-                    return;
+                if !s.errors.is_empty() {
+                    return Step::Fail(format!("host saw protocol errors: {:?}", s.errors));
                 }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; host holds {} entries",
-                self.with(|s| s.last())
-            );
-            std::thread::sleep(Duration::from_millis(5));
+                if check(&s) {
+                    return Step::Ready(());
+                }
+                Step::Pending(format!("host holds {} entries", s.last()))
+            });
+        if let Err(e) = waited {
+            panic!("{e}");
         }
     }
 }
