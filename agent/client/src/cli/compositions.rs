@@ -81,7 +81,7 @@ pub enum ComposeCommand {
 }
 
 fn compose_path(name: &str) -> Result<String, CliError> {
-    weft_api::names::check_env_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
+    weft_api::names::check_composition_name(name).map_err(|e| CliError::Usage(e.to_string()))?;
     Ok(format!("/v1/compositions/{name}"))
 }
 
@@ -185,6 +185,7 @@ pub(super) async fn run(client: &Client, cmd: ComposeCommand, json: bool) -> Res
     use weft_api::composition::{CompositionView, CreateComposition, ResolveRequest, Take};
     match cmd {
         ComposeCommand::Create { name, env, rules } => {
+            weft_api::names::check_composition_name(&name).map_err(CliError::Usage)?;
             let text = std::fs::read_to_string(&rules).map_err(|e| {
                 CliError::Usage(format!("cannot read rules file {}: {e}", rules.display()))
             })?;
@@ -309,4 +310,21 @@ pub(super) async fn run(client: &Client, cmd: ComposeCommand, json: bool) -> Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_composition_name_is_called_one() {
+        assert_eq!(
+            compose_path("tue").ok().as_deref(),
+            Some("/v1/compositions/tue")
+        );
+        match compose_path("Bad!") {
+            Err(CliError::Usage(m)) => assert!(m.starts_with("invalid composition name"), "{m}"),
+            _ => panic!("compose_path accepted \"Bad!\""),
+        }
+    }
 }

@@ -289,10 +289,12 @@ pub(super) async fn run(client: &Client, cmd: WeaveCommand, json: bool) -> Resul
                 Some("dst") => Some(weft_api::weave::Prefer::Dst),
                 _ => None,
             };
-            weft_api::names::check_env_name(&src).map_err(|e| CliError::Usage(e.to_string()))?;
+            // Both are weaves: a bad name is reported as a weave name, before weftd.
+            let path = format!("{}/sync", weave_path(&src)?);
+            weave_path(&dst)?;
             let r: weft_api::weave::SyncReport = client
                 .post(
-                    &format!("/v1/weaves/{src}/sync"),
+                    &path,
                     &weft_api::weave::SyncRequest {
                         dst,
                         volume,
@@ -401,4 +403,21 @@ pub(super) async fn run(client: &Client, cmd: WeaveCommand, json: bool) -> Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_weave_name_is_called_one() {
+        assert_eq!(weave_path("w1").ok().as_deref(), Some("/v1/weaves/w1"));
+        // "Bad!" breaks the environment rule too; the message still says weave.
+        for bad in ["Bad!", "toolongname1", "a_b"] {
+            match weave_path(bad) {
+                Err(CliError::Usage(m)) => assert!(m.starts_with("invalid weave name"), "{m}"),
+                _ => panic!("weave_path accepted {bad:?}"),
+            }
+        }
+    }
 }
