@@ -15,7 +15,6 @@ use crate::compose::{self, Conflict, MapSource, Plan, PlanInput};
 use crate::envs::Manager;
 use crate::error::ApiError;
 use crate::model::{EnvKind, Snapshot};
-use crate::names::check_name;
 use crate::provenance::ProvenanceLog;
 use crate::replay::Item;
 use crate::snapshots::Snapshots;
@@ -168,7 +167,7 @@ impl Compositions {
         req: CreateComposition,
         actor: &str,
     ) -> Result<CompositionView, ApiError> {
-        check_name(&req.name)?;
+        weft_api::names::check_composition_name(&req.name).map_err(ApiError::BadRequest)?;
         let rules = req
             .rules
             .checked()

@@ -322,10 +322,9 @@ pub async fn sync(
     let family = |name: &str| {
         let name = name.to_string();
         async move {
-            let env = catalog
-                .environment(&name)
-                .await?
-                .ok_or_else(|| ApiError::NotFound(name.clone()))?;
+            let env = catalog.environment(&name).await?.ok_or_else(|| {
+                ApiError::Missing(format!("no weave named {name:?} (see `weft weave list`)"))
+            })?;
             // A weave verb: it writes into weaves only, never into an environment.
             let Some(parent) = catalog.weave(&name).await?.map(|w| w.parent) else {
                 return Err(ApiError::Conflict(format!(

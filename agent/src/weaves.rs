@@ -324,7 +324,12 @@ impl Weaves {
         let mut w = self.manager.catalog().weave(name).await?.ok_or_else(|| {
             ApiError::Missing(format!("no weave named {name:?} (see `weft weave list`)"))
         })?;
-        w.env = self.manager.catalog().environment(name).await?;
+        // As `weft env show` shows the same VM: with the files weftd keeps for it.
+        w.env = match self.manager.show(name).await {
+            Ok((env, _)) => Some(env),
+            Err(ApiError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
         w.balloon = crate::balloon::of_weave(&self.manager, name).await;
         Ok(w)
     }
