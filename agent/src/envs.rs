@@ -14,10 +14,9 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tracing::{info, warn};
-use weft_qmp::launch::{
-    self, Accel, DiskConfig, LaunchPaths, QemuProcess, SpawnOptions, Validate, VmConfig,
-};
+use weft_qmp::launch::{self, Accel, DiskConfig, LaunchPaths, Validate, VmConfig};
 use weft_qmp::process::{read_pid_file, Ended, Helper, Signature, Stop};
+use weft_qmp::process::{QemuProcess, SpawnOptions};
 use weft_qmp::Qmp;
 
 use crate::catalog::{Catalog, NewEnvironment};
@@ -518,7 +517,7 @@ impl Manager {
             }
         }
         let config = &config;
-        let process = match launch::spawn(config, &paths, &opts).await {
+        let process = match weft_qmp::process::spawn(config, &paths, &opts).await {
             Ok(process) => process,
             Err(e) => {
                 self.release_vsock(name).await;
@@ -777,7 +776,7 @@ impl Manager {
                 if tokio::time::timeout(timeout, runtime.qmp.closed())
                     .await
                     .is_err()
-                    || launch::process_alive(pid)
+                    || weft_qmp::process::process_alive(pid)
                 {
                     match Helper::find(pid, &Signature::qemu()) {
                         Some(qemu) if !qemu.wait_gone(Duration::from_secs(3)).await => {
@@ -927,14 +926,17 @@ impl Manager {
                     pid_file: Some(dir.join(format!("{base}.pid"))),
                 };
                 crate::confine::check_disks(&self.config, &disks)?;
-                let process =
-                    launch::spawn_storage_daemon(&disks, &paths, &SpawnOptions::default())
-                        .await
-                        .map_err(|e| {
-                            ApiError::Qemu(one_line(&format!(
-                                "cannot open the disks of {name:?} to commit them: {e}"
-                            )))
-                        })?;
+                let process = weft_qmp::process::spawn_storage_daemon(
+                    &disks,
+                    &paths,
+                    &SpawnOptions::default(),
+                )
+                .await
+                .map_err(|e| {
+                    ApiError::Qemu(one_line(&format!(
+                        "cannot open the disks of {name:?} to commit them: {e}"
+                    )))
+                })?;
                 let qmp = process.qmp().clone();
                 daemon = Some(process);
                 qmp

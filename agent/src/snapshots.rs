@@ -580,7 +580,13 @@ impl Snapshots {
         &self,
         env: &str,
         disk: &DiskConfig,
-    ) -> Result<(weft_qmp::launch::QemuProcess, weft_qmp::launch::LaunchPaths), ApiError> {
+    ) -> Result<
+        (
+            weft_qmp::process::QemuProcess,
+            weft_qmp::launch::LaunchPaths,
+        ),
+        ApiError,
+    > {
         let dir = self.manager.config().run_dir.join("backup");
         std::fs::create_dir_all(&dir)
             .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
@@ -596,10 +602,10 @@ impl Snapshots {
         info!(env, disk = %disk.name, "environment not running: opening its disk in qemu-storage-daemon");
         let mut disk = disk.clone();
         crate::images::pin_disk(&mut disk, &self.manager.config().data_dir)?;
-        weft_qmp::launch::spawn_storage_daemon(
+        weft_qmp::process::spawn_storage_daemon(
             std::slice::from_ref(&disk),
             &paths,
-            &weft_qmp::launch::SpawnOptions::default(),
+            &weft_qmp::process::SpawnOptions::default(),
         )
         .await
         .map(|daemon| (daemon, paths.clone()))
@@ -1110,10 +1116,10 @@ async fn restore_qcow2(
         pid_file: Some(work.join(format!("{id}.pid"))),
     };
     let nbd_socket = work.join(format!("{id}.nbd"));
-    let daemon = weft_qmp::launch::spawn_storage_daemon(
+    let daemon = weft_qmp::process::spawn_storage_daemon(
         &[],
         &paths,
-        &weft_qmp::launch::SpawnOptions::default(),
+        &weft_qmp::process::SpawnOptions::default(),
     )
     .await
     .map_err(|e| ApiError::Qemu(one_line(&format!("cannot start qemu-storage-daemon: {e}"))))?;

@@ -12,7 +12,8 @@ use tokio::net::UnixStream;
 use weft::dpa::{DpaLink, DpaSettings, LinkLimits, VsockHost, VsockMode};
 use weft::provenance::{LogOptions, ProvenanceLog};
 use weft_dpa::proto::{encode, Decoder, Hello, Message, PROTOCOL_VERSION};
-use weft_qmp::launch::{process_alive, VsockDevice};
+use weft_qmp::launch::VsockDevice;
+use weft_qmp::process::process_alive;
 
 fn settings(mode: VsockMode) -> DpaSettings {
     DpaSettings {

@@ -18,9 +18,8 @@ use weft_blockdev::nbd::NbdClient;
 use weft_blockdev::pull::{self, PullKind, PullStats};
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
 use weft_qmp::backup::{self, PullBackup, PullBackupSpec};
-use weft_qmp::launch::{
-    self, DiskConfig, DiskFormat, LaunchPaths, QemuProcess, SpawnOptions, VmConfig,
-};
+use weft_qmp::launch::{DiskConfig, DiskFormat, LaunchPaths, VmConfig};
+use weft_qmp::process::{QemuProcess, SpawnOptions};
 use weft_qmp::Qmp;
 
 const KIB: u64 = 1024;
@@ -105,7 +104,7 @@ impl Vm {
             output_log: self.path("qemu.log"),
             pid_file: None,
         };
-        launch::spawn(&self.config, &paths, &SpawnOptions::default())
+        weft_qmp::process::spawn(&self.config, &paths, &SpawnOptions::default())
             .await
             .expect("qemu starts")
     }

@@ -5,10 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use tempfile::TempDir;
-use weft_qmp::launch::{
-    self, Accel, DiskConfig, DiskFormat, ExitInfo, LaunchPaths, NicConfig, QemuProcess,
-    SpawnOptions, VmConfig,
-};
+use weft_qmp::launch::{Accel, DiskConfig, DiskFormat, LaunchPaths, NicConfig, VmConfig};
+use weft_qmp::process::{ExitInfo, QemuProcess, SpawnOptions};
 use weft_qmp::Qmp;
 
 use crate::assets::guest_assets;
@@ -163,7 +161,7 @@ impl Guest {
         let serial = SerialLog::new(paths.serial_log.clone());
 
         let started = Instant::now();
-        let process = match launch::spawn(&config, &paths, &spawn_opts).await {
+        let process = match weft_qmp::process::spawn(&config, &paths, &spawn_opts).await {
             Ok(process) => process,
             Err(err) => {
                 let output = tail(&std::fs::read_to_string(&paths.output_log).unwrap_or_default());

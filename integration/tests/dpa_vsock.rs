@@ -332,7 +332,7 @@ async fn qemu_a_guest_dpa_connection_reaches_weftd_over_vhost_user_vsock() -> an
     .await?;
     eprintln!("while weftd was down: {failed:?}");
     ensure!(
-        weft_qmp::launch::process_alive(device_pid),
+        weft_qmp::process::process_alive(device_pid),
         "the vsock device died with weftd"
     );
     ensure!(records(&rig)? == vec![1, 2, 3], "{:?}", records(&rig)?);
@@ -345,7 +345,7 @@ async fn qemu_a_guest_dpa_connection_reaches_weftd_over_vhost_user_vsock() -> an
     // Deleting the environment ends the device and removes its sockets.
     rig.weft_ok(&["env", "delete", ENV])?;
     ensure!(
-        !weft_qmp::launch::process_alive(device_pid),
+        !weft_qmp::process::process_alive(device_pid),
         "device pid {device_pid} outlived its environment"
     );
     let left: Vec<_> = std::fs::read_dir(&vsock_dir)?

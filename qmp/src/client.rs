@@ -30,7 +30,7 @@ use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
 use crate::message::{parse_message, Event, Greeting, Message, MAX_MESSAGE_LEN};
-use crate::Error;
+use crate::{BlockJobOutcome, Error};
 
 /// How long [`Qmp::connect`] waits for the greeting and capability negotiation.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -253,59 +253,6 @@ fn try_next(rx: &mut broadcast::Receiver<Event>) -> Option<Next> {
         Ok(e) => Some(Next::Event(e)),
         Err(broadcast::error::TryRecvError::Lagged(n)) => Some(Next::Lagged(n)),
         Err(_) => None,
-    }
-}
-
-/// How a block job ended, as reported by [`Qmp::wait_block_job`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BlockJobOutcome {
-    /// `BLOCK_JOB_COMPLETED` without an error.
-    Completed {
-        /// The job type, e.g. `backup`.
-        job_type: String,
-        /// Bytes done.
-        offset: u64,
-        /// Bytes to do.
-        len: u64,
-    },
-    /// `BLOCK_JOB_COMPLETED` with an error.
-    Failed {
-        /// The job type.
-        job_type: String,
-        /// QEMU's error text.
-        error: String,
-    },
-    /// `BLOCK_JOB_CANCELLED`.
-    Cancelled {
-        /// The job type.
-        job_type: String,
-        /// Bytes done when it was cancelled.
-        offset: u64,
-        /// Bytes to do.
-        len: u64,
-    },
-    /// `BLOCK_JOB_ERROR` with action `stop`: the job is paused and waits for the caller
-    /// to resume or cancel it.
-    Stopped {
-        /// The failed operation, `read` or `write`.
-        operation: String,
-    },
-}
-
-impl std::fmt::Display for BlockJobOutcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BlockJobOutcome::Completed { job_type, .. } => write!(f, "completed ({job_type})"),
-            BlockJobOutcome::Failed { job_type, error } => {
-                write!(f, "failed ({job_type}): {error}")
-            }
-            BlockJobOutcome::Cancelled {
-                job_type,
-                offset,
-                len,
-            } => write!(f, "cancelled ({job_type}) at {offset} of {len} bytes"),
-            BlockJobOutcome::Stopped { operation } => write!(f, "stopped on a {operation} error"),
-        }
     }
 }
 

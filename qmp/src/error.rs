@@ -1,11 +1,9 @@
 //! The crate's error type.
 
+use std::fmt;
 use std::io;
 use std::path::PathBuf;
-use std::time::Duration;
-
-use crate::launch::ExitInfo;
-use crate::BlockJobOutcome;
+use std::time::{Duration, SystemTime};
 
 /// Everything that can go wrong while talking to QEMU or starting it.
 ///
@@ -106,6 +104,104 @@ impl Error {
         Error::Timeout {
             what: what.into(),
             after,
+        }
+    }
+}
+
+/// How a QEMU process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInfo {
+    /// The exit code, if it exited.
+    pub code: Option<i32>,
+    /// The signal, if a signal killed it.
+    pub signal: Option<i32>,
+    /// When the supervisor saw it end.
+    pub at: SystemTime,
+}
+
+impl ExitInfo {
+    /// Whether it exited with code 0.
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    pub(crate) fn from_status(status: std::process::ExitStatus) -> Self {
+        use std::os::unix::process::ExitStatusExt;
+        ExitInfo {
+            code: status.code(),
+            signal: status.signal(),
+            at: SystemTime::now(),
+        }
+    }
+
+    pub(crate) fn unknown() -> Self {
+        ExitInfo {
+            code: None,
+            signal: None,
+            at: SystemTime::now(),
+        }
+    }
+}
+
+impl fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(sig)) => write!(f, "killed by signal {sig}"),
+            (None, None) => write!(f, "unknown exit status"),
+        }
+    }
+}
+
+/// How a block job ended, as reported by [`Qmp::wait_block_job`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockJobOutcome {
+    /// `BLOCK_JOB_COMPLETED` without an error.
+    Completed {
+        /// The job type, e.g. `backup`.
+        job_type: String,
+        /// Bytes done.
+        offset: u64,
+        /// Bytes to do.
+        len: u64,
+    },
+    /// `BLOCK_JOB_COMPLETED` with an error.
+    Failed {
+        /// The job type.
+        job_type: String,
+        /// QEMU's error text.
+        error: String,
+    },
+    /// `BLOCK_JOB_CANCELLED`.
+    Cancelled {
+        /// The job type.
+        job_type: String,
+        /// Bytes done when it was cancelled.
+        offset: u64,
+        /// Bytes to do.
+        len: u64,
+    },
+    /// `BLOCK_JOB_ERROR` with action `stop`: the job is paused and waits for the caller
+    /// to resume or cancel it.
+    Stopped {
+        /// The failed operation, `read` or `write`.
+        operation: String,
+    },
+}
+
+impl std::fmt::Display for BlockJobOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BlockJobOutcome::Completed { job_type, .. } => write!(f, "completed ({job_type})"),
+            BlockJobOutcome::Failed { job_type, error } => {
+                write!(f, "failed ({job_type}): {error}")
+            }
+            BlockJobOutcome::Cancelled {
+                job_type,
+                offset,
+                len,
+            } => write!(f, "cancelled ({job_type}) at {offset} of {len} bytes"),
+            BlockJobOutcome::Stopped { operation } => write!(f, "stopped on a {operation} error"),
         }
     }
 }

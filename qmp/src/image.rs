@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::launch::{self, DiskFormat, LaunchPaths, SpawnOptions};
+use crate::launch::{DiskFormat, LaunchPaths};
+use crate::process::SpawnOptions;
 use crate::{utf8_path as utf8, Error, Qmp};
 
 /// Creates `path` as an empty qcow2 overlay of `size` bytes whose backing file is
@@ -34,7 +35,8 @@ pub async fn create_overlay(
         pid_file: Some(work.join(format!("mkimg-{token}.pid"))),
     };
     std::fs::create_dir_all(work)?;
-    let daemon = launch::spawn_storage_daemon(&[], &paths, &SpawnOptions::default()).await?;
+    let daemon =
+        crate::process::spawn_storage_daemon(&[], &paths, &SpawnOptions::default()).await?;
     let qmp = daemon.qmp().clone();
     let result = create_overlay_in(&qmp, path, backing, backing_format, size).await;
     let _ = qmp.execute_raw("quit", None).await;

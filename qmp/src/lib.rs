@@ -3,7 +3,7 @@
 //! - [`Qmp`]: one QMP connection, shared by any number of tasks; typed commands from
 //!   [`qapi::qmp`], raw commands, a broadcast event stream, and waits for events and jobs.
 //! - [`launch`]: the VM configuration, the QEMU command line built from it, and
-//!   [`launch::spawn`], which starts QEMU and supervises it.
+//!   and [`process`]: [`process::spawn`], which starts QEMU and supervises it, and the helper-process supervisor.
 //! - Recipes over QMP: [`backup`] (pull-mode backups), [`export`] (NBD exports),
 //!   [`commit`] (active commits), [`block`] (the block graph), [`image`] (images made by
 //!   QEMU).
@@ -27,8 +27,8 @@ pub mod launch;
 mod message;
 pub mod process;
 
-pub use client::{BlockJobOutcome, Qmp, DEFAULT_CONNECT_TIMEOUT};
-pub use error::Error;
+pub use client::{Qmp, DEFAULT_CONNECT_TIMEOUT};
+pub use error::{BlockJobOutcome, Error, ExitInfo};
 pub use message::{parse_message, Event, Greeting, Message, QmpError, Reply, MAX_MESSAGE_LEN};
 
 /// The `qapi` crate, re-exported so callers use the same typed commands and events.

@@ -7,9 +7,8 @@ use std::process::Command;
 
 use serde_json::json;
 use weft_qmp::backup::{self, PullBackupSpec};
-use weft_qmp::launch::{
-    self, DiskConfig, DiskFormat, LaunchPaths, QemuProcess, SpawnOptions, VmConfig,
-};
+use weft_qmp::launch::{DiskConfig, DiskFormat, LaunchPaths, VmConfig};
+use weft_qmp::process::{QemuProcess, SpawnOptions};
 use weft_qmp::Qmp;
 
 const MIB: u64 = 1024 * 1024;
@@ -55,7 +54,7 @@ impl Vm {
             output_log: self.path("qemu.log"),
             pid_file: None,
         };
-        launch::spawn(&self.config, &paths, &SpawnOptions::default())
+        weft_qmp::process::spawn(&self.config, &paths, &SpawnOptions::default())
             .await
             .expect("qemu starts")
     }

@@ -7,10 +7,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
-use weft_qmp::launch::{
-    self, is_qemu_process, process_alive, DiskConfig, DiskFormat, LaunchPaths, QemuProcess,
-    SpawnOptions, VmConfig,
-};
+use weft_qmp::launch::{DiskConfig, DiskFormat, LaunchPaths, VmConfig};
+use weft_qmp::process::{is_qemu_process, process_alive, QemuProcess, SpawnOptions};
 use weft_qmp::qapi::qmp;
 use weft_qmp::{Error, Qmp};
 
@@ -56,7 +54,7 @@ impl Vm {
     }
 
     async fn spawn_with(&self, opts: &SpawnOptions) -> QemuProcess {
-        match launch::spawn(&self.config, &self.paths, opts).await {
+        match weft_qmp::process::spawn(&self.config, &self.paths, opts).await {
             Ok(p) => p,
             Err(e) => panic!("qemu did not start: {e}"),
         }
@@ -338,7 +336,7 @@ async fn qemu_start_failure_reports_qemu_output() {
     let mut vm = Vm::new();
     // The raw file is not a qcow2 image: QEMU exits while opening it.
     vm.config.disks[0].format = DiskFormat::Qcow2;
-    match launch::spawn(&vm.config, &vm.paths, &SpawnOptions::default()).await {
+    match weft_qmp::process::spawn(&vm.config, &vm.paths, &SpawnOptions::default()).await {
         Err(Error::Launch { status, output }) => {
             assert_eq!(status.code, Some(1), "{status}");
             assert!(output.contains("qcow2"), "{output}");
@@ -366,7 +364,7 @@ async fn qemu_ready_timeout_kills_and_cleans_up() {
         ready_timeout: Duration::from_millis(1),
         ..SpawnOptions::default()
     };
-    match launch::spawn(&vm.config, &vm.paths, &opts).await {
+    match weft_qmp::process::spawn(&vm.config, &vm.paths, &opts).await {
         Err(Error::Timeout { what, .. }) => assert!(what.contains("qmp socket"), "{what}"),
         Err(e) => panic!("want Error::Timeout, got {e}"),
         Ok(p) => panic!("qemu {} was ready within 1 ms", p.pid()),
@@ -386,7 +384,7 @@ async fn missing_binary_is_a_clear_error() {
         binary: PathBuf::from("/nonexistent/qemu-system-x86_64"),
         ..SpawnOptions::default()
     };
-    match launch::spawn(&vm.config, &vm.paths, &opts).await {
+    match weft_qmp::process::spawn(&vm.config, &vm.paths, &opts).await {
         Err(e @ Error::Spawn { .. }) => {
             let msg = e.to_string();
             assert!(msg.contains("/nonexistent/qemu-system-x86_64"), "{msg}");
@@ -399,7 +397,7 @@ async fn missing_binary_is_a_clear_error() {
 async fn invalid_config_is_rejected_before_starting() {
     let mut vm = Vm::new();
     vm.config.disks[0].path = vm.dir.path().join("missing.raw");
-    match launch::spawn(&vm.config, &vm.paths, &SpawnOptions::default()).await {
+    match weft_qmp::process::spawn(&vm.config, &vm.paths, &SpawnOptions::default()).await {
         Err(Error::InvalidConfig(msg)) => assert!(msg.contains("missing.raw"), "{msg}"),
         other => panic!("want InvalidConfig, got {other:?}"),
     }
@@ -577,7 +575,7 @@ async fn qemu_runs_in_the_given_network_namespace_and_cgroup() {
     p.kill().await;
 
     // A namespace that does not exist is a clear error before anything starts.
-    let err = launch::spawn(
+    let err = weft_qmp::process::spawn(
         &vm.config,
         &vm.paths,
         &SpawnOptions {

@@ -39,7 +39,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use tokio::task::JoinSet;
-use weft_qmp::launch::{self, Accel, LaunchPaths, SpawnOptions, VmConfig};
+use weft_qmp::launch::{self, Accel, LaunchPaths, VmConfig};
+use weft_qmp::process::SpawnOptions;
 use weft_qmp::qapi::qmp;
 use weft_qmp::Qmp;
 
@@ -280,7 +281,7 @@ impl Pids {
         self.0
             .iter()
             .copied()
-            .filter(|&pid| launch::is_qemu_process(pid))
+            .filter(|&pid| weft_qmp::process::is_qemu_process(pid))
             .collect()
     }
 }
@@ -579,7 +580,7 @@ async fn peer_qmp_round(sock: &Path, calls: usize) -> Result<(QmpRound, String)>
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Launcher {
-    /// `weft_qmp::launch::spawn`.
+    /// `weft_qmp::process::spawn`.
     Weft,
     /// `std::process::Command`, then poll `connect()` on the socket every 1 ms and
     /// negotiate by hand.
@@ -592,7 +593,7 @@ enum Launcher {
 impl Launcher {
     fn name(self) -> &'static str {
         match self {
-            Launcher::Weft => "weft `launch::spawn`",
+            Launcher::Weft => "weft `weft_qmp::process::spawn`",
             Launcher::PeerPoll => "peer 1: Command + connect poll (1 ms) + raw handshake",
             Launcher::PeerFd => "peer 2: pre-bound socket fd (libvirt style) + raw handshake",
         }
@@ -634,7 +635,7 @@ async fn bench_launch(rounds: usize, pids: &mut Pids) -> Result<()> {
             let d = match all[i] {
                 Launcher::Weft => {
                     let t = Instant::now();
-                    let p = launch::spawn(&config, &paths, &spawn_opts).await?;
+                    let p = weft_qmp::process::spawn(&config, &paths, &spawn_opts).await?;
                     let d = t.elapsed();
                     pids.0.push(p.pid());
                     p.qmp().execute(qmp::query_status {}).await?;

@@ -5,10 +5,10 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 
+use super::SpawnOptions;
 use super::{
     Accel, DiskConfig, DiskFormat, LaunchPaths, VmConfig, VsockDevice, BALLOON_ID, VSOCK_ID,
 };
-use crate::process::SpawnOptions;
 
 /// Escapes a value for QEMU's `key=value,...` option syntax (a comma is doubled).
 fn opt_escape(path: &Path) -> String {

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +42,43 @@ pub fn detect_format(path: &Path) -> io::Result<DiskFormat> {
     } else {
         DiskFormat::Raw
     })
+}
+
+/// How to start QEMU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpawnOptions {
+    /// The QEMU binary; a bare name is looked up in `PATH`.
+    pub binary: PathBuf,
+    /// How long QEMU may take until its QMP socket answers.
+    pub ready_timeout: Duration,
+    /// Start detached: dropping the [`QemuProcess`] leaves QEMU running.
+    pub detached: bool,
+    /// Run QEMU in this network namespace (a file such as `/run/netns/<name>`).
+    pub netns: Option<PathBuf>,
+    /// Run QEMU in these cgroup directories (one per hierarchy: a v2 group, or v1
+    /// groups of the cpu and memory controllers on hybrid hosts); they must exist.
+    pub cgroups: Vec<PathBuf>,
+    /// QEMU's own seccomp filter ([`sandbox_args`]): obsolete calls, privilege changes,
+    /// `fork`/`exec` and resource control denied. [`spawn`] only (qemu-storage-daemon
+    /// 7.2 has no `-sandbox`).
+    pub sandbox: bool,
+    /// Drop to this user (a name, or `uid:gid`) with QEMU's `-runas` once QEMU has
+    /// opened its devices, disks and sockets and before the guest runs. [`spawn`] only.
+    pub run_as: Option<String>,
+}
+
+impl Default for SpawnOptions {
+    fn default() -> Self {
+        SpawnOptions {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            ready_timeout: Duration::from_secs(30),
+            detached: false,
+            netns: None,
+            cgroups: Vec::new(),
+            sandbox: false,
+            run_as: None,
+        }
+    }
 }
 
 /// The device id of the balloon ([`VmConfig::balloon`]).

@@ -11,14 +11,9 @@ mod validate;
 pub use command_line::{command_line, sandbox_args, storage_daemon_command_line};
 pub use config::{
     detect_format, kvm_probe, kvm_usable, resolve_accel, Accel, BackingImage, DiskConfig,
-    DiskFormat, LaunchPaths, NicConfig, VhostUserDisk, VmConfig, VsockDevice, BALLOON_ID, MAX_CPUS,
-    MIN_MEMORY_MIB, VSOCK_ID,
+    DiskFormat, LaunchPaths, NicConfig, SpawnOptions, VhostUserDisk, VmConfig, VsockDevice,
+    BALLOON_ID, MAX_CPUS, MIN_MEMORY_MIB, VSOCK_ID,
 };
 pub use validate::{
     valid_device_id, valid_ifname, valid_mac, valid_run_as, Validate, MAX_BACKING_CHAIN,
-};
-
-pub use crate::process::{
-    is_qemu_process, process_alive, spawn, spawn_storage_daemon, ExitInfo, QemuProcess,
-    SpawnOptions,
 };

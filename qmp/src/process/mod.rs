@@ -14,8 +14,10 @@ use std::path::Path;
 mod helper;
 mod qemu;
 
+pub use crate::error::ExitInfo;
+pub use crate::launch::SpawnOptions;
 pub use helper::{read_pid_file, Ended, Helper, Signature, Stop};
-pub use qemu::{spawn, spawn_storage_daemon, ExitInfo, QemuProcess, SpawnOptions};
+pub use qemu::{spawn, spawn_storage_daemon, QemuProcess};
 
 /// When process `pid` started (clock ticks after boot, field 22 of `/proc/<pid>/stat`):
 /// with the pid, it tells a process apart from a later one that got the same pid.

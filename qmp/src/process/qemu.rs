@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
@@ -17,9 +17,9 @@ use tracing::{debug, warn};
 use crate::launch::Validate;
 use crate::launch::{
     command_line, kvm_probe, sandbox_args, storage_daemon_command_line, valid_run_as, Accel,
-    DiskConfig, LaunchPaths, VmConfig,
+    DiskConfig, LaunchPaths, SpawnOptions, VmConfig,
 };
-use crate::{Error, Qmp};
+use crate::{Error, ExitInfo, Qmp};
 
 /// Starts `qemu-storage-daemon` (`opts.binary`, or `qemu-storage-daemon` when that is the
 /// default `qemu-system-x86_64`) with `disks` and waits until its QMP monitor answers;
@@ -42,88 +42,6 @@ pub async fn spawn_storage_daemon(
         opts.binary = PathBuf::from("qemu-storage-daemon");
     }
     spawn_args(storage_daemon_command_line(disks, paths), paths, &opts).await
-}
-
-/// How to start QEMU.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpawnOptions {
-    /// The QEMU binary; a bare name is looked up in `PATH`.
-    pub binary: PathBuf,
-    /// How long QEMU may take until its QMP socket answers.
-    pub ready_timeout: Duration,
-    /// Start detached: dropping the [`QemuProcess`] leaves QEMU running.
-    pub detached: bool,
-    /// Run QEMU in this network namespace (a file such as `/run/netns/<name>`).
-    pub netns: Option<PathBuf>,
-    /// Run QEMU in these cgroup directories (one per hierarchy: a v2 group, or v1
-    /// groups of the cpu and memory controllers on hybrid hosts); they must exist.
-    pub cgroups: Vec<PathBuf>,
-    /// QEMU's own seccomp filter ([`sandbox_args`]): obsolete calls, privilege changes,
-    /// `fork`/`exec` and resource control denied. [`spawn`] only (qemu-storage-daemon
-    /// 7.2 has no `-sandbox`).
-    pub sandbox: bool,
-    /// Drop to this user (a name, or `uid:gid`) with QEMU's `-runas` once QEMU has
-    /// opened its devices, disks and sockets and before the guest runs. [`spawn`] only.
-    pub run_as: Option<String>,
-}
-
-impl Default for SpawnOptions {
-    fn default() -> Self {
-        SpawnOptions {
-            binary: PathBuf::from("qemu-system-x86_64"),
-            ready_timeout: Duration::from_secs(30),
-            detached: false,
-            netns: None,
-            cgroups: Vec::new(),
-            sandbox: false,
-            run_as: None,
-        }
-    }
-}
-
-/// How a QEMU process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExitInfo {
-    /// The exit code, if it exited.
-    pub code: Option<i32>,
-    /// The signal, if a signal killed it.
-    pub signal: Option<i32>,
-    /// When the supervisor saw it end.
-    pub at: SystemTime,
-}
-
-impl ExitInfo {
-    /// Whether it exited with code 0.
-    pub fn success(&self) -> bool {
-        self.code == Some(0)
-    }
-
-    fn from_status(status: std::process::ExitStatus) -> Self {
-        use std::os::unix::process::ExitStatusExt;
-        ExitInfo {
-            code: status.code(),
-            signal: status.signal(),
-            at: SystemTime::now(),
-        }
-    }
-
-    fn unknown() -> Self {
-        ExitInfo {
-            code: None,
-            signal: None,
-            at: SystemTime::now(),
-        }
-    }
-}
-
-impl fmt::Display for ExitInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.code, self.signal) {
-            (Some(code), _) => write!(f, "exit code {code}"),
-            (None, Some(sig)) => write!(f, "killed by signal {sig}"),
-            (None, None) => write!(f, "unknown exit status"),
-        }
-    }
 }
 
 struct Supervision {

@@ -35,9 +35,8 @@ use weft_blockdev::nbd::{NbdClient, NBD_STATE_ZERO};
 use weft_blockdev::pull::{self, PullKind, PullStats};
 use weft_blockdev::store::{BlockMap, ChunkStore, StoreConfig};
 use weft_qmp::backup::{self as recipe, PullBackupSpec};
-use weft_qmp::launch::{
-    self, Accel, DiskConfig, DiskFormat, LaunchPaths, QemuProcess, SpawnOptions, VmConfig,
-};
+use weft_qmp::launch::{Accel, DiskConfig, DiskFormat, LaunchPaths, VmConfig};
+use weft_qmp::process::{QemuProcess, SpawnOptions};
 use weft_qmp::Qmp;
 
 use super::{bench_dir, drop_caches, median, min_max, qemu_binary, Pids, READY_TIMEOUT};
@@ -348,7 +347,7 @@ async fn start_vm(work: &Path, disk: &Path, pids: &mut Pids) -> Result<QemuProce
         detached: false,
         ..SpawnOptions::default()
     };
-    let p = launch::spawn(&config, &paths, &opts).await?;
+    let p = weft_qmp::process::spawn(&config, &paths, &opts).await?;
     pids.0.push(p.pid());
     // No guest is needed (there is no bootable disk); stop the vCPU so that it costs
     // nothing. Block jobs, the NBD server and qemu-io run while the VM is paused.

@@ -22,7 +22,8 @@ use weft::model::EnvState;
 use weft::weaves::Weave;
 use weft_client::Client;
 use weft_qmp::image;
-use weft_qmp::launch::{self, DiskFormat, LaunchPaths, SpawnOptions, VmConfig};
+use weft_qmp::launch::{DiskFormat, LaunchPaths, VmConfig};
+use weft_qmp::process::SpawnOptions;
 
 use super::{bench_dir, drop_caches, median, min_max, qemu_binary, Pids, READY_TIMEOUT};
 
@@ -248,9 +249,10 @@ async fn breakdown(
         output_log: work.join("maker.log"),
         pid_file: None,
     };
-    let maker = launch::spawn_storage_daemon(&[], &maker_paths, &SpawnOptions::default())
-        .await
-        .context("the storage daemon standing in for the environment's QEMU")?;
+    let maker =
+        weft_qmp::process::spawn_storage_daemon(&[], &maker_paths, &SpawnOptions::default())
+            .await
+            .context("the storage daemon standing in for the environment's QEMU")?;
     pids.0.push(maker.pid());
     let maker_qmp = maker.qmp().clone();
     let result = async {
@@ -294,7 +296,7 @@ async fn breakdown(
                 ..SpawnOptions::default()
             };
             let t = Instant::now();
-            let spawned = launch::spawn(&vm, &paths, &opts).await;
+            let spawned = weft_qmp::process::spawn(&vm, &paths, &opts).await;
             let d = ms(t);
             if let Ok(p) = &spawned {
                 pids.0.push(p.pid());
@@ -326,7 +328,7 @@ async fn breakdown(
                 netns_ms,
             ),
             (
-                "QEMU start to negotiated QMP in that namespace (`launch::spawn`, the weave's configuration)",
+                "QEMU start to negotiated QMP in that namespace (`weft_qmp::process::spawn`, the weave's configuration)",
                 qemu_ms,
             ),
         ])
