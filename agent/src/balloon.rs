@@ -202,6 +202,26 @@ pub async fn after_launch(name: &str, config: &VmConfig, qmp: &Qmp) {
     }
 }
 
+/// The balloon as a step of every launch: a weave's new QEMU has all its memory, and
+/// its balloon follows the weave's memory limit again ([`after_launch`]).
+#[derive(Debug)]
+pub struct BalloonHook;
+
+impl crate::launch::LaunchHook for BalloonHook {
+    fn after_launch<'a>(
+        &'a self,
+        cx: &'a crate::launch::LaunchContext<'a>,
+        config: &'a VmConfig,
+        qmp: &'a Qmp,
+    ) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if cx.placement.is_weave() {
+                after_launch(cx.env, config, qmp).await;
+            }
+        })
+    }
+}
+
 /// The balloon of weave `name` if it runs with one (errors are reported as none).
 pub async fn of_weave(manager: &Manager, name: &str) -> Option<Balloon> {
     let qmp = manager.live_qmp(name)?;

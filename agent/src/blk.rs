@@ -314,6 +314,42 @@ pub async fn forget(config: &Config, vm: &str) -> Result<(), ApiError> {
     }
 }
 
+/// weft-blk as a step of every launch: the backends of a VM's disks served from the
+/// chunk store start before its QEMU and end after it.
+#[derive(Debug)]
+pub struct WeftBlk {
+    config: Config,
+}
+
+impl WeftBlk {
+    /// The hook for weftd's configuration.
+    pub fn new(config: Config) -> WeftBlk {
+        WeftBlk { config }
+    }
+}
+
+impl crate::launch::LaunchHook for WeftBlk {
+    fn prepare<'a>(
+        &'a self,
+        cx: &'a crate::launch::LaunchContext<'a>,
+        config: &'a mut VmConfig,
+    ) -> futures::future::BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(async move { prepare(&self.config, cx.env, config).await })
+    }
+
+    fn release<'a>(&'a self, env: &'a str) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(release(&self.config, env))
+    }
+
+    fn forget<'a>(&'a self, env: &'a str) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Err(e) = forget(&self.config, env).await {
+                tracing::warn!(env, error = %e, "cannot remove the served disks' files");
+            }
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

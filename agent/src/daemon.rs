@@ -269,6 +269,17 @@ pub async fn run(config: Config) -> Result<()> {
         }
         Err(e) => warn!(error = %e, "cannot open the provenance log; guests get no vsock device"),
     }
+    // The launch pipeline: the vsock host first (the device joins the configuration
+    // weft-blk and QEMU see), then weft-blk, then the balloon.
+    let mut hooks: Vec<std::sync::Arc<dyn crate::launch::LaunchHook>> = Vec::new();
+    if let Some(host) = manager.vsock() {
+        hooks.push(host.clone());
+    }
+    hooks.push(std::sync::Arc::new(crate::blk::WeftBlk::new(
+        manager.config().clone(),
+    )));
+    hooks.push(std::sync::Arc::new(crate::balloon::BalloonHook));
+    manager.set_hooks(hooks);
     let snapshots = crate::snapshots::Snapshots::new(manager.clone(), store);
     let recovered = async {
         manager.recover().await?;

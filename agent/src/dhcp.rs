@@ -1,6 +1,6 @@
 //! The weaves' DHCP servers ([`weft_netns::dhcp`]) fed with what weftd knows of each
 //! weave: its guest plan (from the catalog, see [`crate::net`]), its namespace
-//! ([`crate::weaves::netns_path`]) and its guest's tap (its VM's first NIC's).
+//! ([`crate::placement::netns_path`]) and its guest's tap (its VM's first NIC's).
 
 use std::sync::Arc;
 
@@ -58,7 +58,7 @@ impl Servers {
     async fn start(&self, weave: &str, tap: &str, lease: Lease) -> Result<(), String> {
         let inner = Arc::clone(&self.inner);
         let (weave, tap) = (weave.to_string(), tap.to_string());
-        let netns = crate::weaves::netns_path(&weave);
+        let netns = crate::placement::netns_path(&weave);
         match tokio::task::spawn_blocking(move || inner.start(&weave, &netns, &tap, lease)).await {
             Ok(r) => r.map_err(|e| error_chain(&e)),
             Err(e) => Err(format!("dhcp task failed: {e}")),

@@ -22,6 +22,7 @@ use weft_qmp::Qmp;
 use crate::catalog::{Catalog, NewEnvironment};
 use crate::config::Config;
 use crate::error::{one_line, ApiError};
+use crate::launch::{LaunchContext, LaunchHook};
 use crate::model::{CreateEnvironment, DiskRequest, EnvFiles, EnvKind, EnvState, Environment};
 use crate::names::check_name;
 
@@ -54,6 +55,8 @@ pub struct Manager {
     generation: AtomicU64,
     /// Guests' vsock devices and their DPAs' listeners (set once at startup).
     vsock: std::sync::OnceLock<Arc<crate::dpa::VsockHost>>,
+    /// What runs around every launch (set once at startup; see [`crate::launch`]).
+    hooks: std::sync::OnceLock<Vec<Arc<dyn LaunchHook>>>,
     /// The provenance log (set once at startup).
     provenance: std::sync::OnceLock<crate::provenance::ProvenanceLog>,
     /// Names held by creates in progress (environments, weaves, compositions'
@@ -101,6 +104,7 @@ impl Manager {
             locks: std::sync::Mutex::new(HashMap::new()),
             generation: AtomicU64::new(1),
             vsock: std::sync::OnceLock::new(),
+            hooks: std::sync::OnceLock::new(),
             provenance: std::sync::OnceLock::new(),
             reserved: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
@@ -139,6 +143,18 @@ impl Manager {
         }
     }
 
+    /// The launch pipeline's hooks, in the order they run; set once, before
+    /// [`Manager::recover`].
+    pub fn set_hooks(&self, hooks: Vec<Arc<dyn LaunchHook>>) {
+        if self.hooks.set(hooks).is_err() {
+            warn!("the launch hooks were set twice; the first ones stay");
+        }
+    }
+
+    fn hooks(&self) -> &[Arc<dyn LaunchHook>] {
+        self.hooks.get().map_or(&[], Vec::as_slice)
+    }
+
     /// Makes the provenance log reachable (API, deletes, weaves); set once at startup.
     pub fn set_provenance(&self, log: crate::provenance::ProvenanceLog) {
         if self.provenance.set(log).is_err() {
@@ -172,13 +188,13 @@ impl Manager {
         self.vsock.get()
     }
 
-    /// Ends a VM's vsock device and DPA listener (its QEMU is gone).
-    async fn release_vsock(&self, name: &str) {
-        if let Some(host) = self.vsock.get() {
-            host.release(name).await;
+    /// Ends what the launch hooks started for a VM (its QEMU is gone, or its launch
+    /// failed): its vsock device and DPA listener, the weft-blk processes serving its
+    /// disks (they flush on SIGTERM).
+    async fn release_hooks(&self, name: &str) {
+        for hook in self.hooks() {
+            hook.release(name).await;
         }
-        // And the weft-blk processes serving its disks (they flush on SIGTERM).
-        crate::blk::release(&self.config, name).await;
     }
 
     /// The catalog.
@@ -394,7 +410,7 @@ impl Manager {
     /// configuration, in one transaction.
     pub(crate) async fn insert_stopped_weave(
         &self,
-        weave: &crate::weaves::Weave,
+        weave: &weft_api::weave::Weave,
         config: &VmConfig,
     ) -> Result<(), ApiError> {
         let name = weave.name.as_str();
@@ -452,15 +468,10 @@ impl Manager {
             pid_file: Some(self.pid_file(name)),
         };
         // A weave's QEMU runs in its network namespace and cgroups.
-        let weave = crate::weaves::is_weave(&self.catalog, name).await;
-        let (netns, cgroups) = if weave {
-            let (ns, groups) = crate::weaves::placement(name);
-            (Some(ns), groups)
-        } else {
-            (None, Vec::new())
-        };
-        let qemu_user =
-            crate::qemu_user::QemuUser::of(&self.config).map_err(ApiError::BadRequest)?;
+        let placement = crate::placement::of(&self.catalog, name).await;
+        let weave = placement.is_weave();
+        let qemu_user = crate::qemu_user::QemuUser::of(self.config.qemu_user.as_deref())
+            .map_err(ApiError::BadRequest)?;
         if let Some(user) = &qemu_user {
             // Where the running QEMU makes files for weftd once it is that user: the
             // environment's new overlays, backup scratch images and NBD sockets, sync
@@ -484,24 +495,28 @@ impl Manager {
             binary: self.config.qemu_binary.clone(),
             ready_timeout: Duration::from_secs(self.config.qemu_start_timeout_secs),
             detached: false,
-            netns,
-            cgroups,
+            netns: placement.netns.clone(),
+            cgroups: placement.cgroups.clone(),
             sandbox: self.config.qemu_sandbox,
             run_as: qemu_user.map(|u| u.spec),
         };
         // The vsock device is decided at each launch (never stored with the config).
         let mut config = config.clone();
         crate::images::pin_backing(&mut config, &self.config.data_dir)?;
-        if let Some(host) = self.vsock.get() {
-            config.vsock = host.prepare(name, &dir.join("vsock.log")).await;
-        }
-        if let Err(e) = crate::blk::prepare(&self.config, name, &config).await {
-            self.release_vsock(name).await;
-            return Err(e);
+        let cx = LaunchContext {
+            env: name,
+            dir: &dir,
+            placement: &placement,
+        };
+        for hook in self.hooks() {
+            if let Err(e) = hook.prepare(&cx, &mut config).await {
+                self.release_hooks(name).await;
+                return Err(e);
+            }
         }
         // Checked again as QEMU is about to open them: a file may have been swapped.
         if let Err(e) = crate::confine::check_launch(&self.config, &config) {
-            self.release_vsock(name).await;
+            self.release_hooks(name).await;
             return Err(e.into());
         }
         if !weave {
@@ -512,7 +527,7 @@ impl Manager {
                 .claim_taps(name, &taps)
                 .await
             {
-                self.release_vsock(name).await;
+                self.release_hooks(name).await;
                 return Err(e);
             }
         }
@@ -520,7 +535,7 @@ impl Manager {
         let process = match weft_qmp::process::spawn(config, &paths, &opts).await {
             Ok(process) => process,
             Err(e) => {
-                self.release_vsock(name).await;
+                self.release_hooks(name).await;
                 return Err(ApiError::Qemu(one_line(&format!(
                     "cannot start QEMU for {name:?}: {e}"
                 ))));
@@ -534,14 +549,13 @@ impl Manager {
         {
             // Dropping the process kills it: no stray QEMU for a row we could not update.
             drop(process);
-            self.release_vsock(name).await;
+            self.release_hooks(name).await;
             return Err(e.into());
         }
         info!(env = %name, pid, "QEMU started");
         let qmp = process.qmp().clone();
-        if weave {
-            // A new QEMU has all its memory: the balloon follows the weave's limit again.
-            crate::balloon::after_launch(name, config, &qmp).await;
+        for hook in self.hooks() {
+            hook.after_launch(&cx, config, &qmp).await;
         }
         self.install_runtime(name, qmp, Some(Arc::new(process)), Some(pid));
         Ok(())
@@ -601,7 +615,7 @@ impl Manager {
             }
         }
         info!(env = %name, how, "environment stopped on its own");
-        self.release_vsock(name).await;
+        self.release_hooks(name).await;
         if let Err(e) = self
             .catalog
             .set_state(name, EnvState::Stopped, None, Some(how))
@@ -722,7 +736,7 @@ impl Manager {
     pub async fn stop(&self, name: &str) -> Result<Environment, ApiError> {
         let _op = self.lock_env(name).await;
         self.stop_locked(name).await?;
-        self.release_vsock(name).await;
+        self.release_hooks(name).await;
         Ok(self.show(name).await?.0)
     }
 
@@ -841,11 +855,8 @@ impl Manager {
                 if self.lock_runtimes().contains_key(name) || self.orphan_pid(&env).is_some() {
                     self.stop_locked(name).await?;
                 }
-                if let Some(host) = self.vsock.get() {
-                    host.forget(name).await;
-                }
-                if let Err(e) = crate::blk::forget(&self.config, name).await {
-                    warn!(env = %name, error = %e, "cannot remove the served disks' files");
+                for hook in self.hooks() {
+                    hook.forget(name).await;
                 }
                 remove_dir_quietly(&self.env_dir(name));
                 let _ = std::fs::remove_file(&env.qmp_socket);
@@ -1007,21 +1018,23 @@ impl Manager {
             if env.state == EnvState::Stopped {
                 // A vsock device left by a weftd that died before ending it.
                 if env.kind == EnvKind::Managed {
-                    self.release_vsock(&env.name).await;
+                    self.release_hooks(&env.name).await;
                     self.settle_overlays(&env.name, None).await;
                 }
                 continue;
             }
             let (detail, result) = match self.reattach(&env).await {
                 Recovered::Reattached => {
-                    if let (EnvKind::Managed, Some(host)) = (env.kind, self.vsock.get()) {
-                        host.reattach(&env.name).await;
+                    if env.kind == EnvKind::Managed {
+                        for hook in self.hooks() {
+                            hook.reattach(&env.name).await;
+                        }
                     }
                     ("re-attached".to_string(), "ok")
                 }
                 Recovered::Stopped(reason) => {
                     if env.kind == EnvKind::Managed {
-                        self.release_vsock(&env.name).await;
+                        self.release_hooks(&env.name).await;
                     }
                     self.catalog
                         .set_state(&env.name, EnvState::Stopped, None, Some(&reason))
@@ -1031,8 +1044,10 @@ impl Manager {
                 Recovered::Unreachable(reason) => {
                     warn!(env = %env.name, %reason, "QEMU runs but does not answer on QMP");
                     // Its guest still runs: its DPA may still stream.
-                    if let (EnvKind::Managed, Some(host)) = (env.kind, self.vsock.get()) {
-                        host.reattach(&env.name).await;
+                    if env.kind == EnvKind::Managed {
+                        for hook in self.hooks() {
+                            hook.reattach(&env.name).await;
+                        }
                     }
                     (reason, "unreachable")
                 }

@@ -31,7 +31,7 @@ use crate::catalog::{now, Catalog, CatalogError};
 use crate::catalog_snapshots::SnapshotFilter;
 use crate::error::{one_line, ApiError};
 use crate::model::{Egress, ExposeRequest, GuestPlan, HostPort, NetSetup, SnapshotKind};
-use crate::weaves::Weave;
+use weft_api::weave::Weave;
 
 /// Category of the `net` snapshots weft records when the network setup changes.
 pub const CHANGE_CATEGORY: &str = "network change";
@@ -1141,7 +1141,7 @@ impl Net {
         let before = self.catalog.net_setup(name).await?.egress;
         let index = weave.net_index;
         self.kernel(move |ops| {
-            weft_netns::set_egress(ops, index, kernel_egress(&egress))?;
+            weft_netns::set_egress(ops, index, crate::weavenet::kernel_egress(&egress))?;
             forwarding_for(ops, egress)
         })
         .await
@@ -1157,7 +1157,9 @@ impl Net {
         }];
         if let Err(e) = self.catalog.commit_net(&changes, Some(&record)).await {
             let back = self
-                .kernel(move |ops| weft_netns::set_egress(ops, index, kernel_egress(&before)))
+                .kernel(move |ops| {
+                    weft_netns::set_egress(ops, index, crate::weavenet::kernel_egress(&before))
+                })
                 .await;
             if let Err(b) = back {
                 warn!(weave = name, error = %b, "cannot put the old egress policy back");
@@ -1503,15 +1505,6 @@ fn allow_host_clients(ops: &dyn NetOps, links: &[HostLink]) -> weft_netns::Resul
         weft_netns::allow_host_clients(ops, &link.name)?;
     }
     Ok(())
-}
-
-/// The kernel's filter policy for an egress setting of the API.
-pub fn kernel_egress(egress: &Egress) -> weft_netns::Egress {
-    match egress {
-        Egress::None => weft_netns::Egress::None,
-        Egress::Internet => weft_netns::Egress::Internet,
-        Egress::All => weft_netns::Egress::All,
-    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,6 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
-use crate::config::Config;
-
 /// The user QEMU runs as, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuUser {
@@ -58,12 +56,8 @@ impl QemuUser {
     }
 
     /// The configured user, if any.
-    pub fn of(config: &Config) -> Result<Option<QemuUser>, String> {
-        config
-            .qemu_user
-            .as_deref()
-            .map(QemuUser::resolve)
-            .transpose()
+    pub fn of(setting: Option<&str>) -> Result<Option<QemuUser>, String> {
+        setting.map(QemuUser::resolve).transpose()
     }
 
     /// Creates `dir` if needed and gives it to this user (0700), so that a QEMU running

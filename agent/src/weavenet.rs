@@ -50,7 +50,7 @@ pub fn weave_plan(
         guest_prefix: guest.guest_prefix,
         gateway_ip: guest.gateway,
         guest_link: GuestLink::Tap { name: tap },
-        egress: crate::net::kernel_egress(&egress),
+        egress: kernel_egress(&egress),
     }
 }
 
@@ -72,4 +72,13 @@ pub async fn create(name: &str, index: u8, config: &VmConfig) -> Result<(), Stri
 pub async fn delete(name: &str, index: u8) -> Result<(), String> {
     let name = name.to_string();
     blocking(move || WeaveNet::delete(&Kernel::new(), &name, index)).await
+}
+
+/// The kernel's filter policy for an egress setting of the API.
+pub fn kernel_egress(egress: &Egress) -> weft_netns::Egress {
+    match egress {
+        Egress::None => weft_netns::Egress::None,
+        Egress::Internet => weft_netns::Egress::Internet,
+        Egress::All => weft_netns::Egress::All,
+    }
 }

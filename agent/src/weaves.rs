@@ -32,10 +32,7 @@ use crate::replay::DataPick;
 use crate::snapshots::Snapshots;
 pub use weft_api::weave::{CreateWeave, Source, SourceRow, Weave};
 
-/// The network namespace file a weave's QEMU runs in.
-pub fn netns_path(name: &str) -> PathBuf {
-    PathBuf::from(format!("/run/netns/weft-{name}"))
-}
+pub use crate::placement::netns_path;
 
 /// Checks a weave name: see [`weft_api::names::check_weave_name`].
 pub fn check_weave_name(name: &str) -> Result<(), ApiError> {
@@ -380,7 +377,8 @@ impl Weaves {
             .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
         // A weave from now gets its overlays from the environment's running QEMU.
         if let Some(user) =
-            crate::qemu_user::QemuUser::of(self.manager.config()).map_err(ApiError::BadRequest)?
+            crate::qemu_user::QemuUser::of(self.manager.config().qemu_user.as_deref())
+                .map_err(ApiError::BadRequest)?
         {
             user.give_dir(&self.manager.config().data_dir, &dir)
                 .map_err(|e| {
@@ -1541,19 +1539,4 @@ fn weave_taps(mut config: VmConfig) -> VmConfig {
         nic.tap = format!("weft-tap{i}");
     }
     config
-}
-
-/// Whether `name` is a weave (its QEMU then runs in its namespace and cgroups).
-pub async fn is_weave(catalog: &Catalog, name: &str) -> bool {
-    matches!(catalog.weave(name).await, Ok(Some(_)))
-}
-
-/// Where a weave's QEMU runs: its namespace and its existing cgroups.
-pub fn placement(name: &str) -> (PathBuf, Vec<PathBuf>) {
-    let dirs = cgroups::groups(name)
-        .dirs()
-        .into_iter()
-        .filter(|d| Path::new(d).is_dir())
-        .collect();
-    (netns_path(name), dirs)
 }

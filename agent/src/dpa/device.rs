@@ -658,6 +658,33 @@ impl Drop for VsockHost {
     }
 }
 
+/// The vsock host as a step of every launch: a guest gets its vsock device (decided at
+/// each launch, never stored with the configuration) and its DPA listener.
+impl crate::launch::LaunchHook for VsockHost {
+    fn prepare<'a>(
+        &'a self,
+        cx: &'a crate::launch::LaunchContext<'a>,
+        config: &'a mut weft_qmp::launch::VmConfig,
+    ) -> futures::future::BoxFuture<'a, Result<(), crate::error::ApiError>> {
+        Box::pin(async move {
+            config.vsock = VsockHost::prepare(self, cx.env, &cx.dir.join("vsock.log")).await;
+            Ok(())
+        })
+    }
+
+    fn reattach<'a>(&'a self, env: &'a str) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(VsockHost::reattach(self, env))
+    }
+
+    fn release<'a>(&'a self, env: &'a str) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(VsockHost::release(self, env))
+    }
+
+    fn forget<'a>(&'a self, env: &'a str) -> futures::future::BoxFuture<'a, ()> {
+        Box::pin(VsockHost::forget(self, env))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
