@@ -28,6 +28,7 @@ use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use serde::Serialize;
 use tokio::net::UnixListener;
+use tracing::Instrument;
 
 use crate::catalog_snapshots::SnapshotFilter;
 use crate::envs::Manager;
@@ -732,10 +733,16 @@ where
     F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
 {
     let state = state.clone();
-    let task = tokio::spawn(async move {
-        let result = op.await;
-        audited(&state, &actor, action, &target, detail, result).await
-    });
+    // Everything the operation logs (QMP, netlink, the store, jobs) carries what it
+    // was, on what, for whom.
+    let span = tracing::info_span!("op", action, target = %target, actor = %actor);
+    let task = tokio::spawn(
+        async move {
+            let result = op.await;
+            audited(&state, &actor, action, &target, detail, result).await
+        }
+        .instrument(span),
+    );
     task.await
         .map_err(|e| ApiError::Internal(format!("{action} failed: {e}")))?
 }
