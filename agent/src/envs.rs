@@ -55,6 +55,8 @@ pub struct Manager {
     generation: AtomicU64,
     /// Guests' vsock devices and their DPAs' listeners (set once at startup).
     vsock: std::sync::OnceLock<Arc<crate::dpa::VsockHost>>,
+    /// The host's side effects (the network), built by whoever made the manager.
+    host: crate::host::Host,
     /// What runs around every launch (set once at startup; see [`crate::launch`]).
     hooks: std::sync::OnceLock<Vec<Arc<dyn LaunchHook>>>,
     /// The provenance log (set once at startup).
@@ -97,6 +99,11 @@ enum Recovered {
 impl Manager {
     /// A manager over `catalog`; call [`Manager::recover`] before serving.
     pub fn new(config: Config, catalog: Catalog) -> Arc<Manager> {
+        Manager::with_host(config, catalog, crate::host::Host::kernel())
+    }
+
+    /// A manager whose side effects on the host go through `host`.
+    pub fn with_host(config: Config, catalog: Catalog, host: crate::host::Host) -> Arc<Manager> {
         Arc::new(Manager {
             config,
             catalog,
@@ -105,6 +112,7 @@ impl Manager {
             generation: AtomicU64::new(1),
             vsock: std::sync::OnceLock::new(),
             hooks: std::sync::OnceLock::new(),
+            host,
             provenance: std::sync::OnceLock::new(),
             reserved: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
@@ -195,6 +203,11 @@ impl Manager {
         for hook in self.hooks() {
             hook.release(name).await;
         }
+    }
+
+    /// The `net` resource, on the manager's host.
+    pub fn net(&self) -> crate::net::Net {
+        self.host.net(&self.catalog)
     }
 
     /// The catalog.
@@ -523,10 +536,7 @@ impl Manager {
             // The taps QEMU is about to create in the root namespace are weft's; taps
             // that exist already are not (weft changes no setting of theirs).
             let taps: Vec<String> = config.nics.iter().map(|n| n.tap.clone()).collect();
-            if let Err(e) = crate::net::Net::new(&self.catalog)
-                .claim_taps(name, &taps)
-                .await
-            {
+            if let Err(e) = self.net().claim_taps(name, &taps).await {
                 self.release_hooks(name).await;
                 return Err(e);
             }

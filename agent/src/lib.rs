@@ -20,6 +20,7 @@ pub mod dhcp;
 pub mod dpa;
 pub mod envs;
 pub mod error;
+pub mod host;
 pub mod images;
 pub mod launch;
 pub mod leftovers;

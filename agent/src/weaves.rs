@@ -425,7 +425,8 @@ impl Weaves {
                 ApiError::Internal(format!("cannot create the cgroups of {name}: {e}"))
             })?;
             // Its namespace, with the guest plan of its instant (crate::net).
-            crate::net::Net::new(catalog)
+            self.manager
+                .net()
                 .create_weave(&weave, &config, net_plan, req.egress)
                 .await?;
             self.dhcp
@@ -1230,7 +1231,8 @@ impl Weaves {
         guest_port: u16,
         actor: &str,
     ) -> Result<Weave, ApiError> {
-        crate::net::Net::new(self.manager.catalog())
+        self.manager
+            .net()
             .route_weave(name, host_port, guest_port, actor)
             .await?;
         self.show(name).await
@@ -1241,9 +1243,7 @@ impl Weaves {
     /// nftables transaction (new connections go to `name`; established ones finish
     /// where they started). `weft env activate` moves the published ones back.
     pub async fn activate(&self, name: &str, actor: &str) -> Result<serde_json::Value, ApiError> {
-        crate::net::Net::new(self.manager.catalog())
-            .activate_weave(name, actor)
-            .await
+        self.manager.net().activate_weave(name, actor).await
     }
 
     /// The store indexes weave `name` owns (merges it served live), under the current
@@ -1408,7 +1408,7 @@ impl Weaves {
             warn!(error = %e, "cannot remove what unfinished weave creates left");
         }
         // Namespaces, links, NAT and host ports, with strays this weftd owns removed.
-        let reconciled = crate::net::Net::new(catalog).reconcile().await;
+        let reconciled = self.manager.net().reconcile().await;
         for w in catalog.weaves(None).await? {
             let Some(env) = catalog.environment(&w.name).await? else {
                 continue;
@@ -1486,7 +1486,7 @@ impl Weaves {
         // Its thread holds the namespace: stop it before the namespace goes.
         self.dhcp.stop(name).await;
         if let Some(w) = &weave {
-            let net = crate::net::Net::new(catalog);
+            let net = self.manager.net();
             if let Err(e) = net.delete_weave(name, w.net_index, &w.parent).await {
                 problems.push(format!("network: {e}"));
             }

@@ -98,7 +98,7 @@ where
     F: FnOnce(crate::net::Net, String, String) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<NetSetup, ApiError>> + Send + 'static,
 {
-    let net = crate::net::Net::new(state.manager.catalog());
+    let net = state.manager.net();
     let actor = actor.name();
     let (target, who) = (name.clone(), actor.clone());
     let setup = change(&state, actor, action, name, detail, async move {

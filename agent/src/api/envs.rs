@@ -66,7 +66,7 @@ pub(super) async fn start_env(
     env_change(state, actor, name, "env.start", |m, n| async move {
         let env = m.start(&n).await?;
         // QEMU made the tap anew: its published ports' host-local clients need it again.
-        crate::net::Net::new(m.catalog()).after_env_start(&n).await;
+        m.net().after_env_start(&n).await;
         Ok(env)
     })
     .await
@@ -114,7 +114,7 @@ pub(super) async fn delete_env(
     change(&state, actor.name(), "env.delete", name, None, async move {
         manager.delete(&target).await?;
         // Its host ports went with its rows: their routes go too.
-        crate::net::Net::new(manager.catalog()).sweep_ports().await
+        manager.net().sweep_ports().await
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)

@@ -6,11 +6,7 @@ pub(super) async fn show_net(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<NetSetup>, ApiError> {
-    Ok(Json(
-        crate::net::Net::new(state.manager.catalog())
-            .setup(&name)
-            .await?,
-    ))
+    Ok(Json(state.manager.net().setup(&name).await?))
 }
 
 pub(super) async fn set_net_plan(

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use serde_json::json;
 use sqlx::{Row, SqliteConnection};
 use tracing::{info, warn};
-use weft_netns::{Kernel, NetOps, Owned, ReconcileReport, Route, Target};
+use weft_netns::{NetOps, Owned, ReconcileReport, Route, Target};
 use weft_qmp::launch::VmConfig;
 
 use crate::catalog::{now, Catalog, CatalogError};
@@ -572,11 +572,6 @@ pub struct Net {
 }
 
 impl Net {
-    /// Over `catalog` and the real kernel.
-    pub fn new(catalog: &Catalog) -> Net {
-        Net::with_ops(catalog, Arc::new(Kernel::new()))
-    }
-
     /// Over `catalog` and `ops` (a test double in unit tests).
     pub fn with_ops(catalog: &Catalog, ops: Arc<dyn NetOps>) -> Net {
         Net {
