@@ -13,11 +13,11 @@ use serde_json::Value;
 use weft_blockdev::store::{BlockMap, Slot};
 
 use crate::model::{Snapshot, SnapshotState};
-use crate::replay::Item;
 pub use weft_api::composition::{
     matches, Choice, Conflict, ConflictStrategy, Origin, Plan, Rule, Rules, RulesError, Strategy,
     MAX_CONFLICTS, MAX_PATTERNS, MAX_RULES, MAX_RULES_BYTES, MAX_TEXT,
 };
+use weft_provenance::item::{flatten, unflatten, Item};
 
 /// Reads what merges compare: block maps of disk snapshots (the chunk store, in
 /// weftd) and application state at an instant (the provenance log).
@@ -579,55 +579,6 @@ fn block_merge(
     conflicts
 }
 
-/// JSON flattened to leaf JSON pointers (arrays are leaves: a list is one value).
-pub fn flatten(v: &Value) -> BTreeMap<String, Value> {
-    fn walk(prefix: &str, v: &Value, out: &mut BTreeMap<String, Value>) {
-        match v {
-            Value::Object(m) if !m.is_empty() => {
-                for (k, x) in m {
-                    let esc = k.replace('~', "~0").replace('/', "~1");
-                    walk(&format!("{prefix}/{esc}"), x, out);
-                }
-            }
-            _ => {
-                out.insert(prefix.to_string(), v.clone());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk("", v, &mut out);
-    out
-}
-
-/// The inverse of [`flatten`].
-pub fn unflatten(m: &BTreeMap<String, Value>) -> Value {
-    fn insert(cur: &mut Value, parts: &[String], v: Value) {
-        let Some((first, rest)) = parts.split_first() else {
-            *cur = v;
-            return;
-        };
-        if !cur.is_object() {
-            *cur = Value::Object(Default::default());
-        }
-        if let Value::Object(obj) = cur {
-            insert(obj.entry(first.clone()).or_insert(Value::Null), rest, v);
-        }
-    }
-    let mut root = Value::Null;
-    for (k, v) in m {
-        let parts: Vec<String> = if k.is_empty() {
-            Vec::new()
-        } else {
-            k[1..]
-                .split('/')
-                .map(|p| p.replace("~1", "/").replace("~0", "~"))
-                .collect()
-        };
-        insert(&mut root, &parts, v.clone());
-    }
-    root
-}
-
 #[cfg(test)]
 mod tests {
     use weft_blockdev::store::ChunkId;
@@ -704,7 +655,7 @@ mod tests {
                 ("2026-11-21T00:00:00", &[("a", "2")]),
                 ("2026-11-22T00:00:00", &[("a", "3"), ("b", "2"), ("d", "1")]),
             ];
-            let mut state = crate::replay::State::default();
+            let mut state = weft_provenance::state::State::default();
             for (t, changes) in steps {
                 if instant_id(&format!("{t}Z"))? > instant_id(at)? {
                     break;
@@ -714,12 +665,12 @@ mod tests {
                     keys.insert(k.to_string(), v.to_string());
                 }
             }
-            Ok(state.items(|src| crate::replay::data_source_matches(pattern, src)))
+            Ok(state.items(|src| weft_provenance::item::data_source_matches(pattern, src)))
         }
     }
 
     fn kv_of(m: &Merged) -> Vec<(String, String)> {
-        let state = crate::replay::State::from_items(m.items.as_ref().unwrap());
+        let state = weft_provenance::state::State::from_items(m.items.as_ref().unwrap());
         state.kv["/etc/app.kv"]
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -1212,13 +1163,5 @@ until = "yesterday""#,
             kv_of(&m),
             kv(&[("a", "3"), ("b", "2"), ("c", "1"), ("d", "1")])
         );
-    }
-
-    #[test]
-    fn json_flattens_and_back() {
-        let v = serde_json::json!({"a": {"b": 1, "c/d": [1, 2]}, "e": null, "f": {}});
-        let f = flatten(&v);
-        assert_eq!(f.get("/a/c~1d"), Some(&serde_json::json!([1, 2])));
-        assert_eq!(unflatten(&f), v);
     }
 }

@@ -11,17 +11,18 @@ use weft_blockdev::store::{BlockMap, ChunkStore};
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::catalog_snapshots::SnapshotFilter;
-use crate::compose::{self, Conflict, MapSource, Plan, PlanInput};
+use crate::compose::{self, MapSource, PlanInput};
 use crate::envs::Manager;
-use crate::error::ApiError;
+use crate::error::{error_chain, ApiError};
 use crate::model::{EnvKind, Snapshot};
 use crate::names::check_name;
-use crate::provenance::ProvenanceLog;
-use crate::replay::Item;
 use crate::snapshots::Snapshots;
 pub use weft_api::composition::{
     Composition, CompositionView, CreateComposition, ResolveRequest, Take,
 };
+use weft_api::composition::{Conflict, Plan};
+use weft_provenance::item::{data_source_matches, Item};
+use weft_provenance::log::ProvenanceLog;
 
 /// Block maps of disk snapshots, read from the chunk store; application state of the
 /// environment, replayed from its provenance log.
@@ -48,9 +49,9 @@ impl MapSource for StoreMaps {
             .as_ref()
             .ok_or("weftd has no provenance log: application data cannot be merged")?;
         let to_us = compose::instant_id(at)?;
-        let (state, _) =
-            crate::replay::rebuild(log, &self.env, None, to_us).map_err(|e| e.to_string())?;
-        Ok(state.items(|src| crate::replay::data_source_matches(pattern, src)))
+        let (state, _) = weft_provenance::state::rebuild(log, &self.env, None, to_us)
+            .map_err(|e| error_chain(&e))?;
+        Ok(state.items(|src| data_source_matches(pattern, src)))
     }
 }
 

@@ -55,7 +55,7 @@ pub struct Manager {
     /// Guests' vsock devices and their DPAs' listeners (set once at startup).
     vsock: std::sync::OnceLock<Arc<crate::dpa::VsockHost>>,
     /// The provenance log (set once at startup).
-    provenance: std::sync::OnceLock<crate::provenance::ProvenanceLog>,
+    provenance: std::sync::OnceLock<weft_provenance::log::ProvenanceLog>,
     /// Names held by creates in progress (environments, weaves, compositions'
     /// weaves): a second create of a held name is refused before it makes anything.
     reserved: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -140,14 +140,14 @@ impl Manager {
     }
 
     /// Makes the provenance log reachable (API, deletes, weaves); set once at startup.
-    pub fn set_provenance(&self, log: crate::provenance::ProvenanceLog) {
+    pub fn set_provenance(&self, log: weft_provenance::log::ProvenanceLog) {
         if self.provenance.set(log).is_err() {
             warn!("the provenance log was set twice; the first one stays");
         }
     }
 
     /// The provenance log, if weftd opened it.
-    pub fn provenance(&self) -> Option<&crate::provenance::ProvenanceLog> {
+    pub fn provenance(&self) -> Option<&weft_provenance::log::ProvenanceLog> {
         self.provenance.get()
     }
 

@@ -7,10 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use weft::compose::{Conflict, Origin};
 use weft::compositions::CompositionView;
 use weft::model::{Job, NetSetup, Snapshot};
 use weft::weaves::SourceRow;
+use weft_api::composition::{Conflict, Origin};
 use weft_integration::{read_ext4_file, wait_until};
 
 mod common;

@@ -12,8 +12,9 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use ring::digest::{digest, SHA256};
-use weft::compose::{merge, MapSource, PlanInput, Rules};
+use weft::compose::{merge, MapSource, PlanInput};
 use weft::model::Snapshot;
+use weft_api::composition::Rules;
 use weft_blockdev::blk::spec::DiskSpec;
 use weft_blockdev::blk::trace::read_trace;
 use weft_blockdev::blk::BlockDevice;
