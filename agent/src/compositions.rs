@@ -11,7 +11,6 @@ use weft_blockdev::store::{BlockMap, ChunkStore};
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::catalog_snapshots::SnapshotFilter;
-use crate::compose::{self, MapSource, PlanInput};
 use crate::envs::Manager;
 use crate::error::{error_chain, ApiError};
 use crate::model::{EnvKind, Snapshot};
@@ -21,6 +20,7 @@ pub use weft_api::composition::{
     Composition, CompositionView, CreateComposition, ResolveRequest, Take,
 };
 use weft_api::composition::{Conflict, Plan};
+use weft_compose::{self as compose, MapSource, PlanInput};
 use weft_provenance::item::{data_source_matches, Item};
 use weft_provenance::log::ProvenanceLog;
 
@@ -300,6 +300,7 @@ impl Compositions {
         let rules = comp.rules.clone();
         let res = resolutions.clone();
         let maps = self.maps(&comp.env);
+        let now = now();
         tokio::task::spawn_blocking(move || {
             compose::plan(
                 &rules,
@@ -307,6 +308,7 @@ impl Compositions {
                     resources: &resources,
                     snapshots: &snaps,
                     resolutions: &res,
+                    now: &now,
                 },
                 &maps,
             )
@@ -337,6 +339,7 @@ impl Compositions {
                     resources: &[],
                     snapshots: &snaps,
                     resolutions: &res,
+                    now: &now(),
                 },
                 &maps,
             )

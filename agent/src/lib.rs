@@ -11,7 +11,6 @@ pub mod blk;
 pub mod catalog;
 pub mod catalog_snapshots;
 pub mod cgroups;
-pub mod compose;
 pub mod compositions;
 pub mod config;
 pub mod confine;

@@ -16,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use weft_api::composition::{Rules, MAX_CONFLICTS};
 use weft_api::snapshot::Snapshot;
-use weft::compose::{instant_id, merge_data, MapSource};
+use weft_compose::{instant_id, merge_data, MapSource};
 use weft_provenance::item::{data_source_matches, Item, MAX_LABEL};
 use weft_provenance::state::State;
 use weft_blockdev::store::BlockMap;
