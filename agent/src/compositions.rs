@@ -11,16 +11,17 @@ use weft_blockdev::store::{BlockMap, ChunkStore};
 
 use crate::catalog::{now, Catalog, CatalogError};
 use crate::catalog_snapshots::SnapshotFilter;
-use crate::compose::{self, Conflict, MapSource, Plan, PlanInput};
 use crate::envs::Manager;
-use crate::error::ApiError;
+use crate::error::{error_chain, ApiError};
 use crate::model::{EnvKind, Snapshot};
-use crate::provenance::ProvenanceLog;
-use crate::replay::Item;
 use crate::snapshots::Snapshots;
 pub use weft_api::composition::{
     Composition, CompositionView, CreateComposition, ResolveRequest, Take,
 };
+use weft_api::composition::{Conflict, Plan};
+use weft_compose::{self as compose, MapSource, PlanInput};
+use weft_provenance::item::{data_source_matches, Item};
+use weft_provenance::log::ProvenanceLog;
 
 /// Block maps of disk snapshots, read from the chunk store; application state of the
 /// environment, replayed from its provenance log.
@@ -47,9 +48,9 @@ impl MapSource for StoreMaps {
             .as_ref()
             .ok_or("weftd has no provenance log: application data cannot be merged")?;
         let to_us = compose::instant_id(at)?;
-        let (state, _) =
-            crate::replay::rebuild(log, &self.env, None, to_us).map_err(|e| e.to_string())?;
-        Ok(state.items(|src| crate::replay::data_source_matches(pattern, src)))
+        let (state, _) = weft_provenance::state::rebuild(log, &self.env, None, to_us)
+            .map_err(|e| error_chain(&e))?;
+        Ok(state.items(|src| data_source_matches(pattern, src)))
     }
 }
 
@@ -298,6 +299,7 @@ impl Compositions {
         let rules = comp.rules.clone();
         let res = resolutions.clone();
         let maps = self.maps(&comp.env);
+        let now = now();
         tokio::task::spawn_blocking(move || {
             compose::plan(
                 &rules,
@@ -305,6 +307,7 @@ impl Compositions {
                     resources: &resources,
                     snapshots: &snaps,
                     resolutions: &res,
+                    now: &now,
                 },
                 &maps,
             )
@@ -335,6 +338,7 @@ impl Compositions {
                     resources: &[],
                     snapshots: &snaps,
                     resolutions: &res,
+                    now: &now(),
                 },
                 &maps,
             )

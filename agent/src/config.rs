@@ -90,7 +90,7 @@ pub struct ReplaySettings {
 
 impl Default for ReplaySettings {
     fn default() -> Self {
-        let d = crate::replay_base::BaseLimits::default();
+        let d = weft_provenance::base::BaseLimits::default();
         ReplaySettings {
             base_max_file_mib: d.max_file_bytes >> 20,
             base_max_total_mib: d.max_total_bytes >> 20,
@@ -101,8 +101,8 @@ impl Default for ReplaySettings {
 
 impl ReplaySettings {
     /// The limits a base reads within.
-    pub fn base_limits(&self) -> crate::replay_base::BaseLimits {
-        crate::replay_base::BaseLimits {
+    pub fn base_limits(&self) -> weft_provenance::base::BaseLimits {
+        weft_provenance::base::BaseLimits {
             max_file_bytes: self.base_max_file_mib.saturating_mul(1 << 20),
             max_total_bytes: self.base_max_total_mib.saturating_mul(1 << 20),
             max_files: self.base_max_files,
@@ -157,9 +157,9 @@ impl Default for ProvenanceSettings {
 
 impl ProvenanceSettings {
     /// The log's options.
-    pub fn log_options(&self) -> crate::provenance::LogOptions {
+    pub fn log_options(&self) -> weft_provenance::log::LogOptions {
         const MIB: u64 = 1 << 20;
-        crate::provenance::LogOptions {
+        weft_provenance::log::LogOptions {
             segment_bytes: self.segment_mib.saturating_mul(MIB),
             quota_bytes: self.quota_mib.saturating_mul(MIB),
             retain_us: (self.retain_days > 0).then(|| {

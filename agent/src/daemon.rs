@@ -259,7 +259,7 @@ pub async fn run(config: Config) -> Result<()> {
     // still serves, and guests get no vsock device.
     let provenance_dir = manager.config().provenance_dir();
     let provenance_options = manager.config().provenance.log_options();
-    match crate::provenance::ProvenanceLog::open(provenance_dir, provenance_options) {
+    match weft_provenance::log::ProvenanceLog::open(provenance_dir, provenance_options) {
         Ok(log) => {
             manager.set_provenance(log.clone());
             let c = manager.config();

@@ -60,7 +60,7 @@ pub struct Manager {
     /// What runs around every launch (set once at startup; see [`crate::launch`]).
     hooks: std::sync::OnceLock<Vec<Arc<dyn LaunchHook>>>,
     /// The provenance log (set once at startup).
-    provenance: std::sync::OnceLock<crate::provenance::ProvenanceLog>,
+    provenance: std::sync::OnceLock<weft_provenance::log::ProvenanceLog>,
     /// Names held by creates in progress (environments, weaves, compositions'
     /// weaves): a second create of a held name is refused before it makes anything.
     reserved: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -164,14 +164,14 @@ impl Manager {
     }
 
     /// Makes the provenance log reachable (API, deletes, weaves); set once at startup.
-    pub fn set_provenance(&self, log: crate::provenance::ProvenanceLog) {
+    pub fn set_provenance(&self, log: weft_provenance::log::ProvenanceLog) {
         if self.provenance.set(log).is_err() {
             warn!("the provenance log was set twice; the first one stays");
         }
     }
 
     /// The provenance log, if weftd opened it.
-    pub fn provenance(&self) -> Option<&crate::provenance::ProvenanceLog> {
+    pub fn provenance(&self) -> Option<&weft_provenance::log::ProvenanceLog> {
         self.provenance.get()
     }
 

@@ -73,7 +73,7 @@ mod tests {
 
     #[test]
     fn an_error_chain_names_the_os_error() {
-        let e = crate::provenance::ProvenanceError::Io {
+        let e = weft_provenance::log::ProvenanceError::Io {
             op: "write",
             path: "/d/provenance/web/seg-1.log".into(),
             source: std::io::Error::from_raw_os_error(libc::ENOSPC),

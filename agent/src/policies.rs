@@ -17,30 +17,11 @@ use crate::catalog::{now, Catalog, CatalogError};
 use crate::error::{one_line, ApiError};
 use crate::model::JobState;
 use crate::snapshots::Snapshots;
+use weft_api::policy::{after, next_run, rfc3339};
 pub use weft_api::policy::{Policy, SetPolicy, MAX_EVERY_SECS};
 
 /// First retry delay after a failed run.
 const FIRST_RETRY: Duration = Duration::from_secs(30);
-
-/// The last instant RFC 3339 can write (9999-12-31T23:59:59Z).
-const LAST_INSTANT_SECS: u64 = 253_402_300_799;
-
-/// When a policy runs next, `wait` after `t`, as the catalog stores it (RFC 3339).
-pub fn next_run(t: SystemTime, wait: Duration) -> String {
-    rfc3339(after(t, wait))
-}
-
-/// `wait` after `t`, or the last instant RFC 3339 can write if that is later (an
-/// addition past what `SystemTime` holds would panic).
-fn after(t: SystemTime, wait: Duration) -> SystemTime {
-    let last = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_INSTANT_SECS);
-    t.checked_add(wait).map_or(last, |n| n.min(last))
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    let last = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_INSTANT_SECS);
-    humantime::format_rfc3339_micros(t.clamp(SystemTime::UNIX_EPOCH, last)).to_string()
-}
 
 fn policy_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<Policy, CatalogError> {
     let id: i64 = r.try_get("id")?;
@@ -293,19 +274,5 @@ mod tests {
             let e = p.check().unwrap_err();
             assert!(e.contains(needle) && !e.contains('\n'), "{e}");
         }
-    }
-
-    #[test]
-    fn a_next_run_is_always_a_time_rfc_3339_writes() {
-        let now = SystemTime::now();
-        let soon = after(now, Duration::from_secs(60));
-        assert_eq!(soon.duration_since(now).unwrap(), Duration::from_secs(60));
-        // Before this, `now + every` panicked for u64::MAX seconds, and formatting
-        // panicked for anything after the year 9999.
-        for wait in [u64::MAX, 1 << 40, MAX_EVERY_SECS * 100] {
-            let t = next_run(now, Duration::from_secs(wait));
-            assert_eq!(t, "9999-12-31T23:59:59.000000Z");
-        }
-        assert!(next_run(now, Duration::from_secs(MAX_EVERY_SECS)).as_str() < "2200");
     }
 }

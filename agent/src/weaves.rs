@@ -28,7 +28,7 @@ use crate::cgroups;
 use crate::envs::Manager;
 use crate::error::{one_line, ApiError};
 use crate::model::{EnvKind, Environment, GuestPlan, Snapshot, SnapshotKind};
-use crate::replay::DataPick;
+use crate::provenance::replay::DataPick;
 use crate::snapshots::Snapshots;
 pub use weft_api::weave::{CreateWeave, Source, SourceRow, Weave};
 
@@ -483,9 +483,9 @@ impl Weaves {
             let deadline = std::time::Instant::now() + RECONCILE_WAIT;
             let outcome = async {
                 let (chosen, applied) =
-                    crate::replay::chosen_items(&manager, &parent, &picks).await?;
+                    crate::provenance::replay::chosen_items(&manager, &parent, &picks).await?;
                 let (holds, seen) =
-                    match crate::replay::disk_state(&manager, &store, &parent, disks).await {
+                    match crate::provenance::replay::disk_state(&manager, &store, &parent, disks).await {
                         Ok((state, found)) => (
                             Some(state),
                             format!("; {} source(s) read from its disks", found.len()),
@@ -500,8 +500,8 @@ impl Weaves {
                     };
                 loop {
                     let pushed =
-                        crate::replay::push_state(&manager, &weave, holds.as_ref(), |current| {
-                            crate::replay::with_chosen(current, &chosen)
+                        crate::provenance::replay::push_state(&manager, &weave, holds.as_ref(), |current| {
+                            weft_provenance::item::with_chosen(current, &chosen)
                         })
                         .await;
                     match pushed {
@@ -964,7 +964,7 @@ impl Weaves {
         comp_name: &str,
         weave: &str,
     ) -> Result<(VmConfig, Vec<DiskFrom>, String, Chosen), ApiError> {
-        use crate::compose::Origin;
+        use weft_api::composition::Origin;
         let comps = crate::compositions::Compositions::new(
             Arc::clone(&self.manager),
             Arc::clone(&self.snapshots),
@@ -1146,11 +1146,11 @@ impl Weaves {
             &crate::compositions::Composition,
         ),
         (resource, what): (&str, &str),
-        origin: Option<&crate::compose::Origin>,
+        origin: Option<&weft_api::composition::Origin>,
         sources: &mut Vec<SourceRow>,
         of: impl FnOnce(Snapshot) -> Option<T>,
     ) -> Result<Option<T>, ApiError> {
-        use crate::compose::Origin;
+        use weft_api::composition::Origin;
         match origin {
             Some(Origin::Snapshot { id, .. }) => {
                 sources.push(snapshot_row(resource, "", *id));

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use weft::catalog::{Catalog, NewEnvironment};
 use weft::model::{EnvKind, EnvState, Job, JobState};
-use weft::provenance::{LogOptions, ProvenanceLog};
 use weft_dpa::{DataType, Entry, Operation};
+use weft_provenance::log::{LogOptions, ProvenanceLog};
 
 /// A test's directories: images and exports (configured), and one outside both.
 struct Scene {

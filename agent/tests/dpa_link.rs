@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use weft::dpa::{proto, ApplyError, DpaLink, LinkLimits};
-use weft::provenance::{LogOptions, ProvenanceLog, Query};
 use weft_dpa::proto::{
     caps, encode, Applied, DataType, Decoder, Entry, Hello, Message, Operation, Welcome,
 };
+use weft_provenance::log::{LogOptions, ProvenanceLog, Query};
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use weft::dpa::{DpaLink, DpaSettings, LinkLimits, VsockHost, VsockMode};
-use weft::provenance::{LogOptions, ProvenanceLog};
 use weft_dpa::proto::{encode, Decoder, Hello, Message, PROTOCOL_VERSION};
+use weft_provenance::log::{LogOptions, ProvenanceLog};
 use weft_qmp::launch::VsockDevice;
 use weft_qmp::process::process_alive;
 

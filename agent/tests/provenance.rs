@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use weft::provenance::{LogOptions, ProvenanceError, ProvenanceLog, Query};
 use weft_dpa::{DataType, Entry, Operation};
+use weft_provenance::log::{LogOptions, ProvenanceError, ProvenanceLog, Query};
 
 const T0: i64 = 1_700_000_000_000_000;
 

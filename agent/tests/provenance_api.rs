@@ -6,10 +6,11 @@ use common::Weftd;
 
 use weft::catalog::{Catalog, NewEnvironment};
 use weft::model::{EnvKind, EnvState};
-use weft::provenance::service::{Page, RecordView};
-use weft::provenance::{LogOptions, ProvenanceLog};
+use weft_api::provenance::{Page, RecordView};
 use weft_client::{Client, ClientError};
 use weft_dpa::{DataType, Entry, Operation};
+use weft_provenance::log::{LogOptions, ProvenanceLog};
+use weft_provenance::view::format_us;
 
 const T0: i64 = 1_790_000_000_000_000; // 2026-09-21T...
 
@@ -95,10 +96,7 @@ async fn provenance_is_served_filtered_paged_and_removed_with_its_environment() 
     assert_eq!((r.vm.as_str(), r.seq, r.host_time_us), ("web", 5, T0 + 7));
     assert_eq!(r.collection, "customers");
     assert_eq!(r.new, Some(serde_json::json!({"customer_name": "Bob 5"})));
-    assert_eq!(
-        r.guest_time,
-        weft::provenance::service::format_us(T0 + 5_000_000)
-    );
+    assert_eq!(r.guest_time, format_us(T0 + 5_000_000));
 
     // Filters: table and key, source, guest time.
     let got = weftd.json(&[
@@ -114,8 +112,8 @@ async fn provenance_is_served_filtered_paged_and_removed_with_its_environment() 
         "5",
     ]);
     assert_eq!(seqs(&got), vec![7, 17, 37, 47, 67]);
-    let from = weft::provenance::service::format_us(T0 + 100_000_000);
-    let to = weft::provenance::service::format_us(T0 + 106_000_000);
+    let from = format_us(T0 + 100_000_000);
+    let to = format_us(T0 + 106_000_000);
     let got = weftd.json(&[
         "--json",
         "provenance",

@@ -13,11 +13,12 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use weft::provenance::service::{host_now_us, Page, RecordView};
-use weft::provenance::{LogOptions, ProvenanceLog};
+use weft::provenance::service::host_now_us;
+use weft_api::provenance::{Page, RecordView};
 use weft_client::Client;
 use weft_dpa::proto::{encode, Decoder, Hello, Message, PROTOCOL_VERSION};
 use weft_dpa::{DataType, Entry, Operation};
+use weft_provenance::log::{LogOptions, ProvenanceLog};
 
 fn entry(seq: u64, guest_time_us: i64) -> Entry {
     Entry {
@@ -310,7 +311,7 @@ async fn qemu_hostile_schemas_from_a_dpa_never_run_on_the_host() {
         "replay: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: weft::replay::ReplayReport = serde_json::from_slice(&out.stdout).unwrap();
+    let report: weft_api::provenance::ReplayReport = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (report.applied, report.skipped),
         (4, hostile.len() as u64),

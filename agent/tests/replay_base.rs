@@ -11,8 +11,9 @@ use std::process::Command;
 
 use serde_json::json;
 use sqlx::{ConnectOptions, Connection, Executor};
-use weft::replay_base::{extract, state_of, BaseLimits, SnapshotDisk, Sources};
+use weft::provenance::output::write_to;
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
+use weft_provenance::base::{extract, state_of, BaseLimits, SnapshotDisk, Sources};
 
 const CHUNK: u32 = 64 * 1024;
 
@@ -272,7 +273,7 @@ async fn a_hostile_database_on_the_guest_disk_runs_nothing_on_the_host() {
         .await
         .expect("a hostile table does not fail the base");
     let out = dir.path().join("out");
-    let written = state.write_to(&out).await;
+    let written = write_to(&state, &out).await;
     assert!(!escaped.exists(), "ATTACH ran on the host");
     assert_eq!(tree(&outside), Vec::<std::path::PathBuf>::new());
     let files = written.expect("the replay is written");
@@ -338,6 +339,7 @@ fn files_beyond_the_caps_are_refused_before_they_are_read() {
     ) else {
         panic!("a 1 GiB file was read");
     };
+    let e = e.to_string();
     let took = started.elapsed();
     assert!(
         e.contains("/big.json") && e.contains("1073741824 bytes"),
@@ -361,6 +363,7 @@ fn files_beyond_the_caps_are_refused_before_they_are_read() {
     let Err(e) = extract(&fs, &twice, scratch.path(), &tight) else {
         panic!("600 KiB read under a 512 KiB total");
     };
+    let e = e.to_string();
     assert!(e.contains("base_max_total_mib"), "{e}");
     let flags = Sources {
         kv: BTreeSet::from(["/data/flags/".to_string()]),
@@ -369,6 +372,7 @@ fn files_beyond_the_caps_are_refused_before_they_are_read() {
     let Err(e) = extract(&fs, &flags, scratch.path(), &tight) else {
         panic!("40 files read under a cap of 10");
     };
+    let e = e.to_string();
     assert!(e.contains("at most 10 files"), "{e}");
 }
 
@@ -392,6 +396,7 @@ fn a_disk_without_ext4_is_refused_clearly() {
     let Err(err) = SnapshotDisk::new(store, map).find_ext4() else {
         panic!("a disk of sevens holds no file system");
     };
+    let err = err.to_string();
     assert!(err.contains("no ext4 file system"), "{err}");
 }
 
@@ -442,6 +447,7 @@ fn superblocks_that_panicked_ext4_view_are_refused() {
         let Err(err) = SnapshotDisk::new(store, map).find_ext4() else {
             panic!("a superblock with {want} was taken");
         };
+        let err = err.to_string();
         assert!(err.contains(want), "{err}");
     }
 }

@@ -4,8 +4,8 @@
 //! the size of the log; it is alone in its binary so that no other test allocates
 //! meanwhile.
 
-use weft::provenance::{LogOptions, ProvenanceLog};
 use weft_dpa::{DataType, Entry, Operation};
+use weft_provenance::log::{LogOptions, ProvenanceLog};
 
 #[path = "common/counting.rs"]
 mod counting;
@@ -93,7 +93,7 @@ fn replay_holds_the_state_not_the_log() {
     assert!(logged > 45 << 20, "{logged} bytes of values");
 
     let before = counting::start();
-    let (state, summary) = weft::replay::rebuild(&log, "vm", None, i64::MAX).unwrap();
+    let (state, summary) = weft_provenance::state::rebuild(&log, "vm", None, i64::MAX).unwrap();
     let peak = counting::peak_since(before);
 
     assert_eq!(summary.applied, total, "every entry applied");

@@ -8,9 +8,10 @@
 
 use std::path::Path;
 
-use weft::provenance::{LogOptions, ProvenanceLog};
-use weft::replay_spill::Spilled;
+use weft::provenance::output::{write_spilled, write_to, Output};
 use weft_dpa::{DataType, Entry, Operation};
+use weft_provenance::log::{LogOptions, ProvenanceLog};
+use weft_provenance::spill::Spilled;
 
 #[path = "common/counting.rs"]
 mod counting;
@@ -123,10 +124,10 @@ fn a_replay_written_out_holds_neither_the_log_nor_the_state() {
     sqlite_highwater(true);
     let started = std::time::Instant::now();
     let (summary, written) = rt.block_on(async {
-        let output = weft::replay::Output::unconfined(&disk).unwrap();
+        let output = Output::unconfined(&disk).unwrap();
         let mut spilled = Spilled::create(output.work()).unwrap();
         let summary = spilled.rebuild(&log, "vm", None, i64::MAX).unwrap();
-        let written = spilled.write_to(&output).await.unwrap();
+        let written = write_spilled(&mut spilled, &output).await.unwrap();
         (summary, written)
     });
     let heap = counting::peak_since(before);
@@ -163,8 +164,8 @@ fn a_replay_written_out_holds_neither_the_log_nor_the_state() {
 
     // The in-memory replay writes the same files.
     let mem = dir.path().join("mem");
-    let (state, mem_summary) = weft::replay::rebuild(&log, "vm", None, i64::MAX).unwrap();
-    rt.block_on(state.write_to(&mem)).unwrap();
+    let (state, mem_summary) = weft_provenance::state::rebuild(&log, "vm", None, i64::MAX).unwrap();
+    rt.block_on(write_to(&state, &mem)).unwrap();
     assert_eq!(summary, mem_summary);
     assert!(
         std::fs::read(disk.join("etc/app.env")).unwrap()

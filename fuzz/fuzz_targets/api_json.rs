@@ -17,21 +17,15 @@ use std::time::{Duration, SystemTime};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use weft::api::{
-    ApplyComposition, AuditQuery, GcRequest, PolicyQuery, RouteRequest, SetConfig, SnapshotQuery,
-    TierRequest,
-};
-use weft::cgroups::Limits;
-use weft::compositions::{CreateComposition, ResolveRequest};
-use weft::model::{
-    CreateEnvironment, CreateSnapshot, EgressRequest, ExposeRequest, GuestPlan, PruneRequest,
-    RestoreRequest, UnexposeRequest,
-};
-use weft::policies::{next_run, SetPolicy};
-use weft::provenance::service::PageQuery;
-use weft::replay::ReplayRequest;
-use weft::sync::SyncRequest;
-use weft::weaves::CreateWeave;
+use weft_api::audit::AuditQuery;
+use weft_api::composition::{ApplyComposition, CreateComposition, ResolveRequest};
+use weft_api::env::{CreateEnvironment, Limits, SetConfig};
+use weft_api::net::{EgressRequest, ExposeRequest, GuestPlan, RouteRequest, UnexposeRequest};
+use weft_api::policy::{next_run, PolicyQuery, SetPolicy};
+use weft_api::provenance::{PageQuery, ReplayRequest};
+use weft_api::snapshot::{CreateSnapshot, PruneRequest, RestoreRequest, SnapshotQuery};
+use weft_api::store::{GcRequest, TierRequest};
+use weft_api::weave::{CreateWeave, SyncRequest};
 
 fn one_line(s: &str) -> bool {
     !s.contains('\n') && !s.contains('\r')

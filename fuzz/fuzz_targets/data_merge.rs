@@ -14,15 +14,18 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use weft::compose::{instant_id, merge_data, MapSource, Rules};
-use weft::replay::{data_source_matches, Item, State, MAX_LABEL};
+use weft_api::composition::{Rules, MAX_CONFLICTS};
+use weft_api::snapshot::Snapshot;
+use weft_compose::{instant_id, merge_data, MapSource};
+use weft_provenance::item::{data_source_matches, Item, MAX_LABEL};
+use weft_provenance::state::State;
 use weft_blockdev::store::BlockMap;
 use weft_dpa::{DataType, Entry, Operation};
 
 struct States(Vec<State>);
 
 impl MapSource for States {
-    fn block_map(&self, _: &weft::model::Snapshot) -> Result<BlockMap, String> {
+    fn block_map(&self, _: &Snapshot) -> Result<BlockMap, String> {
         Err("no disks".into())
     }
 
@@ -114,7 +117,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(merged.get(k), want, "item {k:?}");
             clashes += usize::from(clash);
         }
-        assert_eq!(m.conflicts.len(), clashes.min(weft::compose::MAX_CONFLICTS));
+        assert_eq!(m.conflicts.len(), clashes.min(MAX_CONFLICTS));
         assert!(m.conflicts.iter().all(|c| c.key.len() <= MAX_LABEL));
         let _ = State::from_items(&merged);
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft::dpa::{DpaLink, EntrySink, LinkLimits};
-use weft::provenance::ProvenanceError;
+use weft_provenance::log::ProvenanceError;
 use weft_dpa::proto::{Decoder, Entry};
 
 #[derive(Default)]

@@ -1,8 +1,8 @@
 //! Feeds an arbitrary disk image, as a guest's disk could hold it, to what
 //! `weft replay --base`, compose data merges and reconciliation do with a disk
-//! snapshot's file system: `weft::replay_base::load_ext4` (`ext4_view::Ext4::load`
+//! snapshot's file system: `weft_provenance::base::load_ext4` (`ext4_view::Ext4::load`
 //! behind a superblock check), then
-//! `weft::replay_base::extract` for the sources a provenance log could name (a JSON
+//! `weft_provenance::base::extract` for the sources a provenance log could name (a JSON
 //! document, a key-value file, a key-value directory, a SQLite database with its
 //! write-ahead log; guest paths with `..`, doubled and trailing slashes).
 //! It must never panic, and stay within the fuzzer's memory and time limits.
@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use weft::replay_base::{extract, load_ext4, BaseLimits, Sources};
+use weft_provenance::base::{extract, load_ext4, BaseLimits, Sources};
 
 fn scratch() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();

@@ -1,6 +1,6 @@
 //! Feeds a composition's rules file (TOML, or JSON when it starts with `{`), as
 //! `weft compose create --rules FILE` and `POST /v1/compositions` take it, to
-//! `weft::compose::Rules::parse` and then to `weft::compose::plan` over a fixed
+//! `weft_api::composition::Rules::parse` and then to `weft_compose::plan` over a fixed
 //! history (a disk with a branch, config snapshots, one pending and one failed
 //! snapshot, a `data:` source), as weftd does when it shows or applies a composition.
 //!
@@ -16,11 +16,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
-use weft::compose::{instant_id, plan, ConflictStrategy, MapSource, Origin, PlanInput, Rules};
-use weft::model::{Snapshot, SnapshotKind, SnapshotState};
-use weft::replay::{data_source_matches, Item, State};
+use weft_api::composition::{ConflictStrategy, Origin, Rules};
+use weft_api::snapshot::{Snapshot, SnapshotKind, SnapshotState};
+use weft_compose::{instant_id, plan, MapSource, PlanInput};
+use weft_provenance::item::{data_source_matches, Item};
+use weft_provenance::state::State;
 use weft_blockdev::store::{BlockMap, ChunkId, Slot};
-use weft_qmp::launch::VmConfig;
+use weft_api::vm::VmConfig;
 
 fn snap(
     id: i64,
@@ -196,6 +198,7 @@ fuzz_target!(|data: &[u8]| {
         resources: &resources,
         snapshots: &snaps,
         resolutions: &resolutions,
+        now: "2026-12-01T00:00:00.000000Z",
     };
     let p = match plan(&rules, &input, &maps) {
         Ok(p) => p,

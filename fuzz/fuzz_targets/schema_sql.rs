@@ -1,4 +1,4 @@
-//! Feeds a guest's table definition to where weftd runs it: `weft::replay_sql`, the
+//! Feeds a guest's table definition to where weftd runs it: `weft_provenance::sql`, the
 //! one place guest SQL reaches SQLite (a DPA `schema` entry or a `sqlite_master` row
 //! read off a guest's disk, when a replay or a composition writes its database).
 //!
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use weft::replay_sql::{check_create_table, create_table, open_output};
+use weft_provenance::sql::{check_create_table, create_table, open_output};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();

@@ -1,6 +1,6 @@
 //! Feeds an arbitrary file, as a guest's disk could hold it at a SQLite source's path,
 //! to what `weft replay --base` and reconciliation do with it once copied out of the
-//! snapshot: `weft::replay_base::state_of` opens it with SQLite and reads the tables
+//! snapshot: `weft_provenance::base::state_of` opens it with SQLite and reads the tables
 //! the provenance log names (their schema, columns, primary key, and every row as
 //! JSON). A corrupt or hostile database must give an error or a state, never a
 //! panic, within the fuzzer's limits.
@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use weft::replay_base::{state_of, Extracted, Sources};
+use weft_provenance::base::{state_of, Extracted, Sources};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();

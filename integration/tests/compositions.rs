@@ -6,10 +6,10 @@
 use std::path::Path;
 
 use anyhow::{ensure, Context as _};
-use weft::compose::{Conflict, Origin};
 use weft::compositions::CompositionView;
 use weft::model::{Job, NetSetup, Snapshot};
 use weft::weaves::SourceRow;
+use weft_api::composition::{Conflict, Origin};
 use weft_integration::{read_ext4_file, wait_until};
 
 mod common;

@@ -209,9 +209,9 @@ fn processes_naming(needle: &str) -> Vec<(u32, String)> {
 
 fn records(rig: &Rig) -> anyhow::Result<Vec<u64>> {
     let log =
-        weft::provenance::ProvenanceLog::open(rig.path("data/provenance"), Default::default())?;
+        weft_provenance::log::ProvenanceLog::open(rig.path("data/provenance"), Default::default())?;
     Ok(log
-        .query(ENV, &weft::provenance::Query::default())?
+        .query(ENV, &weft_provenance::log::Query::default())?
         .into_iter()
         .map(|r| r.entry.seq)
         .collect())

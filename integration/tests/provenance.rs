@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _};
-use weft::provenance::service::Page;
+use weft_api::provenance::Page;
 use weft_integration::{read_ext4_file, wait_until};
 
 mod common;
@@ -520,7 +520,7 @@ async fn qemu_provenance_survives_sigkill_and_reboot_and_replays_exactly() -> an
     )?;
     let rules = rules.to_str().context("utf-8")?;
     rig.weft_ok(&["compose", "create", "rm", "--env", "app", "--rules", rules])?;
-    let conflicts: Vec<weft::compose::Conflict> =
+    let conflicts: Vec<weft_api::composition::Conflict> =
         serde_json::from_str(&rig.weft_ok(&["--json", "compose", "conflicts", "rm"])?)?;
     ensure!(
         !conflicts.is_empty() && conflicts.iter().all(|c| c.resource == "data:*"),

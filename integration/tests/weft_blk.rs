@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
 use ring::digest::{digest, SHA256};
-use weft::compose::{merge, MapSource, PlanInput, Rules};
 use weft::model::Snapshot;
+use weft_api::composition::Rules;
 use weft_blockdev::blk::spec::DiskSpec;
 use weft_blockdev::blk::trace::read_trace;
 use weft_blockdev::blk::BlockDevice;
 use weft_blockdev::layers::LayerSpec;
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
+use weft_compose::{merge, MapSource, PlanInput};
 use weft_integration::{bin_path, wait_until, xorshift_fill, Guest, GuestOpts};
 use weft_qmp::launch::VhostUserDisk;
 
@@ -216,6 +217,7 @@ async fn qemu_weft_blk_serves_composed_layers_and_keeps_guest_writes() -> anyhow
             resources: &[],
             snapshots: &history,
             resolutions: &Default::default(),
+            now: "2026-12-01T00:00:00Z",
         },
         &Maps(&store),
     )

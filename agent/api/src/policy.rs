@@ -1,5 +1,7 @@
 //! Snapshot policies.
 
+use std::time::{Duration, SystemTime};
+
 use serde::{Deserialize, Serialize};
 
 use crate::snapshot::Keep;
@@ -14,6 +16,28 @@ pub struct PolicyQuery {
 /// Longest interval of a policy (100 years): its next run must be a time weftd can
 /// write, and RFC 3339 ends with the year 9999.
 pub const MAX_EVERY_SECS: u64 = 100 * 365 * 86_400;
+
+/// The last instant RFC 3339 can write (9999-12-31T23:59:59Z).
+const LAST_INSTANT_SECS: u64 = 253_402_300_799;
+
+/// When a policy runs next, `wait` after `t`, as the catalog stores it (RFC 3339).
+pub fn next_run(t: SystemTime, wait: Duration) -> String {
+    rfc3339(after(t, wait))
+}
+
+/// `wait` after `t`, or the last instant RFC 3339 can write if that is later (an
+/// addition past what `SystemTime` holds would panic).
+pub fn after(t: SystemTime, wait: Duration) -> SystemTime {
+    let last = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_INSTANT_SECS);
+    t.checked_add(wait).map_or(last, |n| n.min(last))
+}
+
+/// `t` as the catalog stores it: RFC 3339 with microseconds, clamped to the instants
+/// RFC 3339 can write.
+pub fn rfc3339(t: SystemTime) -> String {
+    let last = SystemTime::UNIX_EPOCH + Duration::from_secs(LAST_INSTANT_SECS);
+    humantime::format_rfc3339_micros(t.clamp(SystemTime::UNIX_EPOCH, last)).to_string()
+}
 
 /// A snapshot policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,5 +102,24 @@ impl SetPolicy {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_next_run_is_always_a_time_rfc_3339_writes() {
+        let now = SystemTime::now();
+        let soon = after(now, Duration::from_secs(60));
+        assert_eq!(soon.duration_since(now).unwrap(), Duration::from_secs(60));
+        // Before this, `now + every` panicked for u64::MAX seconds, and formatting
+        // panicked for anything after the year 9999.
+        for wait in [u64::MAX, 1 << 40, MAX_EVERY_SECS * 100] {
+            let t = next_run(now, Duration::from_secs(wait));
+            assert_eq!(t, "9999-12-31T23:59:59.000000Z");
+        }
+        assert!(next_run(now, Duration::from_secs(MAX_EVERY_SECS)).as_str() < "2200");
     }
 }

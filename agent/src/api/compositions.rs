@@ -58,7 +58,7 @@ pub(super) async fn delete_composition(
 pub(super) async fn composition_conflicts(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Vec<crate::compose::Conflict>>, ApiError> {
+) -> Result<Json<Vec<weft_api::composition::Conflict>>, ApiError> {
     Ok(Json(state.compositions.conflicts(&name).await?))
 }
 
@@ -67,7 +67,7 @@ pub(super) async fn resolve_composition(
     actor: Actor,
     Path(name): Path<String>,
     req: Result<Json<crate::compositions::ResolveRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Vec<crate::compose::Conflict>>, ApiError> {
+) -> Result<Json<Vec<weft_api::composition::Conflict>>, ApiError> {
     let req = body(req)?;
     let comps = state.compositions.clone();
     let who = actor.name();

@@ -6,8 +6,8 @@ pub(super) async fn replay(
     State(state): State<AppState>,
     actor: Actor,
     Path(name): Path<String>,
-    req: Result<Json<crate::replay::ReplayRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<crate::replay::ReplayReport>, ApiError> {
+    req: Result<Json<weft_api::provenance::ReplayRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<weft_api::provenance::ReplayReport>, ApiError> {
     let req = body(req)?;
     // Into a weave of the environment is an operator's; files written on the host,
     // or a push into anything else, are an admin's.
@@ -34,14 +34,16 @@ pub(super) async fn replay(
             // A push forced into something that is not one of the environment's weaves
             // gets a record of its own, on the target, with its outcome.
             let forced = match (&req.into, req.force) {
-                (Some(into), true) => crate::replay::not_a_weave_of(&manager, &env, into)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|why| (into.clone(), why)),
+                (Some(into), true) => {
+                    crate::provenance::replay::not_a_weave_of(&manager, &env, into)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|why| (into.clone(), why))
+                }
                 _ => None,
             };
-            let result = crate::replay::run(&manager, &snapshots, &env, &req).await;
+            let result = crate::provenance::replay::run(&manager, &snapshots, &env, &req).await;
             match forced {
                 Some((into, why)) => {
                     let detail = format!("state of {env:?} pushed with --force: {why}");
@@ -66,7 +68,7 @@ pub(super) async fn replay(
 pub(super) async fn provenance_records(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    Query(q): Query<crate::provenance::service::PageQuery>,
+    Query(q): Query<weft_api::provenance::PageQuery>,
 ) -> Result<Response, ApiError> {
     // A `Page`, serialised record by record as the log streamed into it.
     let body = crate::provenance::service::page(&state.manager, &name, q).await?;

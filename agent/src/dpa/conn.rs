@@ -22,7 +22,7 @@ use weft_dpa::proto::{
 
 use super::rate::VmRate;
 use super::{EntrySink, LinkLimits};
-use crate::provenance::ProvenanceError;
+use weft_provenance::log::ProvenanceError;
 
 /// Bytes read from a socket at once.
 const READ_CHUNK: usize = 64 * 1024;

@@ -33,7 +33,7 @@ pub use confine::DeviceUser;
 pub use conn::{ApplyError, DpaLink, VmStats};
 pub use device::{VsockHost, VsockPaths};
 
-use crate::provenance::{ProvenanceError, ProvenanceLog};
+use weft_provenance::log::{ProvenanceError, ProvenanceLog};
 
 /// Where the entries of a VM go: the provenance log. A trait so the link can be
 /// tested on its own; [`ProvenanceLog`] is the real one.

@@ -6,10 +6,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{info, warn};
 
-use super::{ProvenanceError, ProvenanceLog, Query, Record};
+use weft_api::provenance::{parse_time, PageQuery, RecordView};
+use weft_provenance::log::{ProvenanceError, ProvenanceLog, Query};
+
 use crate::envs::Manager;
-use crate::error::{one_line, ApiError};
-pub use weft_api::provenance::{parse_time, Page, PageQuery, RecordView};
+use crate::error::{error_chain, one_line, ApiError};
 
 /// Bytes of a page's JSON when the request does not say.
 pub const DEFAULT_PAGE_BYTES: usize = 4 << 20;
@@ -24,45 +25,6 @@ const PAGE_TAIL: usize = 72;
 /// How often weftd applies the retention rules.
 pub const RETENTION_PERIOD: Duration = Duration::from_secs(600);
 
-/// RFC 3339 with microseconds, or `@<µs>` for an instant outside years 1970-9999 (a
-/// guest's clock is whatever the guest says).
-pub fn format_us(us: i64) -> String {
-    const MAX: i64 = 253_402_300_799_999_999; // 9999-12-31T23:59:59.999999Z
-    match u64::try_from(us) {
-        Ok(u) if us <= MAX => {
-            humantime::format_rfc3339_micros(UNIX_EPOCH + Duration::from_micros(u)).to_string()
-        }
-        _ => format!("@{us}"),
-    }
-}
-
-fn json_value(text: &Option<String>) -> Option<serde_json::Value> {
-    text.as_ref()
-        .map(|t| serde_json::from_str(t).unwrap_or_else(|_| serde_json::Value::String(t.clone())))
-}
-
-impl From<&Record> for RecordView {
-    fn from(r: &Record) -> Self {
-        let e = &r.entry;
-        RecordView {
-            vm: r.vm.clone(),
-            seq: e.seq,
-            guest_time: format_us(e.guest_time_us),
-            guest_time_us: e.guest_time_us,
-            host_time: format_us(r.host_time_us),
-            host_time_us: r.host_time_us,
-            data_type: api_data_type(e.data_type),
-            op: api_operation(e.op),
-            source: e.source.clone(),
-            collection: e.collection.clone(),
-            key: e.key.clone(),
-            old: json_value(&e.old),
-            new: json_value(&e.new),
-            tx: e.tx,
-        }
-    }
-}
-
 /// The API's status for a log error.
 pub fn env_error(e: ProvenanceError) -> ApiError {
     let text = one_line(&e.to_string());
@@ -73,7 +35,7 @@ pub fn env_error(e: ProvenanceError) -> ApiError {
         | ProvenanceError::Branch(_) => ApiError::Conflict(text),
         ProvenanceError::Io { .. } | ProvenanceError::Corrupt { .. } => {
             // The cause chain names the file and the OS error.
-            ApiError::Internal(one_line(&crate::error::error_chain(&e)))
+            ApiError::Internal(one_line(&error_chain(&e)))
         }
     }
 }
@@ -94,7 +56,7 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(env_error)
 }
 
-/// One page of `name`'s provenance records: a [`Page`] as the API's JSON, at most
+/// One page of `name`'s provenance records: a [`weft_api::provenance::Page`] as the API's JSON, at most
 /// `max_bytes` of it (or one record larger than that).
 pub async fn page(manager: &Manager, name: &str, q: PageQuery) -> Result<Vec<u8>, ApiError> {
     manager
@@ -231,40 +193,8 @@ pub fn host_now_us() -> i64 {
         .unwrap_or(0)
 }
 
-/// The API's name for a kind of data the DPA sent.
-fn api_data_type(t: weft_dpa::DataType) -> weft_api::provenance::DataType {
-    use weft_api::provenance::DataType as Api;
-    match t {
-        weft_dpa::DataType::Sqlite => Api::Sqlite,
-        weft_dpa::DataType::Json => Api::Json,
-        weft_dpa::DataType::Kv => Api::Kv,
-    }
-}
-
-/// The API's name for an operation the DPA sent.
-fn api_operation(op: weft_dpa::Operation) -> weft_api::provenance::Operation {
-    use weft_api::provenance::Operation as Api;
-    match op {
-        weft_dpa::Operation::Insert => Api::Insert,
-        weft_dpa::Operation::Update => Api::Update,
-        weft_dpa::Operation::Delete => Api::Delete,
-        weft_dpa::Operation::Schema => Api::Schema,
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn times_format_and_parse() {
-        let us = parse_time("from", "2026-11-22T10:00:00.000123Z").unwrap();
-        assert_eq!(format_us(us), "2026-11-22T10:00:00.000123Z");
-        assert_eq!(format_us(-5), "@-5");
-        assert_eq!(format_us(i64::MAX), format!("@{}", i64::MAX));
-        assert!(parse_time("to", "yesterday").unwrap_err().contains("--to"));
-    }
-
     #[test]
     fn the_config_section_becomes_log_options() {
         use crate::config::Config;
@@ -285,7 +215,7 @@ mod tests {
         let d = Config::default().provenance.log_options();
         assert_eq!(
             d,
-            super::super::LogOptions::default(),
+            weft_provenance::log::LogOptions::default(),
             "the documented defaults agree"
         );
         for bad in [
@@ -298,18 +228,5 @@ mod tests {
                 "{bad}"
             );
         }
-    }
-
-    #[test]
-    fn values_show_as_json_and_bad_json_as_text() {
-        assert_eq!(
-            json_value(&Some("{\"a\":1}".into())),
-            Some(serde_json::json!({"a": 1}))
-        );
-        assert_eq!(
-            json_value(&Some("not json".into())),
-            Some(serde_json::json!("not json"))
-        );
-        assert_eq!(json_value(&None), None);
     }
 }

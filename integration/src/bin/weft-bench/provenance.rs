@@ -28,8 +28,8 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use rusqlite::{params, Connection};
-use weft::provenance::{LogOptions, ProvenanceLog, Query};
 use weft_dpa::{DataType, Entry, Operation};
+use weft_provenance::log::{LogOptions, ProvenanceLog, Query};
 
 use super::{median, min_max};
 
@@ -227,7 +227,7 @@ struct Side {
     bytes: u64,
     key_ms: f64,
     read_eps: f64,
-    /// Replay: the full read folded into application state (`weft::replay::State`).
+    /// Replay: the full read folded into application state (`weft_provenance::state::State`).
     replay_eps: f64,
 }
 
@@ -280,7 +280,7 @@ fn run_weft(dir: &Path, entries: &[Entry], keys: &[(String, String)]) -> Result<
     // Replay: read everything again and fold it into state, as `weft replay` does.
     let start = Instant::now();
     let all = log.query(VM, &Query::default())?;
-    let mut state = weft::replay::State::default();
+    let mut state = weft_provenance::state::State::default();
     let summary = state.apply_all(&all);
     let replay = start.elapsed().as_secs_f64();
     ensure!(
@@ -589,7 +589,7 @@ pub fn bench_provenance(n: usize, rounds: usize) -> Result<()> {
         median(&col(&peer, |s| s.read_eps))
     );
     println!(
-        "\n**replay** (full read + fold into state, `weft::replay::State::apply_all`): {:.0} entries/s (median)",
+        "\n**replay** (full read + fold into state, `weft_provenance::state::State::apply_all`): {:.0} entries/s (median)",
         median(&col(&weft, |s| s.replay_eps))
     );
     Ok(())

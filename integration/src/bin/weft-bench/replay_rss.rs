@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use weft::catalog::{Catalog, NewEnvironment};
 use weft::model::{EnvKind, EnvState};
-use weft::provenance::{LogOptions, ProvenanceLog};
-use weft::replay::{ReplayReport, ReplayRequest};
+use weft_api::provenance::{ReplayReport, ReplayRequest};
 use weft_client::Client;
 use weft_dpa::{DataType, Entry, Operation};
+use weft_provenance::log::{LogOptions, ProvenanceLog};
 
 use super::bench_dir;
 

@@ -24,11 +24,9 @@ use rusqlite::{params, Connection};
 use serde_json::Value;
 use weft_dpa::{DataType, Entry, Operation};
 
-use crate::provenance::{ProvenanceLog, Query, Record};
-use crate::replay::{
-    canonical_key, parse_value, write_state, Output, Pages, ReplayError, RowPage, State, Summary,
-    Written, PAGE,
-};
+use crate::error::ReplayError;
+use crate::log::{ProvenanceLog, Query, Record};
+use crate::state::{canonical_key, parse_value, Pages, RowPage, State, Summary, PAGE};
 
 /// Page cache of the scratch database, in KiB.
 pub const SCRATCH_CACHE_KIB: i64 = 8 * 1024;
@@ -228,7 +226,7 @@ impl Spilled {
         Ok(())
     }
 
-    /// Rebuilds `vm`'s state as of `to_us` from its log, like [`crate::replay::rebuild`]
+    /// Rebuilds `vm`'s state as of `to_us` from its log, like [`crate::state::rebuild`]
     /// (with `from_us`, only the items changed in `[from_us, to_us]` are written).
     pub fn rebuild(
         &mut self,
@@ -279,7 +277,7 @@ impl Spilled {
     }
 
     /// Keeps only the items changed in `[from_us, to_us]` (up to seq `seen`), as they
-    /// stand: the same items [`crate::replay::rebuild`] keeps for a window.
+    /// stand: the same items [`crate::state::rebuild`] keeps for a window.
     fn keep_window(
         &mut self,
         log: &ProvenanceLog,
@@ -339,23 +337,24 @@ impl Spilled {
         Ok(())
     }
 
-    /// Writes the state into `out` like [`State::write_into`] (the rows and keys read
-    /// back page by page).
-    pub async fn write_to(&mut self, out: &Output) -> Result<Written, ReplayError> {
+    /// Ends the scratch transaction: what was applied is then read back page by page
+    /// ([`Pages`]) to be written out.
+    pub fn finish(&mut self) -> Result<(), ReplayError> {
         if self.in_tx > 0 || !self.conn.is_autocommit() {
             self.conn
                 .execute_batch("COMMIT")
                 .map_err(|e| self.fail(e))?;
             self.in_tx = 0;
         }
-        let shape = std::mem::take(&mut self.mem);
-        let written = write_state(&shape, &*self, out).await;
-        self.mem = shape;
-        written
+        Ok(())
     }
 }
 
 impl Pages for Spilled {
+    fn shape(&self) -> &State {
+        &self.mem
+    }
+
     fn row_page(&self, db: &str, table: &str, after: Option<&str>) -> Result<RowPage, ReplayError> {
         // Two statements, not `?4 IS NULL OR key > ?4`: the key's range must reach the
         // index, or every page would scan the table from its first row.
@@ -412,10 +411,8 @@ impl Pages for Spilled {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::provenance::LogOptions;
+    use crate::log::LogOptions;
 
     const T0: i64 = 1_790_000_000_000_000;
 
@@ -555,128 +552,82 @@ mod tests {
         log
     }
 
-    /// Every file under `dir`: a database as its definitions and rows, others as text.
-    fn tree(dir: &Path) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
-            for f in std::fs::read_dir(&d).unwrap() {
-                let p = f.unwrap().path();
-                if p.is_dir() {
-                    stack.push(p);
-                    continue;
+    /// What a state holds, read back through [`Pages`] as a writer reads it: the
+    /// shape, the rows of each defined table and the keys of each key-value source.
+    fn read_back(p: &impl Pages) -> State {
+        let mut out = p.shape().clone();
+        for (db, s) in &mut out.sqlite {
+            s.rows.clear();
+            for table in s.schemas.keys() {
+                let rows = s.rows.entry(table.clone()).or_default();
+                let mut after: Option<String> = None;
+                loop {
+                    let page = p.row_page(db, table, after.as_deref()).unwrap();
+                    assert!(page.len() <= PAGE);
+                    let Some((last, _)) = page.last() else { break };
+                    after = Some(last.clone());
+                    rows.extend(page);
                 }
-                let name = p.strip_prefix(dir).unwrap().display().to_string();
-                let text = if name.ends_with(".db") {
-                    dump(&p)
-                } else {
-                    std::fs::read_to_string(&p).unwrap()
-                };
-                out.insert(name, text);
+            }
+        }
+        for (store, keys) in &mut out.kv {
+            keys.clear();
+            let mut after: Option<String> = None;
+            loop {
+                let page = p.kv_page(store, after.as_deref()).unwrap();
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                keys.extend(page);
             }
         }
         out
     }
 
-    fn dump(db: &Path) -> String {
-        let conn = Connection::open(db).unwrap();
-        let mut text = String::new();
-        let tables: Vec<(String, String)> = conn
-            .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name")
-            .unwrap()
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        for (name, sql) in tables {
-            text += &format!("{sql}\n");
-            let mut st = conn
-                .prepare(&format!("SELECT * FROM \"{name}\" ORDER BY 1"))
-                .unwrap();
-            let n = st.column_count();
-            let mut rows = st.query([]).unwrap();
-            while let Some(r) = rows.next().unwrap() {
-                for i in 0..n {
-                    text += &match r.get_ref(i).unwrap() {
-                        rusqlite::types::ValueRef::Text(t) => {
-                            format!("Text({:?}) ", String::from_utf8_lossy(t))
-                        }
-                        v => format!("{v:?} "),
-                    };
-                }
-                text += "\n";
-            }
-        }
-        text
-    }
-
-    async fn spilled(log: &ProvenanceLog, from: Option<i64>, out: &Path) -> (Summary, Written) {
-        let output = Output::unconfined(out).unwrap();
-        let mut s = Spilled::create(output.work()).unwrap();
-        let summary = s.rebuild(log, "vm", from, i64::MAX).unwrap();
-        let written = s.write_to(&output).await.unwrap();
-        (summary, written)
-    }
-
-    #[tokio::test]
-    async fn a_spilled_replay_writes_what_the_in_memory_one_writes() {
+    #[test]
+    fn a_spilled_replay_holds_what_the_in_memory_one_holds() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_of_every_kind(&dir.path().join("log"));
         let window = T0 + 1214 * 1000;
         for from in [None, Some(window)] {
-            let (a, b) = (dir.path().join("mem"), dir.path().join("disk"));
-            let _ = std::fs::remove_dir_all(&a);
-            let _ = std::fs::remove_dir_all(&b);
-            let (state, mem_summary) = crate::replay::rebuild(&log, "vm", from, i64::MAX).unwrap();
-            let mem_written = state.write_counted(&a).await.unwrap();
-            let (summary, written) = spilled(&log, from, &b).await;
+            let (state, mem_summary) = crate::state::rebuild(&log, "vm", from, i64::MAX).unwrap();
+            let mut s = Spilled::create(&dir.path().join("scratch")).unwrap();
+            let summary = s.rebuild(&log, "vm", from, i64::MAX).unwrap();
+            s.finish().unwrap();
             assert_eq!(summary, mem_summary, "window {from:?}");
             assert!(summary.skipped >= 4, "{summary:?}");
-            assert_eq!(written.rows_skipped, mem_written.rows_skipped);
-            let (ta, tb) = (tree(&a), tree(&b));
-            assert_eq!(ta, tb, "window {from:?}");
-            assert!(
-                tb.keys().all(|f| !f.contains("scratch")),
-                "the scratch file is gone"
-            );
-            assert!(tb.contains_key("etc/keys/token"));
+            let (a, b) = (read_back(&state), read_back(&s));
+            assert_eq!(a, b, "window {from:?}");
+            let keys = &b.kv["/etc/app.env"];
             match from {
-                None => {
-                    assert_eq!(written.rows_skipped, 2);
-                    assert!(tb["data/app.db"].contains("Text(\"row 1\")"));
-                    assert!(tb["etc/app.env"].lines().count() > 400);
-                }
-                Some(_) => {
-                    // Only what the window changed: updated rows, not the untouched ones.
-                    assert!(!tb["data/app.db"].contains("Text(\"row 1\")"));
-                    assert!(tb["data/app.db"].contains("Text(\"new 7\")"));
-                    assert_eq!(tb["etc/app.env"], "K0001=changed\n");
-                    assert!(!tb.contains_key("etc/app.json"));
-                }
+                None => assert!(keys.len() > 400, "{}", keys.len()),
+                Some(_) => assert_eq!(keys.len(), 1, "only what the window changed"),
             }
         }
+        let scratch: Vec<_> = std::fs::read_dir(dir.path().join("scratch"))
+            .unwrap()
+            .collect();
+        assert!(
+            scratch.is_empty(),
+            "the scratch files are gone: {scratch:?}"
+        );
     }
 
-    #[tokio::test]
-    async fn a_spilled_replay_applies_the_log_on_a_base() {
+    #[test]
+    fn a_spilled_replay_applies_the_log_on_a_base() {
         let dir = tempfile::tempdir().unwrap();
         let log = log_of_every_kind(&dir.path().join("log"));
         let mut base = State::default();
-        for (i, e) in (0..40).map(|i| {
-            (
-                i,
-                entry(
-                    1,
-                    DataType::Kv,
-                    Operation::Insert,
-                    "/etc/base.env",
-                    "",
-                    &format!("B{i}"),
-                    Some(r#""base""#),
-                ),
-            )
-        }) {
-            let _ = i;
+        for i in 0..40 {
+            let key = format!("B{i}");
+            let e = entry(
+                1,
+                DataType::Kv,
+                Operation::Insert,
+                "/etc/base.env",
+                "",
+                &key,
+                Some(r#""base""#),
+            );
             base.apply(&e).unwrap();
         }
         base.apply(&entry(
@@ -699,21 +650,10 @@ mod tests {
             Some(r#"{"id":5000,"v":"from the base","n":1}"#),
         ))
         .unwrap();
-        base.apply(&entry(
-            1,
-            DataType::Json,
-            Operation::Insert,
-            "/etc/base.json",
-            "",
-            "",
-            Some(r#"{"b":true}"#),
-        ))
-        .unwrap();
         let query = Query {
             from_us: Some(T0 + 900 * 1000),
             ..Default::default()
         };
-        let (a, b) = (dir.path().join("mem"), dir.path().join("disk"));
         let mut state = base.clone();
         let mut mem_summary = Summary::default();
         log.scan("vm", &query, |r| {
@@ -721,18 +661,14 @@ mod tests {
             ControlFlow::Continue(())
         })
         .unwrap();
-        state.write_counted(&a).await.unwrap();
-        let output = Output::unconfined(&b).unwrap();
-        let mut s = Spilled::create(output.work()).unwrap();
+        let mut s = Spilled::create(&dir.path().join("scratch")).unwrap();
         s.load(base).unwrap();
         let (summary, _) = s.apply_log(&log, "vm", &query, u64::MAX).unwrap();
-        s.write_to(&output).await.unwrap();
-        drop(s);
-        drop(output);
+        s.finish().unwrap();
         assert_eq!(summary, mem_summary);
-        let (ta, tb) = (tree(&a), tree(&b));
-        assert_eq!(ta, tb);
-        assert!(tb["data/app.db"].contains("from the base"));
-        assert_eq!(tb["etc/base.env"].lines().count(), 40);
+        let (a, b) = (read_back(&state), read_back(&s));
+        assert_eq!(a, b);
+        assert!(b.sqlite["/data/app.db"].rows["t"].contains_key("[5000]"));
+        assert_eq!(b.kv["/etc/base.env"].len(), 40);
     }
 }

@@ -14,7 +14,7 @@
 //! The disk is the guest's: what is read is bounded by [`BaseLimits`], checked
 //! against each inode's size before a byte is read (a sparse file claiming 1 GiB costs
 //! nothing to refuse), and a database copy is opened read-only with its triggers,
-//! views and attachments off ([`crate::replay_sql::open_guest_copy`]); a table whose
+//! views and attachments off ([`crate::sql::open_guest_copy`]); a table whose
 //! definition is not one plain `CREATE TABLE` is left out with a warning.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -28,8 +28,122 @@ use weft_blockdev::store::{BlockMap, ChunkStore, Slot};
 use weft_dpa::capture_format::{self, Key};
 use weft_dpa::DataType;
 
-use crate::provenance::Record;
-use crate::replay::{canonical_key, SqliteState, State};
+use crate::log::{ProvenanceError, ProvenanceLog, Query, Record};
+use crate::state::{canonical_key, SqliteState, State};
+
+/// Why a base could not be read off a disk snapshot. A limit names the weftd.toml key
+/// that raises it; a cause is kept as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseError {
+    /// More files (or key-value directory entries) than [`BaseLimits::max_files`].
+    #[error("{path}: a base reads at most {max} files from a disk (replay.base_max_files in weftd.toml)")]
+    TooManyFiles {
+        /// The file or directory being read.
+        path: String,
+        /// The limit.
+        max: u64,
+    },
+    /// A file larger than [`BaseLimits::max_file_bytes`].
+    #[error("{path} in the snapshot is {len} bytes, more than the {max} a base reads from one file (replay.base_max_file_mib in weftd.toml)")]
+    FileTooLarge {
+        /// The file.
+        path: String,
+        /// Its size.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A file that would take the disk past [`BaseLimits::max_total_bytes`].
+    #[error("{path} in the snapshot ({len} bytes) would take the base past the {max} bytes it reads from one disk (replay.base_max_total_mib in weftd.toml)")]
+    DiskTooLarge {
+        /// The file.
+        path: String,
+        /// Its size.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A file or directory of the snapshot's file system cannot be read.
+    #[error("{path} in the snapshot")]
+    File {
+        /// The path in the file system.
+        path: String,
+        /// The file system's error.
+        #[source]
+        source: ext4_view::Ext4Error,
+    },
+    /// A chunk of the snapshot cannot be read from the store.
+    #[error(transparent)]
+    Store(#[from] weft_blockdev::store::Error),
+    /// A chunk whose size is not its slot's.
+    #[error("chunk of slot {slot} holds {got} bytes, not {want}")]
+    ChunkSize {
+        /// The slot.
+        slot: usize,
+        /// The chunk's size.
+        got: usize,
+        /// The slot's size.
+        want: usize,
+    },
+    /// A read past the disk's end.
+    #[error("read of {len} bytes at {at} is past the disk's end")]
+    PastEnd {
+        /// Where the read starts.
+        at: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// No ext4 file system on the disk or its MBR partitions.
+    #[error("the snapshot holds no ext4 file system (whole disk or MBR partition)")]
+    NoExt4,
+    /// The superblock cannot be read.
+    #[error("the ext4 superblock")]
+    Superblock(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A superblock `ext4-view` would fail on (see [`load_ext4`]).
+    #[error("the ext4 file system is corrupt: its superblock says {0}")]
+    Corrupt(String),
+    /// `ext4-view` refused the file system.
+    #[error("the ext4 file system")]
+    Ext4(#[source] ext4_view::Ext4Error),
+    /// A copy in the scratch directory cannot be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// The copy.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON source that is not JSON.
+    #[error("{src} in the snapshot is not JSON")]
+    NotJson {
+        /// The guest path.
+        src: String,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A SQLite source that cannot be read.
+    #[error("{src} in the snapshot: {reason}")]
+    Database {
+        /// The guest path.
+        src: String,
+        /// Why.
+        reason: String,
+    },
+    /// The scratch directory cannot be made.
+    #[error("scratch directory")]
+    Scratch(#[source] std::io::Error),
+    /// The blocking task that reads a disk failed.
+    #[error("reading the disk failed: {0}")]
+    Task(String),
+    /// No disk could be read: why, for each.
+    #[error("{}", .0.join("; "))]
+    Unreadable(Vec<String>),
+    /// There was no disk.
+    #[error("no disk to read")]
+    NoDisk,
+}
 
 /// Decompressed chunks kept while a file system is read.
 const CACHE_CHUNKS: usize = 64;
@@ -72,40 +186,47 @@ impl Budget {
     }
 
     /// Counts one more file (or directory entry) against the limit.
-    fn count_file(&mut self, path: &str) -> Result<(), String> {
+    fn count_file(&mut self, path: &str) -> Result<(), BaseError> {
         self.files += 1;
         if self.files > self.limits.max_files {
-            return Err(format!(
-                "{path}: a base reads at most {} files from a disk (replay.base_max_files in weftd.toml)",
-                self.limits.max_files
-            ));
+            return Err(BaseError::TooManyFiles {
+                path: path.to_string(),
+                max: self.limits.max_files,
+            });
         }
         Ok(())
     }
 
     /// Reads file `path` of `fs` whole, once its inode's size is within the limits.
-    fn read(&mut self, fs: &Ext4, path: &str) -> Result<Vec<u8>, String> {
-        let meta = fs
-            .metadata(path)
-            .map_err(|e| format!("{path} in the snapshot: {e}"))?;
+    fn read(&mut self, fs: &Ext4, path: &str) -> Result<Vec<u8>, BaseError> {
+        let meta = fs.metadata(path).map_err(file_error(path))?;
         let len = meta.len();
         let l = self.limits;
+        let path_s = path.to_string();
         if len > l.max_file_bytes {
-            return Err(format!(
-                "{path} in the snapshot is {len} bytes, more than the {} a base reads from one file (replay.base_max_file_mib in weftd.toml)",
-                l.max_file_bytes
-            ));
+            return Err(BaseError::FileTooLarge {
+                path: path_s,
+                len,
+                max: l.max_file_bytes,
+            });
         }
         if self.bytes.saturating_add(len) > l.max_total_bytes {
-            return Err(format!(
-                "{path} in the snapshot ({len} bytes) would take the base past the {} bytes it reads from one disk (replay.base_max_total_mib in weftd.toml)",
-                l.max_total_bytes
-            ));
+            return Err(BaseError::DiskTooLarge {
+                path: path_s,
+                len,
+                max: l.max_total_bytes,
+            });
         }
         self.count_file(path)?;
         self.bytes += len;
-        fs.read(path)
-            .map_err(|e| format!("{path} in the snapshot: {e}"))
+        fs.read(path).map_err(file_error(path))
+    }
+}
+
+fn file_error(path: &str) -> impl FnOnce(ext4_view::Ext4Error) -> BaseError + '_ {
+    move |source| BaseError::File {
+        path: path.to_string(),
+        source,
     }
 }
 
@@ -129,7 +250,7 @@ impl SnapshotDisk {
         }
     }
 
-    fn chunk(&mut self, slot: usize) -> Result<Arc<Vec<u8>>, String> {
+    fn chunk(&mut self, slot: usize) -> Result<Arc<Vec<u8>>, BaseError> {
         if let Some(c) = self.cache.get(&slot) {
             return Ok(Arc::clone(c));
         }
@@ -137,12 +258,13 @@ impl SnapshotDisk {
         let data = match &self.map.slots[slot] {
             Slot::Zero => vec![0u8; len],
             Slot::Data(id) => {
-                let d = self.store.get(id).map_err(|e| e.to_string())?;
+                let d = self.store.get(id)?;
                 if d.len() != len {
-                    return Err(format!(
-                        "chunk of slot {slot} holds {} bytes, not {len}",
-                        d.len()
-                    ));
+                    return Err(BaseError::ChunkSize {
+                        slot,
+                        got: d.len(),
+                        want: len,
+                    });
                 }
                 d
             }
@@ -156,11 +278,11 @@ impl SnapshotDisk {
     }
 
     /// Reads `dst.len()` bytes at `at` (from the disk's start).
-    pub fn read_at(&mut self, at: u64, dst: &mut [u8]) -> Result<(), String> {
+    pub fn read_at(&mut self, at: u64, dst: &mut [u8]) -> Result<(), BaseError> {
         let end = at
             .checked_add(dst.len() as u64)
             .filter(|e| *e <= self.map.disk_size)
-            .ok_or_else(|| format!("read of {} bytes at {at} is past the disk's end", dst.len()))?;
+            .ok_or(BaseError::PastEnd { at, len: dst.len() })?;
         let mut pos = at;
         while pos < end {
             let slot = self.map.slot_of(pos);
@@ -177,7 +299,7 @@ impl SnapshotDisk {
 
     /// Finds the ext4 file system: on the whole disk, else in the first MBR primary
     /// partition that holds one.
-    pub fn find_ext4(mut self) -> Result<Ext4, String> {
+    pub fn find_ext4(mut self) -> Result<Ext4, BaseError> {
         let mut starts = vec![0u64];
         let mut mbr = [0u8; 512];
         if self.read_at(0, &mut mbr).is_ok() && mbr[510] == 0x55 && mbr[511] == 0xaa {
@@ -197,7 +319,7 @@ impl SnapshotDisk {
                 return load_ext4(Box::new(self), len);
             }
         }
-        Err("the snapshot holds no ext4 file system (whole disk or MBR partition)".into())
+        Err(BaseError::NoExt4)
     }
 }
 
@@ -214,15 +336,12 @@ pub const MAX_BLOCK_GROUPS: u64 = 1 << 20;
 /// past their end); more blocks than the disk holds, or more than
 /// [`MAX_BLOCK_GROUPS`] groups (their descriptors are allocated at once: a guest's
 /// superblock asked for 12 GiB).
-pub fn load_ext4(mut reader: Box<dyn ext4_view::Ext4Read>, len: u64) -> Result<Ext4, String> {
+pub fn load_ext4(mut reader: Box<dyn ext4_view::Ext4Read>, len: u64) -> Result<Ext4, BaseError> {
     const INCOMPAT_64BIT: u32 = 0x80;
     let mut sb = [0u8; 1024];
-    reader
-        .read(1024, &mut sb)
-        .map_err(|e| format!("the ext4 superblock: {e}"))?;
+    reader.read(1024, &mut sb).map_err(BaseError::Superblock)?;
     let u32_at = |at: usize| u32::from_le_bytes([sb[at], sb[at + 1], sb[at + 2], sb[at + 3]]);
-    let corrupt =
-        |what: String| format!("the ext4 file system is corrupt: its superblock says {what}");
+    let corrupt = BaseError::Corrupt;
     let per_group = u64::from(u32_at(0x20));
     if per_group == 0 {
         return Err(corrupt("0 blocks per group".into()));
@@ -253,7 +372,7 @@ pub fn load_ext4(mut reader: Box<dyn ext4_view::Ext4Read>, len: u64) -> Result<E
             "{groups} block groups, more than the {MAX_BLOCK_GROUPS} weft reads"
         )));
     }
-    Ext4::load(reader).map_err(|e| format!("the ext4 file system: {e}"))
+    Ext4::load(reader).map_err(BaseError::Ext4)
 }
 
 impl ext4_view::Ext4Read for SnapshotDisk {
@@ -289,6 +408,30 @@ impl Sources {
             s.add(&r.entry);
         }
         s
+    }
+
+    /// Every source and table `vm`'s log names up to `to_us`, streamed; and the highest
+    /// seq seen.
+    pub fn of_log(
+        log: &ProvenanceLog,
+        vm: &str,
+        to_us: Option<i64>,
+    ) -> Result<(Sources, u64), ProvenanceError> {
+        let mut sources = Sources::default();
+        let mut seen = 0;
+        log.scan(
+            vm,
+            &Query {
+                to_us,
+                ..Default::default()
+            },
+            |r| {
+                seen = r.entry.seq;
+                sources.add(&r.entry);
+                std::ops::ControlFlow::Continue(())
+            },
+        )?;
+        Ok((sources, seen))
     }
 
     /// Adds the source and table `e` names (replay streams the log through this).
@@ -344,7 +487,7 @@ pub fn extract(
     sources: &Sources,
     scratch: &Path,
     limits: &BaseLimits,
-) -> Result<Extracted, String> {
+) -> Result<Extracted, BaseError> {
     let mut budget = Budget::new(*limits);
     let mut x = Extracted {
         json: BTreeMap::new(),
@@ -362,11 +505,9 @@ pub fn extract(
         let Some(p) = locate(fs, src) else { continue };
         let mut map = BTreeMap::new();
         if src.ends_with('/') {
-            let list = fs
-                .read_dir(p.as_str())
-                .map_err(|e| format!("{p} in the snapshot: {e}"))?;
+            let list = fs.read_dir(p.as_str()).map_err(file_error(&p))?;
             for ent in list {
-                let ent = ent.map_err(|e| format!("{p} in the snapshot: {e}"))?;
+                let ent = ent.map_err(file_error(&p))?;
                 budget.count_file(&p)?;
                 let name = ent.file_name().as_str().unwrap_or_default().to_string();
                 let is_file = ent
@@ -389,13 +530,11 @@ pub fn extract(
     for (n, src) in sources.sqlite.keys().enumerate() {
         let Some(p) = locate(fs, src) else { continue };
         let copy = scratch.join(format!("db{n}.sqlite"));
-        std::fs::write(&copy, budget.read(fs, &p)?)
-            .map_err(|e| format!("cannot write {}: {e}", copy.display()))?;
+        std::fs::write(&copy, budget.read(fs, &p)?).map_err(write_error(&copy))?;
         let wal = format!("{p}-wal");
         if fs.exists(wal.as_str()).unwrap_or(false) {
             let to = scratch.join(format!("db{n}.sqlite-wal"));
-            std::fs::write(&to, budget.read(fs, &wal)?)
-                .map_err(|e| format!("cannot write {}: {e}", to.display()))?;
+            std::fs::write(&to, budget.read(fs, &wal)?).map_err(write_error(&to))?;
         }
         x.sqlite.insert(src.clone(), copy);
         x.found.insert(src.clone(), p);
@@ -403,12 +542,21 @@ pub fn extract(
     Ok(x)
 }
 
+fn write_error(path: &Path) -> impl FnOnce(std::io::Error) -> BaseError + '_ {
+    move |source| BaseError::Write {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// Builds the base state from what [`extract`] read.
-pub async fn state_of(x: &Extracted, sources: &Sources) -> Result<State, String> {
+pub async fn state_of(x: &Extracted, sources: &Sources) -> Result<State, BaseError> {
     let mut state = State::default();
     for (src, bytes) in &x.json {
-        let doc: Value = serde_json::from_slice(bytes)
-            .map_err(|e| format!("{src} in the snapshot is not JSON: {e}"))?;
+        let doc: Value = serde_json::from_slice(bytes).map_err(|source| BaseError::NotJson {
+            src: src.clone(),
+            source,
+        })?;
         state.json.insert(src.clone(), doc);
     }
     state.kv = x.kv.clone();
@@ -416,7 +564,10 @@ pub async fn state_of(x: &Extracted, sources: &Sources) -> Result<State, String>
         let tables = sources.sqlite.get(src).cloned().unwrap_or_default();
         let db = read_sqlite(copy, &tables)
             .await
-            .map_err(|e| format!("{src} in the snapshot: {e}"))?;
+            .map_err(|reason| BaseError::Database {
+                src: src.clone(),
+                reason,
+            })?;
         state.sqlite.insert(src.clone(), db);
     }
     Ok(state)
@@ -431,13 +582,13 @@ pub async fn disks_state(
     maps: Vec<BlockMap>,
     sources: &Sources,
     limits: &BaseLimits,
-) -> Result<(State, Found), String> {
+) -> Result<(State, Found), BaseError> {
     let mut state = State::default();
     let mut found = Found::new();
     let mut unreadable = Vec::new();
     let n = maps.len();
     for (i, map) in maps.into_iter().enumerate() {
-        let scratch = tempfile::tempdir().map_err(|e| format!("scratch directory: {e}"))?;
+        let scratch = tempfile::tempdir().map_err(BaseError::Scratch)?;
         let (store, srcs, path) = (store.clone(), sources.clone(), scratch.path().to_owned());
         let limits = *limits;
         let extracted = tokio::task::spawn_blocking(move || {
@@ -445,15 +596,15 @@ pub async fn disks_state(
             extract(&fs, &srcs, &path, &limits)
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| BaseError::Task(e.to_string()))?;
         let x = match extracted {
             Ok(x) => x,
             Err(e) if n == 1 => {
-                unreadable.push(e);
+                unreadable.push(error_chain(&e));
                 continue;
             }
             Err(e) => {
-                unreadable.push(format!("disk {}: {e}", i + 1));
+                unreadable.push(format!("disk {}: {}", i + 1, error_chain(&e)));
                 continue;
             }
         };
@@ -476,17 +627,29 @@ pub async fn disks_state(
     }
     if unreadable.len() == n {
         return Err(if n == 0 {
-            "no disk to read".into()
+            BaseError::NoDisk
         } else {
-            unreadable.join("; ")
+            BaseError::Unreadable(unreadable)
         });
     }
     Ok((state, found))
 }
 
+/// `e` and its causes, `top: cause: cause`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 async fn read_sqlite(copy: &Path, tables: &BTreeSet<String>) -> Result<SqliteState, String> {
     // Read-only, which still reads what the write-ahead log holds.
-    let mut conn = crate::replay_sql::open_guest_copy(copy)
+    let mut conn = crate::sql::open_guest_copy(copy)
         .await
         .map_err(|e| e.to_string())?;
     let mut db = SqliteState::default();
@@ -501,7 +664,7 @@ async fn read_sqlite(copy: &Path, tables: &BTreeSet<String>) -> Result<SqliteSta
                 .await
                 .map_err(|e| e.to_string())?;
         let Some(sql) = sql else { continue };
-        if let Err(refused) = crate::replay_sql::check_create_table(table, &sql) {
+        if let Err(refused) = crate::sql::check_create_table(table, &sql) {
             tracing::warn!(db = %copy.display(), %refused, "the base leaves a table out");
             continue;
         }
@@ -586,7 +749,7 @@ mod tests {
             sqlite: BTreeMap::from([(src.clone(), copy)]),
             found: BTreeMap::from([(src.clone(), src)]),
         };
-        let e = state_of(&x, &sources).await.unwrap_err();
+        let e = state_of(&x, &sources).await.unwrap_err().to_string();
         assert!(e.contains("table \"t\"") && !e.contains('\n'), "{e}");
     }
 }
