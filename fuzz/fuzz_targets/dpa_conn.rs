@@ -1,5 +1,5 @@
 //! Feeds bytes a guest's DPA sends over its vsock connection to weftd's connection
-//! handler (`weft::dpa::DpaLink::accept`: the hello with its timeout, batches checked
+//! handler (`weft_provenance::link::DpaLink::accept`: the hello with its timeout, batches checked
 //! for sequence, appends, acks, the replies it writes back), then closes the
 //! connection. The sink is an in-memory log with the provenance log's sequence rules
 //! (entries at or below the last durable seq are skipped, a gap is refused). It must
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft::dpa::{DpaLink, EntrySink, LinkLimits};
+use weft_provenance::link::{DpaLink, EntrySink, LinkLimits};
 use weft_provenance::log::ProvenanceError;
 use weft_dpa::proto::{Decoder, Entry};
 

@@ -20,6 +20,7 @@
 pub mod base;
 pub mod error;
 pub mod item;
+pub mod link;
 pub mod log;
 pub mod spill;
 pub mod sql;

@@ -17,9 +17,7 @@
 
 mod cids;
 pub mod confine;
-mod conn;
 pub(crate) mod device;
-pub mod rate;
 mod vsock;
 
 use std::path::PathBuf;
@@ -30,42 +28,8 @@ pub use weft_dpa::proto::{self, Applied, Entry, DPA_PORT};
 
 pub use cids::{CidError, CidTable};
 pub use confine::DeviceUser;
-pub use conn::{ApplyError, DpaLink, VmStats};
 pub use device::{VsockHost, VsockPaths};
-
-use weft_provenance::log::{ProvenanceError, ProvenanceLog};
-
-/// Where the entries of a VM go: the provenance log. A trait so the link can be
-/// tested on its own; [`ProvenanceLog`] is the real one.
-pub trait EntrySink: Send + Sync + 'static {
-    /// Appends `entries` of `vm`, durable on return; returns the VM's highest durable
-    /// seq. Entries at or below it are skipped, a first new seq beyond it + 1 is
-    /// [`ProvenanceError::Gap`], and a VM over its storage quota gets
-    /// [`ProvenanceError::Quota`].
-    fn append(
-        &self,
-        vm: &str,
-        host_time_us: i64,
-        entries: &[Entry],
-    ) -> Result<u64, ProvenanceError>;
-    /// The VM's highest durable seq (0 for none).
-    fn last_seq(&self, vm: &str) -> Result<u64, ProvenanceError>;
-}
-
-impl EntrySink for ProvenanceLog {
-    fn append(
-        &self,
-        vm: &str,
-        host_time_us: i64,
-        entries: &[Entry],
-    ) -> Result<u64, ProvenanceError> {
-        ProvenanceLog::append(self, vm, host_time_us, entries)
-    }
-
-    fn last_seq(&self, vm: &str) -> Result<u64, ProvenanceError> {
-        ProvenanceLog::last_seq(self, vm)
-    }
-}
+pub use weft_provenance::link::{ApplyError, DpaLink, EntrySink, LinkLimits, VmStats};
 
 /// Default first id of the per-VM device users: well above the ids distributions
 /// hand out (below 60000) and the usual subordinate ranges of containers, and below
@@ -187,30 +151,14 @@ impl DpaSettings {
     }
 }
 
-/// Per-VM limits and timeouts of [`DpaLink`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LinkLimits {
-    /// Entries per second per VM (0: no limit).
-    pub entries_per_sec: u64,
-    /// Bytes per second read from a VM (0: no limit).
-    pub bytes_per_sec: u64,
-    /// How long a new connection has to say hello.
-    pub hello_timeout: Duration,
-    /// How long reading a VM pauses when its log is at its quota.
-    pub quota_pause: Duration,
-    /// How long [`DpaLink::apply`] waits for the guest.
-    pub apply_timeout: Duration,
-}
-
-impl Default for LinkLimits {
-    fn default() -> Self {
-        DpaSettings::default().limits()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_settings_give_the_links_default_limits() {
+        assert_eq!(DpaSettings::default().limits(), LinkLimits::default());
+    }
 
     #[test]
     fn settings_parse_and_check() {

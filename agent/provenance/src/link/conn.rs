@@ -22,7 +22,7 @@ use weft_dpa::proto::{
 
 use super::rate::VmRate;
 use super::{EntrySink, LinkLimits};
-use weft_provenance::log::ProvenanceError;
+use crate::log::ProvenanceError;
 
 /// Bytes read from a socket at once.
 const READ_CHUNK: usize = 64 * 1024;
@@ -635,7 +635,7 @@ impl ConnCtx {
         tokio::task::spawn_blocking(move || sink.last_seq(&vm))
             .await
             .map_err(|e| ConnError::Log(e.to_string()))?
-            .map_err(|e| ConnError::Log(crate::error::error_chain(&e)))
+            .map_err(|e| ConnError::Log(error_chain(&e)))
     }
 
     /// Appends `entries` (after the VM's rate allows them) and acknowledges them.
@@ -685,7 +685,7 @@ impl ConnCtx {
                     tokio::time::sleep(pause.max(Duration::from_millis(100))).await;
                 }
                 // With its cause: "cannot write <segment>: No space left on device".
-                Err(e) => return Err(ConnError::Log(crate::error::error_chain(&e))),
+                Err(e) => return Err(ConnError::Log(error_chain(&e))),
             }
         }
     }
@@ -709,4 +709,16 @@ fn kind(msg: &Message) -> &'static str {
         Message::Applied(_) => "applied",
         Message::Goodbye { .. } => "goodbye",
     }
+}
+
+/// An error with its causes, `top: cause: cause`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
