@@ -20,9 +20,12 @@
 //! connection and fails every pending request, nothing panics.
 
 mod client;
+mod conn;
+mod handshake;
 pub mod proto;
 
-pub use client::{BlockSize, NbdClient};
+pub use client::NbdClient;
+pub use handshake::BlockSize;
 pub use proto::{Extent, NBD_STATE_DIRTY, NBD_STATE_HOLE, NBD_STATE_ZERO};
 
 /// The largest request this client sends (the protocol's default maximum payload).

@@ -726,7 +726,7 @@ impl ChunkStore {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{touch_verified, StoreConfig};
+    use super::super::{chunks::touch_verified, StoreConfig};
     use super::*;
 
     fn store(dir: &Path) -> ChunkStore {

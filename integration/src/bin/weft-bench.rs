@@ -44,7 +44,7 @@ use weft_qmp::process::SpawnOptions;
 use weft_qmp::qapi::qmp;
 use weft_qmp::Qmp;
 
-#[path = "weft-bench/backup.rs"]
+#[path = "weft-bench/backup/mod.rs"]
 mod backup;
 #[path = "weft-bench/blk.rs"]
 mod blk;
