@@ -6,7 +6,7 @@ DEMO_SOCKET := $(DEMO_DIR)/run/weftd.sock
 WEFT := $(CURDIR)/target/debug/weft --socket $(DEMO_SOCKET)
 PREFIX ?= /usr/local
 
-.PHONY: all build toolchain deps tools vsock-device assets fmt clippy check-layers test demo demo-stop install clean bench fuzz-campaign reliability
+.PHONY: check-layers fuzz-check all build toolchain deps tools vsock-device assets fmt clippy test demo demo-stop install clean bench fuzz-campaign reliability
 
 all: build
 
@@ -47,6 +47,11 @@ clippy:
 check-layers:
 	python3 scripts/check-layers
 
+## fuzz-check: the fuzz targets still compile against the crates they fuzz (a plain
+## `cargo check`, no sanitizer build; fuzz/README.md says how to run them)
+fuzz-check:
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) check --locked --bins
+
 ## test: everything CI checks
 # Steps run in order even under make -j: each needs the one before.
 test:
@@ -55,6 +60,8 @@ test:
 	$(MAKE) fmt
 	$(MAKE) clippy
 	bash scripts/test-check-layers
+	$(MAKE) check-layers
+	$(MAKE) fuzz-check
 	$(MAKE) assets
 	$(CARGO) nextest run --workspace --profile ci
 
