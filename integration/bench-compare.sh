@@ -20,8 +20,9 @@
 # `NEW/../bench`), so they read the same cached backup image and blk store. The figures are
 # taken from each run's markdown tables (stdout); every run's stdout and stderr are kept in
 # DIR (default: a new directory under /tmp). The result is one markdown table per measure:
-# the old and new medians over the rounds, new/old, and the per-round values; a new/old
-# outside 0.90–1.10 is marked. Exits non-zero if a run fails or a figure is missing.
+# the old and new medians over the rounds, new/old, the median of each round's own new/old
+# ("paired") and the per-round values; a new/old outside 0.90–1.10 is marked. A run that fails is run once more (the message and the
+# failed run's log say so); it exits non-zero if it fails again or a figure is missing.
 #
 # Measures (each a weft-side figure; ratios are to the peer in the same run):
 #   backup  weft full (plain store) s and MiB/s, weft full (encrypted) s, full throughput
@@ -120,10 +121,15 @@ for bench in ${only//,/ }; do
             out=$logs/$bench-$side-$round.out
             err=$logs/$bench-$side-$round.err
             start=$(date +%s)
+            # A run that fails is run once more (its log kept as .failed); a second failure stops.
             if ! "$dir/weft-bench" "$bench" --rounds 1 >"$out" 2>"$err"; then
-                echo "bench-compare: $bench $side round $round failed; see $err:" >&2
-                tail -5 "$err" >&2
-                exit 1
+                mv "$err" "$err.failed"
+                echo "bench-compare: $bench $side round $round failed ($(tail -1 "$err.failed")); running it again, the failed run's log is $err.failed" >&2
+                if ! "$dir/weft-bench" "$bench" --rounds 1 >"$out" 2>"$err"; then
+                    echo "bench-compare: $bench $side round $round failed again; see $err:" >&2
+                    tail -5 "$err" >&2
+                    exit 1
+                fi
             fi
             echo "bench-compare: $bench round $round $side done in $(($(date +%s) - start)) s (load $(cut -d' ' -f1 /proc/loadavg))" >&2
             parse "$bench" "$side" "$round" "$out"
@@ -133,8 +139,10 @@ done
 
 echo "bench-compare: load after: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 
-# One row per measure: medians, new/old, and the rounds' values in order.
-awk -F'\t' -v rounds="$rounds" '
+# One row per measure: medians, new/old of the medians, the median of the rounds' own new/old
+# (each round's two runs ran back to back, so this pairs like with like when the load
+# drifts), and the rounds' values in order.
+awk -F'\t' '
     function median(list,   n, a, i, j, t) {
         n = split(list, a, " ")
         for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
@@ -142,16 +150,20 @@ awk -F'\t' -v rounds="$rounds" '
     }
     function fmt(x) { return x >= 100 ? sprintf("%.0f", x) : x >= 10 ? sprintf("%.1f", x) : sprintf("%.3f", x) }
     !(($1 SUBSEP $2) in seen) { seen[$1, $2] = 1; order[++n] = $1 SUBSEP $2; name[n] = $2 }
-    { vals[$1, $2, $3] = vals[$1, $2, $3] (vals[$1, $2, $3] == "" ? "" : " ") $5 }
+    { vals[$1, $2, $3] = vals[$1, $2, $3] (vals[$1, $2, $3] == "" ? "" : " ") $5; at[$1, $2, $3, $4] = $5 }
     END {
-        print "| measure | old median | new median | new/old | rounds (old; new) |"
-        print "| --- | ---: | ---: | ---: | --- |"
+        print "| measure | old median | new median | new/old | paired new/old | rounds (old; new) |"
+        print "| --- | ---: | ---: | ---: | ---: | --- |"
         for (i = 1; i <= n; i++) {
             k = order[i]
             o = median(vals[k, "old"]); w = median(vals[k, "new"])
             r = o > 0 ? w / o : 0
             flag = (r < 0.9 || r > 1.1) ? " (outside 10 %)" : ""
-            o_s = vals[k, "old"]; w_s = vals[k, "new"]
-            printf "| %s | %s | %s | %.3f%s | %s; %s |\n", name[i], fmt(o), fmt(w), r, flag, o_s, w_s
+            pairs = ""
+            for (q = 1; (k, "old", q) in at; q++)
+                if ((k, "new", q) in at && at[k, "old", q] > 0)
+                    pairs = pairs (pairs == "" ? "" : " ") at[k, "new", q] / at[k, "old", q]
+            p = pairs == "" ? "" : sprintf("%.3f", median(pairs))
+            printf "| %s | %s | %s | %.3f%s | %s | %s; %s |\n", name[i], fmt(o), fmt(w), r, flag, p, vals[k, "old"], vals[k, "new"]
         }
     }' "$results" | tee "$logs/table.md"
