@@ -340,4 +340,46 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn a_library_message_that_shows_its_cause_does_not_repeat_it() {
+        let e = ApiError::store(
+            "snapshot 3",
+            weft_blockdev::store::Error::Io {
+                op: "write chunk",
+                path: "/s/chunks/ab".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            },
+        );
+        assert_eq!(
+            error_chain(&e),
+            "snapshot 3: write chunk /s/chunks/ab: No space left on device (os error 28)"
+        );
+    }
+
+    #[test]
+    fn a_cause_without_context_is_the_whole_text() {
+        let e = ApiError::from(weft_qmp::Error::Io(std::io::Error::from_raw_os_error(
+            libc::EPIPE,
+        )));
+        assert_eq!(e.one_line(), "i/o error: Broken pipe (os error 32)");
+        assert_eq!(e.to_string(), "i/o error: Broken pipe (os error 32)");
+    }
+
+    #[test]
+    fn the_one_line_text_reaches_the_os_error_below_a_library_error() {
+        // netns shows only what it did; the OS error is its source.
+        let e = ApiError::net(
+            "weave w1",
+            weft_netns::Error::Os {
+                op: "create namespace weft-w1".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            },
+        );
+        assert_eq!(e.to_string(), "weave w1");
+        assert_eq!(
+            e.one_line(),
+            "weave w1: cannot create namespace weft-w1: No space left on device (os error 28)"
+        );
+    }
 }
