@@ -16,7 +16,8 @@ use crate::catalog::CatalogError;
 /// Variants with a `source` say what was being done in `what` (such as "cannot create
 /// /x/y") and keep the library's error as the cause: [`error_chain`] gives
 /// `what: cause: cause`. An empty `what` shows the cause alone. Turn an `ApiError`
-/// into text with [`error_chain`] only: its `Display` alone drops the cause.
+/// into text with [`ApiError::one_line`] (or [`error_chain`]): its `Display` alone drops
+/// the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// No environment has that name.
