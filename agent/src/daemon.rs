@@ -251,7 +251,7 @@ pub async fn run(config: Config) -> Result<()> {
         Ok(s) => s,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
-            return Err(anyhow::Error::new(e).context("cannot open the chunk store"));
+            return Err(anyhow::Error::msg(e.one_line()).context("cannot open the chunk store"));
         }
     };
     let manager = Manager::new(config, catalog.clone());
@@ -288,7 +288,7 @@ pub async fn run(config: Config) -> Result<()> {
     };
     if let Err(e) = recovered.await {
         let _ = std::fs::remove_file(&socket);
-        return Err(anyhow::Error::new(e).context("cannot recover environments"));
+        return Err(anyhow::Error::msg(e.one_line()).context("cannot recover environments"));
     }
     info!(socket = %socket.display(), "weftd ready");
     notify(&[
@@ -302,7 +302,7 @@ pub async fn run(config: Config) -> Result<()> {
         .map(|log| tokio::spawn(crate::provenance::service::retention_task(log)));
     let weaves = crate::weaves::Weaves::new(manager.clone(), snapshots.clone());
     if let Err(e) = weaves.recover().await {
-        warn!(error = %e, "cannot recover weaves");
+        warn!(error = %e.one_line(), "cannot recover weaves");
     }
     let compositions = crate::compositions::Compositions::new(manager.clone(), snapshots.clone());
     let state = AppState {

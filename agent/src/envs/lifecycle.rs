@@ -13,11 +13,10 @@ impl Manager {
         let files = self.files(name);
         let dir = self.env_dir(name);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), e))?;
         if let Some(parent) = socket.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                ApiError::Internal(format!("cannot create {}: {e}", parent.display()))
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| ApiError::io(format!("cannot create {}", parent.display()), e))?;
         }
         // Never start a second QEMU beside one that survived an earlier weftd
         // (the launcher replaces the socket file, which would orphan it for good).
@@ -50,11 +49,10 @@ impl Manager {
                 (run, run.join("sync")),
             ] {
                 user.give_dir(root, &d).map_err(|e| {
-                    ApiError::Internal(format!(
-                        "cannot give {} to qemu_user {}: {e}",
-                        d.display(),
-                        user.spec
-                    ))
+                    ApiError::io(
+                        format!("cannot give {} to qemu_user {}", d.display(), user.spec),
+                        e,
+                    )
                 })?;
             }
         }
@@ -100,9 +98,7 @@ impl Manager {
             Ok(process) => process,
             Err(e) => {
                 self.release_hooks(name).await;
-                return Err(ApiError::Qemu(one_line(&format!(
-                    "cannot start QEMU for {name:?}: {e}"
-                ))));
+                return Err(ApiError::qmp(format!("cannot start QEMU for {name:?}"), e));
             }
         };
         let pid = process.pid();
@@ -237,7 +233,8 @@ impl Manager {
         if env.kind == EnvKind::Attached {
             let qmp = recovery::connect_attached(&self.config, &env.qmp_socket).await.map_err(|e| {
                 ApiError::Conflict(format!(
-                    "{name:?} is attached and its owner runs it: start the VM there (e.g. `virsh start`) first; {e}"
+                    "{name:?} is attached and its owner runs it: start the VM there (e.g. `virsh start`) first; {}",
+                    e.one_line()
                 ))
             })?;
             self.catalog
@@ -263,7 +260,7 @@ impl Manager {
         if let Err(e) = self.launch(name, &config, &env.qmp_socket).await {
             let _ = self
                 .catalog
-                .set_state(name, EnvState::Stopped, None, Some(&e.to_string()))
+                .set_state(name, EnvState::Stopped, None, Some(&e.one_line()))
                 .await;
             return Err(e);
         }
@@ -284,7 +281,7 @@ impl Manager {
         let command = if pause { "stop" } else { "cont" };
         qmp.execute_raw(command, None)
             .await
-            .map_err(|e| ApiError::Qemu(format!("{command} {name:?}: {e}")))?;
+            .map_err(|e| ApiError::qmp(format!("{command} {name:?}"), e))?;
         Ok(self.show(name).await?.0)
     }
 

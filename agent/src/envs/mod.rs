@@ -190,11 +190,9 @@ impl Manager {
         let target = name.to_string();
         tokio::task::spawn_blocking(move || log.remove(&target))
             .await
-            .map_err(|e| ApiError::Internal(format!("provenance task failed: {e}")))?
+            .map_err(|e| ApiError::task("provenance task failed", e))?
             .map_err(|e| {
-                ApiError::Internal(one_line(&format!(
-                    "cannot remove the provenance log of {name}: {e}"
-                )))
+                ApiError::provenance(format!("cannot remove the provenance log of {name}"), e)
             })
     }
 

@@ -66,13 +66,17 @@ pub(super) fn disk(path: &Path) -> DiskRequest {
 #[test]
 pub(super) fn vm_config_rejects_missing_disks_and_relative_paths() {
     let e = vm_config(vec![], None, None, None, None, None).unwrap_err();
-    assert!(e.to_string().contains("--disk"), "{e}");
+    assert!(e.one_line().contains("--disk"), "{}", e.one_line());
     let rel = disk(Path::new("disk.img"));
     let e = vm_config(vec![rel], None, None, None, None, None).unwrap_err();
-    assert!(e.to_string().contains("relative"), "{e}");
+    assert!(e.one_line().contains("relative"), "{}", e.one_line());
     let missing = disk(Path::new("/nonexistent/disk.img"));
     let e = vm_config(vec![missing], None, None, None, None, None).unwrap_err();
-    assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
+    assert!(
+        e.one_line().contains("/nonexistent/disk.img"),
+        "{}",
+        e.one_line()
+    );
 }
 
 #[test]

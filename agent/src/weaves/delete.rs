@@ -17,17 +17,17 @@ impl Weaves {
             .chain(old)
             .collect();
         let store = self.snapshots.store().clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            for idx in store.list_indexes().map_err(|e| e.to_string())? {
+        tokio::task::spawn_blocking(move || -> Result<(), weft_blockdev::store::Error> {
+            for idx in store.list_indexes()? {
                 if prefixes.iter().any(|p| idx.starts_with(p)) {
-                    store.remove_index(&idx).map_err(|e| e.to_string())?;
+                    store.remove_index(&idx)?;
                 }
             }
             Ok(())
         })
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::Internal)
+        .map_err(ApiError::from)?
+        .map_err(ApiError::from)
     }
 
     /// Removes the restored bases no weave uses any more, and the `.partial` files
@@ -92,8 +92,8 @@ impl Weaves {
         let store = self.snapshots.store().clone();
         let indexes = tokio::task::spawn_blocking(move || store.list_indexes())
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?;
         for idx in indexes {
             if let Some(w) = idx
                 .strip_prefix(&format!("{}/", crate::names::WEAVE_INDEXES))
@@ -123,7 +123,7 @@ impl Weaves {
                 warn!(weave = %name, error = %e, "cannot remove a leftover weave's cgroups");
             }
             if let Err(e) = self.manager.remove_provenance(name).await {
-                warn!(weave = %name, error = %e, "cannot remove a leftover weave's provenance log");
+                warn!(weave = %name, error = %e.one_line(), "cannot remove a leftover weave's provenance log");
             }
             let dir = self.dir(name);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -162,7 +162,7 @@ impl Weaves {
     pub async fn recover(&self) -> Result<(), ApiError> {
         let catalog = self.manager.catalog();
         if let Err(e) = self.remove_leftovers().await {
-            warn!(error = %e, "cannot remove what unfinished weave creates left");
+            warn!(error = %e.one_line(), "cannot remove what unfinished weave creates left");
         }
         // Namespaces, links, NAT and host ports, with strays this weftd owns removed.
         let reconciled = self.manager.net().reconcile().await;
@@ -219,7 +219,7 @@ impl Weaves {
         let mut problems = Vec::new();
         if catalog.environment(name).await?.is_some() {
             if let Err(e) = self.manager.remove(name).await {
-                problems.push(e.to_string());
+                problems.push(e.one_line());
             }
         }
         // The rows are gone (with the environment's): what follows is found again by
@@ -242,17 +242,17 @@ impl Weaves {
         }
         // Usually gone with its environment row; this covers a weave without one.
         if let Err(e) = self.manager.remove_provenance(name).await {
-            problems.push(e.to_string());
+            problems.push(e.one_line());
         }
         if let Err(e) = catalog.set_weave_sources(name, &[]).await {
             problems.push(format!("sources: {e}"));
         }
         // Merges it served live were stored as indexes of its own.
         if let Err(e) = self.remove_weave_indexes(name).await {
-            problems.push(format!("merged indexes: {e}"));
+            problems.push(format!("merged indexes: {}", e.one_line()));
         }
         if let Err(e) = crate::blk::forget(self.manager.config(), name).await {
-            problems.push(e.to_string());
+            problems.push(e.one_line());
         }
         let dir = self.dir(name);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -262,7 +262,7 @@ impl Weaves {
         }
         // Its sources are gone: a base no other weave uses goes with it.
         if let Err(e) = self.remove_unused_bases().await {
-            problems.push(format!("bases: {e}"));
+            problems.push(format!("bases: {}", e.one_line()));
         }
         if problems.is_empty() {
             Ok(())
