@@ -35,7 +35,8 @@ impl Manager {
             pid_file: Some(self.pid_file(name)),
         };
         // A weave's QEMU runs in its network namespace and cgroups.
-        let placement = crate::placement::of(&self.catalog, name).await;
+        let placement =
+            crate::placement::of(&self.catalog, self.host.cgroups().as_ref(), name).await;
         let weave = placement.is_weave();
         let qemu_user = crate::qemu_user::QemuUser::of(self.config.qemu_user.as_deref())
             .map_err(ApiError::BadRequest)?;
