@@ -97,8 +97,13 @@ impl Manager {
             }
         }
         let config = &config;
-        let process = match weft_qmp::process::spawn(config, &paths, &opts).await {
-            Ok(process) => process,
+        let launched = match self
+            .host
+            .processes()
+            .spawn_qemu(config, &paths, &opts)
+            .await
+        {
+            Ok(launched) => launched,
             Err(e) => {
                 self.release_hooks(name).await;
                 return Err(ApiError::Qemu(one_line(&format!(
@@ -106,23 +111,26 @@ impl Manager {
                 ))));
             }
         };
-        let pid = process.pid();
+        let pid = launched.process.as_ref().map(QemuProcess::pid);
         if let Err(e) = self
             .catalog
-            .set_state(name, EnvState::Running, Some(pid), None)
+            .set_state(name, EnvState::Running, pid, None)
             .await
         {
             // Dropping the process kills it: no stray QEMU for a row we could not update.
-            drop(process);
+            drop(launched);
             self.release_hooks(name).await;
             return Err(e.into());
         }
-        info!(env = %name, pid, "QEMU started");
-        let qmp = process.qmp().clone();
+        match pid {
+            Some(pid) => info!(env = %name, pid, "QEMU started"),
+            None => info!(env = %name, "QEMU started"),
+        }
+        let qmp = launched.qmp.clone();
         for hook in self.hooks() {
             hook.after_launch(&cx, config, &qmp).await;
         }
-        self.install_runtime(name, qmp, Some(Arc::new(process)), Some(pid));
+        self.install_runtime(name, qmp, launched.process.map(Arc::new), pid);
         Ok(())
     }
 

@@ -2,14 +2,6 @@
 
 use super::*;
 
-/// A host of recording doubles: nothing on the real host is touched.
-pub(crate) fn recording_host() -> crate::host::Host {
-    crate::host::Host::new(
-        Arc::new(weft_netns::Recorder::new()),
-        Arc::new(crate::cgroups::Recorder::new()),
-    )
-}
-
 #[test]
 pub(super) fn names_are_checked() {
     assert!(check_name("web-1").is_ok());
@@ -25,7 +17,11 @@ pub(super) fn names_are_checked() {
 #[tokio::test]
 pub(super) async fn a_name_is_held_by_one_create_at_a_time() {
     let catalog = Catalog::open_in_memory().await.unwrap();
-    let manager = Manager::with_host(Config::default(), catalog.clone(), recording_host());
+    let manager = Manager::with_host(
+        Config::default(),
+        catalog.clone(),
+        crate::host::doubles::Doubles::new().host(),
+    );
     let first = manager.reserve("web").await.unwrap();
     assert_eq!(first.name(), "web");
     let again = manager.reserve("web").await.err().unwrap();
