@@ -16,6 +16,8 @@
 mod create;
 mod delete;
 mod sources;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
