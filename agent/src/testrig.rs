@@ -49,7 +49,9 @@ impl Rig {
         let store = crate::snapshots::open_store(manager.config()).expect("store");
         let snapshots = Snapshots::new(manager.clone(), store);
         let weaves = Weaves::new(manager.clone(), snapshots.clone());
-        let disk = dir.path().join("vda.raw");
+        let images = manager.config().data_dir.join("images");
+        std::fs::create_dir_all(&images).expect("image directory");
+        let disk = images.join("vda.raw");
         std::fs::write(&disk, vec![0u8; 1 << 20]).expect("disk image");
         let vm = VmConfig {
             disks: vec![DiskConfig {
