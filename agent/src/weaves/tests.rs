@@ -87,3 +87,97 @@ async fn weave_create_failure_at_the_qemu_launch_removes_everything() {
         .unwrap();
     assert_eq!(env.state, crate::model::EnvState::Stopped);
 }
+
+/// Composition `mix` of [`ENV`]: its `vda` merged, by timestamp, from two snapshots.
+async fn merged_composition(rig: &Rig) -> Arc<crate::compositions::Compositions> {
+    let older = rig.disk_snapshot("2026-12-01T10:00:00.000000Z").await;
+    let newer = rig.disk_snapshot("2026-12-02T10:00:00.000000Z").await;
+    let comps = crate::compositions::Compositions::new(rig.manager.clone(), rig.snapshots.clone());
+    let rules = serde_json::from_value(serde_json::json!({
+        "conflict": "merge-by-timestamp",
+        "rule": [
+            {"resources": ["disk:vda"], "pin": older},
+            {"resources": ["disk:vda"], "pin": newer},
+        ],
+    }))
+    .unwrap();
+    let view = comps
+        .create(
+            weft_api::composition::CreateComposition {
+                name: "mix".into(),
+                env: ENV.into(),
+                rules,
+            },
+            "test",
+        )
+        .await
+        .unwrap();
+    let vda = view
+        .plan
+        .resources
+        .iter()
+        .find(|c| c.resource == "disk:vda");
+    assert!(
+        matches!(
+            vda.map(|c| &c.origin),
+            Some(weft_api::composition::Origin::Merge { .. })
+        ),
+        "{:?}",
+        view.plan
+    );
+    comps
+}
+
+/// What `weft compose apply mix --weave w2 --live` asks for (the API's apply is this
+/// create, inside its audited change).
+fn apply_mix() -> CreateWeave {
+    CreateWeave {
+        name: Some("w2".into()),
+        source: Some(Source::Composition("mix".into())),
+        live: true,
+        egress: Default::default(),
+    }
+}
+
+#[tokio::test]
+async fn compose_apply_failure_at_the_qemu_launch_removes_the_weave_and_its_merge() {
+    let rig = Rig::new(false).await;
+    let comps = merged_composition(&rig).await;
+    let before = rig.net_state();
+    rig.doubles.processes.fail("exec format error");
+    let err = rig.weaves.create(ENV, apply_mix()).await.unwrap_err();
+    assert!(err.to_string().contains("exec format error"), "{err}");
+    // Its weave was made and started: QEMU was launched on the merge, served live.
+    let launches = rig.doubles.processes.launches();
+    assert_eq!(launches.len(), 1, "{launches:?}");
+    assert_eq!(launches[0].opts.netns, Some(netns_path("w2")));
+    assert_eq!(launches[0].config.vhost_user_disks.len(), 1);
+    // Nothing of it is left: rows, per-slot sources, the disk spec, the merge stored as
+    // the weave's own block map, namespace, cgroups.
+    let left = rig.leftovers("w2").await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(rig.net_state(), before);
+    // The composition stays, and applies once QEMU can start.
+    assert!(comps.get("mix").await.is_ok());
+}
+
+#[tokio::test]
+async fn compose_apply_failure_while_building_its_sources_removes_everything() {
+    let rig = Rig::new(false).await;
+    let _comps = merged_composition(&rig).await;
+    // The newer side's block map is gone from the store: the merge cannot be made.
+    let store = rig.snapshots.store();
+    let newer = store.list_indexes().unwrap().into_iter().max().unwrap();
+    store.remove_index(&newer).unwrap();
+    let before = rig.net_state();
+    let err = rig.weaves.create(ENV, apply_mix()).await.unwrap_err();
+    assert!(
+        err.to_string().contains("disk:vda") || err.to_string().contains(&newer),
+        "{err}"
+    );
+    assert!(rig.doubles.processes.launches().is_empty());
+    assert!(rig.doubles.cgroups.calls().is_empty());
+    let left = rig.leftovers("w2").await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(rig.net_state(), before);
+}
