@@ -6,14 +6,15 @@
 //! - the network: netlink and nftables through `weft_netns::NetOps` (double:
 //!   `weft_netns::Recorder`);
 //! - the weaves' cgroups through [`Cgroups`] (double: [`crate::cgroups::Recorder`]);
+//! - the weaves' DHCP servers through [`Dhcp`] (real: [`crate::dhcp::Threads`];
+//!   double: [`crate::dhcp::Recorder`]);
 //! - the launch of environments' and weaves' QEMU through [`Processes`] (real:
 //!   [`Children`]; double: `FakeProcesses` in unit tests, which records each launch's
 //!   placement and answers with a fake QEMU or a failure).
 //!
 //! Not behind it (nothing root-free needs them): the qemu-storage-daemon helpers of
 //! offline snapshots and overlay creation, the weft-blk and vsock helpers (launch
-//! hooks the daemon registers), DHCP servers (a weave's guest NIC needs its namespace)
-//! and the `chown` to `qemu_user`.
+//! hooks the daemon registers) and the `chown` to `qemu_user` (off by default).
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ use weft_qmp::Qmp;
 
 use crate::catalog::Catalog;
 use crate::cgroups::Cgroups;
+use crate::dhcp::Dhcp;
 use crate::net::Net;
 
 /// The host weftd changes.
@@ -32,6 +34,7 @@ use crate::net::Net;
 pub struct Host {
     net: Arc<dyn NetOps>,
     cgroups: Arc<dyn Cgroups>,
+    dhcp: Arc<dyn Dhcp>,
     processes: Arc<dyn Processes>,
 }
 
@@ -47,20 +50,23 @@ impl Host {
         Host {
             net: Arc::new(Kernel::new()),
             cgroups: Arc::new(crate::cgroups::Kernel),
+            dhcp: Arc::new(crate::dhcp::Threads::default()),
             processes: Arc::new(Children),
         }
     }
 
-    /// A host whose network, cgroups and processes are these (test doubles in unit
-    /// tests).
+    /// A host whose network, cgroups, DHCP servers and processes are these (test
+    /// doubles in unit tests).
     pub fn new(
         net: Arc<dyn NetOps>,
         cgroups: Arc<dyn Cgroups>,
+        dhcp: Arc<dyn Dhcp>,
         processes: Arc<dyn Processes>,
     ) -> Host {
         Host {
             net,
             cgroups,
+            dhcp,
             processes,
         }
     }
@@ -73,6 +79,11 @@ impl Host {
     /// The weaves' cgroups.
     pub fn cgroups(&self) -> &Arc<dyn Cgroups> {
         &self.cgroups
+    }
+
+    /// The weaves' DHCP servers.
+    pub fn dhcp(&self) -> &Arc<dyn Dhcp> {
+        &self.dhcp
     }
 
     /// How QEMU is launched.
@@ -220,15 +231,18 @@ pub(crate) mod doubles {
     pub(crate) struct Doubles {
         pub(crate) net: Arc<weft_netns::Recorder>,
         pub(crate) cgroups: Arc<crate::cgroups::Recorder>,
+        pub(crate) dhcp: Arc<crate::dhcp::Recorder>,
         pub(crate) processes: Arc<FakeProcesses>,
     }
 
     impl Doubles {
-        /// An empty host: no namespaces, links, tables or groups; launches fail.
+        /// An empty host: no namespaces, links, tables, groups or DHCP servers;
+        /// launches fail.
         pub(crate) fn new() -> Doubles {
             Doubles {
                 net: Arc::new(weft_netns::Recorder::new()),
                 cgroups: Arc::new(crate::cgroups::Recorder::new()),
+                dhcp: Arc::new(crate::dhcp::Recorder::new()),
                 processes: Arc::new(FakeProcesses::default()),
             }
         }
@@ -238,6 +252,7 @@ pub(crate) mod doubles {
             Host::new(
                 self.net.clone(),
                 self.cgroups.clone(),
+                self.dhcp.clone(),
                 self.processes.clone(),
             )
         }

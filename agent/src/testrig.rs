@@ -146,7 +146,7 @@ impl Rig {
 
     /// Everything that names weave `name` after it should be gone: catalog rows, files
     /// and directories under the data and run directories, store indexes, network
-    /// objects, cgroups. Empty when nothing is left.
+    /// objects, DHCP servers, cgroups. Empty when nothing is left.
     pub(crate) async fn leftovers(&self, name: &str) -> Vec<String> {
         let catalog = self.manager.catalog();
         let mut left = Vec::new();
@@ -182,6 +182,9 @@ impl Rig {
         let rec = &self.doubles.net;
         if rec.netns().iter().any(|n| n.contains(name)) {
             left.push(format!("netns: {:?}", rec.netns()));
+        }
+        if !self.doubles.dhcp.running().is_empty() {
+            left.push(format!("DHCP servers: {:?}", self.doubles.dhcp.running()));
         }
         if !self.doubles.cgroups.groups().is_empty() {
             left.push(format!("cgroups: {:?}", self.doubles.cgroups.groups()));

@@ -52,8 +52,7 @@ async fn weave_create_failure_at_its_cgroups_removes_everything() {
 
 #[tokio::test]
 async fn weave_create_failure_at_the_qemu_launch_removes_everything() {
-    // No NIC: a guest NIC's DHCP server needs the weave's real namespace.
-    let rig = Rig::new(false).await;
+    let rig = Rig::new(true).await;
     let id = rig.disk_snapshot("2026-12-01T10:00:00.000000Z").await;
     let before = rig.net_state();
     rig.doubles.processes.fail("exec format error");
@@ -74,6 +73,13 @@ async fn weave_create_failure_at_the_qemu_launch_removes_everything() {
         .cgroups
         .calls()
         .contains(&crate::cgroups::Call::Create("w1".into())));
+    // Its guest's DHCP server ran in its namespace, on the guest's tap, until removed.
+    let dhcp = rig.doubles.dhcp.calls();
+    assert!(
+        matches!(&dhcp[..], [crate::dhcp::Call::Start(w, ns, tap, _), crate::dhcp::Call::Stop(s)]
+            if w == "w1" && *ns == netns_path("w1") && tap == "weft-tap0" && s == "w1"),
+        "{dhcp:?}"
+    );
     let left = rig.leftovers("w1").await;
     assert!(left.is_empty(), "left behind: {left:?}");
     assert_eq!(rig.net_state(), before);
@@ -126,6 +132,20 @@ async fn merged_composition(rig: &Rig) -> Arc<crate::compositions::Compositions>
         view.plan
     );
     comps
+}
+
+#[tokio::test]
+async fn weave_create_failure_at_its_dhcp_server_removes_everything() {
+    let rig = Rig::new(true).await;
+    let id = rig.disk_snapshot("2026-12-01T10:00:00.000000Z").await;
+    let before = rig.net_state();
+    rig.doubles.dhcp.fail_next_start();
+    let err = rig.weaves.create(ENV, from_snapshot(id)).await.unwrap_err();
+    assert!(err.to_string().contains("DHCP of weave w1"), "{err}");
+    assert!(rig.doubles.processes.launches().is_empty());
+    let left = rig.leftovers("w1").await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(rig.net_state(), before);
 }
 
 /// What `weft compose apply mix --weave w2 --live` asks for (the API's apply is this
