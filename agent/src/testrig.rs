@@ -32,8 +32,8 @@ pub(crate) struct Rig {
 
 impl Rig {
     /// A rig with managed environment [`ENV`] (stopped): one raw disk `vda` of 1 MiB
-    /// and, with `nic`, a NIC on the operator's tap `tweb`.
-    pub(crate) async fn new(nic: bool) -> Rig {
+    /// and a NIC on the operator's tap `tweb`.
+    pub(crate) async fn new() -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = Config {
             data_dir: dir.path().join("data"),
@@ -61,14 +61,11 @@ impl Rig {
                 read_only: false,
                 backing: Vec::new(),
             }],
-            nics: nic
-                .then(|| NicConfig {
-                    id: "net0".into(),
-                    tap: "tweb".into(),
-                    mac: "52:54:00:12:34:56".into(),
-                })
-                .into_iter()
-                .collect(),
+            nics: vec![NicConfig {
+                id: "net0".into(),
+                tap: "tweb".into(),
+                mac: "52:54:00:12:34:56".into(),
+            }],
             ..VmConfig::default()
         };
         let qmp_socket = manager.config().run_dir.join("qmp").join("web.sock");

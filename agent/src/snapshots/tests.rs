@@ -107,7 +107,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[tokio::test]
 async fn snapshot_failure_at_the_export_removes_the_backup_and_keeps_the_checkpoint() {
-    let rig = Rig::new(false).await;
+    let rig = Rig::new().await;
     let catalog = rig.manager.catalog();
     // The previous snapshot, and its checkpoint in QEMU.
     let previous = rig.disk_snapshot("2026-12-01T10:00:00.000000Z").await;

@@ -16,7 +16,7 @@ fn from_snapshot(id: i64) -> CreateWeave {
 
 #[tokio::test]
 async fn weave_create_failure_at_the_nth_netns_op_removes_everything() {
-    let rig = Rig::new(true).await;
+    let rig = Rig::new().await;
     let id = rig.disk_snapshot("2026-12-01T10:00:00.000000Z").await;
     let before = rig.net_state();
     // Halfway through its namespace, links and rules.
@@ -36,7 +36,7 @@ async fn weave_create_failure_at_the_nth_netns_op_removes_everything() {
 
 #[tokio::test]
 async fn weave_create_failure_at_its_cgroups_removes_everything() {
-    let rig = Rig::new(true).await;
+    let rig = Rig::new().await;
     let id = rig.disk_snapshot("2026-12-01T10:00:00.000000Z").await;
     let before = rig.net_state();
     rig.doubles.cgroups.fail_nth_mutation(1);
@@ -52,7 +52,7 @@ async fn weave_create_failure_at_its_cgroups_removes_everything() {
 
 #[tokio::test]
 async fn weave_create_failure_at_the_qemu_launch_removes_everything() {
-    let rig = Rig::new(true).await;
+    let rig = Rig::new().await;
     let id = rig.disk_snapshot("2026-12-01T10:00:00.000000Z").await;
     let before = rig.net_state();
     rig.doubles.processes.fail("exec format error");
@@ -136,7 +136,7 @@ async fn merged_composition(rig: &Rig) -> Arc<crate::compositions::Compositions>
 
 #[tokio::test]
 async fn weave_create_failure_at_its_dhcp_server_removes_everything() {
-    let rig = Rig::new(true).await;
+    let rig = Rig::new().await;
     let id = rig.disk_snapshot("2026-12-01T10:00:00.000000Z").await;
     let before = rig.net_state();
     rig.doubles.dhcp.fail_next_start();
@@ -161,7 +161,7 @@ fn apply_mix() -> CreateWeave {
 
 #[tokio::test]
 async fn compose_apply_failure_at_the_qemu_launch_removes_the_weave_and_its_merge() {
-    let rig = Rig::new(false).await;
+    let rig = Rig::new().await;
     let comps = merged_composition(&rig).await;
     let before = rig.net_state();
     rig.doubles.processes.fail("exec format error");
@@ -183,7 +183,7 @@ async fn compose_apply_failure_at_the_qemu_launch_removes_the_weave_and_its_merg
 
 #[tokio::test]
 async fn compose_apply_failure_while_building_its_sources_removes_everything() {
-    let rig = Rig::new(false).await;
+    let rig = Rig::new().await;
     let _comps = merged_composition(&rig).await;
     // The newer side's block map is gone from the store: the merge cannot be made.
     let store = rig.snapshots.store();
