@@ -60,7 +60,8 @@ pub struct Manager {
     generation: AtomicU64,
     /// Guests' vsock devices and their DPAs' listeners (set once at startup).
     vsock: std::sync::OnceLock<Arc<crate::dpa::VsockHost>>,
-    /// The host's side effects (network, cgroups), built by whoever made the manager.
+    /// The host's side effects (network, cgroups, DHCP, QEMU launches), built by whoever
+    /// made the manager.
     host: crate::host::Host,
     /// What runs around every launch (set once at startup; see [`crate::launch`]).
     hooks: std::sync::OnceLock<Vec<Arc<dyn LaunchHook>>>,
