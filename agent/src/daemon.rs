@@ -254,7 +254,8 @@ pub async fn run(config: Config) -> Result<()> {
             return Err(anyhow::Error::msg(e.one_line()).context("cannot open the chunk store"));
         }
     };
-    let manager = Manager::new(config, catalog.clone());
+    // The one place weftd's side effects on the host are built.
+    let manager = Manager::with_host(config, catalog.clone(), crate::host::Host::kernel());
     // Guests' DPAs stream into the provenance log over vsock; without the log weftd
     // still serves, and guests get no vsock device.
     let provenance_dir = manager.config().provenance_dir();
@@ -278,7 +279,9 @@ pub async fn run(config: Config) -> Result<()> {
     hooks.push(std::sync::Arc::new(crate::blk::WeftBlk::new(
         manager.config().clone(),
     )));
-    hooks.push(std::sync::Arc::new(crate::balloon::BalloonHook));
+    hooks.push(std::sync::Arc::new(crate::balloon::BalloonHook::new(
+        manager.host().cgroups().clone(),
+    )));
     manager.set_hooks(hooks);
     let snapshots = crate::snapshots::Snapshots::new(manager.clone(), store);
     let recovered = async {

@@ -3,10 +3,10 @@
 //! catalog row of its own) and weft's naming rules, so the environment manager needs
 //! nothing of the weave machinery to launch a weave.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::catalog::Catalog;
-use crate::cgroups;
+use crate::cgroups::Cgroups;
 
 /// Where a QEMU runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,18 +34,14 @@ pub async fn is_weave(catalog: &Catalog, name: &str) -> bool {
     matches!(catalog.weave(name).await, Ok(Some(_)))
 }
 
-/// Where environment `name`'s QEMU runs: a weave's namespace and its existing cgroups,
-/// or the host's namespaces for any other environment.
-pub async fn of(catalog: &Catalog, name: &str) -> Placement {
+/// Where environment `name`'s QEMU runs: a weave's namespace and its existing cgroups
+/// (as `cgroups` finds them), or the host's namespaces for any other environment.
+pub async fn of(catalog: &Catalog, cgroups: &dyn Cgroups, name: &str) -> Placement {
     if !is_weave(catalog, name).await {
         return Placement::default();
     }
     Placement {
         netns: Some(netns_path(name)),
-        cgroups: cgroups::groups(name)
-            .dirs()
-            .into_iter()
-            .filter(|d| Path::new(d).is_dir())
-            .collect(),
+        cgroups: cgroups.dirs(name),
     }
 }

@@ -34,7 +34,8 @@ impl Manager {
             pid_file: Some(self.pid_file(name)),
         };
         // A weave's QEMU runs in its network namespace and cgroups.
-        let placement = crate::placement::of(&self.catalog, name).await;
+        let placement =
+            crate::placement::of(&self.catalog, self.host.cgroups().as_ref(), name).await;
         let weave = placement.is_weave();
         let qemu_user = crate::qemu_user::QemuUser::of(self.config.qemu_user.as_deref())
             .map_err(ApiError::BadRequest)?;
@@ -94,30 +95,38 @@ impl Manager {
             }
         }
         let config = &config;
-        let process = match weft_qmp::process::spawn(config, &paths, &opts).await {
-            Ok(process) => process,
+        let launched = match self
+            .host
+            .processes()
+            .spawn_qemu(config, &paths, &opts)
+            .await
+        {
+            Ok(launched) => launched,
             Err(e) => {
                 self.release_hooks(name).await;
                 return Err(ApiError::qmp(format!("cannot start QEMU for {name:?}"), e));
             }
         };
-        let pid = process.pid();
+        let pid = launched.process.as_ref().map(QemuProcess::pid);
         if let Err(e) = self
             .catalog
-            .set_state(name, EnvState::Running, Some(pid), None)
+            .set_state(name, EnvState::Running, pid, None)
             .await
         {
             // Dropping the process kills it: no stray QEMU for a row we could not update.
-            drop(process);
+            drop(launched);
             self.release_hooks(name).await;
             return Err(e.into());
         }
-        info!(env = %name, pid, "QEMU started");
-        let qmp = process.qmp().clone();
+        match pid {
+            Some(pid) => info!(env = %name, pid, "QEMU started"),
+            None => info!(env = %name, "QEMU started"),
+        }
+        let qmp = launched.qmp.clone();
         for hook in self.hooks() {
             hook.after_launch(&cx, config, &qmp).await;
         }
-        self.install_runtime(name, qmp, Some(Arc::new(process)), Some(pid));
+        self.install_runtime(name, qmp, launched.process.map(Arc::new), pid);
         Ok(())
     }
 

@@ -17,7 +17,11 @@ pub(super) fn names_are_checked() {
 #[tokio::test]
 pub(super) async fn a_name_is_held_by_one_create_at_a_time() {
     let catalog = Catalog::open_in_memory().await.unwrap();
-    let manager = Manager::new(Config::default(), catalog.clone());
+    let manager = Manager::with_host(
+        Config::default(),
+        catalog.clone(),
+        crate::host::doubles::Doubles::new().host(),
+    );
     let first = manager.reserve("web").await.unwrap();
     assert_eq!(first.name(), "web");
     let again = manager.reserve("web").await.err().unwrap();

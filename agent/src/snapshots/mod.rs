@@ -11,6 +11,8 @@ mod jobs;
 mod recovery;
 mod restore;
 mod take;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

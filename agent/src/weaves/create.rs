@@ -82,9 +82,10 @@ impl Weaves {
         // Nothing half-created: any failure from here removes what was made.
         let result = async {
             self.manager.insert_stopped_weave(&weave, &config).await?;
-            let groups = cgroups::groups(&name);
-            groups
-                .create()
+            self.manager
+                .host()
+                .cgroups()
+                .create(&name)
                 .map_err(|e| ApiError::io(format!("cannot create the cgroups of {name}"), e))?;
             // Its namespace, with the guest plan of its instant (crate::net).
             self.manager

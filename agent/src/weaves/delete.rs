@@ -3,6 +3,15 @@
 use super::*;
 
 impl Weaves {
+    /// Removes weave `name`'s cgroups (off the runtime: a busy group is retried).
+    async fn remove_cgroups(&self, name: &str) -> std::io::Result<()> {
+        let cgroups = self.manager.host().cgroups().clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || cgroups.remove(&name, Duration::from_secs(10)))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+    }
+
     /// The store indexes weave `name` owns (merges it served live), under the current
     /// prefix and the old one (unless an environment is called like the old prefix).
     pub(super) async fn remove_weave_indexes(&self, name: &str) -> Result<(), ApiError> {
@@ -114,12 +123,7 @@ impl Weaves {
             if let Some(host) = self.manager.vsock() {
                 host.forget(name).await;
             }
-            let groups = cgroups::groups(name);
-            let removed =
-                tokio::task::spawn_blocking(move || groups.remove(Duration::from_secs(10)))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-            if let Err(e) = removed {
+            if let Err(e) = self.remove_cgroups(name).await {
                 warn!(weave = %name, error = %e, "cannot remove a leftover weave's cgroups");
             }
             if let Err(e) = self.manager.remove_provenance(name).await {
@@ -175,7 +179,12 @@ impl Weaves {
             if net.is_ok() {
                 net = self.dhcp.start_for(catalog, &w.name, &config).await;
             }
-            let groups = cgroups::groups(&w.name).create().map_err(|e| e.to_string());
+            let groups = self
+                .manager
+                .host()
+                .cgroups()
+                .create(&w.name)
+                .map_err(|e| e.to_string());
             if let Err(e) = net.and(groups) {
                 warn!(weave = %w.name, error = %e, "cannot restore the weave's network or cgroups");
                 catalog
@@ -233,11 +242,7 @@ impl Weaves {
                 problems.push(format!("network: {e}"));
             }
         }
-        let groups = cgroups::groups(name);
-        let removed = tokio::task::spawn_blocking(move || groups.remove(Duration::from_secs(10)))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-        if let Err(e) = removed {
+        if let Err(e) = self.remove_cgroups(name).await {
             problems.push(format!("cgroups: {e}"));
         }
         // Usually gone with its environment row; this covers a weave without one.
