@@ -412,7 +412,6 @@ impl Pages for Spilled {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::log::LogOptions;
     use crate::test_util::{entry, log_of_every_kind, T0};
 
     /// What a state holds, read back through [`Pages`] as a writer reads it: the
