@@ -12,7 +12,7 @@ use weft_qmp::Qmp;
 use crate::assets::guest_assets;
 use crate::disk::make_data_disk;
 use crate::serial::{failure_line, SerialLog};
-use crate::wait::wait_until;
+use weft_rig::wait_until;
 
 /// The `name` of the guest's data disk in [`VmConfig::disks`]: the device id; its block
 /// nodes are `data-file` (protocol) and `data-fmt` (format, what the device is attached to).

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::wait::wait_until;
+use weft_rig::wait_until;
 
 /// Marker the guest's init prints when setup failed (then it powers off).
 pub const ERROR_MARKER: &str = "WEFT-ERROR";
