@@ -173,11 +173,9 @@ impl WeftdBuilder {
         text + &self.extra
     }
 
-    /// Writes the config and makes the directories; weftd is not started yet.
+    /// Writes the config; weftd is not started yet. The data and run directories are
+    /// left for weftd to make, with the modes it gives them.
     pub fn build(self) -> anyhow::Result<Weftd> {
-        for d in [&self.data_dir, &self.run_dir] {
-            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
-        }
         std::fs::write(&self.config_path, self.config_text())
             .with_context(|| format!("write {}", self.config_path.display()))?;
         Ok(Weftd {

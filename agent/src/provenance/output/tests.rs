@@ -6,9 +6,9 @@ use std::ops::ControlFlow;
 
 use rusqlite::Connection;
 use serde_json::json;
-use weft_dpa::{DataType, Entry, Operation};
+use weft_dpa::{DataType, Operation};
 use weft_provenance::item::Item;
-use weft_provenance::log::{LogOptions, ProvenanceLog, Query};
+use weft_provenance::log::{ProvenanceLog, Query};
 use weft_provenance::sql::{check_create_table, open_guest_copy};
 use weft_provenance::state::{rebuild, State, Summary};
 use weft_provenance::test_util::{change as e, entry, log_of_every_kind, T0};
