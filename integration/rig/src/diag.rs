@@ -12,12 +12,31 @@ pub const TAIL_BYTES: usize = 8 * 1024;
 
 #[derive(Debug, Clone)]
 enum Item {
-    Process { label: String, pid: u32 },
-    ProcessesNaming { label: String, needle: PathBuf },
-    CommandLine { label: String, pid: u32, known: String },
-    LogTail { label: String, path: PathBuf },
-    Socket { label: String, path: PathBuf },
-    FileSize { label: String, path: PathBuf },
+    Process {
+        label: String,
+        pid: u32,
+    },
+    ProcessesNaming {
+        label: String,
+        needle: PathBuf,
+    },
+    CommandLine {
+        label: String,
+        pid: u32,
+        known: String,
+    },
+    LogTail {
+        label: String,
+        path: PathBuf,
+    },
+    Socket {
+        label: String,
+        path: PathBuf,
+    },
+    FileSize {
+        label: String,
+        path: PathBuf,
+    },
 }
 
 /// A list of things to look at when a wait fails, cheap to clone and to add to as a test
@@ -193,7 +212,11 @@ mod tests {
         assert!(after.contains("vhost.sock: exists"), "{after}");
         assert!(after.contains("serial.log: 0 bytes"), "{after}");
         assert!(after.contains("last line"), "{after}");
-        assert!(after.len() < 2 * TAIL_BYTES, "only the tail: {}", after.len());
+        assert!(
+            after.len() < 2 * TAIL_BYTES,
+            "only the tail: {}",
+            after.len()
+        );
         assert!(
             after.contains(&format!("pid {}", std::process::id())),
             "{after}"

@@ -34,7 +34,11 @@ pub fn target_dir() -> PathBuf {
 /// The workspace root (this crate is `integration/rig` in it).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.ancestors().nth(2).unwrap_or(manifest).to_path_buf()
+    manifest
+        .ancestors()
+        .nth(2)
+        .unwrap_or(manifest)
+        .to_path_buf()
 }
 
 /// `target/<profile>` for an executable in `target/<profile>/deps/` or `target/<profile>/`.

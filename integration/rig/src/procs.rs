@@ -72,7 +72,11 @@ pub fn describe(pid: u32) -> String {
     let mut out = format!(
         "pid {pid} ({}): {}, state {}, wchan {}",
         st.comm,
-        if st.state == 'Z' { "exited (zombie)" } else { "alive" },
+        if st.state == 'Z' {
+            "exited (zombie)"
+        } else {
+            "alive"
+        },
         st.state,
         wchan(&dir)
     );

@@ -25,6 +25,8 @@ pub enum LogOnDrop {
     Panicking,
     /// Also when [`Weftd::passed`] was not called: a test that returned an error with `?`.
     UnlessPassed,
+    /// Never: the owner prints [`Weftd::report`] itself (a rig around several weftd runs).
+    Never,
 }
 
 /// What a [`Weftd`] is started with. Paths default to `<dir>/data`, `<dir>/run`,
@@ -324,6 +326,21 @@ impl Weftd {
         Ok(child.wait()?)
     }
 
+    /// Waits until weftd exits by itself (a crash point, a fatal error) and returns how.
+    pub async fn wait_exited(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("weftd is not running")?;
+        let waited = wait_until(timeout, "weftd to exit", || {
+            let status = child.try_wait();
+            async move { Ok(status?) }
+        })
+        .await;
+        if waited.is_err() {
+            // Still ours to stop.
+            self.child = Some(child);
+        }
+        waited
+    }
+
     /// SIGTERM to weftd, and waits until it exits.
     pub fn sigterm(&mut self) -> anyhow::Result<ExitStatus> {
         let mut child = self.child.take().context("weftd is not running")?;
@@ -336,11 +353,12 @@ impl Weftd {
     pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
         let _ = signal(&child, nix::sys::signal::Signal::SIGTERM);
-        let exited = Wait::new("weftd to exit after SIGTERM", grace).until(|| match child.try_wait() {
-            Ok(Some(status)) => Ok(status),
-            Ok(None) => Err("it runs".to_string()),
-            Err(e) => Err(e.to_string()),
-        });
+        let exited =
+            Wait::new("weftd to exit after SIGTERM", grace).until(|| match child.try_wait() {
+                Ok(Some(status)) => Ok(status),
+                Ok(None) => Err("it runs".to_string()),
+                Err(e) => Err(e.to_string()),
+            });
         match exited {
             Ok(status) => Some(status),
             Err(_) => {
@@ -391,8 +409,11 @@ impl Weftd {
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
                 {
-                    diag.process(&format!("{label} QEMU"), pid)
-                        .command_line(&format!("{label} QEMU"), pid, "(gone)");
+                    diag.process(&format!("{label} QEMU"), pid).command_line(
+                        &format!("{label} QEMU"),
+                        pid,
+                        "(gone)",
+                    );
                 }
                 diag.log_tail(&format!("{label} QEMU output"), &dir.join("qemu.log"))
                     .file_size(&format!("{label} serial log"), &dir.join("serial.log"))
@@ -416,18 +437,27 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
 
 impl Drop for Weftd {
     fn drop(&mut self) {
-        let failed = std::thread::panicking()
-            || (self.spec.log_on_drop == LogOnDrop::UnlessPassed && !self.passed);
+        let failed = match self.spec.log_on_drop {
+            LogOnDrop::Panicking => std::thread::panicking(),
+            LogOnDrop::UnlessPassed => std::thread::panicking() || !self.passed,
+            LogOnDrop::Never => false,
+        };
         if failed {
             eprintln!(
                 "{}",
-                self.report(&format!("weftd in {} at the end of a failed test", self.spec.dir.display()))
+                self.report(&format!(
+                    "weftd in {} at the end of a failed test",
+                    self.spec.dir.display()
+                ))
             );
         }
         self.stop(DROP_GRACE);
         if self.spec.clean_on_drop {
             for pid in procs::kill_processes_in(&self.spec.dir) {
-                eprintln!("weft-rig: killed process {pid} left in {}", self.spec.dir.display());
+                eprintln!(
+                    "weft-rig: killed process {pid} left in {}",
+                    self.spec.dir.display()
+                );
             }
         }
     }
