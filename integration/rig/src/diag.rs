@@ -60,6 +60,23 @@ impl Diagnostics {
         self
     }
 
+    /// Adds what `other` lists now (a test's helpers, to a guest's own list).
+    pub fn include(&self, other: &Diagnostics) -> &Self {
+        if Arc::ptr_eq(&self.0, &other.0) {
+            return self;
+        }
+        let theirs = other
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(theirs);
+        self
+    }
+
     /// Process `pid`: alive or not, its state and wchan and its threads'.
     pub fn process(&self, label: &str, pid: u32) -> &Self {
         self.push(Item::Process {
