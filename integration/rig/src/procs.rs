@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn this_process_is_described_alive_with_its_threads() {
-        let _t = std::thread::spawn(|| std::thread::park());
+        let _t = std::thread::spawn(std::thread::park);
         let me = std::process::id();
         assert!(alive(me));
         let text = describe(me);
