@@ -102,22 +102,39 @@ pub fn describe(pid: u32) -> String {
     out
 }
 
-/// The pids and ancestors of this process (never to be killed as strays).
-fn this_and_ancestors() -> Vec<u32> {
+/// This process and its ancestors (whose command lines may name a test's directory; never
+/// to be killed as strays).
+pub fn this_and_ancestors() -> Vec<u32> {
     let mut out = vec![std::process::id()];
-    let mut pid = std::process::id();
-    while let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let after = s.get(s.rfind(')')? + 1..)?.to_string();
-            after.split_whitespace().nth(1)?.parse::<u32>().ok()
-        })
-        .filter(|p| *p > 1)
-    {
+    while let Some(&pid) = out.last() {
+        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        if ppid <= 1 || out.contains(&ppid) {
+            break;
+        }
         out.push(ppid);
-        pid = ppid;
     }
     out
+}
+
+/// Whether `text` (a command line, its arguments separated by spaces or NULs) names `dir`
+/// or a path below it: `/t/w` names `/t/w/run/x.pid`, not `/t/w2`.
+pub fn names_path(text: &str, dir: &str) -> bool {
+    text.match_indices(dir).any(|(i, _)| {
+        matches!(
+            text[i + dir.len()..].chars().next(),
+            None | Some('/') | Some(' ') | Some('"') | Some(',') | Some('\0')
+        )
+    })
 }
 
 /// Processes (not zombies, not this one or its ancestors) whose command line names
@@ -152,7 +169,7 @@ fn scan(path: &Path, or_working_in: bool) -> Vec<u32> {
         };
         let works_here = or_working_in
             && std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(path));
-        if String::from_utf8_lossy(&cmdline).contains(&needle) || works_here {
+        if names_path(&String::from_utf8_lossy(&cmdline), &needle) || works_here {
             out.push(pid);
         }
     }
@@ -193,6 +210,14 @@ mod tests {
             })
         );
         assert_eq!(Stat::parse("garbage"), None);
+    }
+
+    #[test]
+    fn a_path_is_named_only_whole() {
+        assert!(names_path("qemu -pidfile /t/w/run/x.pid", "/t/w"));
+        assert!(names_path("/t/w", "/t/w"));
+        assert!(names_path("a=/t/w\0b", "/t/w"));
+        assert!(!names_path("qemu /t/w2/run", "/t/w"));
     }
 
     #[test]

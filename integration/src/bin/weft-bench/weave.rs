@@ -528,28 +528,9 @@ impl Rig {
         if weft::weaves::netns_path(BD_NETNS).exists() {
             let _ = weft::weavenet::delete(BD_NETNS, BD_INDEX).await;
         }
-        let needle = self.dir.to_string_lossy().into_owned();
-        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|p| p.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            if pid as u32 != std::process::id()
-                && String::from_utf8_lossy(&cmdline).contains(&needle)
-            {
-                eprintln!("weave: killing leftover process {pid}");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                self.killed.push(pid as u32);
-            }
+        for pid in weft_rig::procs::kill_processes_in(&self.dir) {
+            eprintln!("weave: killed leftover process {pid}");
+            self.killed.push(pid);
         }
     }
 }

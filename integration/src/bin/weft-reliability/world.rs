@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context as _, Result};
 use weft::model::Snapshot;
 use weft_client::Client;
-use weft_integration::{bin_path, guest_assets, LogOnDrop, SerialLog, Weftd, WeftdBuilder};
+use weft_integration::{bin_path, guest_assets, procs, LogOnDrop, SerialLog, Weftd, WeftdBuilder};
 
 use crate::Rng;
 
@@ -203,35 +203,17 @@ impl World {
         self.weftd.stop(Duration::from_secs(30));
     }
 
-    /// Kills every process (but this one) whose command line names the work directory
-    /// or that runs in it; what it killed, for the report (after a teardown: nothing).
+    /// Kills every process (but this one and its ancestors) whose command line names the
+    /// work directory or that runs in it; what it killed, for the report (after a
+    /// teardown: nothing).
     pub fn kill_strays(&self) -> Vec<String> {
-        let dir = self.dir.to_string_lossy().into_owned();
-        let mine = this_and_ancestors();
         let mut killed = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|p| p.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            if mine.contains(&(pid as u32)) {
+        for pid in procs::processes_in(&self.dir) {
+            let cmdline = procs::cmdline(pid);
+            if cmdline.trim().is_empty() {
                 continue;
             }
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
-            if cmdline.trim().is_empty()
-                || !(names_path(&cmdline, &dir) || cwd.starts_with(&self.dir))
-            {
-                continue;
-            }
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            procs::kill(pid);
             killed.push(format!("stray process {pid} killed: {}", cmdline.trim()));
         }
         killed
@@ -467,39 +449,7 @@ pub fn mutate_cold(disk: &Path, rng: &mut Rng) -> Result<()> {
     Ok(())
 }
 
-/// Whether `text` names `dir` or a path under it (not merely a longer name that starts
-/// the same, such as `<dir>2`).
-pub fn names_path(text: &str, dir: &str) -> bool {
-    text.match_indices(dir).any(|(i, _)| {
-        matches!(
-            text[i + dir.len()..].chars().next(),
-            None | Some('/') | Some(' ') | Some('"') | Some(',') | Some('\0')
-        )
-    })
-}
-
-/// This process and its ancestors (whose command lines may name the work directory).
-pub fn this_and_ancestors() -> Vec<u32> {
-    let mut out = vec![std::process::id()];
-    while let Some(&pid) = out.last() {
-        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit(')')
-                    .next()?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse::<u32>()
-                    .ok()
-            })
-            .unwrap_or(0);
-        if ppid <= 1 || out.contains(&ppid) {
-            break;
-        }
-        out.push(ppid);
-    }
-    out
-}
+pub use weft_integration::procs::{names_path, this_and_ancestors};
 
 /// Rewrites the first 12 MiB of `rlcold`'s random region (three store chunks that no
 /// snapshot holds yet).
