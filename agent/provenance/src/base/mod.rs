@@ -22,6 +22,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ext4_view::Ext4;
+
+mod paths;
+use paths::{locate, resolve};
 use serde_json::Value;
 use sqlx::{Connection, Row};
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot};
@@ -471,96 +474,6 @@ impl Sources {
 /// Where each source was found on the snapshot's file system.
 pub type Found = BTreeMap<String, String>;
 
-/// The path inside the file system that holds the guest's `guest` (the guest path, or
-/// it with leading directories taken off), if any.
-fn locate(fs: &Ext4, guest: &str) -> Option<String> {
-    let trimmed = guest.trim_end_matches('/');
-    let parts: Vec<&str> = trimmed.split('/').filter(|p| !p.is_empty()).collect();
-    (0..parts.len()).find_map(|skip| {
-        let p = format!("/{}", parts[skip..].join("/"));
-        resolve(fs, &p).ok()?.map(|_| p)
-    })
-}
-
-/// The longest symlink target ext4 stores (a block, less the terminating zero; Linux
-/// refuses longer ones with `ENAMETOOLONG`).
-const MAX_SYMLINK_BYTES: u64 = 4095;
-
-/// Symlinks followed while resolving one path (Linux's `MAXSYMLINKS`).
-const MAX_SYMLINKS: usize = 40;
-
-/// `path` resolved in `fs` to one without symbolic links, or `None` if it does not
-/// exist.
-///
-/// weft resolves links itself instead of letting `ext4-view` follow them: `ext4-view`
-/// reads a link's target whole into a buffer sized by the link's inode, and the guest
-/// writes that inode. A "symlink" claiming terabytes made the allocation abort the
-/// process (found by the `ext4_base` fuzz target). Here every link's size is checked
-/// before its target is read, and the path handed back holds no link, so `ext4-view`
-/// never follows one.
-fn resolve(fs: &Ext4, path: &str) -> Result<Option<String>, BaseError> {
-    let split = |p: &str| -> Vec<String> {
-        p.split('/')
-            .filter(|c| !c.is_empty() && *c != ".")
-            .rev()
-            .map(str::to_string)
-            .collect()
-    };
-    // Components still to resolve, the next on top; the resolved prefix has no link.
-    let mut todo = split(path);
-    let mut at: Vec<String> = Vec::new();
-    let mut followed = 0;
-    let joined = |at: &[String]| format!("/{}", at.join("/"));
-    while let Some(c) = todo.pop() {
-        if c == ".." {
-            at.pop();
-            continue;
-        }
-        at.push(c);
-        let here = joined(&at);
-        let meta = match fs.symlink_metadata(here.as_str()) {
-            Ok(m) => m,
-            Err(ext4_view::Ext4Error::NotFound | ext4_view::Ext4Error::NotADirectory) => {
-                return Ok(None)
-            }
-            Err(source) => return Err(BaseError::File { path: here, source }),
-        };
-        if !meta.is_symlink() {
-            if !todo.is_empty() && !meta.is_dir() {
-                return Ok(None);
-            }
-            continue;
-        }
-        followed += 1;
-        if followed > MAX_SYMLINKS {
-            return Err(BaseError::Symlink {
-                path: path.to_string(),
-                why: format!("more than {MAX_SYMLINKS} symbolic links to follow"),
-            });
-        }
-        if meta.len() > MAX_SYMLINK_BYTES {
-            return Err(BaseError::Symlink {
-                path: here,
-                why: format!(
-                    "a symbolic link whose target claims {} bytes (ext4 allows {MAX_SYMLINK_BYTES})",
-                    meta.len()
-                ),
-            });
-        }
-        let target = fs.read_link(here.as_str()).map_err(file_error(&here))?;
-        let Ok(target) = target.to_str() else {
-            // Not UTF-8: no source path (they are UTF-8) goes through it.
-            return Ok(None);
-        };
-        at.pop();
-        if target.starts_with('/') {
-            at.clear();
-        }
-        todo.extend(split(target));
-    }
-    Ok(Some(joined(&at)))
-}
-
 /// The files a base needs, read out of the file system: (source, found at, bytes) for
 /// JSON and key-value files, directory listings for key-value directories, and the
 /// database and write-ahead log of each SQLite source copied into `scratch`.
@@ -818,68 +731,4 @@ async fn read_sqlite(copy: &Path, tables: &BTreeSet<String>) -> Result<SqliteSta
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
-
-    use super::*;
-
-    /// A guest's file system with a "symlink" whose inode claims 3 TiB on the way to a
-    /// source: the base is refused with a line; nothing tries to read (or allocate) the
-    /// target (found by the ext4_base fuzz target, where the allocation aborted).
-    #[test]
-    fn a_symlink_claiming_terabytes_is_refused_not_read() {
-        let image = include_bytes!("../testdata/ext4-symlink-claims-3tib.img").to_vec();
-        let len = image.len() as u64;
-        let fs = load_ext4(Box::new(image), len).unwrap();
-        let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
-        let sources = Sources {
-            sqlite: BTreeMap::from([("/data/app.db".to_string(), set(&["t"]))]),
-            json: set(&["/etc/app.json", "/a/b/c/d/e/f/doc.json"]),
-            kv: set(&["/etc/app.env", "/etc/app.d/", "//../lost+found/"]),
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let limits = BaseLimits {
-            max_file_bytes: 4 << 20,
-            max_total_bytes: 16 << 20,
-            max_files: 1000,
-        };
-        // Whatever the outcome, no path resolution reads the long link.
-        let _ = extract(&fs, &sources, dir.path(), &limits);
-        let mut long = None;
-        for p in ["/etc", "/data", "/a", "/lost+found"] {
-            if let Err(e @ BaseError::Symlink { .. }) = resolve(&fs, &format!("{p}/x")) {
-                long = Some(e.to_string());
-            }
-        }
-        let long = long.expect("the image's long link is met on one of the paths");
-        assert!(long.contains("claims"), "{long}");
-    }
-
-    /// A guest's database may hold text that is not UTF-8: the base is refused with a
-    /// line, weftd does not panic (found by the sqlite_base fuzz target).
-    #[tokio::test]
-    async fn text_that_is_not_utf8_is_an_error_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let copy = dir.path().join("app.db");
-        rusqlite::Connection::open(&copy)
-            .unwrap()
-            .execute_batch(
-                "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); \
-                 INSERT INTO t VALUES (1, CAST(x'41ff42' AS TEXT));",
-            )
-            .unwrap();
-        let src = "/data/app.db".to_string();
-        let sources = Sources {
-            sqlite: BTreeMap::from([(src.clone(), BTreeSet::from(["t".to_string()]))]),
-            ..Sources::default()
-        };
-        let x = Extracted {
-            json: BTreeMap::new(),
-            kv: BTreeMap::new(),
-            sqlite: BTreeMap::from([(src.clone(), copy)]),
-            found: BTreeMap::from([(src.clone(), src)]),
-        };
-        let e = state_of(&x, &sources).await.unwrap_err().to_string();
-        assert!(e.contains("table \"t\"") && !e.contains('\n'), "{e}");
-    }
-}
+mod tests;
