@@ -153,6 +153,9 @@ impl Rig {
         if catalog.environment(name).await.expect("catalog").is_some() {
             left.push("environment row".to_string());
         }
+        if catalog.placement(name).await.expect("catalog").is_some() {
+            left.push("placement row".to_string());
+        }
         let sources = catalog.weave_sources(name).await.expect("catalog");
         if !sources.is_empty() {
             left.push(format!("{} source rows", sources.len()));

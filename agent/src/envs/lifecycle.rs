@@ -35,7 +35,7 @@ impl Manager {
         };
         // A weave's QEMU runs in its network namespace and cgroups.
         let placement =
-            crate::placement::of(&self.catalog, self.host.cgroups().as_ref(), name).await;
+            crate::placement::of(&self.catalog, self.host.cgroups().as_ref(), name).await?;
         let weave = placement.is_weave();
         let qemu_user = crate::qemu_user::QemuUser::of(self.config.qemu_user.as_deref())
             .map_err(ApiError::BadRequest)?;

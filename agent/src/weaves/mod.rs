@@ -192,6 +192,8 @@ impl Catalog {
         .bind(&w.created_at)
         .execute(&mut *tx)
         .await?;
+        crate::placement::insert_in(&mut tx, &w.name, &crate::placement::Stored::weave(&w.name))
+            .await?;
         tx.commit().await?;
         Ok(())
     }

@@ -215,3 +215,30 @@ async fn compose_apply_failure_while_building_its_sources_removes_everything() {
     assert!(left.is_empty(), "left behind: {left:?}");
     assert_eq!(rig.net_state(), before);
 }
+
+/// A weave's placement (its namespace and cgroups) is stored with it when it is made,
+/// and its QEMU is launched there; an environment that is not a weave has none, and
+/// runs in the host's namespaces.
+#[tokio::test]
+async fn a_weaves_placement_is_stored_with_it_and_used_at_its_launch() {
+    let rig = Rig::new().await;
+    let id = rig.disk_snapshot("2026-12-01T10:00:00.000000Z").await;
+    rig.doubles
+        .processes
+        .serve(std::sync::Arc::new(weft_qmp::fake::FakeQemu::start()));
+    rig.weaves.create(ENV, from_snapshot(id)).await.expect("weave");
+    let catalog = rig.manager.catalog();
+    assert_eq!(
+        catalog.placement("w1").await.unwrap(),
+        Some(crate::placement::Stored::weave("w1"))
+    );
+    assert_eq!(catalog.placement(ENV).await.unwrap(), None);
+    let launches = rig.doubles.processes.launches();
+    let launch = launches.last().expect("a launch");
+    assert_eq!(launch.opts.netns, Some(netns_path("w1")));
+    assert!(launch.opts.cgroups.iter().all(|c| c.ends_with("weft/w1")));
+    let host = crate::placement::of(catalog, rig.doubles.cgroups.as_ref(), ENV)
+        .await
+        .unwrap();
+    assert_eq!(host, crate::placement::Placement::default());
+}
