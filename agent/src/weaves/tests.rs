@@ -226,7 +226,10 @@ async fn a_weaves_placement_is_stored_with_it_and_used_at_its_launch() {
     rig.doubles
         .processes
         .serve(std::sync::Arc::new(weft_qmp::fake::FakeQemu::start()));
-    rig.weaves.create(ENV, from_snapshot(id)).await.expect("weave");
+    rig.weaves
+        .create(ENV, from_snapshot(id))
+        .await
+        .expect("weave");
     let catalog = rig.manager.catalog();
     assert_eq!(
         catalog.placement("w1").await.unwrap(),
