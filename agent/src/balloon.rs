@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use weft_qmp::launch::VmConfig;
 use weft_qmp::Qmp;
 
-use crate::cgroups::{self, Limits};
+use crate::cgroups::{Cgroups, Limits};
 use crate::envs::Manager;
 use crate::error::{one_line, ApiError};
 pub use weft_api::env::Balloon;
@@ -37,11 +37,8 @@ pub fn target_mib(limit_mib: Option<u64>, configured_mib: u64) -> u64 {
 }
 
 /// The balloon target of weave `name` with `config`: from its cgroup memory limit.
-pub fn weave_target_mib(name: &str, config: &VmConfig) -> u64 {
-    target_mib(
-        crate::cgroups::groups(name).memory_limit_mib(),
-        config.memory_mib,
-    )
+pub fn weave_target_mib(cgroups: &dyn Cgroups, name: &str, config: &VmConfig) -> u64 {
+    target_mib(cgroups.memory_limit_mib(name), config.memory_mib)
 }
 
 /// Runs one QMP command with [`QMP_TIMEOUT`]; `Ok(None)` when the VM has no balloon.
@@ -137,12 +134,12 @@ pub async fn apply_limits(
     name: &str,
     limits: &Limits,
 ) -> Result<Option<Balloon>, ApiError> {
-    let groups = cgroups::groups(name);
-    let previous = groups.memory_limit_mib();
+    let cgroups = manager.host().cgroups();
+    let previous = cgroups.memory_limit_mib(name);
     let mut balloon = follow_limit(manager, name, limits.memory_mib).await?;
     let busy =
         |r: &std::io::Result<()>| matches!(r, Err(e) if e.raw_os_error() == Some(libc::EBUSY));
-    let mut applied = groups.apply(limits);
+    let mut applied = cgroups.apply(name, limits);
     if busy(&applied) {
         if let (Some(b), Some(qmp)) = (balloon, manager.live_qmp(name)) {
             let deadline = tokio::time::Instant::now() + SETTLE;
@@ -154,7 +151,7 @@ pub async fn apply_limits(
                     _ => break,
                 }
             }
-            applied = groups.apply(limits);
+            applied = cgroups.apply(name, limits);
             if let Ok(Some(actual_mib)) = actual_mib(&qmp).await {
                 balloon = Some(Balloon { actual_mib, ..b });
             }
@@ -189,11 +186,11 @@ pub async fn apply_limits(
 /// After weftd launched weave `name`'s QEMU: sets the balloon target its cgroup memory
 /// limit asks for (a new QEMU starts with the whole configured memory). Failures are
 /// logged: they do not stop the start.
-pub async fn after_launch(name: &str, config: &VmConfig, qmp: &Qmp) {
+pub async fn after_launch(cgroups: &dyn Cgroups, name: &str, config: &VmConfig, qmp: &Qmp) {
     if !config.balloon {
         return;
     }
-    let target = weave_target_mib(name, config);
+    let target = weave_target_mib(cgroups, name, config);
     if target >= config.memory_mib {
         return;
     }
@@ -205,7 +202,16 @@ pub async fn after_launch(name: &str, config: &VmConfig, qmp: &Qmp) {
 /// The balloon as a step of every launch: a weave's new QEMU has all its memory, and
 /// its balloon follows the weave's memory limit again ([`after_launch`]).
 #[derive(Debug)]
-pub struct BalloonHook;
+pub struct BalloonHook {
+    cgroups: std::sync::Arc<dyn Cgroups>,
+}
+
+impl BalloonHook {
+    /// The hook, reading weaves' memory limits from `cgroups`.
+    pub fn new(cgroups: std::sync::Arc<dyn Cgroups>) -> BalloonHook {
+        BalloonHook { cgroups }
+    }
+}
 
 impl crate::launch::LaunchHook for BalloonHook {
     fn after_launch<'a>(
@@ -216,7 +222,7 @@ impl crate::launch::LaunchHook for BalloonHook {
     ) -> futures::future::BoxFuture<'a, ()> {
         Box::pin(async move {
             if cx.placement.is_weave() {
-                after_launch(cx.env, config, qmp).await;
+                after_launch(self.cgroups.as_ref(), cx.env, config, qmp).await;
             }
         })
     }
@@ -231,7 +237,7 @@ pub async fn of_weave(manager: &Manager, name: &str) -> Option<Balloon> {
     }
     let actual_mib = actual_mib(&qmp).await.ok()??;
     Some(Balloon {
-        target_mib: weave_target_mib(name, &config),
+        target_mib: weave_target_mib(manager.host().cgroups().as_ref(), name, &config),
         actual_mib,
     })
 }

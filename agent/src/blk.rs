@@ -134,7 +134,7 @@ async fn start_one(
     }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
-            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), e))?;
     }
     let log_path = config
         .data_dir
@@ -148,10 +148,10 @@ async fn start_one(
         .create(true)
         .append(true)
         .open(&log_path)
-        .map_err(|e| ApiError::Internal(format!("cannot open {}: {e}", log_path.display())))?;
+        .map_err(|e| ApiError::io(format!("cannot open {}", log_path.display()), e))?;
     let err = log
         .try_clone()
-        .map_err(|e| ApiError::Internal(format!("cannot open {}: {e}", log_path.display())))?;
+        .map_err(|e| ApiError::io(format!("cannot open {}", log_path.display()), e))?;
     let _ = std::fs::remove_file(socket);
     let t0 = Instant::now();
     let mut child = tokio::process::Command::new(binary)
@@ -168,12 +168,12 @@ async fn start_one(
         .process_group(0)
         .kill_on_drop(false)
         .spawn()
-        .map_err(|e| ApiError::Internal(format!("cannot start {}: {e}", binary.display())))?;
+        .map_err(|e| ApiError::io(format!("cannot start {}", binary.display()), e))?;
     let pid = child.id().unwrap_or(0);
     // Dying here leaves a weft-blk with no pid file: `stop_one` finds it by its socket.
     crate::testpoints::point("blk.spawned").await;
     std::fs::write(&pid_file, format!("{pid}\n"))
-        .map_err(|e| ApiError::Internal(format!("cannot write {}: {e}", pid_file.display())))?;
+        .map_err(|e| ApiError::io(format!("cannot write {}", pid_file.display()), e))?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -307,10 +307,7 @@ pub async fn forget(config: &Config, vm: &str) -> Result<(), ApiError> {
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ApiError::Internal(format!(
-            "cannot remove {}: {e}",
-            dir.display()
-        ))),
+        Err(e) => Err(ApiError::io(format!("cannot remove {}", dir.display()), e)),
     }
 }
 
@@ -344,7 +341,7 @@ impl crate::launch::LaunchHook for WeftBlk {
     fn forget<'a>(&'a self, env: &'a str) -> futures::future::BoxFuture<'a, ()> {
         Box::pin(async move {
             if let Err(e) = forget(&self.config, env).await {
-                tracing::warn!(env, error = %e, "cannot remove the served disks' files");
+                tracing::warn!(env, error = %e.one_line(), "cannot remove the served disks' files");
             }
         })
     }

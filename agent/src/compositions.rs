@@ -198,8 +198,8 @@ impl Compositions {
             created_at: now(),
         };
         let plan = self.compute(&comp, &HashMap::new()).await?;
-        let rules_json = serde_json::to_string(&comp.rules)
-            .map_err(|e| ApiError::Internal(format!("rules: {e}")))?;
+        let rules_json =
+            serde_json::to_string(&comp.rules).map_err(|e| ApiError::json("rules", e))?;
         sqlx::query(
             "INSERT INTO compositions (name, env, rules, actor, created_at) VALUES (?, ?, ?, ?, ?)",
         )
@@ -313,7 +313,7 @@ impl Compositions {
             )
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("plan task failed: {e}")))?
+        .map_err(|e| ApiError::task("plan task failed", e))?
         .map_err(|e| ApiError::BadRequest(format!("composition {}: {e}", comp.name)))
     }
 
@@ -344,7 +344,7 @@ impl Compositions {
             )
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("merge task failed: {e}")))?
+        .map_err(|e| ApiError::task("merge task failed", e))?
         .map_err(ApiError::BadRequest)
     }
 
@@ -365,7 +365,7 @@ impl Compositions {
             compose::merge_data(&rules, &resource, &instants, &base, &res, &maps)
         })
         .await
-        .map_err(|e| ApiError::Internal(format!("merge task failed: {e}")))?
+        .map_err(|e| ApiError::task("merge task failed", e))?
         .map_err(ApiError::BadRequest)
     }
 

@@ -251,10 +251,11 @@ pub async fn run(config: Config) -> Result<()> {
         Ok(s) => s,
         Err(e) => {
             let _ = std::fs::remove_file(&socket);
-            return Err(anyhow::Error::new(e).context("cannot open the chunk store"));
+            return Err(anyhow::Error::msg(e.one_line()).context("cannot open the chunk store"));
         }
     };
-    let manager = Manager::new(config, catalog.clone());
+    // The one place weftd's side effects on the host are built.
+    let manager = Manager::with_host(config, catalog.clone(), crate::host::Host::kernel());
     // Guests' DPAs stream into the provenance log over vsock; without the log weftd
     // still serves, and guests get no vsock device.
     let provenance_dir = manager.config().provenance_dir();
@@ -278,7 +279,9 @@ pub async fn run(config: Config) -> Result<()> {
     hooks.push(std::sync::Arc::new(crate::blk::WeftBlk::new(
         manager.config().clone(),
     )));
-    hooks.push(std::sync::Arc::new(crate::balloon::BalloonHook));
+    hooks.push(std::sync::Arc::new(crate::balloon::BalloonHook::new(
+        manager.host().cgroups().clone(),
+    )));
     manager.set_hooks(hooks);
     let snapshots = crate::snapshots::Snapshots::new(manager.clone(), store);
     let recovered = async {
@@ -288,7 +291,7 @@ pub async fn run(config: Config) -> Result<()> {
     };
     if let Err(e) = recovered.await {
         let _ = std::fs::remove_file(&socket);
-        return Err(anyhow::Error::new(e).context("cannot recover environments"));
+        return Err(anyhow::Error::msg(e.one_line()).context("cannot recover environments"));
     }
     info!(socket = %socket.display(), "weftd ready");
     notify(&[
@@ -302,7 +305,7 @@ pub async fn run(config: Config) -> Result<()> {
         .map(|log| tokio::spawn(crate::provenance::service::retention_task(log)));
     let weaves = crate::weaves::Weaves::new(manager.clone(), snapshots.clone());
     if let Err(e) = weaves.recover().await {
-        warn!(error = %e, "cannot recover weaves");
+        warn!(error = %e.one_line(), "cannot recover weaves");
     }
     let compositions = crate::compositions::Compositions::new(manager.clone(), snapshots.clone());
     let state = AppState {

@@ -87,10 +87,7 @@ pub async fn clear_work_dir(dir: &Path) -> Vec<String> {
 /// the module comment); returns the record, which the restore removes when it ends.
 pub fn record_output(work: &Path, id: i64, temp: &Path) -> Result<PathBuf, crate::error::ApiError> {
     let internal = |e: std::io::Error| {
-        crate::error::ApiError::Internal(format!(
-            "cannot record a restore in {}: {e}",
-            work.display()
-        ))
+        crate::error::ApiError::io(format!("cannot record a restore in {}", work.display()), e)
     };
     std::fs::create_dir_all(work).map_err(internal)?;
     let stamp = std::time::SystemTime::now()

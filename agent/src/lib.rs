@@ -37,5 +37,7 @@ pub mod snapshots;
 pub mod strict;
 pub mod sync;
 pub mod testpoints;
+#[cfg(test)]
+mod testrig;
 pub mod weavenet;
 pub mod weaves;

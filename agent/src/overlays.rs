@@ -191,7 +191,7 @@ fn canonical(p: &Path) -> PathBuf {
 async fn chain(qmp: &Qmp, disk: &str) -> Result<Vec<PathBuf>, ApiError> {
     let files = block::device_chain(qmp, disk)
         .await
-        .map_err(|e| ApiError::Qemu(one_line(&e.to_string())))?
+        .map_err(ApiError::from)?
         .unwrap_or_default();
     Ok(files.iter().map(|f| canonical(Path::new(f))).collect())
 }
@@ -383,12 +383,8 @@ pub async fn commit_down(
     origin_format: DiskFormat,
     job: &str,
 ) -> Result<(), ApiError> {
-    let qemu = |e: weft_qmp::Error| {
-        ApiError::Qemu(one_line(&format!(
-            "committing into {}: {e}",
-            origin.display()
-        )))
-    };
+    let qemu =
+        |e: weft_qmp::Error| ApiError::qmp(format!("committing into {}", origin.display()), e);
     let base = block::node_of_file(qmp, origin_format.driver(), origin)
         .await
         .map_err(qemu)?
@@ -418,7 +414,7 @@ pub async fn commit_down(
 pub async fn device_root(qmp: &Qmp, disk: &str) -> Result<String, ApiError> {
     backup::device_root_node(qmp, disk)
         .await
-        .map_err(|e| ApiError::Qemu(format!("disk {disk}: {e}")))
+        .map_err(|e| ApiError::qmp(format!("disk {disk}"), e))
 }
 
 #[cfg(test)]

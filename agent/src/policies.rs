@@ -14,7 +14,7 @@ use sqlx::Row;
 use tracing::{info, warn};
 
 use crate::catalog::{now, Catalog, CatalogError};
-use crate::error::{one_line, ApiError};
+use crate::error::ApiError;
 use crate::model::JobState;
 use crate::snapshots::Snapshots;
 use weft_api::policy::{after, next_run, rfc3339};
@@ -167,7 +167,7 @@ async fn run(snapshots: &Arc<Snapshots>, policy: &Policy) {
                 .saturating_mul(1 << (failures - 1).min(16))
                 .min(every.max(FIRST_RETRY));
             (
-                format!("error: {}", one_line(&e.to_string())),
+                format!("error: {}", e.one_line()),
                 failures,
                 after(SystemTime::now(), backoff),
             )
@@ -196,7 +196,7 @@ async fn run(snapshots: &Arc<Snapshots>, policy: &Policy) {
             info!(policy = policy.id, env = %policy.env, resource = %policy.resource, "policy ran")
         }
         Err(e) => {
-            warn!(policy = policy.id, env = %policy.env, failures, error = %e, "policy run failed; will retry")
+            warn!(policy = policy.id, env = %policy.env, failures, error = %e.one_line(), "policy run failed; will retry")
         }
     }
 }

@@ -144,7 +144,7 @@ pub(crate) fn map_diff(a: &BlockMap, b: &BlockMap) -> Ranges {
 async fn chain(qmp: &Qmp, volume: &str) -> Result<Vec<String>, ApiError> {
     let out: Vec<String> = block::device_chain(qmp, volume)
         .await
-        .map_err(|e| ApiError::Qemu(one_line(&e.to_string())))?
+        .map_err(ApiError::from)?
         .ok_or_else(|| ApiError::BadRequest(format!("no volume {volume:?} with a medium")))?
         .iter()
         .map(|f| canonical(f))
@@ -184,7 +184,7 @@ struct Side {
 
 impl Side {
     async fn export(&mut self) -> Result<NbdClient, ApiError> {
-        let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&e.to_string()));
+        let qemu = |e: weft_qmp::Error| ApiError::qmp("", e);
         let _ = std::fs::remove_file(&self.socket);
         if self.socket.to_str().is_none() {
             return Err(ApiError::Internal("socket path is not UTF-8".into()));
@@ -206,7 +206,7 @@ impl Side {
         self.export = true;
         NbdClient::connect_unix(&self.socket, READ_EXPORT, &[DEPTH_CONTEXT])
             .await
-            .map_err(|e| ApiError::Qemu(format!("{}: {e}", self.name)))
+            .map_err(|e| ApiError::nbd(self.name.clone(), e))
     }
 
     async fn del_export(&self, id: &str) -> Result<(), weft_qmp::Error> {
@@ -295,7 +295,7 @@ async fn changed(nbd: &NbdClient, above: usize) -> Result<Ranges, ApiError> {
     let extents = nbd
         .block_status_all(DEPTH_CONTEXT)
         .await
-        .map_err(|e| ApiError::Qemu(e.to_string()))?;
+        .map_err(|e| ApiError::nbd("", e))?;
     Ok(normalize(
         extents
             .iter()
@@ -379,8 +379,8 @@ pub async fn sync(
     let (qs, qd) = (live(src)?, live(dst)?);
     let work = manager.config().run_dir.join("sync");
     std::fs::create_dir_all(&work)
-        .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", work.display())))?;
-    let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&e.to_string()));
+        .map_err(|e| ApiError::io(format!("cannot create {}", work.display()), e))?;
+    let qemu = |e: weft_qmp::Error| ApiError::qmp("", e);
     let mut s = Side {
         name: src.to_string(),
         root: backup::device_root_node(&qs, &req.volume)
@@ -407,7 +407,7 @@ pub async fn sync(
     let (ms, md) = (paused_marker(&work, src), paused_marker(&work, dst));
     for m in [&ms, &md] {
         std::fs::write(m, b"")
-            .map_err(|e| ApiError::Internal(format!("cannot write {}: {e}", m.display())))?;
+            .map_err(|e| ApiError::io(format!("cannot write {}", m.display()), e))?;
     }
     let unmark = || {
         let _ = std::fs::remove_file(&ms);
@@ -584,7 +584,7 @@ async fn copy_into(
     copy: &[(u64, u64)],
     size: u64,
 ) -> Result<(), ApiError> {
-    let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&format!("sync into {}: {e}", d.name)));
+    let qemu = |e: weft_qmp::Error| ApiError::qmp(format!("sync into {}", d.name), e);
     let layer = d.socket.with_file_name(layer_file(&d.name));
     let _ = std::fs::remove_file(&layer);
     backup::create_file_node(&d.qmp, &layer, LAYER_FILE)
@@ -601,7 +601,7 @@ async fn copy_into(
         let written = async {
             let out = NbdClient::connect_unix(&d.socket, WRITE_EXPORT, &[])
                 .await
-                .map_err(|e| ApiError::Qemu(format!("{}: {e}", d.name)))?;
+                .map_err(|e| ApiError::nbd(d.name.clone(), e))?;
             let step = PIECE
                 .min(u64::from(src_nbd.max_request()))
                 .min(u64::from(out.max_request()));
@@ -618,18 +618,16 @@ async fn copy_into(
                     let data = src_nbd
                         .read(o, l as u32)
                         .await
-                        .map_err(|e| ApiError::Qemu(format!("read {o}+{l}: {e}")))?;
+                        .map_err(|e| ApiError::nbd(format!("read {o}+{l}"), e))?;
                     out_ref
                         .write(o, &data)
                         .await
-                        .map_err(|e| ApiError::Qemu(format!("write {o}+{l}: {e}")))
+                        .map_err(|e| ApiError::nbd(format!("write {o}+{l}"), e))
                 })
                 .buffer_unordered(PARALLEL)
                 .try_collect::<Vec<()>>()
                 .await?;
-            out.flush()
-                .await
-                .map_err(|e| ApiError::Qemu(format!("flush: {e}")))?;
+            out.flush().await.map_err(|e| ApiError::nbd("flush", e))?;
             let _ = out.disconnect().await;
             Ok::<(), ApiError>(())
         }
@@ -644,10 +642,7 @@ async fn copy_into(
         commit::active_commit(&d.qmp, COMMIT_JOB, LAYER, None, JOB_DEADLINE)
             .await
             .map_err(|e| {
-                ApiError::Qemu(one_line(&format!(
-                    "committing the synced blocks into {}: {e}",
-                    d.name
-                )))
+                ApiError::qmp(format!("committing the synced blocks into {}", d.name), e)
             })?;
         snapshotted = false;
         Ok::<(), ApiError>(())

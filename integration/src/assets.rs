@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::paths::{target_dir, workspace_root};
+use weft_rig::{target_dir, workspace_root};
 
 /// Bumped when the harness changes how it lays out the cache.
 const CACHE_FORMAT: &str = "weft-guest-assets v1";

@@ -12,7 +12,8 @@ use weft_qmp::Qmp;
 use crate::assets::guest_assets;
 use crate::disk::make_data_disk;
 use crate::serial::{failure_line, SerialLog};
-use crate::wait::wait_until;
+use weft_rig::wait_until;
+use weft_rig::Diagnostics;
 
 /// The `name` of the guest's data disk in [`VmConfig::disks`]: the device id; its block
 /// nodes are `data-file` (protocol) and `data-fmt` (format, what the device is attached to).
@@ -55,6 +56,9 @@ pub struct GuestOpts {
     pub nics: Vec<NicConfig>,
     /// Run QEMU in this network namespace (`/run/netns/<name>`).
     pub netns: Option<PathBuf>,
+    /// What else a failed boot or wait reports, besides QEMU, its vhost-user sockets and
+    /// their backends, and the serial log: a test's helper processes and their logs.
+    pub diagnostics: Diagnostics,
 }
 
 impl Default for GuestOpts {
@@ -72,6 +76,7 @@ impl Default for GuestOpts {
             ready_timeout: Duration::from_secs(60),
             nics: Vec::new(),
             netns: None,
+            diagnostics: Diagnostics::new(),
         }
     }
 }
@@ -87,6 +92,9 @@ pub struct Guest {
     data_disk: PathBuf,
     output_log: PathBuf,
     boot_time: Duration,
+    /// QEMU's process and command line, the vhost-user sockets and their backends, the
+    /// serial log's size and the test's own list.
+    diag: Diagnostics,
     // Last: removed after QEMU is gone. `None` only once `shutdown_keep_dir` took it.
     dir: Option<TempDir>,
 }
@@ -159,22 +167,48 @@ impl Guest {
             ..SpawnOptions::default()
         };
         let serial = SerialLog::new(paths.serial_log.clone());
+        let command = format!(
+            "{} {}",
+            spawn_opts.binary.display(),
+            weft_qmp::launch::command_line(&config, &paths).join(" ")
+        );
+        let diag = Diagnostics::new();
+        for disk in &opts.vhost_user_disks {
+            diag.socket(&format!("vhost-user disk {}", disk.name), &disk.socket)
+                .processes_naming(
+                    &format!("vhost-user backend of {}", disk.name),
+                    &disk.socket,
+                );
+        }
+        diag.file_size("guest serial log", &paths.serial_log)
+            .include(&opts.diagnostics);
 
         let started = Instant::now();
         let process = match weft_qmp::process::spawn(&config, &paths, &spawn_opts).await {
             Ok(process) => process,
             Err(err) => {
                 let output = tail(&std::fs::read_to_string(&paths.output_log).unwrap_or_default());
-                eprintln!("{}", report("QEMU did not start", &output, &serial));
+                eprintln!(
+                    "{}\n---- QEMU command line: {command}\n{}",
+                    report("QEMU did not start", &output, &serial),
+                    diag.report(&format!("QEMU did not start: {err}"))
+                );
                 return Err(anyhow!(err).context("cannot start QEMU for the test guest"));
             }
         };
+        // Before anything else: QEMU's state and threads head the report.
+        let qemu_first = Diagnostics::new();
+        qemu_first
+            .process("QEMU", process.pid())
+            .command_line("QEMU", process.pid(), &command)
+            .include(&diag);
         let mut guest = Guest {
             process: Some(process),
             serial,
             data_disk,
             output_log: paths.output_log,
             boot_time: Duration::ZERO,
+            diag: qemu_first,
             dir: Some(dir),
         };
         match guest.wait_ready(opts.ready_timeout).await {
@@ -183,7 +217,20 @@ impl Guest {
                 Ok(guest)
             }
             Err(err) => {
-                eprintln!("{}", guest.report("the test guest did not become ready"));
+                let report = guest.report(&format!("the test guest did not become ready: {err:#}"));
+                let stalled = matches!(
+                    err.downcast_ref::<wait_until::Error>(),
+                    Some(wait_until::Error::TimedOut { .. })
+                );
+                // A stall carries its report (read before QEMU is killed) in the error,
+                // so whatever prints the error shows it; a guest that failed says why
+                // in the error already, and its logs go to stderr.
+                let err = if stalled {
+                    err.context(report)
+                } else {
+                    eprintln!("{report}");
+                    err
+                };
                 if let Some(process) = guest.process.take() {
                     process.kill().await;
                 }
@@ -285,13 +332,26 @@ impl Guest {
         }
     }
 
-    /// QEMU's output and the serial log, for a failure message.
+    /// QEMU's output and the serial log, then QEMU's process (state, wchan, threads) and
+    /// command line, its vhost-user sockets and their backends, the serial log's size and
+    /// what the test listed in [`GuestOpts::diagnostics`], for a failure message.
     pub fn report(&self, headline: &str) -> String {
         let output = match &self.process {
             Some(process) => process.output_tail(REPORT_TAIL_BYTES),
             None => tail(&std::fs::read_to_string(&self.output_log).unwrap_or_default()),
         };
-        report(headline, &output, &self.serial)
+        format!(
+            "{}\n{}",
+            report(headline, &output, &self.serial),
+            self.diag
+                .report(&format!("processes and files: {headline}"))
+        )
+    }
+
+    /// What this guest's failure report lists beyond its logs; a test adds what it
+    /// starts later.
+    pub fn diagnostics(&self) -> &Diagnostics {
+        &self.diag
     }
 }
 

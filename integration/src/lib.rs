@@ -10,13 +10,14 @@
 mod assets;
 mod disk;
 mod guest;
-mod paths;
 mod serial;
-mod wait;
 
 pub use assets::{guest_assets, GuestAssets};
 pub use disk::{make_data_disk, read_ext4_file, xorshift_fill};
 pub use guest::{Guest, GuestOpts, DATA_DISK_NAME};
-pub use paths::{bin_path, confined_dirs_toml, target_dir};
 pub use serial::SerialLog;
-pub use wait::wait_until;
+// The rig's lookups, waits and reports, where the end-to-end tests have always found them.
+pub use weft_rig::{
+    bin_path, confined_dirs_toml, find_bin, procs, target_dir, wait_until, wait_until_diagnosed,
+    Diagnostics, LogOnDrop, Weftd, WeftdBuilder,
+};

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 
-use crate::wait::wait_until;
+use weft_rig::{wait_until, Diagnostics};
 
 /// Marker the guest's init prints when setup failed (then it powers off).
 pub const ERROR_MARKER: &str = "WEFT-ERROR";
@@ -40,6 +40,19 @@ impl SerialLog {
     /// the kernel panics
     /// (unless that is what `needle` asks for), and after `timeout`.
     pub async fn wait_for(&self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_for_diagnosed(needle, timeout, &Diagnostics::new())
+            .await
+    }
+
+    /// [`SerialLog::wait_for`]; when it fails, the error carries the log's size and `diag`'s
+    /// report (the QEMU and helper processes, sockets and logs a test registered) as they
+    /// are at that moment.
+    pub async fn wait_for_diagnosed(
+        &self,
+        needle: &str,
+        timeout: Duration,
+        diag: &Diagnostics,
+    ) -> anyhow::Result<()> {
         let what = format!(
             "{needle:?} on the guest serial console ({})",
             self.0.display()
@@ -56,6 +69,17 @@ impl SerialLog {
             Ok(None)
         })
         .await
+        .map_err(|e| {
+            let size = match std::fs::metadata(&self.0) {
+                Ok(m) => format!("{} bytes", m.len()),
+                Err(err) => format!("missing ({err})"),
+            };
+            let report = diag.report(&format!(
+                "stalled: {e:#}\n---- guest serial log {}: {size}",
+                self.0.display()
+            ));
+            e.context(report)
+        })
     }
 }
 

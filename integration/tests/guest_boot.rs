@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use weft_integration::{guest_assets, read_ext4_file, Guest, GuestOpts};
+use weft_integration::{guest_assets, read_ext4_file, Diagnostics, Guest, GuestOpts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_guest_boots_and_runs_workload() -> anyhow::Result<()> {
@@ -129,6 +129,58 @@ impl Drop for TapNamespace {
             .args(["netns", "del", &self.name])
             .status();
     }
+}
+
+/// A boot that times out (here at once, as a stall would after minutes) says what it
+/// waited for and shows QEMU's process and threads, its command line, the serial log's
+/// size, and the helpers and logs the test listed: enough to tell a hung QEMU or backend
+/// from a slow guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_a_stalled_boot_reports_qemu_its_helpers_and_the_serial_log() -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(guest_assets).await??;
+    let dir = tempfile::tempdir()?;
+    let log = dir.path().join("helper.log");
+    std::fs::write(&log, "helper: listening\nhelper: last words\n")?;
+    // A helper that sleeps, as a backend blocked on its socket would.
+    let mut helper = std::process::Command::new("sleep").arg("600").spawn()?;
+    let diagnostics = Diagnostics::new();
+    diagnostics
+        .process("helper", helper.id())
+        .log_tail("helper log", &log);
+    let result = Guest::boot(GuestOpts {
+        ready_timeout: Duration::from_millis(1),
+        diagnostics,
+        ..GuestOpts::default()
+    })
+    .await;
+    let _ = helper.kill();
+    let _ = helper.wait();
+    let err = result
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("no guest is ready within a millisecond"))?;
+    assert!(
+        matches!(
+            err.downcast_ref::<wait_until::Error>(),
+            Some(wait_until::Error::TimedOut { .. })
+        ),
+        "{err:#}"
+    );
+    let text = format!("{err:#}");
+    for needle in [
+        "timed out after 1ms waiting for WEFT-READY",
+        "---- QEMU: pid ",
+        "alive, state ",
+        "    thread ",
+        "---- QEMU command line: qemu-system-x86_64 ",
+        "-kernel ",
+        "guest serial log ",
+        " bytes",
+        &format!("---- helper: pid {} (sleep): alive, state S", helper.id()),
+        "helper: last words",
+    ] {
+        assert!(text.contains(needle), "{needle:?} is not in:\n{text}");
+    }
+    Ok(())
 }
 
 #[tokio::test]

@@ -30,12 +30,7 @@ async fn start_crashing_at(rig: &mut Rig, point: &str) -> anyhow::Result<()> {
 
 /// Waits until the weftd of `rig` has died (it killed itself at its crash point).
 async fn wait_crashed(rig: &mut Rig) -> anyhow::Result<()> {
-    let mut child = rig.weftd.take().context("weftd is not running")?;
-    let status = wait_until(SHORT, "weftd to kill itself", || {
-        let s = child.try_wait();
-        async move { Ok(s?) }
-    })
-    .await?;
+    let status = rig.weftd()?.wait_exited(SHORT).await?;
     ensure!(
         std::os::unix::process::ExitStatusExt::signal(&status) == Some(9),
         "weftd should have died of SIGKILL: {status:?}"

@@ -20,7 +20,9 @@ use weft_blockdev::blk::BlockDevice;
 use weft_blockdev::layers::LayerSpec;
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot, StoreConfig};
 use weft_compose::{merge, MapSource, PlanInput};
-use weft_integration::{bin_path, wait_until, xorshift_fill, Guest, GuestOpts};
+use weft_integration::{
+    bin_path, wait_until_diagnosed, xorshift_fill, Diagnostics, Guest, GuestOpts,
+};
 use weft_qmp::launch::VhostUserDisk;
 
 const MIB: usize = 1 << 20;
@@ -78,14 +80,26 @@ impl Blk {
         })
     }
 
+    /// weft-blk's process (state, wchan, threads), its socket and its log's tail, for
+    /// whatever waits on it or on a guest it serves.
+    fn diagnostics(&self) -> Diagnostics {
+        let diag = Diagnostics::new();
+        diag.process("weft-blk", self.child.id())
+            .socket("weft-blk", &self.socket)
+            .log_tail("weft-blk log", &self.log);
+        diag
+    }
+
     async fn ready(&mut self) -> anyhow::Result<()> {
         let socket = self.socket.clone();
         let log = self.log.clone();
         let pid = self.child.id();
+        let diag = self.diagnostics();
         let exited = &mut self.child;
-        wait_until(
+        wait_until_diagnosed(
             Duration::from_secs(20),
             "weft-blk's socket and seccomp filter",
+            &diag,
             || {
                 // It serves the guest confined: filter mode once it listens.
                 let there = socket.exists()
@@ -127,7 +141,8 @@ impl Drop for Blk {
 
 /// Boots the test guest with the weft-blk disk as `/dev/vdb` running `blkcheck`, and
 /// returns the sums it printed (`sha256`, and `after` when it wrote).
-async fn check_in_guest(socket: &Path, write: bool) -> anyhow::Result<(String, Option<String>)> {
+async fn check_in_guest(blk: &Blk, write: bool) -> anyhow::Result<(String, Option<String>)> {
+    let socket = &blk.socket;
     let args = if write { "/dev/vdb,write" } else { "/dev/vdb" };
     let guest = Guest::boot(GuestOpts {
         workload: "blkcheck".into(),
@@ -138,6 +153,8 @@ async fn check_in_guest(socket: &Path, write: bool) -> anyhow::Result<(String, O
             queues: 2,
         }],
         ready_timeout: Duration::from_secs(120),
+        // A stalled boot reports weft-blk's state and log next to QEMU's.
+        diagnostics: blk.diagnostics(),
         ..GuestOpts::default()
     })
     .await?;
@@ -287,7 +304,7 @@ async fn qemu_weft_blk_serves_composed_layers_and_keeps_guest_writes() -> anyhow
     // Boot 1: the guest reads the composition and writes.
     let mut blk = Blk::start(&spec_path, &socket, &log)?;
     blk.ready().await?;
-    let (sum, after) = check_in_guest(&socket, true).await?;
+    let (sum, after) = check_in_guest(&blk, true).await?;
     assert_eq!(
         sum,
         sha256_hex(&want),
@@ -312,7 +329,7 @@ async fn qemu_weft_blk_serves_composed_layers_and_keeps_guest_writes() -> anyhow
     blk.kill();
     let mut blk = Blk::start(&spec_path, &socket, &log)?;
     blk.ready().await?;
-    let (sum, _) = check_in_guest(&socket, false).await?;
+    let (sum, _) = check_in_guest(&blk, false).await?;
     assert_eq!(
         sum,
         sha256_hex(&written),

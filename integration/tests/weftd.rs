@@ -5,7 +5,7 @@
 //! checks the host from outside: processes in /proc, sockets and files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
@@ -13,7 +13,7 @@ use weft::api::EnvironmentView;
 use weft::model::{AuditEntry, CreateEnvironment, DiskRequest, EnvState};
 use weft_client::{Client, ClientError};
 use weft_integration::{
-    bin_path, confined_dirs_toml, guest_assets, make_data_disk, wait_until, SerialLog,
+    bin_path, guest_assets, make_data_disk, procs, wait_until, LogOnDrop, SerialLog, WeftdBuilder,
 };
 
 const BOOT: Duration = Duration::from_secs(90);
@@ -21,112 +21,67 @@ const SHORT: Duration = Duration::from_secs(20);
 
 /// A weftd of one test, with everything under one temporary directory.
 struct Weftd {
+    /// The rig prints weftd's and QEMU's logs when it drops before [`Weftd::passed`]
+    /// (a panic or an error returned with `?`).
+    rig: weft_rig::Weftd,
+    // Last: removed once weftd and its guests are gone.
     dir: tempfile::TempDir,
-    child: Option<Child>,
-    extra: Vec<String>,
-    /// Cleared by [`Weftd::passed`]; a test that ends early (a panic or an error
-    /// returned with `?`) prints weftd's and QEMU's logs when it drops.
-    dump_logs: bool,
 }
 
 impl Weftd {
     async fn start(extra: &[&str]) -> anyhow::Result<Weftd> {
         let dir = tempfile::Builder::new().prefix("weft-e2e").tempdir()?;
-        let mut w = Weftd {
-            dir,
-            child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            dump_logs: true,
-        };
-        w.restart().await?;
-        Ok(w)
+        // Images and outputs live in the test's directory (weftd confines them).
+        let mut builder = WeftdBuilder::new(dir.path())
+            .confined_to(&[dir.path()])
+            .rust_log("weft=debug,info")
+            .actor("e2e")
+            .start_timeout(SHORT)
+            .log_on_drop(LogOnDrop::UnlessPassed);
+        for arg in extra {
+            builder = builder.arg(arg);
+        }
+        let rig = builder.start().await?;
+        Ok(Weftd { rig, dir })
     }
 
     fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.rig.data_dir().to_path_buf()
     }
 
     fn run(&self) -> PathBuf {
-        self.dir.path().join("run")
+        self.rig.run_dir().to_path_buf()
     }
 
     fn socket(&self) -> PathBuf {
-        self.run().join("weftd.sock")
-    }
-
-    fn log(&self) -> PathBuf {
-        self.dir.path().join("weftd.log")
+        self.rig.socket()
     }
 
     fn client(&self) -> Client {
-        Client::new(self.socket()).with_actor(Some("e2e".into()))
+        self.rig.client()
     }
 
-    /// Starts weftd (again) and waits until its API answers.
+    /// Starts weftd again and waits until its API answers.
     async fn restart(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())?;
-        // Images and outputs live in the test's directory (weftd confines them).
-        let config = self.dir.path().join("weftd.toml");
-        std::fs::write(&config, confined_dirs_toml(&[self.dir.path()]))?;
-        let child = Command::new(bin_path("weftd"))
-            .arg("--data-dir")
-            .arg(self.data())
-            .arg("--run-dir")
-            .arg(self.run())
-            .arg("--config")
-            .arg(&config)
-            .args(&self.extra)
-            .env("RUST_LOG", "weft=debug,info")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start weftd")?;
-        self.child = Some(child);
-        let client = self.client();
-        wait_until(SHORT, "weftd to answer on its socket", || {
-            let client = client.clone();
-            async move {
-                match client.get::<serde_json::Value>("/v1/status").await {
-                    Ok(_) => Ok(Some(())),
-                    Err(ClientError::Unreachable { .. }) => Ok(None),
-                    Err(e) => Err(e.into()),
-                }
-            }
-        })
-        .await
+        self.rig.start().await.map(drop)
     }
 
     /// The test reached its end: no logs on drop.
     fn passed(&mut self) {
-        self.dump_logs = false;
+        self.rig.passed();
     }
 
     fn sigkill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        let _ = self.rig.sigkill();
     }
 
     fn sigterm(&mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let mut c = self.child.take().context("weftd is not running")?;
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(c.id())?);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        Ok(c.wait()?)
+        self.rig.sigterm()
     }
 
     /// Runs the `weft` CLI against this weftd.
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin_path("weft"))
-            .arg("--socket")
-            .arg(self.socket())
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("weft runs")
+        self.rig.cli(args)
     }
 
     async fn env(&self, name: &str) -> Result<EnvironmentView, ClientError> {
@@ -175,98 +130,19 @@ impl Weftd {
 
     /// PIDs of processes whose command line mentions this test's directory.
     fn stray_processes(&self) -> Vec<u32> {
-        processes_mentioning(self.dir.path())
+        procs::processes_naming(self.dir.path())
             .into_iter()
-            .filter(|pid| Some(*pid) != self.child.as_ref().map(Child::id))
+            .filter(|pid| Some(*pid) != self.rig.pid())
             .collect()
     }
 }
 
-impl Drop for Weftd {
-    fn drop(&mut self) {
-        if self.dump_logs || std::thread::panicking() {
-            eprintln!(
-                "---- weftd log ({}) ----\n{}",
-                self.log().display(),
-                std::fs::read_to_string(self.log()).unwrap_or_default()
-            );
-            let envs = self.data().join("environments");
-            for entry in std::fs::read_dir(&envs).into_iter().flatten().flatten() {
-                for f in ["qemu.log", "serial.log"] {
-                    let p = entry.path().join(f);
-                    let text = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: String = text
-                        .chars()
-                        .rev()
-                        .take(4000)
-                        .collect::<Vec<_>>()
-                        .into_iter()
-                        .rev()
-                        .collect();
-                    eprintln!("---- {} ----\n{tail}", p.display());
-                }
-            }
-        }
-        self.sigkill();
-        for pid in processes_mentioning(self.dir.path()) {
-            kill(pid);
-        }
-    }
-}
-
-fn processes_mentioning(path: &Path) -> Vec<u32> {
-    let needle = path.to_string_lossy().into_owned();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            .unwrap_or(false);
-        if !zombie && String::from_utf8_lossy(&cmdline).contains(&needle) {
-            out.push(pid);
-        }
-    }
-    out
-}
-
 fn alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // A zombie has exited; only its parent has not reaped it yet.
-    !stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .trim_start()
-        .starts_with('Z')
+    procs::alive(pid)
 }
 
 fn kill(pid: u32) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    procs::kill(pid)
 }
 
 fn stderr_line(out: &Output) -> String {

@@ -12,6 +12,7 @@
 //! - [`sql`]: the one place a guest's `CREATE TABLE` text or database file reaches
 //!   SQLite on the host.
 //! - [`view`]: a record as the API shows it.
+//! - `test_util` (feature `test-util`): log and entry fixtures for tests here and in weftd.
 //!
 //! Everything here comes from a guest and is bounded and checked; nothing here knows
 //! weftd (its catalog, environments, HTTP or confined output directories). Writing a
@@ -25,4 +26,6 @@ pub mod log;
 pub mod spill;
 pub mod sql;
 pub mod state;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod view;

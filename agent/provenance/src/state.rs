@@ -460,29 +460,7 @@ pub(crate) fn canonical_key(key: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn e(
-        dt: DataType,
-        op: Operation,
-        source: &str,
-        coll: &str,
-        key: &str,
-        old: Option<&str>,
-        new: Option<&str>,
-    ) -> Entry {
-        Entry {
-            seq: 1,
-            guest_time_us: 0,
-            data_type: dt,
-            op,
-            source: source.into(),
-            collection: coll.into(),
-            key: key.into(),
-            old: old.map(str::to_string),
-            new: new.map(str::to_string),
-            tx: None,
-        }
-    }
+    use crate::test_util::change as e;
 
     #[test]
     fn sqlite_rows_follow_insert_update_delete() {

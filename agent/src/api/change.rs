@@ -14,7 +14,7 @@ pub(super) async fn audited<T>(
 ) -> Result<T, ApiError> {
     let outcome = match &result {
         Ok(_) => "ok".to_string(),
-        Err(e) => format!("error: {}", one_line(&e.to_string())),
+        Err(e) => format!("error: {}", e.one_line()),
     };
     if let Err(e) = state
         .manager
@@ -22,16 +22,17 @@ pub(super) async fn audited<T>(
         .audit(actor, action, Some(target), detail.as_deref(), &outcome)
         .await
     {
-        tracing::error!(error = %e, action, target, "cannot write the audit log");
+        tracing::error!(error = %error_chain(&e), action, target, "cannot write the audit log");
         if result.is_ok() {
-            return Err(ApiError::Internal(format!(
-                "the change was made but the audit log could not be written: {e}"
-            )));
+            return Err(ApiError::catalog(
+                "the change was made but the audit log could not be written",
+                e,
+            ));
         }
     }
     match &result {
         Ok(_) => tracing::info!(actor, action, target, "done"),
-        Err(e) => tracing::warn!(actor, action, target, error = %e, "refused or failed"),
+        Err(e) => tracing::warn!(actor, action, target, error = %e.one_line(), "refused or failed"),
     }
     result
 }
@@ -62,7 +63,7 @@ where
         .instrument(span),
     );
     task.await
-        .map_err(|e| ApiError::Internal(format!("{action} failed: {e}")))?
+        .map_err(|e| ApiError::task(format!("{action} failed"), e))?
 }
 
 /// A change to one environment that answers with the environment.

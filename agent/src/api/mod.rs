@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use crate::catalog_snapshots::SnapshotFilter;
 use crate::envs::Manager;
-use crate::error::{one_line, ApiError};
+use crate::error::{error_chain, ApiError};
 use crate::model::{
     AuditEntry, CreateEnvironment, CreateSnapshot, Environment, ErrorBody, ExposeRequest,
     GuestPlan, Job, NetSetup, PruneRequest, RestoreRequest, Snapshot, Status, UnexposeRequest,
@@ -622,7 +622,7 @@ async fn whoami(
             .collect::<Vec<_>>()
     })
     .await
-    .map_err(|e| ApiError::Internal(format!("whoami failed: {e}")))?;
+    .map_err(|e| ApiError::task("whoami failed", e))?;
     Ok(Json(crate::roles::Whoami {
         uid: actor.uid,
         user: actor.user.clone(),
@@ -642,11 +642,23 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) | ApiError::Missing(_) => StatusCode::NOT_FOUND,
             ApiError::Duplicate(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Qemu(_) => StatusCode::BAD_GATEWAY,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Qemu(_) | ApiError::Qmp { .. } | ApiError::Nbd { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ApiError::Internal(_)
+            | ApiError::Io { .. }
+            | ApiError::Catalog { .. }
+            | ApiError::Task { .. }
+            | ApiError::Store { .. }
+            | ApiError::Pull { .. }
+            | ApiError::Restore { .. }
+            | ApiError::Net { .. }
+            | ApiError::Provenance { .. }
+            | ApiError::Replay { .. }
+            | ApiError::Json { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         };
-        let message = one_line(&self.to_string());
+        let message = self.one_line();
         let mut response = error_response(status, message.clone());
         if status == StatusCode::FORBIDDEN {
             response.extensions_mut().insert(Refused(message));

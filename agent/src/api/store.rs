@@ -12,11 +12,11 @@ pub(super) async fn store_op<T: Serialize + Send + 'static>(
     let store = state.snapshots.store().clone();
     let report = tokio::task::spawn_blocking(move || op(&store))
         .await
-        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| ApiError::task("store task failed", e))?
+        .map_err(ApiError::from)?;
     serde_json::to_value(report)
         .map(Json)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(|e| ApiError::json("", e))
 }
 
 pub(super) async fn store_stats(

@@ -71,3 +71,88 @@ fn every_get_is_for_readers_and_every_change_needs_more() {
         );
     }
 }
+
+/// The status and the one-line `error` of an API answer.
+async fn answer(e: ApiError) -> (StatusCode, String) {
+    use http_body_util::BodyExt;
+    let response = e.into_response();
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("the body is in memory")
+        .to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&bytes).expect("the body is JSON");
+    let error = body["error"].as_str().expect("an error text").to_string();
+    (status, error)
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_500_naming_the_os_error() {
+    let e = ApiError::io(
+        "cannot create /d/environments/web",
+        std::io::Error::from_raw_os_error(libc::ENOSPC),
+    );
+    let (status, error) = answer(e).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!error.contains('\n'), "{error}");
+    assert!(
+        error.starts_with("cannot create /d/environments/web: "),
+        "{error}"
+    );
+    assert!(
+        error.ends_with("No space left on device (os error 28)"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_duplicate_name_from_the_catalog_answers_409() {
+    let e = ApiError::from(crate::catalog::CatalogError::Duplicate("web".into()));
+    let (status, error) = answer(e).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(error, "an environment named \"web\" already exists");
+}
+
+#[tokio::test]
+async fn a_catalog_failure_answers_500_with_its_cause_once() {
+    let db = sqlx::Error::Io(std::io::Error::from_raw_os_error(libc::EIO));
+    let e = ApiError::catalog(
+        "the change was made but the audit log could not be written",
+        crate::catalog::CatalogError::Db(db),
+    );
+    let (status, error) = answer(e).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        error.starts_with("the change was made but the audit log could not be written: catalog: "),
+        "{error}"
+    );
+    assert!(
+        error.ends_with("Input/output error (os error 5)"),
+        "{error}"
+    );
+    assert_eq!(error.matches("Input/output error").count(), 1, "{error}");
+}
+
+#[tokio::test]
+async fn qemus_multi_line_output_answers_502_on_one_line() {
+    let e = ApiError::qmp(
+        "cannot start QEMU for \"web\"",
+        weft_qmp::Error::Launch {
+            status: weft_qmp::ExitInfo {
+                code: Some(1),
+                signal: None,
+                at: std::time::SystemTime::now(),
+            },
+            output: "qemu-system-x86_64: -drive file=/d/web.qcow2: Could not open '/d/web.qcow2'\n  Permission denied\n".into(),
+        },
+    );
+    let (status, error) = answer(e).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        error,
+        "cannot start QEMU for \"web\": qemu exited during start (exit code 1): \
+         qemu-system-x86_64: -drive file=/d/web.qcow2: Could not open '/d/web.qcow2'; Permission denied"
+    );
+}

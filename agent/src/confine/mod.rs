@@ -73,7 +73,7 @@ impl From<ConfineError> for crate::error::ApiError {
         match e {
             ConfineError::Refused(m) => ApiError::BadRequest(m),
             ConfineError::Exists(m) => ApiError::Conflict(m),
-            e @ ConfineError::Io { .. } => ApiError::Internal(e.to_string()),
+            ConfineError::Io { what, source } => ApiError::io(what, source),
         }
     }
 }

@@ -102,14 +102,13 @@ impl Manager {
                 resume = query_runstate(&qmp).await.as_deref() == Some("running");
                 qmp.execute_raw("stop", None)
                     .await
-                    .map_err(|e| ApiError::Qemu(format!("pausing {name:?} to commit: {e}")))?;
+                    .map_err(|e| ApiError::qmp(format!("pausing {name:?} to commit"), e))?;
                 qmp
             }
             None => {
                 let dir = self.config.run_dir.join("backup");
-                std::fs::create_dir_all(&dir).map_err(|e| {
-                    ApiError::Internal(format!("cannot create {}: {e}", dir.display()))
-                })?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), e))?;
                 let base = crate::names::join(&[name, "commit"]);
                 let paths = LaunchPaths {
                     qmp_socket: dir.join(format!("{base}.qmp")),
@@ -126,9 +125,10 @@ impl Manager {
                 )
                 .await
                 .map_err(|e| {
-                    ApiError::Qemu(one_line(&format!(
-                        "cannot open the disks of {name:?} to commit them: {e}"
-                    )))
+                    ApiError::qmp(
+                        format!("cannot open the disks of {name:?} to commit them"),
+                        e,
+                    )
                 })?;
                 let qmp = process.qmp().clone();
                 daemon = Some(process);

@@ -13,11 +13,10 @@ impl Manager {
         let files = self.files(name);
         let dir = self.env_dir(name);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), e))?;
         if let Some(parent) = socket.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                ApiError::Internal(format!("cannot create {}: {e}", parent.display()))
-            })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| ApiError::io(format!("cannot create {}", parent.display()), e))?;
         }
         // Never start a second QEMU beside one that survived an earlier weftd
         // (the launcher replaces the socket file, which would orphan it for good).
@@ -35,7 +34,8 @@ impl Manager {
             pid_file: Some(self.pid_file(name)),
         };
         // A weave's QEMU runs in its network namespace and cgroups.
-        let placement = crate::placement::of(&self.catalog, name).await;
+        let placement =
+            crate::placement::of(&self.catalog, self.host.cgroups().as_ref(), name).await?;
         let weave = placement.is_weave();
         let qemu_user = crate::qemu_user::QemuUser::of(self.config.qemu_user.as_deref())
             .map_err(ApiError::BadRequest)?;
@@ -50,11 +50,10 @@ impl Manager {
                 (run, run.join("sync")),
             ] {
                 user.give_dir(root, &d).map_err(|e| {
-                    ApiError::Internal(format!(
-                        "cannot give {} to qemu_user {}: {e}",
-                        d.display(),
-                        user.spec
-                    ))
+                    ApiError::io(
+                        format!("cannot give {} to qemu_user {}", d.display(), user.spec),
+                        e,
+                    )
                 })?;
             }
         }
@@ -96,32 +95,38 @@ impl Manager {
             }
         }
         let config = &config;
-        let process = match weft_qmp::process::spawn(config, &paths, &opts).await {
-            Ok(process) => process,
+        let launched = match self
+            .host
+            .processes()
+            .spawn_qemu(config, &paths, &opts)
+            .await
+        {
+            Ok(launched) => launched,
             Err(e) => {
                 self.release_hooks(name).await;
-                return Err(ApiError::Qemu(one_line(&format!(
-                    "cannot start QEMU for {name:?}: {e}"
-                ))));
+                return Err(ApiError::qmp(format!("cannot start QEMU for {name:?}"), e));
             }
         };
-        let pid = process.pid();
+        let pid = launched.process.as_ref().map(QemuProcess::pid);
         if let Err(e) = self
             .catalog
-            .set_state(name, EnvState::Running, Some(pid), None)
+            .set_state(name, EnvState::Running, pid, None)
             .await
         {
             // Dropping the process kills it: no stray QEMU for a row we could not update.
-            drop(process);
+            drop(launched);
             self.release_hooks(name).await;
             return Err(e.into());
         }
-        info!(env = %name, pid, "QEMU started");
-        let qmp = process.qmp().clone();
+        match pid {
+            Some(pid) => info!(env = %name, pid, "QEMU started"),
+            None => info!(env = %name, "QEMU started"),
+        }
+        let qmp = launched.qmp.clone();
         for hook in self.hooks() {
             hook.after_launch(&cx, config, &qmp).await;
         }
-        self.install_runtime(name, qmp, Some(Arc::new(process)), Some(pid));
+        self.install_runtime(name, qmp, launched.process.map(Arc::new), pid);
         Ok(())
     }
 
@@ -237,7 +242,8 @@ impl Manager {
         if env.kind == EnvKind::Attached {
             let qmp = recovery::connect_attached(&self.config, &env.qmp_socket).await.map_err(|e| {
                 ApiError::Conflict(format!(
-                    "{name:?} is attached and its owner runs it: start the VM there (e.g. `virsh start`) first; {e}"
+                    "{name:?} is attached and its owner runs it: start the VM there (e.g. `virsh start`) first; {}",
+                    e.one_line()
                 ))
             })?;
             self.catalog
@@ -263,7 +269,7 @@ impl Manager {
         if let Err(e) = self.launch(name, &config, &env.qmp_socket).await {
             let _ = self
                 .catalog
-                .set_state(name, EnvState::Stopped, None, Some(&e.to_string()))
+                .set_state(name, EnvState::Stopped, None, Some(&e.one_line()))
                 .await;
             return Err(e);
         }
@@ -284,7 +290,7 @@ impl Manager {
         let command = if pause { "stop" } else { "cont" };
         qmp.execute_raw(command, None)
             .await
-            .map_err(|e| ApiError::Qemu(format!("{command} {name:?}: {e}")))?;
+            .map_err(|e| ApiError::qmp(format!("{command} {name:?}"), e))?;
         Ok(self.show(name).await?.0)
     }
 

@@ -60,7 +60,8 @@ pub struct Manager {
     generation: AtomicU64,
     /// Guests' vsock devices and their DPAs' listeners (set once at startup).
     vsock: std::sync::OnceLock<Arc<crate::dpa::VsockHost>>,
-    /// The host's side effects (the network), built by whoever made the manager.
+    /// The host's side effects (network, cgroups, DHCP, QEMU launches), built by whoever
+    /// made the manager.
     host: crate::host::Host,
     /// What runs around every launch (set once at startup; see [`crate::launch`]).
     hooks: std::sync::OnceLock<Vec<Arc<dyn LaunchHook>>>,
@@ -102,12 +103,9 @@ pub(super) enum Recovered {
 }
 
 impl Manager {
-    /// A manager over `catalog`; call [`Manager::recover`] before serving.
-    pub fn new(config: Config, catalog: Catalog) -> Arc<Manager> {
-        Manager::with_host(config, catalog, crate::host::Host::kernel())
-    }
-
-    /// A manager whose side effects on the host go through `host`.
+    /// A manager over `catalog` whose side effects on the host go through `host` (the
+    /// daemon's [`crate::host::Host::kernel`], or test doubles); call
+    /// [`Manager::recover`] before serving.
     pub fn with_host(config: Config, catalog: Catalog, host: crate::host::Host) -> Arc<Manager> {
         Arc::new(Manager {
             config,
@@ -190,11 +188,9 @@ impl Manager {
         let target = name.to_string();
         tokio::task::spawn_blocking(move || log.remove(&target))
             .await
-            .map_err(|e| ApiError::Internal(format!("provenance task failed: {e}")))?
+            .map_err(|e| ApiError::task("provenance task failed", e))?
             .map_err(|e| {
-                ApiError::Internal(one_line(&format!(
-                    "cannot remove the provenance log of {name}: {e}"
-                )))
+                ApiError::provenance(format!("cannot remove the provenance log of {name}"), e)
             })
     }
 
@@ -215,6 +211,11 @@ impl Manager {
     /// The `net` resource, on the manager's host.
     pub fn net(&self) -> crate::net::Net {
         self.host.net(&self.catalog)
+    }
+
+    /// The host's side effects this manager goes through.
+    pub fn host(&self) -> &crate::host::Host {
+        &self.host
     }
 
     /// The catalog.

@@ -72,8 +72,8 @@ impl Manager {
             Ok(done) if done.is_empty() => return,
             Ok(done) => (done.join("; "), "ok"),
             Err(e) => {
-                warn!(env = %name, error = %e, "cannot settle the environment's overlays");
-                (e.to_string(), "failed")
+                warn!(env = %name, error = %e.one_line(), "cannot settle the environment's overlays");
+                (e.one_line(), "failed")
             }
         };
         let _ = self
@@ -109,7 +109,7 @@ impl Manager {
             // An attached socket is checked again, as at attach.
             EnvKind::Attached => connect_attached(&self.config, &env.qmp_socket)
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(|e| e.one_line()),
             EnvKind::Managed => Qmp::connect_timeout(&env.qmp_socket, Duration::from_secs(5))
                 .await
                 .map_err(|e| e.to_string()),

@@ -17,7 +17,11 @@ pub(super) fn names_are_checked() {
 #[tokio::test]
 pub(super) async fn a_name_is_held_by_one_create_at_a_time() {
     let catalog = Catalog::open_in_memory().await.unwrap();
-    let manager = Manager::new(Config::default(), catalog.clone());
+    let manager = Manager::with_host(
+        Config::default(),
+        catalog.clone(),
+        crate::host::doubles::Doubles::new().host(),
+    );
     let first = manager.reserve("web").await.unwrap();
     assert_eq!(first.name(), "web");
     let again = manager.reserve("web").await.err().unwrap();
@@ -66,13 +70,17 @@ pub(super) fn disk(path: &Path) -> DiskRequest {
 #[test]
 pub(super) fn vm_config_rejects_missing_disks_and_relative_paths() {
     let e = vm_config(vec![], None, None, None, None, None).unwrap_err();
-    assert!(e.to_string().contains("--disk"), "{e}");
+    assert!(e.one_line().contains("--disk"), "{}", e.one_line());
     let rel = disk(Path::new("disk.img"));
     let e = vm_config(vec![rel], None, None, None, None, None).unwrap_err();
-    assert!(e.to_string().contains("relative"), "{e}");
+    assert!(e.one_line().contains("relative"), "{}", e.one_line());
     let missing = disk(Path::new("/nonexistent/disk.img"));
     let e = vm_config(vec![missing], None, None, None, None, None).unwrap_err();
-    assert!(e.to_string().contains("/nonexistent/disk.img"), "{e}");
+    assert!(
+        e.one_line().contains("/nonexistent/disk.img"),
+        "{}",
+        e.one_line()
+    );
 }
 
 #[test]

@@ -508,7 +508,7 @@ fn kernel_err(what: &str, e: weft_netns::Error) -> ApiError {
         e @ (weft_netns::Error::ForeignLink(_) | weft_netns::Error::InvalidLink(_)) => {
             ApiError::Conflict(one_line(&format!("{what}: {e}; let weftd start the environment on a tap that does not exist yet, or publish the port through a weave")))
         }
-        other => ApiError::Internal(one_line(&format!("{what}: {}", ErrorChain(&other)))),
+        other => ApiError::net(what, other),
     }
 }
 

@@ -16,7 +16,7 @@ impl Net {
                 failure: None,
             },
             Err(e) => {
-                let e = one_line(&e.to_string());
+                let e = e.one_line();
                 warn!(error = %e, "cannot reconcile the network with the catalog");
                 let _ = self
                     .catalog
@@ -67,7 +67,7 @@ impl Net {
                     }
                     routes.push(r);
                 }
-                Err(e) => problems.push(e.to_string()),
+                Err(e) => problems.push(e.one_line()),
             }
         }
         // Whatever the catalog wants is ours, also when an older weftd made it.

@@ -102,7 +102,7 @@ pub(super) async fn route_localnet_only_on_taps_weft_made() {
         .expose("ops", &expose(80, P1), "alice")
         .await
         .unwrap_err();
-    let text = e.to_string();
+    let text = e.one_line();
     assert!(matches!(e, ApiError::Conflict(_)), "{e:?}");
     assert!(text.contains("\"eth9\" was not made by weft"), "{text}");
     assert!(!text.contains('\n'), "{text}");
@@ -126,7 +126,7 @@ pub(super) async fn route_localnet_only_on_taps_weft_made() {
         .await
         .unwrap_err();
     assert!(
-        e.to_string().contains("\"tweb\" was not made by weft"),
+        e.one_line().contains("\"tweb\" was not made by weft"),
         "{e}"
     );
     // Running again on a tap its QEMU made: allowed.
@@ -244,11 +244,7 @@ pub(super) async fn bad_exposes_are_refused_with_nothing_left_behind() {
         ("web", expose(80, busy), "in use by a process on the host"),
     ];
     for (env, req, want) in cases {
-        let e = net
-            .expose(env, &req, "alice")
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = net.expose(env, &req, "alice").await.unwrap_err().one_line();
         assert!(e.contains(want), "{env} {req:?}: {e}");
         assert!(!e.contains('\n'), "{e}");
     }
@@ -275,7 +271,7 @@ pub(super) async fn activate_moves_every_port_in_one_transaction_and_back() {
     net.route_weave("w1", P1, 8080, "alice").await.unwrap();
     let e = net.route_weave("w2", P1, 8080, "alice").await.unwrap_err();
     assert!(
-        e.to_string().contains("already routed to weave w1 of web"),
+        e.one_line().contains("already routed to weave w1 of web"),
         "{e}"
     );
 
@@ -325,7 +321,7 @@ pub(super) async fn activate_moves_every_port_in_one_transaction_and_back() {
     assert_eq!(net_snapshots(&catalog, "web").await.len(), count);
     // Weaves have no published ports to take back.
     let e = net.activate_env("w1", "bob").await.unwrap_err();
-    assert!(e.to_string().contains("is a weave"), "{e}");
+    assert!(e.one_line().contains("is a weave"), "{}", e.one_line());
 }
 
 #[tokio::test]
@@ -341,7 +337,11 @@ pub(super) async fn a_failed_switch_changes_neither_the_kernel_nor_the_catalog()
     );
     rec.fail_nth_mutation(1);
     let e = net.activate_weave("w1", "bob").await.unwrap_err();
-    assert!(e.to_string().contains("injected failure"), "{e}");
+    assert!(
+        e.one_line().contains("injected failure"),
+        "{}",
+        e.one_line()
+    );
     let after = (
         catalog.net_setup("web").await.unwrap(),
         net_snapshots(&catalog, "web").await.len(),
@@ -352,7 +352,11 @@ pub(super) async fn a_failed_switch_changes_neither_the_kernel_nor_the_catalog()
     let (catalog, _rec, net) = rig().await;
     add_weave(&catalog, "w1", 7, "now", &now()).await;
     let e = net.activate_weave("w1", "bob").await.unwrap_err();
-    assert!(e.to_string().contains("weft env expose web"), "{e}");
+    assert!(
+        e.one_line().contains("weft env expose web"),
+        "{}",
+        e.one_line()
+    );
 }
 
 #[tokio::test]
@@ -393,7 +397,7 @@ pub(super) async fn unexpose_and_plan_changes_follow_through() {
     };
     let e = net.set_plan("web", bad, "alice").await.unwrap_err();
     assert!(matches!(e, ApiError::BadRequest(_)), "{e}");
-    assert!(e.to_string().contains("outside"), "{e}");
+    assert!(e.one_line().contains("outside"), "{}", e.one_line());
 
     net.unexpose("web", P0, "alice").await.unwrap();
     assert_eq!(
@@ -406,7 +410,11 @@ pub(super) async fn unexpose_and_plan_changes_follow_through() {
     );
     assert_eq!(catalog.owned_net().await.unwrap().ports, [P1].into());
     let e = net.unexpose("web", P0, "alice").await.unwrap_err();
-    assert!(e.to_string().contains("its host ports: 47291"), "{e}");
+    assert!(
+        e.one_line().contains("its host ports: 47291"),
+        "{}",
+        e.one_line()
+    );
     let notes: Vec<String> = net_snapshots(&catalog, "web")
         .await
         .into_iter()
@@ -488,7 +496,7 @@ pub(super) async fn a_weave_from_the_past_gets_the_plan_of_its_instant() {
     assert!(owned.netns.contains("weft-past") && owned.indices.contains(&7));
     // A weave's plan is not changed through its environment's commands.
     let e = net.set_plan("past", new, "alice").await.unwrap_err();
-    assert!(e.to_string().contains("is a weave"), "{e}");
+    assert!(e.one_line().contains("is a weave"), "{}", e.one_line());
 
     // A plan a composition chose wins over the weave's instant's; a bad one is
     // refused before anything is made.
@@ -502,7 +510,11 @@ pub(super) async fn a_weave_from_the_past_gets_the_plan_of_its_instant() {
         .create_weave(&weave, &config("weft-tap1"), Some(bad), Egress::None)
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("chosen address plan"), "{e}");
+    assert!(
+        e.one_line().contains("chosen address plan"),
+        "{}",
+        e.one_line()
+    );
     net.create_weave(&weave, &config("weft-tap1"), Some(old), Egress::None)
         .await
         .unwrap();

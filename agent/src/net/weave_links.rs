@@ -311,7 +311,7 @@ impl Net {
         index: u8,
         parent: &str,
     ) -> Result<(), String> {
-        let text = |e: ApiError| e.to_string();
+        let text = |e: ApiError| e.one_line();
         let family: Vec<HostPort> = self
             .catalog
             .host_ports(None)

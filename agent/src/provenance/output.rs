@@ -18,7 +18,7 @@ use weft_provenance::spill::Spilled;
 use weft_provenance::state::{Pages, RowPage};
 
 use crate::confine::{ConfineError, OutDir, Replace};
-use crate::error::{error_chain, one_line, ApiError};
+use crate::error::{one_line, ApiError};
 
 /// Why writing a state out failed.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +55,11 @@ impl From<OutputError> for ApiError {
     fn from(e: OutputError) -> Self {
         match e {
             OutputError::Confine(c) => c.into(),
-            e => ApiError::Internal(one_line(&error_chain(&e))),
+            OutputError::Io { what, source } => ApiError::io(what, source),
+            OutputError::Replay(source) => ApiError::from(source),
+            e @ (OutputError::Path(_) | OutputError::Sqlite { .. }) => {
+                ApiError::Internal(one_line(&e.to_string()))
+            }
         }
     }
 }

@@ -182,7 +182,7 @@ pub async fn run(
             Ok::<_, OutputError>((summary, written))
         })
         .await
-        .map_err(|e| internal(&e))??;
+        .map_err(ApiError::from)??;
         set_report(&mut report, &summary, written);
         return Ok(report);
     }
@@ -203,8 +203,8 @@ pub async fn run(
         }
     })
     .await
-    .map_err(|e| internal(&e))?
-    .map_err(|e| internal(&e))?;
+    .map_err(ApiError::from)?
+    .map_err(|e| ApiError::provenance("", e))?;
     set_report(&mut report, &summary, Written::default());
     if let Some(out) = &output {
         let written = write_state(&state, out).await?;
@@ -250,8 +250,8 @@ pub async fn push_state(
             let weave = weave.to_string();
             tokio::task::spawn_blocking(move || rebuild(&log, &weave, None, i64::MAX))
                 .await
-                .map_err(|e| internal(&e))?
-                .map_err(|e| internal(&e))?
+                .map_err(ApiError::from)?
+                .map_err(|e| ApiError::provenance("", e))?
                 .0
         }
     };
@@ -319,8 +319,8 @@ pub async fn chosen_items(
                     })
                 })
                 .await
-                .map_err(|e| internal(&e))?
-                .map_err(|e| internal(&e))?;
+                .map_err(ApiError::from)?
+                .map_err(|e| ApiError::provenance("", e))?;
                 applied += summary.applied;
                 out.push((pattern.clone(), items));
             }
@@ -410,8 +410,8 @@ async fn base_of(
     let (sources, seen) =
         tokio::task::spawn_blocking(move || Sources::of_log(&l, &vm, Some(to_us)))
             .await
-            .map_err(|e| internal(&e))?
-            .map_err(|e| internal(&e))?;
+            .map_err(ApiError::from)?
+            .map_err(|e| ApiError::provenance("", e))?;
     let (state, found) = disks_state(snapshots.store(), vec![map], &sources, limits)
         .await
         .map_err(|e| {
@@ -433,9 +433,4 @@ fn now_us() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-/// A failure of the log or of a blocking task, as the API's one line with its causes.
-fn internal(e: &dyn std::error::Error) -> ApiError {
-    ApiError::Internal(one_line(&error_chain(e)))
 }

@@ -10,7 +10,7 @@ use weft_api::provenance::{parse_time, PageQuery, RecordView};
 use weft_provenance::log::{ProvenanceError, ProvenanceLog, Query};
 
 use crate::envs::Manager;
-use crate::error::{error_chain, one_line, ApiError};
+use crate::error::{one_line, ApiError};
 
 /// Bytes of a page's JSON when the request does not say.
 pub const DEFAULT_PAGE_BYTES: usize = 4 << 20;
@@ -35,7 +35,7 @@ pub fn env_error(e: ProvenanceError) -> ApiError {
         | ProvenanceError::Branch(_) => ApiError::Conflict(text),
         ProvenanceError::Io { .. } | ProvenanceError::Corrupt { .. } => {
             // The cause chain names the file and the OS error.
-            ApiError::Internal(one_line(&error_chain(&e)))
+            ApiError::provenance("", e)
         }
     }
 }
@@ -52,7 +52,7 @@ pub async fn blocking<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::Internal(format!("provenance task failed: {e}")))?
+        .map_err(|e| ApiError::task("provenance task failed", e))?
         .map_err(env_error)
 }
 
@@ -180,7 +180,7 @@ pub async fn retention_task(log: ProvenanceLog) {
                 )
             }
             Ok(_) => {}
-            Err(e) => warn!(error = %e, "provenance retention failed"),
+            Err(e) => warn!(error = %e.one_line(), "provenance retention failed"),
         }
     }
 }

@@ -75,7 +75,7 @@ impl Snapshots {
                 progress.0.load(Ordering::Relaxed),
                 progress.1.load(Ordering::Relaxed),
             );
-            let message = outcome.as_ref().err().map(|e| one_line(&e.to_string()));
+            let message = outcome.as_ref().err().map(ApiError::one_line);
             let ended = match &outcome {
                 Ok(v) => Ok(v),
                 Err(_) => Err(message.as_deref().unwrap_or("failed")),

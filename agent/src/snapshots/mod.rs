@@ -11,6 +11,8 @@ mod jobs;
 mod recovery;
 mod restore;
 mod take;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +32,7 @@ use weft_qmp::launch::DiskConfig;
 use crate::catalog_snapshots::{Completed, NewSnapshot, SnapshotFilter};
 use crate::config::Config;
 use crate::envs::Manager;
-use crate::error::{one_line, ApiError};
+use crate::error::ApiError;
 use crate::model::{EnvKind, Job, JobState, Snapshot, SnapshotKind, SnapshotState};
 use crate::retention::{self, Keep};
 
@@ -72,7 +74,7 @@ pub struct Snapshots {
 pub fn open_store(config: &Config) -> Result<ChunkStore, ApiError> {
     let dir = config.store_dir();
     let key = config.store.encrypt.then(|| config.key_file());
-    let internal = |e: weft_blockdev::store::Error| ApiError::Internal(e.to_string());
+    let internal = ApiError::from;
     if dir.join("store.json").exists() {
         // An existing store decides for itself whether it is encrypted.
         let key_file = config.key_file();
@@ -269,7 +271,7 @@ fn disk_names(disks: &[DiskConfig]) -> String {
 }
 
 fn store_err(e: weft_blockdev::store::Error) -> ApiError {
-    ApiError::Internal(e.to_string())
+    ApiError::from(e)
 }
 
 async fn blocking<T: Send + 'static>(
@@ -277,5 +279,5 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))
+        .map_err(|e| ApiError::task("store task failed", e))
 }

@@ -45,7 +45,7 @@ impl Snapshots {
         }
         // Not a reason to refuse to start: the next start tries again.
         if let Err(e) = self.remove_orphan_indexes().await {
-            warn!(error = %e, "cannot remove block maps that no snapshot lists");
+            warn!(error = %e.one_line(), "cannot remove block maps that no snapshot lists");
         }
         Ok(())
     }

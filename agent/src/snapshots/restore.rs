@@ -108,7 +108,7 @@ impl Snapshots {
                 } else {
                     let file = Arc::clone(pending.file());
                     file.set_len(map.disk_size).map_err(|e| {
-                        ApiError::Internal(format!("cannot size {}: {e}", output.display()))
+                        ApiError::io(format!("cannot size {}", output.display()), e)
                     })?;
                     crate::testpoints::point("restore.partial").await;
                     restore_raw_file(&me.store, &map, file, &progress, &pending.temp_path()).await
@@ -142,7 +142,7 @@ async fn restore_qcow2(
     progress: &(AtomicU64, AtomicU64),
 ) -> Result<u64, ApiError> {
     std::fs::create_dir_all(work)
-        .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", work.display())))?;
+        .map_err(|e| ApiError::io(format!("cannot create {}", work.display()), e))?;
     let paths = weft_qmp::launch::LaunchPaths {
         qmp_socket: work.join(format!("{id}.qmp")),
         serial_log: work.join(format!("{id}.serial")),
@@ -156,10 +156,10 @@ async fn restore_qcow2(
         &weft_qmp::process::SpawnOptions::default(),
     )
     .await
-    .map_err(|e| ApiError::Qemu(one_line(&format!("cannot start qemu-storage-daemon: {e}"))))?;
+    .map_err(|e| ApiError::qmp("cannot start qemu-storage-daemon", e))?;
     let qmp = daemon.qmp().clone();
     let written = async {
-        let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&format!("qcow2 restore: {e}")));
+        let qemu = |e: weft_qmp::Error| ApiError::qmp("qcow2 restore", e);
         backup::create_file_node(&qmp, target, "out-file")
             .await
             .map_err(qemu)?;
@@ -177,7 +177,7 @@ async fn restore_qcow2(
             .map_err(qemu)?;
         let nbd = NbdClient::connect_unix(&nbd_socket, "out", &[])
             .await
-            .map_err(|e| ApiError::Qemu(format!("qcow2 restore: {e}")))?;
+            .map_err(|e| ApiError::nbd("qcow2 restore", e))?;
         progress.1.store(map.data_bytes(), Ordering::Relaxed);
         let nbd_ref = &nbd;
         let written = stream::iter(weft_blockdev::restore::data_groups(map))
@@ -194,7 +194,7 @@ async fn restore_qcow2(
                             .write(offset + (k * step) as u64, piece)
                             .await
                             .map_err(|e| {
-                                ApiError::Qemu(format!("qcow2 restore: write at {offset}: {e}"))
+                                ApiError::nbd(format!("qcow2 restore: write at {offset}"), e)
                             })?;
                     }
                     progress.0.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -206,7 +206,7 @@ async fn restore_qcow2(
             .await?;
         nbd.flush()
             .await
-            .map_err(|e| ApiError::Qemu(format!("qcow2 restore: flush: {e}")))?;
+            .map_err(|e| ApiError::nbd("qcow2 restore: flush", e))?;
         let _ = nbd.disconnect().await;
         Ok::<u64, ApiError>(written)
     }
@@ -233,9 +233,8 @@ async fn restore_raw(
     progress: &(AtomicU64, AtomicU64),
 ) -> Result<u64, ApiError> {
     let partial = PathBuf::from(format!("{}.partial", output.display()));
-    let io = |what: &str, e: std::io::Error| {
-        ApiError::Internal(format!("{what} {}: {e}", partial.display()))
-    };
+    let io =
+        |what: &str, e: std::io::Error| ApiError::io(format!("{what} {}", partial.display()), e);
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -274,9 +273,9 @@ async fn restore_raw_file(
             weft_blockdev::restore::Error::Store(e) => store_err(e),
             // Which file: a full disk is then a one-line answer to "where".
             e @ weft_blockdev::restore::Error::Write { .. } => {
-                ApiError::Internal(format!("{}: {e}", path.display()))
+                ApiError::restore(path.display().to_string(), e)
             }
-            e => ApiError::Internal(e.to_string()),
+            e => ApiError::restore("", e),
         })
 }
 

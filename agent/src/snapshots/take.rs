@@ -162,7 +162,7 @@ impl Snapshots {
             Some(_) => Ok(disk.format_node()),
             None => backup::device_root_node(&qmp, &disk.name)
                 .await
-                .map_err(|e| ApiError::Qemu(format!("disk {}: {e}", disk.name))),
+                .map_err(|e| ApiError::qmp(format!("disk {}", disk.name), e)),
         };
         let result = match node {
             Ok(node) => {
@@ -201,7 +201,7 @@ impl Snapshots {
     > {
         let dir = self.manager.config().run_dir.join("backup");
         std::fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), e))?;
         let base = crate::names::join(&[env, &disk.name, "offline"]);
         let paths = weft_qmp::launch::LaunchPaths {
             qmp_socket: dir.join(format!("{base}.qmp")),
@@ -223,10 +223,13 @@ impl Snapshots {
         .map(|daemon| (daemon, paths.clone()))
         .map_err(|e| {
             restore::remove_launch_files(&paths);
-            ApiError::Qemu(one_line(&format!(
-                "disk {} of stopped {env:?}: cannot open it in qemu-storage-daemon: {e}",
-                disk.name
-            )))
+            ApiError::qmp(
+                format!(
+                    "disk {} of stopped {env:?}: cannot open it in qemu-storage-daemon",
+                    disk.name
+                ),
+                e,
+            )
         })
     }
 
@@ -242,7 +245,7 @@ impl Snapshots {
         let qmp = qmp.clone();
         let catalog = self.manager.catalog();
         let resource = format!("disk:{}", disk.name);
-        let qemu = |e: weft_qmp::Error| ApiError::Qemu(format!("disk {}: {e}", disk.name));
+        let qemu = |e: weft_qmp::Error| ApiError::qmp(format!("disk {}", disk.name), e);
 
         // Incremental from the last complete snapshot's checkpoint if QEMU still has it
         // intact; otherwise a full, saying why.
@@ -323,7 +326,7 @@ impl Snapshots {
         match result {
             Ok(()) => Ok(id),
             Err(e) => {
-                let message = one_line(&e.to_string());
+                let message = e.one_line();
                 catalog.fail_snapshot(id, &message).await?;
                 Err(e)
             }
@@ -349,7 +352,7 @@ impl Snapshots {
         let checkpoint = format!("{CHECKPOINT_PREFIX}{id}");
         // A raw or qcow2 v2 image cannot store bitmaps: its checkpoint lives only as
         // long as QEMU does (a restart means a full snapshot, with that reason).
-        let qemu_err = |e: weft_qmp::Error| ApiError::Qemu(format!("disk {}: {e}", disk.name));
+        let qemu_err = |e: weft_qmp::Error| ApiError::qmp(format!("disk {}", disk.name), e);
         let unsupported = backup::persistent_bitmaps_unsupported(qmp, node)
             .await
             .map_err(qemu_err)?;
@@ -359,9 +362,8 @@ impl Snapshots {
         let persistent = unsupported.is_none();
         catalog.set_snapshot_checkpoint(id, &checkpoint).await?;
         let work_dir = self.manager.config().run_dir.join("backup");
-        std::fs::create_dir_all(&work_dir).map_err(|e| {
-            ApiError::Internal(format!("cannot create {}: {e}", work_dir.display()))
-        })?;
+        std::fs::create_dir_all(&work_dir)
+            .map_err(|e| ApiError::io(format!("cannot create {}", work_dir.display()), e))?;
         let spec = PullBackupSpec {
             node: node.to_string(),
             new_checkpoint: checkpoint,
@@ -378,7 +380,7 @@ impl Snapshots {
             export: disk.name.clone(),
             token: id.to_string(),
         };
-        let qemu = |e: weft_qmp::Error| ApiError::Qemu(format!("disk {}: {e}", disk.name));
+        let qemu = |e: weft_qmp::Error| ApiError::qmp(format!("disk {}", disk.name), e);
         let running = backup::start(qmp, spec.clone()).await.map_err(qemu)?;
         let pulled = async {
             let mut contexts = vec!["base:allocation"];
@@ -387,7 +389,7 @@ impl Snapshots {
             }
             let nbd = NbdClient::connect_unix(&spec.nbd_socket, &spec.export, &contexts)
                 .await
-                .map_err(|e| ApiError::Qemu(format!("disk {}: {e}", disk.name)))?;
+                .map_err(|e| ApiError::nbd(format!("disk {}", disk.name), e))?;
             let kind = match (&running.dirty_context, parent) {
                 (Some(context), Some(parent)) => PullKind::Incremental {
                     context: context.clone(),
@@ -401,7 +403,7 @@ impl Snapshots {
             };
             let (map, stats) = pull::pull(&nbd, Arc::new(self.store.clone()), &kind, &report)
                 .await
-                .map_err(|e| ApiError::Internal(format!("disk {}: {e}", disk.name)))?;
+                .map_err(|e| ApiError::pull(format!("disk {}", disk.name), e))?;
             let _ = nbd.disconnect().await;
             Ok::<_, ApiError>((map, stats))
         }

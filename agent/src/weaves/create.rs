@@ -36,7 +36,7 @@ impl Weaves {
         let _hold = self.manager.reserve(&name).await?;
         let dir = self.dir(&name);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), e))?;
         // A weave from now gets its overlays from the environment's running QEMU.
         if let Some(user) =
             crate::qemu_user::QemuUser::of(self.manager.config().qemu_user.as_deref())
@@ -44,7 +44,7 @@ impl Weaves {
         {
             user.give_dir(&self.manager.config().data_dir, &dir)
                 .map_err(|e| {
-                    ApiError::Internal(format!("cannot give {} to qemu_user: {e}", dir.display()))
+                    ApiError::io(format!("cannot give {} to qemu_user", dir.display()), e)
                 })?;
         }
         let made = self
@@ -82,10 +82,11 @@ impl Weaves {
         // Nothing half-created: any failure from here removes what was made.
         let result = async {
             self.manager.insert_stopped_weave(&weave, &config).await?;
-            let groups = cgroups::groups(&name);
-            groups.create().map_err(|e| {
-                ApiError::Internal(format!("cannot create the cgroups of {name}: {e}"))
-            })?;
+            self.manager
+                .host()
+                .cgroups()
+                .create(&name)
+                .map_err(|e| ApiError::io(format!("cannot create the cgroups of {name}"), e))?;
             // Its namespace, with the guest plan of its instant (crate::net).
             self.manager
                 .net()
@@ -102,7 +103,7 @@ impl Weaves {
         }
         .await;
         if let Err(e) = result {
-            warn!(weave = %name, error = %e, "weave creation failed; removing what was made");
+            warn!(weave = %name, error = %e.one_line(), "weave creation failed; removing what was made");
             let _ = self.remove(&name).await;
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e);
@@ -169,7 +170,7 @@ impl Weaves {
                     match pushed {
                         Ok(made) => break Ok((applied, made, seen)),
                         Err(e)
-                            if e.to_string().contains("no DPA")
+                            if e.one_line().contains("no DPA")
                                 && std::time::Instant::now() < deadline =>
                         {
                             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -192,8 +193,8 @@ impl Weaves {
                     "ok".to_string(),
                 ),
                 Err(e) => (
-                    format!("not reconciled: {e}"),
-                    format!("error: {}", one_line(&e.to_string())),
+                    format!("not reconciled: {}", e.one_line()),
+                    format!("error: {}", e.one_line()),
                 ),
             };
             info!(weave = %weave, detail, "composition data reconciliation");
@@ -317,7 +318,7 @@ impl Weaves {
             let overlay = dir.join(format!("{}.qcow2", disk.name));
             image::create_overlay(&overlay, &base, DiskFormat::Raw, size, &self.work())
                 .await
-                .map_err(|e| ApiError::Qemu(one_line(&format!("overlay of {}: {e}", disk.name))))?;
+                .map_err(|e| ApiError::qmp(format!("overlay of {}", disk.name), e))?;
             // The overlay on its raw base, and nothing that the configuration of the
             // instant had below its disks.
             disk.path = base;
@@ -342,7 +343,7 @@ impl Weaves {
         // A fresh start: nothing from an earlier weave of this name.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), e))?;
         let made = self.write_specs(name, &config, froms).await;
         match made {
             Ok(served) => {
@@ -380,8 +381,8 @@ impl Weaves {
                     let (st, idx) = (store.clone(), index.clone());
                     tokio::task::spawn_blocking(move || st.write_index(&idx, &map))
                         .await
-                        .map_err(|e| ApiError::Internal(format!("index task failed: {e}")))?
-                        .map_err(|e| ApiError::Internal(format!("cannot store the merge: {e}")))?;
+                        .map_err(|e| ApiError::task("index task failed", e))?
+                        .map_err(|e| ApiError::store("cannot store the merge", e))?;
                     index
                 }
             };
@@ -400,10 +401,10 @@ impl Weaves {
                 queue_size: 256,
             };
             let path = crate::blk::spec_path(settings, name, &disk.name);
-            let bytes = serde_json::to_vec_pretty(&spec)
-                .map_err(|e| ApiError::Internal(format!("disk spec: {e}")))?;
+            let bytes =
+                serde_json::to_vec_pretty(&spec).map_err(|e| ApiError::json("disk spec", e))?;
             std::fs::write(&path, bytes)
-                .map_err(|e| ApiError::Internal(format!("cannot write {}: {e}", path.display())))?;
+                .map_err(|e| ApiError::io(format!("cannot write {}", path.display()), e))?;
             served.push(weft_qmp::launch::VhostUserDisk {
                 name: disk.name.clone(),
                 socket: crate::blk::socket_path(settings, name, &disk.name),
@@ -429,7 +430,7 @@ impl Weaves {
                 env.name
             ))
         })?;
-        let qemu = |e: weft_qmp::Error| ApiError::Qemu(one_line(&e.to_string()));
+        let qemu = |e: weft_qmp::Error| ApiError::qmp("", e);
         let stamp = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis())
@@ -525,7 +526,7 @@ impl Weaves {
                     }
                 }
                 Err(se) => {
-                    warn!(env = %env.name, error = %se, "cannot settle the new overlays now; recovery will");
+                    warn!(env = %env.name, error = %se.one_line(), "cannot settle the new overlays now; recovery will");
                 }
             }
             return Err(e);

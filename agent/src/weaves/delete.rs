@@ -3,6 +3,15 @@
 use super::*;
 
 impl Weaves {
+    /// Removes weave `name`'s cgroups (off the runtime: a busy group is retried).
+    async fn remove_cgroups(&self, name: &str) -> std::io::Result<()> {
+        let cgroups = self.manager.host().cgroups().clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || cgroups.remove(&name, Duration::from_secs(10)))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+    }
+
     /// The store indexes weave `name` owns (merges it served live), under the current
     /// prefix and the old one (unless an environment is called like the old prefix).
     pub(super) async fn remove_weave_indexes(&self, name: &str) -> Result<(), ApiError> {
@@ -17,17 +26,17 @@ impl Weaves {
             .chain(old)
             .collect();
         let store = self.snapshots.store().clone();
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            for idx in store.list_indexes().map_err(|e| e.to_string())? {
+        tokio::task::spawn_blocking(move || -> Result<(), weft_blockdev::store::Error> {
+            for idx in store.list_indexes()? {
                 if prefixes.iter().any(|p| idx.starts_with(p)) {
-                    store.remove_index(&idx).map_err(|e| e.to_string())?;
+                    store.remove_index(&idx)?;
                 }
             }
             Ok(())
         })
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::Internal)
+        .map_err(ApiError::from)?
+        .map_err(ApiError::from)
     }
 
     /// Removes the restored bases no weave uses any more, and the `.partial` files
@@ -92,8 +101,8 @@ impl Weaves {
         let store = self.snapshots.store().clone();
         let indexes = tokio::task::spawn_blocking(move || store.list_indexes())
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?;
         for idx in indexes {
             if let Some(w) = idx
                 .strip_prefix(&format!("{}/", crate::names::WEAVE_INDEXES))
@@ -114,16 +123,11 @@ impl Weaves {
             if let Some(host) = self.manager.vsock() {
                 host.forget(name).await;
             }
-            let groups = cgroups::groups(name);
-            let removed =
-                tokio::task::spawn_blocking(move || groups.remove(Duration::from_secs(10)))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-            if let Err(e) = removed {
+            if let Err(e) = self.remove_cgroups(name).await {
                 warn!(weave = %name, error = %e, "cannot remove a leftover weave's cgroups");
             }
             if let Err(e) = self.manager.remove_provenance(name).await {
-                warn!(weave = %name, error = %e, "cannot remove a leftover weave's provenance log");
+                warn!(weave = %name, error = %e.one_line(), "cannot remove a leftover weave's provenance log");
             }
             let dir = self.dir(name);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -162,7 +166,7 @@ impl Weaves {
     pub async fn recover(&self) -> Result<(), ApiError> {
         let catalog = self.manager.catalog();
         if let Err(e) = self.remove_leftovers().await {
-            warn!(error = %e, "cannot remove what unfinished weave creates left");
+            warn!(error = %e.one_line(), "cannot remove what unfinished weave creates left");
         }
         // Namespaces, links, NAT and host ports, with strays this weftd owns removed.
         let reconciled = self.manager.net().reconcile().await;
@@ -175,7 +179,12 @@ impl Weaves {
             if net.is_ok() {
                 net = self.dhcp.start_for(catalog, &w.name, &config).await;
             }
-            let groups = cgroups::groups(&w.name).create().map_err(|e| e.to_string());
+            let groups = self
+                .manager
+                .host()
+                .cgroups()
+                .create(&w.name)
+                .map_err(|e| e.to_string());
             if let Err(e) = net.and(groups) {
                 warn!(weave = %w.name, error = %e, "cannot restore the weave's network or cgroups");
                 catalog
@@ -219,7 +228,7 @@ impl Weaves {
         let mut problems = Vec::new();
         if catalog.environment(name).await?.is_some() {
             if let Err(e) = self.manager.remove(name).await {
-                problems.push(e.to_string());
+                problems.push(e.one_line());
             }
         }
         // The rows are gone (with the environment's): what follows is found again by
@@ -233,26 +242,22 @@ impl Weaves {
                 problems.push(format!("network: {e}"));
             }
         }
-        let groups = cgroups::groups(name);
-        let removed = tokio::task::spawn_blocking(move || groups.remove(Duration::from_secs(10)))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-        if let Err(e) = removed {
+        if let Err(e) = self.remove_cgroups(name).await {
             problems.push(format!("cgroups: {e}"));
         }
         // Usually gone with its environment row; this covers a weave without one.
         if let Err(e) = self.manager.remove_provenance(name).await {
-            problems.push(e.to_string());
+            problems.push(e.one_line());
         }
         if let Err(e) = catalog.set_weave_sources(name, &[]).await {
             problems.push(format!("sources: {e}"));
         }
         // Merges it served live were stored as indexes of its own.
         if let Err(e) = self.remove_weave_indexes(name).await {
-            problems.push(format!("merged indexes: {e}"));
+            problems.push(format!("merged indexes: {}", e.one_line()));
         }
         if let Err(e) = crate::blk::forget(self.manager.config(), name).await {
-            problems.push(e.to_string());
+            problems.push(e.one_line());
         }
         let dir = self.dir(name);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
@@ -262,7 +267,7 @@ impl Weaves {
         }
         // Its sources are gone: a base no other weave uses goes with it.
         if let Err(e) = self.remove_unused_bases().await {
-            problems.push(format!("bases: {e}"));
+            problems.push(format!("bases: {}", e.one_line()));
         }
         if problems.is_empty() {
             Ok(())

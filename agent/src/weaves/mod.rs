@@ -16,6 +16,8 @@
 mod create;
 mod delete;
 mod sources;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -190,6 +192,8 @@ impl Catalog {
         .bind(&w.created_at)
         .execute(&mut *tx)
         .await?;
+        crate::placement::insert_in(&mut tx, &w.name, &crate::placement::Stored::weave(&w.name))
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -268,10 +272,11 @@ impl Drop for SlotHold<'_> {
 impl Weaves {
     /// Weaves over `manager`'s environments and `snapshots`' store.
     pub fn new(manager: Arc<Manager>, snapshots: Arc<Snapshots>) -> Arc<Weaves> {
+        let dhcp = crate::dhcp::Servers::new(manager.host().dhcp().clone());
         Arc::new(Weaves {
             manager,
             snapshots,
-            dhcp: crate::dhcp::Servers::new(),
+            dhcp,
             held_slots: std::sync::Mutex::new(std::collections::HashSet::new()),
             bases_lock: tokio::sync::Mutex::new(()),
         })

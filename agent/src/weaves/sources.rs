@@ -335,16 +335,15 @@ impl Weaves {
     pub(super) async fn base_of(&self, snap: &Snapshot) -> Result<PathBuf, ApiError> {
         let dir = self.bases();
         std::fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+            .map_err(|e| ApiError::io(format!("cannot create {}", dir.display()), e))?;
         let path = dir.join(format!("snapshot-{}.raw", snap.id));
         if path.exists() {
             return Ok(path);
         }
         self.snapshots.restore_into(snap.id, &path).await?;
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).map_err(|e| {
-            ApiError::Internal(format!("cannot make {} read-only: {e}", path.display()))
-        })?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400))
+            .map_err(|e| ApiError::io(format!("cannot make {} read-only", path.display()), e))?;
         Ok(path)
     }
 }

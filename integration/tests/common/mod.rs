@@ -3,14 +3,16 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
 use weft::model::{Job, JobState, Snapshot};
 use weft_client::Client;
+use weft_integration::procs as weft_rig_procs;
 use weft_integration::{
-    bin_path, confined_dirs_toml, guest_assets, make_data_disk, wait_until, SerialLog,
+    bin_path, guest_assets, make_data_disk, wait_until, Diagnostics, LogOnDrop, SerialLog, Weftd,
+    WeftdBuilder,
 };
 
 pub const MIB: u64 = 1024 * 1024;
@@ -19,7 +21,8 @@ pub const JOB: Duration = Duration::from_secs(120);
 
 pub struct Rig {
     pub dir: tempfile::TempDir,
-    pub weftd: Option<Child>,
+    /// The last weftd started (kept after it was killed: its report names its guests).
+    pub weftd: Option<Weftd>,
     pub config: Option<PathBuf>,
     pub dump_logs: bool,
 }
@@ -72,54 +75,44 @@ impl Rig {
     /// Starts weftd with `vars` in its environment and waits until it answers; a weftd
     /// that exits at start (a bad configuration) fails the test at once.
     pub async fn start_weftd_with(&mut self, vars: &[(&str, String)]) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.path("weftd.log"))?;
-        let mut cmd = Command::new(bin_path("weftd"));
-        cmd.arg("--data-dir")
-            .arg(self.path("data"))
-            .arg("--run-dir")
-            .arg(self.path("run"));
         // The test's own config (if any) after the rig's confined directories: images
         // and outputs live in the rig's directory, the guest in the asset cache.
         let own = match &self.config {
             Some(c) => std::fs::read_to_string(c)?,
             None => String::new(),
         };
-        let config = self.path("weftd.rig.toml");
-        std::fs::write(
-            &config,
-            format!("{}{own}", confined_dirs_toml(&[self.dir.path()])),
-        )?;
-        cmd.arg("--config").arg(&config);
+        let mut builder = WeftdBuilder::new(self.dir.path())
+            .config_file(&self.path("weftd.rig.toml"))
+            .confined_to(&[self.dir.path()])
+            .config(&own)
+            // The rig reports and cleans up itself: a restart keeps the guests running.
+            .log_on_drop(LogOnDrop::Never)
+            .clean_on_drop(false);
         for (k, v) in vars {
-            cmd.env(k, v);
+            builder = builder.env(k, v);
         }
-        self.weftd = Some(cmd.stdout(log.try_clone()?).stderr(log).spawn()?);
-        let client = self.client();
-        let weftd = self.weftd.as_mut().context("weftd")?;
-        wait_until(Duration::from_secs(30), "weftd to answer", || {
-            let client = client.clone();
-            let exited = weftd.try_wait().map(|s| s.map(|s| s.to_string()));
-            async move {
-                if let Some(status) = exited? {
-                    anyhow::bail!("weftd exited at start ({status}); see its log");
-                }
-                Ok(client
-                    .get::<serde_json::Value>("/v1/status")
-                    .await
-                    .ok()
-                    .map(drop))
-            }
-        })
-        .await
+        // A handle of an earlier run (killed, or exited at a crash point) is replaced.
+        self.weftd = None;
+        self.weftd = Some(builder.start().await?);
+        Ok(())
+    }
+
+    /// The running weftd.
+    pub fn weftd(&mut self) -> anyhow::Result<&mut Weftd> {
+        self.weftd.as_mut().context("weftd was not started")
     }
 
     pub fn kill_weftd(&mut self) {
-        if let Some(mut c) = self.weftd.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(w) = &mut self.weftd {
+            let _ = w.sigkill();
+        }
+    }
+
+    /// What to report when a wait on this rig's weftd or guests fails.
+    pub fn diagnostics(&self) -> Diagnostics {
+        match &self.weftd {
+            Some(w) => w.diagnostics(),
+            None => Diagnostics::new(),
         }
     }
 
@@ -163,7 +156,9 @@ impl Rig {
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.weft_ok(&args)?;
-        self.serial(name).wait_for("WEFT-READY", BOOT).await
+        self.serial(name)
+            .wait_for_diagnosed("WEFT-READY", BOOT, &self.diagnostics())
+            .await
     }
 
     pub fn serial(&self, env: &str) -> SerialLog {
@@ -304,33 +299,15 @@ impl Drop for Rig {
     fn drop(&mut self) {
         if self.dump_logs || std::thread::panicking() {
             eprintln!(
-                "---- weftd log ----\n{}",
-                std::fs::read_to_string(self.path("weftd.log")).unwrap_or_default()
+                "{}",
+                self.diagnostics()
+                    .report("weftd and its guests at the end of a failed test")
             );
         }
         self.kill_weftd();
         // Whatever QEMU (or helper) this test started mentions its directory, or works
         // in it (vhost-device-vsock is given paths relative to its own directory).
-        let needle = self.dir.path().to_string_lossy().into_owned();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let works_here = std::fs::read_link(entry.path().join("cwd"))
-                .is_ok_and(|cwd| cwd.starts_with(self.dir.path()));
-            if String::from_utf8_lossy(&cmdline).contains(&needle) || works_here {
-                if let Some(pid) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|p| p.parse::<i32>().ok())
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
+        weft_rig_procs::kill_processes_in(self.dir.path());
     }
 }
 

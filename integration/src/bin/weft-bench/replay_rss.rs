@@ -15,12 +15,11 @@
 //! `to = now` and `out`, its wall time, weftd's VmHWM after it, and the output's size.
 //! A `--log-mib 0` or `--state-mib 0` skips that case.
 
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use weft::catalog::{Catalog, NewEnvironment};
 use weft::model::{EnvKind, EnvState};
 use weft_api::provenance::{ReplayReport, ReplayRequest};
@@ -215,60 +214,31 @@ fn dir_bytes(path: &Path) -> Result<u64> {
 }
 
 /// A private weftd on a scratch directory.
-struct Weftd {
-    child: Child,
-    dir: PathBuf,
-}
+struct Weftd(weft_rig::Weftd);
 
 impl Weftd {
     async fn start(dir: &Path) -> Result<Weftd> {
-        let log = File::create(dir.join("weftd.log"))?;
-        let config = dir.join("weftd.toml");
-        std::fs::write(&config, weft_integration::confined_dirs_toml(&[dir]))?;
-        let child = Command::new(super::weave::bin("weftd")?)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--run-dir")
-            .arg(dir.join("run"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start weftd")?;
-        let mut w = Weftd {
-            child,
-            dir: dir.to_path_buf(),
-        };
-        let client = Client::new(w.socket());
-        let t = Instant::now();
-        loop {
-            if client.get::<serde_json::Value>("/v1/status").await.is_ok() {
-                return Ok(w);
-            }
-            if let Some(status) = w.child.try_wait()? {
-                bail!("weftd exited ({status}):\n{}", w.log());
-            }
-            if t.elapsed() > Duration::from_secs(20) {
-                w.stop().await;
-                bail!("weftd did not answer within 20 s:\n{}", w.log());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let weftd = weft_rig::WeftdBuilder::new(dir)
+            .confined_to(&[dir])
+            .start_timeout(Duration::from_secs(20))
+            .log_on_drop(weft_rig::LogOnDrop::Panicking)
+            .start()
+            .await?;
+        Ok(Weftd(weftd))
     }
 
     fn socket(&self) -> PathBuf {
-        self.dir.join("run/weftd.sock")
+        self.0.socket()
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("weftd.log")).unwrap_or_default()
+        fs::read_to_string(self.0.log_path()).unwrap_or_default()
     }
 
     /// weftd's peak resident set so far (`VmHWM` in `/proc/<pid>/status`), KiB.
     fn vm_hwm_kib(&self) -> Result<u64> {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let pid = self.0.pid().context("weftd is not running")?;
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -277,13 +247,6 @@ impl Weftd {
     }
 
     async fn stop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let t = Instant::now();
-        while matches!(self.child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.stop(Duration::from_secs(10));
     }
 }

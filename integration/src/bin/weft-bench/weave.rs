@@ -13,10 +13,10 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use weft::model::EnvState;
 use weft::weaves::Weave;
@@ -24,6 +24,7 @@ use weft_client::Client;
 use weft_qmp::image;
 use weft_qmp::launch::{DiskFormat, LaunchPaths, VmConfig};
 use weft_qmp::process::SpawnOptions;
+use weft_rig::{find_bin, LogOnDrop, Weftd, WeftdBuilder};
 
 use super::{bench_dir, drop_caches, median, min_max, qemu_binary, Pids, READY_TIMEOUT};
 
@@ -435,7 +436,7 @@ fn make_sparse_image(dir: &Path, size: u64) -> Result<PathBuf> {
 /// The private weftd and what it holds; everything is torn down by [`Rig::shutdown`].
 struct Rig {
     dir: PathBuf,
-    weftd: Option<Child>,
+    weftd: Option<Weftd>,
     envs: Vec<String>,
     /// Pids of processes killed at the end, for the caller's check.
     killed: Vec<u32>,
@@ -480,55 +481,22 @@ impl Rig {
     }
 
     async fn start_weftd(&mut self) -> Result<()> {
-        let log = File::create(self.dir.join("weftd.log"))?;
-        let config = self.dir.join("weftd.toml");
-        fs::write(
-            &config,
-            weft_integration::confined_dirs_toml(&[self.dir.as_path()]),
-        )?;
-        let child = Command::new(bin("weftd")?)
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .arg("--run-dir")
-            .arg(self.dir.join("run"))
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start weftd")?;
-        self.weftd = Some(child);
-        let client = self.client();
-        let t = Instant::now();
-        loop {
-            if client.get::<serde_json::Value>("/v1/status").await.is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self
-                .weftd
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("weftd exited ({status}):\n{}", self.log());
-            }
-            ensure!(
-                t.elapsed() < Duration::from_secs(20),
-                "weftd did not answer within 20 s:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(self.dir.join("weftd.log")).unwrap_or_default()
+        let weftd = WeftdBuilder::new(&self.dir)
+            .confined_to(&[self.dir.as_path()])
+            .start_timeout(Duration::from_secs(20))
+            .log_on_drop(LogOnDrop::Panicking)
+            // `shutdown` kills what is left, and hands the pids to the caller's check.
+            .clean_on_drop(false)
+            .start()
+            .await?;
+        self.weftd = Some(weftd);
+        Ok(())
     }
 
     /// Runs the `weft` CLI against the private weftd (set-up and tear-down only).
     fn weft(&self, args: &[&str]) -> Result<()> {
         run_tool(
-            Command::new(bin("weft")?)
+            Command::new(find_bin("weft")?)
                 .arg("--socket")
                 .arg(self.socket())
                 .args(args),
@@ -554,67 +522,17 @@ impl Rig {
                 }
             }
         }
-        if let Some(mut child) = self.weftd.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let t = Instant::now();
-            while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(10) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut weftd) = self.weftd.take() {
+            weftd.stop(Duration::from_secs(10));
         }
         if weft::weaves::netns_path(BD_NETNS).exists() {
             let _ = weft::weavenet::delete(BD_NETNS, BD_INDEX).await;
         }
-        let needle = self.dir.to_string_lossy().into_owned();
-        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|p| p.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            if pid as u32 != std::process::id()
-                && String::from_utf8_lossy(&cmdline).contains(&needle)
-            {
-                eprintln!("weave: killing leftover process {pid}");
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                self.killed.push(pid as u32);
-            }
+        for pid in weft_rig::procs::kill_processes_in(&self.dir) {
+            eprintln!("weave: killed leftover process {pid}");
+            self.killed.push(pid);
         }
     }
-}
-
-/// A workspace binary (`weftd`, `weft`) from weft-bench's own profile, else release, else
-/// debug.
-pub(crate) fn bin(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let profile = exe.parent().context("weft-bench has no directory")?;
-    let target = profile
-        .parent()
-        .context("weft-bench has no target directory")?;
-    for dir in [
-        profile.to_path_buf(),
-        target.join("release"),
-        target.join("debug"),
-    ] {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!(
-        "`{name}` not found next to {}: build it with `cargo build --release -p weft --bins`",
-        exe.display()
-    )
 }
 
 /// `weft-bench compose`: the time from the API call to the weave's QEMU running for a

@@ -18,12 +18,12 @@ use std::collections::BTreeMap;
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{ensure, Context as _, Result};
 use weft::model::Snapshot;
 use weft_client::Client;
-use weft_integration::{bin_path, guest_assets, wait_until, SerialLog};
+use weft_integration::{bin_path, guest_assets, procs, LogOnDrop, SerialLog, Weftd, WeftdBuilder};
 
 use crate::Rng;
 
@@ -118,9 +118,8 @@ pub struct World {
     pub data: PathBuf,
     /// weftd's run directory.
     pub run: PathBuf,
-    config: PathBuf,
-    weftd: Option<Child>,
-    log: PathBuf,
+    /// The rig's weftd (started and restarted on the same directories and config).
+    weftd: Weftd,
     /// Restarts so far.
     pub starts: u32,
 }
@@ -133,30 +132,31 @@ impl World {
         for d in [dir, data, &run] {
             std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
         }
-        let config = dir.join("weftd.toml");
-        let slots = format!(
-            "[net]\nfirst_slot = {}\nlast_slot = {}\n\n[dpa]\nvsock = \"vhost-user\"\n",
-            SLOTS.start(),
-            SLOTS.end()
-        );
-        std::fs::write(&config, format!("{slots}{extra_config}"))?;
+        let weftd = WeftdBuilder::new(dir)
+            .data_dir(data)
+            .net_slots(u32::from(*SLOTS.start()), u32::from(*SLOTS.end()))
+            .dpa_vsock("vhost-user")
+            .config(extra_config)
+            .start_timeout(Duration::from_secs(60))
+            .log_on_drop(LogOnDrop::Panicking)
+            // The campaign kills and reports strays itself (`kill_strays`).
+            .clean_on_drop(false)
+            .build()?;
         Ok(World {
             dir: dir.to_path_buf(),
             data: data.to_path_buf(),
             run,
-            config,
-            weftd: None,
-            log: dir.join("weftd.log"),
+            weftd,
             starts: 0,
         })
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.run.join("weftd.sock")
+        self.weftd.socket()
     }
 
     pub fn client(&self) -> Client {
-        Client::new(self.socket())
+        self.weftd.client()
     }
 
     pub fn images(&self) -> PathBuf {
@@ -168,60 +168,24 @@ impl World {
     }
 
     pub fn weftd_log(&self) -> &Path {
-        &self.log
+        self.weftd.log_path()
     }
 
     pub fn weftd_pid(&self) -> Option<u32> {
-        self.weftd.as_ref().map(Child::id)
+        self.weftd.pid()
     }
 
     /// Starts weftd and waits until it answers; a weftd that exits at start fails.
     pub async fn start_weftd(&mut self) -> Result<Duration> {
-        ensure!(self.weftd.is_none(), "weftd already runs");
-        let t = Instant::now();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let mut cmd = Command::new(bin_path("weftd"));
-        cmd.arg("--data-dir")
-            .arg(&self.data)
-            .arg("--run-dir")
-            .arg(&self.run)
-            .arg("--config")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        self.weftd = Some(cmd.spawn().context("start weftd")?);
+        ensure!(!self.weftd.alive(), "weftd already runs");
         self.starts += 1;
-        let client = self.client();
-        let weftd = self.weftd.as_mut().context("weftd")?;
-        wait_until(Duration::from_secs(60), "weftd to answer", || {
-            let client = client.clone();
-            let exited = weftd.try_wait().map(|s| s.map(|s| s.to_string()));
-            async move {
-                if let Some(status) = exited? {
-                    bail!("weftd exited at start ({status}); see its log");
-                }
-                Ok(client
-                    .get::<serde_json::Value>("/v1/status")
-                    .await
-                    .ok()
-                    .map(drop))
-            }
-        })
-        .await?;
-        Ok(t.elapsed())
+        self.weftd.start().await
     }
 
     /// SIGKILL to weftd alone (not its process group: QEMU, weft-blk and the vsock
     /// devices run in groups of their own anyway), and waits for it.
     pub fn kill_weftd(&mut self) -> Result<()> {
-        let mut child = self.weftd.take().context("weftd is not running")?;
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).context("SIGKILL weftd")?;
-        let status = child.wait()?;
+        let status = self.weftd.sigkill().context("SIGKILL weftd")?;
         ensure!(
             std::os::unix::process::ExitStatusExt::signal(&status) == Some(9),
             "weftd ended otherwise than by SIGKILL: {status}"
@@ -231,62 +195,25 @@ impl World {
 
     /// Whether weftd still runs.
     pub fn weftd_alive(&mut self) -> bool {
-        self.weftd
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.weftd.alive()
     }
 
     /// Stops weftd with SIGTERM (it leaves running QEMUs running), waiting up to 30 s.
     pub fn stop_weftd(&mut self) {
-        let Some(mut child) = self.weftd.take() else {
-            return;
-        };
-        if let Ok(raw) = i32::try_from(child.id()) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(raw),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if !matches!(child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        self.weftd.stop(Duration::from_secs(30));
     }
 
-    /// Kills every process (but this one) whose command line names the work directory
-    /// or that runs in it; what it killed, for the report (after a teardown: nothing).
+    /// Kills every process (but this one and its ancestors) whose command line names the
+    /// work directory or that runs in it; what it killed, for the report (after a
+    /// teardown: nothing).
     pub fn kill_strays(&self) -> Vec<String> {
-        let dir = self.dir.to_string_lossy().into_owned();
-        let mine = this_and_ancestors();
         let mut killed = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|p| p.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            if mine.contains(&(pid as u32)) {
+        for pid in procs::processes_in(&self.dir) {
+            let cmdline = procs::cmdline(pid);
+            if cmdline.trim().is_empty() {
                 continue;
             }
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let cwd = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
-            if cmdline.trim().is_empty()
-                || !(names_path(&cmdline, &dir) || cwd.starts_with(&self.dir))
-            {
-                continue;
-            }
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            procs::kill(pid);
             killed.push(format!("stray process {pid} killed: {}", cmdline.trim()));
         }
         killed
@@ -522,39 +449,7 @@ pub fn mutate_cold(disk: &Path, rng: &mut Rng) -> Result<()> {
     Ok(())
 }
 
-/// Whether `text` names `dir` or a path under it (not merely a longer name that starts
-/// the same, such as `<dir>2`).
-pub fn names_path(text: &str, dir: &str) -> bool {
-    text.match_indices(dir).any(|(i, _)| {
-        matches!(
-            text[i + dir.len()..].chars().next(),
-            None | Some('/') | Some(' ') | Some('"') | Some(',') | Some('\0')
-        )
-    })
-}
-
-/// This process and its ancestors (whose command lines may name the work directory).
-pub fn this_and_ancestors() -> Vec<u32> {
-    let mut out = vec![std::process::id()];
-    while let Some(&pid) = out.last() {
-        let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit(')')
-                    .next()?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse::<u32>()
-                    .ok()
-            })
-            .unwrap_or(0);
-        if ppid <= 1 || out.contains(&ppid) {
-            break;
-        }
-        out.push(ppid);
-    }
-    out
-}
+pub use weft_integration::procs::{names_path, this_and_ancestors};
 
 /// Rewrites the first 12 MiB of `rlcold`'s random region (three store chunks that no
 /// snapshot holds yet).

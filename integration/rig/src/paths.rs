@@ -31,10 +31,14 @@ pub fn target_dir() -> PathBuf {
     workspace_root().join("target")
 }
 
-/// The workspace root (the parent of this crate's directory).
-pub(crate) fn workspace_root() -> PathBuf {
+/// The workspace root (this crate is `integration/rig` in it).
+pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).to_path_buf()
+    manifest
+        .ancestors()
+        .nth(2)
+        .unwrap_or(manifest)
+        .to_path_buf()
 }
 
 /// `target/<profile>` for an executable in `target/<profile>/deps/` or `target/<profile>/`.
@@ -47,24 +51,41 @@ fn profile_dir_of(exe: &Path) -> Option<PathBuf> {
     }
 }
 
-/// Path of a workspace binary such as `weftd` or `weft`, from the same profile as the
-/// running test (normally `target/debug/<name>`).
+/// Path of a workspace binary such as `weftd`, `weft` or `weft-blk`: from the same profile
+/// as the running test or program (normally `target/debug/<name>`), else from the
+/// target directory's `release`, else its `debug` profile (a benchmark built in one
+/// profile may drive binaries built in another).
+///
+/// This is the one place the rig, the end-to-end tests, the benchmarks and the
+/// reliability campaigns look binaries up.
+pub fn find_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let own = std::env::current_exe()
+        .ok()
+        .and_then(|exe| profile_dir_of(&exe));
+    let target = target_dir();
+    let mut dirs: Vec<PathBuf> = own.into_iter().collect();
+    for profile in ["release", "debug"] {
+        let dir = target.join(profile);
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    if let Some(path) = dirs.iter().map(|d| d.join(name)).find(|p| p.is_file()) {
+        return Ok(path);
+    }
+    let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    anyhow::bail!(
+        "workspace binary `{name}` not found in {}: build it with `cargo build --bins` first",
+        looked.join(", ")
+    )
+}
+
+/// [`find_bin`] for a test, which cannot do anything useful without the binary.
 ///
 /// # Panics
-/// If the binary has not been built: a test cannot do anything useful without it,
-/// and the message says how to fix it.
+/// If the binary has not been built; the message says how to fix it.
 pub fn bin_path(name: &str) -> PathBuf {
-    let profile_dir = std::env::current_exe()
-        .ok()
-        .and_then(|exe| profile_dir_of(&exe))
-        .unwrap_or_else(|| target_dir().join("debug"));
-    let path = profile_dir.join(name);
-    assert!(
-        path.is_file(),
-        "workspace binary `{name}` not found at {}: build it with `cargo build --bins` first",
-        path.display()
-    );
-    path
+    find_bin(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The top-level lines of a weftd.toml that let a test's or a benchmark's weftd take

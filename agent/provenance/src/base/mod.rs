@@ -22,6 +22,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use ext4_view::Ext4;
+
+mod paths;
+use paths::{locate, resolve};
 use serde_json::Value;
 use sqlx::{Connection, Row};
 use weft_blockdev::store::{BlockMap, ChunkStore, Slot};
@@ -71,6 +74,15 @@ pub enum BaseError {
         /// The file system's error.
         #[source]
         source: ext4_view::Ext4Error,
+    },
+    /// A symbolic link on the way to a source that weft will not follow: longer than
+    /// ext4 allows, or one of too many in a row.
+    #[error("{path} in the snapshot: {why}")]
+    Symlink {
+        /// The link (or the path being resolved).
+        path: String,
+        /// Why it is not followed.
+        why: String,
     },
     /// A chunk of the snapshot cannot be read from the store.
     #[error(transparent)]
@@ -199,7 +211,13 @@ impl Budget {
 
     /// Reads file `path` of `fs` whole, once its inode's size is within the limits.
     fn read(&mut self, fs: &Ext4, path: &str) -> Result<Vec<u8>, BaseError> {
-        let meta = fs.metadata(path).map_err(file_error(path))?;
+        let resolved = resolve(fs, path)?.ok_or_else(|| BaseError::File {
+            path: path.to_string(),
+            source: ext4_view::Ext4Error::NotFound,
+        })?;
+        let meta = fs
+            .symlink_metadata(resolved.as_str())
+            .map_err(file_error(path))?;
         let len = meta.len();
         let l = self.limits;
         let path_s = path.to_string();
@@ -219,7 +237,7 @@ impl Budget {
         }
         self.count_file(path)?;
         self.bytes += len;
-        fs.read(path).map_err(file_error(path))
+        fs.read(resolved.as_str()).map_err(file_error(path))
     }
 }
 
@@ -456,17 +474,6 @@ impl Sources {
 /// Where each source was found on the snapshot's file system.
 pub type Found = BTreeMap<String, String>;
 
-/// The path inside the file system that holds the guest's `guest` (the guest path, or
-/// it with leading directories taken off), if any.
-fn locate(fs: &Ext4, guest: &str) -> Option<String> {
-    let trimmed = guest.trim_end_matches('/');
-    let parts: Vec<&str> = trimmed.split('/').filter(|p| !p.is_empty()).collect();
-    (0..parts.len()).find_map(|skip| {
-        let p = format!("/{}", parts[skip..].join("/"));
-        fs.exists(p.as_str()).ok()?.then_some(p)
-    })
-}
-
 /// The files a base needs, read out of the file system: (source, found at, bytes) for
 /// JSON and key-value files, directory listings for key-value directories, and the
 /// database and write-ahead log of each SQLite source copied into `scratch`.
@@ -505,7 +512,11 @@ pub fn extract(
         let Some(p) = locate(fs, src) else { continue };
         let mut map = BTreeMap::new();
         if src.ends_with('/') {
-            let list = fs.read_dir(p.as_str()).map_err(file_error(&p))?;
+            let dir = resolve(fs, &p)?.ok_or_else(|| BaseError::File {
+                path: p.clone(),
+                source: ext4_view::Ext4Error::NotFound,
+            })?;
+            let list = fs.read_dir(dir.as_str()).map_err(file_error(&p))?;
             for ent in list {
                 let ent = ent.map_err(file_error(&p))?;
                 budget.count_file(&p)?;
@@ -532,7 +543,7 @@ pub fn extract(
         let copy = scratch.join(format!("db{n}.sqlite"));
         std::fs::write(&copy, budget.read(fs, &p)?).map_err(write_error(&copy))?;
         let wal = format!("{p}-wal");
-        if fs.exists(wal.as_str()).unwrap_or(false) {
+        if resolve(fs, &wal).ok().flatten().is_some() {
             let to = scratch.join(format!("db{n}.sqlite-wal"));
             std::fs::write(&to, budget.read(fs, &wal)?).map_err(write_error(&to))?;
         }
@@ -720,36 +731,4 @@ async fn read_sqlite(copy: &Path, tables: &BTreeSet<String>) -> Result<SqliteSta
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::{BTreeMap, BTreeSet};
-
-    use super::*;
-
-    /// A guest's database may hold text that is not UTF-8: the base is refused with a
-    /// line, weftd does not panic (found by the sqlite_base fuzz target).
-    #[tokio::test]
-    async fn text_that_is_not_utf8_is_an_error_not_a_panic() {
-        let dir = tempfile::tempdir().unwrap();
-        let copy = dir.path().join("app.db");
-        rusqlite::Connection::open(&copy)
-            .unwrap()
-            .execute_batch(
-                "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); \
-                 INSERT INTO t VALUES (1, CAST(x'41ff42' AS TEXT));",
-            )
-            .unwrap();
-        let src = "/data/app.db".to_string();
-        let sources = Sources {
-            sqlite: BTreeMap::from([(src.clone(), BTreeSet::from(["t".to_string()]))]),
-            ..Sources::default()
-        };
-        let x = Extracted {
-            json: BTreeMap::new(),
-            kv: BTreeMap::new(),
-            sqlite: BTreeMap::from([(src.clone(), copy)]),
-            found: BTreeMap::from([(src.clone(), src)]),
-        };
-        let e = state_of(&x, &sources).await.unwrap_err().to_string();
-        assert!(e.contains("table \"t\"") && !e.contains('\n'), "{e}");
-    }
-}
+mod tests;

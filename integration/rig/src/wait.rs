@@ -38,6 +38,25 @@ where
     Ok(waited?)
 }
 
+/// [`wait_until`], and when it fails (a timeout, or a check that gave up), the error
+/// carries `diag`'s report as it is at that moment: what was awaited, then the state of the
+/// processes, sockets and logs the test registered.
+pub async fn wait_until_diagnosed<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    diag: &crate::Diagnostics,
+    check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    wait_until(timeout, what, check).await.map_err(|e| {
+        let report = diag.report(&format!("stalled: {e:#}"));
+        e.context(report)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +98,24 @@ mod tests {
             format!("{err:#}"),
             "gave up waiting for a dead guest: qemu: guest exited"
         );
+    }
+
+    #[tokio::test]
+    async fn a_diagnosed_timeout_reports_what_it_waited_for_and_the_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let serial = dir.path().join("serial.log");
+        std::fs::write(&serial, b"").expect("serial");
+        let diag = crate::Diagnostics::new();
+        diag.file_size("serial log", &serial);
+        let err = wait_until_diagnosed(Duration::from_millis(50), "WEFT-READY", &diag, || async {
+            Ok::<Option<()>, anyhow::Error>(None)
+        })
+        .await
+        .expect_err("never true");
+        let text = format!("{err:#}");
+        assert!(text.contains("==== stalled: "), "{text}");
+        assert!(text.contains("WEFT-READY"), "{text}");
+        assert!(text.contains("serial.log: 0 bytes"), "{text}");
     }
 
     #[tokio::test]
