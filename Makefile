@@ -80,7 +80,7 @@ bench:
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- launch
 	command -v restic >/dev/null && command -v borg >/dev/null || { apt-get update && apt-get install -y restic borgbackup; }
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- backup --rounds 5 --breakdown
-	$(CARGO) build --release -p weft --bins && $(CARGO) run --release -p weft-integration --bin weft-bench -- weave
+	$(CARGO) build --release -p weft -p weft-client --bins && $(CARGO) run --release -p weft-integration --bin weft-bench -- weave
 	$(CARGO) build --release -p weft-blockdev --bin weft-blk && $(CARGO) run --release -p weft-integration --bin weft-bench -- blk --rounds 5
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- compose --rounds 10
 	$(CARGO) run --release -p weft-integration --bin weft-bench -- provenance --rounds 5
