@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+use tracing::Instrument;
 
 use sqlx::Row;
 use tracing::{info, warn};
@@ -143,13 +144,17 @@ pub async fn scheduler(snapshots: Arc<Snapshots>) {
                 continue;
             }
             let (snapshots, running) = (Arc::clone(&snapshots), Arc::clone(&running));
-            tokio::spawn(async move {
-                run(&snapshots, &policy).await;
-                running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&policy.id);
-            });
+            let span = tracing::info_span!("policy", policy = policy.id, env = %policy.env);
+            tokio::spawn(
+                async move {
+                    run(&snapshots, &policy).await;
+                    running
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&policy.id);
+                }
+                .instrument(span),
+            );
         }
     }
 }

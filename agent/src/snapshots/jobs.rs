@@ -1,6 +1,7 @@
 //! Snapshot jobs: long operations with progress, recorded in the catalog.
 
 use super::*;
+use tracing::Instrument;
 
 impl Snapshots {
     /// One job, with live progress while it runs.
@@ -69,6 +70,9 @@ impl Snapshots {
         self.lock_progress().insert(id, Arc::clone(&progress));
         let me = Arc::clone(self);
         let (kind, target) = (kind.to_string(), target.to_string());
+        // Everything the job logs (QMP, NBD, the store) carries its id, kind and target,
+        // inside the span of the request that started it (action, target, actor).
+        let span = tracing::info_span!("job", job = id, kind = %kind, target = %target);
         tokio::spawn(async move {
             let outcome = work(Arc::clone(&me), Arc::clone(&progress)).await;
             let (done, total) = (
@@ -109,7 +113,7 @@ impl Snapshots {
                 me.lock_unrecorded().remove(&id);
             }
             me.lock_progress().remove(&id);
-        });
+        }.instrument(span));
         self.job(id).await
     }
 }
