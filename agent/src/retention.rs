@@ -13,8 +13,8 @@ pub use weft_api::snapshot::Keep;
 
 /// Period keys of an RFC 3339 UTC time: hour, day, ISO week, month.
 fn periods(taken_at: &str) -> Option<[String; 4]> {
-    let t = humantime::parse_rfc3339_weak(taken_at).ok()?;
-    let secs = t.duration_since(UNIX_EPOCH).ok()?.as_secs();
+    let t = weft_api::resource::Timestamp::parse(taken_at).ok()?;
+    let secs = t.system_time().duration_since(UNIX_EPOCH).ok()?.as_secs();
     let days = secs / 86_400;
     // 1970-01-01 was a Thursday: shifting by 3 days makes weeks start on Monday.
     let week = (days + 3) / 7;

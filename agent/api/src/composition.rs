@@ -111,8 +111,8 @@ pub struct Rules {
 pub struct RulesError(pub String);
 
 fn instant(what: &str, t: &str) -> Result<String, RulesError> {
-    humantime::parse_rfc3339_weak(t)
-        .map(|st| humantime::format_rfc3339_micros(st).to_string())
+    crate::resource::Timestamp::parse(t)
+        .map(|ts| ts.canonical())
         .map_err(|e| RulesError(format!("{what} {t:?} is not an RFC 3339 time: {e}")))
 }
 

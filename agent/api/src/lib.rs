@@ -37,6 +37,7 @@ pub mod names;
 pub mod net;
 pub mod policy;
 pub mod provenance;
+pub mod resource;
 pub mod roles;
 pub mod snapshot;
 pub mod store;

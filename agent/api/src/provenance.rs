@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::UNIX_EPOCH;
 
 use serde::{Deserialize, Serialize};
 
@@ -78,12 +77,9 @@ pub struct RecordView {
 
 /// Parses an RFC 3339 instant into µs since the Unix epoch.
 pub fn parse_time(what: &str, t: &str) -> Result<i64, String> {
-    let st = humantime::parse_rfc3339_weak(t)
+    let ts = crate::resource::Timestamp::parse(t)
         .map_err(|e| format!("--{what} {t:?}: {e}; use e.g. 2026-11-22T10:00:00Z"))?;
-    let d = st
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| format!("--{what} {t:?} is before 1970"))?;
-    i64::try_from(d.as_micros()).map_err(|_| format!("--{what} {t:?} is too far away"))
+    ts.micros().map_err(|e| format!("--{what} {t:?} {e}"))
 }
 
 /// A replay asked of weftd (`POST /v1/environments/{name}/replay`).

@@ -202,11 +202,12 @@ fn merge_keys<K: Ord + Clone>(
 /// The µs since the Unix epoch of RFC 3339 instant `t`: how a `data:` merge names its
 /// sides in conflicts (they are instants, not snapshots).
 pub fn instant_id(t: &str) -> Result<i64, String> {
-    let d = humantime::parse_rfc3339_weak(t)
-        .map_err(|e| format!("instant {t:?}: {e}"))?
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|_| format!("instant {t:?} is before 1970"))?;
-    i64::try_from(d.as_micros()).map_err(|_| format!("instant {t:?} is out of range"))
+    use weft_api::resource::{TimeError, Timestamp};
+    let ts = Timestamp::parse(t).map_err(|e| format!("instant {t:?}: {e}"))?;
+    ts.micros().map_err(|e| match e {
+        TimeError::OutOfRange => format!("instant {t:?} is out of range"),
+        e => format!("instant {t:?} {e}"),
+    })
 }
 
 /// Merges the application state of `resource` (`data:*`, `data:<glob>`) at

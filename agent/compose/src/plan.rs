@@ -31,10 +31,10 @@ fn admitted<'s>(rule: &Rule, resource: &str, snaps: &'s [Snapshot]) -> Vec<&'s S
 }
 
 fn micros(t: &str) -> i128 {
-    humantime::parse_rfc3339_weak(t)
+    weft_api::resource::Timestamp::parse(t)
         .ok()
-        .and_then(|st| st.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_micros() as i128)
+        .and_then(|ts| ts.micros().ok())
+        .map(i128::from)
         .unwrap_or(0)
 }
 

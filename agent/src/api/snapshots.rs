@@ -30,8 +30,8 @@ pub(super) async fn create_snapshot(
 
 pub(super) fn rfc3339(field: &str, v: Option<String>) -> Result<Option<String>, ApiError> {
     v.map(|t| {
-        humantime::parse_rfc3339_weak(&t)
-            .map(|st| humantime::format_rfc3339_micros(st).to_string())
+        weft_api::resource::Timestamp::parse(&t)
+            .map(|ts| ts.canonical())
             .map_err(|e| {
                 ApiError::BadRequest(format!(
                     "--{field} {t:?}: {e}; use e.g. 2026-11-22T10:00:00Z"

@@ -24,8 +24,8 @@ impl Snapshots {
             if let Some(name) = &s.index_name {
                 let _ = self.store.remove_index(name);
             }
-            if let Some(disk) = s.resource.strip_prefix("disk:") {
-                interrupted.insert((s.env.clone(), disk.to_string()));
+            if let Some(disk) = weft_api::resource::ResourceId::disk_of(&s.resource) {
+                interrupted.insert((s.env.clone(), disk));
             }
             catalog
                 .audit(

@@ -1,6 +1,7 @@
 //! Taking snapshots: a disk's full or incremental pull over NBD (live through QMP, or offline through qemu-storage-daemon) and the VM configuration.
 
 use super::*;
+use weft_api::resource::ResourceId;
 
 impl Snapshots {
     /// Takes snapshots of `resource` (`all`, `config` or `disk:<name>`) as a job.
@@ -31,10 +32,10 @@ impl Snapshots {
             .collect();
         let served_asked = match resource.as_str() {
             "all" => served.clone(),
-            r => r
-                .strip_prefix("disk:")
-                .filter(|d| served.contains(d))
-                .into_iter()
+            r => served
+                .iter()
+                .copied()
+                .filter(|d| ResourceId::disk_of(r).as_deref() == Some(*d))
                 .collect(),
         };
         if !served_asked.is_empty() {
@@ -48,7 +49,7 @@ impl Snapshots {
         let disks: Vec<DiskConfig> = match resource.as_str() {
             "all" => config.disks.clone(),
             "config" | "net" => Vec::new(),
-            r => match r.strip_prefix("disk:") {
+            r => match ResourceId::disk_of(r) {
                 Some(d) => vec![config
                     .disks
                     .iter()

@@ -285,8 +285,8 @@ impl Weaves {
                 )
             }
             Source::At(t) => {
-                let t = humantime::parse_rfc3339_weak(&t)
-                    .map(|st| humantime::format_rfc3339_micros(st).to_string())
+                let t = weft_api::resource::Timestamp::parse(&t)
+                    .map(|ts| ts.canonical())
                     .map_err(|e| ApiError::BadRequest(format!("--at {t:?}: {e}")))?;
                 let (config, bases) = self.bases_at(env, &current, &t, None, name).await?;
                 (config, bases, format!("at {t}"), t, Chosen::default())
