@@ -14,6 +14,21 @@ fn from_snapshot(id: i64) -> CreateWeave {
     }
 }
 
+/// `err`'s one line contains `text`.
+#[track_caller]
+fn assert_says(err: &ApiError, text: &str) {
+    let line = err.one_line();
+    assert!(line.contains(text), "{line}");
+}
+
+/// Nothing of weave `name` is left (rows, files, indexes, namespaces, cgroups, DHCP),
+/// and the network is as it was `before`.
+async fn assert_nothing_left(rig: &Rig, name: &str, before: &str) {
+    let left = rig.leftovers(name).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert_eq!(rig.net_state(), before);
+}
+
 #[tokio::test]
 async fn weave_create_failure_at_the_nth_netns_op_removes_everything() {
     let rig = Rig::new().await;
@@ -22,19 +37,13 @@ async fn weave_create_failure_at_the_nth_netns_op_removes_everything() {
     // Halfway through its namespace, links and rules.
     rig.doubles.net.fail_nth_mutation(4);
     let err = rig.weaves.create(ENV, from_snapshot(id)).await.unwrap_err();
-    assert!(
-        err.one_line().contains("injected failure"),
-        "{}",
-        err.one_line()
-    );
+    assert_says(&err, "injected failure");
     assert!(
         rig.doubles.net.mutations().len() >= 4,
         "the namespace was half made: {:?}",
         rig.doubles.net.mutations()
     );
-    let left = rig.leftovers("w1").await;
-    assert!(left.is_empty(), "left behind: {left:?}");
-    assert_eq!(rig.net_state(), before);
+    assert_nothing_left(&rig, "w1", &before).await;
     assert!(rig.doubles.processes.launches().is_empty());
 }
 
@@ -45,14 +54,8 @@ async fn weave_create_failure_at_its_cgroups_removes_everything() {
     let before = rig.net_state();
     rig.doubles.cgroups.fail_nth_mutation(1);
     let err = rig.weaves.create(ENV, from_snapshot(id)).await.unwrap_err();
-    assert!(
-        err.one_line().contains("cannot create the cgroups of w1"),
-        "{}",
-        err.one_line()
-    );
-    let left = rig.leftovers("w1").await;
-    assert!(left.is_empty(), "left behind: {left:?}");
-    assert_eq!(rig.net_state(), before);
+    assert_says(&err, "cannot create the cgroups of w1");
+    assert_nothing_left(&rig, "w1", &before).await;
 }
 
 #[tokio::test]
@@ -62,11 +65,7 @@ async fn weave_create_failure_at_the_qemu_launch_removes_everything() {
     let before = rig.net_state();
     rig.doubles.processes.fail("exec format error");
     let err = rig.weaves.create(ENV, from_snapshot(id)).await.unwrap_err();
-    assert!(
-        err.one_line().contains("exec format error"),
-        "{}",
-        err.one_line()
-    );
+    assert_says(&err, "exec format error");
     // It got as far as QEMU: in the weave's namespace and cgroups, its disks served
     // by weft-blk from the snapshot's block map.
     let launches = rig.doubles.processes.launches();
@@ -89,9 +88,7 @@ async fn weave_create_failure_at_the_qemu_launch_removes_everything() {
             if w == "w1" && *ns == netns_path("w1") && tap == "weft-tap0" && s == "w1"),
         "{dhcp:?}"
     );
-    let left = rig.leftovers("w1").await;
-    assert!(left.is_empty(), "left behind: {left:?}");
-    assert_eq!(rig.net_state(), before);
+    assert_nothing_left(&rig, "w1", &before).await;
     // The environment it branched from is as it was.
     let env = rig
         .manager
@@ -150,15 +147,9 @@ async fn weave_create_failure_at_its_dhcp_server_removes_everything() {
     let before = rig.net_state();
     rig.doubles.dhcp.fail_next_start();
     let err = rig.weaves.create(ENV, from_snapshot(id)).await.unwrap_err();
-    assert!(
-        err.one_line().contains("DHCP of weave w1"),
-        "{}",
-        err.one_line()
-    );
+    assert_says(&err, "DHCP of weave w1");
     assert!(rig.doubles.processes.launches().is_empty());
-    let left = rig.leftovers("w1").await;
-    assert!(left.is_empty(), "left behind: {left:?}");
-    assert_eq!(rig.net_state(), before);
+    assert_nothing_left(&rig, "w1", &before).await;
 }
 
 /// What `weft compose apply mix --weave w2 --live` asks for (the API's apply is this
@@ -179,11 +170,7 @@ async fn compose_apply_failure_at_the_qemu_launch_removes_the_weave_and_its_merg
     let before = rig.net_state();
     rig.doubles.processes.fail("exec format error");
     let err = rig.weaves.create(ENV, apply_mix()).await.unwrap_err();
-    assert!(
-        err.one_line().contains("exec format error"),
-        "{}",
-        err.one_line()
-    );
+    assert_says(&err, "exec format error");
     // Its weave was made and started: QEMU was launched on the merge, served live.
     let launches = rig.doubles.processes.launches();
     assert_eq!(launches.len(), 1, "{launches:?}");
@@ -191,9 +178,7 @@ async fn compose_apply_failure_at_the_qemu_launch_removes_the_weave_and_its_merg
     assert_eq!(launches[0].config.vhost_user_disks.len(), 1);
     // Nothing of it is left: rows, per-slot sources, the disk spec, the merge stored as
     // the weave's own block map, namespace, cgroups.
-    let left = rig.leftovers("w2").await;
-    assert!(left.is_empty(), "left behind: {left:?}");
-    assert_eq!(rig.net_state(), before);
+    assert_nothing_left(&rig, "w2", &before).await;
     // The composition stays, and applies once QEMU can start.
     assert!(comps.get("mix").await.is_ok());
 }
@@ -208,12 +193,10 @@ async fn compose_apply_failure_while_building_its_sources_removes_everything() {
     store.remove_index(&newer).unwrap();
     let before = rig.net_state();
     let err = rig.weaves.create(ENV, apply_mix()).await.unwrap_err();
-    assert!(err.one_line().contains(&newer), "{}", err.one_line());
+    assert_says(&err, &newer);
     assert!(rig.doubles.processes.launches().is_empty());
     assert!(rig.doubles.cgroups.calls().is_empty());
-    let left = rig.leftovers("w2").await;
-    assert!(left.is_empty(), "left behind: {left:?}");
-    assert_eq!(rig.net_state(), before);
+    assert_nothing_left(&rig, "w2", &before).await;
 }
 
 /// A weave's placement (its namespace and cgroups) is stored with it when it is made,
