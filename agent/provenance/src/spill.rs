@@ -412,7 +412,7 @@ impl Pages for Spilled {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{entry, log_of_every_kind, T0};
+    use crate::test_util::{apply_sqlite_base, entry, log_of_every_kind, T0};
 
     /// What a state holds, read back through [`Pages`] as a writer reads it: the
     /// shape, the rows of each defined table and the keys of each key-value source.
@@ -492,26 +492,7 @@ mod tests {
             );
             base.apply(&e).unwrap();
         }
-        base.apply(&entry(
-            1,
-            DataType::Sqlite,
-            Operation::Schema,
-            "/data/app.db",
-            "t",
-            "",
-            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, n INTEGER) STRICT""#),
-        ))
-        .unwrap();
-        base.apply(&entry(
-            1,
-            DataType::Sqlite,
-            Operation::Insert,
-            "/data/app.db",
-            "t",
-            "[5000]",
-            Some(r#"{"id":5000,"v":"from the base","n":1}"#),
-        ))
-        .unwrap();
+        apply_sqlite_base(&mut base);
         let query = Query {
             from_us: Some(T0 + 900 * 1000),
             ..Default::default()

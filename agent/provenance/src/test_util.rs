@@ -9,6 +9,7 @@ use std::path::Path;
 use weft_dpa::{DataType, Entry, Operation};
 
 use crate::log::{LogOptions, ProvenanceLog};
+use crate::state::State;
 
 /// The guest time of the first entry [`entry`] makes, in microseconds.
 pub const T0: i64 = 1_790_000_000_000_000;
@@ -172,4 +173,31 @@ pub fn change(
         new: new.map(str::to_string),
         tx: None,
     }
+}
+
+/// Applies to `state` what a base read from a disk snapshot holds of SQLite source
+/// `/data/app.db`: table `t`'s definition and its row `[5000]`.
+pub fn apply_sqlite_base(state: &mut State) {
+    state
+        .apply(&entry(
+            1,
+            DataType::Sqlite,
+            Operation::Schema,
+            "/data/app.db",
+            "t",
+            "",
+            Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, n INTEGER) STRICT""#),
+        ))
+        .expect("the table's definition");
+    state
+        .apply(&entry(
+            1,
+            DataType::Sqlite,
+            Operation::Insert,
+            "/data/app.db",
+            "t",
+            "[5000]",
+            Some(r#"{"id":5000,"v":"from the base","n":1}"#),
+        ))
+        .expect("the base's row");
 }

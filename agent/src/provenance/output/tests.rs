@@ -11,7 +11,7 @@ use weft_provenance::item::Item;
 use weft_provenance::log::{ProvenanceLog, Query};
 use weft_provenance::sql::{check_create_table, open_guest_copy};
 use weft_provenance::state::{rebuild, State, Summary};
-use weft_provenance::test_util::{change as e, entry, log_of_every_kind, T0};
+use weft_provenance::test_util::{apply_sqlite_base, change as e, entry, log_of_every_kind, T0};
 
 use super::*;
 
@@ -379,26 +379,7 @@ async fn a_spilled_replay_applies_the_log_on_a_base() {
         let _ = i;
         base.apply(&e).unwrap();
     }
-    base.apply(&entry(
-        1,
-        DataType::Sqlite,
-        Operation::Schema,
-        "/data/app.db",
-        "t",
-        "",
-        Some(r#""CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, n INTEGER) STRICT""#),
-    ))
-    .unwrap();
-    base.apply(&entry(
-        1,
-        DataType::Sqlite,
-        Operation::Insert,
-        "/data/app.db",
-        "t",
-        "[5000]",
-        Some(r#"{"id":5000,"v":"from the base","n":1}"#),
-    ))
-    .unwrap();
+    apply_sqlite_base(&mut base);
     base.apply(&entry(
         1,
         DataType::Json,
