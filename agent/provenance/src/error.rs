@@ -29,3 +29,16 @@ pub enum ReplayError {
         source: std::io::Error,
     },
 }
+
+/// An error with its causes, `top: cause: cause`, for the messages that carry a cause
+/// as text (a refused base, a guest connection's log error).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

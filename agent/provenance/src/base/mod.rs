@@ -24,6 +24,7 @@ use std::sync::Arc;
 use ext4_view::Ext4;
 
 mod paths;
+use crate::error::error_chain;
 use paths::{locate, resolve};
 use serde_json::Value;
 use sqlx::{Connection, Row};
@@ -644,18 +645,6 @@ pub async fn disks_state(
         });
     }
     Ok((state, found))
-}
-
-/// `e` and its causes, `top: cause: cause`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 async fn read_sqlite(copy: &Path, tables: &BTreeSet<String>) -> Result<SqliteState, String> {

@@ -2,6 +2,7 @@
 //! per VM. Reads through the bounded [`Decoder`], appends batches to the VM's log
 //! and acknowledges them, routes `applied` answers to [`DpaLink::apply`] callers.
 
+use crate::error::error_chain;
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -709,16 +710,4 @@ fn kind(msg: &Message) -> &'static str {
         Message::Applied(_) => "applied",
         Message::Goodbye { .. } => "goodbye",
     }
-}
-
-/// An error with its causes, `top: cause: cause`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
